@@ -1,0 +1,59 @@
+"""Request-scoped context carried through logs, gRPC calls and Kafka records (contextvars)."""
+
+from __future__ import annotations
+
+import contextvars
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "request_id", default=None
+)
+task_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
+tenant_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tenant_id", default=None
+)
+traceparent_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "traceparent", default=None
+)
+
+
+def new_traceparent(parent: str | None = None) -> str:
+    """A W3C ``traceparent``: keeps the trace id of ``parent`` (if valid) with a new span id."""
+    trace_id = secrets.token_hex(16)
+    if parent:
+        parts = parent.split("-")
+        if len(parts) == 4 and len(parts[1]) == 32:
+            trace_id = parts[1]
+    return f"00-{trace_id}-{secrets.token_hex(8)}-01"
+
+
+def current_traceparent() -> str:
+    """The traceparent of the current context, or a new root one."""
+    return traceparent_var.get() or new_traceparent()
+
+
+@contextmanager
+def bound(
+    *,
+    request_id: str | None = None,
+    task_id: str | None = None,
+    tenant_id: str | None = None,
+    traceparent: str | None = None,
+) -> Iterator[None]:
+    """Bind ids for the duration of a block (only those given)."""
+    tokens: list[tuple[contextvars.ContextVar[str | None], contextvars.Token[str | None]]] = []
+    for var, value in (
+        (request_id_var, request_id),
+        (task_id_var, task_id),
+        (tenant_id_var, tenant_id),
+        (traceparent_var, traceparent),
+    ):
+        if value is not None:
+            tokens.append((var, var.set(value)))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)

@@ -1,0 +1,254 @@
+"""Kafka consumer wrapper: manual commit after handling, dedup hook, retries, dead-letter topic.
+
+Records are handled in order within a partition (partitions in parallel); offsets are committed only
+after every record of the fetched batch was handled or dead-lettered, so a crash means redelivery,
+never loss: handlers must be idempotent (dedupe on ``Envelope.id`` or by state-machine guards).
+
+A record that cannot be decoded, a handler raising :class:`PermanentError`, or a handler failing
+``max_attempts`` times goes to ``<topic>.dlq`` with ``x-original-*`` and ``x-error`` headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+
+from conveyor_common import topics as topic_names
+from conveyor_common.context import bound
+from conveyor_common.kafka.envelope import DecodeError, Envelope, TypeRegistry, decode
+from conveyor_common.kafka.producer import EventProducer
+from conveyor_common.metrics import KafkaMetrics
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+class PermanentError(Exception):
+    """Raised by a handler for a record that can never be handled: it goes to the DLQ at once."""
+
+
+class Deduplicator(Protocol):
+    """Optional dedup hook around the handler (consumers with a DB do it in their transaction)."""
+
+    async def seen(self, envelope: Envelope) -> bool:
+        """True when the event was handled before."""
+        ...
+
+    async def mark(self, envelope: Envelope) -> None:
+        """Remember that the event was handled."""
+        ...
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """Consumer settings."""
+
+    bootstrap_servers: str
+    group_id: str
+    topics: Sequence[str]
+    client_id: str = "conveyor"
+    max_attempts: int = 5
+    retry_backoff_seconds: float = 0.2
+    max_batch: int = 200
+    fetch_timeout_ms: int = 500
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    auto_offset_reset: str = "earliest"
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, owner: EventConsumer) -> None:
+        self.owner = owner
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        # Let the batch in hand finish and commit before the partitions move.
+        async with self.owner._batch_lock:
+            pass
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        logger.info(
+            "partitions assigned",
+            extra={
+                "action": "partitions_assigned",
+                "partitions": sorted(str(tp) for tp in assigned),
+            },
+        )
+
+
+class EventConsumer:
+    """Consumes envelopes from ``config.topics`` with ``handler``."""
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        handler: Handler,
+        *,
+        registry: TypeRegistry,
+        dlq_producer: EventProducer,
+        dedup: Deduplicator | None = None,
+        metrics: KafkaMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.handler = handler
+        self.registry = registry
+        self.dlq_producer = dlq_producer
+        self.dedup = dedup
+        self.metrics = metrics
+        self._consumer: Any = AIOKafkaConsumer(
+            bootstrap_servers=config.bootstrap_servers,
+            group_id=config.group_id,
+            client_id=config.client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=config.auto_offset_reset,
+            session_timeout_ms=config.session_timeout_ms,
+            heartbeat_interval_ms=config.heartbeat_interval_ms,
+            max_poll_records=config.max_batch,
+        )
+        self._batch_lock = asyncio.Lock()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        """Join the group and start consuming in a background task."""
+        await self._consumer.start()
+        self._consumer.subscribe(list(self.config.topics), listener=_Listener(self))
+        self._started = True
+        self._task = asyncio.create_task(self._run(), name=f"consumer:{self.config.group_id}")
+
+    async def stop(self) -> None:
+        """Stop fetching, finish the batch in hand, commit, leave the group (idempotent)."""
+        if not self._started:
+            return
+        self._started = False
+        self._stopping.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, timeout=30)
+            except TimeoutError:
+                self._task.cancel()
+        await self._consumer.stop()
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                batches = await self._consumer.getmany(
+                    timeout_ms=self.config.fetch_timeout_ms, max_records=self.config.max_batch
+                )
+            except Exception:
+                logger.exception("fetch failed", extra={"action": "kafka_fetch_failed"})
+                await asyncio.sleep(1)
+                continue
+            if not batches:
+                self._update_lag()
+                continue
+            async with self._batch_lock:
+                await asyncio.gather(
+                    *(self._handle_partition(tp, recs) for tp, recs in batches.items())
+                )
+                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
+                try:
+                    await self._consumer.commit(offsets)
+                except Exception:
+                    # A rebalance took the partitions: the new owner re-handles (idempotently).
+                    logger.warning(
+                        "commit failed", extra={"action": "kafka_commit_failed"}, exc_info=True
+                    )
+            self._update_lag()
+
+    def _update_lag(self) -> None:
+        if self.metrics is None:
+            return
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                position = (
+                    self._consumer.last_position(tp)
+                    if hasattr(self._consumer, "last_position")
+                    else None
+                )
+            except Exception:
+                position = None
+            if position is None:
+                continue
+            self.metrics.lag.labels(
+                self.metrics.service, self.config.group_id, tp.topic, str(tp.partition)
+            ).set(max(0, high - position))
+
+    async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
+        for record in records:
+            await self._handle_record(record)
+
+    async def _handle_record(self, record: Any) -> None:
+        topic = record.topic
+        started = time.perf_counter()
+        try:
+            envelope = decode(record, self.registry)
+        except DecodeError as exc:
+            await self._dead_letter(record, f"decode: {exc}")
+            self._count(topic, "undecodable")
+            return
+        with bound(task_id=envelope.key or None, traceparent=envelope.traceparent):
+            if self.dedup is not None and await self.dedup.seen(envelope):
+                self._count(topic, "duplicate")
+                return
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    await self.handler(envelope)
+                    break
+                except PermanentError as exc:
+                    await self._dead_letter(record, f"permanent: {exc}")
+                    self._count(topic, "dead_lettered")
+                    return
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if attempt >= self.config.max_attempts:
+                        logger.exception(
+                            "handler failed, dead-lettering",
+                            extra={"action": "kafka_handler_gave_up", "topic": topic},
+                        )
+                        await self._dead_letter(record, f"failed {attempt} times: {exc!r}")
+                        self._count(topic, "dead_lettered")
+                        return
+                    self._count(topic, "retried")
+                    delay = self.config.retry_backoff_seconds * (2 ** (attempt - 1))
+                    await asyncio.sleep(delay * (0.5 + random.random()))
+            if self.dedup is not None:
+                await self.dedup.mark(envelope)
+        self._count(topic, "handled")
+        if self.metrics:
+            self.metrics.handle_seconds.labels(self.metrics.service, topic).observe(
+                time.perf_counter() - started
+            )
+
+    def _count(self, topic: str, outcome: str) -> None:
+        if self.metrics:
+            self.metrics.consumed.labels(self.metrics.service, topic, outcome).inc()
+
+    async def _dead_letter(self, record: Any, error: str) -> None:
+        headers = list(record.headers or [])
+        headers += [
+            ("x-original-topic", record.topic.encode()),
+            ("x-original-partition", str(record.partition).encode()),
+            ("x-original-offset", str(record.offset).encode()),
+            ("x-error", error[:500].encode()),
+        ]
+        value = record.value if isinstance(record.value, bytes) else b""
+        await self.dlq_producer.send_raw(topic_names.dlq(record.topic), record.key, value, headers)
+        logger.warning(
+            "record dead-lettered",
+            extra={"action": "kafka_dead_lettered", "topic": record.topic, "error": error[:200]},
+        )

@@ -1,0 +1,103 @@
+"""Idempotent Kafka producer (``enable_idempotence=True``, which forces ``acks=all``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from google.protobuf.message import Message
+
+from conveyor_common.kafka.envelope import Headers, encode
+from conveyor_common.metrics import KafkaMetrics
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProducerConfig:
+    """Producer settings."""
+
+    bootstrap_servers: str
+    client_id: str
+    linger_ms: int = 5
+    request_timeout_ms: int = 30_000
+
+
+class EventProducer:
+    """Publishes envelopes. ``send`` returns once the broker acknowledged the record (acks=all)."""
+
+    def __init__(
+        self, config: ProducerConfig, *, source: str, metrics: KafkaMetrics | None = None
+    ) -> None:
+        self.config = config
+        self.source = source
+        self.metrics = metrics
+        self._producer: Any = AIOKafkaProducer(
+            bootstrap_servers=config.bootstrap_servers,
+            client_id=config.client_id,
+            enable_idempotence=True,
+            linger_ms=config.linger_ms,
+            request_timeout_ms=config.request_timeout_ms,
+        )
+        self._started = False
+
+    async def start(self) -> None:
+        """Connect to the cluster."""
+        await self._producer.start()
+        self._started = True
+
+    async def stop(self) -> None:
+        """Flush pending records and close (idempotent)."""
+        if self._started:
+            self._started = False
+            await self._producer.flush()
+            await self._producer.stop()
+
+    async def send(
+        self,
+        topic: str,
+        message: Message,
+        *,
+        key: str,
+        event_id: str | None = None,
+        traceparent: str | None = None,
+    ) -> None:
+        """Publish one message and wait for its acknowledgement."""
+        k, v, headers = encode(
+            message, source=self.source, key=key, event_id=event_id, traceparent=traceparent
+        )
+        await self.send_raw(topic, k, v, headers)
+
+    async def send_raw(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
+        """Publish pre-encoded bytes (e.g. an outbox row or a record forwarded to a DLQ)."""
+        try:
+            await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+        except Exception:
+            if self.metrics:
+                self.metrics.produced.labels(self.metrics.service, topic, "error").inc()
+            raise
+        if self.metrics:
+            self.metrics.produced.labels(self.metrics.service, topic, "ok").inc()
+
+    async def send_many(self, items: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        """Publish a batch: all are sent before any acknowledgement is awaited (pipelined)."""
+        futures = []
+        for topic, key, value, headers in items:
+            futures.append(
+                (topic, await self._producer.send(topic, value=value, key=key, headers=headers))
+            )
+        results = await asyncio.gather(*(f for _, f in futures), return_exceptions=True)
+        failed = 0
+        for (topic, _), result in zip(futures, results, strict=True):
+            ok = not isinstance(result, BaseException)
+            failed += 0 if ok else 1
+            if self.metrics:
+                self.metrics.produced.labels(
+                    self.metrics.service, topic, "ok" if ok else "error"
+                ).inc()
+        if failed:
+            first = next(r for r in results if isinstance(r, BaseException))
+            raise first
