@@ -19,12 +19,31 @@ logger = logging.getLogger(__name__)
 
 Step = Callable[[], Awaitable[None]]
 
+# Shutdown phases: steps run by phase, then by registration order within a phase.
+HEALTH_OFF = 10
+"""Health NOT_SERVING (readiness probes fail, load balancers stop routing)."""
+READINESS_DRAIN = 20
+"""Keep serving for the readiness-probe period."""
+GRPC_STOP = 30
+"""Stop the gRPC server with a grace period for in-flight RPCs."""
+CONSUMERS = 40
+"""Stop Kafka consumers: finish in-flight records, commit offsets."""
+WORKERS = 50
+"""Stop background loops (dispatcher, relay, reconciler, delivery workers)."""
+PRODUCERS = 60
+"""Flush and stop Kafka producers."""
+STORAGE = 70
+"""Close database engines, HTTP clients and pools."""
+METRICS = 80
+"""Stop the metrics server (last, so shutdown itself is observable)."""
+
 
 @dataclass
 class _Step:
     name: str
     fn: Step
     timeout: float
+    phase: int
 
 
 @dataclass
@@ -35,9 +54,9 @@ class Lifecycle:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     _shutdown_done: bool = False
 
-    def on_shutdown(self, name: str, fn: Step, timeout: float = 30.0) -> None:
-        """Register a shutdown step; steps run in registration order."""
-        self.steps.append(_Step(name, fn, timeout))
+    def on_shutdown(self, name: str, fn: Step, *, phase: int, timeout: float = 30.0) -> None:
+        """Register a shutdown step in a phase (HEALTH_OFF ... METRICS)."""
+        self.steps.append(_Step(name, fn, timeout, phase))
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT request a stop (loop.add_signal_handler; must run in the loop)."""
@@ -60,7 +79,7 @@ class Lifecycle:
         if self._shutdown_done:
             return
         self._shutdown_done = True
-        for step in self.steps:
+        for step in sorted(self.steps, key=lambda s: s.phase):
             try:
                 await asyncio.wait_for(step.fn(), timeout=step.timeout)
                 logger.info(

@@ -1,0 +1,63 @@
+"""The shape every ``python -m conveyor_<service>`` follows.
+
+``main()`` of a service: ``settings = load_settings(Settings)``, ``configure_logging(...)``, then
+``asyncio.run(run(settings))``. ``run`` builds its components by constructor injection, registers them
+with a :class:`~conveyor_common.lifecycle.Lifecycle` and calls :func:`serve_until_stopped`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from conveyor_common import lifecycle as phases
+from conveyor_common.grpc_server import GrpcService
+from conveyor_common.lifecycle import Lifecycle
+from conveyor_common.metrics import MetricsServer, start_metrics_server
+from conveyor_common.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+
+def register_grpc(lifecycle: Lifecycle, grpc: GrpcService, settings: ServiceSettings) -> None:
+    """Shutdown steps of a gRPC server: health off, drain for the probe period, stop with grace."""
+    lifecycle.on_shutdown(
+        "health_not_serving", grpc.enter_graceful_shutdown, phase=phases.HEALTH_OFF
+    )
+
+    async def drain() -> None:
+        await asyncio.sleep(settings.readiness_drain_seconds)
+
+    lifecycle.on_shutdown("readiness_drain", drain, phase=phases.READINESS_DRAIN, timeout=120)
+
+    async def stop() -> None:
+        await grpc.stop(settings.shutdown_grace_seconds)
+
+    lifecycle.on_shutdown(
+        "grpc_stop", stop, phase=phases.GRPC_STOP, timeout=settings.shutdown_grace_seconds + 5
+    )
+
+
+def start_metrics(
+    lifecycle: Lifecycle, registry: CollectorRegistry, settings: ServiceSettings
+) -> MetricsServer:
+    """Serve /metrics on its own port and stop it last."""
+    server = start_metrics_server(registry, settings.metrics_port)
+
+    async def stop() -> None:
+        await asyncio.to_thread(server.stop)
+
+    lifecycle.on_shutdown("metrics_stop", stop, phase=phases.METRICS)
+    logger.info("metrics server started", extra={"action": "metrics_started", "port": server.port})
+    return server
+
+
+async def serve_until_stopped(lifecycle: Lifecycle) -> None:
+    """Install signal handlers, wait for SIGTERM/SIGINT, then run the shutdown steps in order."""
+    lifecycle.install_signal_handlers()
+    try:
+        await lifecycle.wait()
+    finally:
+        await lifecycle.shutdown()
