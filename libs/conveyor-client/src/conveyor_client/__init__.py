@@ -1,0 +1,1 @@
+"""Conveyor client SDK and CLI."""
