@@ -1,0 +1,101 @@
+# Conveyor: the only command surface. `make help` lists the targets.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := tools/buf/node_modules/.bin/buf
+# Our typed packages (mypy strict) and the paths ruff checks.
+PACKAGES := conveyor_common conveyor_devstack conveyor_gateway conveyor_scheduler \
+	conveyor_provider_adapter conveyor_notifier
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## Print this message
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: setup
+setup: $(VENV)/.synced $(BUF) kafka-jars ## Create .venv with pinned deps (uv.lock), install buf, resolve the Kafka jars
+
+$(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --all-packages --locked
+	@touch $@
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	cd tools/buf && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+.PHONY: kafka-jars
+kafka-jars: $(VENV)/.synced ## Resolve Apache Kafka from Maven Central into the devstack cache
+	$(PY) -m conveyor_devstack fetch
+
+.PHONY: protos
+protos: $(VENV)/.synced ## Regenerate Python/gRPC/mypy stubs from protos/
+	$(PY) scripts/gen_protos.py
+
+.PHONY: protos-check
+protos-check: $(VENV)/.synced ## Fail if the checked-in stubs differ from a fresh generation
+	$(PY) scripts/gen_protos.py >/dev/null 2>&1
+	@if [ -n "$$(git status --porcelain -- libs/conveyor-protos)" ]; then \
+		git status --porcelain -- libs/conveyor-protos; \
+		echo "generated stubs are stale: run 'make protos' and commit"; exit 1; fi
+	@echo "protos-check: stubs up to date"
+
+.PHONY: buf-lint
+buf-lint: $(BUF) ## buf lint (STANDARD) on protos/
+	cd protos && ../$(BUF) lint
+	@echo "buf lint: ok"
+
+.PHONY: lint
+lint: $(VENV)/.synced ## ruff check + ruff format --check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+.PHONY: fmt
+fmt: $(VENV)/.synced ## Format and autofix with ruff
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+.PHONY: typecheck
+typecheck: $(VENV)/.synced ## mypy --strict on our packages, tests and scripts
+	$(VENV)/bin/mypy $(addprefix -p ,$(PACKAGES) $(EXTRA_PACKAGES))
+	$(VENV)/bin/mypy tests scripts $(wildcard bench)
+
+.PHONY: unit
+unit: $(VENV)/.synced ## Unit tests (no devstack)
+	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
+
+.PHONY: check
+check: lint typecheck protos-check buf-lint unit ## The gate: lint, types, protos, buf, unit tests
+
+.PHONY: integration
+integration: setup ## Integration tests on the devstack (real PostgreSQL and Kafka)
+	$(VENV)/bin/pytest -m "integration" $(PYTEST_ARGS)
+
+.PHONY: test
+test: setup check integration ## The gate plus integration tests (the README's test command)
+
+.PHONY: run
+run: setup ## Start the whole stack with a live demo (see README)
+	$(PY) -m conveyor_devstack demo
+
+.PHONY: up
+up: setup ## Start the stack in the background and print its endpoints
+	$(PY) -m conveyor_devstack up --detach --state-file .devstack/state.json
+
+.PHONY: down
+down: ## Stop what `make up` started
+	$(PY) -m conveyor_devstack down --state-file .devstack/state.json
+
+.PHONY: bench
+bench: setup ## Benchmarks: writes bench/results/*.json and prints ratios against baselines
+	$(PY) bench/run_all.py
+
+.PHONY: clean
+clean: ## Remove caches (keeps .venv and the Kafka jars)
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

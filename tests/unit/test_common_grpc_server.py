@@ -1,0 +1,173 @@
+"""The grpc.aio bootstrap: health, reflection, rich errors, metrics and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+from prometheus_client import CollectorRegistry
+
+from conveyor.tasks.v1 import task_pb2, task_service_pb2, task_service_pb2_grpc
+from conveyor_common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    QuotaViolation,
+    ResourceExhausted,
+    unpack_details,
+)
+from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
+from conveyor_common.metrics import RpcMetrics
+
+SERVICE = "conveyor.tasks.v1.TaskService"
+
+
+class Servicer(task_service_pb2_grpc.TaskServiceServicer):
+    """Answers by task id: scripted errors, a slow call and a stream."""
+
+    def __init__(self) -> None:
+        self.slow_started = asyncio.Event()
+
+    async def GetTask(
+        self, request: task_service_pb2.GetTaskRequest, context: Any
+    ) -> task_service_pb2.GetTaskResponse:
+        if request.task_id == "missing":
+            raise NotFound("task", request.task_id)
+        if request.task_id == "bad":
+            raise InvalidArgument([FieldViolation("task_id", "must be a UUID")])
+        if request.task_id == "full":
+            raise ResourceExhausted([QuotaViolation("tenant:acme", "queue full")], 2.5)
+        if request.task_id == "crash":
+            raise ZeroDivisionError("secret internal detail")
+        if request.task_id == "slow":
+            self.slow_started.set()
+            await asyncio.sleep(0.5)
+        return task_service_pb2.GetTaskResponse(task=task_pb2.Task(task_id=request.task_id))
+
+    async def WatchTask(
+        self, request: task_service_pb2.WatchTaskRequest, context: Any
+    ) -> AsyncIterator[task_service_pb2.WatchTaskResponse]:
+        for seq in range(1, 4):
+            yield task_service_pb2.WatchTaskResponse(
+                event=task_pb2.TaskEvent(task_id=request.task_id, sequence=seq)
+            )
+        if request.task_id == "crash":
+            raise RuntimeError("mid-stream failure")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[GrpcService, Servicer, CollectorRegistry]]:
+    registry = CollectorRegistry()
+    servicer = Servicer()
+    svc = create_server(
+        [ServiceBinding(task_service_pb2_grpc.add_TaskServiceServicer_to_server, servicer, SERVICE)],
+        host="127.0.0.1",
+        port=0,
+        metrics=RpcMetrics(registry, "test"),
+    )
+    await svc.start()
+    yield svc, servicer, registry
+    await svc.stop(0)
+
+
+def channel(svc: GrpcService) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(f"127.0.0.1:{svc.port}")
+
+
+async def test_health_and_reflection(
+    served: tuple[GrpcService, Servicer, CollectorRegistry],
+) -> None:
+    svc, _, _ = served
+    async with channel(svc) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        for name in ("", SERVICE):
+            resp = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+
+        async def one() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+        names = set()
+        async for resp in refl.ServerReflectionInfo(one()):
+            names = {s.name for s in resp.list_services_response.service}
+        assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+
+@pytest.mark.parametrize(
+    ("task_id", "code", "detail"),
+    [
+        ("missing", grpc.StatusCode.NOT_FOUND, "ResourceInfo"),
+        ("bad", grpc.StatusCode.INVALID_ARGUMENT, "BadRequest"),
+        ("full", grpc.StatusCode.RESOURCE_EXHAUSTED, "QuotaFailure"),
+    ],
+)
+async def test_rpc_errors_become_rich_statuses(
+    served: tuple[GrpcService, Servicer, CollectorRegistry],
+    task_id: str,
+    code: grpc.StatusCode,
+    detail: str,
+) -> None:
+    svc, _, registry = served
+    async with channel(svc) as ch:
+        stub = task_service_pb2_grpc.TaskServiceStub(ch)
+        call = stub.GetTask(task_service_pb2.GetTaskRequest(task_id=task_id))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == code
+        status = await rpc_status.aio.from_call(call)
+        assert status is not None
+        details = unpack_details(status)
+        assert detail in details
+        assert "ErrorInfo" in details
+        if task_id == "bad":
+            assert details["BadRequest"].field_violations[0].field == "task_id"  # type: ignore[attr-defined]
+        if task_id == "full":
+            retry = details["RetryInfo"].retry_delay  # type: ignore[attr-defined]
+            assert (retry.seconds, retry.nanos) == (2, 500_000_000)
+    value = registry.get_sample_value(
+        "conveyor_grpc_server_handled_total",
+        {"service": "test", "grpc_method": f"/{SERVICE}/GetTask", "grpc_code": code.name},
+    )
+    assert value == 1.0
+
+
+async def test_unexpected_errors_are_internal_without_details(
+    served: tuple[GrpcService, Servicer, CollectorRegistry],
+) -> None:
+    svc, _, _ = served
+    async with channel(svc) as ch:
+        stub = task_service_pb2_grpc.TaskServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetTask(task_service_pb2.GetTaskRequest(task_id="crash"))
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+        assert "secret" not in (err.value.details() or "")
+        seen = []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for item in stub.WatchTask(task_service_pb2.WatchTaskRequest(task_id="crash")):
+                seen.append(item.event.sequence)
+        assert seen == [1, 2, 3]
+        assert err.value.code() == grpc.StatusCode.INTERNAL
+
+
+async def test_graceful_shutdown_drains_in_flight_calls(
+    served: tuple[GrpcService, Servicer, CollectorRegistry],
+) -> None:
+    svc, servicer, _ = served
+    async with channel(svc) as ch:
+        stub = task_service_pb2_grpc.TaskServiceStub(ch)
+        health = health_pb2_grpc.HealthStub(ch)
+        slow = asyncio.ensure_future(stub.GetTask(task_service_pb2.GetTaskRequest(task_id="slow")))
+        await servicer.slow_started.wait()
+        await svc.enter_graceful_shutdown()
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await svc.stop(grace=5)
+        done = await slow
+        assert done.task.task_id == "slow"
