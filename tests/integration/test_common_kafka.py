@@ -1,0 +1,196 @@
+"""conveyor_common.kafka on a real Apache Kafka broker: idempotent producer, consumer group with
+manual commit, resume at the committed offset, dead-letter topic for undecodable and failing records."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+
+from conveyor.events.v1 import events_pb2
+from conveyor_common import topics
+from conveyor_common.kafka import (
+    ConsumerConfig,
+    Envelope,
+    EventConsumer,
+    EventProducer,
+    PermanentError,
+    ProducerConfig,
+    default_registry,
+)
+from conveyor_common.metrics import KafkaMetrics
+from conveyor_devstack import ensure_topics
+from prometheus_client import CollectorRegistry
+
+pytestmark = [pytest.mark.integration, pytest.mark.kafka]
+
+
+@pytest.fixture
+async def topic(kafka_bootstrap: str) -> str:
+    name = f"test.common.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(kafka_bootstrap, {name: 3, topics.dlq(name): 1})
+    return name
+
+
+@pytest.fixture
+async def producer(kafka_bootstrap: str) -> AsyncIterator[EventProducer]:
+    p = EventProducer(ProducerConfig(kafka_bootstrap, "test-producer"), source="/tests")
+    await p.start()
+    yield p
+    await p.stop()
+
+
+def consumer_for(
+    bootstrap: str,
+    topic: str,
+    group: str,
+    handler: Callable[[Envelope], Awaitable[None]],
+    producer: EventProducer,
+    registry: CollectorRegistry | None = None,
+) -> EventConsumer:
+    return EventConsumer(
+        ConsumerConfig(
+            bootstrap_servers=bootstrap,
+            group_id=group,
+            topics=[topic],
+            max_attempts=3,
+            retry_backoff_seconds=0.01,
+            session_timeout_ms=6000,
+            heartbeat_interval_ms=500,
+        ),
+        handler,
+        registry=default_registry(),
+        dlq_producer=producer,
+        metrics=KafkaMetrics(registry, "test") if registry else None,
+    )
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def read_all(bootstrap: str, topic: str, expect: int) -> list[object]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    out: list[object] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while len(out) < expect and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(records)
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def test_keys_headers_and_per_key_order(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    tasks = [f"task-{i}" for i in range(4)]
+    for attempt in range(1, 6):
+        for task in tasks:
+            await producer.send(
+                topic, events_pb2.DispatchTask(task_id=task, attempt=attempt), key=task
+            )
+    seen: dict[str, list[int]] = {t: [] for t in tasks}
+    ids: set[str] = set()
+
+    async def handle(env: Envelope) -> None:
+        assert isinstance(env.message, events_pb2.DispatchTask)
+        assert env.key == env.message.task_id
+        assert env.type == "conveyor.events.v1.DispatchTask"
+        assert env.source == "/tests"
+        assert env.traceparent and env.traceparent.startswith("00-")
+        ids.add(env.id)
+        seen[env.key].append(env.message.attempt)
+
+    registry = CollectorRegistry()
+    consumer = consumer_for(kafka_bootstrap, topic, "g-order", handle, producer, registry)
+    await consumer.start()
+    try:
+        await wait_for(lambda: sum(len(v) for v in seen.values()) == 20)
+    finally:
+        await consumer.stop()
+    assert all(v == [1, 2, 3, 4, 5] for v in seen.values())
+    assert len(ids) == 20
+    handled = registry.get_sample_value(
+        "conveyor_kafka_consumed_total", {"service": "test", "topic": topic, "outcome": "handled"}
+    )
+    assert handled == 20.0
+
+
+async def test_restarted_consumer_resumes_at_committed_offset(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    for i in range(10):
+        await producer.send(topic, events_pb2.CancelTask(task_id="t", reason=str(i)), key="t")
+    first: list[str] = []
+
+    async def handle_first(env: Envelope) -> None:
+        assert isinstance(env.message, events_pb2.CancelTask)
+        first.append(env.message.reason)
+
+    c1 = consumer_for(kafka_bootstrap, topic, "g-resume", handle_first, producer)
+    await c1.start()
+    await wait_for(lambda: len(first) == 10)
+    await c1.stop()  # commits what it handled
+
+    for i in range(10, 15):
+        await producer.send(topic, events_pb2.CancelTask(task_id="t", reason=str(i)), key="t")
+    second: list[str] = []
+
+    async def handle_second(env: Envelope) -> None:
+        assert isinstance(env.message, events_pb2.CancelTask)
+        second.append(env.message.reason)
+
+    c2 = consumer_for(kafka_bootstrap, topic, "g-resume", handle_second, producer)
+    await c2.start()
+    try:
+        await wait_for(lambda: len(second) >= 5)
+        await asyncio.sleep(0.5)
+    finally:
+        await c2.stop()
+    assert first == [str(i) for i in range(10)]
+    assert second == [str(i) for i in range(10, 15)]
+
+
+async def test_undecodable_and_failing_records_go_to_the_dlq(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    await producer.send_raw(topic, b"poison", b"not a protobuf", [("ce_id", b"x")])
+    await producer.send(topic, events_pb2.CancelTask(task_id="perm"), key="perm")
+    await producer.send(topic, events_pb2.CancelTask(task_id="flaky"), key="flaky")
+    await producer.send(topic, events_pb2.CancelTask(task_id="ok"), key="ok")
+    calls: dict[str, int] = {}
+    done: list[str] = []
+
+    async def handle(env: Envelope) -> None:
+        calls[env.key] = calls.get(env.key, 0) + 1
+        if env.key == "perm":
+            raise PermanentError("cannot ever handle")
+        if env.key == "flaky" and calls[env.key] < 3:
+            raise ConnectionError("transient")
+        done.append(env.key)
+
+    consumer = consumer_for(kafka_bootstrap, topic, "g-dlq", handle, producer)
+    await consumer.start()
+    try:
+        await wait_for(lambda: {"ok", "flaky"} <= set(done))
+    finally:
+        await consumer.stop()
+    assert calls["perm"] == 1
+    assert calls["flaky"] == 3
+    dead = await read_all(kafka_bootstrap, topics.dlq(topic), 2)
+    by_key = {r.key: dict(r.headers) for r in dead}  # type: ignore[attr-defined]
+    assert set(by_key) == {b"poison", b"perm"}
+    assert by_key[b"poison"]["x-original-topic"] == topic.encode()
+    assert by_key[b"poison"]["x-error"].startswith(b"decode:")
+    assert by_key[b"perm"]["x-error"].startswith(b"permanent:")
