@@ -1498,6 +1498,8 @@ class LeasedDelivery(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     LEASE_UNTIL_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    ENDPOINT_CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FAILING_SINCE_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """Delivery id (the webhook-id header)."""
     tenant_id: _builtins.str
@@ -1508,6 +1510,8 @@ class LeasedDelivery(_message.Message):
     """Endpoint URL."""
     attempts: _builtins.int
     """Attempts made before this one."""
+    endpoint_consecutive_failures: _builtins.int
+    """Failed attempts to the endpoint since its last success (any delivery)."""
     @_builtins.property
     def signing_secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Signing secrets in force ("whsec_..."); every one signs (rotation overlap)."""
@@ -1524,6 +1528,10 @@ class LeasedDelivery(_message.Message):
     def created_at(self) -> _timestamp_pb2.Timestamp:
         """When the delivery was created (retries stop after the configured period)."""
 
+    @_builtins.property
+    def endpoint_failing_since(self) -> _timestamp_pb2.Timestamp:
+        """When the endpoint's current run of failures began; unset when its last attempt succeeded."""
+
     def __init__(
         self,
         *,
@@ -1536,10 +1544,12 @@ class LeasedDelivery(_message.Message):
         attempts: _builtins.int = ...,
         lease_until: _timestamp_pb2.Timestamp | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        endpoint_consecutive_failures: _builtins.int = ...,
+        endpoint_failing_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "event", b"event", "lease_until", b"lease_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "endpoint_failing_since", b"endpoint_failing_since", "event", b"event", "lease_until", b"lease_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "delivery_id", b"delivery_id", "endpoint_id", b"endpoint_id", "event", b"event", "lease_until", b"lease_until", "signing_secrets", b"signing_secrets", "tenant_id", b"tenant_id", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "delivery_id", b"delivery_id", "endpoint_consecutive_failures", b"endpoint_consecutive_failures", "endpoint_failing_since", b"endpoint_failing_since", "endpoint_id", b"endpoint_id", "event", b"event", "lease_until", b"lease_until", "signing_secrets", b"signing_secrets", "tenant_id", b"tenant_id", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1612,6 +1622,7 @@ class DeliveryOutcome(_message.Message):
     RETRY_AT_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
     DISABLE_ENDPOINT_FIELD_NUMBER: _builtins.int
+    DISABLED_REASON_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """Delivery id."""
     delivered: _builtins.bool
@@ -1624,6 +1635,8 @@ class DeliveryOutcome(_message.Message):
     """Duration of the attempt in milliseconds."""
     disable_endpoint: _builtins.bool
     """True when the endpoint must be disabled (it kept failing too long)."""
+    disabled_reason: _builtins.str
+    """Why the endpoint is disabled (with disable_endpoint)."""
     @_builtins.property
     def retry_at(self) -> _timestamp_pb2.Timestamp:
         """When to retry; unset = give up (the delivery fails)."""
@@ -1638,10 +1651,11 @@ class DeliveryOutcome(_message.Message):
         retry_at: _timestamp_pb2.Timestamp | None = ...,
         duration_ms: _builtins.int = ...,
         disable_endpoint: _builtins.bool = ...,
+        disabled_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_at", b"retry_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "delivery_id", b"delivery_id", "disable_endpoint", b"disable_endpoint", "duration_ms", b"duration_ms", "error", b"error", "retry_at", b"retry_at", "status_code", b"status_code"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "delivery_id", b"delivery_id", "disable_endpoint", b"disable_endpoint", "disabled_reason", b"disabled_reason", "duration_ms", b"duration_ms", "error", b"error", "retry_at", b"retry_at", "status_code", b"status_code"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1696,3 +1710,102 @@ class ReportDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportDeliveriesResponse: _TypeAlias = ReportDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class EnqueueDeliveriesRequest(_message.Message):
+    """Request of EnqueueDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_task_pb2.TaskEvent]:
+        """Task events, as consumed from the task-event topic (with their task snapshots)."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[_task_pb2.TaskEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueDeliveriesRequest: _TypeAlias = EnqueueDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class EnqueueDeliveriesResponse(_message.Message):
+    """Response of EnqueueDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.int
+    """Deliveries created (0 for events seen before or that no endpoint wants)."""
+    def __init__(
+        self,
+        *,
+        created: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnqueueDeliveriesResponse: _TypeAlias = EnqueueDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class GetDeliveryBacklogRequest(_message.Message):
+    """Request of GetDeliveryBacklog."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeliveryBacklogRequest: _TypeAlias = GetDeliveryBacklogRequest  # noqa: Y015
+
+@_typing.final
+class GetDeliveryBacklogResponse(_message.Message):
+    """Response of GetDeliveryBacklog."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PENDING_FIELD_NUMBER: _builtins.int
+    DUE_FIELD_NUMBER: _builtins.int
+    DISABLED_ENDPOINTS_FIELD_NUMBER: _builtins.int
+    OLDEST_DUE_AT_FIELD_NUMBER: _builtins.int
+    pending: _builtins.int
+    """Deliveries waiting for their first attempt or a retry."""
+    due: _builtins.int
+    """Pending deliveries whose attempt is due now."""
+    disabled_endpoints: _builtins.int
+    """Endpoints disabled for failing too long (not deleted)."""
+    @_builtins.property
+    def oldest_due_at(self) -> _timestamp_pb2.Timestamp:
+        """Due time of the oldest due delivery; unset when none is due."""
+
+    def __init__(
+        self,
+        *,
+        pending: _builtins.int = ...,
+        due: _builtins.int = ...,
+        disabled_endpoints: _builtins.int = ...,
+        oldest_due_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_due_at", b"oldest_due_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["disabled_endpoints", b"disabled_endpoints", "due", b"due", "oldest_due_at", b"oldest_due_at", "pending", b"pending"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeliveryBacklogResponse: _TypeAlias = GetDeliveryBacklogResponse  # noqa: Y015

@@ -1125,6 +1125,16 @@ class DeliveryCoordinationServiceStub:
                 request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesRequest.SerializeToString,
                 response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.EnqueueDeliveries = channel.unary_unary(
+                '/conveyor.scheduler.v1.DeliveryCoordinationService/EnqueueDeliveries',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.GetDeliveryBacklog = channel.unary_unary(
+                '/conveyor.scheduler.v1.DeliveryCoordinationService/GetDeliveryBacklog',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogResponse.FromString,
+                _registered_method=True)
 
 
 class DeliveryCoordinationServiceServicer:
@@ -1146,6 +1156,22 @@ class DeliveryCoordinationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnqueueDeliveries(self, request, context):
+        """Creates the deliveries of task events for every endpoint of the task's tenant that wants them
+        (and the task's own webhook, from TaskSpec.webhook). Idempotent: one delivery per
+        (endpoint, event id), so a redelivered Kafka record creates nothing new.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeliveryBacklog(self, request, context):
+        """Size of the delivery backlog and disabled endpoints (the notifier's metrics).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeliveryCoordinationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -1158,6 +1184,16 @@ def add_DeliveryCoordinationServiceServicer_to_server(servicer, server):
                     servicer.ReportDeliveries,
                     request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesRequest.FromString,
                     response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesResponse.SerializeToString,
+            ),
+            'EnqueueDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnqueueDeliveries,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesResponse.SerializeToString,
+            ),
+            'GetDeliveryBacklog': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeliveryBacklog,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1216,6 +1252,60 @@ class DeliveryCoordinationService:
             '/conveyor.scheduler.v1.DeliveryCoordinationService/ReportDeliveries',
             conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesRequest.SerializeToString,
             conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnqueueDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.DeliveryCoordinationService/EnqueueDeliveries',
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeliveryBacklog(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.DeliveryCoordinationService/GetDeliveryBacklog',
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogResponse.FromString,
             options,
             channel_credentials,
             insecure,

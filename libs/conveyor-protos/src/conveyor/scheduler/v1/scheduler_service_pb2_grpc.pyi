@@ -362,6 +362,13 @@ class DeliveryCoordinationServiceStub:
     """Leases due deliveries, at most one per (endpoint, task) at a time so per-task order holds."""
     ReportDeliveries: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ReportDeliveriesRequest, _scheduler_service_pb2.ReportDeliveriesResponse]
     """Reports outcomes of leased deliveries."""
+    EnqueueDeliveries: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueDeliveriesRequest, _scheduler_service_pb2.EnqueueDeliveriesResponse]
+    """Creates the deliveries of task events for every endpoint of the task's tenant that wants them
+    (and the task's own webhook, from TaskSpec.webhook). Idempotent: one delivery per
+    (endpoint, event id), so a redelivered Kafka record creates nothing new.
+    """
+    GetDeliveryBacklog: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetDeliveryBacklogRequest, _scheduler_service_pb2.GetDeliveryBacklogResponse]
+    """Size of the delivery backlog and disabled endpoints (the notifier's metrics)."""
 
 @_typing.type_check_only
 class DeliveryCoordinationServiceAsyncStub(DeliveryCoordinationServiceStub):
@@ -374,6 +381,13 @@ class DeliveryCoordinationServiceAsyncStub(DeliveryCoordinationServiceStub):
     """Leases due deliveries, at most one per (endpoint, task) at a time so per-task order holds."""
     ReportDeliveries: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ReportDeliveriesRequest, _scheduler_service_pb2.ReportDeliveriesResponse]  # type: ignore[assignment]
     """Reports outcomes of leased deliveries."""
+    EnqueueDeliveries: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.EnqueueDeliveriesRequest, _scheduler_service_pb2.EnqueueDeliveriesResponse]  # type: ignore[assignment]
+    """Creates the deliveries of task events for every endpoint of the task's tenant that wants them
+    (and the task's own webhook, from TaskSpec.webhook). Idempotent: one delivery per
+    (endpoint, event id), so a redelivered Kafka record creates nothing new.
+    """
+    GetDeliveryBacklog: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetDeliveryBacklogRequest, _scheduler_service_pb2.GetDeliveryBacklogResponse]  # type: ignore[assignment]
+    """Size of the delivery backlog and disabled endpoints (the notifier's metrics)."""
 
 class DeliveryCoordinationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Notifier-facing API: durable client webhook deliveries (the scheduler stores them; the notifier
@@ -395,5 +409,24 @@ class DeliveryCoordinationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.ReportDeliveriesResponse, _abc.Awaitable[_scheduler_service_pb2.ReportDeliveriesResponse]]:
         """Reports outcomes of leased deliveries."""
+
+    @_abc_1.abstractmethod
+    def EnqueueDeliveries(
+        self,
+        request: _scheduler_service_pb2.EnqueueDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.EnqueueDeliveriesResponse, _abc.Awaitable[_scheduler_service_pb2.EnqueueDeliveriesResponse]]:
+        """Creates the deliveries of task events for every endpoint of the task's tenant that wants them
+        (and the task's own webhook, from TaskSpec.webhook). Idempotent: one delivery per
+        (endpoint, event id), so a redelivered Kafka record creates nothing new.
+        """
+
+    @_abc_1.abstractmethod
+    def GetDeliveryBacklog(
+        self,
+        request: _scheduler_service_pb2.GetDeliveryBacklogRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.GetDeliveryBacklogResponse, _abc.Awaitable[_scheduler_service_pb2.GetDeliveryBacklogResponse]]:
+        """Size of the delivery backlog and disabled endpoints (the notifier's metrics)."""
 
 def add_DeliveryCoordinationServiceServicer_to_server(servicer: DeliveryCoordinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
