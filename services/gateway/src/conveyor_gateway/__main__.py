@@ -1,0 +1,50 @@
+"""``python -m conveyor_gateway``: serve the public API until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from prometheus_client import CollectorRegistry
+
+from conveyor_common import lifecycle as phases
+from conveyor_common.lifecycle import Lifecycle
+from conveyor_common.logging import configure_logging
+from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
+from conveyor_common.settings import load_settings
+from conveyor_gateway.app import build_gateway
+from conveyor_gateway.settings import GatewaySettings
+
+logger = logging.getLogger("conveyor_gateway")
+
+
+async def run(settings: GatewaySettings) -> None:
+    """Start the gateway and serve until a stop is requested."""
+    registry = CollectorRegistry()
+    lifecycle = Lifecycle()
+    start_metrics(lifecycle, registry, settings)
+    gateway = build_gateway(settings, registry)
+    register_grpc(lifecycle, gateway.service, settings)
+    lifecycle.on_shutdown("downstream_close", gateway.close_downstream, phase=phases.STORAGE)
+    await gateway.start()
+    logger.info(
+        "gateway serving",
+        extra={
+            "action": "gateway_started",
+            "port": gateway.port,
+            "scheduler": settings.scheduler_address,
+            "notifier": settings.notifier_address or "",
+        },
+    )
+    await serve_until_stopped(lifecycle)
+
+
+def main() -> None:
+    """Entry point."""
+    settings = load_settings(GatewaySettings)
+    configure_logging("gateway", settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

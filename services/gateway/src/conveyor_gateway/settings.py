@@ -1,0 +1,120 @@
+"""Gateway settings (env prefix ``GATEWAY_``), validated at start.
+
+Verification keys have no defaults: at least one of ``GATEWAY_JWT_HS256_SECRET``,
+``GATEWAY_JWT_HS256_SECRET_FILE``, ``GATEWAY_JWT_RS256_PUBLIC_KEY`` or
+``GATEWAY_JWT_RS256_PUBLIC_KEY_FILE`` must be set, or the gateway refuses to start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from conveyor_common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    """Everything the gateway reads from its environment."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", frozen=True, extra="ignore")
+
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    """Public gRPC port."""
+    metrics_port: int = Field(default=9101, ge=0, le=65535)
+    """Prometheus /metrics port."""
+
+    # Downstream services.
+    scheduler_address: str = Field(min_length=1)
+    """host:port of the scheduler's SchedulerService (required)."""
+    notifier_address: str | None = None
+    """host:port of a notifier's WatchFanoutService; unset = watches poll the scheduler."""
+    scheduler_timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    """Downstream timeout when the caller set no deadline (or a longer one)."""
+    scheduler_retry_attempts: int = Field(default=4, ge=1, le=10)
+    """Attempts per scheduler call on UNAVAILABLE (the first included)."""
+    scheduler_retry_base_seconds: float = Field(default=0.05, gt=0, le=5)
+    """First backoff delay; doubles per attempt, with full jitter."""
+    scheduler_channels: int = Field(default=2, ge=1, le=16)
+    """HTTP/2 connections to the scheduler (calls are spread over them)."""
+    watch_poll_interval_seconds: float = Field(default=0.5, gt=0, le=30)
+    """Poll interval of a watch when the live stream is unavailable."""
+
+    # Authentication.
+    jwt_hs256_secret: SecretStr | None = None
+    """Shared HS256 verification secret (at least 32 bytes)."""
+    jwt_hs256_secret_file: Path | None = None
+    """File holding the HS256 secret (alternative to the variable)."""
+    jwt_rs256_public_key: SecretStr | None = None
+    """PEM of the RS256 verification (public) key."""
+    jwt_rs256_public_key_file: Path | None = None
+    """File holding the RS256 public key PEM."""
+    jwt_issuer: str = Field(default="conveyor", min_length=1)
+    """Required ``iss`` claim."""
+    jwt_audience: str = Field(default="conveyor-gateway", min_length=1)
+    """Required ``aud`` claim."""
+    jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
+    """Clock-skew leeway for ``exp``/``nbf``/``iat``."""
+
+    # Transport security (optional mutual TLS).
+    tls_cert_file: Path | None = None
+    """Server certificate chain (PEM); with the key, the port serves TLS."""
+    tls_key_file: Path | None = None
+    """Server private key (PEM)."""
+    tls_client_ca_file: Path | None = None
+    """CA bundle that signs client certificates (mutual TLS)."""
+    tls_require_client_auth: bool = False
+    """Refuse clients without a certificate signed by the client CA."""
+
+    # Validation limits.
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    """Largest request message accepted (grpc.max_receive_message_length)."""
+    max_input_bytes: int = Field(default=256 * 1024, ge=16, le=16 * 1024 * 1024)
+    """Largest serialized ``spec.input`` document."""
+    max_batch_items: int = Field(default=500, ge=1, le=10_000)
+    """Most items in one BatchSubmitTasks call."""
+    max_queue_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    """Furthest ``queue_deadline`` from now."""
+    max_run_timeout_seconds: int = Field(default=6 * 3600, ge=1)
+    """Longest ``run_timeout``."""
+    max_labels: int = Field(default=32, ge=0, le=1000)
+    """Most labels on a task."""
+    max_label_key_length: int = Field(default=63, ge=1, le=1024)
+    """Longest label key."""
+    max_label_value_length: int = Field(default=256, ge=0, le=4096)
+    """Longest label value."""
+    url_allowed_hosts: list[str] = Field(default_factory=list)
+    """Hosts or IP networks exempt from the SSRF address check (JSON list; empty in production)."""
+    url_allow_http: bool = False
+    """Accept http:// URLs (tests only; https only otherwise)."""
+    dns_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+    """Time limit of one URL's DNS resolution."""
+
+    # Edge rate limit, per tenant.
+    rate_limit_per_second: float = Field(default=1000.0, gt=0)
+    """Sustained requests per second per tenant (token bucket rate)."""
+    rate_limit_burst: int = Field(default=2000, ge=1)
+    """Token bucket size per tenant."""
+    max_concurrent_rpcs: int | None = Field(default=None, ge=1)
+    """Most RPCs handled at once (grpc maximum_concurrent_rpcs); unset = no limit."""
+
+    @model_validator(mode="after")
+    def _check(self) -> GatewaySettings:
+        if not (
+            self.jwt_hs256_secret
+            or self.jwt_hs256_secret_file
+            or self.jwt_rs256_public_key
+            or self.jwt_rs256_public_key_file
+        ):
+            raise ValueError(
+                "no JWT verification key: set GATEWAY_JWT_HS256_SECRET(_FILE) "
+                "and/or GATEWAY_JWT_RS256_PUBLIC_KEY(_FILE)"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together")
+        if self.tls_require_client_auth and self.tls_client_ca_file is None:
+            raise ValueError("GATEWAY_TLS_REQUIRE_CLIENT_AUTH needs GATEWAY_TLS_CLIENT_CA_FILE")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("GATEWAY_TLS_CLIENT_CA_FILE needs GATEWAY_TLS_CERT_FILE/KEY_FILE")
+        return self
