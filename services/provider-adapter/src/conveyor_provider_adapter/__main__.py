@@ -1,0 +1,35 @@
+"""``python -m conveyor_provider_adapter``: the provider adapter service."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CollectorRegistry
+
+from conveyor_common.lifecycle import Lifecycle
+from conveyor_common.logging import configure_logging
+from conveyor_common.service import serve_until_stopped, start_metrics
+from conveyor_common.settings import load_settings
+from conveyor_provider_adapter.app import SERVICE, Adapter
+from conveyor_provider_adapter.settings import AdapterSettings
+
+
+async def run(settings: AdapterSettings) -> None:
+    """Start the adapter and serve until SIGTERM/SIGINT, then shut down in order."""
+    lifecycle = Lifecycle()
+    registry = CollectorRegistry()
+    start_metrics(lifecycle, registry, settings)
+    adapter = Adapter(settings, registry=registry)
+    await adapter.start(lifecycle)
+    await serve_until_stopped(lifecycle)
+
+
+def main() -> None:
+    """Entry point."""
+    settings = load_settings(AdapterSettings)
+    configure_logging(SERVICE, settings.log_level)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

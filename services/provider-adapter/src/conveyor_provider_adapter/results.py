@@ -1,0 +1,372 @@
+"""Provider observations -> ProviderResult records on ``conveyor.provider.v1.results``.
+
+Result ids are deterministic so that the scheduler's inbox applies each observation once, whichever
+replica or path saw it:
+
+* a webhook delivery: ``wh:<webhook-id>`` (plus ``wh:<webhook-id>:progress`` when one delivery is
+  both the first ``started`` this replica reports and a progress update);
+* a poll or reconcile: ``poll:<prediction>:started``, ``poll:<prediction>:progress:<pct>``,
+  ``poll:<prediction>:<terminal status>``;
+* the adapter's own create: ``create:<task>:<attempt>:<what>``; throttling:
+  ``throttle:<task>:<attempt>:<n>``; an unknown submit given up: ``unknown:<task>:<attempt>``.
+
+Before publishing about a prediction this replica did not create, the observer *adopts* it:
+``CompleteSubmit(task, attempt, prediction)``. That is how the ``start`` webhook of an ambiguous
+create records the prediction id; a refusal (stale attempt, or another prediction already recorded
+for the attempt) means the prediction is not the task's: it is canceled and nothing is published.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
+
+from google.protobuf import json_format, struct_pb2
+
+from conveyor.events.v1 import events_pb2
+from conveyor.tasks.v1 import task_pb2
+from conveyor_common import topics
+from conveyor_common.kafka import EventProducer
+from conveyor_provider_adapter.classify import classify_error, parse_progress
+from conveyor_provider_adapter.coordination import Coordinator
+from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.replicate import Prediction, ReplicateClient, ReplicateError
+from conveyor_provider_adapter.state import AttemptInfo, LocalState
+from conveyor_provider_adapter.storage import OutputCopier
+
+logger = logging.getLogger(__name__)
+
+Source: TypeAlias = "events_pb2.ResultSource.ValueType"
+
+
+def _ts(when: datetime) -> Any:
+    from google.protobuf import timestamp_pb2
+
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(when.astimezone(UTC))
+    return ts
+
+
+def new_result(
+    result_id: str,
+    task_id: str,
+    attempt: int,
+    *,
+    tenant_id: str,
+    prediction_id: str,
+    source: Source,
+) -> events_pb2.ProviderResult:
+    """A ProviderResult with its identity fields set (the outcome is set by the caller)."""
+    result = events_pb2.ProviderResult(
+        result_id=result_id,
+        task_id=task_id,
+        tenant_id=tenant_id,
+        attempt=attempt,
+        prediction_id=prediction_id,
+        source=source,
+    )
+    result.observed_at.CopyFrom(_ts(datetime.now(UTC)))
+    return result
+
+
+def to_value(obj: Any) -> struct_pb2.Value:
+    """Any JSON value as a protobuf Value (non-JSON values become strings)."""
+    value = struct_pb2.Value()
+    json_format.Parse(json.dumps(obj, default=str), value)
+    return value
+
+
+def outcome_of(result: events_pb2.ProviderResult) -> str:
+    """Which outcome the result carries (for metrics and logs)."""
+    return result.WhichOneof("outcome") or "none"
+
+
+class ResultPublisher:
+    """Publishes ProviderResults keyed by task id, retrying while Kafka is away."""
+
+    def __init__(
+        self,
+        producer: EventProducer,
+        metrics: AdapterMetrics,
+        *,
+        attempts: int = 6,
+        backoff_s: float = 0.25,
+    ) -> None:
+        self.producer = producer
+        self.metrics = metrics
+        self.attempts = attempts
+        self.backoff_s = backoff_s
+
+    async def publish(self, result: events_pb2.ProviderResult, *, required: bool = False) -> bool:
+        """Send and wait for the ack; False (or raise, when ``required``) after the last retry."""
+        source = events_pb2.ResultSource.Name(result.source).removeprefix("RESULT_SOURCE_").lower()
+        for n in range(1, self.attempts + 1):
+            try:
+                await self.producer.send(
+                    topics.PROVIDER_RESULTS, result, key=result.task_id, event_id=result.result_id
+                )
+            except Exception:
+                if n == self.attempts:
+                    self.metrics.publish_failures.inc()
+                    logger.exception(
+                        "provider result not published",
+                        extra={"action": "result_publish_failed", "result_id": result.result_id},
+                    )
+                    if required:
+                        raise
+                    return False
+                await asyncio.sleep(self.backoff_s * 2 ** (n - 1))
+                continue
+            self.metrics.results.labels(outcome_of(result), source).inc()
+            logger.info(
+                "provider result published",
+                extra={
+                    "action": "result_published",
+                    "task_id": result.task_id,
+                    "attempt": result.attempt,
+                    "result_id": result.result_id,
+                    "outcome": outcome_of(result),
+                    "source": source,
+                },
+            )
+            return True
+        return False
+
+
+class Observer:
+    """Turns what a prediction shows into results, adopting it first when needed."""
+
+    def __init__(
+        self,
+        *,
+        state: LocalState,
+        coordinator: Coordinator,
+        replicate: ReplicateClient,
+        copier: OutputCopier,
+        publisher: ResultPublisher,
+        metrics: AdapterMetrics,
+        record_wait_s: float = 10.0,
+    ) -> None:
+        self.state = state
+        self.coordinator = coordinator
+        self.replicate = replicate
+        self.copier = copier
+        self.publisher = publisher
+        self.metrics = metrics
+        self.record_wait_s = record_wait_s
+
+    # ---- adoption ----
+
+    async def ensure_recorded(self, info: AttemptInfo, prediction: Prediction) -> bool:
+        """Whether results about ``prediction`` may be published for this attempt."""
+        if prediction.id in info.rejected:
+            return False
+        if info.prediction_id == prediction.id:
+            if not info.recorded.is_set():
+                # Our own create: its CompleteSubmit is on the way; publish after it.
+                try:
+                    await asyncio.wait_for(info.recorded.wait(), timeout=self.record_wait_s)
+                except TimeoutError:
+                    logger.warning(
+                        "CompleteSubmit still pending, publishing anyway",
+                        extra={"action": "record_wait_timeout", "prediction_id": prediction.id},
+                    )
+            return prediction.id not in info.rejected
+        try:
+            accepted = await self.coordinator.complete_submit(
+                info.task_id, info.attempt, prediction.id
+            )
+        except Exception:
+            # The scheduler is away: publish anyway (results carry the prediction id and
+            # are fenced by attempt there); a later delivery or the reconciler adopts it.
+            logger.warning(
+                "adoption failed, publishing without it",
+                extra={"action": "adopt_failed", "prediction_id": prediction.id},
+                exc_info=True,
+            )
+            return True
+        if not accepted:
+            info.rejected.add(prediction.id)
+            logger.warning(
+                "scheduler refused the prediction for this attempt, canceling it",
+                extra={
+                    "action": "prediction_refused",
+                    "task_id": info.task_id,
+                    "attempt": info.attempt,
+                    "prediction_id": prediction.id,
+                },
+            )
+            self.metrics.cancels.labels("stale_prediction").inc()
+            if not prediction.terminal:
+                await self.cancel_quietly(prediction.id)
+            return False
+        self.metrics.reconcile_actions.labels("adopt").inc()
+        logger.info(
+            "prediction adopted",
+            extra={
+                "action": "prediction_adopted",
+                "task_id": info.task_id,
+                "attempt": info.attempt,
+                "prediction_id": prediction.id,
+            },
+        )
+        info.prediction_id = prediction.id
+        info.recorded.set()
+        info.unknown_since = None
+        if info.cancel_requested and not prediction.terminal:
+            await self.cancel_quietly(prediction.id)
+        return True
+
+    async def cancel_quietly(self, prediction_id: str) -> Prediction | None:
+        """Cancel at the provider; errors are logged, never raised."""
+        try:
+            prediction = await self.replicate.cancel(prediction_id)
+        except ReplicateError as exc:
+            self.metrics.cancels.labels("failed").inc()
+            logger.warning(
+                "cancel failed",
+                extra={
+                    "action": "cancel_failed",
+                    "prediction_id": prediction_id,
+                    "status": exc.status,
+                    "error": str(exc)[:300],
+                },
+            )
+            return None
+        self.metrics.cancels.labels("canceled").inc()
+        logger.info(
+            "prediction canceled at the provider",
+            extra={
+                "action": "prediction_canceled",
+                "prediction_id": prediction_id,
+                "status": prediction.status,
+            },
+        )
+        return prediction
+
+    # ---- observations ----
+
+    async def observe(
+        self,
+        prediction: Prediction,
+        task_id: str,
+        attempt: int,
+        *,
+        source: Source,
+        webhook_id: str | None = None,
+        deadline_cancel: bool = False,
+    ) -> list[events_pb2.ProviderResult]:
+        """Publish what ``prediction`` shows about (task, attempt); returns what was published."""
+        info = self.state.attempt(task_id, attempt)
+        if not await self.ensure_recorded(info, prediction):
+            return []
+        results = await self.results_for(
+            info, prediction, source=source, webhook_id=webhook_id, deadline_cancel=deadline_cancel
+        )
+        published = [r for r in results if await self.publisher.publish(r)]
+        if any(r.WhichOneof("outcome") == "started" for r in published):
+            info.started_reported = True
+        return published
+
+    async def results_for(
+        self,
+        info: AttemptInfo,
+        prediction: Prediction,
+        *,
+        source: Source,
+        webhook_id: str | None,
+        deadline_cancel: bool = False,
+    ) -> Sequence[events_pb2.ProviderResult]:
+        """The results an observation implies (terminal, or started and/or progress)."""
+        pid = prediction.id
+
+        def make(result_id: str) -> events_pb2.ProviderResult:
+            return new_result(
+                result_id,
+                info.task_id,
+                info.attempt,
+                tenant_id=info.tenant_id,
+                prediction_id=pid,
+                source=source,
+            )
+
+        if prediction.terminal:
+            rid = f"wh:{webhook_id}" if webhook_id else f"poll:{pid}:{prediction.status}"
+            result = make(rid)
+            await self._fill_terminal(result, info, prediction, deadline_cancel=deadline_cancel)
+            info.terminal_reported = True
+            return [result]
+        if prediction.status not in ("starting", "processing"):
+            logger.info(
+                "unknown non-terminal status tolerated",
+                extra={
+                    "action": "unknown_status",
+                    "status": prediction.status,
+                    "prediction_id": pid,
+                },
+            )
+        if info.terminal_reported:
+            return []
+        out: list[events_pb2.ProviderResult] = []
+        primary_used = False
+        if not info.started_reported:
+            rid = f"wh:{webhook_id}" if webhook_id else f"poll:{pid}:started"
+            started = make(rid)
+            started.started.SetInParent()
+            out.append(started)
+            primary_used = True
+        percent = parse_progress(prediction.logs)
+        if percent is not None and percent > info.last_percent:
+            info.last_percent = percent
+            if webhook_id:
+                rid = f"wh:{webhook_id}:progress" if primary_used else f"wh:{webhook_id}"
+            else:
+                rid = f"poll:{pid}:progress:{percent}"
+            progress = make(rid)
+            progress.progress.percent = percent
+            out.append(progress)
+        return out
+
+    async def _fill_terminal(
+        self,
+        result: events_pb2.ProviderResult,
+        info: AttemptInfo,
+        prediction: Prediction,
+        *,
+        deadline_cancel: bool,
+    ) -> None:
+        status = prediction.status
+        if status == "succeeded":
+            files = await self.copier.copy_all(prediction.output, info.task_id, info.attempt)
+            result.succeeded.SetInParent()
+            for f in files:
+                result.succeeded.files.append(
+                    task_pb2.OutputFile(
+                        url=f.url,
+                        source_url=f.source_url,
+                        size_bytes=f.size_bytes,
+                        content_type=f.content_type,
+                    )
+                )
+            if prediction.output is not None:
+                result.succeeded.output.CopyFrom(to_value(prediction.output))
+            predict_time = prediction.metrics.get("predict_time")
+            if isinstance(predict_time, int | float) and predict_time >= 0:
+                result.succeeded.predict_time.FromTimedelta(timedelta(seconds=float(predict_time)))
+        elif status == "failed":
+            code, retryable = classify_error(prediction.error)
+            result.failed.code = code
+            result.failed.message = (prediction.error or "prediction failed")[:1000]
+            result.failed.retryable = retryable
+        elif status == "canceled":
+            by_deadline = deadline_cancel
+            if not by_deadline and prediction.deadline is not None:
+                end = prediction.completed_at or datetime.now(UTC)
+                by_deadline = end >= prediction.deadline - timedelta(seconds=1)
+            result.canceled.deadline_exceeded = by_deadline
+        else:  # aborted
+            result.aborted.message = (prediction.error or "aborted before start (deadline)")[:1000]

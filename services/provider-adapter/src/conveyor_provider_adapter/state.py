@@ -1,0 +1,95 @@
+"""What one adapter replica remembers about attempts (bounded, in memory, lost on restart).
+
+Nothing here is needed for correctness after a restart: the scheduler holds the submit state and
+the prediction ids, and dedups results durably. This cache only saves calls (no re-adoption of a
+prediction this replica created), orders the first ``started`` before progress, keeps progress
+monotonic, remembers cancels that arrived before the prediction id, and keeps the dispatch of an
+ambiguous create so the reconciler can match it by input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """A bounded mapping that forgets the least recently used entries."""
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._data: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.maxsize:
+            self._data.popitem(last=False)
+
+    def pop(self, key: K) -> V | None:
+        return self._data.pop(key, None)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+@dataclass
+class AttemptInfo:
+    """Local knowledge of one (task, attempt)."""
+
+    task_id: str
+    attempt: int
+    tenant_id: str = ""
+    prediction_id: str = ""
+    """Prediction id of this attempt once known (created here, adopted, or from the scheduler)."""
+    recorded: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the scheduler answered CompleteSubmit (or it is known recorded)."""
+    rejected: set[str] = field(default_factory=set)
+    """Prediction ids the scheduler refused for this attempt (stale or duplicates): ignored."""
+    started_reported: bool = False
+    last_percent: int = -1
+    terminal_reported: bool = False
+    cancel_requested: bool = False
+    cancel_reason: str = ""
+    model: str = ""
+    deployment: str = ""
+    input: dict[str, Any] | None = None
+    """Input of the dispatch (kept for an ambiguous create, to match it in the list endpoint)."""
+    unknown_since: datetime | None = None
+
+
+class LocalState:
+    """Bounded caches of attempts and prediction ids."""
+
+    def __init__(self, maxsize: int = 50_000) -> None:
+        self._attempts: LRU[tuple[str, int], AttemptInfo] = LRU(maxsize)
+
+    def attempt(self, task_id: str, attempt: int, tenant_id: str = "") -> AttemptInfo:
+        """The entry of (task, attempt), created when missing."""
+        key = (task_id, attempt)
+        info = self._attempts.get(key)
+        if info is None:
+            info = AttemptInfo(task_id=task_id, attempt=attempt)
+            self._attempts.put(key, info)
+        if tenant_id and not info.tenant_id:
+            info.tenant_id = tenant_id
+        return info
+
+    def peek(self, task_id: str, attempt: int) -> AttemptInfo | None:
+        """The entry of (task, attempt), if any."""
+        return self._attempts.get((task_id, attempt))
