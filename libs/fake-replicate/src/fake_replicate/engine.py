@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -57,10 +57,18 @@ class KnobError(ValueError):
         self.description = description
 
 
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def to_us(ts: float) -> int:
+    """Unix seconds -> integer microseconds (the precision of every timestamp the fake shows)."""
+    return round(ts * 1_000_000)
+
+
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (EPOCH + timedelta(microseconds=to_us(ts))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def new_prediction_id() -> str:
@@ -383,7 +391,7 @@ class Engine:
         new = FakeConfig.model_validate(data)
         old = self.config
         self.config = new
-        if new.seed != old.seed:
+        if "seed" in changes:  # (re)seeding restarts the fault/duration sequence
             self.rng = random.Random(new.seed)
         if (new.create_rate_per_min, new.create_burst, new.low_credit) != (
             old.create_rate_per_min,
@@ -593,13 +601,18 @@ class Engine:
         """Move to a terminal state (no-op if already terminal); emits `completed`."""
         if p.terminal:
             return False
+        if p.progress_handle is not None:
+            # A throttled event is pending. A pending `output` event goes out now (with the last
+            # non-terminal state) rather than be lost; a logs-only one is superseded by `completed`.
+            p.progress_handle.cancel()
+            p.progress_handle = None
+            if "output" in p.progress_pending:
+                self._flush_progress(p)
+            p.progress_pending.clear()
         p.status = status
         p.completed_at = time.time()
         if status == "failed":
             p.error = error or DEFAULT_ERROR
-        if p.progress_handle is not None:
-            p.progress_handle.cancel()
-            p.progress_handle = None
         self.ledger.record(
             "finish", prediction_id=p.id, status=status, started=p.started_at is not None
         )

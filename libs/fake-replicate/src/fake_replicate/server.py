@@ -24,7 +24,7 @@ import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import httpx
@@ -34,12 +34,14 @@ from pydantic import ValidationError
 from fake_replicate.config import EVENT_KINDS, FakeConfig
 from fake_replicate.engine import (
     DEFAULT_EVENTS,
+    EPOCH,
     CreateRequest,
     Engine,
     KnobError,
     Prediction,
     Rejection,
     parse_script,
+    to_us,
     version_id,
 )
 from fake_replicate.ledger import summary
@@ -97,11 +99,12 @@ def parse_prefer_wait(value: str | None) -> float | None:
     return float(min(60, max(1, int(m.group(1))))) if m.group(1) else 60.0
 
 
-def parse_time(value: str) -> float:
+def parse_time_us(value: str) -> int:
+    """ISO-8601 (naive = UTC; a ' ' from an unencoded '+' is tolerated) -> Unix microseconds."""
     dt = datetime.fromisoformat(value.strip().replace(" ", "+"))
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
+    return (dt - EPOCH) // timedelta(microseconds=1)
 
 
 def _rate_headers(engine: Engine, *, create: bool) -> dict[str, str]:
@@ -440,8 +443,8 @@ async def list_predictions(request: web.Request) -> web.StreamResponse:
         return problem(500, "Internal Server Error", "fake-replicate: injected GET failure")
     q = request.query
     try:
-        after = parse_time(q["created_after"]) if "created_after" in q else None
-        before = parse_time(q["created_before"]) if "created_before" in q else None
+        after = parse_time_us(q["created_after"]) if "created_after" in q else None
+        before = parse_time_us(q["created_before"]) if "created_before" in q else None
     except ValueError:
         return problem(
             400, "Bad Request", "created_after/created_before must be ISO-8601 date-times"
@@ -449,7 +452,8 @@ async def list_predictions(request: web.Request) -> web.StreamResponse:
     items = [
         p
         for p in engine.listing()
-        if (after is None or p.created_at >= after) and (before is None or p.created_at < before)
+        if (after is None or to_us(p.created_at) >= after)
+        and (before is None or to_us(p.created_at) < before)
     ]
     size = engine.config.list_page_size
     if "cursor" in q:
