@@ -1,1 +1,24 @@
-"""Conveyor client SDK and CLI."""
+"""Conveyor client SDK (async and sync) and the ``conveyor`` CLI."""
+
+from conveyor_client.client import (
+    TERMINAL_EVENTS,
+    TERMINAL_STATUSES,
+    AsyncConveyorClient,
+    ConveyorClient,
+    build_spec,
+    new_request_id,
+)
+from conveyor_client.errors import ConveyorError, Violation
+from conveyor_client.token import mint_token
+
+__all__ = [
+    "TERMINAL_EVENTS",
+    "TERMINAL_STATUSES",
+    "AsyncConveyorClient",
+    "ConveyorClient",
+    "ConveyorError",
+    "Violation",
+    "build_spec",
+    "mint_token",
+    "new_request_id",
+]

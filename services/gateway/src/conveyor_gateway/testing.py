@@ -1,0 +1,385 @@
+"""Test doubles for the gateway's unit tests: an in-memory SchedulerService and a notifier.
+
+These stand in for the scheduler and the notifier only in *unit* tests of the gateway's own logic
+(forwarding, retries, deadlines, the watch algorithm). Integration tests run the real scheduler on real
+PostgreSQL. Also: key material and token minting for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client import CollectorRegistry
+
+from conveyor.notifier.v1 import notifier_service_pb2 as notifier_pb2
+from conveyor.notifier.v1 import notifier_service_pb2_grpc as notifier_grpc
+from conveyor.scheduler.v1 import scheduler_service_pb2 as s
+from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+from conveyor.tasks.v1 import task_pb2
+from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
+from conveyor_common.errors import NotFound, RpcError, Unavailable
+from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
+from conveyor_common.metrics import RpcMetrics
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+ISSUER = "conveyor-test"
+AUDIENCE = "conveyor-gateway-test"
+HS_SECRET = b"unit-test-secret-unit-test-secret-0123456789"
+
+
+@dataclass
+class Keys:
+    """Key material of a test: an HS256 secret and an RSA key pair."""
+
+    hs_secret: bytes
+    rsa_private_pem: bytes
+    rsa_public_pem: bytes
+
+    @classmethod
+    def generate(cls, hs_secret: bytes = HS_SECRET) -> Keys:
+        """Fresh keys (RSA 2048)."""
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        return cls(
+            hs_secret=hs_secret,
+            rsa_private_pem=private.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
+            rsa_public_pem=private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
+
+    def token(
+        self,
+        tenant_id: str = "tenant-a",
+        *,
+        alg: str = "HS256",
+        role: str = "tenant",
+        tier: str = "free",
+        issuer: str = ISSUER,
+        audience: str = AUDIENCE,
+        ttl: float = 3600,
+        key: bytes | None = None,
+        extra: dict[str, Any] | None = None,
+        drop: tuple[str, ...] = (),
+    ) -> str:
+        """A signed token; ``key`` overrides the signing key (for bad-signature tests)."""
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": issuer,
+            "aud": audience,
+            "sub": f"svc-{tenant_id}",
+            "tenant_id": tenant_id,
+            "tier": tier,
+            "role": role,
+            "iat": now,
+            "exp": now + int(ttl),
+            "jti": uuid.uuid4().hex,
+        }
+        claims.update(extra or {})
+        for name in drop:
+            claims.pop(name, None)
+        signing = (
+            key if key is not None else (self.hs_secret if alg == "HS256" else self.rsa_private_pem)
+        )
+        return jwt.encode(claims, signing, algorithm=alg)
+
+
+def metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a bearer token."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+@dataclass
+class _Stored:
+    task: task_pb2.Task
+    events: list[task_pb2.TaskEvent] = field(default_factory=list)
+
+
+class FakeScheduler(sched_grpc.SchedulerServiceServicer):
+    """In-memory SchedulerService with fault injection and call recording."""
+
+    def __init__(self, notifier: FakeNotifier | None = None) -> None:
+        self.tasks: dict[str, _Stored] = {}
+        self.by_request: dict[tuple[str, str], str] = {}
+        self.calls: list[tuple[str, Any, float | None]] = []
+        self.fail_unavailable = 0
+        self.fail_with: RpcError | None = None
+        self.notifier = notifier
+
+    def _record(self, name: str, request: Any, context: Ctx) -> None:
+        remaining: Any = context.time_remaining()
+        self.calls.append((name, request, remaining))
+        if self.fail_unavailable > 0:
+            self.fail_unavailable -= 1
+            raise Unavailable("injected outage", 0.01)
+        if self.fail_with is not None:
+            raise self.fail_with
+
+    def _owned(self, principal: s.Principal, task_id: str) -> _Stored:
+        stored = self.tasks.get(task_id)
+        if stored is None or stored.task.tenant_id != principal.tenant_id:
+            raise NotFound("task", task_id)
+        return stored
+
+    def append_event(
+        self, task_id: str, type_: task_pb2.TaskEventType.ValueType, *, progress: int = 0,
+        status: task_pb2.TaskStatus.ValueType | None = None, publish: bool = True,
+    ) -> task_pb2.TaskEvent:  # fmt: skip
+        """Add an event to a task's history (and publish it to the fake notifier)."""
+        stored = self.tasks[task_id]
+        if status is not None:
+            stored.task.status = status
+        stored.task.progress = progress
+        stored.task.last_sequence += 1
+        event = task_pb2.TaskEvent(
+            event_id=str(uuid.uuid4()),
+            task_id=task_id,
+            tenant_id=stored.task.tenant_id,
+            sequence=stored.task.last_sequence,
+            type=type_,
+            task=stored.task,
+        )
+        event.occurred_at.GetCurrentTime()
+        stored.events.append(event)
+        if publish and self.notifier is not None:
+            self.notifier.publish(event)
+        return event
+
+    def _create(self, principal: s.Principal, request_id: str, spec: task_pb2.TaskSpec) -> tuple[task_pb2.Task, bool]:  # fmt: skip
+        key = (principal.tenant_id, request_id)
+        if key in self.by_request:
+            return self.tasks[self.by_request[key]].task, True
+        task = task_pb2.Task(
+            task_id=str(uuid.uuid4()),
+            tenant_id=principal.tenant_id,
+            request_id=request_id,
+            spec=spec,
+            status=task_pb2.TASK_STATUS_QUEUED,
+            max_attempts=spec.max_attempts or 3,
+            tier=principal.tier,
+            queue_position=len(self.tasks) + 1,
+        )
+        task.created_at.GetCurrentTime()
+        self.tasks[task.task_id] = _Stored(task)
+        self.by_request[key] = task.task_id
+        self.append_event(task.task_id, task_pb2.TASK_EVENT_TYPE_SUBMITTED)
+        return task, False
+
+    async def SubmitTask(self, request: s.SubmitTaskRequest, context: Ctx) -> s.SubmitTaskResponse:
+        self._record("SubmitTask", request, context)
+        task, dedup = self._create(
+            request.principal, request.request.request_id, request.request.spec
+        )
+        return s.SubmitTaskResponse(
+            response=svc_pb2.SubmitTaskResponse(task=task, deduplicated=dedup)
+        )
+
+    async def BatchSubmitTasks(
+        self, request: s.BatchSubmitTasksRequest, context: Ctx
+    ) -> s.BatchSubmitTasksResponse:
+        self._record("BatchSubmitTasks", request, context)
+        resp = svc_pb2.BatchSubmitTasksResponse()
+        for item in request.request.items:
+            task, dedup = self._create(request.principal, item.request_id, item.spec)
+            resp.tasks.append(task)
+            resp.deduplicated.append(dedup)
+        return s.BatchSubmitTasksResponse(response=resp)
+
+    async def GetTask(self, request: s.GetTaskRequest, context: Ctx) -> s.GetTaskResponse:
+        self._record("GetTask", request, context)
+        stored = self._owned(request.principal, request.request.task_id)
+        return s.GetTaskResponse(response=svc_pb2.GetTaskResponse(task=stored.task))
+
+    async def ListTasks(self, request: s.ListTasksRequest, context: Ctx) -> s.ListTasksResponse:
+        self._record("ListTasks", request, context)
+        own = [
+            st.task
+            for st in self.tasks.values()
+            if st.task.tenant_id == request.principal.tenant_id
+        ]
+        return s.ListTasksResponse(response=svc_pb2.ListTasksResponse(tasks=own[::-1]))
+
+    async def CancelTask(self, request: s.CancelTaskRequest, context: Ctx) -> s.CancelTaskResponse:
+        self._record("CancelTask", request, context)
+        stored = self._owned(request.principal, request.request.task_id)
+        self.append_event(
+            stored.task.task_id,
+            task_pb2.TASK_EVENT_TYPE_CANCELED,
+            status=task_pb2.TASK_STATUS_CANCELED,
+        )
+        return s.CancelTaskResponse(response=svc_pb2.CancelTaskResponse(task=stored.task))
+
+    async def GetQueueStats(
+        self, request: s.GetQueueStatsRequest, context: Ctx
+    ) -> s.GetQueueStatsResponse:
+        self._record("GetQueueStats", request, context)
+        return s.GetQueueStatsResponse(
+            response=svc_pb2.GetQueueStatsResponse(
+                stats=[task_pb2.QueueStats(kind=task_pb2.TASK_KIND_IMAGE, waiting=len(self.tasks))]
+            )
+        )
+
+    async def GetTaskEvents(
+        self, request: s.GetTaskEventsRequest, context: Ctx
+    ) -> s.GetTaskEventsResponse:
+        self._record("GetTaskEvents", request, context)
+        stored = self._owned(request.principal, request.task_id)
+        limit = request.limit or 500
+        events = [e for e in stored.events if e.sequence > request.after_sequence][:limit]
+        terminal = stored.task.status in (
+            task_pb2.TASK_STATUS_SUCCEEDED,
+            task_pb2.TASK_STATUS_FAILED,
+            task_pb2.TASK_STATUS_CANCELED,
+            task_pb2.TASK_STATUS_DEAD_LETTERED,
+            task_pb2.TASK_STATUS_EXPIRED,
+        )
+        return s.GetTaskEventsResponse(
+            events=events, terminal=terminal, last_sequence=stored.task.last_sequence
+        )
+
+    # Admin and webhook calls: the fake only records them and answers an empty response.
+
+    async def GetTenant(self, request: s.GetTenantRequest, context: Ctx) -> s.GetTenantResponse:
+        self._record("GetTenant", request, context)
+        return s.GetTenantResponse()
+
+    async def UpsertTenant(
+        self, request: s.UpsertTenantRequest, context: Ctx
+    ) -> s.UpsertTenantResponse:
+        self._record("UpsertTenant", request, context)
+        return s.UpsertTenantResponse()
+
+    async def PauseModel(self, request: s.PauseModelRequest, context: Ctx) -> s.PauseModelResponse:
+        self._record("PauseModel", request, context)
+        return s.PauseModelResponse()
+
+    async def ResumeModel(
+        self, request: s.ResumeModelRequest, context: Ctx
+    ) -> s.ResumeModelResponse:
+        self._record("ResumeModel", request, context)
+        return s.ResumeModelResponse()
+
+    async def ListDeadLetters(
+        self, request: s.ListDeadLettersRequest, context: Ctx
+    ) -> s.ListDeadLettersResponse:
+        self._record("ListDeadLetters", request, context)
+        return s.ListDeadLettersResponse()
+
+    async def RedriveTasks(
+        self, request: s.RedriveTasksRequest, context: Ctx
+    ) -> s.RedriveTasksResponse:
+        self._record("RedriveTasks", request, context)
+        return s.RedriveTasksResponse()
+
+    async def BulkCancelTasks(
+        self, request: s.BulkCancelTasksRequest, context: Ctx
+    ) -> s.BulkCancelTasksResponse:
+        self._record("BulkCancelTasks", request, context)
+        return s.BulkCancelTasksResponse()
+
+    async def CreateWebhookEndpoint(
+        self, request: s.CreateWebhookEndpointRequest, context: Ctx
+    ) -> s.CreateWebhookEndpointResponse:
+        self._record("CreateWebhookEndpoint", request, context)
+        return s.CreateWebhookEndpointResponse()
+
+    async def ListWebhookEndpoints(
+        self, request: s.ListWebhookEndpointsRequest, context: Ctx
+    ) -> s.ListWebhookEndpointsResponse:
+        self._record("ListWebhookEndpoints", request, context)
+        return s.ListWebhookEndpointsResponse()
+
+    async def DeleteWebhookEndpoint(
+        self, request: s.DeleteWebhookEndpointRequest, context: Ctx
+    ) -> s.DeleteWebhookEndpointResponse:
+        self._record("DeleteWebhookEndpoint", request, context)
+        return s.DeleteWebhookEndpointResponse()
+
+    async def RotateWebhookSecret(
+        self, request: s.RotateWebhookSecretRequest, context: Ctx
+    ) -> s.RotateWebhookSecretResponse:
+        self._record("RotateWebhookSecret", request, context)
+        return s.RotateWebhookSecretResponse()
+
+    async def ListWebhookDeliveries(
+        self, request: s.ListWebhookDeliveriesRequest, context: Ctx
+    ) -> s.ListWebhookDeliveriesResponse:
+        self._record("ListWebhookDeliveries", request, context)
+        return s.ListWebhookDeliveriesResponse()
+
+
+class FakeNotifier(notifier_grpc.WatchFanoutServiceServicer):
+    """WatchFanoutService fed by :meth:`publish`; can drop events or break streams."""
+
+    def __init__(self) -> None:
+        self.subscribers: list[tuple[notifier_pb2.SubscribeRequest, asyncio.Queue[Any]]] = []
+        self.drop_sequences: set[int] = set()
+        self.break_after: int | None = None
+        self.subscribe_count = 0
+
+    def publish(self, event: task_pb2.TaskEvent) -> None:
+        """Deliver an event to every matching subscriber (unless its sequence is dropped)."""
+        if event.sequence in self.drop_sequences:
+            return
+        for req, queue in self.subscribers:
+            if req.tenant_id == event.tenant_id and req.task_id in ("", event.task_id):
+                queue.put_nowait(event)
+
+    async def Subscribe(
+        self, request: notifier_pb2.SubscribeRequest, context: Ctx
+    ) -> AsyncIterator[notifier_pb2.SubscribeResponse]:
+        self.subscribe_count += 1
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        entry = (request, queue)
+        self.subscribers.append(entry)
+        sent = 0
+        try:
+            yield notifier_pb2.SubscribeResponse(ready=True)
+            while True:
+                event = await queue.get()
+                yield notifier_pb2.SubscribeResponse(event=event)
+                sent += 1
+                if self.break_after is not None and sent >= self.break_after:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "injected break")
+        finally:
+            self.subscribers.remove(entry)
+
+
+async def serve(*bindings: ServiceBinding) -> GrpcService:
+    """Start the fakes on 127.0.0.1:0 with the common server bootstrap (rich error mapping)."""
+    service = create_server(
+        bindings, host="127.0.0.1", port=0, metrics=RpcMetrics(CollectorRegistry(), "fake")
+    )
+    await service.start()
+    return service
+
+
+def scheduler_binding(fake: FakeScheduler) -> ServiceBinding:
+    """Mount a FakeScheduler."""
+    return ServiceBinding(
+        sched_grpc.add_SchedulerServiceServicer_to_server,
+        fake,
+        "conveyor.scheduler.v1.SchedulerService",
+    )
+
+
+def notifier_binding(fake: FakeNotifier) -> ServiceBinding:
+    """Mount a FakeNotifier."""
+    return ServiceBinding(
+        notifier_grpc.add_WatchFanoutServiceServicer_to_server,
+        fake,
+        "conveyor.notifier.v1.WatchFanoutService",
+    )
