@@ -1,0 +1,19 @@
+"""``python -m conveyor_notifier``: settings from ``NOTIFIER_*``, JSON logs, run until SIGTERM."""
+
+from __future__ import annotations
+
+from conveyor_common.logging import configure_logging
+from conveyor_common.settings import load_settings
+from conveyor_notifier.app import main_async
+from conveyor_notifier.settings import NotifierSettings
+
+
+def main() -> None:
+    """Entry point."""
+    settings = load_settings(NotifierSettings)
+    configure_logging("notifier", settings.log_level)
+    main_async(settings)
+
+
+if __name__ == "__main__":
+    main()
