@@ -312,8 +312,10 @@ def webhook_params(url: str | None) -> tuple[dict[str, str], str | None, int | s
     """(query params, task id, attempt) from a webhook URL; attempt from ``attempt`` or ``a``."""
     if not url:
         return {}, None, None
-    parsed = httpx.URL(url)
-    params = dict(parsed.params.multi_items())
+    try:
+        params = dict(httpx.URL(url).params.multi_items())
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return {}, None, None
     attempt_raw = params.get("attempt", params.get("a"))
     attempt: int | str | None = attempt_raw
     if attempt_raw is not None and attempt_raw.lstrip("-").isdigit():
