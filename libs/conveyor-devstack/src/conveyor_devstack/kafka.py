@@ -1,0 +1,604 @@
+"""Apache Kafka 4.x (KRaft, one combined broker+controller node) for tests, ``make run``, benchmarks.
+
+The jars come from Maven Central: ``devstack/kafka/pom.xml`` is resolved once with
+``mvn dependency:copy-dependencies`` into ``<cache>/kafka-<version>/libs`` (cache:
+``CONVEYOR_DEVSTACK_CACHE``, default ``<repo>/.cache/devstack``). ``LocalKafka`` formats storage with
+``kafka.tools.StorageTool`` in an instance directory and runs ``kafka.Kafka`` on the machine's Java 17
+on two free loopback ports (client and controller), with settings that keep tests fast and a log4j2
+config that writes WARN (and the "started" line) to ``logs/server.log``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from conveyor_devstack import _process
+from conveyor_devstack.errors import DevstackError
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "CONVEYOR_DEVSTACK_CACHE"
+POM_ENV = "CONVEYOR_DEVSTACK_KAFKA_POM"
+JAVA_ENV = "CONVEYOR_DEVSTACK_JAVA"
+MVN_ENV = "CONVEYOR_DEVSTACK_MVN"
+POM_RELATIVE = Path("devstack/kafka/pom.xml")
+KafkaStopMode = Literal["graceful", "kill"]
+
+JVM_OPTIONS: tuple[str, ...] = (
+    "-Xms256m",
+    "-Xmx512m",
+    "-XX:+UseG1GC",
+    "-XX:MaxGCPauseMillis=20",
+    "-XX:+ExitOnOutOfMemoryError",
+    "-Djava.awt.headless=true",
+)
+
+BROKER_SETTINGS: Mapping[str, str] = {
+    "num.partitions": "3",
+    "default.replication.factor": "1",
+    "min.insync.replicas": "1",
+    "auto.create.topics.enable": "false",
+    "offsets.topic.replication.factor": "1",
+    "offsets.topic.num.partitions": "5",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "transaction.state.log.num.partitions": "5",
+    "share.coordinator.state.topic.replication.factor": "1",
+    "share.coordinator.state.topic.min.isr": "1",
+    "group.initial.rebalance.delay.ms": "0",
+    # After a SIGKILL the restarted node waits for its old broker session to expire before it is
+    # unfenced: 9 s by default, ~3 s here (restart after kill measured 12.4 s -> ~4 s).
+    "broker.session.timeout.ms": "3000",
+    "broker.heartbeat.interval.ms": "500",
+    "num.network.threads": "2",
+    "num.io.threads": "4",
+    "num.recovery.threads.per.data.dir": "1",
+    "log.retention.hours": "24",
+}
+"""Single-node settings that keep tests fast (no rebalance delay, small internal topics)."""
+
+_LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="warn">
+  <Appenders>
+    <File name="file" fileName="{log_file}">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Logger name="kafka.server.KafkaRaftServer" level="info"/>
+    <Root level="warn"><AppenderRef ref="file"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+# --------------------------------------------------------------------------------------------------
+# Jars
+
+
+def repo_root() -> Path | None:
+    """The checkout holding ``devstack/kafka/pom.xml`` (searched up from here, then from cwd)."""
+    for start in (Path(__file__).resolve(), Path.cwd().resolve()):
+        for parent in (start, *start.parents):
+            if (parent / POM_RELATIVE).is_file():
+                return parent
+    return None
+
+
+def find_pom() -> Path:
+    """The pom.xml that resolves the Kafka jars."""
+    if explicit := os.environ.get(POM_ENV):
+        return Path(explicit)
+    root = repo_root()
+    if root is None:
+        raise DevstackError(
+            f"cannot find {POM_RELATIVE} above {Path(__file__).parent} or the current directory; "
+            f"run from the Conveyor checkout or set {POM_ENV}"
+        )
+    return root / POM_RELATIVE
+
+
+def cache_dir() -> Path:
+    """Where resolved jars are kept (``CONVEYOR_DEVSTACK_CACHE`` or ``<repo>/.cache/devstack``)."""
+    if explicit := os.environ.get(CACHE_ENV):
+        return Path(explicit)
+    root = repo_root()
+    if root is not None:
+        return root / ".cache" / "devstack"
+    return Path.home() / ".cache" / "conveyor-devstack"
+
+
+def kafka_version(pom: Path | None = None) -> str:
+    """The ``kafka.version`` property of the pom, e.g. ``4.1.1``."""
+    text = (pom or find_pom()).read_text(encoding="utf-8")
+    found = re.search(r"<kafka\.version>\s*([^<\s]+)\s*</kafka\.version>", text)
+    if not found:
+        raise DevstackError(f"no <kafka.version> property in {pom}")
+    return found.group(1)
+
+
+def find_mvn() -> str:
+    """The mvn executable; DevstackError saying how to get one when it is missing."""
+    mvn = os.environ.get(MVN_ENV) or shutil.which("mvn")
+    if not mvn:
+        raise DevstackError(
+            "Apache Maven (mvn) not found: it resolves the Kafka jars from Maven Central once, into "
+            f"{cache_dir()}. Install it (Debian: `apt-get install maven`), or set {MVN_ENV}, or "
+            "point CONVEYOR_TEST_KAFKA_BOOTSTRAP at a running broker."
+        )
+    return mvn
+
+
+def find_java() -> str:
+    """A Java >= 17 executable; DevstackError saying how to get one when it is missing."""
+    java = os.environ.get(JAVA_ENV)
+    if not java and (home := os.environ.get("JAVA_HOME")):
+        candidate = Path(home) / "bin" / "java"
+        java = str(candidate) if candidate.is_file() else None
+    java = java or shutil.which("java")
+    hint = (
+        "Install a JDK/JRE 17+ (Debian: `apt-get install openjdk-17-jre-headless`), or set "
+        f"{JAVA_ENV}/JAVA_HOME, or point CONVEYOR_TEST_KAFKA_BOOTSTRAP at a running broker."
+    )
+    if not java:
+        raise DevstackError(f"java not found: the Kafka broker runs on Java 17+. {hint}")
+    try:
+        out = subprocess.run(
+            [java, "-version"], capture_output=True, text=True, timeout=30, check=True
+        ).stderr
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DevstackError(f"`{java} -version` failed ({exc}). {hint}") from None
+    found = re.search(r'version "(\d+)(?:\.(\d+))?', out)
+    major = int(found.group(1)) if found else 0
+    if major == 1 and found and found.group(2):  # "1.8.0_x"
+        major = int(found.group(2))
+    if major < 17:
+        raise DevstackError(f"{java} is Java {major or '?'}; Kafka 4 needs Java 17+. {hint}")
+    return java
+
+
+def _pom_digest(pom: Path) -> str:
+    return hashlib.sha256(pom.read_bytes()).hexdigest()
+
+
+def fetch_kafka(*, force: bool = False, timeout: float = 600.0) -> Path:
+    """Resolve the Kafka jars into the cache (once; safe across processes); return the libs dir."""
+    pom = find_pom()
+    version = kafka_version(pom)
+    base = cache_dir() / f"kafka-{version}"
+    libs = base / "libs"
+    stamp = base / "complete"
+    digest = _pom_digest(pom)
+
+    def cached() -> bool:
+        with contextlib.suppress(OSError):
+            return stamp.read_text().strip() == digest and any(libs.glob("kafka_*.jar"))
+        return False
+
+    if cached() and not force:
+        return libs
+    base.mkdir(parents=True, exist_ok=True)
+    with open(base.parent / f"kafka-{version}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process may be fetching the same jars
+        if cached() and not force:
+            return libs
+        mvn = find_mvn()
+        started = time.monotonic()
+        log.info("devstack: resolving Kafka %s jars from Maven Central into %s", version, libs)
+        staging = base / "libs.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        _process.run(
+            [
+                mvn,
+                "-q",
+                "-B",
+                "-Dstyle.color=never",
+                "-f",
+                str(pom),
+                "dependency:copy-dependencies",
+                f"-DoutputDirectory={staging}",
+            ],
+            what="mvn (resolving the Kafka jars)",
+            cwd=pom.parent,
+            env=dict(os.environ),
+            timeout=timeout,
+        )
+        if not any(staging.glob("kafka_*.jar")):
+            raise DevstackError(f"mvn finished but put no kafka_*.jar in {staging}")
+        shutil.rmtree(libs, ignore_errors=True)
+        staging.rename(libs)
+        stamp.write_text(digest + "\n")
+        log.info(
+            "devstack: Kafka %s jars resolved (%d files, %.1fs)",
+            version,
+            len(list(libs.iterdir())),
+            time.monotonic() - started,
+        )
+    return libs
+
+
+# --------------------------------------------------------------------------------------------------
+# Broker
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+_T = TypeVar("_T")
+
+
+def run_coroutine_sync(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    """Run a coroutine to completion on a private event loop in a worker thread.
+
+    Never touches the calling thread's event loop (pytest-asyncio's session loop stays untouched).
+    """
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(factory()))
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="conveyor-devstack-sync", daemon=True)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+async def broker_answers(bootstrap: str, *, request_timeout_ms: int = 5000) -> list[int]:
+    """Node ids in the metadata the broker at ``bootstrap`` returns (raises when it does not)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
+    try:
+        await admin.start()
+        cluster = await admin.describe_cluster()
+        return [int(b["node_id"]) for b in cluster.get("brokers", [])]
+    finally:
+        await admin.close()
+
+
+class LocalKafka:
+    """A single-node KRaft Kafka in a temporary directory, run as a child JVM.
+
+    Lifecycle: ``prepare()`` (jars, config, storage format; any thread) -> ``spawn()`` (from a
+    long-lived thread) -> ``wait_ready()`` / ``await wait_ready_async()``; or just ``start()``.
+    ``stop(mode)`` and ``start()`` again keep the ports and the data. ``close()`` deletes everything.
+    """
+
+    def __init__(
+        self, *, settings: Mapping[str, str] | None = None, ready_timeout: float = 90.0
+    ) -> None:
+        self.settings = dict(settings or {})
+        self.ready_timeout = ready_timeout
+        self.version: str | None = None
+        self.port: int | None = None
+        self.controller_port: int | None = None
+        self.root: Path | None = None
+        self._java: str | None = None
+        self._libs: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._started_once = False
+
+    @property
+    def _root(self) -> Path:
+        if self.root is None:
+            raise DevstackError("LocalKafka.prepare() has not run")
+        return self.root
+
+    @property
+    def bootstrap(self) -> str:
+        """``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def server_log(self) -> Path:
+        """The broker's log4j2 log (WARN and the "started" line)."""
+        return self._root / "logs" / "server.log"
+
+    @property
+    def stdout_log(self) -> Path:
+        """The JVM's stdout and stderr."""
+        return self._root / "kafka.out"
+
+    @property
+    def running(self) -> bool:
+        """Whether the JVM is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def _properties(self) -> dict[str, str]:
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self._root / "data"),
+        }
+        props.update(BROKER_SETTINGS)
+        props.update(self.settings)
+        return props
+
+    def _java_argv(self, main: str, *args: str) -> list[str]:
+        if self._java is None or self._libs is None:
+            raise DevstackError("LocalKafka.prepare() has not run")
+        return [
+            self._java,
+            *JVM_OPTIONS,
+            f"-Dlog4j2.configurationFile={self._root / 'log4j2.xml'}",
+            f"-Dkafka.logs.dir={self._root / 'logs'}",
+            "-cp",
+            f"{self._libs}/*",
+            main,
+            *args,
+        ]
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "LC_ALL": "C.UTF-8",
+            "TZ": "UTC",
+        }
+
+    def _write_properties(self) -> None:
+        props = "".join(f"{key}={value}\n" for key, value in self._properties().items())
+        (self._root / "server.properties").write_text(props)
+
+    def prepare(self) -> None:
+        """Find java, fetch the jars (cached), write the config, format the storage."""
+        started = time.monotonic()
+        self._java = find_java()
+        self._libs = fetch_kafka()
+        self.version = kafka_version()
+        self.root = _process.instance_dir("kafka")
+        self.port, self.controller_port = _process.free_ports(2)
+        (self.root / "logs").mkdir()
+        (self.root / "log4j2.xml").write_text(_LOG4J2_XML.format(log_file=self.server_log))
+        self._write_properties()
+        _process.run(
+            self._java_argv(
+                "kafka.tools.StorageTool",
+                "format",
+                "--cluster-id",
+                _cluster_id(),
+                "--config",
+                str(self.root / "server.properties"),
+            ),
+            what="kafka StorageTool format",
+            cwd=self.root,
+            env=self._env(),
+            timeout=120,
+        )
+        log.info(
+            "devstack: Kafka %s storage formatted in %s (%.1fs)",
+            self.version,
+            self.root,
+            time.monotonic() - started,
+        )
+
+    def spawn(self) -> None:
+        """Start the broker JVM (call from a long-lived thread, see ``_process``)."""
+        if self.running:
+            return
+        self._proc = _process.spawn(
+            self._java_argv("kafka.Kafka", str(self._root / "server.properties")),
+            log_path=self.stdout_log,
+            cwd=self._root,
+            env=self._env(),
+        )
+        _REGISTRY.add(self)
+
+    def _not_ready(self, why: str) -> DevstackError:
+        return DevstackError(
+            f"Kafka broker on {self.bootstrap} {why}; {self.server_log}:\n"
+            f"{_process.tail_file(self.server_log)}\n  {self.stdout_log}:\n"
+            f"{_process.tail_file(self.stdout_log, 20)}"
+        )
+
+    def _check_alive(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            code = None if proc is None else proc.returncode
+            raise self._not_ready(f"exited (code {code}) before it was ready")
+        try:
+            clash = _process.PORT_CLASH in self.server_log.read_text(errors="replace")
+        except OSError:
+            clash = False
+        if clash:  # the JVM takes seconds to give up; no need to wait for it
+            raise self._not_ready("could not bind its ports")
+
+    async def wait_ready_async(self) -> None:
+        """Wait until the broker listens and its metadata lists itself (a clear error otherwise)."""
+        assert self.port is not None
+        deadline = _process.monotonic_deadline(self.ready_timeout)
+        last_error = "no answer"
+        while True:
+            self._check_alive()
+            if _process.port_open(self.port):
+                try:
+                    if await broker_answers(self.bootstrap, request_timeout_ms=3000):
+                        return
+                    last_error = "metadata lists no broker yet"
+                except Exception as exc:
+                    last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise self._not_ready(
+                    f"was not ready within {self.ready_timeout:.0f}s (last: {last_error})"
+                )
+            await asyncio.sleep(0.1)
+
+    def wait_ready(self) -> None:
+        """``wait_ready_async`` for synchronous callers (runs on a private loop in a thread)."""
+        run_coroutine_sync(self.wait_ready_async)
+
+    def _first_start_clash(self, exc: BaseException, attempt: int) -> bool:
+        """On the first start only, move to other ports when ours were taken meanwhile.
+
+        The storage does not record the ports (static quorum), so rewriting the config is enough.
+        """
+        if self._started_once or not _process.port_clash(exc):
+            return False
+        if attempt + 1 >= _process.FIRST_START_ATTEMPTS:
+            return False
+        self.stop("kill")
+        for log_file in (self.server_log, self.stdout_log):
+            _process.set_aside(log_file)
+        self.port, self.controller_port = _process.free_ports(2)
+        self._write_properties()
+        log.warning("devstack: kafka ports were taken meanwhile; using %s", self.bootstrap)
+        return True
+
+    def start(self) -> None:
+        """Prepare (first time only), spawn and wait until ready; restarts keep the ports."""
+        if self.root is None:
+            self.prepare()
+        for attempt in range(_process.FIRST_START_ATTEMPTS):
+            self.spawn()
+            try:
+                self.wait_ready()
+            except DevstackError as exc:
+                if not self._first_start_clash(exc, attempt):
+                    raise
+            else:
+                self._started_once = True
+                return
+
+    async def start_async(self) -> None:
+        """``start`` for async callers: blocking steps in threads, the spawn in the loop thread."""
+        if self.root is None:
+            await asyncio.to_thread(self.prepare)
+        for attempt in range(_process.FIRST_START_ATTEMPTS):
+            self.spawn()
+            try:
+                await self.wait_ready_async()
+            except DevstackError as exc:
+                if not self._first_start_clash(exc, attempt):
+                    raise
+            else:
+                self._started_once = True
+                return
+
+    def stop(self, mode: KafkaStopMode = "graceful") -> None:
+        """Stop the broker: ``graceful`` (SIGTERM, controlled shutdown) or ``kill`` (SIGKILL)."""
+        proc = self._proc
+        if proc is None:
+            return
+        sig = signal.SIGTERM if mode == "graceful" else signal.SIGKILL
+        _process.stop_process(proc, sig, timeout=30, what="kafka")
+        self._proc = None
+
+    def close(self) -> None:
+        """Stop the broker and delete its directory."""
+        self.stop("graceful")
+        _REGISTRY.discard(self)
+        if self.root is not None:
+            _process.remove_instance_dir(self.root)
+            self.root = None
+
+
+class KafkaServer:
+    """A reachable Kafka broker, whatever started it.
+
+    ``backend`` is ``env``, ``testcontainers`` or ``local-process``; ``stop``/``start`` work only for
+    ``local-process`` (``can_restart``).
+    """
+
+    def __init__(
+        self,
+        *,
+        bootstrap: str,
+        backend: str,
+        version: str,
+        local: LocalKafka | None = None,
+        closer: Callable[[], None] | None = None,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.backend = backend
+        self.version = version
+        self._local = local
+        self._closer = closer
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"KafkaServer(backend={self.backend!r}, bootstrap={self.bootstrap!r})"
+
+    @property
+    def label(self) -> str:
+        """``local-process(4.1.1)``: what the test summary prints."""
+        return f"{self.backend}({self.version})"
+
+    @property
+    def can_restart(self) -> bool:
+        """Whether ``stop``/``start`` are available (local-process backend only)."""
+        return self._local is not None
+
+    @property
+    def local(self) -> LocalKafka:
+        """The local broker process; DevstackError for other backends."""
+        if self._local is None:
+            raise DevstackError(
+                f"stop/start need the local-process backend; this Kafka is {self.backend!r}"
+            )
+        return self._local
+
+    def stop(self, mode: KafkaStopMode = "graceful") -> None:
+        """Stop the broker (``graceful`` or ``kill``); local only."""
+        self.local.stop(mode)
+
+    def start(self) -> None:
+        """Start a stopped broker again (same port, same data); local only."""
+        self.local.start()
+
+    async def stop_async(self, mode: KafkaStopMode = "graceful") -> None:
+        """``stop`` without blocking the event loop."""
+        await asyncio.to_thread(self.local.stop, mode)
+
+    async def start_async(self) -> None:
+        """``start`` without blocking the event loop (the JVM is spawned in the loop thread)."""
+        await self.local.start_async()
+
+    def close(self) -> None:
+        """Stop and delete what this devstack started; a no-op for brokers from the environment."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._local is not None:
+            self._local.close()
+        if self._closer is not None:
+            self._closer()
+
+
+_REGISTRY: set[LocalKafka] = set()
+
+
+def close_all() -> None:
+    """Stop every local broker still running (registered with atexit by the package)."""
+    for local in list(_REGISTRY):
+        local.close()
