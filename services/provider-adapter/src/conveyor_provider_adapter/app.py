@@ -13,7 +13,6 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from conveyor_common import lifecycle as phases
-from conveyor_common import topics
 from conveyor_common.grpc_server import GrpcService, create_server
 from conveyor_common.kafka import (
     ConsumerConfig,
@@ -110,7 +109,7 @@ class Adapter:
             source=f"/services/{SERVICE}",
             metrics=kafka_metrics,
         )
-        self.publisher = ResultPublisher(self.producer, self.metrics)
+        self.publisher = ResultPublisher(self.producer, self.metrics, topic=settings.results_topic)
         self.copier = OutputCopier(
             storage or build_storage(settings),
             allowed_hosts=settings.output_allowed_hosts,
@@ -148,7 +147,8 @@ class Adapter:
             ConsumerConfig(
                 bootstrap_servers=settings.kafka_bootstrap,
                 group_id=settings.consumer_group,
-                topics=[topics.PROVIDER_COMMANDS],
+                topics=[settings.commands_topic],
+                session_timeout_ms=settings.kafka_session_timeout_ms,
                 client_id=f"{SERVICE}-{settings.adapter_id}",
                 max_batch=50,
             ),

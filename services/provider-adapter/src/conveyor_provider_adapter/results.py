@@ -93,9 +93,11 @@ class ResultPublisher:
         producer: EventProducer,
         metrics: AdapterMetrics,
         *,
+        topic: str = topics.PROVIDER_RESULTS,
         attempts: int = 6,
         backoff_s: float = 0.25,
     ) -> None:
+        self.topic = topic
         self.producer = producer
         self.metrics = metrics
         self.attempts = attempts
@@ -107,7 +109,7 @@ class ResultPublisher:
         for n in range(1, self.attempts + 1):
             try:
                 await self.producer.send(
-                    topics.PROVIDER_RESULTS, result, key=result.task_id, event_id=result.result_id
+                    self.topic, result, key=result.task_id, event_id=result.result_id
                 )
             except Exception:
                 if n == self.attempts:

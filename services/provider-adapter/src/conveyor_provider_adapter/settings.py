@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from conveyor_common import topics
 from conveyor_common.settings import ServiceSettings
 
 
@@ -72,6 +73,12 @@ class AdapterSettings(ServiceSettings):
     """Kafka bootstrap servers."""
     consumer_group: str = "provider-adapter"
     """Consumer group of the commands topic."""
+    commands_topic: str = topics.PROVIDER_COMMANDS
+    """Topic of DispatchTask/CancelTask (its ``.dlq`` twin takes undecodable records)."""
+    results_topic: str = topics.PROVIDER_RESULTS
+    """Topic ProviderResults are published to."""
+    kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, le=300_000)
+    """Consumer session timeout (how fast a dead replica's partitions move)."""
     adapter_id: str = Field(default_factory=socket.gethostname)
     """Id of this replica (audit in BeginSubmit)."""
 
