@@ -1,0 +1,58 @@
+"""``python -m conveyor_scheduler [serve|migrate]``.
+
+``serve`` (default) runs one replica and refuses to start unless the schema is at head; ``migrate``
+runs ``alembic upgrade head`` (the Kubernetes migrate Job) and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from conveyor_common.lifecycle import Lifecycle
+from conveyor_common.logging import configure_logging
+from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
+from conveyor_common.settings import load_settings
+from conveyor_scheduler.app import SchedulerApp
+from conveyor_scheduler.db import SchemaNotAtHead, migrate
+from conveyor_scheduler.settings import SchedulerSettings
+
+logger = logging.getLogger("conveyor_scheduler")
+
+
+async def run(settings: SchedulerSettings) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    app = SchedulerApp(settings)
+    lifecycle = Lifecycle()
+    start_metrics(lifecycle, app.registry, settings)
+    try:
+        await app.start()
+    except SchemaNotAtHead as exc:
+        logger.error(str(exc), extra={"action": "schema_not_at_head"})
+        await app.dispose()
+        raise SystemExit(3) from None
+    assert app.server is not None
+    register_grpc(lifecycle, app.server, settings)
+    app.register(lifecycle)
+    await serve_until_stopped(lifecycle)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point."""
+    args = sys.argv[1:] if argv is None else argv
+    command = args[0] if args else "serve"
+    settings = load_settings(SchedulerSettings)
+    configure_logging("scheduler", settings.log_level)
+    if command == "migrate":
+        migrate(settings.database_url.get_secret_value())
+        logger.info("schema migrated to head", extra={"action": "migrated"})
+        return
+    if command != "serve":
+        sys.stderr.write("usage: python -m conveyor_scheduler [serve|migrate]\n")
+        raise SystemExit(2)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

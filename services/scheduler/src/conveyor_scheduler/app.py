@@ -1,0 +1,197 @@
+"""Wiring: one scheduler replica (gRPC server, results consumer, leader loops, relay, wake-ups).
+
+``SchedulerApp`` is used by ``python -m conveyor_scheduler`` and by tests that run several in-process
+replicas (each with its own engines and leader loops). Shutdown order (phases of
+conveyor_common.lifecycle): health off -> stop gRPC -> stop the consumer -> stop the leader loops and
+the relay -> flush the producer -> dispose the engines -> stop /metrics.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry
+
+from conveyor.events.v1 import events_pb2
+from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor_common import lifecycle as phases
+from conveyor_common import topics
+from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
+from conveyor_common.kafka import (
+    ConsumerConfig,
+    Envelope,
+    EventConsumer,
+    EventProducer,
+    PermanentError,
+    ProducerConfig,
+    default_registry,
+)
+from conveyor_common.lifecycle import Lifecycle
+from conveyor_common.metrics import KafkaMetrics, RpcMetrics
+from conveyor_scheduler.core import SchedulerCore
+from conveyor_scheduler.db import check_schema, create_engine
+from conveyor_scheduler.dispatcher import Leader, LeaderLoops
+from conveyor_scheduler.metrics import SchedulerMetrics
+from conveyor_scheduler.relay import OutboxRelay
+from conveyor_scheduler.servicer import ProviderCoordinationServicer, SchedulerServicer
+from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.signals import Listener, Notifier, Wakeups
+
+logger = logging.getLogger(__name__)
+
+
+def instance_id(settings: SchedulerSettings) -> str:
+    """This replica's id."""
+    return settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def results_handler(core: SchedulerCore):  # type: ignore[no-untyped-def]
+    """The results consumer's handler: one ProviderResult per record, one transaction."""
+
+    async def handle(envelope: Envelope) -> None:
+        msg = envelope.message
+        if not isinstance(msg, events_pb2.ProviderResult):
+            raise PermanentError(f"unexpected {envelope.type} on the results topic")
+        if not msg.result_id:
+            msg.result_id = envelope.id
+        await core.apply_results([msg])
+
+    return handle
+
+
+@dataclass
+class SchedulerApp:
+    """One replica. ``kafka=False`` runs without relay and consumer (tests of the DB side)."""
+
+    settings: SchedulerSettings
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    kafka: bool = True
+    grpc: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        url = s.database_url.get_secret_value()
+        self.instance = instance_id(s)
+        self.metrics = SchedulerMetrics(self.registry)
+        self.engine = create_engine(url, pool_size=s.db_pool_size)
+        self.wakeups = Wakeups()
+        self.notifier = Notifier(self.engine, s.notify_coalesce_seconds)
+        self.wakeups.notifier = self.notifier
+        self.listener = Listener(url, self.wakeups)
+        self.core = SchedulerCore(self.engine, s, wakeups=self.wakeups, metrics=self.metrics)
+        self.leader = Leader(s, url, self.instance)
+        self.loops = LeaderLoops(
+            s, self.core.policy, self.engine, self.leader, self.wakeups, self.metrics
+        )
+        self.producer: EventProducer | None = None
+        self.consumer: EventConsumer | None = None
+        self.relay: OutboxRelay | None = None
+        self.server: GrpcService | None = None
+        if self.kafka:
+            kafka_metrics = KafkaMetrics(self.registry, "scheduler")
+            self.producer = EventProducer(
+                ProducerConfig(s.kafka_bootstrap_servers, f"{s.kafka_client_id}-{self.instance}"),
+                source="/services/scheduler",
+                metrics=kafka_metrics,
+            )
+            self.relay = OutboxRelay(
+                self.engine,
+                self.producer,
+                self.leader,
+                self.wakeups,
+                batch=s.outbox_batch,
+                poll_seconds=s.outbox_poll_seconds,
+                metrics=self.metrics,
+            )
+            self.consumer = EventConsumer(
+                ConsumerConfig(
+                    bootstrap_servers=s.kafka_bootstrap_servers,
+                    group_id=s.results_consumer_group,
+                    topics=[topics.PROVIDER_RESULTS],
+                    client_id=f"{s.kafka_client_id}-{self.instance}",
+                ),
+                results_handler(self.core),
+                registry=default_registry(),
+                dlq_producer=self.producer,
+                metrics=kafka_metrics,
+            )
+        if self.grpc:
+            bindings = [
+                ServiceBinding(
+                    pb_grpc.add_SchedulerServiceServicer_to_server,
+                    SchedulerServicer(self.core),
+                    "conveyor.scheduler.v1.SchedulerService",
+                ),
+                ServiceBinding(
+                    pb_grpc.add_ProviderCoordinationServiceServicer_to_server,
+                    ProviderCoordinationServicer(self.core),
+                    "conveyor.scheduler.v1.ProviderCoordinationService",
+                ),
+            ]
+            if importlib.util.find_spec("conveyor_scheduler.webhooks") is not None:
+                webhooks = importlib.import_module("conveyor_scheduler.webhooks")
+                binding = getattr(webhooks, "binding", None)
+                if binding is not None:
+                    bindings.append(binding(self.core.sessionmaker))
+            self.server = create_server(
+                bindings,
+                host=s.grpc_host,
+                port=s.grpc_port,
+                metrics=RpcMetrics(self.registry, "scheduler"),
+            )
+
+    async def start(self, *, check: bool = True) -> None:
+        """Check the schema, then start every component."""
+        if check:
+            await check_schema(self.engine)
+        self.notifier.start()
+        self.listener.start()
+        if self.producer is not None:
+            await self.producer.start()
+        self.loops.start()
+        if self.relay is not None:
+            self.relay.start()
+        if self.consumer is not None:
+            await self.consumer.start()
+        if self.server is not None:
+            await self.server.start()
+        logger.info("scheduler started", extra={"action": "started", "instance": self.instance})
+
+    def register(self, lifecycle: Lifecycle) -> None:
+        """Register the shutdown steps in order (gRPC steps are registered by the caller)."""
+        if self.consumer is not None:
+            lifecycle.on_shutdown("consumer_stop", self.consumer.stop, phase=phases.CONSUMERS)
+        lifecycle.on_shutdown("leader_stop", self.stop_loops, phase=phases.WORKERS)
+        if self.producer is not None:
+            lifecycle.on_shutdown("producer_stop", self.producer.stop, phase=phases.PRODUCERS)
+        lifecycle.on_shutdown("engine_dispose", self.dispose, phase=phases.STORAGE)
+
+    async def stop_loops(self) -> None:
+        """Stop the leader loops, relay, listener and notifier."""
+        await self.loops.stop()
+        if self.relay is not None:
+            await self.relay.stop()
+        await self.listener.stop()
+        await self.notifier.stop()
+
+    async def dispose(self) -> None:
+        """Close the engines."""
+        await self.leader.dispose()
+        await self.engine.dispose()
+
+    async def stop(self) -> None:
+        """Stop everything (tests; the service uses the lifecycle)."""
+        if self.server is not None:
+            await self.server.enter_graceful_shutdown()
+            await self.server.stop(1.0)
+        if self.consumer is not None:
+            await self.consumer.stop()
+        await self.stop_loops()
+        if self.producer is not None:
+            await self.producer.stop()
+        await self.dispose()

@@ -1,0 +1,160 @@
+"""Conversions between task rows (dicts of column values) and the protobuf contract."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+
+from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
+from conveyor.tasks.v1 import task_pb2
+from conveyor_scheduler import models as m
+
+TaskRow = dict[str, Any]
+"""A task as a dict of its column values (``SELECT * FROM tasks`` / ``RETURNING *``)."""
+
+KIND_BY_NAME = {"video": 1, "image": 2, "text": 3, "audio": 4}
+KIND_NAME = {v: k for k, v in KIND_BY_NAME.items()}
+TIER_NAME = {1: "free", 2: "premium", 3: "pro"}
+CLASS_SCORE = {1: 3.0, 2: 2.0, 3: 1.0, 4: 0.0}
+"""Priority class -> score in class steps (urgent 3, high 2, normal 1, low 0)."""
+TERMINAL_EVENT_TYPES = frozenset({5, 6, 9, 10, 11})
+"""SUCCEEDED, FAILED, CANCELED, DEAD_LETTERED, EXPIRED."""
+
+
+def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A protobuf Timestamp, or None."""
+    if value is None:
+        return None
+    out = timestamp_pb2.Timestamp()
+    out.FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def from_ts(value: timestamp_pb2.Timestamp) -> datetime:
+    """A timezone-aware datetime from a Timestamp."""
+    return value.ToDatetime(tzinfo=UTC)
+
+
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    """A Struct as a plain JSON object."""
+    out: dict[str, Any] = json_format.MessageToDict(value)
+    return out
+
+
+def dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A JSON object as a Struct."""
+    out = struct_pb2.Struct()
+    out.update(dict(value))
+    return out
+
+
+def spec_of(row: Mapping[str, Any]) -> task_pb2.TaskSpec:
+    """The TaskSpec stored in a task row."""
+    spec = task_pb2.TaskSpec(
+        kind=row["kind"],
+        priority=row["priority"],
+        max_attempts=row["max_attempts"],
+        labels=row["labels"] or {},
+    )
+    if row["is_deployment"]:
+        spec.deployment = row["model"]
+    else:
+        spec.model = row["model"]
+    spec.input.CopyFrom(dict_to_struct(row["input"] or {}))
+    if row["queue_deadline"] is not None:
+        spec.queue_deadline.FromDatetime(row["queue_deadline"].astimezone(UTC))
+    spec.run_timeout.CopyFrom(duration_pb2.Duration(seconds=int(row["run_timeout_s"])))
+    if row["webhook_url"]:
+        spec.webhook.url = row["webhook_url"]
+        spec.webhook.events.extend(row["webhook_events"] or [])
+    return spec
+
+
+def task_proto(row: Mapping[str, Any]) -> task_pb2.Task:
+    """The public Task of a row (queue position and ETA are filled by GetTask only)."""
+    task = task_pb2.Task(
+        task_id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        request_id=row["request_id"],
+        status=row["status"],
+        progress=row["progress"],
+        attempt=row["attempt"],
+        max_attempts=row["attempt_base"] + row["max_attempts"],
+        prediction_id=row["prediction_id"] or "",
+        last_sequence=row["last_sequence"],
+        tier=row["tier"],
+    )
+    task.spec.CopyFrom(spec_of(row))
+    for field, column in (
+        ("created_at", "created_at"),
+        ("updated_at", "updated_at"),
+        ("dispatched_at", "dispatched_at"),
+        ("started_at", "started_at"),
+        ("finished_at", "finished_at"),
+        ("not_before", "not_before"),
+    ):
+        value = row[column]
+        if value is not None:
+            getattr(task, field).FromDatetime(value.astimezone(UTC))
+    if row["result"] is not None:
+        task.result.ParseFromString(row["result"])
+    if row["error_code"] is not None:
+        task.error.code = row["error_code"]
+        task.error.message = row["error_message"] or ""
+        task.error.retryable = bool(row["error_retryable"])
+    return task
+
+
+def event_proto(
+    row: Mapping[str, Any], event_type: int, event_id: uuid.UUID, occurred_at: datetime
+) -> task_pb2.TaskEvent:
+    """A TaskEvent with a snapshot of ``row`` (the task right after the event)."""
+    event = task_pb2.TaskEvent(
+        event_id=str(event_id),
+        task_id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        sequence=row["last_sequence"],
+        type=event_type,  # type: ignore[arg-type]
+    )
+    event.occurred_at.FromDatetime(occurred_at.astimezone(UTC))
+    event.task.CopyFrom(task_proto(row))
+    return event
+
+
+def in_flight_proto(row: Mapping[str, Any]) -> sched_pb2.InFlightAttempt:
+    """An InFlightAttempt of an active task row."""
+    out = sched_pb2.InFlightAttempt(
+        task_id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        attempt=row["attempt"],
+        prediction_id=row["prediction_id"] or "",
+        state=row["submit_state"] or 0,
+        model=row["model"],
+        kind=row["kind"],
+        cancel_requested=row["cancel_requested"],
+    )
+    for field, column in (
+        ("submit_started_at", "submit_started_at"),
+        ("last_provider_update_at", "last_provider_update_at"),
+        ("run_deadline", "run_deadline"),
+    ):
+        value = row[column]
+        if value is not None:
+            getattr(out, field).FromDatetime(value.astimezone(UTC))
+    return out
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """A Duration of ``seconds``."""
+    out = duration_pb2.Duration()
+    out.FromTimedelta(timedelta(seconds=max(0.0, seconds)))
+    return out
+
+
+def is_terminal(status: int) -> bool:
+    """Whether a status is terminal."""
+    return status in m.TERMINAL_STATUSES

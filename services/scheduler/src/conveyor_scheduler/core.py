@@ -1,0 +1,281 @@
+"""The scheduler's use cases, each one unit of work (one transaction) on the engine.
+
+The gRPC servicers, the results consumer, the tests and the benchmark all go through this class, so
+they exercise the same code paths. After a commit that may let the leader act (a submit, a freed
+slot, a cancel, a redrive, a resume), it pokes the leader (in process or by a coalesced NOTIFY).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+
+from conveyor.events.v1 import events_pb2
+from conveyor.tasks.v1 import task_pb2
+from conveyor_common.errors import ResourceExhausted
+from conveyor_scheduler import models as m
+from conveyor_scheduler import repository as repo
+from conveyor_scheduler import transitions
+from conveyor_scheduler.convert import TaskRow, task_proto
+from conveyor_scheduler.dispatcher import utcnow
+from conveyor_scheduler.metrics import SchedulerMetrics
+from conveyor_scheduler.outbox import Changes
+from conveyor_scheduler.policy import Policy
+from conveyor_scheduler.repository import EV_DEAD_LETTERED, EV_RETRY, NewTask
+from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.signals import Wakeups
+
+TERMINAL_NAMES = {4: "succeeded", 5: "failed", 6: "canceled", 7: "dead_lettered", 8: "expired"}
+
+
+@dataclass
+class StatsCache:
+    """GetQueueStats answers cached for a second (the query scans the tasks table)."""
+
+    at: float = 0.0
+    key: tuple[int, str] | None = None
+    value: list[dict[str, object]] | None = None
+
+
+class SchedulerCore:
+    """Use cases of the scheduler."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        settings: SchedulerSettings,
+        *,
+        wakeups: Wakeups | None = None,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.policy = Policy.from_settings(settings)
+        self.backoff = transitions.Backoff.from_settings(settings)
+        self.wakeups = wakeups or Wakeups()
+        self.metrics = metrics
+        self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
+        self._stats = StatsCache()
+
+    def _after(self, changes: Changes | None = None, *, poke: bool = True) -> None:
+        if poke:
+            self.wakeups.poke()
+        if changes is None or self.metrics is None:
+            return
+        for t in changes.new_event_types:
+            if t == EV_RETRY:
+                self.metrics.retries.inc()
+            elif t == EV_DEAD_LETTERED:
+                self.metrics.dead_lettered.inc()
+
+    # ---------------------------------------------------------------- tasks
+
+    async def submit(
+        self, tenant_id: str, tier: int, items: Sequence[NewTask], now: datetime | None = None
+    ) -> list[tuple[TaskRow, bool]]:
+        """Admit tasks (all or none); (task, deduplicated) per item."""
+        try:
+            async with self.engine.begin() as conn:
+                out = await repo.submit(
+                    conn,
+                    tenant_id=tenant_id,
+                    claimed_tier=tier or 1,
+                    items=items,
+                    policy=self.policy,
+                    settings=self.settings,
+                    now=now or utcnow(),
+                )
+        except ResourceExhausted as exc:
+            if self.metrics is not None:
+                for v in exc.violations:
+                    self.metrics.admission_rejected.labels(
+                        v.subject.rsplit("/", 1)[-1].split(":")[0]
+                    ).inc()
+            raise
+        created = sum(1 for _, dedup in out if not dedup)
+        if created:
+            if self.metrics is not None:
+                self.metrics.submitted.inc(created)
+            self._after()
+        return out
+
+    async def get_task(self, tenant_id: str | None, task_id: str) -> task_pb2.Task:
+        """A task with its position in line and ETA while queued."""
+        async with self.engine.connect() as conn:
+            row = await repo.load_task(conn, task_id, tenant_id)
+            task = task_proto(row)
+            if row["status"] == m.QUEUED:
+                position = await repo.queue_position(conn, row)
+                task.queue_position = position
+                p50 = await repo.recent_run_time_p50(conn, row["kind"])
+                if p50 > 0:
+                    slots = self.policy.kind_limits.get(row["kind"], self.policy.global_concurrency)
+                    parallel = max(
+                        1, min(slots, self.policy.global_concurrency) // row["slot_cost"]
+                    )
+                    waves = (position - 1) // parallel + 1
+                    start = utcnow() + timedelta(seconds=waves * p50)
+                    if row["not_before"] is not None and row["not_before"] > start:
+                        start = row["not_before"]
+                    task.estimated_start_at.FromDatetime(start)
+        return task
+
+    async def list_tasks(
+        self, tenant_id: str | None, **kwargs: object
+    ) -> tuple[list[TaskRow], str]:
+        """Tasks newest first (see repository.list_tasks)."""
+        async with self.engine.connect() as conn:
+            return await repo.list_tasks(conn, tenant_id, **kwargs)  # type: ignore[arg-type]
+
+    async def cancel(self, tenant_id: str | None, task_id: str, reason: str) -> TaskRow:
+        """Cancel a task (queued at once; running through the provider)."""
+        async with self.engine.begin() as conn:
+            row, changes = await transitions.cancel_task(conn, tenant_id, task_id, reason, utcnow())
+        self._after(changes, poke=bool(changes.free_slots or changes.outbox))
+        return row
+
+    async def task_events(
+        self, tenant_id: str, task_id: str, after: int, limit: int
+    ) -> tuple[list[task_pb2.TaskEvent], bool, int]:
+        """Events after a sequence, whether the task is terminal, and its last sequence."""
+        async with self.engine.connect() as conn:
+            row = await repo.load_task(conn, task_id, tenant_id)
+            payloads = await repo.events_after(conn, row["id"], after, limit)
+        events = []
+        for p in payloads:
+            ev = task_pb2.TaskEvent()
+            ev.ParseFromString(p)
+            events.append(ev)
+        return events, row["status"] in m.TERMINAL_STATUSES, row["last_sequence"]
+
+    async def queue_stats(self, kind: int, model: str) -> list[dict[str, object]]:
+        """Per (kind, model) and per kind totals; cached ``stats_cache_seconds``."""
+        key = (kind, model)
+        c = self._stats
+        if (
+            c.value is not None
+            and c.key == key
+            and time.monotonic() - c.at < self.settings.stats_cache_seconds
+        ):
+            return c.value
+        from conveyor_scheduler import stats
+
+        async with self.engine.connect() as conn:
+            value = await stats.queue_stats(conn, kind, model, utcnow())
+        self._stats = StatsCache(time.monotonic(), key, value)
+        return value
+
+    # ---------------------------------------------------------------- results and protocol
+
+    async def apply_results(self, results: Sequence[events_pb2.ProviderResult]) -> Changes:
+        """Apply provider results in one transaction (the consumer's path)."""
+        async with self.engine.begin() as conn:
+            changes = await transitions.apply_results(
+                conn,
+                results,
+                backoff=self.backoff,
+                provider=self.settings.provider_name,
+                now=utcnow(),
+            )
+        poke = bool(changes.free_slots) or any(
+            r.WhichOneof("outcome") == "throttled" for r in results
+        )
+        self._after(changes, poke=poke)
+        if self.metrics is not None:
+            for r in results:
+                self.metrics.results_applied.labels(r.WhichOneof("outcome") or "none").inc()
+            for t in changes.new_event_types:
+                name = {5: "succeeded", 6: "failed", 9: "canceled", 10: "dead_lettered"}.get(t)
+                if name:
+                    self.metrics.terminal.labels(name).inc()
+        return changes
+
+    async def begin_submit(self, task_id: str, attempt: int) -> tuple[int, TaskRow | None]:
+        """BeginSubmit."""
+        async with self.engine.begin() as conn:
+            decision, row, changes = await transitions.begin_submit(
+                conn, task_id, attempt, utcnow()
+            )
+        if changes.free_slots:
+            self._after(changes)
+        return decision, row
+
+    async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:
+        """CompleteSubmit."""
+        async with self.engine.begin() as conn:
+            ok, changes = await transitions.complete_submit(
+                conn, task_id, attempt, prediction_id, utcnow()
+            )
+        if changes.outbox:
+            self._after(changes)
+        return ok
+
+    async def mark_submit_unknown(self, task_id: str, attempt: int) -> bool:
+        """MarkSubmitUnknown."""
+        async with self.engine.begin() as conn:
+            return await transitions.mark_submit_unknown(conn, task_id, attempt, utcnow())
+
+    async def list_in_flight(
+        self, quiet_since: datetime | None, page_size: int, page_token: str
+    ) -> tuple[list[TaskRow], str]:
+        """ListInFlight."""
+        async with self.engine.connect() as conn:
+            return await transitions.list_in_flight(conn, quiet_since, page_size, page_token)
+
+    # ---------------------------------------------------------------- admin
+
+    async def get_tenant(self, tenant_id: str) -> dict[str, object] | None:
+        """A tenant row."""
+        async with self.engine.connect() as conn:
+            return await repo.get_tenant(conn, tenant_id)
+
+    async def upsert_tenant(
+        self, tenant_id: str, tier: int, limits: task_pb2.TenantLimits
+    ) -> dict[str, object]:
+        """Create or update a tenant."""
+        async with self.engine.begin() as conn:
+            row = await repo.upsert_tenant(conn, tenant_id, tier, limits)
+        self._after()
+        return row
+
+    async def set_model_paused(self, model: str, paused: bool, reason: str | None) -> bool:
+        """Pause or resume a model."""
+        async with self.engine.begin() as conn:
+            out = await repo.set_model_paused(conn, model, paused, reason)
+        self._after(poke=not paused)
+        return out
+
+    async def bulk(
+        self,
+        op: str,
+        *,
+        task_ids: Sequence[str],
+        tenant_id: str,
+        model: str,
+        statuses: Sequence[int],
+        created_before: datetime | None,
+        limit: int,
+        reason: str = "",
+    ) -> list[uuid.UUID]:
+        """Bulk cancel (``op="cancel"``) or redrive (``op="redrive"``)."""
+        async with self.engine.begin() as conn:
+            rows = await repo.select_for_bulk(
+                conn,
+                task_ids=task_ids,
+                tenant_id=tenant_id,
+                model=model,
+                statuses=statuses,
+                created_before=created_before,
+                limit=limit,
+            )
+            if op == "cancel":
+                done, changes = await transitions.bulk_cancel(conn, rows, reason, utcnow())
+            else:
+                done, changes = await transitions.redrive(conn, rows, self.policy, utcnow())
+        self._after(changes)
+        return done

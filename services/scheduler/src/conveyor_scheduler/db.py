@@ -1,0 +1,95 @@
+"""Engine, migrations and the schema check.
+
+The service never migrates on start: ``python -m conveyor_scheduler migrate`` (a Kubernetes Job) runs
+``alembic upgrade head``; ``serve`` checks that the database is at head and refuses to start
+otherwise, so an old replica never writes to a schema it does not know and a new one never runs on a
+schema that lacks its columns.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import MetaData
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from conveyor_scheduler.models import Base
+from conveyor_scheduler.settings import to_sqlalchemy_url
+
+
+class SchemaNotAtHead(RuntimeError):
+    """The database's alembic revision is not the code's head."""
+
+
+def target_metadata() -> MetaData:
+    """The full metadata: core models plus the webhook models when that package exists."""
+    for name in ("conveyor_scheduler.webhooks", "conveyor_scheduler.webhooks.models"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if found:
+            importlib.import_module(name)
+    return Base.metadata
+
+
+def alembic_ini_path() -> Path:
+    """``services/scheduler/alembic.ini`` (source tree) or the copy packaged in the wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parents[1] / "alembic.ini", here / "_alembic" / "alembic.ini"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError("alembic.ini of the scheduler not found")
+
+
+def alembic_config(url: str) -> Config:
+    """An alembic Config pointing at the scheduler's migrations and ``url``."""
+    cfg = Config(str(alembic_ini_path()))
+    cfg.attributes["sqlalchemy.url"] = to_sqlalchemy_url(url)
+    return cfg
+
+
+def migrate(url: str, revision: str = "head") -> None:
+    """``alembic upgrade <revision>`` (blocking: call from a thread inside an event loop)."""
+    command.upgrade(alembic_config(url), revision)
+
+
+def head_revisions() -> set[str]:
+    """The code's head revision(s)."""
+    script = ScriptDirectory.from_config(alembic_config("postgresql://unused/x"))
+    return set(script.get_heads())
+
+
+def _current(connection: Connection) -> set[str]:
+    return set(MigrationContext.configure(connection).get_current_heads())
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Raise :class:`SchemaNotAtHead` unless the database is at the code's head."""
+    async with engine.connect() as conn:
+        current = await conn.run_sync(_current)
+    heads = head_revisions()
+    if current != heads:
+        raise SchemaNotAtHead(
+            f"database schema is at {sorted(current) or 'nothing'}, code expects {sorted(heads)}: "
+            "run `python -m conveyor_scheduler migrate` first"
+        )
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions."""
+    return create_async_engine(
+        to_sqlalchemy_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        connect_args={"options": "-c timezone=UTC", "application_name": "conveyor-scheduler"},
+    )

@@ -1,0 +1,595 @@
+"""The leader: election, the dispatch cycle, and the leader's sweeps.
+
+**Election and fencing.** A replica becomes leader by taking a session-level
+``pg_try_advisory_lock`` on ONE dedicated connection (its own engine, no pool), and every dispatch
+transaction runs on that same connection. Only the leader inserts ``active_slots`` rows, so concurrent
+changes seen by a dispatch can only free capacity; a leader that lost its session lost the lock with
+it and cannot commit anything any more. Followers retry every ``leader_retry_seconds``.
+
+**Dispatch cycle** (event-driven: NOTIFY and in-process wake-ups, with a polling backstop):
+
+1. free capacity from ``active_slots`` aggregates (one GROUPING SETS query: global, per tenant, per
+   model, per kind), the provider token bucket (in memory), ``model_controls`` and
+   ``provider_controls``;
+2. one query with ``LATERAL`` per eligible tenant (has waiting tasks and free slots) takes its top-k
+   queued dispatchable tasks by rank, so a saturated or flooding tenant's backlog is never scanned;
+3. merge in memory: highest priority band first, then the lowest tenant virtual time (weighted fair
+   queueing), then rank; assign greedily within every limit;
+4. one transaction: ``UPDATE tasks ... WHERE id = ANY(:ids) AND status = 1 RETURNING *``, insert the
+   slots, the DISPATCHED events and the outbox records (DispatchTask + TaskStateChanged) in batches,
+   decrement the waiting counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert, text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from conveyor_scheduler import models as m
+from conveyor_scheduler import transitions
+from conveyor_scheduler.metrics import SchedulerMetrics
+from conveyor_scheduler.outbox import Changes
+from conveyor_scheduler.policy import Policy
+from conveyor_scheduler.repository import EV_DISPATCHED
+from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
+from conveyor_scheduler.signals import Wakeups
+
+logger = logging.getLogger(__name__)
+
+
+def utcnow() -> datetime:
+    """The scheduler clock."""
+    return datetime.now(UTC)
+
+
+class TokenBucket:
+    """The provider's create rate (in the leader's memory; a new leader starts full)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.at = time.monotonic()
+
+    def available(self) -> float:
+        """Tokens now."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        return self.tokens
+
+    def take(self, n: int) -> None:
+        """Spend ``n`` tokens."""
+        self.tokens -= n
+
+    def seconds_until(self, n: float) -> float:
+        """Seconds until ``n`` tokens are available."""
+        return max(0.0, (n - self.available()) / self.rate)
+
+
+@dataclass
+class Candidate:
+    """A queued task read by the candidate query."""
+
+    id: uuid.UUID
+    tenant_id: str
+    kind: int
+    model: str
+    rank: float
+    cost: int
+    enqueued_at: datetime
+
+
+@dataclass
+class Capacity:
+    """Free capacity computed at the start of a cycle."""
+
+    global_free: int
+    tenant_free: dict[str, int]
+    tenant_weight: dict[str, int]
+    model_used: dict[str, int]
+    kind_used: dict[int, int]
+    blocked_models: list[str] = field(default_factory=list)
+    blocked_kinds: list[int] = field(default_factory=list)
+
+
+_USAGE_SQL = text(
+    "SELECT tenant_id, model, kind, sum(cost)::int AS used FROM active_slots"
+    " GROUP BY GROUPING SETS ((tenant_id), (model), (kind), ())"
+)
+
+_TENANTS_SQL = text(
+    "SELECT tenant_id, COALESCE(tier, claimed_tier, 1) AS tier, max_concurrency, weight"
+    " FROM tenants WHERE waiting > 0"
+)
+
+_CANDIDATES_SQL = text(
+    """
+    SELECT c.id, c.tenant_id, c.kind, c.model, c.rank, c.slot_cost, c.enqueued_at
+    FROM unnest(CAST(:tenants AS text[]), CAST(:ks AS int[])) AS e(tenant_id, k)
+    CROSS JOIN LATERAL (
+        SELECT t.id, t.tenant_id, t.kind, t.model, t.rank, t.slot_cost, t.enqueued_at
+        FROM tasks t
+        WHERE t.tenant_id = e.tenant_id AND t.status = 1
+          AND (t.not_before IS NULL OR t.not_before <= :now)
+          AND t.model <> ALL(CAST(:blocked_models AS text[]))
+          AND t.kind <> ALL(CAST(:blocked_kinds AS smallint[]))
+        ORDER BY t.rank DESC, t.enqueued_at
+        LIMIT e.k
+    ) c
+    """
+)
+
+_DISPATCH_SQL = text(
+    """
+    UPDATE tasks SET
+        status = 2, attempt = attempt + 1, submit_state = 1, submit_started_at = NULL,
+        prediction_id = NULL, progress = 0, started_at = NULL, not_before = NULL,
+        dispatched_at = :now, dispatch_emitted_at = :now, updated_at = :now,
+        run_deadline = :now + make_interval(secs => run_timeout_s),
+        last_provider_update_at = NULL, last_sequence = last_sequence + 1
+    WHERE id = ANY(:ids) AND status = 1
+    RETURNING *
+    """
+)
+
+
+class Leader:
+    """Holds (or tries to take) the leader lock on a dedicated connection."""
+
+    def __init__(self, settings: SchedulerSettings, url: str, instance_id: str) -> None:
+        self.settings = settings
+        self.instance_id = instance_id
+        self.engine: AsyncEngine = create_async_engine(
+            to_sqlalchemy_url(url),
+            poolclass=NullPool,
+            connect_args={
+                "options": "-c timezone=UTC",
+                "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
+            },
+        )
+        self.conn: AsyncConnection | None = None
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this replica holds the lock (as far as it knows)."""
+        return self.conn is not None
+
+    async def try_acquire(self) -> bool:
+        """Try to take the lock; True when this replica is the leader now."""
+        if self.conn is not None:
+            return True
+        conn = await self.engine.connect()
+        try:
+            got = await conn.scalar(
+                text("SELECT pg_try_advisory_lock(:k)"), {"k": self.settings.leader_lock_key}
+            )
+            await conn.commit()
+        except Exception:
+            await conn.close()
+            raise
+        if not got:
+            await conn.close()
+            return False
+        self.conn = conn
+        logger.info(
+            "became leader", extra={"action": "leader_acquired", "instance": self.instance_id}
+        )
+        return True
+
+    async def lose(self) -> None:
+        """Drop the connection (and with it the lock): after an error or at shutdown."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            logger.info(
+                "leadership released",
+                extra={"action": "leader_released", "instance": self.instance_id},
+            )
+
+    async def check(self) -> bool:
+        """Round-trip on the lock connection; loses leadership if the session is gone."""
+        if self.conn is None:
+            return False
+        try:
+            await self.conn.execute(text("SELECT 1"))
+            await self.conn.commit()
+            return True
+        except Exception:
+            logger.warning("leader connection lost", extra={"action": "leader_lost"}, exc_info=True)
+            await self.lose()
+            return False
+
+    async def dispose(self) -> None:
+        """Release and close the engine."""
+        await self.lose()
+        await self.engine.dispose()
+
+
+class Dispatcher:
+    """The dispatch cycle (runs on the leader's connection only)."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        policy: Policy,
+        leader: Leader,
+        wakeups: Wakeups,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.leader = leader
+        self.wakeups = wakeups
+        self.metrics = metrics
+        self.bucket = TokenBucket(settings.provider_rate_per_second, settings.provider_burst)
+        self.vtime: dict[str, float] = {}
+        self.system_vtime = 0.0
+        self.next_wake: float | None = None
+        self.max_observed_global = 0
+
+    async def cycle(self) -> int:
+        """One dispatch cycle; returns the number of tasks dispatched."""
+        conn = self.leader.conn
+        if conn is None:
+            return 0
+        started = time.perf_counter()
+        now = utcnow()
+        self.next_wake = None
+        async with conn.begin():
+            cap = await self._capacity(conn, now)
+            if cap is None:
+                return 0
+            tenants, ks = self._eligible(cap)
+            if not tenants:
+                return 0
+            rows = await conn.execute(
+                _CANDIDATES_SQL,
+                {
+                    "tenants": tenants,
+                    "ks": ks,
+                    "now": now,
+                    "blocked_models": cap.blocked_models,
+                    "blocked_kinds": cap.blocked_kinds,
+                },
+            )
+            per_tenant: dict[str, list[Candidate]] = defaultdict(list)
+            for r in rows:
+                per_tenant[r.tenant_id].append(
+                    Candidate(
+                        r.id, r.tenant_id, r.kind, r.model, r.rank, r.slot_cost, r.enqueued_at
+                    )
+                )
+            chosen = self._assign(per_tenant, cap, now)
+            if not chosen:
+                return 0
+            n = await self._commit(conn, chosen, now)
+        if n and self.metrics is not None:
+            self.metrics.dispatch_latency.observe(time.perf_counter() - started)
+        if n:
+            self.wakeups.relay.set()
+        return n
+
+    async def _capacity(self, conn: AsyncConnection, now: datetime) -> Capacity | None:
+        provider = self.settings.provider_name
+        controls = await conn.execute(
+            text(
+                "SELECT 'p' AS k, provider AS name, throttled_until FROM provider_controls"
+                " WHERE provider = :p AND throttled_until > :now"
+                " UNION ALL SELECT 'm', model, NULL FROM model_controls WHERE paused"
+            ),
+            {"p": provider, "now": now},
+        )
+        paused: list[str] = []
+        for k, name, until in controls:
+            if k == "p":
+                self.next_wake = time.monotonic() + (until - now).total_seconds()
+                return None
+            paused.append(name)
+        tokens = int(self.bucket.available())
+        if tokens < 1:
+            self.next_wake = time.monotonic() + self.bucket.seconds_until(1)
+            return None
+        tenant_used: dict[str, int] = {}
+        model_used: dict[str, int] = {}
+        kind_used: dict[int, int] = {}
+        total = 0
+        for tenant_id, model, kind, used in await conn.execute(_USAGE_SQL):
+            if tenant_id is not None:
+                tenant_used[tenant_id] = used
+            elif model is not None:
+                model_used[model] = used
+            elif kind is not None:
+                kind_used[kind] = used
+            else:
+                total = used or 0
+        self.max_observed_global = max(self.max_observed_global, total)
+        global_free = self.policy.global_concurrency - total
+        if global_free <= 0:
+            return None
+        tenant_free: dict[str, int] = {}
+        weights: dict[str, int] = {}
+        for t in await conn.execute(_TENANTS_SQL):
+            free = self.policy.tenant_limit(t.tier, t.max_concurrency) - tenant_used.get(
+                t.tenant_id, 0
+            )
+            if free > 0:
+                tenant_free[t.tenant_id] = free
+                weights[t.tenant_id] = self.policy.tenant_weight(t.tier, t.weight)
+        min_cost = 1
+        blocked_models = list(paused)
+        for model, used in model_used.items():
+            limit = self.policy.model_limit(model)
+            if limit and limit - used < min_cost:
+                blocked_models.append(model)
+        blocked_kinds = [
+            kind
+            for kind, limit in self.policy.kind_limits.items()
+            if limit - kind_used.get(kind, 0) < self.policy.cost(kind)
+        ]
+        return Capacity(
+            global_free=global_free,
+            tenant_free=tenant_free,
+            tenant_weight=weights,
+            model_used=model_used,
+            kind_used=kind_used,
+            blocked_models=blocked_models,
+            blocked_kinds=blocked_kinds,
+        )
+
+    def _eligible(self, cap: Capacity) -> tuple[list[str], list[int]]:
+        budget = min(
+            cap.global_free, self.settings.dispatch_batch_max, int(self.bucket.available())
+        )
+        k_max = min(budget, self.settings.tenant_candidates_max)
+        tenants = list(cap.tenant_free)
+        ks = [max(1, min(cap.tenant_free[t], k_max)) for t in tenants]
+        return tenants, ks
+
+    def _assign(
+        self, per_tenant: dict[str, list[Candidate]], cap: Capacity, now: datetime
+    ) -> list[Candidate]:
+        """Greedy weighted-fair assignment within every limit."""
+        policy = self.policy
+        budget = min(cap.global_free, self.settings.dispatch_batch_max)
+        tokens = int(self.bucket.available())
+        global_free = cap.global_free
+        tenant_free = dict(cap.tenant_free)
+        model_used = dict(cap.model_used)
+        kind_used = dict(cap.kind_used)
+        heap: list[tuple[int, float, float, datetime, str]] = []
+        cursor: dict[str, int] = {}
+        for tenant, cands in per_tenant.items():
+            vt = max(self.vtime.get(tenant, 0.0), self.system_vtime)
+            self.vtime[tenant] = vt
+            cursor[tenant] = 0
+            head = cands[0]
+            heapq.heappush(
+                heap, (-policy.band(head.rank, now), vt, -head.rank, head.enqueued_at, tenant)
+            )
+        chosen: list[Candidate] = []
+        while heap and len(chosen) < budget and tokens > 0 and global_free > 0:
+            _, _, _, _, tenant = heapq.heappop(heap)
+            cands = per_tenant[tenant]
+            c = cands[cursor[tenant]]
+            cursor[tenant] += 1
+            fits = (
+                c.cost <= tenant_free[tenant]
+                and c.cost <= global_free
+                and (
+                    not policy.model_limit(c.model)
+                    or model_used.get(c.model, 0) + c.cost <= policy.model_limit(c.model)
+                )
+                and (
+                    c.kind not in policy.kind_limits
+                    or kind_used.get(c.kind, 0) + c.cost <= policy.kind_limits[c.kind]
+                )
+            )
+            if fits:
+                chosen.append(c)
+                tenant_free[tenant] -= c.cost
+                global_free -= c.cost
+                model_used[c.model] = model_used.get(c.model, 0) + c.cost
+                kind_used[c.kind] = kind_used.get(c.kind, 0) + c.cost
+                tokens -= 1
+                self.system_vtime = max(self.system_vtime, self.vtime[tenant])
+                self.vtime[tenant] += c.cost / cap.tenant_weight.get(tenant, 1)
+            if tenant_free[tenant] <= 0 or cursor[tenant] >= len(cands):
+                continue
+            head = cands[cursor[tenant]]
+            heapq.heappush(
+                heap,
+                (
+                    -policy.band(head.rank, now),
+                    self.vtime[tenant],
+                    -head.rank,
+                    head.enqueued_at,
+                    tenant,
+                ),
+            )
+        if len(self.vtime) > 10 * max(1, len(per_tenant)) + 10_000:
+            self.vtime = {t: v for t, v in self.vtime.items() if v > self.system_vtime}
+        return chosen
+
+    async def _commit(self, conn: AsyncConnection, chosen: list[Candidate], now: datetime) -> int:
+        provider = self.settings.provider_name
+        result = await conn.execute(_DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now})
+        rows = [dict(r) for r in result.mappings()]
+        if not rows:
+            return 0
+        changes = Changes(now=now)
+        slots = []
+        for row in rows:
+            slots.append(
+                {
+                    "task_id": row["id"],
+                    "tenant_id": row["tenant_id"],
+                    "model": row["model"],
+                    "kind": row["kind"],
+                    "cost": row["slot_cost"],
+                    "provider": provider,
+                    "attempt": row["attempt"],
+                    "acquired_at": now,
+                }
+            )
+            changes.waiting[row["tenant_id"]] -= 1
+            changes.command(row, transitions.dispatch_command(row, provider, self.policy, now))
+            row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
+            changes.event(row, EV_DISPATCHED, m.QUEUED)
+        await conn.execute(insert(m.ActiveSlot), slots)
+        await changes.flush(conn, save=False)
+        self.bucket.take(len(rows))
+        if self.metrics is not None:
+            for row in rows:
+                kind = str(row["kind"])
+                self.metrics.dispatched.labels(kind).inc()
+                waited_from = max(row["enqueued_at"], row.get("not_before") or row["enqueued_at"])
+                self.metrics.queue_wait.labels(kind).observe((now - waited_from).total_seconds())
+        return len(rows)
+
+
+class LeaderLoops:
+    """Election, the dispatch loop and the leader's sweeps (one instance per replica)."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        policy: Policy,
+        engine: AsyncEngine,
+        leader: Leader,
+        wakeups: Wakeups,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.engine = engine
+        self.leader = leader
+        self.wakeups = wakeups
+        self.metrics = metrics
+        self.dispatcher = Dispatcher(settings, policy, leader, wakeups, metrics)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self.on_sweep: list[Any] = []
+
+    def start(self) -> None:
+        """Start the election/dispatch loop and the sweep loop."""
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatch-loop"),
+            asyncio.create_task(self._sweep_loop(), name="sweep-loop"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops and release the lock."""
+        self._stopping.set()
+        self.wakeups.dispatch.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        self.wakeups.local_leader = False
+        if self.metrics is not None:
+            self.metrics.leader.set(0)
+        await self.leader.lose()
+
+    async def _dispatch_loop(self) -> None:
+        s = self.settings
+        while not self._stopping.is_set():
+            if not self.leader.is_leader:
+                try:
+                    became = await self.leader.try_acquire()
+                except Exception:
+                    logger.warning(
+                        "election failed", extra={"action": "election_failed"}, exc_info=True
+                    )
+                    became = False
+                if not became:
+                    await asyncio.sleep(s.leader_retry_seconds)
+                    continue
+                self.wakeups.local_leader = True
+                if self.metrics is not None:
+                    self.metrics.leader.set(1)
+                self.wakeups.wake_local()
+            try:
+                n = await self.dispatcher.cycle()
+            except Exception:
+                logger.warning(
+                    "dispatch cycle failed", extra={"action": "dispatch_failed"}, exc_info=True
+                )
+                if not await self.leader.check():
+                    self.wakeups.local_leader = False
+                    if self.metrics is not None:
+                        self.metrics.leader.set(0)
+                await asyncio.sleep(0.2)
+                continue
+            if n >= s.dispatch_batch_max:
+                continue  # more may be dispatchable right away
+            timeout = s.dispatch_poll_seconds
+            if self.dispatcher.next_wake is not None:
+                timeout = min(timeout, max(0.001, self.dispatcher.next_wake - time.monotonic()))
+            try:
+                await asyncio.wait_for(self.wakeups.dispatch.wait(), timeout=timeout)
+            except TimeoutError:
+                if not await self.leader.check():
+                    self.wakeups.local_leader = False
+                    if self.metrics is not None:
+                        self.metrics.leader.set(0)
+            self.wakeups.dispatch.clear()
+
+    async def _sweep_loop(self) -> None:
+        s = self.settings
+        last_slow = 0.0
+        while not self._stopping.is_set():
+            await asyncio.sleep(s.maintenance_seconds)
+            if not self.leader.is_leader:
+                continue
+            try:
+                await self.sweep()
+                if time.monotonic() - last_slow >= 10.0:
+                    last_slow = time.monotonic()
+                    await self.slow_sweep()
+            except Exception:
+                logger.warning("sweep failed", extra={"action": "sweep_failed"}, exc_info=True)
+
+    async def sweep(self) -> None:
+        """Expire overdue queued tasks and rescue unconfirmed dispatches."""
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            expired = await transitions.expire_due(conn, now)
+        async with self.engine.begin() as conn:
+            rescued = await transitions.rescue_dispatches(
+                conn,
+                now,
+                self.settings.submit_lease_seconds,
+                self.settings.provider_name,
+                self.policy,
+            )
+        if expired.events or rescued.outbox:
+            self.wakeups.wake_local()
+        if self.metrics is not None:
+            self.metrics.expired.inc(len(expired.events))
+            self.metrics.rescued.inc(len(rescued.outbox))
+        for hook in self.on_sweep:
+            await hook()
+
+    async def slow_sweep(self) -> None:
+        """Gauges, retention and the counter reconcile (less often)."""
+        from conveyor_scheduler import maintenance
+
+        await maintenance.refresh_gauges(self.engine, self.policy, self.metrics)
+        await maintenance.retention(self.engine, self.settings)
+        await maintenance.maybe_reconcile(self.engine, self.settings)

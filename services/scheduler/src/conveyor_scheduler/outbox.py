@@ -1,0 +1,182 @@
+"""Writing task events and Kafka records in the transaction of the state change (outbox).
+
+:class:`Changes` collects, within one transaction, the task rows that changed, their new events, the
+outbox records, the waiting-counter deltas and the slots to free; :meth:`Changes.flush` writes them
+with a few batched statements. Every state change of a task goes through :meth:`Changes.event`, which
+bumps the task's ``last_sequence`` (under the row lock held by the caller), so sequences have no gaps.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.message import Message
+from sqlalchemy import delete, insert, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from conveyor.events.v1 import events_pb2
+from conveyor_common import topics
+from conveyor_common.context import current_traceparent
+from conveyor_scheduler import models as m
+from conveyor_scheduler.convert import TERMINAL_EVENT_TYPES, TaskRow, event_proto
+
+DEAD_LETTER_NS = uuid.UUID("5b0c7e52-3f39-4a53-9c43-0b7d1a0f2c11")
+"""Namespace of the ce_id of a dead-letter copy (uuid5 of the event id: stable across retries)."""
+
+MUTABLE_COLUMNS = (
+    "status",
+    "progress",
+    "attempt",
+    "attempt_base",
+    "max_attempts",
+    "generation",
+    "prediction_id",
+    "submit_state",
+    "submit_started_at",
+    "cancel_requested",
+    "cancel_reason",
+    "run_deadline",
+    "not_before",
+    "updated_at",
+    "enqueued_at",
+    "dispatched_at",
+    "dispatch_emitted_at",
+    "started_at",
+    "finished_at",
+    "last_provider_update_at",
+    "result",
+    "error_code",
+    "error_message",
+    "error_retryable",
+    "last_sequence",
+    "rank",
+)
+"""Columns a transition may change (``save`` writes them all, so one executemany fits every row)."""
+
+_SAVE_SQL = text(
+    "UPDATE tasks SET " + ", ".join(f"{c} = :{c}" for c in MUTABLE_COLUMNS) + " WHERE id = :id"
+)
+
+
+def outbox_row(
+    topic: str, key: str, message: Message, now: datetime, event_id: uuid.UUID | None = None
+) -> dict[str, Any]:
+    """An outbox row carrying ``message`` (its ce headers are completed by the relay)."""
+    return {
+        "event_id": event_id or uuid.uuid4(),
+        "topic": topic,
+        "key": key,
+        "ce_type": message.DESCRIPTOR.full_name,
+        "payload": message.SerializeToString(),
+        "headers": {
+            "ce_time": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "traceparent": current_traceparent(),
+        },
+        "created_at": now,
+    }
+
+
+@dataclass
+class Changes:
+    """What one transaction writes besides the task rows' own columns."""
+
+    now: datetime
+    dirty: dict[uuid.UUID, TaskRow] = field(default_factory=dict)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    outbox: list[dict[str, Any]] = field(default_factory=list)
+    waiting: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    free_slots: list[uuid.UUID] = field(default_factory=list)
+    new_event_types: list[int] = field(default_factory=list)
+
+    def touch(self, row: TaskRow) -> None:
+        """Mark a row changed (saved by ``flush``)."""
+        row["updated_at"] = self.now
+        self.dirty[row["id"]] = row
+
+    def event(self, row: TaskRow, event_type: int, previous_status: int) -> None:
+        """Append an event (and its TaskStateChanged record) with a snapshot of ``row`` now."""
+        self.touch(row)
+        row["last_sequence"] += 1
+        event_id = uuid.uuid4()
+        event = event_proto(row, event_type, event_id, self.now)
+        self.events.append(
+            {
+                "task_id": row["id"],
+                "sequence": row["last_sequence"],
+                "event_id": event_id,
+                "type": event_type,
+                "generation": row["generation"],
+                "terminal": event_type in TERMINAL_EVENT_TYPES,
+                "occurred_at": self.now,
+                "payload": event.SerializeToString(),
+            }
+        )
+        changed = events_pb2.TaskStateChanged(previous_status=previous_status)  # type: ignore[arg-type]
+        changed.event.CopyFrom(event)
+        key = str(row["id"])
+        self.outbox.append(outbox_row(topics.TASK_EVENTS, key, changed, self.now, event_id))
+        if event_type == 10:  # DEAD_LETTERED: also to the operators' dead-letter topic
+            self.outbox.append(
+                outbox_row(
+                    topics.TASK_DEAD_LETTER,
+                    key,
+                    changed,
+                    self.now,
+                    uuid.uuid5(DEAD_LETTER_NS, str(event_id)),
+                )
+            )
+        self.new_event_types.append(event_type)
+
+    def command(self, row: TaskRow, message: Message) -> None:
+        """Append a provider command (DispatchTask, CancelTask) keyed by the task id."""
+        self.outbox.append(outbox_row(topics.PROVIDER_COMMANDS, str(row["id"]), message, self.now))
+
+    def free_slot(self, row: TaskRow) -> None:
+        """The provider side of ``row``'s attempt is terminal: release its slots."""
+        self.free_slots.append(row["id"])
+
+    async def flush(self, conn: AsyncConnection, *, save: bool = True) -> None:
+        """Write everything collected (task rows unless ``save`` is False)."""
+        if save and self.dirty:
+            await conn.execute(
+                _SAVE_SQL,
+                [
+                    {"id": r["id"], **{c: r[c] for c in MUTABLE_COLUMNS}}
+                    for r in self.dirty.values()
+                ],
+            )
+        if self.free_slots:
+            await conn.execute(
+                delete(m.ActiveSlot).where(m.ActiveSlot.task_id.in_(self.free_slots))
+            )
+        await adjust_waiting(conn, self.waiting)
+        if self.events:
+            await conn.execute(insert(m.TaskEventRow), self.events)
+        if self.outbox:
+            await conn.execute(insert(m.OutboxRow), self.outbox)
+
+
+async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:
+    """Apply waiting-count deltas to the tenants' counters and one global shard.
+
+    Tenant rows are updated in sorted order so two transactions touching several tenants cannot
+    deadlock; every writer takes task rows first, then tenant rows, then one shard row.
+    """
+    items = sorted((t, d) for t, d in deltas.items() if d)
+    if not items:
+        return
+    await conn.execute(
+        text("UPDATE tenants SET waiting = waiting + :d WHERE tenant_id = :t"),
+        [{"t": t, "d": d} for t, d in items],
+    )
+    total = sum(d for _, d in items)
+    if total:
+        await conn.execute(
+            text("UPDATE queue_counters SET waiting = waiting + :d WHERE shard = :s"),
+            {"d": total, "s": random.randrange(m.QUEUE_SHARDS)},
+        )

@@ -1,0 +1,99 @@
+"""Priority, aging, fair-share weights, slot costs and limits, derived from the settings.
+
+Effective priority of a waiting task, in "class steps":
+
+    effective(now) = class_score + tier_boost + aging_rate * (now - enqueued_at)
+
+Aging is linear in ``enqueued_at`` with one rate for every task, so
+
+    rank = class_score + tier_boost - aging_rate * (enqueued_at - EPOCH)
+
+differs from the effective priority by ``aging_rate * (now - EPOCH)``, a term common to all tasks at
+any instant: ordering by ``rank DESC`` is ordering by effective priority, and ``rank`` never changes
+while a task waits, so it is stored and indexed. A retry keeps ``enqueued_at`` and so its rank (its
+place in line). Changing ``aging_rate_per_minute`` re-ranks only tasks submitted afterwards; the
+reconcile recomputes the stored ranks of waiting tasks when the rate changed (see repository).
+
+Fair share: effective priorities are quantized into bands of ``priority_band_width``; inside the top
+band the dispatcher serves tenants by weighted fair queueing (start-time fair queueing on a virtual
+time advanced by ``slot_cost / weight`` per dispatch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from conveyor_scheduler.convert import CLASS_SCORE, KIND_NAME, TIER_NAME
+from conveyor_scheduler.settings import SchedulerSettings
+
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+"""Origin of the rank's time term (keeps the numbers small; any fixed instant works)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything the scheduler derives from settings to rank, admit and dispatch."""
+
+    aging_per_second: float
+    band_width: float
+    tier_boost: dict[int, float]
+    tier_concurrency: dict[int, int]
+    tier_weight: dict[int, int]
+    kind_cost: dict[int, int]
+    kind_limits: dict[int, int]
+    model_limits: dict[str, int]
+    default_model_limit: int
+    global_concurrency: int
+
+    @classmethod
+    def from_settings(cls, s: SchedulerSettings) -> Policy:
+        """Build from settings."""
+        by_kind = {v: k for k, v in KIND_NAME.items()}
+        by_tier = {v: k for k, v in TIER_NAME.items()}
+        return cls(
+            aging_per_second=s.aging_rate_per_minute / 60.0,
+            band_width=s.priority_band_width,
+            tier_boost={by_tier[k]: float(v) for k, v in s.tier_boost.items() if k in by_tier},
+            tier_concurrency={by_tier[k]: v for k, v in s.tier_concurrency.items() if k in by_tier},
+            tier_weight={by_tier[k]: v for k, v in s.tier_weight.items() if k in by_tier},
+            kind_cost={kind: s.kind_cost.get(name, 1) for name, kind in by_kind.items()},
+            kind_limits={by_kind[k]: v for k, v in s.kind_limits.items()},
+            model_limits=dict(s.model_limits),
+            default_model_limit=s.default_model_limit,
+            global_concurrency=s.global_concurrency,
+        )
+
+    def base_score(self, priority: int, tier: int) -> float:
+        """Class score plus tier boost."""
+        return CLASS_SCORE.get(priority, 1.0) + self.tier_boost.get(tier, 0.0)
+
+    def rank(self, priority: int, tier: int, enqueued_at: datetime) -> float:
+        """The stored, time-invariant sort key (descending)."""
+        waited_origin = (enqueued_at - EPOCH).total_seconds()
+        return self.base_score(priority, tier) - self.aging_per_second * waited_origin
+
+    def effective(self, rank: float, now: datetime) -> float:
+        """Effective priority at ``now`` of a task with ``rank``."""
+        return rank + self.aging_per_second * (now - EPOCH).total_seconds()
+
+    def band(self, rank: float, now: datetime) -> int:
+        """Quantized effective priority (fair share applies inside a band)."""
+        return math.floor(self.effective(rank, now) / self.band_width)
+
+    def tenant_limit(self, tier: int, explicit: int | None) -> int:
+        """Slots a tenant may hold."""
+        return explicit if explicit else self.tier_concurrency.get(tier, 1)
+
+    def tenant_weight(self, tier: int, explicit: int | None) -> int:
+        """Fair-share weight of a tenant."""
+        return explicit if explicit else self.tier_weight.get(tier, 1)
+
+    def cost(self, kind: int) -> int:
+        """Slots one task of ``kind`` costs."""
+        return self.kind_cost.get(kind, 1)
+
+    def model_limit(self, model: str) -> int:
+        """Slots all tasks of ``model`` may hold (0 = no limit)."""
+        return self.model_limits.get(model, self.default_model_limit)

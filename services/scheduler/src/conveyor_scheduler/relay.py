@@ -1,0 +1,141 @@
+"""The outbox relay: publishes committed outbox rows to Kafka, at least once, in per-task order.
+
+Runs on the leader only (one relay, so rows go out in id order; a task's rows are ordered by id
+because each is written under the task's row lock after the previous one committed). Each pass:
+``SELECT ... WHERE published_at IS NULL ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED``, publish the batch
+pipelined through the idempotent producer with the stored CloudEvents headers (``ce_id`` = the row's
+event_id, so a republished row is the same event for consumers), then mark the rows published in the
+same transaction. A crash between publish and commit republishes: consumers dedupe on ``ce_id``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Protocol
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor_common.kafka.envelope import CONTENT_TYPE, SPEC_VERSION, Headers
+from conveyor_scheduler.dispatcher import Leader, utcnow
+from conveyor_scheduler.metrics import SchedulerMetrics
+from conveyor_scheduler.signals import Wakeups
+
+logger = logging.getLogger(__name__)
+
+SOURCE = "/services/scheduler"
+
+_FETCH_SQL = text(
+    "SELECT id, event_id, topic, key, ce_type, payload, headers, created_at FROM outbox"
+    " WHERE published_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+)
+
+
+class Publisher(Protocol):
+    """What the relay needs from a producer (EventProducer satisfies it)."""
+
+    async def send_many(self, items: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
+        """Publish a batch and wait for every acknowledgement."""
+        ...
+
+
+def record_headers(event_id: str, ce_type: str, key: str, stored: dict[str, str]) -> Headers:
+    """The CloudEvents binary-mode headers of an outbox row (as conveyor_common.kafka.encode)."""
+    return [
+        ("ce_specversion", SPEC_VERSION.encode()),
+        ("ce_id", event_id.encode()),
+        ("ce_type", ce_type.encode()),
+        ("ce_source", SOURCE.encode()),
+        ("ce_subject", key.encode()),
+        ("ce_time", stored.get("ce_time", "").encode()),
+        ("content-type", CONTENT_TYPE.encode()),
+        ("traceparent", stored.get("traceparent", "").encode()),
+    ]
+
+
+class OutboxRelay:
+    """Publishes the outbox while this replica leads."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        publisher: Publisher,
+        leader: Leader,
+        wakeups: Wakeups,
+        *,
+        batch: int = 500,
+        poll_seconds: float = 1.0,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.leader = leader
+        self.wakeups = wakeups
+        self.batch = batch
+        self.poll_seconds = poll_seconds
+        self.metrics = metrics
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start the relay loop."""
+        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        """Stop after the pass in hand."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            if self.leader.is_leader:
+                try:
+                    while await self.pass_once() >= self.batch:
+                        pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    logger.warning(
+                        "relay pass failed", extra={"action": "relay_failed"}, exc_info=True
+                    )
+                    await asyncio.sleep(0.5)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wakeups.relay.wait(), timeout=self.poll_seconds)
+            self.wakeups.relay.clear()
+
+    async def pass_once(self) -> int:
+        """Publish one batch; returns the number of rows published."""
+        async with self.engine.begin() as conn:
+            rows = (await conn.execute(_FETCH_SQL, {"n": self.batch})).all()
+            if not rows:
+                if self.metrics is not None:
+                    self.metrics.outbox_pending.set(0)
+                    self.metrics.outbox_lag.set(0)
+                return 0
+            if self.metrics is not None:
+                self.metrics.outbox_lag.set(
+                    max(0.0, (utcnow() - rows[0].created_at).total_seconds())
+                )
+                self.metrics.outbox_pending.set(len(rows))
+            await self.publisher.send_many(
+                [
+                    (
+                        r.topic,
+                        r.key.encode(),
+                        bytes(r.payload),
+                        record_headers(str(r.event_id), r.ce_type, r.key, r.headers or {}),
+                    )
+                    for r in rows
+                ]
+            )
+            await conn.execute(
+                text("UPDATE outbox SET published_at = :now WHERE id = ANY(:ids)"),
+                {"now": utcnow(), "ids": [r.id for r in rows]},
+            )
+        if self.metrics is not None:
+            self.metrics.outbox_published.inc(len(rows))
+        return len(rows)

@@ -1,0 +1,630 @@
+"""Every query of the scheduler except the dispatcher's and the relay's (see those modules).
+
+Functions take an ``AsyncConnection`` inside a transaction opened by the caller (the unit of work is
+opened at the servicer, consumer or loop boundary) and never commit themselves. Writers lock task rows
+first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one queue-counter shard, so they
+cannot deadlock with each other.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, text
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from conveyor.events.v1 import events_pb2
+from conveyor.tasks.v1 import task_pb2
+from conveyor_common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    QuotaViolation,
+    ResourceExhausted,
+)
+from conveyor_scheduler import models as m
+from conveyor_scheduler.convert import TaskRow, from_ts, struct_to_dict
+from conveyor_scheduler.outbox import Changes
+from conveyor_scheduler.policy import Policy
+from conveyor_scheduler.settings import SchedulerSettings
+
+# TaskEventType numbers.
+EV_SUBMITTED, EV_DISPATCHED, EV_STARTED, EV_PROGRESS, EV_SUCCEEDED, EV_FAILED = 1, 2, 3, 4, 5, 6
+EV_RETRY, EV_CANCEL_REQUESTED, EV_CANCELED, EV_DEAD_LETTERED, EV_EXPIRED, EV_REDRIVEN = (
+    7,
+    8,
+    9,
+    10,
+    11,
+    12,
+)
+# SubmitState numbers.
+SS_DISPATCHED, SS_SUBMITTING, SS_UNKNOWN, SS_SUBMITTED = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """One validated submit item."""
+
+    request_id: str
+    spec: task_pb2.TaskSpec
+    fingerprint: bytes
+
+
+def fingerprint(spec: task_pb2.TaskSpec) -> bytes:
+    """Hash of the request body (deterministic serialization: map order does not matter)."""
+    return hashlib.sha256(spec.SerializeToString(deterministic=True)).digest()
+
+
+# --------------------------------------------------------------------------------------------
+# Reads
+
+
+async def load_task(
+    conn: AsyncConnection, task_id: str, tenant_id: str | None, *, lock: bool = False
+) -> TaskRow:
+    """One task, or NotFound (also for another tenant's task, exactly like a missing one)."""
+    try:
+        tid = uuid.UUID(task_id)
+    except ValueError:
+        raise NotFound("task", task_id) from None
+    sql = "SELECT * FROM tasks WHERE id = :id"
+    params: dict[str, Any] = {"id": tid}
+    if tenant_id is not None:
+        sql += " AND tenant_id = :tenant"
+        params["tenant"] = tenant_id
+    if lock:
+        sql += " FOR UPDATE"
+    row = (await conn.execute(text(sql), params)).mappings().first()
+    if row is None:
+        raise NotFound("task", task_id)
+    return dict(row)
+
+
+async def lock_tasks(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, TaskRow]:
+    """Lock tasks in id order (deadlock-free) and return them by id."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        text("SELECT * FROM tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"), {"ids": wanted}
+    )
+    return {r["id"]: dict(r) for r in rows.mappings()}
+
+
+async def queue_position(conn: AsyncConnection, row: TaskRow) -> int:
+    """1 + queued tasks of the same kind ahead of ``row`` by rank (0 when not queued)."""
+    if row["status"] != m.QUEUED:
+        return 0
+    ahead = await conn.scalar(
+        text(
+            "SELECT count(*) FROM tasks WHERE status = 1 AND kind = :kind"
+            " AND (rank > :rank OR (rank = :rank AND enqueued_at < :enq))"
+        ),
+        {"kind": row["kind"], "rank": row["rank"], "enq": row["enqueued_at"]},
+    )
+    return int(ahead or 0) + 1
+
+
+async def recent_run_time_p50(conn: AsyncConnection, kind: int, model: str | None = None) -> float:
+    """Median run time (seconds) of the last 200 successes of a kind (and model); 0 if none."""
+    sql = (
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM ("
+        " SELECT EXTRACT(EPOCH FROM (finished_at - COALESCE(started_at, dispatched_at))) AS secs"
+        " FROM tasks WHERE status = 4 AND kind = :kind{model}"
+        " ORDER BY finished_at DESC LIMIT 200) s"
+    )
+    params: dict[str, Any] = {"kind": kind}
+    if model:
+        sql = sql.format(model=" AND model = :model")
+        params["model"] = model
+    else:
+        sql = sql.format(model="")
+    value = await conn.scalar(text(sql), params)
+    return float(value or 0.0)
+
+
+async def list_tasks(
+    conn: AsyncConnection,
+    tenant_id: str | None,
+    *,
+    statuses: Sequence[int] = (),
+    kinds: Sequence[int] = (),
+    model: str = "",
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    page_size: int = 50,
+    page_token: str = "",
+) -> tuple[list[TaskRow], str]:
+    """Tasks newest first with a keyset cursor on (created_at, id)."""
+    where = ["TRUE"]
+    params: dict[str, Any] = {"limit": page_size + 1}
+    if tenant_id is not None:
+        where.append("tenant_id = :tenant")
+        params["tenant"] = tenant_id
+    if statuses:
+        where.append("status = ANY(:statuses)")
+        params["statuses"] = list(statuses)
+    if kinds:
+        where.append("kind = ANY(:kinds)")
+        params["kinds"] = list(kinds)
+    if model:
+        where.append("model = :model")
+        params["model"] = model
+    if created_after is not None:
+        where.append("created_at >= :after")
+        params["after"] = created_after
+    if created_before is not None:
+        where.append("created_at < :before")
+        params["before"] = created_before
+    if page_token:
+        c_at, c_id = decode_cursor(page_token)
+        where.append("(created_at, id) < (:c_at, :c_id)")
+        params.update(c_at=c_at, c_id=c_id)
+    rows = (
+        await conn.execute(
+            text(
+                f"SELECT * FROM tasks WHERE {' AND '.join(where)}"
+                " ORDER BY created_at DESC, id DESC LIMIT :limit"
+            ),
+            params,
+        )
+    ).mappings()
+    out = [dict(r) for r in rows]
+    token = ""
+    if len(out) > page_size:
+        out = out[:page_size]
+        token = encode_cursor(out[-1]["created_at"], out[-1]["id"])
+    return out, token
+
+
+def encode_cursor(at: datetime, task_id: uuid.UUID) -> str:
+    """Opaque cursor."""
+    raw = json.dumps([at.astimezone(UTC).isoformat(), str(task_id)]).encode()
+    return base64.urlsafe_b64encode(raw).decode()
+
+
+def decode_cursor(token: str) -> tuple[datetime, uuid.UUID]:
+    """Inverse of encode_cursor; INVALID_ARGUMENT for garbage."""
+    try:
+        at, tid = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return datetime.fromisoformat(at), uuid.UUID(tid)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument([FieldViolation("page_token", "not a valid cursor")]) from exc
+
+
+async def events_after(
+    conn: AsyncConnection, task_id: uuid.UUID, after: int, limit: int
+) -> list[bytes]:
+    """Serialized TaskEvents of a task with sequence > ``after``, in order."""
+    rows = await conn.execute(
+        text(
+            "SELECT payload FROM task_events WHERE task_id = :id AND sequence > :after"
+            " ORDER BY sequence LIMIT :limit"
+        ),
+        {"id": task_id, "after": after, "limit": limit},
+    )
+    return [r[0] for r in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Submit
+
+
+async def submit(
+    conn: AsyncConnection,
+    *,
+    tenant_id: str,
+    claimed_tier: int,
+    items: Sequence[NewTask],
+    policy: Policy,
+    settings: SchedulerSettings,
+    now: datetime,
+) -> list[tuple[TaskRow, bool]]:
+    """Admit ``items`` atomically (all or none). Returns (task, deduplicated) in item order.
+
+    Idempotency keys go first: a duplicate takes no quota, and a concurrent duplicate waits on the
+    primary key until the first commits, then reads its task. Admission (tenant waiting cap and
+    submit rate in one conditional UPDATE of the tenant row; the global capacity from the sharded
+    counter) raises ResourceExhausted, which rolls the transaction back: nothing is written.
+    """
+    expires = now + timedelta(seconds=settings.idempotency_ttl_seconds)
+    new_ids = {it.request_id: uuid.uuid4() for it in items}
+    key_rows = [
+        {
+            "tenant_id": tenant_id,
+            "request_id": it.request_id,
+            "fingerprint": it.fingerprint,
+            "task_id": new_ids[it.request_id],
+            "created_at": now,
+            "expires_at": expires,
+        }
+        for it in items
+    ]
+    stmt = pg_insert(m.IdempotencyKey).values(key_rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[m.IdempotencyKey.tenant_id, m.IdempotencyKey.request_id],
+        set_={
+            "fingerprint": stmt.excluded.fingerprint,
+            "task_id": stmt.excluded.task_id,
+            "created_at": stmt.excluded.created_at,
+            "expires_at": stmt.excluded.expires_at,
+        },
+        where=m.IdempotencyKey.expires_at < now,
+    ).returning(m.IdempotencyKey.request_id)
+    fresh = {r[0] for r in await conn.execute(stmt)}
+    existing: dict[str, TaskRow] = {}
+    dup_ids = [it.request_id for it in items if it.request_id not in fresh]
+    if dup_ids:
+        keys = await conn.execute(
+            text(
+                "SELECT request_id, fingerprint, task_id FROM idempotency_keys"
+                " WHERE tenant_id = :t AND request_id = ANY(:r)"
+            ),
+            {"t": tenant_id, "r": dup_ids},
+        )
+        by_request = {r.request_id: (bytes(r.fingerprint), r.task_id) for r in keys}
+        task_ids = {}
+        for it in items:
+            if it.request_id in fresh:
+                continue
+            fp, tid = by_request[it.request_id]
+            if fp != it.fingerprint:
+                raise FailedPrecondition(
+                    f"request_id {it.request_id!r} was already used with a different request",
+                    reason="IDEMPOTENCY_KEY_REUSED",
+                )
+            task_ids[it.request_id] = tid
+        rows = await conn.execute(
+            text("SELECT * FROM tasks WHERE id = ANY(:ids)"), {"ids": list(task_ids.values())}
+        )
+        by_id = {r["id"]: dict(r) for r in rows.mappings()}
+        for rid, tid in task_ids.items():
+            if tid not in by_id:
+                raise FailedPrecondition(f"task of request_id {rid!r} was purged")
+            existing[rid] = by_id[tid]
+    new_items = [it for it in items if it.request_id in fresh]
+    tier = claimed_tier
+    if new_items:
+        tier = await _admit(conn, tenant_id, claimed_tier, len(new_items), settings, now)
+    changes = Changes(now=now)
+    created: dict[str, TaskRow] = {}
+    for it in new_items:
+        row = new_task_row(new_ids[it.request_id], tenant_id, it, tier, policy, settings, now)
+        created[it.request_id] = row
+        row["last_sequence"] = 0
+        changes.event(row, EV_SUBMITTED, 0)
+    if created:
+        await conn.execute(insert(m.Task), list(created.values()))
+        changes.dirty.clear()  # inserted above with their final columns
+        await changes.flush(conn, save=False)
+    out: list[tuple[TaskRow, bool]] = []
+    for it in items:
+        if it.request_id in created:
+            out.append((created[it.request_id], False))
+        else:
+            out.append((existing[it.request_id], True))
+    return out
+
+
+def new_task_row(
+    task_id: uuid.UUID,
+    tenant_id: str,
+    item: NewTask,
+    tier: int,
+    policy: Policy,
+    settings: SchedulerSettings,
+    now: datetime,
+) -> TaskRow:
+    """The row of a newly admitted task."""
+    spec = item.spec
+    priority = spec.priority or task_pb2.PRIORITY_NORMAL
+    target = spec.WhichOneof("target")
+    run_timeout = (
+        int(spec.run_timeout.ToTimedelta().total_seconds())
+        if spec.HasField("run_timeout")
+        else settings.default_run_timeout_seconds
+    )
+    return {
+        "id": task_id,
+        "tenant_id": tenant_id,
+        "request_id": item.request_id,
+        "kind": int(spec.kind),
+        "model": spec.deployment if target == "deployment" else spec.model,
+        "is_deployment": target == "deployment",
+        "input": struct_to_dict(spec.input),
+        "priority": int(priority),
+        "tier": tier,
+        "status": m.QUEUED,
+        "progress": 0,
+        "attempt": 0,
+        "attempt_base": 0,
+        "max_attempts": spec.max_attempts or settings.default_max_attempts,
+        "generation": 0,
+        "prediction_id": None,
+        "submit_state": None,
+        "submit_started_at": None,
+        "cancel_requested": False,
+        "cancel_reason": None,
+        "queue_deadline": from_ts(spec.queue_deadline) if spec.HasField("queue_deadline") else None,
+        "run_timeout_s": max(1, run_timeout),
+        "run_deadline": None,
+        "not_before": None,
+        "created_at": now,
+        "updated_at": now,
+        "enqueued_at": now,
+        "dispatched_at": None,
+        "dispatch_emitted_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "last_provider_update_at": None,
+        "result": None,
+        "error_code": None,
+        "error_message": None,
+        "error_retryable": None,
+        "last_sequence": 0,
+        "labels": dict(spec.labels),
+        "webhook_url": spec.webhook.url or None if spec.HasField("webhook") else None,
+        "webhook_events": [int(e) for e in spec.webhook.events]
+        if spec.HasField("webhook")
+        else None,
+        "slot_cost": policy.cost(int(spec.kind)),
+        "rank": policy.rank(int(priority), tier, now),
+    }
+
+
+_ADMIT_SQL = text(
+    """
+    UPDATE tenants SET
+        waiting = waiting + :n,
+        tokens = LEAST(COALESCE(submit_burst, :burst),
+                       tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - tokens_at)))
+                                * COALESCE(submit_rate, :rate)) - :n,
+        tokens_at = GREATEST(tokens_at, :now),
+        claimed_tier = :tier,
+        updated_at = :now
+    WHERE tenant_id = :t
+      AND waiting + :n <= COALESCE(max_waiting, :max_waiting)
+      AND LEAST(COALESCE(submit_burst, :burst),
+                tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - tokens_at)))
+                         * COALESCE(submit_rate, :rate)) >= :n
+    RETURNING tier
+    """
+)
+
+
+async def _admit(
+    conn: AsyncConnection,
+    tenant_id: str,
+    claimed_tier: int,
+    n: int,
+    settings: SchedulerSettings,
+    now: datetime,
+) -> int:
+    """Take ``n`` waiting places and submit tokens of the tenant and the global queue.
+
+    Returns the tier the tasks get (admin-set tier, else the token's claim).
+    """
+    params = {
+        "t": tenant_id,
+        "n": n,
+        "now": now,
+        "tier": claimed_tier,
+        "burst": settings.tenant_submit_burst,
+        "rate": settings.tenant_submit_rate,
+        "max_waiting": settings.tenant_max_waiting,
+    }
+    row = (await conn.execute(_ADMIT_SQL, params)).first()
+    if row is None:
+        inserted = await conn.execute(
+            pg_insert(m.Tenant)
+            .values(
+                tenant_id=tenant_id,
+                claimed_tier=claimed_tier,
+                tokens=float(settings.tenant_submit_burst),
+                tokens_at=now,
+            )
+            .on_conflict_do_nothing()
+            .returning(m.Tenant.tenant_id)
+        )
+        if inserted.first() is not None:
+            row = (await conn.execute(_ADMIT_SQL, params)).first()
+    if row is None:
+        await _reject_tenant(conn, tenant_id, n, settings, now)
+    assert row is not None
+    total = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
+    if int(total or 0) + n > settings.queue_capacity:
+        raise ResourceExhausted(
+            [
+                QuotaViolation(
+                    "queue", f"the queue holds {total} of {settings.queue_capacity} waiting tasks"
+                )
+            ],
+            retry_after_seconds=5.0,
+        )
+    await conn.execute(
+        text("UPDATE queue_counters SET waiting = waiting + :n WHERE shard = :s"),
+        {"n": n, "s": random.randrange(m.QUEUE_SHARDS)},
+    )
+    return int(row[0]) if row[0] is not None else claimed_tier
+
+
+async def _reject_tenant(
+    conn: AsyncConnection, tenant_id: str, n: int, settings: SchedulerSettings, now: datetime
+) -> None:
+    """Explain why the tenant's conditional update matched nothing (raises ResourceExhausted)."""
+    row = (
+        await conn.execute(
+            text(
+                "SELECT waiting, COALESCE(max_waiting, :mw) AS cap,"
+                " LEAST(COALESCE(submit_burst, :burst), tokens"
+                "  + GREATEST(0, EXTRACT(EPOCH FROM (:now - tokens_at))) * COALESCE(submit_rate, :rate))"
+                "  AS tokens, COALESCE(submit_rate, :rate) AS rate,"
+                " COALESCE(submit_burst, :burst) AS burst"
+                " FROM tenants WHERE tenant_id = :t"
+            ),
+            {
+                "t": tenant_id,
+                "mw": settings.tenant_max_waiting,
+                "burst": settings.tenant_submit_burst,
+                "rate": settings.tenant_submit_rate,
+                "now": now,
+            },
+        )
+    ).first()
+    violations: list[QuotaViolation] = []
+    retry = 1.0
+    if row is None:  # pragma: no cover - the row was just inserted
+        raise ResourceExhausted([QuotaViolation(f"tenant:{tenant_id}", "unknown")], 1.0)
+    if row.waiting + n > row.cap:
+        violations.append(
+            QuotaViolation(
+                f"tenant:{tenant_id}/waiting",
+                f"{row.waiting} tasks waiting, limit {row.cap} (asked for {n} more)",
+            )
+        )
+        retry = 5.0
+    if row.tokens < n:
+        if n > row.burst:
+            violations.append(
+                QuotaViolation(
+                    f"tenant:{tenant_id}/submit_rate",
+                    f"a batch of {n} exceeds the submit burst {row.burst}",
+                )
+            )
+        else:
+            violations.append(
+                QuotaViolation(
+                    f"tenant:{tenant_id}/submit_rate",
+                    f"submit rate {row.rate:g}/s exceeded",
+                )
+            )
+            retry = max(retry if violations[:-1] else 0.0, (n - row.tokens) / row.rate)
+    if not violations:  # raced with a change in between: ask to retry soon
+        violations.append(QuotaViolation(f"tenant:{tenant_id}", "admission raced; retry"))
+        retry = 0.1
+    raise ResourceExhausted(violations, retry_after_seconds=retry)
+
+
+# --------------------------------------------------------------------------------------------
+# Tenants and models (admin)
+
+
+async def get_tenant(conn: AsyncConnection, tenant_id: str) -> dict[str, Any] | None:
+    """A tenant row or None."""
+    row = (
+        (await conn.execute(text("SELECT * FROM tenants WHERE tenant_id = :t"), {"t": tenant_id}))
+        .mappings()
+        .first()
+    )
+    return dict(row) if row else None
+
+
+async def upsert_tenant(
+    conn: AsyncConnection, tenant_id: str, tier: int | None, limits: task_pb2.TenantLimits
+) -> dict[str, Any]:
+    """Create or update a tenant's tier and explicit limits (zeros = defaults)."""
+    values = {
+        "tier": tier or None,
+        "max_concurrency": limits.max_concurrency or None,
+        "max_waiting": limits.max_waiting or None,
+        "submit_rate": limits.submit_rate_per_second or None,
+        "submit_burst": limits.submit_burst or None,
+        "weight": limits.weight or None,
+    }
+    stmt = pg_insert(m.Tenant).values(tenant_id=tenant_id, **values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[m.Tenant.tenant_id],
+        set_={**values, "updated_at": text("now()")},
+    ).returning(*m.Tenant.__table__.columns)
+    row = (await conn.execute(stmt)).mappings().one()
+    return dict(row)
+
+
+async def set_model_paused(
+    conn: AsyncConnection, model: str, paused: bool, reason: str | None
+) -> bool:
+    """Pause or resume a model; returns whether it is paused now."""
+    stmt = pg_insert(m.ModelControl).values(model=model, paused=paused, reason=reason)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[m.ModelControl.model],
+        set_={"paused": paused, "reason": reason, "updated_at": text("now()")},
+    )
+    await conn.execute(stmt)
+    return paused
+
+
+async def set_provider_throttle(conn: AsyncConnection, provider: str, until: datetime) -> None:
+    """Pause dispatch to a provider until ``until`` (keeps the later of two throttles)."""
+    stmt = pg_insert(m.ProviderControl).values(provider=provider, throttled_until=until)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[m.ProviderControl.provider],
+        set_={
+            "throttled_until": text(
+                "GREATEST(provider_controls.throttled_until, excluded.throttled_until)"
+            ),
+            "updated_at": text("now()"),
+        },
+    )
+    await conn.execute(stmt)
+
+
+# --------------------------------------------------------------------------------------------
+# Selectors of bulk operations
+
+
+async def select_for_bulk(
+    conn: AsyncConnection,
+    *,
+    task_ids: Sequence[str],
+    tenant_id: str,
+    model: str,
+    statuses: Sequence[int],
+    created_before: datetime | None,
+    limit: int,
+) -> list[TaskRow]:
+    """Lock the tasks a BulkSelector matches (id order, at most ``limit``)."""
+    where = ["status = ANY(:statuses)"]
+    params: dict[str, Any] = {"statuses": list(statuses), "limit": limit}
+    if task_ids:
+        ids = []
+        for t in task_ids:
+            try:
+                ids.append(uuid.UUID(t))
+            except ValueError:
+                raise InvalidArgument(
+                    [FieldViolation("selector.task_ids", f"{t!r} is not a task id")]
+                ) from None
+        where.append("id = ANY(:ids)")
+        params["ids"] = ids
+    if tenant_id:
+        where.append("tenant_id = :tenant")
+        params["tenant"] = tenant_id
+    if model:
+        where.append("model = :model")
+        params["model"] = model
+    if created_before is not None:
+        where.append("created_at < :before")
+        params["before"] = created_before
+    rows = await conn.execute(
+        text(
+            f"SELECT * FROM tasks WHERE {' AND '.join(where)} ORDER BY id LIMIT :limit FOR UPDATE"
+        ),
+        params,
+    )
+    return [dict(r) for r in rows.mappings()]
+
+
+def provider_result_id(result: events_pb2.ProviderResult) -> str:
+    """The inbox key of a provider result."""
+    return result.result_id

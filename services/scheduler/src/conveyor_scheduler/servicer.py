@@ -1,0 +1,470 @@
+"""gRPC servicers: SchedulerService (gateway-facing) and ProviderCoordinationService (adapter-facing).
+
+Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
+like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is
+defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
+The five webhook RPCs come from ``conveyor_scheduler.webhooks.WebhookRpcs`` when that package exists
+(it reads ``self.sessionmaker``); without it they answer UNIMPLEMENTED.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from datetime import UTC
+from typing import Any
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
+from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
+from conveyor_common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from conveyor_scheduler import models as m
+from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_proto
+from conveyor_scheduler.core import SchedulerCore
+from conveyor_scheduler.policy import Policy
+from conveyor_scheduler.repository import NewTask, fingerprint
+
+
+def _webhook_base() -> type:
+    """``conveyor_scheduler.webhooks.WebhookRpcs`` when present, else a placeholder (UNIMPLEMENTED)."""
+    if importlib.util.find_spec("conveyor_scheduler.webhooks") is not None:
+        module = importlib.import_module("conveyor_scheduler.webhooks")
+        base = getattr(module, "WebhookRpcs", None)
+        if isinstance(base, type):
+            return base
+
+    class NoWebhookRpcs:
+        """Placeholder until the webhook storage lands: the webhook RPCs answer UNIMPLEMENTED."""
+
+    return NoWebhookRpcs
+
+
+_WebhookBase: Any = _webhook_base()
+
+
+MAX_ID_LEN = 128
+MAX_INPUT_BYTES = 256 * 1024
+MAX_LABELS = 32
+MAX_BULK = 10_000
+
+
+def _tenant(principal: pb.Principal) -> str:
+    tenant = principal.tenant_id
+    if not tenant or len(tenant) > MAX_ID_LEN:
+        raise InvalidArgument(
+            [FieldViolation("principal.tenant_id", "required, at most 128 chars")]
+        )
+    return tenant
+
+
+def _require_admin(principal: pb.Principal) -> None:
+    if principal.role != pb.ROLE_ADMIN:
+        raise PermissionDenied("this call requires the admin role", reason="ADMIN_REQUIRED")
+
+
+def validate_item(
+    prefix: str, request_id: str, spec: task_pb2.TaskSpec, max_attempts_cap: int
+) -> list[FieldViolation]:
+    """Defensive checks of one submit item (the gateway does the full validation)."""
+    v: list[FieldViolation] = []
+    if not request_id or len(request_id) > MAX_ID_LEN:
+        v.append(FieldViolation(f"{prefix}request_id", "required, 1-128 characters"))
+    if spec.kind not in (1, 2, 3, 4):
+        v.append(FieldViolation(f"{prefix}spec.kind", "must be a known task kind"))
+    target = spec.WhichOneof("target")
+    ref = spec.model if target == "model" else spec.deployment if target == "deployment" else ""
+    if not ref or len(ref) > 256 or "/" not in ref:
+        v.append(
+            FieldViolation(f"{prefix}spec.target", "model or deployment 'owner/name' required")
+        )
+    if spec.priority not in (0, 1, 2, 3, 4):
+        v.append(FieldViolation(f"{prefix}spec.priority", "unknown priority"))
+    if spec.max_attempts < 0 or spec.max_attempts > max_attempts_cap:
+        v.append(FieldViolation(f"{prefix}spec.max_attempts", f"must be 0-{max_attempts_cap}"))
+    if spec.HasField("run_timeout") and spec.run_timeout.ToTimedelta().total_seconds() < 1:
+        v.append(FieldViolation(f"{prefix}spec.run_timeout", "must be at least 1 second"))
+    if spec.input.ByteSize() > MAX_INPUT_BYTES:
+        v.append(FieldViolation(f"{prefix}spec.input", "larger than 256 KiB"))
+    if len(spec.labels) > MAX_LABELS:
+        v.append(FieldViolation(f"{prefix}spec.labels", f"at most {MAX_LABELS} labels"))
+    if (
+        spec.HasField("webhook")
+        and spec.webhook.url
+        and not spec.webhook.url.startswith("https://")
+    ):
+        v.append(FieldViolation(f"{prefix}spec.webhook.url", "must be an https URL"))
+    return v
+
+
+def _stats_proto(s: dict[str, Any]) -> task_pb2.QueueStats:
+    return task_pb2.QueueStats(
+        kind=s["kind"],
+        model=s["model"],
+        waiting=s["waiting"],
+        active=s["active"],
+        succeeded=s["succeeded"],
+        failed=s["failed"],
+        dead_lettered=s["dead_lettered"],
+        canceled=s["canceled"],
+        expired=s["expired"],
+        oldest_waiting_age=duration(s["oldest_waiting_age"]),
+        recent_run_time_p50=duration(s["recent_run_time_p50"]),
+    )
+
+
+def tenant_proto(
+    row: dict[str, Any] | None, tenant_id: str, policy: Policy, settings: Any
+) -> task_pb2.Tenant:
+    """A Tenant with its explicit and effective limits."""
+    row = row or {}
+    tier = row.get("tier") or row.get("claimed_tier") or 1
+    explicit = task_pb2.TenantLimits(
+        max_concurrency=row.get("max_concurrency") or 0,
+        max_waiting=row.get("max_waiting") or 0,
+        submit_rate_per_second=row.get("submit_rate") or 0.0,
+        submit_burst=row.get("submit_burst") or 0,
+        weight=row.get("weight") or 0,
+    )
+    effective = task_pb2.TenantLimits(
+        max_concurrency=policy.tenant_limit(tier, row.get("max_concurrency")),
+        max_waiting=row.get("max_waiting") or settings.tenant_max_waiting,
+        submit_rate_per_second=row.get("submit_rate") or settings.tenant_submit_rate,
+        submit_burst=row.get("submit_burst") or settings.tenant_submit_burst,
+        weight=policy.tenant_weight(tier, row.get("weight")),
+    )
+    return task_pb2.Tenant(
+        tenant_id=tenant_id, tier=tier, limits=explicit, effective_limits=effective
+    )
+
+
+def _bulk_limit(selector: admin_service_pb2.BulkSelector) -> int:
+    if selector.limit < 0 or selector.limit > MAX_BULK:
+        raise InvalidArgument([FieldViolation("selector.limit", "must be 0-10000")])
+    return selector.limit or 1000
+
+
+class SchedulerServicer(_WebhookBase, pb_grpc.SchedulerServiceServicer):
+    """SchedulerService."""
+
+    def __init__(self, core: SchedulerCore) -> None:
+        self.core = core
+        self.sessionmaker = core.sessionmaker
+
+    # ---- submit
+
+    async def SubmitTask(
+        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SubmitTaskResponse:
+        tenant = _tenant(request.principal)
+        r = request.request
+        violations = validate_item(
+            "request.", r.request_id, r.spec, self.core.settings.max_attempts_cap
+        )
+        if violations:
+            raise InvalidArgument(violations)
+        [(row, dedup)] = await self.core.submit(
+            tenant,
+            int(request.principal.tier),
+            [NewTask(r.request_id, r.spec, fingerprint(r.spec))],
+        )
+        return pb.SubmitTaskResponse(
+            response=task_service_pb2.SubmitTaskResponse(task=task_proto(row), deduplicated=dedup)
+        )
+
+    async def BatchSubmitTasks(
+        self, request: pb.BatchSubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BatchSubmitTasksResponse:
+        tenant = _tenant(request.principal)
+        items = request.request.items
+        violations: list[FieldViolation] = []
+        if not items or len(items) > self.core.settings.max_batch_items:
+            violations.append(
+                FieldViolation(
+                    "request.items", f"1-{self.core.settings.max_batch_items} items required"
+                )
+            )
+        seen: set[str] = set()
+        for i, it in enumerate(items):
+            violations += validate_item(
+                f"request.items[{i}].", it.request_id, it.spec, self.core.settings.max_attempts_cap
+            )
+            if it.request_id in seen:
+                violations.append(
+                    FieldViolation(f"request.items[{i}].request_id", "duplicate in batch")
+                )
+            seen.add(it.request_id)
+        if violations:
+            raise InvalidArgument(violations)
+        out = await self.core.submit(
+            tenant,
+            int(request.principal.tier),
+            [NewTask(it.request_id, it.spec, fingerprint(it.spec)) for it in items],
+        )
+        return pb.BatchSubmitTasksResponse(
+            response=task_service_pb2.BatchSubmitTasksResponse(
+                tasks=[task_proto(row) for row, _ in out], deduplicated=[d for _, d in out]
+            )
+        )
+
+    # ---- reads
+
+    async def GetTask(
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetTaskResponse:
+        tenant = _tenant(request.principal)
+        task = await self.core.get_task(tenant, request.request.task_id)
+        return pb.GetTaskResponse(response=task_service_pb2.GetTaskResponse(task=task))
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListTasksResponse:
+        tenant = _tenant(request.principal)
+        r = request.request
+        if r.page_size < 0 or r.page_size > 500:
+            raise InvalidArgument([FieldViolation("request.page_size", "must be 0-500")])
+        f = r.filter
+        rows, token = await self.core.list_tasks(
+            tenant,
+            statuses=[int(s) for s in f.statuses],
+            kinds=[int(k) for k in f.kinds],
+            model=f.model,
+            created_after=from_ts(f.created_after) if f.HasField("created_after") else None,
+            created_before=from_ts(f.created_before) if f.HasField("created_before") else None,
+            page_size=r.page_size or 50,
+            page_token=r.page_token,
+        )
+        return pb.ListTasksResponse(
+            response=task_service_pb2.ListTasksResponse(
+                tasks=[task_proto(x) for x in rows], next_page_token=token
+            )
+        )
+
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelTaskResponse:
+        tenant = _tenant(request.principal)
+        r = request.request
+        if len(r.reason) > 1000:
+            raise InvalidArgument([FieldViolation("request.reason", "at most 1000 characters")])
+        row = await self.core.cancel(tenant, r.task_id, r.reason)
+        return pb.CancelTaskResponse(
+            response=task_service_pb2.CancelTaskResponse(task=task_proto(row))
+        )
+
+    async def GetQueueStats(
+        self, request: pb.GetQueueStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetQueueStatsResponse:
+        _tenant(request.principal)
+        r = request.request
+        if r.kind not in (0, 1, 2, 3, 4):
+            raise InvalidArgument([FieldViolation("request.kind", "unknown kind")])
+        stats = await self.core.queue_stats(int(r.kind), r.model)
+        now = timestamp_pb2.Timestamp()
+        now.GetCurrentTime()
+        return pb.GetQueueStatsResponse(
+            response=task_service_pb2.GetQueueStatsResponse(
+                stats=[_stats_proto(s) for s in stats], computed_at=now
+            )
+        )
+
+    async def GetTaskEvents(
+        self, request: pb.GetTaskEventsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetTaskEventsResponse:
+        tenant = _tenant(request.principal)
+        if request.limit < 0 or request.limit > 1000 or request.after_sequence < 0:
+            raise InvalidArgument(
+                [FieldViolation("limit", "must be 0-1000; after_sequence must be >= 0")]
+            )
+        events, terminal, last = await self.core.task_events(
+            tenant, request.task_id, request.after_sequence, request.limit or 500
+        )
+        return pb.GetTaskEventsResponse(events=events, terminal=terminal, last_sequence=last)
+
+    # ---- admin
+
+    async def GetTenant(
+        self, request: pb.GetTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetTenantResponse:
+        _require_admin(request.principal)
+        tid = request.request.tenant_id
+        row = await self.core.get_tenant(tid)
+        if row is None:
+            raise NotFound("tenant", tid)
+        tenant = tenant_proto(row, tid, self.core.policy, self.core.settings)
+        return pb.GetTenantResponse(response=admin_service_pb2.GetTenantResponse(tenant=tenant))
+
+    async def UpsertTenant(
+        self, request: pb.UpsertTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.UpsertTenantResponse:
+        _require_admin(request.principal)
+        r = request.request
+        v: list[FieldViolation] = []
+        if not r.tenant_id or len(r.tenant_id) > MAX_ID_LEN:
+            v.append(FieldViolation("request.tenant_id", "required, at most 128 characters"))
+        if r.tier not in (0, 1, 2, 3):
+            v.append(FieldViolation("request.tier", "unknown tier"))
+        lim = r.limits
+        for name in ("max_concurrency", "max_waiting", "submit_burst", "weight"):
+            if getattr(lim, name) < 0:
+                v.append(FieldViolation(f"request.limits.{name}", "must be >= 0"))
+        if lim.submit_rate_per_second < 0:
+            v.append(FieldViolation("request.limits.submit_rate_per_second", "must be >= 0"))
+        if v:
+            raise InvalidArgument(v)
+        row = await self.core.upsert_tenant(r.tenant_id, int(r.tier), lim)
+        tenant = tenant_proto(row, r.tenant_id, self.core.policy, self.core.settings)
+        return pb.UpsertTenantResponse(
+            response=admin_service_pb2.UpsertTenantResponse(tenant=tenant)
+        )
+
+    async def PauseModel(
+        self, request: pb.PauseModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PauseModelResponse:
+        _require_admin(request.principal)
+        model = request.request.model
+        if not model or len(model) > 256:
+            raise InvalidArgument([FieldViolation("request.model", "required")])
+        paused = await self.core.set_model_paused(model, True, request.request.reason or None)
+        return pb.PauseModelResponse(response=admin_service_pb2.PauseModelResponse(paused=paused))
+
+    async def ResumeModel(
+        self, request: pb.ResumeModelRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ResumeModelResponse:
+        _require_admin(request.principal)
+        model = request.request.model
+        if not model or len(model) > 256:
+            raise InvalidArgument([FieldViolation("request.model", "required")])
+        paused = await self.core.set_model_paused(model, False, None)
+        return pb.ResumeModelResponse(response=admin_service_pb2.ResumeModelResponse(paused=paused))
+
+    async def ListDeadLetters(
+        self, request: pb.ListDeadLettersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListDeadLettersResponse:
+        _require_admin(request.principal)
+        r = request.request
+        if r.page_size < 0 or r.page_size > 500:
+            raise InvalidArgument([FieldViolation("request.page_size", "must be 0-500")])
+        rows, token = await self.core.list_tasks(
+            r.tenant_id or None,
+            statuses=[m.DEAD_LETTERED],
+            page_size=r.page_size or 50,
+            page_token=r.page_token,
+        )
+        return pb.ListDeadLettersResponse(
+            response=admin_service_pb2.ListDeadLettersResponse(
+                tasks=[task_proto(x) for x in rows], next_page_token=token
+            )
+        )
+
+    async def RedriveTasks(
+        self, request: pb.RedriveTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RedriveTasksResponse:
+        _require_admin(request.principal)
+        sel = request.request.selector
+        statuses = [int(s) for s in sel.statuses] or [m.DEAD_LETTERED]
+        if any(s not in (m.DEAD_LETTERED, m.FAILED) for s in statuses):
+            raise InvalidArgument(
+                [FieldViolation("request.selector.statuses", "only dead-lettered or failed tasks")]
+            )
+        ids = await self.core.bulk(
+            "redrive",
+            task_ids=list(sel.task_ids),
+            tenant_id=sel.tenant_id,
+            model=sel.model,
+            statuses=statuses,
+            created_before=from_ts(sel.created_before) if sel.HasField("created_before") else None,
+            limit=_bulk_limit(sel),
+        )
+        return pb.RedriveTasksResponse(
+            response=admin_service_pb2.RedriveTasksResponse(task_ids=[str(i) for i in ids])
+        )
+
+    async def BulkCancelTasks(
+        self, request: pb.BulkCancelTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BulkCancelTasksResponse:
+        _require_admin(request.principal)
+        sel = request.request.selector
+        statuses = [int(s) for s in sel.statuses] or [m.QUEUED, m.DISPATCHED, m.RUNNING]
+        if any(s not in (1, 2, 3, 4, 5, 6, 7, 8) for s in statuses):
+            raise InvalidArgument([FieldViolation("request.selector.statuses", "unknown status")])
+        ids = await self.core.bulk(
+            "cancel",
+            task_ids=list(sel.task_ids),
+            tenant_id=sel.tenant_id,
+            model=sel.model,
+            statuses=statuses,
+            created_before=from_ts(sel.created_before) if sel.HasField("created_before") else None,
+            limit=_bulk_limit(sel),
+            reason=request.request.reason,
+        )
+        return pb.BulkCancelTasksResponse(
+            response=admin_service_pb2.BulkCancelTasksResponse(task_ids=[str(i) for i in ids])
+        )
+
+
+class ProviderCoordinationServicer(pb_grpc.ProviderCoordinationServiceServicer):
+    """ProviderCoordinationService: the submit protocol of reliability.md 2.5."""
+
+    def __init__(self, core: SchedulerCore) -> None:
+        self.core = core
+
+    @staticmethod
+    def _check(task_id: str, attempt: int) -> None:
+        v = []
+        if not task_id:
+            v.append(FieldViolation("task_id", "required"))
+        if attempt < 1:
+            v.append(FieldViolation("attempt", "must be >= 1"))
+        if v:
+            raise InvalidArgument(v)
+
+    async def BeginSubmit(
+        self, request: pb.BeginSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BeginSubmitResponse:
+        self._check(request.task_id, request.attempt)
+        decision, row = await self.core.begin_submit(request.task_id, request.attempt)
+        out = pb.BeginSubmitResponse(decision=decision)  # type: ignore[arg-type]
+        if row is not None and decision == pb.SUBMIT_DECISION_ALREADY_SUBMITTED:
+            out.prediction_id = row["prediction_id"] or ""
+        if (
+            row is not None
+            and decision == pb.SUBMIT_DECISION_RECONCILE
+            and row["submit_started_at"]
+        ):
+            out.submit_started_at.FromDatetime(row["submit_started_at"].astimezone(UTC))
+        return out
+
+    async def CompleteSubmit(
+        self, request: pb.CompleteSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CompleteSubmitResponse:
+        self._check(request.task_id, request.attempt)
+        if not request.prediction_id:
+            raise InvalidArgument([FieldViolation("prediction_id", "required")])
+        ok = await self.core.complete_submit(
+            request.task_id, request.attempt, request.prediction_id
+        )
+        return pb.CompleteSubmitResponse(accepted=ok)
+
+    async def MarkSubmitUnknown(
+        self, request: pb.MarkSubmitUnknownRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MarkSubmitUnknownResponse:
+        self._check(request.task_id, request.attempt)
+        ok = await self.core.mark_submit_unknown(request.task_id, request.attempt)
+        return pb.MarkSubmitUnknownResponse(accepted=ok)
+
+    async def ListInFlight(
+        self, request: pb.ListInFlightRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListInFlightResponse:
+        if request.page_size < 0 or request.page_size > 1000:
+            raise InvalidArgument([FieldViolation("page_size", "must be 0-1000")])
+        rows, token = await self.core.list_in_flight(
+            from_ts(request.quiet_since) if request.HasField("quiet_since") else None,
+            request.page_size or 200,
+            request.page_token,
+        )
+        return pb.ListInFlightResponse(
+            attempts=[in_flight_proto(r) for r in rows], next_page_token=token
+        )

@@ -1,0 +1,169 @@
+"""Scheduler settings (environment prefix ``SCHEDULER_``), validated at start.
+
+``SCHEDULER_DATABASE_URL`` is required and has no default: the scheduler is the only service with a
+database URL, and a missing one must stop it at start. Every limit, the aging rate, the retry backoff
+and the leader/poll intervals are configurable; the defaults follow the seed design (global
+concurrency 5, per-user 3, queue capacity 1000, 3 attempts, provider 10 creates/s).
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from conveyor_common.settings import ServiceSettings
+
+KIND_NAMES = ("video", "image", "text", "audio")
+"""Kind names used in the limit and cost maps (TaskKind without the prefix, lower case)."""
+
+
+class SchedulerSettings(ServiceSettings):
+    """Every knob of the scheduler."""
+
+    model_config = SettingsConfigDict(env_prefix="SCHEDULER_", frozen=True, extra="ignore")
+
+    database_url: SecretStr
+    """PostgreSQL URL (``postgresql://`` or ``postgresql+psycopg://``). Required, no default."""
+    db_pool_size: int = Field(default=10, ge=1, le=200)
+    """Connections kept in the engine pool (the leader holds one more, dedicated)."""
+    kafka_bootstrap_servers: str = "127.0.0.1:9092"
+    """Kafka bootstrap servers (outbox relay and results consumer)."""
+    kafka_client_id: str = "conveyor-scheduler"
+    """Kafka client id."""
+    results_consumer_group: str = "scheduler-results"
+    """Consumer group of the provider results consumer (every replica joins it)."""
+    instance_id: str = ""
+    """Replica id for logs and leader status (empty = host name + pid)."""
+    provider_name: str = "replicate"
+    """Provider every task is dispatched to (rate-limit and throttle bucket)."""
+
+    # --- Admission -------------------------------------------------------------------------
+    queue_capacity: int = Field(default=1000, ge=1)
+    """Global cap on waiting (queued) tasks; the seed's 1000."""
+    tenant_max_waiting: int = Field(default=1000, ge=1)
+    """Default per-tenant cap on waiting tasks (a tenant's explicit limit wins)."""
+    tenant_submit_rate: float = Field(default=50.0, gt=0)
+    """Default per-tenant submit rate (tasks/s, token bucket refill)."""
+    tenant_submit_burst: int = Field(default=100, ge=1)
+    """Default per-tenant submit burst (token bucket size)."""
+    idempotency_ttl_seconds: int = Field(default=86_400, ge=60)
+    """How long a (tenant, request_id) key is remembered."""
+    max_batch_items: int = Field(default=100, ge=1, le=1000)
+    """Largest BatchSubmitTasks accepted."""
+    default_max_attempts: int = Field(default=3, ge=1, le=20)
+    """Attempts per task when the request does not say (the seed's 3)."""
+    max_attempts_cap: int = Field(default=10, ge=1, le=100)
+    """Largest max_attempts a request may ask for."""
+    default_run_timeout_seconds: int = Field(default=1800, ge=1)
+    """Provider run deadline (Cancel-After) when the request does not set one."""
+
+    # --- Limits at dispatch ------------------------------------------------------------------
+    global_concurrency: int = Field(default=5, ge=1)
+    """Slots held at once over every tenant (slot-cost weighted); the seed's 5."""
+    tier_concurrency: dict[str, int] = Field(
+        default_factory=lambda: {"free": 3, "premium": 5, "pro": 10}
+    )
+    """Default per-tenant slots by tier (the seed's per-user 3 for free)."""
+    tier_weight: dict[str, int] = Field(default_factory=lambda: {"free": 1, "premium": 2, "pro": 4})
+    """Default fair-share weight by tier."""
+    tier_boost: dict[str, float] = Field(
+        default_factory=lambda: {"free": 0.0, "premium": 1.0, "pro": 2.0}
+    )
+    """Priority boost by tier in class steps (the seed's +100/+200)."""
+    kind_cost: dict[str, int] = Field(
+        default_factory=lambda: {"video": 2, "image": 1, "text": 1, "audio": 1}
+    )
+    """Slots one task of a kind costs."""
+    kind_limits: dict[str, int] = Field(default_factory=dict)
+    """Slots all tasks of a kind may hold at once (absent = only the global limit)."""
+    model_limits: dict[str, int] = Field(default_factory=dict)
+    """Slots all tasks of a model may hold at once (absent = default_model_limit)."""
+    default_model_limit: int = Field(default=0, ge=0)
+    """Slots per model when model_limits does not name it (0 = no per-model limit)."""
+    provider_rate_per_second: float = Field(default=10.0, gt=0)
+    """Provider create rate (token bucket refill); the seed's 10/s."""
+    provider_burst: int = Field(default=10, ge=1)
+    """Provider token bucket size."""
+
+    # --- Priority ----------------------------------------------------------------------------
+    aging_rate_per_minute: float = Field(default=0.2, ge=0)
+    """Effective priority gained per minute waited, in class steps (0.2 = one class per 5 min)."""
+    priority_band_width: float = Field(default=1.0, gt=0)
+    """Effective priorities within one band are "equal": fair share applies inside a band."""
+
+    # --- Retries -----------------------------------------------------------------------------
+    retry_base_seconds: float = Field(default=2.0, gt=0)
+    """First retry backoff."""
+    retry_max_seconds: float = Field(default=300.0, gt=0)
+    """Backoff cap."""
+    retry_jitter: float = Field(default=0.2, ge=0, le=1)
+    """Relative jitter (0.2 = +-20%)."""
+
+    # --- Leader and loops --------------------------------------------------------------------
+    leader_lock_key: int = 0x636F6E76  # "conv"
+    """pg advisory lock key of the leader election."""
+    leader_retry_seconds: float = Field(default=1.0, gt=0)
+    """How often a follower tries to take the lead."""
+    dispatch_poll_seconds: float = Field(default=1.0, gt=0)
+    """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
+    dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)
+    """Most tasks dispatched in one transaction."""
+    tenant_candidates_max: int = Field(default=50, ge=1)
+    """Most queued tasks read per tenant per cycle."""
+    outbox_batch: int = Field(default=500, ge=1, le=10_000)
+    """Outbox rows published per relay transaction."""
+    outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    """Polling backstop of the outbox relay."""
+    outbox_retention_seconds: float = Field(default=3600.0, ge=0)
+    """Published outbox rows are kept this long (debugging), then deleted."""
+    inbox_retention_seconds: float = Field(default=7 * 86_400.0, ge=60)
+    """Processed result ids are kept this long (longer than any redelivery horizon)."""
+    maintenance_seconds: float = Field(default=1.0, gt=0)
+    """Period of the leader's sweeps (expiry, rescue, throttles, gauges)."""
+    reconcile_seconds: float = Field(default=300.0, gt=0)
+    """Period of the counter reconcile (waiting counters vs tasks)."""
+    submit_lease_seconds: float = Field(default=30.0, gt=0)
+    """A dispatch with no BeginSubmit after this long has its DispatchTask re-emitted."""
+    stats_cache_seconds: float = Field(default=1.0, ge=0)
+    """GetQueueStats answers are cached this long."""
+    notify_coalesce_seconds: float = Field(default=0.005, ge=0)
+    """NOTIFYs from one replica are coalesced over this window (kept out of hot transactions)."""
+
+    @field_validator("tier_concurrency", "tier_weight", "tier_boost")
+    @classmethod
+    def _tiers(cls, value: dict[str, object]) -> dict[str, object]:
+        missing = {"free", "premium", "pro"} - set(value)
+        if missing:
+            raise ValueError(f"missing tiers {sorted(missing)}")
+        return value
+
+    @field_validator("kind_cost", "kind_limits")
+    @classmethod
+    def _kinds(cls, value: dict[str, int]) -> dict[str, int]:
+        unknown = set(value) - set(KIND_NAMES)
+        if unknown:
+            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {list(KIND_NAMES)}")
+        if any(v < 1 for v in value.values()):
+            raise ValueError("values must be >= 1")
+        return value
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the psycopg 3 async driver."""
+        return to_sqlalchemy_url(self.database_url.get_secret_value())
+
+
+def to_sqlalchemy_url(url: str) -> str:
+    """``postgresql://...`` -> ``postgresql+psycopg://...`` (other drivers are replaced)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ValueError("database URL must look like postgresql://user@host:port/db")
+    if scheme.split("+")[0] not in ("postgresql", "postgres"):
+        raise ValueError("database URL must be a postgresql:// URL")
+    return f"postgresql+psycopg://{rest}"
+
+
+def to_libpq_url(url: str) -> str:
+    """A URL psycopg's ``connect`` accepts (driver suffix removed)."""
+    rest = url.partition("://")[2]
+    return f"postgresql://{rest}"

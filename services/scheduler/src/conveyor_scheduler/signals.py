@@ -1,0 +1,121 @@
+"""Wake-ups: in-process events, coalesced NOTIFYs between replicas, and the LISTEN side.
+
+A commit that may let the leader do something (a submit, a freed slot, a resume, a throttle's end, a
+new outbox row) calls :meth:`Wakeups.poke`. On the leader's own replica that sets in-process events;
+on the others it asks the :class:`Notifier` to send one ``pg_notify`` after the commit, coalesced over
+a few milliseconds and never inside the hot transaction (a pending NOTIFY takes a global lock at
+commit). NOTIFY is only a latency hint: the loops also poll, so a lost notification costs at most one
+poll interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import psycopg
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor_scheduler.settings import to_libpq_url
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "conveyor_scheduler"
+
+
+class Wakeups:
+    """In-process wake-up events of the leader loops."""
+
+    def __init__(self) -> None:
+        self.dispatch = asyncio.Event()
+        self.relay = asyncio.Event()
+        self.local_leader = False
+        self.notifier: Notifier | None = None
+
+    def wake_local(self) -> None:
+        """Wake this replica's leader loops."""
+        self.dispatch.set()
+        self.relay.set()
+
+    def poke(self) -> None:
+        """Something changed: wake the leader, wherever it runs."""
+        if self.local_leader:
+            self.wake_local()
+        elif self.notifier is not None:
+            self.notifier.request()
+
+
+class Notifier:
+    """Sends coalesced ``pg_notify`` from a pool connection, outside any hot transaction."""
+
+    def __init__(self, engine: AsyncEngine, coalesce_seconds: float) -> None:
+        self.engine = engine
+        self.coalesce = coalesce_seconds
+        self._pending = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def request(self) -> None:
+        """Ask for one NOTIFY soon."""
+        self._pending.set()
+
+    def start(self) -> None:
+        """Start the sender task."""
+        self._task = asyncio.create_task(self._run(), name="notifier")
+
+    async def stop(self) -> None:
+        """Stop the sender task."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            await self._pending.wait()
+            await asyncio.sleep(self.coalesce)
+            self._pending.clear()
+            try:
+                async with self.engine.begin() as conn:
+                    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
+            except Exception:
+                logger.warning("notify failed", extra={"action": "notify_failed"}, exc_info=True)
+                await asyncio.sleep(0.5)
+
+
+class Listener:
+    """LISTENs on the channel (raw psycopg connection) and wakes the local loops."""
+
+    def __init__(self, url: str, wakeups: Wakeups) -> None:
+        self.url = to_libpq_url(url)
+        self.wakeups = wakeups
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start listening (reconnects on failure)."""
+        self._task = asyncio.create_task(self._run(), name="listener")
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+                try:
+                    await conn.execute(f"LISTEN {CHANNEL}")
+                    async for _ in conn.notifies():
+                        if self.wakeups.local_leader:
+                            self.wakeups.wake_local()
+                finally:
+                    await conn.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.warning("listener failed", extra={"action": "listen_failed"}, exc_info=True)
+                await asyncio.sleep(1.0)
