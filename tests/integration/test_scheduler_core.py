@@ -126,7 +126,8 @@ async def test_submit_get_list_cancel_and_history(make_env: Callable[..., Awaita
     canceled = await env.core.cancel("t1", str(row["id"]), "changed my mind")
     assert canceled["status"] == models.CANCELED
     events, terminal, last = await env.core.task_events("t1", str(row["id"]), 0, 100)
-    assert terminal and last == 2
+    assert terminal
+    assert last == 2
     assert [e.type for e in events] == [
         task_pb2.TASK_EVENT_TYPE_SUBMITTED,
         task_pb2.TASK_EVENT_TYPE_CANCELED,
@@ -157,7 +158,8 @@ async def test_idempotent_submit(make_env: Callable[..., Awaitable[Env]]) -> Non
         await env.core.submit("t1", 1, [kit.item("same", prompt="a dog")])
     # The same request id of another tenant is another task.
     [(other, d3)] = await env.core.submit("t2", 1, [it])
-    assert not d3 and other["id"] != first["id"]
+    assert not d3
+    assert other["id"] != first["id"]
 
     # Concurrent identical submits (separate transactions, same key): exactly one task.
     race = kit.item("race")
@@ -203,7 +205,8 @@ async def test_admission_rejections_write_nothing(make_env: Callable[..., Awaita
     )
     # A duplicate of an admitted task is answered even when the queue is full.
     [(dup_row, dup)] = await env.core.submit("a", 1, [first])
-    assert dup and dup_row["request_id"] == "a-first"
+    assert dup
+    assert dup_row["request_id"] == "a-first"
     await env.check()
 
 
@@ -231,7 +234,8 @@ async def test_dispatch_respects_limits_and_results_free_slots(
     n = await env.dispatch()
     assert 1 <= n <= 5
     maxima = await env.check()
-    assert maxima["global"] <= 5 and maxima["tenant"] <= 3
+    assert maxima["global"] <= 5
+    assert maxima["tenant"] <= 3
     assert await env.dispatch() == 0  # saturated
     active = await env.rows("SELECT id, attempt FROM tasks WHERE status = 2 ORDER BY id")
     # One DispatchTask and one DISPATCHED event per dispatched task, keyed by task id.
@@ -248,11 +252,13 @@ async def test_dispatch_respects_limits_and_results_free_slots(
     stale = kit.result(first.id, first.attempt + 1, "succeeded")
     await env.core.apply_results([stale])  # another attempt's: ignored
     row = await env.task(first.id)
-    assert row["status"] == models.RUNNING and row["progress"] == 40
+    assert row["status"] == models.RUNNING
+    assert row["progress"] == 40
     assert row["last_sequence"] == 4  # submitted, dispatched, started, progress
     await env.core.apply_results([kit.result(first.id, first.attempt, "succeeded")])
     row = await env.task(first.id)
-    assert row["status"] == models.SUCCEEDED and row["progress"] == 100
+    assert row["status"] == models.SUCCEEDED
+    assert row["progress"] == 100
     assert await env.scalar("SELECT count(*) FROM active_slots WHERE task_id = :t", t=first.id) == 0
     assert await env.dispatch() >= 1  # the freed slot is used again
     await env.check()
@@ -302,7 +308,8 @@ async def test_retry_backoff_dead_letter_and_redrive(
     assert await env.dispatch() == 1
     await env.core.apply_results([kit.result(tid, 1, "failed", retryable=True)])
     t = await env.task(tid)
-    assert t["status"] == models.QUEUED and t["not_before"] is not None
+    assert t["status"] == models.QUEUED
+    assert t["not_before"] is not None
     assert t["enqueued_at"] == row["enqueued_at"]  # keeps its place in line
     assert await env.dispatch() == 0  # backoff not over
     await asyncio.sleep(0.1)
@@ -361,7 +368,8 @@ async def test_cancel_paths(make_env: Callable[..., Awaitable[Env]]) -> None:
     # Submitting: cancel requested + CancelTask; slot kept until the provider reports.
     assert (await env.core.begin_submit(str(submitting), 1))[0] == 1  # PROCEED
     c = await env.core.cancel("a", str(submitting), "y")
-    assert c["status"] == models.DISPATCHED and c["cancel_requested"]
+    assert c["status"] == models.DISPATCHED
+    assert c["cancel_requested"]
     assert (
         await env.scalar(
             "SELECT count(*) FROM outbox WHERE ce_type = 'conveyor.events.v1.CancelTask' AND key = :k",
@@ -400,7 +408,9 @@ async def test_submit_protocol(make_env: Callable[..., Awaitable[Env]]) -> None:
     assert (await env.core.begin_submit(tid, 2))[0] == 2  # stale attempt: STOP
     assert (await env.core.begin_submit(tid, 1))[0] == 1  # PROCEED
     decision, r = await env.core.begin_submit(tid, 1)  # duplicate dispatch: RECONCILE
-    assert decision == 4 and r is not None and r["submit_started_at"] is not None
+    assert decision == 4
+    assert r is not None
+    assert r["submit_started_at"] is not None
     assert await env.core.mark_submit_unknown(tid, 1)
     assert (await env.core.begin_submit(tid, 1))[0] == 4
     in_flight, _ = await env.core.list_in_flight(None, 10, "")
@@ -410,7 +420,9 @@ async def test_submit_protocol(make_env: Callable[..., Awaitable[Env]]) -> None:
     t = await env.task(row["id"])
     assert (t["status"], t["prediction_id"], t["submit_state"]) == (models.RUNNING, "pred-1", 4)
     decision, r = await env.core.begin_submit(tid, 1)
-    assert decision == 3 and r is not None and r["prediction_id"] == "pred-1"
+    assert decision == 3
+    assert r is not None
+    assert r["prediction_id"] == "pred-1"
     await env.check()
 
 

@@ -132,7 +132,7 @@ def in_flight_proto(row: Mapping[str, Any]) -> sched_pb2.InFlightAttempt:
         tenant_id=row["tenant_id"],
         attempt=row["attempt"],
         prediction_id=row["prediction_id"] or "",
-        state=row["submit_state"] or 0,
+        state=sched_pb2.SubmitState.ValueType(row["submit_state"] or 0),
         model=row["model"],
         kind=row["kind"],
         cancel_requested=row["cancel_requested"],

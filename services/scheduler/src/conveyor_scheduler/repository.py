@@ -252,7 +252,7 @@ async def submit(
         for it in items
     ]
     stmt = pg_insert(m.IdempotencyKey).values(key_rows)
-    stmt = stmt.on_conflict_do_update(
+    upsert = stmt.on_conflict_do_update(
         index_elements=[m.IdempotencyKey.tenant_id, m.IdempotencyKey.request_id],
         set_={
             "fingerprint": stmt.excluded.fingerprint,
@@ -262,7 +262,7 @@ async def submit(
         },
         where=m.IdempotencyKey.expires_at < now,
     ).returning(m.IdempotencyKey.request_id)
-    fresh = {r[0] for r in await conn.execute(stmt)}
+    fresh = {r[0] for r in await conn.execute(upsert)}
     existing: dict[str, TaskRow] = {}
     dup_ids = [it.request_id for it in items if it.request_id not in fresh]
     if dup_ids:
@@ -543,11 +543,11 @@ async def upsert_tenant(
         "weight": limits.weight or None,
     }
     stmt = pg_insert(m.Tenant).values(tenant_id=tenant_id, **values)
-    stmt = stmt.on_conflict_do_update(
+    upsert = stmt.on_conflict_do_update(
         index_elements=[m.Tenant.tenant_id],
         set_={**values, "updated_at": text("now()")},
     ).returning(*m.Tenant.__table__.columns)
-    row = (await conn.execute(stmt)).mappings().one()
+    row = (await conn.execute(upsert)).mappings().one()
     return dict(row)
 
 

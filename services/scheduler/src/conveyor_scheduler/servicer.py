@@ -136,7 +136,10 @@ def tenant_proto(
         weight=policy.tenant_weight(tier, row.get("weight")),
     )
     return task_pb2.Tenant(
-        tenant_id=tenant_id, tier=tier, limits=explicit, effective_limits=effective
+        tenant_id=tenant_id,
+        tier=task_pb2.Tier.ValueType(tier),
+        limits=explicit,
+        effective_limits=effective,
     )
 
 
@@ -146,7 +149,7 @@ def _bulk_limit(selector: admin_service_pb2.BulkSelector) -> int:
     return selector.limit or 1000
 
 
-class SchedulerServicer(_WebhookBase, pb_grpc.SchedulerServiceServicer):
+class SchedulerServicer(_WebhookBase, pb_grpc.SchedulerServiceServicer):  # type: ignore[misc]
     """SchedulerService."""
 
     def __init__(self, core: SchedulerCore) -> None:
@@ -307,9 +310,11 @@ class SchedulerServicer(_WebhookBase, pb_grpc.SchedulerServiceServicer):
         if r.tier not in (0, 1, 2, 3):
             v.append(FieldViolation("request.tier", "unknown tier"))
         lim = r.limits
-        for name in ("max_concurrency", "max_waiting", "submit_burst", "weight"):
-            if getattr(lim, name) < 0:
-                v.append(FieldViolation(f"request.limits.{name}", "must be >= 0"))
+        v.extend(
+            FieldViolation(f"request.limits.{name}", "must be >= 0")
+            for name in ("max_concurrency", "max_waiting", "submit_burst", "weight")
+            if getattr(lim, name) < 0
+        )
         if lim.submit_rate_per_second < 0:
             v.append(FieldViolation("request.limits.submit_rate_per_second", "must be >= 0"))
         if v:

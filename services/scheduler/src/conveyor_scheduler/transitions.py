@@ -69,7 +69,7 @@ class Backoff:
     def delay(self, attempt_in_generation: int) -> float:
         """Seconds before retry number ``attempt_in_generation`` (1 = after the first failure)."""
         raw = min(self.cap, self.base * (2 ** max(0, attempt_in_generation - 1)))
-        return max(0.0, raw * (1 + self.jitter * (2 * random.random() - 1)))
+        return float(max(0.0, raw * (1 + self.jitter * (2 * random.random() - 1))))
 
 
 def _finish(row: TaskRow, status: int, now: datetime) -> None:
