@@ -10,7 +10,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := tools/buf/node_modules/.bin/buf
 # Our typed packages (mypy strict) and the paths ruff checks.
-PACKAGES := conveyor_common conveyor_devstack conveyor_gateway conveyor_scheduler \
+PACKAGES := conveyor_common conveyor_devstack conveyor_gateway conveyor_scheduler fake_replicate \
 	conveyor_provider_adapter conveyor_notifier
 PYTEST_ARGS ?=
 

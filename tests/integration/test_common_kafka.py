@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from prometheus_client import CollectorRegistry
 
 from conveyor.events.v1 import events_pb2
 from conveyor_common import topics
@@ -23,7 +24,6 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.metrics import KafkaMetrics
 from conveyor_devstack import ensure_topics
-from prometheus_client import CollectorRegistry
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
@@ -68,8 +68,8 @@ def consumer_for(
     )
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def wait_for(predicate: Callable[[], bool], within: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not predicate():
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not reached in time")
@@ -108,7 +108,8 @@ async def test_keys_headers_and_per_key_order(
         assert env.key == env.message.task_id
         assert env.type == "conveyor.events.v1.DispatchTask"
         assert env.source == "/tests"
-        assert env.traceparent and env.traceparent.startswith("00-")
+        assert env.traceparent
+        assert env.traceparent.startswith("00-")
         ids.add(env.id)
         seen[env.key].append(env.message.attempt)
 

@@ -66,7 +66,11 @@ async def served() -> AsyncIterator[tuple[GrpcService, Servicer, CollectorRegist
     registry = CollectorRegistry()
     servicer = Servicer()
     svc = create_server(
-        [ServiceBinding(task_service_pb2_grpc.add_TaskServiceServicer_to_server, servicer, SERVICE)],
+        [
+            ServiceBinding(
+                task_service_pb2_grpc.add_TaskServiceServicer_to_server, servicer, SERVICE
+            )
+        ],
         host="127.0.0.1",
         port=0,
         metrics=RpcMetrics(registry, "test"),
@@ -148,10 +152,14 @@ async def test_unexpected_errors_are_internal_without_details(
             await stub.GetTask(task_service_pb2.GetTaskRequest(task_id="crash"))
         assert err.value.code() == grpc.StatusCode.INTERNAL
         assert "secret" not in (err.value.details() or "")
-        seen = []
-        with pytest.raises(grpc.aio.AioRpcError) as err:
+        seen: list[int] = []
+
+        async def consume() -> None:
             async for item in stub.WatchTask(task_service_pb2.WatchTaskRequest(task_id="crash")):
-                seen.append(item.event.sequence)
+                seen.append(item.event.sequence)  # noqa: PERF401 - the stream fails midway
+
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await consume()
         assert seen == [1, 2, 3]
         assert err.value.code() == grpc.StatusCode.INTERNAL
 
