@@ -7,9 +7,12 @@ rules, and a collector of the results topic that feeds results back into it, for
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,9 +21,11 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 
 from conveyor.events.v1 import events_pb2
-from conveyor_common.standard_webhooks import generate_secret
+from conveyor.scheduler.v1 import scheduler_service_pb2
+from conveyor_common.standard_webhooks import generate_secret, sign_headers
 from conveyor_devstack.topics import ensure_topics
 from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
@@ -32,12 +37,14 @@ from conveyor_provider_adapter.testing import (
     has_terminal,
     outcomes,
 )
+from conveyor_provider_adapter.webhook_token import webhook_url
 from fake_replicate import FakeConfig, FakeReplicate
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
 TOKEN = "r8_adapter_flow"
 SECRET = generate_secret()
+S = scheduler_service_pb2.SubmitState
 
 
 @dataclass
@@ -68,6 +75,12 @@ class Env:
     def metric(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
+
+
+async def wait_until(condition: Callable[[], bool], wait_s: float = 10.0) -> None:
+    async with asyncio.timeout(wait_s):
+        while not condition():  # noqa: ASYNC110 - polling state another task mutates
+            await asyncio.sleep(0.05)
 
 
 def task_id() -> str:
@@ -104,10 +117,10 @@ async def env(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) ->
     storage_root = tmp_path_factory.mktemp("adapter-outputs")
     port = free_port()
     settings = AdapterSettings(
-        replicate_api_token=TOKEN,
+        replicate_api_token=SecretStr(TOKEN),
         replicate_base_url=fake.url,
         webhook_public_base_url=f"http://127.0.0.1:{port}",
-        webhook_token_key="test-webhook-token-key-0123456789",
+        webhook_token_key=SecretStr("test-webhook-token-key-0123456789"),
         webhook_host="127.0.0.1",
         webhook_port=port,
         grpc_host="127.0.0.1",
@@ -176,7 +189,8 @@ async def test_happy_path_reports_started_progress_and_copied_outputs(env: Env) 
     assert create["model"] == "acme/flux"
     assert create["input"]["steps"] == 30  # integral numbers survive the protobuf Struct
     assert set(create["events_filter"]) == {"start", "output", "logs", "completed"}
-    assert create["params"]["attempt"] == "1" and create["params"]["token"]
+    assert create["params"]["attempt"] == "1"
+    assert create["params"]["token"]
     assert create["deadline"] is not None  # Cancel-After was sent
 
     done = results[-1].succeeded
@@ -186,9 +200,9 @@ async def test_happy_path_reports_started_progress_and_copied_outputs(env: Env) 
             assert f.source_url.startswith(env.fake.url)
             assert f.url.startswith("file://")
             path = Path(f.url.removeprefix("file://"))
-            assert path.is_file() and env.storage_root in path.parents
+            assert env.storage_root in path.parents
             original = (await client.get(f.source_url)).content
-            assert path.read_bytes() == original
+            assert await asyncio.to_thread(path.read_bytes) == original
             assert f.size_bytes == len(original)
     assert done.predict_time.ToTimedelta() > timedelta(0)
     assert env.coordination.decisions(task) == ["PROCEED"]
@@ -206,7 +220,8 @@ async def test_create_forms_version_and_deployment(env: Env) -> None:
     await env.collector.wait_for(has_terminal, t2)
     (c1,) = await env.ledger(t1)
     (c2,) = await env.ledger(t2)
-    assert c1["version"] == version and c1["model"] == "acme/flux"
+    assert c1["version"] == version
+    assert c1["model"] == "acme/flux"
     assert c2["deployment"] == "acme/flux-prod"
 
 
@@ -216,10 +231,7 @@ async def test_dispatch_redelivered_five_times_creates_one_prediction(env: Env) 
     for _ in range(5):
         await env.commands.dispatch(task, inputs={"prompt": "same", "__fake_duration_s": 0.8})
     await env.collector.wait_for(has_terminal, task)
-    loop = asyncio.get_running_loop()
-    end = loop.time() + 10
-    while len(env.coordination.decisions(task)) < 5 and loop.time() < end:
-        await asyncio.sleep(0.1)
+    await wait_until(lambda: len(env.coordination.decisions(task)) >= 5)
     decisions = env.coordination.decisions(task)
     assert len(decisions) == 5
     assert decisions[0] == "PROCEED"
@@ -239,7 +251,8 @@ async def test_dropped_completed_webhook_is_reconciled_by_polling(env: Env) -> N
     assert final.WhichOneof("outcome") == "succeeded"
     assert final.source == events_pb2.RESULT_SOURCE_POLL
     assert final.result_id == f"poll:{final.prediction_id}:succeeded"
-    assert len(final.succeeded.files) >= 1 and final.succeeded.files[0].url
+    assert len(final.succeeded.files) >= 1
+    assert final.succeeded.files[0].url
     dropped = await env.ledger_all("webhook")
     assert any(
         e["prediction_id"] == final.prediction_id
@@ -308,7 +321,8 @@ async def test_cancel_before_the_prediction_exists_is_applied_when_it_appears(en
     cancels = [
         e for e in await env.ledger_all("cancel") if e["prediction_id"] == results[-1].prediction_id
     ]
-    assert len(cancels) == 1 and cancels[0]["by"] == "api"
+    assert len(cancels) == 1
+    assert cancels[0]["by"] == "api"
     assert len(await env.ledger(task)) == 1
 
 
@@ -328,7 +342,8 @@ async def test_run_deadline_becomes_cancel_after(env: Env) -> None:
     cancels = [
         e for e in await env.ledger_all("cancel") if e["prediction_id"] == final.prediction_id
     ]
-    assert cancels and cancels[0]["by"] == "deadline"
+    assert cancels
+    assert cancels[0]["by"] == "deadline"
 
 
 async def test_ambiguous_create_is_adopted_through_its_start_webhook(env: Env) -> None:
@@ -354,7 +369,8 @@ async def test_ambiguous_create_that_created_nothing_fails_retryable_after_grace
     results = await env.collector.wait_for(has_terminal, task, wait_s=20)
     final = results[-1]
     assert final.WhichOneof("outcome") == "failed"
-    assert final.failed.code == "submit_unknown" and final.failed.retryable is True
+    assert final.failed.code == "submit_unknown"
+    assert final.failed.retryable is True
     assert final.result_id == f"unknown:{task}:1"
     assert await env.ledger(task) == []  # nothing was created, and nothing was re-created
 
@@ -373,7 +389,8 @@ async def test_definite_rejections_fail_without_retry(env: Env) -> None:
         assert r.failed.code == "invalid_input"
         assert r.source == events_pb2.RESULT_SOURCE_CREATE
     assert "422" in r1.failed.message
-    assert await env.ledger(bad_input) == [] and await env.ledger(bad_model) == []
+    assert await env.ledger(bad_input) == []
+    assert await env.ledger(bad_model) == []
 
 
 async def test_stale_dispatch_is_stopped(env: Env) -> None:
@@ -402,3 +419,138 @@ async def test_failed_prediction_is_classified(env: Env) -> None:
     r2 = (await env.collector.wait_for(has_terminal, nsfw))[-1]
     assert (r1.failed.code, r1.failed.retryable) == ("capacity", True)
     assert (r2.failed.code, r2.failed.retryable) == ("nsfw", False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Webhook security: forged, stale, tampered and replayed deliveries change nothing.
+
+
+def _hook_url(env: Env, task: str, attempt: int = 1) -> str:
+    settings = env.adapter.settings
+    url = webhook_url(
+        f"http://127.0.0.1:{env.adapter.webhook_port}",
+        settings.webhook_token_key.get_secret_value().encode(),
+        task,
+        attempt,
+    )
+    return url
+
+
+def _rejected(env: Env) -> dict[str, float]:
+    reasons = (
+        "bad_signature",
+        "missing_headers",
+        "stale",
+        "future",
+        "bad_token",
+        "malformed_signature",
+    )
+    return {r: env.metric("conveyor_adapter_webhooks_rejected_total", reason=r) for r in reasons}
+
+
+async def test_forged_stale_tampered_and_replayed_webhooks_change_nothing(env: Env) -> None:
+    task = task_id()
+    pid = f"pforged{uuid.uuid4().hex[:10]}"
+    record = env.coordination.dispatched(task)
+    record.state = S.SUBMIT_STATE_SUBMITTED
+    record.prediction_id = pid
+    body = json.dumps(
+        {
+            "id": pid,
+            "status": "processing",
+            "model": "acme/flux",
+            "input": {"prompt": "x"},
+            "logs": "Using seed: 1\n 40%|####      | 4/10 [00:01<00:01,  3.00it/s]\n",
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+    ).encode()
+    url = _hook_url(env, task)
+    valid = sign_headers([SECRET], body)
+    now = int(time.time())
+    flipped = bytearray(body)
+    flipped[len(flipped) // 2] ^= 0x01
+    forged: list[tuple[str, dict[str, str], bytes]] = [
+        (
+            "bad_signature",
+            {**valid, "webhook-signature": "v1," + base64.b64encode(os.urandom(32)).decode()},
+            body,
+        ),
+        ("bad_signature", sign_headers([generate_secret()], body), body),  # wrong secret
+        ("bad_signature", valid, bytes(flipped)),  # one flipped body byte
+        ("missing_headers", {k: v for k, v in valid.items() if k != "webhook-id"}, body),
+        ("missing_headers", {k: v for k, v in valid.items() if k != "webhook-timestamp"}, body),
+        ("missing_headers", {k: v for k, v in valid.items() if k != "webhook-signature"}, body),
+        ("stale", sign_headers([SECRET], body, timestamp=now - 301), body),
+        ("future", sign_headers([SECRET], body, timestamp=now + 301), body),
+    ]
+    before = _rejected(env)
+    dup_before = env.metric("conveyor_adapter_webhooks_total", outcome="duplicate")
+    async with httpx.AsyncClient(timeout=5) as client:
+        for reason, headers, content in forged:
+            resp = await client.post(url, content=content, headers=headers)
+            assert resp.status_code == 401, (reason, resp.text)
+            assert resp.json()["error"] == reason
+        # Signed by Replicate, but not a URL we issued (token of another attempt).
+        wrong_token = url.replace("attempt=1", "attempt=7")
+        resp = await client.post(wrong_token, content=body, headers=valid)
+        assert resp.status_code == 200
+        assert resp.json()["error"] == "bad_token"
+        # The genuine delivery, then its replay.
+        started = time.perf_counter()
+        resp = await client.post(url, content=body, headers=valid)
+        answer_s = time.perf_counter() - started
+        assert resp.status_code == 200
+        assert resp.json() == {"status": "accepted"}
+        resp = await client.post(url, content=body, headers=valid)
+        assert resp.status_code == 200
+        assert resp.json() == {"status": "duplicate"}
+    assert answer_s < 0.5
+    results = await env.collector.wait_for(lambda rs: "progress" in outcomes(rs), task)
+    await asyncio.sleep(1.0)  # anything a forgery or the replay caused would be here by now
+    results = env.collector.for_task(task)
+    msg_id = valid["webhook-id"]
+    assert outcomes(results) == ["started", "progress"]
+    assert [r.result_id for r in results] == [f"wh:{msg_id}", f"wh:{msg_id}:progress"]
+    assert results[1].progress.percent == 40
+    after = _rejected(env)
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta == {
+        "bad_signature": 3,
+        "missing_headers": 3,
+        "stale": 1,
+        "future": 1,
+        "bad_token": 1,
+        "malformed_signature": 0,
+    }
+    assert env.metric("conveyor_adapter_webhooks_total", outcome="duplicate") - dup_before == 1
+
+
+async def test_signed_webhook_of_a_stale_attempt_cancels_that_prediction(env: Env) -> None:
+    task = task_id()
+    env.coordination.dispatched(task, attempt=2)
+    async with httpx.AsyncClient(
+        base_url=env.fake.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
+    ) as api:
+        # A prediction of attempt 1 (say, from a replica that lost a race), still running.
+        resp = await api.post(
+            "/v1/models/acme/flux/predictions",
+            json={"input": {"prompt": "stale", "__fake_duration_s": 30}},
+        )
+        assert resp.status_code == 201
+        pid = resp.json()["id"]
+        body = (await api.get(f"/v1/predictions/{pid}")).content
+    async with httpx.AsyncClient(timeout=5) as client:
+        resp = await client.post(
+            _hook_url(env, task, 1), content=body, headers=sign_headers([SECRET], body)
+        )
+        assert resp.status_code == 200
+
+    async def canceled() -> bool:
+        return any(e["prediction_id"] == pid for e in await env.ledger_all("cancel"))
+
+    async with asyncio.timeout(10):
+        while not await canceled():  # noqa: ASYNC110 - polling the fake over HTTP
+            await asyncio.sleep(0.1)
+    assert ("CompleteSubmit", task, 1, "False") in env.coordination.calls
+    await asyncio.sleep(0.5)
+    assert env.collector.for_task(task) == []
