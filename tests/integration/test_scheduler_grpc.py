@@ -1,0 +1,269 @@
+"""The scheduler's gRPC API over real loopback gRPC and PostgreSQL: statuses with details, tenant
+scoping, the admin role, the submit protocol service, event-driven dispatch, and /metrics names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
+from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
+from conveyor_common.errors import unpack_details
+from conveyor_scheduler import testing as kit
+from conveyor_scheduler.app import SchedulerApp
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+TENANT = pb.Principal(tenant_id="acme", tier=task_pb2.TIER_PRO, role=pb.ROLE_TENANT)
+OTHER = pb.Principal(tenant_id="other", tier=task_pb2.TIER_FREE, role=pb.ROLE_TENANT)
+ADMIN = pb.Principal(tenant_id="ops", role=pb.ROLE_ADMIN)
+
+
+@pytest.fixture(scope="module")
+async def app(database_url: str) -> AsyncIterator[SchedulerApp]:
+    await kit.migrate(database_url)
+    settings = kit.make_settings(
+        database_url, global_concurrency=2, queue_capacity=50, instance_id="grpc-test"
+    )
+    app = SchedulerApp(settings, kafka=False)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+@pytest.fixture(scope="module")
+async def stubs(
+    app: SchedulerApp,
+) -> AsyncIterator[tuple[pb_grpc.SchedulerServiceStub, pb_grpc.ProviderCoordinationServiceStub]]:
+    assert app.server is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}")
+    try:
+        yield (
+            pb_grpc.SchedulerServiceStub(channel),
+            pb_grpc.ProviderCoordinationServiceStub(channel),
+        )
+    finally:
+        await channel.close()
+
+
+def _details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None
+    return unpack_details(status)
+
+
+def _submit(request_id: str, **kwargs: Any) -> pb.SubmitTaskRequest:
+    return pb.SubmitTaskRequest(
+        principal=TENANT,
+        request=task_service_pb2.SubmitTaskRequest(request_id=request_id, spec=kit.spec(**kwargs)),
+    )
+
+
+async def test_submit_dispatches_at_once_and_protocol(stubs: Any, app: SchedulerApp) -> None:
+    sched, coord = stubs
+    started = time.perf_counter()
+    resp = await sched.SubmitTask(_submit("g-1"))
+    task_id = resp.response.task.task_id
+    assert resp.response.task.status == task_pb2.TASK_STATUS_QUEUED
+    assert resp.response.task.tier == task_pb2.TIER_PRO
+    # Event-driven: the leader (this replica) dispatches within milliseconds, not a poll period.
+    for _ in range(200):
+        got = await sched.GetTask(
+            pb.GetTaskRequest(
+                principal=TENANT, request=task_service_pb2.GetTaskRequest(task_id=task_id)
+            )
+        )
+        if got.response.task.status == task_pb2.TASK_STATUS_DISPATCHED:
+            break
+        await asyncio.sleep(0.005)
+    assert got.response.task.status == task_pb2.TASK_STATUS_DISPATCHED
+    assert time.perf_counter() - started < 0.5
+    again = await sched.SubmitTask(_submit("g-1"))
+    assert again.response.deduplicated
+    assert again.response.task.task_id == task_id
+
+    begin = await coord.BeginSubmit(
+        pb.BeginSubmitRequest(task_id=task_id, attempt=1, adapter_id="a1")
+    )
+    assert begin.decision == pb.SUBMIT_DECISION_PROCEED
+    dup = await coord.BeginSubmit(
+        pb.BeginSubmitRequest(task_id=task_id, attempt=1, adapter_id="a2")
+    )
+    assert dup.decision == pb.SUBMIT_DECISION_RECONCILE
+    assert dup.HasField("submit_started_at")
+    done = await coord.CompleteSubmit(
+        pb.CompleteSubmitRequest(task_id=task_id, attempt=1, prediction_id="pred-x")
+    )
+    assert done.accepted
+    flight = await coord.ListInFlight(pb.ListInFlightRequest())
+    mine = [a for a in flight.attempts if a.task_id == task_id]
+    assert mine[0].state == pb.SUBMIT_STATE_SUBMITTED
+    assert mine[0].prediction_id == "pred-x"
+    assert mine[0].HasField("run_deadline")
+    stale = await coord.BeginSubmit(pb.BeginSubmitRequest(task_id=task_id, attempt=7))
+    assert stale.decision == pb.SUBMIT_DECISION_STOP
+
+    events = await sched.GetTaskEvents(pb.GetTaskEventsRequest(principal=TENANT, task_id=task_id))
+    assert [e.type for e in events.events] == [
+        task_pb2.TASK_EVENT_TYPE_SUBMITTED,
+        task_pb2.TASK_EVENT_TYPE_DISPATCHED,
+        task_pb2.TASK_EVENT_TYPE_STARTED,
+    ]
+    assert not events.terminal
+    assert events.last_sequence == 3
+
+    cancel = await sched.CancelTask(
+        pb.CancelTaskRequest(
+            principal=TENANT,
+            request=task_service_pb2.CancelTaskRequest(task_id=task_id, reason="r"),
+        )
+    )
+    assert cancel.response.task.status == task_pb2.TASK_STATUS_RUNNING
+
+    stats = await sched.GetQueueStats(
+        pb.GetQueueStatsRequest(principal=TENANT, request=task_service_pb2.GetQueueStatsRequest())
+    )
+    totals = [
+        s for s in stats.response.stats if s.model == "" and s.kind == task_pb2.TASK_KIND_IMAGE
+    ]
+    assert totals[0].active >= 1
+
+
+async def test_errors_have_details_and_write_nothing(stubs: Any) -> None:
+    sched, coord = stubs
+    bad = pb.SubmitTaskRequest(
+        principal=TENANT,
+        request=task_service_pb2.SubmitTaskRequest(request_id="", spec=task_pb2.TaskSpec()),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await sched.SubmitTask(bad)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {v.field for v in _details(exc.value)["BadRequest"].field_violations}
+    assert {"request.request_id", "request.spec.kind", "request.spec.target"} <= fields
+
+    own = await sched.SubmitTask(_submit(f"own-{uuid.uuid4()}"))
+    for principal, task_id in ((OTHER, own.response.task.task_id), (TENANT, str(uuid.uuid4()))):
+        with pytest.raises(grpc.aio.AioRpcError) as nf:
+            await sched.GetTask(
+                pb.GetTaskRequest(
+                    principal=principal, request=task_service_pb2.GetTaskRequest(task_id=task_id)
+                )
+            )
+        assert nf.value.code() == grpc.StatusCode.NOT_FOUND
+        assert _details(nf.value)["ResourceInfo"].resource_type == "task"
+
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await sched.PauseModel(
+            pb.PauseModelRequest(
+                principal=TENANT, request=admin_service_pb2.PauseModelRequest(model="acme/img")
+            )
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    with pytest.raises(grpc.aio.AioRpcError) as proto_bad:
+        await coord.BeginSubmit(pb.BeginSubmitRequest(task_id="", attempt=0))
+    assert proto_bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_admission_status_and_admin_calls(stubs: Any) -> None:
+    sched, _ = stubs
+    up = await sched.UpsertTenant(
+        pb.UpsertTenantRequest(
+            principal=ADMIN,
+            request=admin_service_pb2.UpsertTenantRequest(
+                tenant_id="capped",
+                tier=task_pb2.TIER_PREMIUM,
+                limits=task_pb2.TenantLimits(max_waiting=1, weight=3),
+            ),
+        )
+    )
+    assert up.response.tenant.effective_limits.max_waiting == 1
+    assert up.response.tenant.effective_limits.weight == 3
+    assert up.response.tenant.effective_limits.max_concurrency == 5  # premium default
+    capped = pb.Principal(tenant_id="capped", tier=task_pb2.TIER_FREE)
+    paused = await sched.PauseModel(
+        pb.PauseModelRequest(
+            principal=ADMIN, request=admin_service_pb2.PauseModelRequest(model="acme/hold")
+        )
+    )
+    assert paused.response.paused
+    first = await sched.SubmitTask(
+        pb.SubmitTaskRequest(
+            principal=capped,
+            request=task_service_pb2.SubmitTaskRequest(
+                request_id="c1", spec=kit.spec(model="acme/hold")
+            ),
+        )
+    )
+    assert first.response.task.tier == task_pb2.TIER_PREMIUM  # the stored tier wins
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await sched.SubmitTask(
+            pb.SubmitTaskRequest(
+                principal=capped,
+                request=task_service_pb2.SubmitTaskRequest(
+                    request_id="c2", spec=kit.spec(model="acme/hold")
+                ),
+            )
+        )
+    assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    details = _details(exc.value)
+    assert details["QuotaFailure"].violations[0].subject == "tenant:capped/waiting"
+    assert details["RetryInfo"].retry_delay.seconds >= 1
+    listed = await sched.ListTasks(
+        pb.ListTasksRequest(principal=capped, request=task_service_pb2.ListTasksRequest())
+    )
+    assert [t.request_id for t in listed.response.tasks] == ["c1"]
+    got = await sched.GetTask(
+        pb.GetTaskRequest(
+            principal=capped,
+            request=task_service_pb2.GetTaskRequest(task_id=first.response.task.task_id),
+        )
+    )
+    assert got.response.task.queue_position >= 1
+    bulk = await sched.BulkCancelTasks(
+        pb.BulkCancelTasksRequest(
+            principal=ADMIN,
+            request=admin_service_pb2.BulkCancelTasksRequest(
+                selector=admin_service_pb2.BulkSelector(tenant_id="capped"), reason="cleanup"
+            ),
+        )
+    )
+    assert list(bulk.response.task_ids) == [first.response.task.task_id]
+    tenant = await sched.GetTenant(
+        pb.GetTenantRequest(
+            principal=ADMIN, request=admin_service_pb2.GetTenantRequest(tenant_id="capped")
+        )
+    )
+    assert tenant.response.tenant.tier == task_pb2.TIER_PREMIUM
+    dead = await sched.ListDeadLetters(
+        pb.ListDeadLettersRequest(
+            principal=ADMIN, request=admin_service_pb2.ListDeadLettersRequest()
+        )
+    )
+    assert list(dead.response.tasks) == []
+
+
+async def test_metrics_are_exposed(app: SchedulerApp) -> None:
+    from prometheus_client import generate_latest
+
+    text = generate_latest(app.registry).decode()
+    for name in (
+        "conveyor_scheduler_leader",
+        "conveyor_scheduler_dispatched_total",
+        "conveyor_scheduler_queue_wait_seconds",
+        "conveyor_scheduler_admission_rejections_total",
+        "conveyor_scheduler_outbox_lag_seconds",
+    ):
+        assert name in text
+    assert app.registry.get_sample_value("conveyor_scheduler_leader") == 1.0
