@@ -58,7 +58,7 @@ async def stubs(
 
 
 def _details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    status = rpc_status.from_call(err)
     assert status is not None
     return unpack_details(status)
 
@@ -73,6 +73,7 @@ def _submit(request_id: str, **kwargs: Any) -> pb.SubmitTaskRequest:
 async def test_submit_dispatches_at_once_and_protocol(stubs: Any, app: SchedulerApp) -> None:
     sched, coord = stubs
     started = time.perf_counter()
+    got: Any = None
     resp = await sched.SubmitTask(_submit("g-1"))
     task_id = resp.response.task.task_id
     assert resp.response.task.status == task_pb2.TASK_STATUS_QUEUED

@@ -50,7 +50,7 @@ async def app(
 
 
 async def _collect(
-    bootstrap: str, topic: str, keys: set[str], until: Any, timeout: float = 30.0
+    bootstrap: str, topic: str, keys: set[str], until: Any, wait_seconds: float = 30.0
 ) -> list[Any]:
     consumer = AIOKafkaConsumer(
         topic,
@@ -61,7 +61,7 @@ async def _collect(
     )
     await consumer.start()
     out: list[Any] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + wait_seconds
     try:
         while time.monotonic() < deadline and not until(out):
             batch = await consumer.getmany(timeout_ms=300)
@@ -106,6 +106,7 @@ async def test_outbox_to_kafka_and_results_back(app: SchedulerApp, kafka_bootstr
         await producer.stop()
 
     deadline = time.monotonic() + 30
+    done_count = 0
     while time.monotonic() < deadline:
         async with app.engine.connect() as conn:
             done_count = await conn.scalar(
