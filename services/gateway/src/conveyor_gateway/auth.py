@@ -31,6 +31,8 @@ from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.context import tenant_id_var
 from conveyor_common.errors import (
+    FieldViolation,
+    InvalidArgument,
     PermissionDenied,
     QuotaViolation,
     ResourceExhausted,
@@ -248,6 +250,41 @@ class RateLimiter:
         return (cost - tokens) / self.rate
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request whose bytes are not a valid message (answered INVALID_ARGUMENT)."""
+
+    type_name: str
+    error: str
+
+
+def safe_deserializer(deserializer: Any) -> Any:
+    """Wrap a request deserializer so malformed bytes never become UNKNOWN.
+
+    grpc.aio answers UNKNOWN when the deserializer raises; this returns an :class:`Undecodable`
+    instead, which the wrapped handler turns into INVALID_ARGUMENT.
+    """
+    if deserializer is None:
+        return None
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = type_name.full_name if type_name is not None else "request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            return Undecodable(name, type(exc).__name__)
+
+    return deserialize
+
+
+def _undecodable(request: Undecodable) -> InvalidArgument:
+    return InvalidArgument(
+        [FieldViolation("", f"the request is not a valid {request.type_name} message")],
+        message="malformed request",
+    )
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates public calls, enforces the admin role and the per-tenant rate limit."""
 
@@ -298,6 +335,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 if error is not None:
                     raise error
+                if isinstance(request, Undecodable):
+                    raise _undecodable(request)
                 token = _principal_var.set(principal)
                 tenant_token = tenant_id_var.set(principal.tenant_id if principal else None)
                 try:
@@ -308,7 +347,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -319,6 +358,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             ) -> AsyncIterator[Any]:
                 if error is not None:
                     raise error
+                if isinstance(request, Undecodable):
+                    raise _undecodable(request)
                 _principal_var.set(principal)
                 tenant_id_var.set(principal.tenant_id if principal else None)
                 async for item in inner_us(request, context):
@@ -326,7 +367,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         # No client-streaming methods exist on the public API; refuse rather than pass unchecked.

@@ -72,7 +72,7 @@ class GatewaySettings(ServiceSettings):
     """Largest request message accepted (grpc.max_receive_message_length)."""
     max_input_bytes: int = Field(default=256 * 1024, ge=16, le=16 * 1024 * 1024)
     """Largest serialized ``spec.input`` document."""
-    max_batch_items: int = Field(default=500, ge=1, le=10_000)
+    max_batch_items: int = Field(default=100, ge=1, le=10_000)
     """Most items in one BatchSubmitTasks call."""
     max_queue_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     """Furthest ``queue_deadline`` from now."""

@@ -64,7 +64,7 @@ LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 URL_LIKE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,30}://")
 
 MAX_INPUT_DEPTH = 32
-MAX_REASON_LENGTH = 1024
+MAX_REASON_LENGTH = 1000
 MAX_PAGE_TOKEN_LENGTH = 2048
 MAX_URL_LENGTH = 2048
 MAX_WEBHOOK_EVENTS = 32
@@ -204,7 +204,7 @@ class Limits:
     """Configurable limits used by the rules."""
 
     max_input_bytes: int = 256 * 1024
-    max_batch_items: int = 500
+    max_batch_items: int = 100
     max_queue_deadline_seconds: int = 7 * 24 * 3600
     max_run_timeout_seconds: int = 6 * 3600
     max_labels: int = 32
