@@ -365,3 +365,35 @@ async def test_sdk_wait_follows_the_watch_to_the_end(env: Env) -> None:
         final = await client.wait(resp.task.task_id)
         await driver
         assert final.status == E.TASK_STATUS_SUCCEEDED
+
+
+async def test_sdk_retries_unavailable_with_the_same_request_id() -> None:
+    env = await start_env(scheduler_retry_attempts=1)  # the gateway passes UNAVAILABLE through
+    try:
+        env.scheduler.fail_unavailable = 2
+        async with AsyncConveyorClient(
+            f"127.0.0.1:{env.gateway.port}", env.keys.token(), backoff_base=0.01
+        ) as client:
+            resp = await client.submit("image", model="acme/sdxl", input={"prompt": "p"})
+        calls = [c for c in env.scheduler.calls if c[0] == "SubmitTask"]
+        assert len(calls) == 3
+        assert {c[1].request.request_id for c in calls} == {resp.task.request_id}
+        assert len(env.scheduler.tasks) == 1
+    finally:
+        await stop_env(env)
+
+
+async def test_sdk_gives_up_after_its_retries() -> None:
+    env = await start_env(scheduler_retry_attempts=1)
+    try:
+        env.scheduler.fail_unavailable = 100
+        async with AsyncConveyorClient(
+            f"127.0.0.1:{env.gateway.port}", env.keys.token(), retries=2, backoff_base=0.01
+        ) as client:
+            with pytest.raises(ConveyorError) as exc:
+                await client.stats()
+        assert exc.value.code == grpc.StatusCode.UNAVAILABLE
+        assert exc.value.retry_after_seconds is not None
+        assert len(env.scheduler.calls) == 3
+    finally:
+        await stop_env(env)

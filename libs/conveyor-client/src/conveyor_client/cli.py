@@ -107,7 +107,8 @@ class Output:
 
     def __init__(self, as_json: bool) -> None:
         self.json = as_json
-        self.console = Console(file=sys.stdout, soft_wrap=True)
+        tty = sys.stdout.isatty()
+        self.console = Console(file=sys.stdout, soft_wrap=True, width=None if tty else 200)
 
     def emit(self, data: Any) -> None:
         """Print one JSON document."""
