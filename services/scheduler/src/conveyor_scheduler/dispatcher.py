@@ -146,8 +146,24 @@ _DISPATCH_SQL = text(
 )
 
 
+_HOLDS_LOCK_SQL = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = pg_backend_pid() AND objsubid = 1 AND classid = :hi AND objid = :lo)"
+)
+
+
+class LostLeadership(RuntimeError):
+    """The session no longer holds the leader lock."""
+
+
 class Leader:
-    """Holds (or tries to take) the leader lock on a dedicated connection."""
+    """Holds (or tries to take) the leader lock on a dedicated connection.
+
+    SQLAlchemy transparently replaces the DBAPI connection of an ``AsyncConnection`` after a
+    disconnect, and a new session does not hold the old session's lock. So "still connected" proves
+    nothing: :meth:`fence` checks, inside each dispatch transaction, that THIS session holds the lock
+    (``pg_locks``), and the transaction aborts otherwise.
+    """
 
     def __init__(self, settings: SchedulerSettings, url: str, instance_id: str) -> None:
         self.settings = settings
@@ -161,6 +177,16 @@ class Leader:
             },
         )
         self.conn: AsyncConnection | None = None
+
+    @property
+    def _key_parts(self) -> dict[str, int]:
+        key = self.settings.leader_lock_key & 0xFFFFFFFFFFFFFFFF
+        return {"hi": key >> 32, "lo": key & 0xFFFFFFFF}
+
+    async def fence(self, conn: AsyncConnection) -> None:
+        """Raise LostLeadership unless ``conn``'s session holds the lock (call inside the tx)."""
+        if not await conn.scalar(_HOLDS_LOCK_SQL, self._key_parts):
+            raise LostLeadership("the leader lock is not held by this session")
 
     @property
     def is_leader(self) -> bool:
@@ -205,9 +231,13 @@ class Leader:
         if self.conn is None:
             return False
         try:
-            await self.conn.execute(text("SELECT 1"))
+            held = await self.conn.scalar(_HOLDS_LOCK_SQL, self._key_parts)
             await self.conn.commit()
-            return True
+            if held:
+                return True
+            logger.warning("leader lock lost", extra={"action": "leader_lost"})
+            await self.lose()
+            return False
         except Exception:
             logger.warning("leader connection lost", extra={"action": "leader_lost"}, exc_info=True)
             await self.lose()
@@ -250,6 +280,7 @@ class Dispatcher:
         now = utcnow()
         self.next_wake = None
         async with conn.begin():
+            await self.leader.fence(conn)
             cap = await self._capacity(conn, now)
             if cap is None:
                 return 0

@@ -125,7 +125,10 @@ async def check_invariants(engine: AsyncEngine, policy: Policy) -> dict[str, int
 
     Returns the observed maxima (``global``, ``tenant``, ``model``, ``kind``).
     """
-    async with engine.connect() as conn:
+    async with engine.connect() as raw:
+        # One REPEATABLE READ snapshot: concurrent writers never show a half-applied state.
+        conn = await raw.execution_options(isolation_level="REPEATABLE READ")
+        await conn.begin()
         usage = (
             await conn.execute(
                 text(
@@ -179,6 +182,15 @@ async def check_invariants(engine: AsyncEngine, policy: Policy) -> dict[str, int
         ).all()
         shards = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
         queued = await conn.scalar(text("SELECT count(*) FROM tasks WHERE status = 1"))
+        slots = (
+            await conn.execute(
+                text(
+                    "SELECT s.tenant_id, s.kind, s.cost, s.attempt, s.acquired_at, t.status"
+                    " FROM active_slots s JOIN tasks t ON t.id = s.task_id ORDER BY s.acquired_at"
+                )
+            )
+        ).all()
+        await conn.rollback()
     maxima = {"global": 0, "tenant": 0, "model": 0, "kind": 0}
     for r in usage:
         if r.tenant_id is not None:
@@ -196,7 +208,7 @@ async def check_invariants(engine: AsyncEngine, policy: Policy) -> dict[str, int
             maxima["kind"] = max(maxima["kind"], r.used)
         else:
             used = r.used or 0
-            assert used <= policy.global_concurrency, f"global {used}"
+            assert used <= policy.global_concurrency, f"global {used}: {slots}"
             maxima["global"] = max(maxima["global"], used)
     assert bad_slots == 0, f"{bad_slots} slots held by tasks not in flight (or stale attempt)"
     assert missing_slots == 0, f"{missing_slots} tasks in flight without a slot"
