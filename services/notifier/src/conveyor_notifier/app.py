@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 import grpc
+import httpcore
 from prometheus_client import CollectorRegistry
 
 from conveyor.events.v1 import events_pb2
@@ -63,11 +64,13 @@ class Notifier:
         *,
         registry: CollectorRegistry | None = None,
         resolver: Resolver = system_resolver,
+        egress_backend: httpcore.AsyncNetworkBackend | None = None,
         lifecycle: Lifecycle | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self.resolver = resolver
+        self.egress_backend = egress_backend
         self.lifecycle = lifecycle or Lifecycle()
         self.metrics = NotifierMetrics(self.registry)
         self.kafka_metrics = KafkaMetrics(self.registry, SERVICE)
@@ -109,6 +112,7 @@ class Notifier:
             ca_bundle=s.webhook_ca_bundle,
             connect_timeout=s.webhook_connect_timeout_seconds,
             timeout=s.webhook_timeout_seconds,
+            inner_backend=self.egress_backend,
         )
         life.on_shutdown("webhook_client_close", client.aclose, phase=phases.STORAGE)
         ops_url = s.ops_webhook_url.get_secret_value() if s.ops_webhook_url else None

@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from conveyor.events.v1 import events_pb2
 from conveyor_common.kafka import DecodeError, TypeRegistry, decode
@@ -51,6 +52,9 @@ class EventBroadcaster:
             auto_offset_reset="latest",
             max_poll_records=500,
         )
+        self._admin: Any = AIOKafkaAdminClient(
+            bootstrap_servers=bootstrap_servers, client_id=f"{client_id}-admin"
+        )
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._started = False
@@ -62,6 +66,7 @@ class EventBroadcaster:
         await self._consumer.start()
         self._started = True
         try:
+            await self._admin.start()
             await self._assign_new_partitions(initial=True)
         except BaseException:
             await self.stop()
@@ -69,9 +74,13 @@ class EventBroadcaster:
         self._task = asyncio.create_task(self._run(), name="watch-broadcast")
 
     async def _partitions(self) -> set[int]:
-        await self._consumer.topics()  # refreshes the cluster metadata
-        parts = self._consumer.partitions_for_topic(self.topic)
-        return set(parts or ())
+        described = await self._admin.describe_topics([self.topic])
+        return {
+            int(p["partition"])
+            for topic in described
+            if topic.get("topic") == self.topic and not topic.get("error_code")
+            for p in topic.get("partitions", ())
+        }
 
     async def _assign_new_partitions(self, *, initial: bool) -> None:
         for _ in range(50):
@@ -167,4 +176,7 @@ class EventBroadcaster:
             self._task = None
         if self._started:
             self._started = False
-            await self._consumer.stop()
+            try:
+                await self._admin.close()
+            finally:
+                await self._consumer.stop()
