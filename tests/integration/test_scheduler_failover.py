@@ -1,0 +1,116 @@
+"""Leader failover on real PostgreSQL: kill the leader's session, or stop the leader replica; another
+replica takes over within seconds, dispatch goes on, and the limits hold throughout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+
+from conveyor_scheduler import testing as kit
+from conveyor_scheduler.app import SchedulerApp
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+
+@pytest.fixture
+async def pair(database_url: str) -> AsyncIterator[list[SchedulerApp]]:
+    await kit.migrate(database_url)
+    apps = [
+        SchedulerApp(
+            kit.make_settings(
+                database_url,
+                instance_id=f"fo-{i}",
+                global_concurrency=3,
+                leader_retry_seconds=0.5,
+                dispatch_poll_seconds=0.2,
+            ),
+            kafka=False,
+            grpc=False,
+        )
+        for i in range(2)
+    ]
+    await kit.reset(apps[0].engine)
+    for app in apps:
+        await app.start()
+    try:
+        yield apps
+    finally:
+        for app in apps:
+            await app.stop()
+
+
+async def _leaders(apps: list[SchedulerApp], within: float) -> list[SchedulerApp]:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        leaders = [a for a in apps if a.leader.is_leader]
+        if len(leaders) == 1:
+            return leaders
+        await asyncio.sleep(0.05)
+    return [a for a in apps if a.leader.is_leader]
+
+
+async def _in_flight(app: SchedulerApp) -> list[tuple[object, int]]:
+    async with app.engine.connect() as conn:
+        rows = await conn.execute(text("SELECT id, attempt FROM tasks WHERE status IN (2, 3)"))
+        return [(r.id, r.attempt) for r in rows]
+
+
+async def _wait_dispatched(app: SchedulerApp, n: int, within: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        if len(await _in_flight(app)) >= n:
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"fewer than {n} tasks dispatched within {within}s")
+
+
+async def _complete_all(app: SchedulerApp) -> None:
+    await app.core.apply_results(
+        [kit.result(tid, attempt, "succeeded") for tid, attempt in await _in_flight(app)]
+    )
+
+
+async def test_killed_leader_session_and_stopped_leader_fail_over(pair: list[SchedulerApp]) -> None:
+    a = pair[0]
+    await a.core.submit("t", 1, [kit.item() for _ in range(12)])
+    [first] = await _leaders(pair, 5)
+    await _wait_dispatched(a, 3, 5)
+    await kit.check_invariants(a.engine, a.core.policy)
+
+    # 1. Kill the leader's database session: its lock goes with it.
+    async with a.engine.begin() as conn:
+        killed = await conn.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = :n"
+            ),
+            {"n": f"conveyor-scheduler-leader:{first.instance}"},
+        )
+    assert killed == 1
+    await _complete_all(a)  # free the slots: only a live leader can refill them
+    took = await _wait_dispatched(a, 3, 5)
+    [second] = await _leaders(pair, 5)
+    assert took < 5
+    await kit.check_invariants(a.engine, a.core.policy)
+
+    # 2. Stop the leader replica altogether: the other one takes over within seconds.
+    other = pair[1] if second is pair[0] else pair[0]
+    await second.stop_loops()
+    await second.leader.lose()
+    await _complete_all(other)
+    started = time.monotonic()
+    took = await _wait_dispatched(other, 3, 5)
+    assert other.leader.is_leader
+    assert time.monotonic() - started < 5
+    await kit.check_invariants(other.engine, other.core.policy)
+    async with other.engine.connect() as conn:
+        holders = await conn.scalar(
+            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+        )
+    assert holders == 1
+    print(f"\nfailover: kill -> refill in <5s; stop -> takeover+refill {took:.2f}s")
