@@ -53,8 +53,8 @@ class TokenBucket:
         if now < self._paused_until:
             return self._paused_until - now
         self._refill(now)
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
+        if self._tokens >= 1.0 - 1e-9:
+            self._tokens = max(0.0, self._tokens - 1.0)
             return 0.0
         return (1.0 - self._tokens) / self.rate_per_s
 
