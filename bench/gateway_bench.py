@@ -1,0 +1,522 @@
+"""Gateway benchmark: submits through the gateway and the real scheduler on a durable PostgreSQL.
+
+Writes ``bench/results/gateway.json`` with:
+
+* ``submit_throughput_tps``: single SubmitTask calls per second, concurrent clients, each answered after
+  the scheduler's durable commit (PostgreSQL with fsync and synchronous_commit on);
+* ``batch_submit_throughput_tps``: tasks per second with BatchSubmitTasks of 100 items;
+* ``submit_latency_p50_ms`` / ``submit_latency_p99_ms``: open-loop load at 500 submits/s offered,
+  latency measured from each request's *scheduled* send time (no coordinated omission).
+
+Layout (all on 127.0.0.1): PostgreSQL (devstack, durable), the scheduler in a subprocess (its gRPC API,
+leader loops; no Kafka: the outbox fills but is not relayed, which does not change the submit path),
+the gateway in a subprocess (``python -m conveyor_gateway``), and the load generator in this process.
+Every process shares the same 2 cores. If ``redis-server`` and Node with the BullMQ harness's
+``node_modules`` are present, BullMQ's durable add (Redis AOF fsync always) runs in the same invocation
+and the ratios are printed; otherwise the script says why it skipped it.
+
+Usage: ``python bench/gateway_bench.py [--quick] [--out PATH]`` (``--quick`` finishes in < 60 s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
+from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+from conveyor.tasks.v1 import task_pb2
+from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
+from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
+from conveyor_client.token import mint_token
+
+ROOT = Path(__file__).resolve().parent.parent
+PEERS = ROOT.parent / "shared" / "bench" / "peers"
+SECRET = "bench-secret-" + "x" * 32
+TARGETS = {
+    "submit_throughput_tps": 2000.0,
+    "batch_submit_throughput_tps": 10000.0,
+    "submit_latency_p99_ms": 25.0,
+}
+BULLMQ_REFERENCE = {"add_sequential_jobs_s": 2200.0, "paced_p99_ms": 33.0}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+def spec(i: int) -> task_pb2.TaskSpec:
+    s = task_pb2.TaskSpec(kind=task_pb2.TASK_KIND_IMAGE, model="bench/sdxl")
+    s.input.update({"prompt": f"benchmark prompt {i}", "steps": 30})
+    return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler subprocess (no Kafka)
+
+
+def serve_scheduler() -> None:
+    """Run one scheduler replica without Kafka until SIGTERM (internal mode)."""
+    from conveyor_common.logging import configure_logging
+    from conveyor_common.settings import load_settings
+    from conveyor_scheduler.app import SchedulerApp
+    from conveyor_scheduler.settings import SchedulerSettings
+
+    settings = load_settings(SchedulerSettings)
+    configure_logging("scheduler", settings.log_level)
+
+    async def run() -> None:
+        app = SchedulerApp(settings, kafka=False)
+        await app.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await app.stop()
+
+    asyncio.run(run())
+
+
+def serve_fake_scheduler(port: int) -> None:
+    """An in-memory SchedulerService (internal mode): measures the gateway's own capacity."""
+    from prometheus_client import CollectorRegistry
+
+    from conveyor_common.grpc_server import create_server
+    from conveyor_common.metrics import RpcMetrics
+    from conveyor_gateway.testing import FakeScheduler, scheduler_binding
+
+    async def run() -> None:
+        server = create_server(
+            [scheduler_binding(FakeScheduler())],
+            host="127.0.0.1",
+            port=port,
+            metrics=RpcMetrics(CollectorRegistry(), "fake"),
+        )
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await server.stop(1)
+
+    asyncio.run(run())
+
+
+@dataclass
+class Procs:
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def spawn(self, args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+        out = log.open("wb")
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def tail(log: Path) -> str:
+    """The end of a subprocess log."""
+    return log.read_text(errors="replace")[-3000:]
+
+
+async def wait_serving(address: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub: Any = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{address} exited early:\n{tail(log)}")
+            try:
+                resp = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{address} did not become SERVING:\n{tail(log)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+@dataclass
+class Load:
+    address: str
+    tokens: list[str]
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    stubs: list[Any] = field(default_factory=list)
+    errors: dict[str, int] = field(default_factory=dict)
+    direct: bool = False
+
+    def open(self, n: int) -> None:
+        for i in range(n):
+            ch = grpc.aio.insecure_channel(self.address, options=[("grpc.channel_id", i)])
+            self.channels.append(ch)
+            self.stubs.append(
+                sched_grpc.SchedulerServiceStub(ch) if self.direct else svc_grpc.TaskServiceStub(ch)
+            )
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+    def md(self, i: int) -> tuple[tuple[str, str], ...]:
+        return (("authorization", "Bearer " + self.tokens[i % len(self.tokens)]),)
+
+    def error(self, exc: grpc.aio.AioRpcError) -> None:
+        name = exc.code().name
+        self.errors[name] = self.errors.get(name, 0) + 1
+
+    async def submit(self, worker: int, i: int) -> bool:
+        stub = self.stubs[worker % len(self.stubs)]
+        req = svc_pb2.SubmitTaskRequest(request_id=str(uuid.uuid4()), spec=spec(i))
+        try:
+            if self.direct:
+                wrapped = sched_pb2.SubmitTaskRequest(
+                    principal=sched_pb2.Principal(
+                        tenant_id=f"bench-{worker % len(self.tokens)}",
+                        tier=task_pb2.TIER_PRO,
+                        role=sched_pb2.ROLE_TENANT,
+                        subject="bench",
+                    ),
+                    request=req,
+                )
+                await stub.SubmitTask(wrapped, timeout=10)
+                return True
+            await stub.SubmitTask(req, metadata=self.md(worker), timeout=10)
+            return True
+        except grpc.aio.AioRpcError as exc:
+            self.error(exc)
+            return False
+
+    async def batch(self, worker: int, size: int) -> int:
+        stub = self.stubs[worker % len(self.stubs)]
+        req = svc_pb2.BatchSubmitTasksRequest(request_id=str(uuid.uuid4()))
+        for i in range(size):
+            req.items.add(request_id=str(uuid.uuid4()), spec=spec(i))
+        try:
+            await stub.BatchSubmitTasks(req, metadata=self.md(worker), timeout=30)
+            return size
+        except grpc.aio.AioRpcError as exc:
+            self.error(exc)
+            return 0
+
+
+async def closed_loop(load: Load, workers: int, seconds: float, batch: int = 0) -> float:
+    """Tasks per second with ``workers`` clients each sending as fast as answers come back."""
+    done = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        i = 0
+        while time.perf_counter() < stop_at:
+            if batch:
+                n = await load.batch(w, batch)
+            else:
+                n = 1 if await load.submit(w, i) else 0
+            done += n  # after the await: `done += await ...` would lose concurrent updates
+            i += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(workers)))
+    return done / (time.perf_counter() - start)
+
+
+async def open_loop(load: Load, rate: float, seconds: float) -> dict[str, Any]:
+    """Submits at ``rate``/s on a fixed schedule; latency from each scheduled send time."""
+    total = int(rate * seconds)
+    latencies: list[float] = []
+    failures = 0
+    max_lag = 0.0
+    start = time.perf_counter() + 0.05
+    tasks: list[asyncio.Task[None]] = []
+
+    async def one(i: int, scheduled: float) -> None:
+        nonlocal failures
+        ok = await load.submit(i, i)
+        if ok:
+            latencies.append((time.perf_counter() - scheduled) * 1000)
+        else:
+            failures += 1
+
+    for i in range(total):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        max_lag = max(max_lag, time.perf_counter() - scheduled)
+        tasks.append(asyncio.create_task(one(i, scheduled)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    return {
+        "offered_per_s": rate,
+        "requests": total,
+        "ok": len(latencies),
+        "failed": failures,
+        "achieved_per_s": round(len(latencies) / elapsed, 1),
+        "p50_ms": round(pct(latencies, 50), 2),
+        "p90_ms": round(pct(latencies, 90), 2),
+        "p99_ms": round(pct(latencies, 99), 2),
+        "max_ms": round(max(latencies, default=float("nan")), 2),
+        "generator_max_lag_ms": round(max_lag * 1000, 2),
+    }
+
+
+async def gateway_capacity(
+    procs: Procs, base: dict[str, str], logs: Path, tokens: list[str], seconds: float
+) -> float:
+    """Single submits/s of a second gateway in front of an in-memory scheduler stand-in."""
+    fake_port, gw_port = free_port(), free_port()
+    fake_log, gw_log = logs / "fake-scheduler.log", logs / "gateway-2.log"
+    fake = procs.spawn(
+        [sys.executable, __file__, "--serve-fake-scheduler", str(fake_port)], base, fake_log
+    )
+    env = {
+        **base,
+        "GATEWAY_SCHEDULER_ADDRESS": f"127.0.0.1:{fake_port}",
+        "GATEWAY_GRPC_HOST": "127.0.0.1",
+        "GATEWAY_GRPC_PORT": str(gw_port),
+        "GATEWAY_METRICS_PORT": "0",
+        "GATEWAY_LOG_LEVEL": "WARNING",
+        "GATEWAY_JWT_HS256_SECRET": SECRET,
+        "GATEWAY_RATE_LIMIT_PER_SECOND": "1000000",
+        "GATEWAY_RATE_LIMIT_BURST": "1000000",
+    }
+    gw = procs.spawn([sys.executable, "-m", "conveyor_gateway"], env, gw_log)
+    await wait_serving(f"127.0.0.1:{fake_port}", fake, fake_log)
+    await wait_serving(f"127.0.0.1:{gw_port}", gw, gw_log)
+    load = Load(f"127.0.0.1:{gw_port}", tokens)
+    load.open(4)
+    await closed_loop(load, 16, 0.5)
+    tps = await closed_loop(load, 64, seconds)
+    await load.close()
+    for proc in (gw, fake):
+        proc.send_signal(signal.SIGTERM)
+    return tps
+
+
+# ---------------------------------------------------------------------------------------------
+# BullMQ peer
+
+
+def run_bullmq(quick: bool) -> dict[str, Any]:
+    """BullMQ durable add (Redis appendfsync always), when Redis and the harness are at hand."""
+    harness = PEERS / "bullmq"
+    redis = shutil.which("redis-server")
+    node = shutil.which("node")
+    if redis is None:
+        return {"skipped": "redis-server is not installed"}
+    if node is None:
+        return {"skipped": "node is not installed"}
+    if not (harness / "node_modules" / "bullmq").is_dir():
+        return {"skipped": f"{harness}/node_modules is missing (npm ci there first)"}
+    port = free_port()
+    data = Path(tempfile.mkdtemp(prefix="bullmq-redis-"))
+    server = subprocess.Popen(
+        [redis, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+         "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+         "--maxmemory-policy", "noeviction"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        time.sleep(0.5)
+        n, paced = ("4000", "5") if quick else ("20000", "20")
+        done = subprocess.run(
+            [node, "bench.js", n, "50", "500", paced],
+            cwd=harness, env={**os.environ, "REDIS_PORT": str(port), "WATCHDOG_S": "240"},
+            capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            return {"skipped": f"bench.js failed rc={done.returncode}: {done.stderr[-500:]}"}
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(data, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+async def bench(quick: bool) -> dict[str, Any]:
+    from conveyor_devstack.stack import start_postgres
+    from conveyor_scheduler.db import migrate
+
+    phase = 4.0 if quick else 15.0
+    paced = 5.0 if quick else 20.0
+    logs = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    pg = await asyncio.to_thread(start_postgres, fast=False)  # durable: fsync + synchronous_commit
+    procs = Procs()
+    try:
+        url = pg.create_database(f"gwbench_{uuid.uuid4().hex[:8]}")
+        await asyncio.to_thread(migrate, url)
+        sched_port, gw_port = free_port(), free_port()
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("SCHEDULER_", "GATEWAY_"))}
+        sched_env = {
+            **base,
+            "SCHEDULER_DATABASE_URL": url,
+            "SCHEDULER_GRPC_HOST": "127.0.0.1",
+            "SCHEDULER_GRPC_PORT": str(sched_port),
+            "SCHEDULER_METRICS_PORT": "0",
+            "SCHEDULER_LOG_LEVEL": "WARNING",
+            "SCHEDULER_TENANT_SUBMIT_RATE": "1000000",
+            "SCHEDULER_TENANT_SUBMIT_BURST": "1000000",
+            "SCHEDULER_TENANT_MAX_WAITING": "100000000",
+            "SCHEDULER_QUEUE_CAPACITY": "100000000",
+        }
+        sched_log = logs / "scheduler.log"
+        sched = procs.spawn([sys.executable, __file__, "--serve-scheduler"], sched_env, sched_log)
+        gw_env = {
+            **base,
+            "GATEWAY_SCHEDULER_ADDRESS": f"127.0.0.1:{sched_port}",
+            "GATEWAY_GRPC_HOST": "127.0.0.1",
+            "GATEWAY_GRPC_PORT": str(gw_port),
+            "GATEWAY_METRICS_PORT": "0",
+            "GATEWAY_LOG_LEVEL": "WARNING",
+            "GATEWAY_JWT_HS256_SECRET": SECRET,
+            "GATEWAY_RATE_LIMIT_PER_SECOND": "1000000",
+            "GATEWAY_RATE_LIMIT_BURST": "1000000",
+        }
+        gw_log = logs / "gateway.log"
+        gw = procs.spawn([sys.executable, "-m", "conveyor_gateway"], gw_env, gw_log)
+        await wait_serving(f"127.0.0.1:{sched_port}", sched, sched_log)
+        await wait_serving(f"127.0.0.1:{gw_port}", gw, gw_log)
+
+        tokens = [mint_token(SECRET, f"bench-{i}", tier="pro", ttl_seconds=3600) for i in range(32)]
+        load = Load(f"127.0.0.1:{gw_port}", tokens)
+        load.open(4)
+        await closed_loop(load, 16, 1.0)  # warm-up: connections, caches
+        direct_load = Load(f"127.0.0.1:{sched_port}", tokens, direct=True)
+        direct_load.open(4)
+        direct = await closed_loop(direct_load, 64, phase)
+        await direct_load.close()
+        print(f"scheduler alone (no gateway): {direct:.0f} submits/s (64 concurrent clients)")
+        single = await closed_loop(load, 64, phase)
+        print(f"single submits: {single:.0f}/s (64 concurrent clients, {phase:.0f} s)")
+        batch = await closed_loop(load, 8, phase, batch=100)
+        print(f"batch submits:  {batch:.0f} tasks/s (8 clients, 100 items per batch)")
+        await asyncio.sleep(1.0)
+        latency = await open_loop(load, 500.0, paced)
+        print(
+            f"open loop 500/s: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms, "
+            f"achieved {latency['achieved_per_s']}/s"
+        )
+        await load.close()
+        gateway_only = await gateway_capacity(procs, base, logs, tokens, phase)
+        print(f"gateway alone (in-memory scheduler stand-in): {gateway_only:.0f} submits/s")
+        with pg.connect(url.rsplit("/", 1)[1]) as conn:
+            row = conn.execute("SELECT count(*) FROM tasks").fetchone()
+        rows = int(str(row[0])) if row else 0
+    finally:
+        procs.stop()
+        with contextlib.suppress(Exception):
+            pg.close()
+
+    result: dict[str, Any] = {
+        "submit_throughput_tps": round(single, 1),
+        "batch_submit_throughput_tps": round(batch, 1),
+        "submit_latency_p50_ms": latency["p50_ms"],
+        "submit_latency_p99_ms": latency["p99_ms"],
+        "open_loop": latency,
+        "scheduler_direct_submit_tps": round(direct, 1),
+        "gateway_only_submit_tps": round(gateway_only, 1),
+        "errors": load.errors,
+        "tasks_rows_written": rows,
+        "mode": "quick" if quick else "full",
+        "seconds_per_phase": phase,
+        "cores": os.cpu_count(),
+        "durable": "PostgreSQL fsync=on synchronous_commit=on (devstack local, fast=False)",
+        "targets": TARGETS,
+    }
+    result["meets_targets"] = {
+        "submit_throughput_tps": single >= TARGETS["submit_throughput_tps"],
+        "batch_submit_throughput_tps": batch >= TARGETS["batch_submit_throughput_tps"],
+        "submit_latency_p99_ms": latency["p99_ms"] <= TARGETS["submit_latency_p99_ms"],
+    }
+    peer = await asyncio.to_thread(run_bullmq, quick)
+    result["bullmq"] = peer
+    if "skipped" in peer:
+        print(f"BullMQ peer skipped: {peer['skipped']}")
+        print(
+            "  (reference from shared/reference: BullMQ durable add "
+            f"{BULLMQ_REFERENCE['add_sequential_jobs_s']:.0f}/s one by one, "
+            f"p99 {BULLMQ_REFERENCE['paced_p99_ms']} ms at 500/s)"
+        )
+        ref_tps = BULLMQ_REFERENCE["add_sequential_jobs_s"]
+        ref_p99 = BULLMQ_REFERENCE["paced_p99_ms"]
+        result["ratio_basis"] = "reference figures (peer not run)"
+    else:
+        ref_tps = float(peer["add_sequential_jobs_s"])
+        ref_p99 = float(peer["paced"]["p99_ms"])
+        result["ratio_basis"] = "BullMQ run in this invocation"
+    result["ratio_submit_tps_vs_bullmq_add"] = round(single / ref_tps, 2)
+    result["ratio_p99_vs_bullmq_paced"] = round(latency["p99_ms"] / ref_p99, 2)
+    print(
+        f"ratio vs BullMQ ({result['ratio_basis']}): submit throughput x"
+        f"{result['ratio_submit_tps_vs_bullmq_add']}, p99 at 500/s x{result['ratio_p99_vs_bullmq_paced']}"
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short phases (< 60 s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
+    parser.add_argument("--serve-scheduler", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-fake-scheduler", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_scheduler:
+        serve_scheduler()
+        return
+    if args.serve_fake_scheduler:
+        serve_fake_scheduler(args.serve_fake_scheduler)
+        return
+    result = asyncio.run(bench(args.quick))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
