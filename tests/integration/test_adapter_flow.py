@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from aiokafka.partitioner import DefaultPartitioner
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
@@ -554,3 +555,55 @@ async def test_signed_webhook_of_a_stale_attempt_cancels_that_prediction(env: En
     assert ("CompleteSubmit", task, 1, "False") in env.coordination.calls
     await asyncio.sleep(0.5)
     assert env.collector.for_task(task) == []
+
+
+async def test_two_replicas_in_one_group_create_one_prediction_per_task(env: Env) -> None:
+    port = free_port()
+    settings = env.adapter.settings.model_copy(
+        update={
+            "webhook_port": port,
+            "webhook_public_base_url": f"http://127.0.0.1:{port}",
+            "adapter_id": "replica-b",
+        }
+    )
+    second_registry = CollectorRegistry()
+    second = Adapter(settings, registry=second_registry)
+    # Two tasks on each of the commands topic's three partitions (the producer's partitioner).
+    partitioner = DefaultPartitioner()
+    per_partition: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    while any(len(v) < 2 for v in per_partition.values()):
+        t = task_id()
+        bucket = per_partition[partitioner(t.encode(), [0, 1, 2], [0, 1, 2])]
+        if len(bucket) < 2:
+            bucket.append(t)
+    tasks = [t for ts in per_partition.values() for t in ts]
+    for t in tasks:
+        env.coordination.dispatched(t)
+
+    async def send_all() -> None:
+        for t in tasks:
+            await env.commands.dispatch(t, inputs={"prompt": f"{t} two", "__fake_duration_s": 0.4})
+
+    await second.start()
+    try:
+        await send_all()  # while the group rebalances
+        async with asyncio.timeout(30):  # until the second replica owns partitions
+            while not second.consumer._consumer.assignment():  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        await send_all()
+        await send_all()
+        for t in tasks:
+            results = await env.collector.wait_for(has_terminal, t, wait_s=30)
+            assert outcomes(results)[-1] == "succeeded"
+        await wait_until(lambda: all(len(env.coordination.decisions(t)) == 3 for t in tasks), 20)
+    finally:
+        await second.stop()
+    for t in tasks:
+        assert len(await env.ledger(t)) == 1, t
+        assert env.coordination.decisions(t).count("PROCEED") == 1
+    handled_by_b = sum(
+        second_registry.get_sample_value("conveyor_adapter_submit_decisions_total", {"decision": d})
+        or 0.0
+        for d in ("proceed", "already_submitted", "reconcile", "stop")
+    )
+    assert handled_by_b >= 2  # both replicas did part of the work
