@@ -27,7 +27,7 @@ from conveyor.scheduler.v1 import scheduler_service_pb2 as spb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
 from conveyor.tasks.v1 import task_pb2, webhook_service_pb2
 from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
-from conveyor_common.kafka import EventProducer, ProducerConfig
+from conveyor_common.kafka import EventProducer, ProducerConfig, encode
 from conveyor_common.metrics import RpcMetrics
 from conveyor_common.ssrf import Resolver, system_resolver
 from conveyor_common.standard_webhooks import WebhookVerificationError, WebhookVerifier
@@ -147,14 +147,17 @@ async def start_producer(bootstrap: str) -> EventProducer:
 
 
 async def publish(producer: EventProducer, topic: str, events: list[task_pb2.TaskEvent]) -> None:
-    """Publish TaskStateChanged records keyed by task id, in order."""
+    """Publish TaskStateChanged records keyed by task id, in order (pipelined)."""
+    items: list[tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]] = []
     for event in events:
-        await producer.send(
-            topic,
+        key, value, headers = encode(
             events_pb2.TaskStateChanged(event=event),
+            source="/tests",
             key=event.task_id,
             event_id=event.event_id,
         )
+        items.append((topic, key, value, headers))
+    await producer.send_many(items)
 
 
 async def make_topics(bootstrap: str, stem: str) -> dict[str, str]:
