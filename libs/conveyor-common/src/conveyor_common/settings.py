@@ -20,7 +20,7 @@ T = TypeVar("T", bound=BaseSettings)
 class ServiceSettings(BaseSettings):
     """Settings every service has. Subclasses set ``model_config`` with their env prefix."""
 
-    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", use_attribute_docstrings=True)
 
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     """Log level of the JSON logs."""
