@@ -324,6 +324,13 @@ def upgrade() -> None:
         postgresql_where=sa.text("status IN (2, 3)"),
     )
     op.create_index(
+        "ix_tasks_backoff",
+        "tasks",
+        ["not_before"],
+        unique=False,
+        postgresql_where=sa.text("status = 1 AND not_before IS NOT NULL"),
+    )
+    op.create_index(
         "ix_tasks_dead_lettered",
         "tasks",
         [sa.literal_column("finished_at DESC")],
@@ -437,6 +444,11 @@ def downgrade() -> None:
     )
     op.drop_index("ix_tasks_position", table_name="tasks", postgresql_where=sa.text("status = 1"))
     op.drop_index("ix_tasks_dispatch", table_name="tasks", postgresql_where=sa.text("status = 1"))
+    op.drop_index(
+        "ix_tasks_backoff",
+        table_name="tasks",
+        postgresql_where=sa.text("status = 1 AND not_before IS NOT NULL"),
+    )
     op.drop_index(
         "ix_tasks_dead_lettered", table_name="tasks", postgresql_where=sa.text("status = 7")
     )

@@ -26,7 +26,13 @@ from conveyor_scheduler.dispatcher import utcnow
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.outbox import Changes
 from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import EV_DEAD_LETTERED, EV_RETRY, NewTask
+from conveyor_scheduler.repository import (
+    EV_DEAD_LETTERED,
+    EV_REDRIVEN,
+    EV_RETRY,
+    EV_SUBMITTED,
+    NewTask,
+)
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.signals import Wakeups
 
@@ -64,7 +70,10 @@ class SchedulerCore:
 
     def _after(self, changes: Changes | None = None, *, poke: bool = True) -> None:
         if poke:
-            self.wakeups.poke()
+            new_work = changes is None or any(
+                t in (EV_SUBMITTED, EV_RETRY, EV_REDRIVEN) for t in changes.new_event_types
+            )
+            self.wakeups.poke(new_work=new_work)
         if changes is None or self.metrics is None:
             return
         for t in changes.new_event_types:

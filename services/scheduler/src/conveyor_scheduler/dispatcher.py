@@ -29,6 +29,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,7 @@ from sqlalchemy.pool import NullPool
 
 from conveyor_scheduler import models as m
 from conveyor_scheduler import transitions
+from conveyor_scheduler.db import PG_OPTIONS
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.outbox import Changes
 from conveyor_scheduler.policy import Policy
@@ -101,6 +103,7 @@ class Capacity:
     tenant_weight: dict[str, int]
     model_used: dict[str, int]
     kind_used: dict[int, int]
+    tenant_used: dict[str, int] = field(default_factory=dict)
     blocked_models: list[str] = field(default_factory=list)
     blocked_kinds: list[int] = field(default_factory=list)
 
@@ -131,6 +134,8 @@ _CANDIDATES_SQL = text(
     ) c
     """
 )
+
+_BACKOFF_SQL = text("SELECT min(not_before) FROM tasks WHERE status = 1 AND not_before > :now")
 
 _DISPATCH_SQL = text(
     """
@@ -172,7 +177,7 @@ class Leader:
             to_sqlalchemy_url(url),
             poolclass=NullPool,
             connect_args={
-                "options": "-c timezone=UTC",
+                "options": PG_OPTIONS,
                 "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
             },
         )
@@ -270,6 +275,15 @@ class Dispatcher:
         self.system_vtime = 0.0
         self.next_wake: float | None = None
         self.max_observed_global = 0
+        self._cache: dict[str, list[Candidate]] = {}
+        self._more: set[str] = set()
+        self._tenant_info: dict[str, tuple[int, int | None, int | None]] = {}
+        self._cache_until = float("-inf")
+        self._cache_blocked: tuple[set[str], set[int]] = (set(), set())
+        self.last_dispatched: list[tuple[uuid.UUID, int]] = []
+        """(task id, attempt) of the last cycle's dispatches (benchmarks, tests)."""
+        self.on_commit: list[Callable[[int], None]] = []
+        """Called after each dispatch commit with the number dispatched."""
 
     async def cycle(self) -> int:
         """One dispatch cycle; returns the number of tasks dispatched."""
@@ -284,35 +298,100 @@ class Dispatcher:
             cap = await self._capacity(conn, now)
             if cap is None:
                 return 0
-            tenants, ks = self._eligible(cap)
-            if not tenants:
+            per_tenant = await self._candidates(conn, cap, now)
+            if not per_tenant:
+                self._wake_at_cache_expiry()
                 return 0
+            chosen = self._assign(per_tenant, cap, now)
+            if not chosen:
+                self._wake_at_cache_expiry()
+                return 0
+            n = await self._commit(conn, chosen, now)
+            self._wake_at_cache_expiry()
+            taken = {c.id for c in chosen}
+            for tenant in {c.tenant_id for c in chosen}:
+                self._cache[tenant] = [c for c in self._cache.get(tenant, []) if c.id not in taken]
+        if n and self.metrics is not None:
+            self.metrics.dispatch_latency.observe(time.perf_counter() - started)
+        if n:
+            self.wakeups.relay.set()
+            for hook in self.on_commit:
+                hook(n)
+        return n
+
+    async def _candidates(
+        self, conn: AsyncConnection, cap: Capacity, now: datetime
+    ) -> dict[str, list[Candidate]]:
+        """Top queued tasks per eligible tenant, from the candidate cache when it is valid.
+
+        The cache holds each tenant's top-k (k = its free slots, capped) read by the last full
+        LATERAL query. It stays valid while nothing but slot releases happened: a submit, redrive,
+        resume or an unknown NOTIFY marks it stale, and it expires after ``candidate_cache_seconds``
+        (which bounds how late a retry whose backoff ended is seen). A tenant whose cached list ran
+        out while more of its tasks may wait is re-read alone, so a refill after a completion costs
+        no scan over every tenant.
+        """
+        fresh = (
+            not self.wakeups.candidates_stale
+            and time.monotonic() < self._cache_until
+            and not (self._cache_blocked[0] - set(cap.blocked_models))
+            and not (self._cache_blocked[1] - set(cap.blocked_kinds))
+        )
+        if not fresh:
+            self.wakeups.candidates_stale = False
+            info = {
+                t.tenant_id: (t.tier, t.max_concurrency, t.weight)
+                for t in await conn.execute(_TENANTS_SQL)
+            }
+            self._tenant_info = info
+            self._cache = {}
+            self._more = set(info)
+            self._cache_until = time.monotonic() + self.settings.candidate_cache_seconds
+            backoff_end = await conn.scalar(_BACKOFF_SQL, {"now": now})
+            if backoff_end is not None:
+                # Wake (and re-read) when the earliest retry backoff ends: retries go out on time.
+                self._cache_until = min(
+                    self._cache_until, time.monotonic() + (backoff_end - now).total_seconds()
+                )
+            self._cache_blocked = (set(cap.blocked_models), set(cap.blocked_kinds))
+        free = self._tenant_free(cap)
+        probe = [t for t, f in free.items() if f > 0 and not self._cache.get(t) and t in self._more]
+        if probe:
+            ks = [min(free[t], self.settings.tenant_candidates_max) for t in probe]
             rows = await conn.execute(
                 _CANDIDATES_SQL,
                 {
-                    "tenants": tenants,
+                    "tenants": probe,
                     "ks": ks,
                     "now": now,
                     "blocked_models": cap.blocked_models,
                     "blocked_kinds": cap.blocked_kinds,
                 },
             )
-            per_tenant: dict[str, list[Candidate]] = defaultdict(list)
+            got: dict[str, list[Candidate]] = defaultdict(list)
             for r in rows:
-                per_tenant[r.tenant_id].append(
+                got[r.tenant_id].append(
                     Candidate(
                         r.id, r.tenant_id, r.kind, r.model, r.rank, r.slot_cost, r.enqueued_at
                     )
                 )
-            chosen = self._assign(per_tenant, cap, now)
-            if not chosen:
-                return 0
-            n = await self._commit(conn, chosen, now)
-        if n and self.metrics is not None:
-            self.metrics.dispatch_latency.observe(time.perf_counter() - started)
-        if n:
-            self.wakeups.relay.set()
-        return n
+            for t, k in zip(probe, ks, strict=True):
+                self._cache[t] = got.get(t, [])
+                if len(self._cache[t]) < k:
+                    self._more.discard(t)  # everything it has queued is in the cache now
+        return {t: self._cache[t] for t, f in free.items() if f > 0 and self._cache.get(t)}
+
+    def _wake_at_cache_expiry(self) -> None:
+        if self._cache_until != float("-inf") and self.next_wake is None:
+            self.next_wake = self._cache_until
+
+    def _tenant_free(self, cap: Capacity) -> dict[str, int]:
+        free: dict[str, int] = {}
+        for tenant, (tier, explicit, weight) in self._tenant_info.items():
+            free[tenant] = self.policy.tenant_limit(tier, explicit) - cap.tenant_used.get(tenant, 0)
+            cap.tenant_weight[tenant] = self.policy.tenant_weight(tier, weight)
+        cap.tenant_free = free
+        return free
 
     async def _capacity(self, conn: AsyncConnection, now: datetime) -> Capacity | None:
         provider = self.settings.provider_name
@@ -351,15 +430,6 @@ class Dispatcher:
         global_free = self.policy.global_concurrency - total
         if global_free <= 0:
             return None
-        tenant_free: dict[str, int] = {}
-        weights: dict[str, int] = {}
-        for t in await conn.execute(_TENANTS_SQL):
-            free = self.policy.tenant_limit(t.tier, t.max_concurrency) - tenant_used.get(
-                t.tenant_id, 0
-            )
-            if free > 0:
-                tenant_free[t.tenant_id] = free
-                weights[t.tenant_id] = self.policy.tenant_weight(t.tier, t.weight)
         min_cost = 1
         blocked_models = list(paused)
         for model, used in model_used.items():
@@ -373,22 +443,14 @@ class Dispatcher:
         ]
         return Capacity(
             global_free=global_free,
-            tenant_free=tenant_free,
-            tenant_weight=weights,
+            tenant_free={},
+            tenant_weight={},
+            tenant_used=tenant_used,
             model_used=model_used,
             kind_used=kind_used,
             blocked_models=blocked_models,
             blocked_kinds=blocked_kinds,
         )
-
-    def _eligible(self, cap: Capacity) -> tuple[list[str], list[int]]:
-        budget = min(
-            cap.global_free, self.settings.dispatch_batch_max, int(self.bucket.available())
-        )
-        k_max = min(budget, self.settings.tenant_candidates_max)
-        tenants = list(cap.tenant_free)
-        ks = [max(1, min(cap.tenant_free[t], k_max)) for t in tenants]
-        return tenants, ks
 
     def _assign(
         self, per_tenant: dict[str, list[Candidate]], cap: Capacity, now: datetime
@@ -459,6 +521,7 @@ class Dispatcher:
         provider = self.settings.provider_name
         result = await conn.execute(_DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now})
         rows = [dict(r) for r in result.mappings()]
+        self.last_dispatched = [(r["id"], r["attempt"]) for r in rows]
         if not rows:
             return 0
         changes = Changes(now=now)
@@ -567,8 +630,8 @@ class LeaderLoops:
                         self.metrics.leader.set(0)
                 await asyncio.sleep(0.2)
                 continue
-            if n >= s.dispatch_batch_max:
-                continue  # more may be dispatchable right away
+            if n > 0:
+                continue  # more may be dispatchable right away (the next cycle tells)
             timeout = s.dispatch_poll_seconds
             if self.dispatcher.next_wake is not None:
                 timeout = min(timeout, max(0.001, self.dispatcher.next_wake - time.monotonic()))

@@ -161,6 +161,11 @@ class Task(Base):
             postgresql_where=text("status = 1 AND queue_deadline IS NOT NULL"),
         ),
         Index(
+            "ix_tasks_backoff",
+            "not_before",
+            postgresql_where=text("status = 1 AND not_before IS NOT NULL"),
+        ),
+        Index(
             "ix_tasks_dead_lettered", text("finished_at DESC"), postgresql_where=text("status = 7")
         ),
         Index(

@@ -33,18 +33,26 @@ class Wakeups:
         self.relay = asyncio.Event()
         self.local_leader = False
         self.notifier: Notifier | None = None
+        self.candidates_stale = True
+        """Set when queued tasks may have appeared (the dispatcher's candidate cache is stale)."""
 
     def wake_local(self) -> None:
         """Wake this replica's leader loops."""
         self.dispatch.set()
         self.relay.set()
 
-    def poke(self) -> None:
-        """Something changed: wake the leader, wherever it runs."""
+    def poke(self, *, new_work: bool = True) -> None:
+        """Something changed: wake the leader, wherever it runs.
+
+        ``new_work`` says queued tasks may have appeared (submit, retry, redrive, resume), as
+        opposed to slots freed only.
+        """
+        if new_work:
+            self.candidates_stale = True
         if self.local_leader:
             self.wake_local()
         elif self.notifier is not None:
-            self.notifier.request()
+            self.notifier.request(new_work=new_work)
 
 
 class Notifier:
@@ -54,10 +62,12 @@ class Notifier:
         self.engine = engine
         self.coalesce = coalesce_seconds
         self._pending = asyncio.Event()
+        self._new_work = False
         self._task: asyncio.Task[None] | None = None
 
-    def request(self) -> None:
+    def request(self, *, new_work: bool = True) -> None:
         """Ask for one NOTIFY soon."""
+        self._new_work = self._new_work or new_work
         self._pending.set()
 
     def start(self) -> None:
@@ -76,9 +86,13 @@ class Notifier:
             await self._pending.wait()
             await asyncio.sleep(self.coalesce)
             self._pending.clear()
+            payload = "work" if self._new_work else "slot"
+            self._new_work = False
             try:
                 async with self.engine.begin() as conn:
-                    await conn.execute(text("SELECT pg_notify(:c, '')"), {"c": CHANNEL})
+                    await conn.execute(
+                        text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": payload}
+                    )
             except Exception:
                 logger.warning("notify failed", extra={"action": "notify_failed"}, exc_info=True)
                 await asyncio.sleep(0.5)
@@ -109,8 +123,10 @@ class Listener:
                 conn = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    async for _ in conn.notifies():
+                    async for note in conn.notifies():
                         if self.wakeups.local_leader:
+                            if note.payload != "slot":
+                                self.wakeups.candidates_stale = True
                             self.wakeups.wake_local()
                 finally:
                     await conn.close()
