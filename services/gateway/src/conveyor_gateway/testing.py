@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,6 +394,7 @@ class Stack:
     keys: Keys
     database_url: str
     registry: CollectorRegistry
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -410,8 +411,10 @@ class Stack:
         return int(row[0]) if row else 0
 
     async def stop(self) -> None:
-        """Stop the gateway, then the scheduler."""
+        """Stop the gateway, then what ``on_stop`` lists (e.g. a notifier), then the scheduler."""
         await self.gateway.stop(0.5)
+        for step in self.on_stop:
+            await step()
         await self.scheduler.stop()
 
 
@@ -422,8 +425,15 @@ async def start_stack(
     scheduler: dict[str, Any] | None = None,
     notifier_address: str | None = None,
     watch_config: Any = None,
+    kafka: bool = False,
+    before_gateway: Callable[[int], Awaitable[str | None]] | None = None,
 ) -> Stack:
-    """Migrate ``database_url``, start the real scheduler (no Kafka) and a gateway on 127.0.0.1:0."""
+    """Migrate ``database_url``, start the real scheduler and a gateway on 127.0.0.1:0.
+
+    ``kafka`` runs the scheduler's outbox relay and results consumer (set
+    ``scheduler={"kafka_bootstrap_servers": ...}``). ``before_gateway`` receives the scheduler's port
+    once it serves (e.g. to start a notifier) and may return the notifier address for the gateway.
+    """
     from conveyor_gateway.app import build_gateway
     from conveyor_gateway.settings import GatewaySettings
     from conveyor_scheduler.app import SchedulerApp
@@ -442,11 +452,13 @@ async def start_stack(
         "tenant_max_waiting": 1_000_000,
     }
     sched_values.update(scheduler or {})
-    app = SchedulerApp(SchedulerSettings(**sched_values), kafka=False)
+    app = SchedulerApp(SchedulerSettings(**sched_values), kafka=kafka)
     await app.start()
     server = app.server
     if server is None:
         raise RuntimeError("the scheduler app has no gRPC server")
+    if before_gateway is not None:
+        notifier_address = await before_gateway(server.port) or notifier_address
     keys = Keys.generate()
     registry = CollectorRegistry()
     gw_values: dict[str, Any] = {
