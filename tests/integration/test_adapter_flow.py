@@ -563,7 +563,7 @@ async def test_two_replicas_in_one_group_create_one_prediction_per_task(env: Env
         update={
             "webhook_port": port,
             "webhook_public_base_url": f"http://127.0.0.1:{port}",
-            "replica_id": "replica-b",
+            "adapter_id": "replica-b",
         }
     )
     second_registry = CollectorRegistry()

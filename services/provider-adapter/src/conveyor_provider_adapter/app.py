@@ -97,14 +97,14 @@ class Adapter:
         )
         self.coordinator = Coordinator(
             settings.scheduler_address,
-            adapter_id=settings.replica_id,
+            adapter_id=settings.adapter_id,
             timeout_s=settings.scheduler_timeout_s,
             retry_s=settings.scheduler_retry_s,
         )
         self.producer = EventProducer(
             ProducerConfig(
                 bootstrap_servers=settings.kafka_bootstrap,
-                client_id=f"{SERVICE}-{settings.replica_id}",
+                client_id=f"{SERVICE}-{settings.adapter_id}",
             ),
             source=f"/services/{SERVICE}",
             metrics=kafka_metrics,
@@ -149,7 +149,7 @@ class Adapter:
                 group_id=settings.consumer_group,
                 topics=[settings.commands_topic],
                 session_timeout_ms=settings.kafka_session_timeout_ms,
-                client_id=f"{SERVICE}-{settings.replica_id}",
+                client_id=f"{SERVICE}-{settings.adapter_id}",
                 max_batch=50,
             ),
             self.dispatcher.handle,

@@ -79,7 +79,7 @@ class AdapterSettings(ServiceSettings):
     """Topic ProviderResults are published to."""
     kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, le=300_000)
     """Consumer session timeout (how fast a dead replica's partitions move)."""
-    replica_id: str = Field(default_factory=socket.gethostname)
+    adapter_id: str = Field(default_factory=socket.gethostname)
     """Id of this replica (audit in BeginSubmit)."""
 
     # --- back-pressure ---
