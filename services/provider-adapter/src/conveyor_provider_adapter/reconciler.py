@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
@@ -160,7 +161,10 @@ class Reconciler:
                 )
                 return "deadline_cancel"
             quiet_since = last_update or started_at
-            if quiet_since is None or now - quiet_since > timedelta(seconds=self.overdue_s):
+            overdue = quiet_since is None or now - quiet_since > timedelta(seconds=self.overdue_s)
+            # A long run without progress stays quiet: poll it once per overdue period only.
+            if overdue and time.monotonic() - info.last_polled >= self.overdue_s:
+                info.last_polled = time.monotonic()
                 try:
                     prediction = await self.replicate.get(a.prediction_id)
                 except ClientError as exc:

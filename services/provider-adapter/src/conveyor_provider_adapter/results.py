@@ -270,8 +270,11 @@ class Observer:
             info, prediction, source=source, webhook_id=webhook_id, deadline_cancel=deadline_cancel
         )
         published = [r for r in results if await self.publisher.publish(r)]
-        if any(r.WhichOneof("outcome") == "started" for r in published):
+        kinds = {r.WhichOneof("outcome") for r in published}
+        if "started" in kinds:
             info.started_reported = True
+        if kinds & {"succeeded", "failed", "canceled", "aborted"}:
+            info.terminal_reported = True
         return published
 
     async def results_for(
@@ -297,10 +300,11 @@ class Observer:
             )
 
         if prediction.terminal:
+            if info.terminal_reported:
+                return []  # already published (outputs are not copied twice)
             rid = f"wh:{webhook_id}" if webhook_id else f"poll:{pid}:{prediction.status}"
             result = make(rid)
             await self._fill_terminal(result, info, prediction, deadline_cancel=deadline_cancel)
-            info.terminal_reported = True
             return [result]
         if prediction.status not in ("starting", "processing"):
             logger.info(

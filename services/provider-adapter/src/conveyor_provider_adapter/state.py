@@ -71,6 +71,8 @@ class AttemptInfo:
     input: dict[str, Any] | None = None
     """Input of the dispatch (kept for an ambiguous create, to match it in the list endpoint)."""
     unknown_since: datetime | None = None
+    last_polled: float = float("-inf")
+    """Monotonic time of the reconciler's last GET of the prediction."""
 
 
 class LocalState:
