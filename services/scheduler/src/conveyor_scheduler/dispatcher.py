@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -42,7 +42,7 @@ from conveyor_scheduler import models as m
 from conveyor_scheduler import transitions
 from conveyor_scheduler.db import PG_OPTIONS
 from conveyor_scheduler.metrics import SchedulerMetrics
-from conveyor_scheduler.outbox import Changes
+from conveyor_scheduler.outbox import Changes, insert_rows
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.repository import EV_DISPATCHED
 from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
@@ -543,7 +543,7 @@ class Dispatcher:
             changes.command(row, transitions.dispatch_command(row, provider, self.policy, now))
             row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
             changes.event(row, EV_DISPATCHED, m.QUEUED)
-        await conn.execute(insert(m.ActiveSlot), slots)
+        await insert_rows(conn, "active_slots", slots)
         await changes.flush(conn, save=False)
         self.bucket.take(len(rows))
         if self.metrics is not None:

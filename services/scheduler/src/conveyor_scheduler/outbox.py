@@ -8,6 +8,7 @@ bumps the task's ``last_sequence`` (under the row lock held by the caller), so s
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections import defaultdict
@@ -16,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import delete, insert, text
+from sqlalchemy import delete, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
@@ -28,39 +29,106 @@ from conveyor_scheduler.convert import TERMINAL_EVENT_TYPES, TaskRow, event_prot
 DEAD_LETTER_NS = uuid.UUID("5b0c7e52-3f39-4a53-9c43-0b7d1a0f2c11")
 """Namespace of the ce_id of a dead-letter copy (uuid5 of the event id: stable across retries)."""
 
-MUTABLE_COLUMNS = (
-    "status",
-    "progress",
-    "attempt",
-    "attempt_base",
-    "max_attempts",
-    "generation",
-    "prediction_id",
-    "submit_state",
-    "submit_started_at",
-    "cancel_requested",
-    "cancel_reason",
-    "run_deadline",
-    "not_before",
-    "updated_at",
-    "enqueued_at",
-    "dispatched_at",
-    "dispatch_emitted_at",
-    "started_at",
-    "finished_at",
-    "last_provider_update_at",
-    "result",
-    "error_code",
-    "error_message",
-    "error_retryable",
-    "last_sequence",
-    "rank",
-)
+MUTABLE = {
+    "status": "smallint",
+    "progress": "smallint",
+    "attempt": "int",
+    "attempt_base": "int",
+    "max_attempts": "int",
+    "generation": "int",
+    "prediction_id": "text",
+    "submit_state": "smallint",
+    "submit_started_at": "timestamptz",
+    "cancel_requested": "bool",
+    "cancel_reason": "text",
+    "run_deadline": "timestamptz",
+    "not_before": "timestamptz",
+    "updated_at": "timestamptz",
+    "enqueued_at": "timestamptz",
+    "dispatched_at": "timestamptz",
+    "dispatch_emitted_at": "timestamptz",
+    "started_at": "timestamptz",
+    "finished_at": "timestamptz",
+    "last_provider_update_at": "timestamptz",
+    "result": "bytea",
+    "error_code": "text",
+    "error_message": "text",
+    "error_retryable": "bool",
+    "last_sequence": "bigint",
+    "rank": "float8",
+}
+MUTABLE_COLUMNS = tuple(MUTABLE)
 """Columns a transition may change (``save`` writes them all, so one executemany fits every row)."""
 
 _SAVE_SQL = text(
-    "UPDATE tasks SET " + ", ".join(f"{c} = :{c}" for c in MUTABLE_COLUMNS) + " WHERE id = :id"
+    "UPDATE tasks AS t SET "
+    + ", ".join(f"{c} = v.{c}" for c in MUTABLE)
+    + " FROM unnest(CAST(:id AS uuid[]), "
+    + ", ".join(f"CAST(:{c} AS {typ}[])" for c, typ in MUTABLE.items())
+    + ") AS v(id, "
+    + ", ".join(MUTABLE)
+    + ") WHERE t.id = v.id"
 )
+"""Writes every changed row in one statement (column arrays, not one parameter set per row)."""
+
+EVENT_COLUMNS = {
+    "task_id": "uuid",
+    "sequence": "bigint",
+    "event_id": "uuid",
+    "type": "smallint",
+    "generation": "int",
+    "terminal": "bool",
+    "occurred_at": "timestamptz",
+    "payload": "bytea",
+}
+OUTBOX_COLUMNS = {
+    "event_id": "uuid",
+    "topic": "text",
+    "key": "text",
+    "ce_type": "text",
+    "payload": "bytea",
+    "headers": "jsonb",
+    "created_at": "timestamptz",
+}
+SLOT_COLUMNS = {
+    "task_id": "uuid",
+    "tenant_id": "text",
+    "model": "text",
+    "kind": "smallint",
+    "cost": "smallint",
+    "provider": "text",
+    "attempt": "int",
+    "acquired_at": "timestamptz",
+}
+
+
+def _unnest_insert_sql(table: str, columns: dict[str, str]) -> Any:
+    casts = ", ".join(
+        f"CAST(CAST(:{c} AS text[]) AS jsonb[])" if typ == "jsonb" else f"CAST(:{c} AS {typ}[])"
+        for c, typ in columns.items()
+    )
+    return text(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({casts})")
+
+
+_INSERT_SQL = {
+    "task_events": _unnest_insert_sql("task_events", EVENT_COLUMNS),
+    "outbox": _unnest_insert_sql("outbox", OUTBOX_COLUMNS),
+    "active_slots": _unnest_insert_sql("active_slots", SLOT_COLUMNS),
+}
+_COLUMNS = {"task_events": EVENT_COLUMNS, "outbox": OUTBOX_COLUMNS, "active_slots": SLOT_COLUMNS}
+
+
+async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Multi-row INSERT through ``unnest`` of column arrays (one statement, typed arrays)."""
+    if not rows:
+        return
+    params: dict[str, Any] = {}
+    for c, typ in _COLUMNS[table].items():
+        if typ == "jsonb":
+            params[c] = [json.dumps(r[c]) for r in rows]
+        else:
+            params[c] = [r[c] for r in rows]
+    await conn.execute(_INSERT_SQL[table], params)
 
 
 def outbox_row(
@@ -143,22 +211,18 @@ class Changes:
     async def flush(self, conn: AsyncConnection, *, save: bool = True) -> None:
         """Write everything collected (task rows unless ``save`` is False)."""
         if save and self.dirty:
-            await conn.execute(
-                _SAVE_SQL,
-                [
-                    {"id": r["id"], **{c: r[c] for c in MUTABLE_COLUMNS}}
-                    for r in self.dirty.values()
-                ],
-            )
+            rows = list(self.dirty.values())
+            params: dict[str, Any] = {"id": [r["id"] for r in rows]}
+            for c in MUTABLE:
+                params[c] = [r[c] for r in rows]
+            await conn.execute(_SAVE_SQL, params)
         if self.free_slots:
             await conn.execute(
                 delete(m.ActiveSlot).where(m.ActiveSlot.task_id.in_(self.free_slots))
             )
         await adjust_waiting(conn, self.waiting)
-        if self.events:
-            await conn.execute(insert(m.TaskEventRow), self.events)
-        if self.outbox:
-            await conn.execute(insert(m.OutboxRow), self.outbox)
+        await insert_rows(conn, "task_events", self.events)
+        await insert_rows(conn, "outbox", self.outbox)
 
 
 async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:
