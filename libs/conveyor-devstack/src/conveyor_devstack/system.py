@@ -86,8 +86,8 @@ class SystemConfig:
     stop_timeout: float = 15.0
     """Seconds between SIGTERM and SIGKILL at stop."""
     loopback_webhooks: bool = True
-    """Allow client webhooks to loopback receivers (the notifier's allow-list, the gateway's URL
-    check); for local runs and tests only."""
+    """Allow client webhooks to loopback receivers over http (the allow-lists of the scheduler's
+    registration check, the notifier's connect check and the gateway's URL check); local only."""
     tenant_id: str = "demo"
     """Tenant of the ready-made tenant token."""
 
@@ -402,6 +402,7 @@ class ConveyorSystem:
                 "SCHEDULER_INSTANCE_ID": f"scheduler-{i}",
                 "SCHEDULER_LOG_LEVEL": level,
                 "SCHEDULER_SHUTDOWN_GRACE_SECONDS": "2",
+                **({"SCHEDULER_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"} if cfg.loopback_webhooks else {}),
                 **cfg.scheduler_env,
             }
             add(

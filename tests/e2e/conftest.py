@@ -1,0 +1,68 @@
+"""The session's end-to-end system: every Conveyor service as a real process on real backends.
+
+One system serves every e2e test (its start costs ~10-15 s): 2 schedulers, 2 adapters, 1 notifier,
+1 gateway and the fake Replicate, on the session's PostgreSQL (a fresh database) and on a Kafka broker
+of its own (Conveyor's topic names are fixed, so a broker shared with other tests would mix their
+records into ours; with ``CONVEYOR_TEST_KAFKA_BOOTSTRAP`` set the given broker is used). Each test
+uses its own tenants. Logs of every process are under the session's tmp dir (``e2e-system*``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[2]
+if str(_ROOT) not in sys.path:  # tests.e2e.* helpers are imported by their package path
+    sys.path.insert(0, str(_ROOT))
+
+from conveyor_devstack.errors import DevstackError  # noqa: E402
+from conveyor_devstack.postgres import PostgresServer  # noqa: E402
+from conveyor_devstack.stack import Devstack, start_kafka_async  # noqa: E402
+from conveyor_devstack.system import ConveyorSystem  # noqa: E402
+from tests.e2e.harness import E2E, session_config  # noqa: E402
+
+
+def _unavailable(what: str, exc: BaseException) -> None:
+    reason = f"e2e: {what}: {type(exc).__name__}: {exc}"
+    if os.environ.get("CONVEYOR_ALLOW_SKIP") == "1":
+        pytest.skip(reason)
+    pytest.fail(reason, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+async def e2e_system(
+    devstack_postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[ConveyorSystem]:
+    """The running system (see the module docstring)."""
+    try:
+        kafka = await start_kafka_async()
+    except (DevstackError, OSError) as exc:
+        _unavailable("kafka could not start", exc)
+        raise
+    config = session_config(run_dir=tmp_path_factory.mktemp("e2e-system"))
+    system = ConveyorSystem(Devstack(devstack_postgres, kafka), config)
+    try:
+        try:
+            await system.start()
+        except DevstackError as exc:
+            _unavailable("the system did not start", exc)
+        yield system
+    finally:
+        await system.stop()
+        await asyncio.to_thread(kafka.close)
+
+
+@pytest.fixture(scope="session")
+async def e2e(e2e_system: ConveyorSystem) -> AsyncIterator[E2E]:
+    """Clients, tenants and the fake's ledger of the session system."""
+    harness = E2E(e2e_system)
+    try:
+        yield harness
+    finally:
+        await harness.close()
