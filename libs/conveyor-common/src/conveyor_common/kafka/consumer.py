@@ -11,6 +11,7 @@ A record that cannot be decoded, a handler raising :class:`PermanentError`, or a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -72,6 +73,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         # Let the batch in hand finish and commit before the partitions move.
         async with self.owner._batch_lock:
             pass
+        self.owner._forget_lag(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         logger.info(
@@ -148,7 +150,7 @@ class EventConsumer:
                 await asyncio.sleep(1)
                 continue
             if not batches:
-                self._update_lag()
+                await self._update_lag()
                 continue
             async with self._batch_lock:
                 await asyncio.gather(
@@ -162,9 +164,11 @@ class EventConsumer:
                     logger.warning(
                         "commit failed", extra={"action": "kafka_commit_failed"}, exc_info=True
                     )
-            self._update_lag()
+            await self._update_lag()
 
-    def _update_lag(self) -> None:
+    async def _update_lag(self) -> None:
+        """Lag = high watermark - position, per assigned partition. Called between batches, when
+        the position equals the committed offset."""
         if self.metrics is None:
             return
         for tp in self._consumer.assignment():
@@ -172,18 +176,23 @@ class EventConsumer:
             if high is None:
                 continue
             try:
-                position = (
-                    self._consumer.last_position(tp)
-                    if hasattr(self._consumer, "last_position")
-                    else None
-                )
+                position = await self._consumer.position(tp)
             except Exception:
-                position = None
-            if position is None:
                 continue
             self.metrics.lag.labels(
                 self.metrics.service, self.config.group_id, tp.topic, str(tp.partition)
             ).set(max(0, high - position))
+
+    def _forget_lag(self, partitions: Any) -> None:
+        """Drop the lag series of partitions this member no longer owns: their new owner reports
+        them, and a stale value left here would keep an autoscaler from scaling down."""
+        if self.metrics is None:
+            return
+        for tp in partitions:
+            with contextlib.suppress(KeyError):
+                self.metrics.lag.remove(
+                    self.metrics.service, self.config.group_id, tp.topic, str(tp.partition)
+                )
 
     async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
         for record in records:
