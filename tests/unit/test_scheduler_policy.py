@@ -150,7 +150,7 @@ def test_results_are_fenced_and_forward_only() -> None:
 
 def test_terminal_outcomes() -> None:
     backoff = Backoff(1, 10, 0)
-    cases = [
+    cases: list[tuple[str, dict[str, Any], dict[str, Any], int]] = [
         ("failed", {"retryable": False}, {}, m.FAILED),
         ("canceled", {"deadline_exceeded": True}, {}, m.FAILED),
         ("canceled", {}, {"cancel_requested": True}, m.CANCELED),
@@ -183,7 +183,7 @@ def test_validation_names_the_bad_fields() -> None:
 def test_settings_require_database_url_and_validate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SCHEDULER_DATABASE_URL", raising=False)
     with pytest.raises(ValidationError):
-        SchedulerSettings()
+        SchedulerSettings()  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         kit.make_settings(URL, tier_concurrency={"free": 1})
     with pytest.raises(ValidationError):
@@ -191,7 +191,7 @@ def test_settings_require_database_url_and_validate(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SCHEDULER_DATABASE_URL", URL)
     monkeypatch.setenv("SCHEDULER_GLOBAL_CONCURRENCY", "7")
     monkeypatch.setenv("SCHEDULER_KIND_LIMITS", '{"video": 4}')
-    s = SchedulerSettings()
+    s = SchedulerSettings()  # type: ignore[call-arg]
     assert s.global_concurrency == 7
     assert s.kind_limits == {"video": 4}
     assert s.sqlalchemy_url == "postgresql+psycopg://u@127.0.0.1:1/db"
