@@ -304,7 +304,7 @@ async def open_loop(load: Load, rate: float, seconds: float) -> dict[str, Any]:
 
 async def gateway_capacity(
     procs: Procs, base: dict[str, str], logs: Path, tokens: list[str], seconds: float
-) -> float:
+) -> tuple[float, dict[str, Any]]:
     """Single submits/s of a second gateway in front of an in-memory scheduler stand-in."""
     fake_port, gw_port = free_port(), free_port()
     fake_log, gw_log = logs / "fake-scheduler.log", logs / "gateway-2.log"
@@ -328,11 +328,12 @@ async def gateway_capacity(
     load = Load(f"127.0.0.1:{gw_port}", tokens)
     load.open(4)
     await closed_loop(load, 16, 0.5)
+    overhead = await open_loop(load, 500.0, min(seconds, 5.0))
     tps = await closed_loop(load, 64, seconds)
     await load.close()
     for proc in (gw, fake):
         proc.send_signal(signal.SIGTERM)
-    return tps
+    return tps, overhead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -447,8 +448,11 @@ async def bench(quick: bool) -> dict[str, Any]:
         await direct_load.close()
         print(f"scheduler alone (no gateway): {direct:.0f} submits/s (64 concurrent clients)")
         await load.close()
-        gateway_only = await gateway_capacity(procs, base, logs, tokens, phase)
-        print(f"gateway alone (in-memory scheduler stand-in): {gateway_only:.0f} submits/s")
+        gateway_only, gw_latency = await gateway_capacity(procs, base, logs, tokens, phase)
+        print(
+            f"gateway alone (in-memory scheduler stand-in): {gateway_only:.0f} submits/s; "
+            f"at 500/s p50 {gw_latency['p50_ms']} ms, p99 {gw_latency['p99_ms']} ms"
+        )
         with pg.connect(url.rsplit("/", 1)[1]) as conn:
             row = conn.execute("SELECT count(*) FROM tasks").fetchone()
         rows = int(str(row[0])) if row else 0
@@ -466,6 +470,7 @@ async def bench(quick: bool) -> dict[str, Any]:
         "open_loop_100_per_s": light,
         "scheduler_direct_submit_tps": round(direct, 1),
         "gateway_only_submit_tps": round(gateway_only, 1),
+        "gateway_only_open_loop_500_per_s": gw_latency,
         "errors": load.errors,
         "tasks_rows_written": rows,
         "mode": "quick" if quick else "full",
