@@ -109,9 +109,9 @@ async def queue_position(conn: AsyncConnection, row: TaskRow) -> int:
     ahead = await conn.scalar(
         text(
             "SELECT count(*) FROM tasks WHERE status = 1 AND kind = :kind"
-            " AND (rank > :rank OR (rank = :rank AND enqueued_at < :enq))"
+            " AND (rank > :rank OR (rank = :rank AND (enqueued_at, id) < (:enq, :id)))"
         ),
-        {"kind": row["kind"], "rank": row["rank"], "enq": row["enqueued_at"]},
+        {"kind": row["kind"], "rank": row["rank"], "enq": row["enqueued_at"], "id": row["id"]},
     )
     return int(ahead or 0) + 1
 
