@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -45,7 +46,7 @@ class StatsCache:
 
     at: float = 0.0
     key: tuple[int, str] | None = None
-    value: list[dict[str, object]] | None = None
+    value: list[dict[str, Any]] | None = None
 
 
 class SchedulerCore:
@@ -162,7 +163,7 @@ class SchedulerCore:
             events.append(ev)
         return events, row["status"] in m.TERMINAL_STATUSES, row["last_sequence"]
 
-    async def queue_stats(self, kind: int, model: str) -> list[dict[str, object]]:
+    async def queue_stats(self, kind: int, model: str) -> list[dict[str, Any]]:
         """Per (kind, model) and per kind totals; cached ``stats_cache_seconds``."""
         key = (kind, model)
         c = self._stats
