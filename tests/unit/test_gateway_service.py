@@ -397,3 +397,45 @@ async def test_sdk_gives_up_after_its_retries() -> None:
         assert len(env.scheduler.calls) == 3
     finally:
         await stop_env(env)
+
+
+async def test_sdk_watch_resumes_across_a_gateway_restart() -> None:
+    env = await start_env()
+    port = env.gateway.port
+    replacement: Gateway | None = None
+    try:
+        async with AsyncConveyorClient(
+            f"127.0.0.1:{port}", env.keys.token(), backoff_base=0.05
+        ) as client:
+            task = (await client.submit("image", model="acme/sdxl", input={"p": 1})).task
+            seen: list[int] = []
+
+            async def follow() -> None:
+                async for event in client.watch(task.task_id):
+                    seen.append(event.sequence)
+
+            follower = asyncio.create_task(follow())
+            env.scheduler.append_event(task.task_id, E.TASK_EVENT_TYPE_DISPATCHED)
+            for _ in range(100):
+                if len(seen) >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert seen == [1, 2]
+            await env.gateway.stop(0)  # the stream breaks mid-watch
+            env.scheduler.append_event(task.task_id, E.TASK_EVENT_TYPE_STARTED)
+            replacement = build_gateway(
+                settings(env.fakes.port, env.fakes.port, grpc_port=port),
+                CollectorRegistry(),
+                watch_config=FAST_WATCH,
+            )
+            await replacement.start()
+            env.scheduler.append_event(
+                task.task_id, E.TASK_EVENT_TYPE_SUCCEEDED, status=E.TASK_STATUS_SUCCEEDED
+            )
+            await asyncio.wait_for(follower, 15)
+        assert seen == [1, 2, 3, 4]  # no gap, no duplicate across the reconnect
+    finally:
+        if replacement is not None:
+            await replacement.stop(0)
+        await env.channel.close()
+        await env.fakes.stop(0.5)
