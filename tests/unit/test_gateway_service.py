@@ -439,3 +439,20 @@ async def test_sdk_watch_resumes_across_a_gateway_restart() -> None:
             await replacement.stop(0)
         await env.channel.close()
         await env.fakes.stop(0.5)
+
+
+async def test_watch_tasks_without_a_reachable_notifier_is_unavailable_with_retry_info() -> None:
+    scheduler = FakeScheduler()
+    fakes = await serve(scheduler_binding(scheduler))  # no WatchFanoutService here
+    gateway = build_gateway(settings(fakes.port, fakes.port), CollectorRegistry())
+    await gateway.start()
+    try:
+        async with AsyncConveyorClient(f"127.0.0.1:{gateway.port}", Keys.generate().token()) as c:
+            with pytest.raises(ConveyorError) as exc:
+                async for _ in c.watch_all():
+                    pass
+        assert exc.value.code == grpc.StatusCode.UNAVAILABLE
+        assert exc.value.retry_after_seconds == 1.0
+    finally:
+        await gateway.stop(0)
+        await fakes.stop(0)

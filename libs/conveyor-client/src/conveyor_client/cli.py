@@ -2,7 +2,8 @@
 
 Address and token come from ``--address``/``--token`` or ``CONVEYOR_ADDRESS``/``CONVEYOR_TOKEN``.
 ``--json`` prints machine-readable output (one JSON document, or one JSON line per watch event).
-Exit codes: 0 success, 1 the call failed (the status and each bad field go to stderr), 2 usage.
+Exit codes: 0 success, 1 the call failed (the status and each bad field go to stderr), 2 usage,
+3 a followed task (``watch``, ``submit --wait/--watch``) ended without succeeding.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
-from conveyor_common.errors import RpcError
+from conveyor_common.errors import RpcError, Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class DownstreamError(RpcError):
 
 
 _GENERIC_MESSAGES = {
-    grpc.StatusCode.UNAVAILABLE: "the scheduler is unavailable; retry later",
+    grpc.StatusCode.UNAVAILABLE: "the {what} is unavailable; retry later",
     grpc.StatusCode.DEADLINE_EXCEEDED: "deadline exceeded",
     grpc.StatusCode.CANCELLED: "canceled",
 }
@@ -71,9 +71,11 @@ def reraise(exc: grpc.aio.AioRpcError, *, what: str = "scheduler") -> NoReturn:
             "downstream returned %s", code, extra={"action": "downstream_unknown", "peer": what}
         )
         raise DownstreamError(grpc.StatusCode.INTERNAL, "internal error") from None
+    if not details_md and code == grpc.StatusCode.UNAVAILABLE:
+        raise Unavailable(_GENERIC_MESSAGES[code].format(what=what), 1.0) from None
     if not details_md and code in _GENERIC_MESSAGES:
         # Transport failures carry grpc-core text with internal addresses: do not forward it.
-        raise DownstreamError(code, _GENERIC_MESSAGES[code]) from None
+        raise DownstreamError(code, _GENERIC_MESSAGES[code].format(what=what)) from None
     raise DownstreamError(code, exc.details() or code.name.lower(), details_md) from None
 
 

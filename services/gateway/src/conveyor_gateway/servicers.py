@@ -8,6 +8,7 @@ so the gateway's own retries stay idempotent.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -27,9 +28,11 @@ from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_common.context import bound
 from conveyor_common.errors import Unavailable
 from conveyor_gateway.auth import current_principal
-from conveyor_gateway.downstream import SchedulerClient, reraise
+from conveyor_gateway.downstream import SchedulerClient
 from conveyor_gateway.validation import Validator
 from conveyor_gateway.watch import TaskWatcher, watch_tenant
+
+logger = logging.getLogger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 W = TypeVar("W", bound=Message)
@@ -149,9 +152,15 @@ class TaskServicer(svc_grpc.TaskServiceServicer, _Forwarder):
             ):
                 yield svc_pb2.WatchTasksResponse(event=event)
         except grpc.aio.AioRpcError as exc:
+            # Notifier statuses are internal: the caller learns only that it may subscribe again.
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 raise Unavailable("live stream fell behind; subscribe again", 0.1) from None
-            reraise(exc, what="notifier")
+            logger.warning(
+                "notifier subscribe failed: %s",
+                exc.code().name,
+                extra={"action": "watch_tasks_unavailable"},
+            )
+            raise Unavailable("live watch is not available; retry later", 1.0) from None
         except (TimeoutError, ConnectionError):
             raise Unavailable("live watch is not available; retry later", 1.0) from None
 
