@@ -15,7 +15,7 @@ from conveyor_common.logging import configure_logging
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
 from conveyor_scheduler.app import SchedulerApp
-from conveyor_scheduler.db import SchemaNotAtHead, migrate
+from conveyor_scheduler.db import SchemaNotAtHead, check_schema, create_engine, migrate
 from conveyor_scheduler.settings import SchedulerSettings
 
 logger = logging.getLogger("conveyor_scheduler")
@@ -23,15 +23,18 @@ logger = logging.getLogger("conveyor_scheduler")
 
 async def run(settings: SchedulerSettings) -> None:
     """Serve until SIGTERM/SIGINT."""
+    engine = create_engine(settings.database_url.get_secret_value(), pool_size=1)
+    try:
+        await check_schema(engine)
+    except SchemaNotAtHead as exc:
+        logger.error(str(exc), extra={"action": "schema_not_at_head"})
+        raise SystemExit(3) from None
+    finally:
+        await engine.dispose()
     app = SchedulerApp(settings)
     lifecycle = Lifecycle()
     start_metrics(lifecycle, app.registry, settings)
-    try:
-        await app.start()
-    except SchemaNotAtHead as exc:
-        logger.error(str(exc), extra={"action": "schema_not_at_head"})
-        await app.dispose()
-        raise SystemExit(3) from None
+    await app.start(check=False)
     assert app.server is not None
     register_grpc(lifecycle, app.server, settings)
     app.register(lifecycle)
