@@ -292,7 +292,12 @@ async def test_dns_rebinding_to_loopback_is_refused_when_sending(
     topics = await make_topics(kafka_bootstrap, "notifier-ssrf")
     guard = LoopbackOnly()
     settings = notifier_settings(
-        kafka_bootstrap, side.address, topics, webhook_allow_hosts=[], retry_base_seconds=30
+        kafka_bootstrap,
+        side.address,
+        topics,
+        webhook_allow_hosts=[],
+        retry_base_seconds=30,
+        retry_max_seconds=60,
     )
     notifier = Notifier(settings, resolver=rebinding_resolver("127.0.0.1"), egress_backend=guard)
     await notifier.start(serve_metrics=False)

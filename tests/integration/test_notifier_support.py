@@ -284,6 +284,21 @@ async def list_deliveries(
     return list(response.response.deliveries)
 
 
+async def settled_deliveries(
+    side: SchedulerSide, tenant_id: str, count: int, task_id: str = ""
+) -> list[webhook_service_pb2.WebhookDelivery]:
+    """The tenant's deliveries once ``count`` exist and none is pending (outcomes reported)."""
+    found: list[webhook_service_pb2.WebhookDelivery] = []
+
+    async def settled() -> bool:
+        found[:] = await list_deliveries(side, tenant_id, task_id)
+        pending = webhook_service_pb2.DELIVERY_STATE_PENDING
+        return len(found) >= count and all(d.state != pending for d in found)
+
+    await eventually_async(settled, what=f"{count} settled deliveries")
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # Loopback HTTP receivers
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # mypy sees tests/ as a package; pytest imports the sibling m
         SchedulerSide,
         create_endpoint,
         eventually,
+        eventually_async,
         lifecycle,
         list_deliveries,
         make_event,
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # mypy sees tests/ as a package; pytest imports the sibling m
         principal,
         publish,
         receiver,
+        settled_deliveries,
         start_producer,
         start_scheduler_side,
     )
@@ -40,6 +42,7 @@ else:
         SchedulerSide,
         create_endpoint,
         eventually,
+        eventually_async,
         lifecycle,
         list_deliveries,
         make_event,
@@ -48,6 +51,7 @@ else:
         principal,
         publish,
         receiver,
+        settled_deliveries,
         start_producer,
         start_scheduler_side,
     )
@@ -170,16 +174,22 @@ async def test_signed_events_arrive_in_order_per_task(
         assert [r.document["type"] for r in terminal_only.delivered()] == ["task.succeeded"] * 2
         assert all(r.verified for r in terminal_only.received)
 
-        log = await list_deliveries(side, t)
+        log = await settled_deliveries(side, t, 14)
         assert len(log) == 14
         assert {d.state for d in log} == {webhook_service_pb2.DELIVERY_STATE_DELIVERED}
         assert all(d.attempts == 1 and d.last_status_code == 200 for d in log)
         assert {d.delivery_id for d in log} >= {r.webhook_id for r in all_events.received}
 
-    # A redelivered Kafka record (same event id) creates no second delivery.
-    await publish(producer, topics["events"], [events_a[-1]])
-    await asyncio.sleep(1.0)
-    assert len(await list_deliveries(side, t)) == 14
+    # A redelivered Kafka record (same event id) creates no second delivery: once a later event
+    # of the same task (same partition, so handled after it) has its delivery, count again.
+    sentinel = make_event(t, task_a, 7, task_pb2.TASK_EVENT_TYPE_PROGRESS)
+    await publish(producer, topics["events"], [events_a[-1], sentinel])
+
+    async def sentinel_enqueued() -> bool:
+        return any(d.sequence == 7 for d in await list_deliveries(side, t, task_a))
+
+    await eventually_async(sentinel_enqueued, what="sentinel delivery")
+    assert len(await list_deliveries(side, t)) == 15
     assert metric(notifier, "conveyor_notifier_deliveries_total", {"outcome": "delivered"}) >= 14
 
 
@@ -212,7 +222,7 @@ async def test_failing_receiver_gets_retries_with_the_same_webhook_id(
         assert all(r.verified for r in rec.received)
         assert [r.document["data"]["sequence"] for r in rec.delivered()] == [1, 2]
 
-    log = {d.sequence: d for d in await list_deliveries(side, t, task_id)}
+    log = {d.sequence: d for d in await settled_deliveries(side, t, 2, task_id)}
     assert log[1].attempts == 4
     assert log[1].state == webhook_service_pb2.DELIVERY_STATE_DELIVERED
     assert log[1].delivery_id == ids[0]
