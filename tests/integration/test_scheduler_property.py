@@ -32,7 +32,7 @@ from conveyor_scheduler.app import SchedulerApp, results_handler
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.slow]
 
 SEED = int(os.environ.get("SCHEDULER_PROPERTY_SEED", "20261123"))
-ROUNDS = int(os.environ.get("SCHEDULER_PROPERTY_ROUNDS", "150"))
+ROUNDS = int(os.environ.get("SCHEDULER_PROPERTY_ROUNDS", "120"))
 OPS_PER_ROUND = 20
 TENANTS = ["t0", "t1", "t2", "t3", "t4"]
 TIER = {"t0": 1, "t1": 1, "t2": 2, "t3": 3, "t4": 1}
