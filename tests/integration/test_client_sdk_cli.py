@@ -27,11 +27,15 @@ E = task_pb2
 
 @pytest.fixture(scope="module")
 async def stack(database_url: str) -> AsyncIterator[Stack]:
-    s = await start_stack(database_url)
-    try:
-        yield s
-    finally:
-        await s.stop()
+    # 127.0.0.2 stands in for a public callback host (allow-listed for this module only, at the
+    # gateway and at the scheduler's registration check).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SCHEDULER_WEBHOOK_ALLOW_HOSTS", "127.0.0.2")
+        s = await start_stack(database_url, gateway={"url_allowed_hosts": ["127.0.0.2/32"]})
+        try:
+            yield s
+        finally:
+            await s.stop()
 
 
 @pytest.fixture
@@ -126,6 +130,27 @@ async def test_admin_calls(stack: Stack) -> None:
         with pytest.raises(ConveyorError) as exc:
             await tenant_client.get_tenant("acme-admin-test")
         assert exc.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_webhook_endpoints_are_forwarded(stack: Stack) -> None:
+    async with AsyncConveyorClient(stack.address, stack.keys.token("hooks-tenant")) as c:
+        created = await c.create_webhook_endpoint(
+            "https://127.0.0.2/hooks", events=[E.TASK_EVENT_TYPE_SUCCEEDED]
+        )
+        assert created.signing_secret.startswith("whsec_")
+        endpoints = await c.list_webhook_endpoints()
+        assert [e.endpoint_id for e in endpoints] == [created.endpoint.endpoint_id]
+        rotated = await c.rotate_webhook_secret(overlap_seconds=60)
+        assert rotated.signing_secret != created.signing_secret
+        deliveries = await c.list_webhook_deliveries()
+        assert list(deliveries.deliveries) == []
+        await c.delete_webhook_endpoint(created.endpoint.endpoint_id)
+        assert await c.list_webhook_endpoints() == []
+        with pytest.raises(ConveyorError) as exc:
+            await c.create_webhook_endpoint("https://10.0.0.1/hooks")
+        assert [v.field for v in exc.value.field_violations] == ["url"]
+    async with AsyncConveyorClient(stack.address, stack.keys.token("other-tenant")) as other:
+        assert await other.list_webhook_endpoints() == []
 
 
 def _sync_flow(address: str, token: str) -> list[str]:

@@ -67,9 +67,7 @@ def build_validator(settings: GatewaySettings) -> Validator:
             max_label_value_length=settings.max_label_value_length,
         ),
         UrlPolicy.from_entries(
-            settings.url_allowed_hosts,
-            allow_http=settings.url_allow_http,
-            dns_timeout=settings.dns_timeout_seconds,
+            settings.url_allowed_hosts, dns_timeout=settings.dns_timeout_seconds
         ),
     )
 

@@ -7,12 +7,15 @@ Verification keys have no defaults: at least one of ``GATEWAY_JWT_HS256_SECRET``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common.settings import ServiceSettings
+from conveyor_common.ssrf import AllowList
 
 
 class GatewaySettings(ServiceSettings):
@@ -84,10 +87,9 @@ class GatewaySettings(ServiceSettings):
     """Longest label key."""
     max_label_value_length: int = Field(default=256, ge=0, le=4096)
     """Longest label value."""
-    url_allowed_hosts: list[str] = Field(default_factory=list)
-    """Hosts or IP networks exempt from the SSRF address check (JSON list; empty in production)."""
-    url_allow_http: bool = False
-    """Accept http:// URLs (tests only; https only otherwise)."""
+    url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Hosts, addresses or CIDRs exempt from the SSRF address check, and the only hosts http:// may
+    name (comma-separated or a JSON list; empty in production)."""
     dns_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
     """Time limit of one URL's DNS resolution."""
 
@@ -98,6 +100,22 @@ class GatewaySettings(ServiceSettings):
     """Token bucket size per tenant."""
     max_concurrent_rpcs: int | None = Field(default=None, ge=1)
     """Most RPCs handled at once (grpc maximum_concurrent_rpcs); unset = no limit."""
+
+    @field_validator("url_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("url_allowed_hosts")
+    @classmethod
+    def _valid_hosts(cls, value: list[str]) -> list[str]:
+        AllowList.parse(value)  # raises ValueError naming a bad entry
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:

@@ -8,26 +8,24 @@ all; a request with violations is never forwarded.
 
 Semantic checks: model and deployment reference formats, the serialized size of ``spec.input``,
 priorities and deadlines in range, label limits, batch size, and URLs. Any string in ``spec.input`` that
-looks like a URL, and every webhook URL, must be https (no userinfo, no IP literal) and every address its
-host resolves to must be globally routable: loopback, private, link-local (cloud metadata), CGNAT,
-multicast, reserved and IPv4-mapped private addresses are refused. Resolution runs after the syntax
-checks, concurrently, in the resolver's thread pool, with a time limit. ``url_allowed_hosts`` (host
-names or IP networks) exempts hosts in tests.
+looks like a URL, and every webhook URL, goes through the shared SSRF policy of
+:mod:`conveyor_common.ssrf` (the scheduler and the notifier apply the same one): https only, no
+userinfo or ambiguous IP spellings, and every address the host resolves to must be public (loopback,
+private, link-local/cloud metadata, CGNAT, multicast, reserved, mapped... are refused). Resolution runs
+after the syntax checks, concurrently, in the resolver's thread pool, with a time limit.
+``url_allowed_hosts`` (host names, addresses or CIDRs) exempts hosts in tests and local runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import math
 import re
-import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -45,6 +43,16 @@ from conveyor.tasks.v1 import (
     webhook_service_pb2 as hook_pb2,
 )
 from conveyor_common.errors import FieldViolation, InvalidArgument
+from conveyor_common.ssrf import (
+    AllowList,
+    RefusalReason,
+    Resolver,
+    Target,
+    UrlRefused,
+    check_addresses,
+    parse_url,
+    system_resolver,
+)
 from conveyor_gateway.auth import TENANT_ID_RE
 
 # ---------------------------------------------------------------------------------------------
@@ -66,7 +74,6 @@ URL_LIKE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]{0,30}://")
 MAX_INPUT_DEPTH = 32
 MAX_REASON_LENGTH = 1000
 MAX_PAGE_TOKEN_LENGTH = 2048
-MAX_URL_LENGTH = 2048
 MAX_WEBHOOK_EVENTS = 32
 MAX_FILTER_VALUES = 32
 MAX_BULK_TASK_IDS = 10_000
@@ -102,97 +109,48 @@ def target_ref_problem(value: str) -> str | None:
 
 @dataclass(frozen=True)
 class UrlPolicy:
-    """What URLs may point at."""
+    """What URLs may point at: the shared SSRF policy (:mod:`conveyor_common.ssrf`) plus a DNS limit.
 
-    allowed_hosts: frozenset[str] = frozenset()
-    allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
-    allow_http: bool = False
+    https only (http only to allow-listed hosts), no userinfo or ambiguous IP spellings, and every
+    address the host resolves to must be public unless the host or address is allow-listed.
+    """
+
+    allow: AllowList = field(default_factory=AllowList)
     dns_timeout: float = 2.0
+    resolver: Resolver = system_resolver
 
     @classmethod
-    def from_entries(
-        cls, entries: list[str], *, allow_http: bool = False, dns_timeout: float = 2.0
-    ) -> UrlPolicy:
-        """Build from ``url_allowed_hosts`` entries: host names or IP networks (CIDR)."""
-        hosts: set[str] = set()
-        networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
-        for entry in entries:
-            try:
-                networks.append(ipaddress.ip_network(entry.strip(), strict=False))
-            except ValueError:
-                hosts.add(entry.strip().lower().rstrip("."))
-        return cls(frozenset(hosts), tuple(networks), allow_http, dns_timeout)
+    def from_entries(cls, entries: list[str], *, dns_timeout: float = 2.0) -> UrlPolicy:
+        """Build from ``url_allowed_hosts`` entries: host names, addresses or CIDRs."""
+        return cls(AllowList.parse(entries), dns_timeout)
 
-    def address_allowed(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """Whether one resolved address may be contacted."""
-        if isinstance(address, ipaddress.IPv6Address):
-            mapped = address.ipv4_mapped or address.sixtofour
-            if mapped is not None:
-                return self.address_allowed(mapped)
-        if any(address in net for net in self.allowed_networks):
-            return True
-        return bool(address.is_global) and not address.is_multicast
+    def syntax(self, url: str) -> Target:
+        """Syntax checks without DNS; raises :class:`UrlRefused`."""
+        target = parse_url(url)
+        if target.scheme != "https" and not self.allow:
+            raise UrlRefused(RefusalReason.SCHEME, "url must use https")
+        return target
 
-
-def url_syntax_problem(url: str, policy: UrlPolicy) -> tuple[str | None, str | None, int]:
-    """(problem, host, port) of a URL's syntax; the host still has to be resolved."""
-    if len(url) > MAX_URL_LENGTH:
-        return f"URL longer than {MAX_URL_LENGTH} characters", None, 0
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return "not a valid URL", None, 0
-    scheme = parts.scheme.lower()
-    if scheme != "https" and not (policy.allow_http and scheme == "http"):
-        return "URL must use https", None, 0
-    if parts.username is not None or parts.password is not None:
-        return "URL must not contain credentials", None, 0
-    host = (parts.hostname or "").rstrip(".")
-    if not host:
-        return "URL has no host", None, 0
-    if any(c.isspace() for c in url):
-        return "URL must not contain whitespace", None, 0
-    if port is None:
-        port = 443 if scheme == "https" else 80
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is not None and not any(literal in n for n in policy.allowed_networks):
-        return "URL host must be a DNS name, not an IP address", None, 0
-    return None, host.lower(), port
-
-
-async def resolve_problem(host: str, port: int, policy: UrlPolicy) -> str | None:
-    """Resolve ``host``; every address must be allowed. None when the URL may be used."""
-    if host in policy.allowed_hosts:
-        return None
-    try:
-        literal = ipaddress.ip_address(host)
-    except ValueError:
-        literal = None
-    if literal is not None:
-        return None if policy.address_allowed(literal) else "URL points to a non-public address"
-    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
-        return "URL points to a non-public address"
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout=policy.dns_timeout
-        )
-    except (TimeoutError, OSError, UnicodeError):
-        return "URL host does not resolve"
-    if not infos:
-        return "URL host does not resolve"
-    for info in infos:
+    async def resolve(self, target: Target) -> str | None:
+        """Resolve and check every address; None when the URL may be used, else why not."""
         try:
-            address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
+            if target.literal is not None:
+                check_addresses(target, [target.literal], self.allow)
+                return None
+            try:
+                addresses = await asyncio.wait_for(
+                    self.resolver(target.host, target.port), timeout=self.dns_timeout
+                )
+            except TimeoutError:
+                return f"{target.host}: DNS resolution timed out"
+            except OSError:
+                return f"{target.host} does not resolve"
+            check_addresses(target, addresses, self.allow)
+        except UrlRefused as exc:
+            return exc.message
         except ValueError:
-            return "URL host resolves to an unusable address"
-        if not policy.address_allowed(address):
-            return "URL points to a non-public address"
-    return None
+            return f"{target.host} resolves to an unusable address"
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +177,7 @@ class Ctx:
     limits: Limits
     now: float
     violations: list[FieldViolation] = field(default_factory=list)
-    urls: list[tuple[str, str, int]] = field(default_factory=list)
+    urls: list[tuple[str, Target]] = field(default_factory=list)
     url_policy: UrlPolicy = field(default_factory=UrlPolicy)
 
     def bad(self, path: str, description: str) -> None:
@@ -228,14 +186,15 @@ class Ctx:
 
     def url(self, path: str, value: str) -> None:
         """Check a URL's syntax now and queue its host for resolution."""
-        problem, host, port = url_syntax_problem(value, self.url_policy)
-        if problem is not None:
-            self.bad(path, problem)
-        elif host is not None:
-            if len(self.urls) >= MAX_URLS_PER_REQUEST:
-                self.bad(path, f"at most {MAX_URLS_PER_REQUEST} URLs per request")
-            else:
-                self.urls.append((path, host, port))
+        try:
+            target = self.url_policy.syntax(value)
+        except UrlRefused as exc:
+            self.bad(path, exc.message)
+            return
+        if len(self.urls) >= MAX_URLS_PER_REQUEST:
+            self.bad(path, f"at most {MAX_URLS_PER_REQUEST} URLs per request")
+        else:
+            self.urls.append((path, target))
 
 
 Check = Callable[[Message, str, Ctx], None]
@@ -814,10 +773,8 @@ class Validator:
         self.url_policy = url_policy or UrlPolicy()
         self._clock = clock
 
-    def violations(
-        self, request: Message
-    ) -> tuple[list[FieldViolation], list[tuple[str, str, int]]]:
-        """Synchronous checks: the violations and the (path, host, port) URLs still to resolve."""
+    def violations(self, request: Message) -> tuple[list[FieldViolation], list[tuple[str, Target]]]:
+        """Synchronous checks: the violations and the (path, URL) pairs still to resolve."""
         table = TABLES[type(request)]
         ctx = Ctx(self.limits, self._clock(), url_policy=self.url_policy)
         validate(request, table, ctx)
@@ -827,10 +784,8 @@ class Validator:
         """Raise InvalidArgument naming every bad field of ``request``."""
         violations, urls = self.violations(request)
         if urls:
-            problems = await asyncio.gather(
-                *(resolve_problem(host, port, self.url_policy) for _, host, port in urls)
-            )
-            for (path, _, _), problem in zip(urls, problems, strict=True):
+            problems = await asyncio.gather(*(self.url_policy.resolve(t) for _, t in urls))
+            for (path, _), problem in zip(urls, problems, strict=True):
                 if problem is not None:
                     violations.append(FieldViolation(field=path, description=problem))
         if violations:
