@@ -456,3 +456,21 @@ async def test_watch_tasks_without_a_reachable_notifier_is_unavailable_with_retr
     finally:
         await gateway.stop(0)
         await fakes.stop(0)
+
+
+async def test_reflection_lists_the_public_services_without_a_token(env: Env) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub: Any = reflection_pb2_grpc.ServerReflectionStub(env.channel)
+    call = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names: set[str] = set()
+    async for resp in call:
+        names.update(s.name for s in resp.list_services_response.service)
+    assert {
+        "conveyor.tasks.v1.TaskService",
+        "conveyor.tasks.v1.AdminService",
+        "conveyor.tasks.v1.WebhookService",
+        "grpc.health.v1.Health",
+    } <= names
