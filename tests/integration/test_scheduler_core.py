@@ -301,7 +301,7 @@ async def test_retry_backoff_dead_letter_and_redrive(
     make_env: Callable[..., Awaitable[Env]],
 ) -> None:
     env = await _leader_env(
-        make_env, retry_base_seconds=0.05, retry_max_seconds=0.1, retry_jitter=0.0
+        make_env, retry_base_seconds=0.5, retry_max_seconds=0.5, retry_jitter=0.0
     )
     [(row, _)] = await env.core.submit("a", 1, [kit.item(max_attempts=2)])
     tid = row["id"]
@@ -312,7 +312,7 @@ async def test_retry_backoff_dead_letter_and_redrive(
     assert t["not_before"] is not None
     assert t["enqueued_at"] == row["enqueued_at"]  # keeps its place in line
     assert await env.dispatch() == 0  # backoff not over
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.6)
     assert await env.dispatch() == 1
     await env.core.apply_results([kit.result(tid, 2, "failed", retryable=True)])
     t = await env.task(tid)

@@ -52,8 +52,25 @@ def dict_to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     return out
 
 
+_SPEC_CACHE: dict[Any, bytes] = {}
+_SPEC_CACHE_MAX = 100_000
+
+
 def spec_of(row: Mapping[str, Any]) -> task_pb2.TaskSpec:
-    """The TaskSpec stored in a task row."""
+    """The TaskSpec stored in a task row (a task's spec never changes: cached serialized by id)."""
+    cached = _SPEC_CACHE.get(row["id"])
+    if cached is not None:
+        spec = task_pb2.TaskSpec()
+        spec.ParseFromString(cached)
+        return spec
+    spec = _build_spec(row)
+    if len(_SPEC_CACHE) >= _SPEC_CACHE_MAX:
+        _SPEC_CACHE.clear()
+    _SPEC_CACHE[row["id"]] = spec.SerializeToString()
+    return spec
+
+
+def _build_spec(row: Mapping[str, Any]) -> task_pb2.TaskSpec:
     spec = task_pb2.TaskSpec(
         kind=row["kind"],
         priority=row["priority"],
@@ -74,6 +91,15 @@ def spec_of(row: Mapping[str, Any]) -> task_pb2.TaskSpec:
     return spec
 
 
+def spec_bytes(row: Mapping[str, Any]) -> bytes:
+    """The serialized TaskSpec of a row (cached)."""
+    cached = _SPEC_CACHE.get(row["id"])
+    if cached is None:
+        spec_of(row)
+        cached = _SPEC_CACHE[row["id"]]
+    return cached
+
+
 def task_proto(row: Mapping[str, Any]) -> task_pb2.Task:
     """The public Task of a row (queue position and ETA are filled by GetTask only)."""
     task = task_pb2.Task(
@@ -88,7 +114,7 @@ def task_proto(row: Mapping[str, Any]) -> task_pb2.Task:
         last_sequence=row["last_sequence"],
         tier=row["tier"],
     )
-    task.spec.CopyFrom(spec_of(row))
+    task.spec.ParseFromString(spec_bytes(row))
     for field, column in (
         ("created_at", "created_at"),
         ("updated_at", "updated_at"),
