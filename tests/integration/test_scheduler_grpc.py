@@ -268,3 +268,24 @@ async def test_metrics_are_exposed(app: SchedulerApp) -> None:
     ):
         assert name in text
     assert app.registry.get_sample_value("conveyor_scheduler_leader") == 1.0
+
+
+async def test_webhook_rpcs_and_delivery_service_are_mounted(stubs: Any, app: SchedulerApp) -> None:
+    from conveyor.tasks.v1 import webhook_service_pb2
+
+    sched, _ = stubs
+    listed = await sched.ListWebhookEndpoints(
+        pb.ListWebhookEndpointsRequest(
+            principal=TENANT, request=webhook_service_pb2.ListWebhookEndpointsRequest()
+        )
+    )
+    assert list(listed.response.endpoints) == []
+    assert app.server is not None
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}")
+    try:
+        claimed = await pb_grpc.DeliveryCoordinationServiceStub(channel).ClaimDeliveries(
+            pb.ClaimDeliveriesRequest(worker_id="w1", max_deliveries=10, lease_seconds=30)
+        )
+    finally:
+        await channel.close()
+    assert list(claimed.deliveries) == []

@@ -8,8 +8,6 @@ the relay -> flush the producer -> dispose the engines -> stop /metrics.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import os
 import socket
@@ -33,6 +31,7 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
+from conveyor_scheduler import webhooks
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.db import check_schema, create_engine
 from conveyor_scheduler.dispatcher import Leader, LeaderLoops
@@ -133,11 +132,7 @@ class SchedulerApp:
                     "conveyor.scheduler.v1.ProviderCoordinationService",
                 ),
             ]
-            if importlib.util.find_spec("conveyor_scheduler.webhooks") is not None:
-                webhooks = importlib.import_module("conveyor_scheduler.webhooks")
-                binding = getattr(webhooks, "binding", None)
-                if binding is not None:
-                    bindings.append(binding(self.core.sessionmaker))
+            bindings.append(webhooks.binding(self.core.sessionmaker))
             self.server = create_server(
                 bindings,
                 host=s.grpc_host,

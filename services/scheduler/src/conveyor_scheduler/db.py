@@ -9,7 +9,6 @@ schema that lacks its columns.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from pathlib import Path
 
 from alembic import command
@@ -34,14 +33,8 @@ class SchemaNotAtHead(RuntimeError):
 
 
 def target_metadata() -> MetaData:
-    """The full metadata: core models plus the webhook models when that package exists."""
-    for name in ("conveyor_scheduler.webhooks", "conveyor_scheduler.webhooks.models"):
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if found:
-            importlib.import_module(name)
+    """The full metadata: core models plus the webhook models (same Base)."""
+    importlib.import_module("conveyor_scheduler.webhooks.models")
     return Base.metadata
 
 

@@ -3,14 +3,12 @@
 Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
 like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is
 defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
-The five webhook RPCs come from ``conveyor_scheduler.webhooks.WebhookRpcs`` when that package exists
-(it reads ``self.sessionmaker``); without it they answer UNIMPLEMENTED.
+The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` mixin (it reads
+``self.sessionmaker``).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from datetime import UTC
 from typing import Any
 
@@ -26,24 +24,7 @@ from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.repository import NewTask, fingerprint
-
-
-def _webhook_base() -> type:
-    """``conveyor_scheduler.webhooks.WebhookRpcs`` when present, else a placeholder (UNIMPLEMENTED)."""
-    if importlib.util.find_spec("conveyor_scheduler.webhooks") is not None:
-        module = importlib.import_module("conveyor_scheduler.webhooks")
-        base = getattr(module, "WebhookRpcs", None)
-        if isinstance(base, type):
-            return base
-
-    class NoWebhookRpcs:
-        """Placeholder until the webhook storage lands: the webhook RPCs answer UNIMPLEMENTED."""
-
-    return NoWebhookRpcs
-
-
-_WebhookBase: Any = _webhook_base()
-
+from conveyor_scheduler.webhooks import WebhookRpcs
 
 MAX_ID_LEN = 128
 MAX_INPUT_BYTES = 256 * 1024
@@ -149,7 +130,7 @@ def _bulk_limit(selector: admin_service_pb2.BulkSelector) -> int:
     return selector.limit or 1000
 
 
-class SchedulerServicer(_WebhookBase, pb_grpc.SchedulerServiceServicer):  # type: ignore[misc]
+class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
     """SchedulerService."""
 
     def __init__(self, core: SchedulerCore) -> None:
