@@ -27,7 +27,7 @@ $(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml service
 	@touch $@
 
 $(BUF): tools/buf/package.json tools/buf/package-lock.json
-	cd tools/buf && npm ci --no-audit --no-fund --loglevel=error
+	cd tools/buf && npm install --no-audit --no-fund --loglevel=error
 	@touch $@
 
 .PHONY: kafka-jars
