@@ -128,10 +128,15 @@ async def test_concurrent_claims_never_share_a_delivery(side: SchedulerSide) -> 
     )
     results = await asyncio.gather(*(claim(side, f"w{i}", n=10) for i in range(6)))
     ids = [d.delivery_id for leases in results for d in leases]
-    assert len(ids) == len(set(ids)) == 40
-    for i, leases in enumerate(results):
+    assert len(ids) == len(set(ids))  # never one delivery to two workers
+    assert len(ids) >= 10  # at least one full batch
+    late = await claim(side, "late")
+    assert not set(ids) & {d.delivery_id for d in late}
+    assert len(ids) + len(late) == 40
+    for i, leases in enumerate([*results, late]):
+        worker = f"w{i}" if i < len(results) else "late"
         for d in leases:
-            assert await report(side, f"w{i}", delivered(d.delivery_id)) == 1
+            assert await report(side, worker, delivered(d.delivery_id)) == 1
 
 
 async def test_a_dead_workers_lease_expires_and_the_delivery_keeps_its_id(

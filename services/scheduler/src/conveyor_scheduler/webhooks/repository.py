@@ -317,13 +317,15 @@ _CLAIM = text(
           AND (h.lease_until IS NULL OR h.lease_until < now())
           AND e.enabled AND e.deleted_at IS NULL
         ORDER BY h.next_attempt_at
-        LIMIT :limit
+        LIMIT :limit * 4
     ), locked AS (
         SELECT d.id
         FROM webhook_deliveries d
         WHERE d.id IN (SELECT id FROM candidates)
           AND d.state = 1
           AND (d.lease_until IS NULL OR d.lease_until < now())
+        ORDER BY d.next_attempt_at
+        LIMIT :limit
         FOR UPDATE SKIP LOCKED
     )
     UPDATE webhook_deliveries d
@@ -357,7 +359,11 @@ class Lease:
 async def claim(
     session: AsyncSession, worker_id: str, limit: int, lease_seconds: int
 ) -> list[Lease]:
-    """Lease due deliveries: the lowest-sequence pending one per (endpoint, task), if unleased."""
+    """Lease due deliveries: the lowest-sequence pending one per (endpoint, task), if unleased.
+
+    Concurrent claimers skip each other's locked rows; each looks at four times ``limit``
+    candidates so that racing claimers still fill their batches.
+    """
     claimed = (
         await session.execute(_CLAIM, {"limit": limit, "worker": worker_id, "lease": lease_seconds})
     ).all()
