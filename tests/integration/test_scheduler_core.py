@@ -587,3 +587,26 @@ async def test_reconcile_gauges_retention_stats_and_eta(
         await conn.execute(text("UPDATE outbox SET published_at = now() - interval '1 minute'"))
     await maintenance.retention(env.core.engine, env.core.settings)
     assert await env.scalar("SELECT count(*) FROM outbox") == 0
+
+
+async def test_rerank_matches_the_policy(make_env: Callable[..., Awaitable[Env]]) -> None:
+    from conveyor_scheduler.__main__ import rerank
+    from conveyor_scheduler.policy import Policy
+
+    env = await make_env(aging_rate_per_minute=0.2)
+    rows = [
+        r
+        for r, _ in await env.core.submit(
+            "a", task_pb2.TIER_PRO, [kit.item(priority=p) for p in (1, 2, 3, 4)]
+        )
+    ]
+    faster = kit.make_settings(
+        env.core.settings.database_url.get_secret_value(), aging_rate_per_minute=3.0
+    )
+    assert await rerank(faster) == 4
+    policy = Policy.from_settings(faster)
+    for row in rows:
+        stored = (await env.task(row["id"]))["rank"]
+        assert stored == pytest.approx(
+            policy.rank(row["priority"], row["tier"], row["enqueued_at"])
+        )

@@ -1,7 +1,8 @@
 """``python -m conveyor_scheduler [serve|migrate]``.
 
 ``serve`` (default) runs one replica and refuses to start unless the schema is at head; ``migrate``
-runs ``alembic upgrade head`` (the Kubernetes migrate Job) and exits.
+runs ``alembic upgrade head`` (the Kubernetes migrate Job) and exits; ``rerank`` recomputes the
+dispatch rank of waiting tasks after the aging rate or tier boosts changed.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import asyncio
 import logging
 import sys
 
+from sqlalchemy import text
+
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.db import SchemaNotAtHead, check_schema, create_engine, migrate
+from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
 
 logger = logging.getLogger("conveyor_scheduler")
@@ -41,6 +45,21 @@ async def run(settings: SchedulerSettings) -> None:
     await serve_until_stopped(lifecycle)
 
 
+async def rerank(settings: SchedulerSettings) -> int:
+    """Recompute ``rank`` of queued tasks with the settings in force; returns how many."""
+    engine = create_engine(settings.database_url.get_secret_value(), pool_size=1)
+    try:
+        async with engine.begin() as conn:
+            result = await conn.execute(
+                text(
+                    f"UPDATE tasks SET rank = {Policy.from_settings(settings).rank_sql()} WHERE status = 1"
+                )
+            )
+            return int(result.rowcount)
+    finally:
+        await engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point."""
     args = sys.argv[1:] if argv is None else argv
@@ -51,8 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         migrate(settings.database_url.get_secret_value())
         logger.info("schema migrated to head", extra={"action": "migrated"})
         return
+    if command == "rerank":
+        n = asyncio.run(rerank(settings))
+        logger.info("waiting tasks reranked", extra={"action": "reranked", "tasks": n})
+        return
     if command != "serve":
-        sys.stderr.write("usage: python -m conveyor_scheduler [serve|migrate]\n")
+        sys.stderr.write("usage: python -m conveyor_scheduler [serve|migrate|rerank]\n")
         raise SystemExit(2)
     asyncio.run(run(settings))
 

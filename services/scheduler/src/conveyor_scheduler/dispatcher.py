@@ -326,10 +326,10 @@ class Dispatcher:
 
         The cache holds each tenant's top-k (k = its free slots, capped) read by the last full
         LATERAL query. It stays valid while nothing but slot releases happened: a submit, redrive,
-        resume or an unknown NOTIFY marks it stale, and it expires after ``candidate_cache_seconds``
-        (which bounds how late a retry whose backoff ended is seen). A tenant whose cached list ran
-        out while more of its tasks may wait is re-read alone, so a refill after a completion costs
-        no scan over every tenant.
+        resume, an unknown NOTIFY or an idle poll (a lost NOTIFY) marks it stale; it expires when the
+        earliest retry backoff ends (retries go out on time) and at the latest after
+        ``candidate_cache_seconds``. A tenant whose cached list ran out while more of its tasks may
+        wait is re-read alone, so a refill after a completion costs no scan over every tenant.
         """
         fresh = (
             not self.wakeups.candidates_stale
@@ -638,6 +638,8 @@ class LeaderLoops:
             try:
                 await asyncio.wait_for(self.wakeups.dispatch.wait(), timeout=timeout)
             except TimeoutError:
+                # The polling backstop: a NOTIFY may have been lost, so re-read candidates.
+                self.wakeups.candidates_stale = True
                 if not await self.leader.check():
                     self.wakeups.local_leader = False
                     if self.metrics is not None:

@@ -11,8 +11,9 @@ Aging is linear in ``enqueued_at`` with one rate for every task, so
 differs from the effective priority by ``aging_rate * (now - EPOCH)``, a term common to all tasks at
 any instant: ordering by ``rank DESC`` is ordering by effective priority, and ``rank`` never changes
 while a task waits, so it is stored and indexed. A retry keeps ``enqueued_at`` and so its rank (its
-place in line). Changing ``aging_rate_per_minute`` re-ranks only tasks submitted afterwards; the
-reconcile recomputes the stored ranks of waiting tasks when the rate changed (see repository).
+place in line). Changing ``aging_rate_per_minute`` or the tier boosts re-ranks only tasks enqueued
+afterwards; ``python -m conveyor_scheduler rerank`` recomputes the stored ranks of waiting tasks
+with the settings in force (:meth:`Policy.rank_sql`).
 
 Fair share: effective priorities are quantized into bands of ``priority_band_width``; inside the top
 band the dispatcher serves tenants by weighted fair queueing (start-time fair queueing on a virtual
@@ -73,6 +74,16 @@ class Policy:
         """The stored, time-invariant sort key (descending)."""
         waited_origin = (enqueued_at - EPOCH).total_seconds()
         return self.base_score(priority, tier) - self.aging_per_second * waited_origin
+
+    def rank_sql(self) -> str:
+        """SQL expression of :meth:`rank` over a ``tasks`` row (for the rerank command)."""
+        classes = " ".join(f"WHEN {p} THEN {score!r}" for p, score in CLASS_SCORE.items())
+        boosts = " ".join(f"WHEN {t} THEN {b!r}" for t, b in self.tier_boost.items())
+        epoch = EPOCH.isoformat()
+        return (
+            f"(CASE priority {classes} ELSE 1.0 END) + (CASE tier {boosts} ELSE 0.0 END)"
+            f" - {self.aging_per_second!r} * EXTRACT(EPOCH FROM (enqueued_at - '{epoch}'::timestamptz))"
+        )
 
     def effective(self, rank: float, now: datetime) -> float:
         """Effective priority at ``now`` of a task with ``rank``."""

@@ -108,8 +108,9 @@ class SchedulerSettings(ServiceSettings):
     """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
     dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)
     """Most tasks dispatched in one transaction."""
-    candidate_cache_seconds: float = Field(default=1.0, ge=0)
-    """Longest the dispatcher reuses its per-tenant candidate cache between full reads."""
+    candidate_cache_seconds: float = Field(default=5.0, ge=0)
+    """Longest the dispatcher reuses its per-tenant candidate cache between full reads while busy
+    (new work, retries and the idle poll invalidate it sooner)."""
     tenant_candidates_max: int = Field(default=50, ge=1)
     """Most queued tasks read per tenant per cycle."""
     outbox_batch: int = Field(default=500, ge=1, le=10_000)
