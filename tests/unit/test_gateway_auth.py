@@ -150,3 +150,19 @@ def test_settings_require_a_key(monkeypatch: pytest.MonkeyPatch) -> None:
         GatewaySettings(scheduler_address="127.0.0.1:1")
     ok = GatewaySettings(scheduler_address="127.0.0.1:1", jwt_hs256_secret="x" * 32)  # type: ignore[arg-type]
     assert ok.jwt_hs256_secret is not None
+
+
+def test_allowed_hosts_from_env_forms(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from conveyor_gateway.settings import GatewaySettings
+
+    monkeypatch.setenv("GATEWAY_SCHEDULER_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("GATEWAY_JWT_HS256_SECRET", "s" * 32)
+    monkeypatch.setenv("GATEWAY_URL_ALLOWED_HOSTS", '["127.0.0.1", "localhost"]')
+    assert GatewaySettings().url_allowed_hosts == ["127.0.0.1", "localhost"]  # type: ignore[call-arg]
+    monkeypatch.setenv("GATEWAY_URL_ALLOWED_HOSTS", "127.0.0.0/8, receiver.test")
+    assert GatewaySettings().url_allowed_hosts == ["127.0.0.0/8", "receiver.test"]  # type: ignore[call-arg]
+    monkeypatch.setenv("GATEWAY_URL_ALLOWED_HOSTS", "not a host!")
+    with pytest.raises(ValidationError):
+        GatewaySettings()  # type: ignore[call-arg]
