@@ -43,6 +43,12 @@ def session_config(**overrides: Any) -> SystemConfig:
             "SCHEDULER_LEADER_RETRY_SECONDS": "0.5",
             "SCHEDULER_SUBMIT_LEASE_SECONDS": "10",
         },
+        adapter_env={
+            # A create that never reached the provider is failed (retryably) after 20 s, not 3 min.
+            "ADAPTER_SUBMIT_UNKNOWN_GRACE_S": "20",
+            "ADAPTER_THROTTLE_MAX_WAIT_S": "10",
+        },
+        gateway_env={"GATEWAY_WATCH_POLL_INTERVAL_SECONDS": "1.0"},
         fake={
             "seed": 7,
             "min_duration_s": 0.2,
