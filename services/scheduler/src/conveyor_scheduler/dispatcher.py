@@ -182,6 +182,7 @@ class Leader:
             },
         )
         self.conn: AsyncConnection | None = None
+        self._standby: AsyncConnection | None = None
 
     @property
     def _key_parts(self) -> dict[str, int]:
@@ -199,10 +200,15 @@ class Leader:
         return self.conn is not None
 
     async def try_acquire(self) -> bool:
-        """Try to take the lock; True when this replica is the leader now."""
+        """Try to take the lock; True when this replica is the leader now.
+
+        A follower keeps its dedicated connection between tries (no new session every second).
+        """
         if self.conn is not None:
             return True
-        conn = await self.engine.connect()
+        conn, self._standby = self._standby, None
+        if conn is None:
+            conn = await self.engine.connect()
         try:
             got = await conn.scalar(
                 text("SELECT pg_try_advisory_lock(:k)"), {"k": self.settings.leader_lock_key}
@@ -212,7 +218,7 @@ class Leader:
             await conn.close()
             raise
         if not got:
-            await conn.close()
+            self._standby = conn
             return False
         self.conn = conn
         logger.info(
@@ -251,6 +257,10 @@ class Leader:
     async def dispose(self) -> None:
         """Release and close the engine."""
         await self.lose()
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            with contextlib.suppress(Exception):
+                await standby.close()
         await self.engine.dispose()
 
 
