@@ -26,7 +26,7 @@ from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler import models as m
 from conveyor_scheduler import repository as repo
-from conveyor_scheduler.convert import TaskRow, from_ts, spec_of
+from conveyor_scheduler.convert import TaskRow, from_ts, set_ts, spec_of
 from conveyor_scheduler.outbox import Changes
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.repository import (
@@ -536,7 +536,7 @@ def dispatch_command(
         cmd.model = row["model"]
     cmd.input.CopyFrom(spec_of(row).input)
     if row["run_deadline"] is not None:
-        cmd.run_deadline.FromDatetime(row["run_deadline"])
+        set_ts(cmd.run_deadline, row["run_deadline"])
     if row["dispatched_at"] is not None:
-        cmd.dispatched_at.FromDatetime(row["dispatched_at"])
+        set_ts(cmd.dispatched_at, row["dispatched_at"])
     return cmd
