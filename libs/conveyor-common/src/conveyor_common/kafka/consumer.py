@@ -197,6 +197,17 @@ class EventConsumer:
     async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
         for record in records:
             await self._handle_record(record)
+            self._record_lag(tp, record.offset + 1)
+
+    def _record_lag(self, tp: TopicPartition, next_offset: int) -> None:
+        """Lag after one handled record: a long batch keeps the gauge moving (autoscaling)."""
+        if self.metrics is None:
+            return
+        high = self._consumer.highwater(tp)
+        if high is not None:
+            self.metrics.lag.labels(
+                self.metrics.service, self.config.group_id, tp.topic, str(tp.partition)
+            ).set(max(0, high - next_offset))
 
     async def _handle_record(self, record: Any) -> None:
         topic = record.topic
