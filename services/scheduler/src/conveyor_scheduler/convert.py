@@ -16,6 +16,24 @@ from conveyor_scheduler import models as m
 TaskRow = dict[str, Any]
 """A task as a dict of its column values (``SELECT * FROM tasks`` / ``RETURNING *``)."""
 
+
+class TrackedRow(dict[str, Any]):
+    """A task row that remembers which columns were assigned (saves write only those)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.changed: set[str] = set()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.changed.add(key)
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        other = dict(*args, **kwargs)
+        self.changed.update(other)
+        super().update(other)
+
+
 KIND_BY_NAME = {"video": 1, "image": 2, "text": 3, "audio": 4}
 KIND_NAME = {v: k for k, v in KIND_BY_NAME.items()}
 TIER_NAME = {1: "free", 2: "premium", 3: "pro"}

@@ -24,7 +24,7 @@ from conveyor.events.v1 import events_pb2
 from conveyor_common import topics
 from conveyor_common.context import current_traceparent
 from conveyor_scheduler import models as m
-from conveyor_scheduler.convert import TERMINAL_EVENT_TYPES, TaskRow, event_proto
+from conveyor_scheduler.convert import TERMINAL_EVENT_TYPES, TaskRow, TrackedRow, event_proto
 
 DEAD_LETTER_NS = uuid.UUID("5b0c7e52-3f39-4a53-9c43-0b7d1a0f2c11")
 """Namespace of the ce_id of a dead-letter copy (uuid5 of the event id: stable across retries)."""
@@ -60,16 +60,26 @@ MUTABLE = {
 MUTABLE_COLUMNS = tuple(MUTABLE)
 """Columns a transition may change (``save`` writes them all, so one executemany fits every row)."""
 
-_SAVE_SQL = text(
-    "UPDATE tasks AS t SET "
-    + ", ".join(f"{c} = v.{c}" for c in MUTABLE)
-    + " FROM unnest(CAST(:id AS uuid[]), "
-    + ", ".join(f"CAST(:{c} AS {typ}[])" for c, typ in MUTABLE.items())
-    + ") AS v(id, "
-    + ", ".join(MUTABLE)
-    + ") WHERE t.id = v.id"
-)
-"""Writes every changed row in one statement (column arrays, not one parameter set per row)."""
+_SAVE_CACHE: dict[frozenset[str], Any] = {}
+
+
+def _save_sql(columns: tuple[str, ...]) -> Any:
+    """``UPDATE tasks`` of ``columns`` for many rows in one statement (column arrays)."""
+    key = frozenset(columns)
+    sql = _SAVE_CACHE.get(key)
+    if sql is None:
+        sql = text(
+            "UPDATE tasks AS t SET "
+            + ", ".join(f"{c} = v.{c}" for c in columns)
+            + " FROM unnest(CAST(:id AS uuid[]), "
+            + ", ".join(f"CAST(:{c} AS {MUTABLE[c]}[])" for c in columns)
+            + ") AS v(id, "
+            + ", ".join(columns)
+            + ") WHERE t.id = v.id"
+        )
+        _SAVE_CACHE[key] = sql
+    return sql
+
 
 EVENT_COLUMNS = {
     "task_id": "uuid",
@@ -212,10 +222,14 @@ class Changes:
         """Write everything collected (task rows unless ``save`` is False)."""
         if save and self.dirty:
             rows = list(self.dirty.values())
+            changed: set[str] = set()
+            for r in rows:
+                changed |= r.changed if isinstance(r, TrackedRow) else set(MUTABLE)
+            columns = tuple(c for c in MUTABLE if c in changed)
             params: dict[str, Any] = {"id": [r["id"] for r in rows]}
-            for c in MUTABLE:
+            for c in columns:
                 params[c] = [r[c] for r in rows]
-            await conn.execute(_SAVE_SQL, params)
+            await conn.execute(_save_sql(columns), params)
         if self.free_slots:
             await conn.execute(
                 delete(m.ActiveSlot).where(m.ActiveSlot.task_id.in_(self.free_slots))

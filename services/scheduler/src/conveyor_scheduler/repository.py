@@ -33,7 +33,7 @@ from conveyor_common.errors import (
     ResourceExhausted,
 )
 from conveyor_scheduler import models as m
-from conveyor_scheduler.convert import TaskRow, from_ts, struct_to_dict
+from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, struct_to_dict
 from conveyor_scheduler.outbox import Changes
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
@@ -88,7 +88,7 @@ async def load_task(
     row = (await conn.execute(text(sql), params)).mappings().first()
     if row is None:
         raise NotFound("task", task_id)
-    return dict(row)
+    return TrackedRow(row)
 
 
 async def lock_tasks(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, TaskRow]:
@@ -99,7 +99,7 @@ async def lock_tasks(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uu
     rows = await conn.execute(
         text("SELECT * FROM tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"), {"ids": wanted}
     )
-    return {r["id"]: dict(r) for r in rows.mappings()}
+    return {r["id"]: TrackedRow(r) for r in rows.mappings()}
 
 
 async def queue_position(conn: AsyncConnection, row: TaskRow) -> int:
@@ -622,7 +622,7 @@ async def select_for_bulk(
         ),
         params,
     )
-    return [dict(r) for r in rows.mappings()]
+    return [TrackedRow(r) for r in rows.mappings()]
 
 
 def provider_result_id(result: events_pb2.ProviderResult) -> str:

@@ -19,14 +19,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler import models as m
 from conveyor_scheduler import repository as repo
-from conveyor_scheduler.convert import TaskRow, from_ts, set_ts, spec_of
+from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, set_ts, spec_of
 from conveyor_scheduler.outbox import Changes
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.repository import (
@@ -51,6 +50,12 @@ logger = logging.getLogger(__name__)
 
 RESULTS_CONSUMER = "scheduler-results"
 """Inbox consumer name of the provider results."""
+
+_INBOX_SQL = text(
+    "INSERT INTO inbox (consumer, event_id, received_at)"
+    " SELECT :consumer, id, :now FROM unnest(CAST(:ids AS text[])) AS id"
+    " ON CONFLICT DO NOTHING RETURNING event_id"
+)
 
 
 @dataclass(frozen=True)
@@ -210,13 +215,10 @@ async def apply_results(
     ids = list(dict.fromkeys(r.result_id for r in results if r.result_id))
     fresh: set[str] = set()
     if ids:
-        stmt = (
-            pg_insert(m.InboxRow)
-            .values([{"consumer": consumer, "event_id": i, "received_at": now} for i in ids])
-            .on_conflict_do_nothing()
-            .returning(m.InboxRow.event_id)
-        )
-        fresh = {r[0] for r in await conn.execute(stmt)}
+        fresh = {
+            r[0]
+            for r in await conn.execute(_INBOX_SQL, {"consumer": consumer, "ids": ids, "now": now})
+        }
     todo: list[events_pb2.ProviderResult] = []
     seen: set[str] = set()
     for r in results:
@@ -476,7 +478,7 @@ async def expire_due(conn: AsyncConnection, now: datetime, limit: int = 500) -> 
     )
     changes = Changes(now=now)
     for r in rows.mappings():
-        row = dict(r)
+        row = TrackedRow(r)
         _finish(row, m.EXPIRED, now)
         row.update(
             error_code="queue_deadline_exceeded",
@@ -510,7 +512,7 @@ async def rescue_dispatches(
     )
     changes = Changes(now=now)
     for r in rows.mappings():
-        row = dict(r)
+        row = TrackedRow(r)
         row["dispatch_emitted_at"] = now
         changes.touch(row)
         changes.command(row, dispatch_command(row, provider, policy, now))
