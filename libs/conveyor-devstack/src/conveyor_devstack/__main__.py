@@ -1,15 +1,19 @@
 """``python -m conveyor_devstack``: start, stop and inspect the devstack from a shell.
 
-    up                       start PostgreSQL + Kafka (+ Conveyor's topics), print the URLs, stay up
-                             until SIGINT/SIGTERM, then stop everything
+    up                       start PostgreSQL + Kafka (+ Conveyor's topics) and the whole system (fake
+                             Replicate, schedulers, adapter, notifier, gateway), print the URLs,
+                             endpoints and tokens, stay up until SIGINT/SIGTERM, then stop everything
+    up --backends-only       only PostgreSQL + Kafka (also implied by --no-postgres/--no-kafka/--no-topics)
     up --detach --state-file .devstack/state.json
-                             the same in the background; returns once both answer
+                             the same in the background; returns once everything answers (``make up``)
     down --state-file ...    stop a detached devstack
     status --state-file ...  print a detached devstack's URLs (exit 1 when it is not running)
     fetch                    resolve the Kafka jars into the cache (CI's install step)
+    demo                     the whole system with a live demo workload (``make run``)
 
 The URLs are printed as ``export CONVEYOR_TEST_DATABASE_URL=...`` lines (``eval "$(...)"``
-makes tests reuse this devstack) or, with ``--json``, as one JSON object.
+makes tests reuse this devstack, and the ``conveyor`` CLI talk to the gateway) or, with ``--json``,
+as one JSON object.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +45,7 @@ log = logging.getLogger("conveyor_devstack")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m conveyor_devstack", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="INFO (WARNING for demo)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start PostgreSQL and Kafka")
@@ -55,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--state-file", type=Path, help="where a running devstack writes its URLs")
     up.add_argument("--log-file", type=Path, help="the detached devstack's log")
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for --detach")
+    up.add_argument(
+        "--backends-only", action="store_true", help="only PostgreSQL and Kafka, no services"
+    )
 
     for name, text in (("down", "stop a detached devstack"), ("status", "show a devstack")):
         cmd = sub.add_parser(name, help=text)
@@ -65,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
     fetch = sub.add_parser("fetch", help="resolve the Kafka jars into the cache")
     fetch.add_argument("--force", action="store_true", help="resolve again even if cached")
+    sub.add_parser("demo", help="the whole system with a live demo workload (make run)")
     return parser
 
 
@@ -82,6 +91,20 @@ def _render(state: dict[str, Any], as_json: bool) -> str:
         lines.append(f"export {DATABASE_URL_ENV}={shlex.quote(state['database_url'])}")
     if "kafka_bootstrap" in state:
         lines.append(f"export {KAFKA_BOOTSTRAP_ENV}={shlex.quote(state['kafka_bootstrap'])}")
+    if system := state.get("system"):
+        lines += [
+            f"export CONVEYOR_ADDRESS={shlex.quote(system['gateway'])}",
+            f"export CONVEYOR_TOKEN={shlex.quote(system['tenant_token'])}  "
+            f"# tenant {system['tenant_id']}",
+            f"export CONVEYOR_ADMIN_TOKEN={shlex.quote(system['admin_token'])}",
+            f"# gateway (gRPC, reflection on): {system['gateway']}",
+            f"# fake Replicate ledger: {system['ledger_url']}",
+            f"# ledger summary:        {system['ledger_summary_url']}",
+            f"# logs: {system['run_dir']}",
+        ]
+        for name, proc in sorted(system["processes"].items()):
+            ports = "  ".join(f"{k} {proc[k]}" for k in ("grpc", "http", "metrics") if k in proc)
+            lines.append(f"# {name:<12} pid {proc['pid']}  {ports}")
     return "\n".join(lines)
 
 
@@ -123,8 +146,18 @@ async def _serve(args: argparse.Namespace) -> int:
     starter = Devstack.start(
         postgres=not args.no_postgres, kafka=not args.no_kafka, fast=args.fast, topics=topics
     )
-    async with starter as stack:
+    async with starter as stack, contextlib.AsyncExitStack() as services:
         state = {"pid": os.getpid(), **stack.describe()}
+        if _with_system(args):
+            from conveyor_devstack.system import ConveyorSystem, SystemConfig
+
+            run_dir = (args.state_file or Path(".devstack/state.json")).resolve().parent / "run"
+            shutil.rmtree(run_dir, ignore_errors=True)  # the last run's logs only
+            config = SystemConfig(
+                schedulers=2, adapters=1, notifiers=1, gateways=1, run_dir=run_dir
+            )
+            system = await services.enter_async_context(ConveyorSystem.run(config, devstack=stack))
+            state["system"] = system.endpoints.as_dict()
         if args.state_file:
             _write_state(args.state_file, state)
         _say(_render(state, args.json))
@@ -139,6 +172,11 @@ async def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _with_system(args: argparse.Namespace) -> bool:
+    """Whether ``up`` starts the services too (everything but --backends-only and partial stacks)."""
+    return not (args.backends_only or args.no_postgres or args.no_kafka or args.no_topics)
+
+
 def _detach(args: argparse.Namespace) -> int:
     state_file: Path = args.state_file or Path(".devstack/state.json")
     if (running := _read_state(state_file)) is not None:
@@ -151,7 +189,7 @@ def _detach(args: argparse.Namespace) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "conveyor_devstack", "--log-level", args.log_level, "up"]
     argv += ["--state-file", str(state_file.resolve())]
-    for flag in ("no_postgres", "no_kafka", "no_topics", "fast"):
+    for flag in ("no_postgres", "no_kafka", "no_topics", "fast", "backends_only"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     with open(log_file, "ab") as out:
@@ -213,6 +251,8 @@ def _status(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m conveyor_devstack`` and the ``conveyor-devstack`` script."""
     args = _parser().parse_args(argv)
+    if args.log_level is None:
+        args.log_level = "WARNING" if args.command == "demo" else "INFO"
     configure_logging("devstack", args.log_level, stream=sys.stderr)
     try:
         if args.command == "up":
@@ -221,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
             return _down(args)
         if args.command == "status":
             return _status(args)
+        if args.command == "demo":
+            from conveyor_devstack.demo import main as demo_main
+
+            return demo_main()
         libs = fetch_kafka(force=args.force)
         _say(str(libs))
         return 0
