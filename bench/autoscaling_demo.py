@@ -23,7 +23,7 @@ Outputs in ``bench/results/autoscaling/``: ``autoscaling.csv`` (every tick), ``a
 table, one row per ~10 s, and the summary), ``autoscaling.png`` (load/throughput, backlog, replicas),
 ``summary.json``.
 
-Usage: ``python bench/autoscaling_demo.py [--time-scale 4] [--per-replica 2] [--quick]``
+Usage: ``python bench/autoscaling_demo.py [--time-scale 4] [--per-replica 1] [--quick]``
 (``--quick``: a shorter profile for a smoke run).
 """
 
@@ -372,8 +372,8 @@ class Prometheus:
 def load_profile(quick: bool) -> list[tuple[float, float]]:
     """(duration seconds, tasks per second) phases: rising, then falling, then idle."""
     if quick:
-        return [(15, 1.0), (45, 8.0), (30, 1.0), (30, 0.0)]
-    return [(30, 1.0), (60, 5.0), (80, 9.0), (60, 4.0), (70, 1.0), (90, 0.0)]
+        return [(15, 0.5), (45, 4.0), (30, 0.5), (30, 0.0)]
+    return [(30, 0.5), (60, 2.5), (80, 4.5), (60, 2.0), (70, 0.5), (90, 0.0)]
 
 
 def offered_rate(profile: list[tuple[float, float]], t: float) -> float:
@@ -596,98 +596,115 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "output_bytes": 64,
         },
     )
-    rows: list[Row] = []
     prom = Prometheus(workdir, scrape_interval=max(1.0, sync / 2))
     async with ConveyorSystem.run(config) as system:
         pool = AdapterPool(system, scaler.max_replicas)
         adapters = pool.names
-        running: list[str] = adapters[:1]
         await asyncio.gather(*(pool.start(n) for n in adapters[1 : scaler.min_replicas]))
-        running = adapters[: scaler.min_replicas]
         await prom.start(pool.metrics_targets())
-        current = len(running)
-        changing: set[asyncio.Task[None]] = set()
-
-        async def scale_to(n: int) -> None:
-            nonlocal running
-            if n > len(running):
-                start = [a for a in adapters if a not in running][: n - len(running)]
-                running = running + start
-                for name in start:
-                    t = asyncio.create_task(pool.start(name))
-                    changing.add(t)
-                    t.add_done_callback(changing.discard)
-            elif n < len(running):
-                stop = running[n:]
-                running = running[:n]
-                for name in stop:
-                    t = asyncio.create_task(pool.stop(name))
-                    changing.add(t)
-                    t.add_done_callback(changing.discard)
-
-        stats = LoadStats()
-        throughput = f'sum(rate(conveyor_adapter_creates_total{{namespace="{NAMESPACE}",outcome="created"}}[{max(4, round(sync * 3))}s]))'
-        completed = f'sum(rate(conveyor_scheduler_terminal_total{{namespace="{NAMESPACE}",status="succeeded"}}[{max(4, round(sync * 3))}s]))'
-        await asyncio.sleep(sync)  # a few scrapes before the first decision
-        t0 = time.monotonic()
-        load = asyncio.create_task(
-            drive_load(system.gateway_address, system.endpoints.tenant_token, profile, stats, t0)
-        )
-        total = sum(d for d, _ in profile)
-        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
-            while True:
-                now = time.monotonic() - t0
-                values = [(await prom.query(client, q)) or 0.0 for q in scaler.queries]
-                rule_values = [
-                    (await prom.query(client, q)) or 0.0 for q in scaler.adapter_rule_queries
-                ]
-                proposal, desired = model.desired(now, current, values)
-                if desired != current:
-                    model.record(now, desired - current)
-                    await scale_to(desired)
-                    current = desired
-                live = sum(1 for n in running if system.process(n).running)
-                rows.append(
-                    Row(
-                        t=round(now, 2),
-                        offered_tps=offered_rate(profile, now),
-                        submitted=stats.submitted,
-                        dispatch_backlog=values[0],
-                        commands_lag=values[1],
-                        rule_values_agree=values == rule_values,
-                        proposal=proposal,
-                        desired=desired,
-                        replicas_running=live,
-                        creates_per_s=round((await prom.query(client, throughput)) or 0.0, 3),
-                        completed_per_s=round((await prom.query(client, completed)) or 0.0, 3),
-                    )
-                )
-                r = rows[-1]
-                log.info(
-                    "t=%6.1fs load=%4.1f/s backlog=%5.0f lag=%5.0f proposal=%d desired=%d "
-                    "running=%d creates=%5.2f/s",
-                    r.t,
-                    r.offered_tps,
-                    r.dispatch_backlog,
-                    r.commands_lag,
-                    r.proposal,
-                    r.desired,
-                    r.replicas_running,
-                    r.creates_per_s,
-                )
-                if now > total and current == scaler.min_replicas and r.dispatch_backlog == 0:
-                    break
-                if now > total + args.max_tail:
-                    log.warning("stopping: replicas did not return to the minimum in time")
-                    break
-                await asyncio.sleep(max(0.0, sync - ((time.monotonic() - t0) - now)))
-        load.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await load
-        if changing:
-            await asyncio.wait(changing, timeout=30)
-        prom.stop()
+        try:
+            rows, stats = await control(args, scaler, model, system, pool, prom, profile, adapters)
+        finally:
+            prom.stop()
     return write_results(rows, stats, scaler, args, profile)
+
+
+async def control(
+    args: argparse.Namespace,
+    scaler: Scaler,
+    model: HpaModel,
+    system: Any,
+    pool: AdapterPool,
+    prom: Prometheus,
+    profile: list[tuple[float, float]],
+    adapters: list[str],
+) -> tuple[list[Row], LoadStats]:
+    """Drive the load and run the autoscaling loop until the replicas are back at the minimum."""
+    sync = 15.0 / args.time_scale
+    rows: list[Row] = []
+    running = adapters[: scaler.min_replicas]
+    current = len(running)
+    changing: set[asyncio.Task[None]] = set()
+
+    async def scale_to(n: int) -> None:
+        nonlocal running
+        if n > len(running):
+            start = [a for a in adapters if a not in running][: n - len(running)]
+            running = running + start
+            for name in start:
+                t = asyncio.create_task(pool.start(name))
+                changing.add(t)
+                t.add_done_callback(changing.discard)
+        elif n < len(running):
+            stop = running[n:]
+            running = running[:n]
+            for name in stop:
+                t = asyncio.create_task(pool.stop(name))
+                changing.add(t)
+                t.add_done_callback(changing.discard)
+
+    stats = LoadStats()
+    throughput = f'sum(rate(conveyor_adapter_creates_total{{namespace="{NAMESPACE}",outcome="created"}}[{max(4, round(sync * 3))}s]))'
+    completed = f'sum(rate(conveyor_scheduler_terminal_total{{namespace="{NAMESPACE}",status="succeeded"}}[{max(4, round(sync * 3))}s]))'
+    await asyncio.sleep(sync)  # a few scrapes before the first decision
+    t0 = time.monotonic()
+    load = asyncio.create_task(
+        drive_load(system.gateway_address, system.endpoints.tenant_token, profile, stats, t0)
+    )
+    total = sum(d for d, _ in profile)
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+        while True:
+            now = time.monotonic() - t0
+            values = [(await prom.query(client, q)) or 0.0 for q in scaler.queries]
+            rule_values = [
+                (await prom.query(client, q)) or 0.0 for q in scaler.adapter_rule_queries
+            ]
+            proposal, desired = model.desired(now, current, values)
+            if desired != current:
+                model.record(now, desired - current)
+                await scale_to(desired)
+                current = desired
+            live = sum(1 for n in running if system.process(n).running)
+            rows.append(
+                Row(
+                    t=round(now, 2),
+                    offered_tps=offered_rate(profile, now),
+                    submitted=stats.submitted,
+                    dispatch_backlog=values[0],
+                    commands_lag=values[1],
+                    rule_values_agree=values == rule_values,
+                    proposal=proposal,
+                    desired=desired,
+                    replicas_running=live,
+                    creates_per_s=round((await prom.query(client, throughput)) or 0.0, 3),
+                    completed_per_s=round((await prom.query(client, completed)) or 0.0, 3),
+                )
+            )
+            r = rows[-1]
+            log.info(
+                "t=%6.1fs load=%4.1f/s backlog=%5.0f lag=%5.0f proposal=%d desired=%d "
+                "running=%d creates=%5.2f/s",
+                r.t,
+                r.offered_tps,
+                r.dispatch_backlog,
+                r.commands_lag,
+                r.proposal,
+                r.desired,
+                r.replicas_running,
+                r.creates_per_s,
+            )
+            if now > total and current == scaler.min_replicas and r.dispatch_backlog == 0:
+                break
+            if now > total + args.max_tail:
+                log.warning("stopping: replicas did not return to the minimum in time")
+                break
+            await asyncio.sleep(max(0.0, sync - ((time.monotonic() - t0) - now)))
+    load.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await load
+    if changing:
+        await asyncio.wait(changing, timeout=30)
+    return rows, stats
 
 
 def write_results(

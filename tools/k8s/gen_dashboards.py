@@ -305,19 +305,23 @@ def provider() -> list[Row]:
                     description="Attempts at the provider, from the scheduler's ListInFlight.",
                 ),
                 Panel(
-                    "Dispatch backlog (commands not yet fetched)",
+                    "Dispatch backlog and adapter replicas",
                     [
+                        q(
+                            f'max(conveyor_adapter_predictions_in_flight{{{NS},state="dispatched"}})',
+                            "dispatched, not begun",
+                        ),
                         q(
                             "sum(max by (partition) (conveyor_kafka_consumer_lag"
                             f'{{{NS},group="provider-adapter",topic="conveyor.provider.v1.commands"}}))',
-                            "backlog",
+                            "commands lag",
                         ),
                         q(
                             'count(count by (pod) (conveyor_kafka_consumer_lag{namespace="$namespace",group="provider-adapter"}))',
                             "adapter replicas consuming",
                         ),
                     ],
-                    description="The signal the provider-adapter autoscaler uses (20 per replica).",
+                    description="The signals the provider-adapter autoscaler uses (20 per replica each).",
                 ),
                 Panel(
                     "Creates by outcome",
