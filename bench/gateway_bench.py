@@ -384,6 +384,7 @@ async def bench(quick: bool) -> dict[str, Any]:
     from conveyor_devstack.stack import start_postgres
     from conveyor_scheduler.db import migrate
 
+    load_before = os.getloadavg()[0]
     phase = 4.0 if quick else 15.0
     paced = 5.0 if quick else 20.0
     logs = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -476,6 +477,7 @@ async def bench(quick: bool) -> dict[str, Any]:
         "mode": "quick" if quick else "full",
         "seconds_per_phase": phase,
         "cores": os.cpu_count(),
+        "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "durable": "PostgreSQL fsync=on synchronous_commit=on (devstack local, fast=False)",
         "targets": TARGETS,
     }
