@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 BUF := tools/buf/node_modules/.bin/buf
 # Our typed packages (mypy strict) and the paths ruff checks.
 PACKAGES := conveyor_common conveyor_devstack conveyor_gateway conveyor_scheduler fake_replicate \
-	conveyor_provider_adapter conveyor_notifier
+	conveyor_provider_adapter conveyor_notifier conveyor_client
 PYTEST_ARGS ?=
 
 .PHONY: help
