@@ -610,3 +610,24 @@ async def test_rerank_matches_the_policy(make_env: Callable[..., Awaitable[Env]]
         assert stored == pytest.approx(
             policy.rank(row["priority"], row["tier"], row["enqueued_at"])
         )
+
+
+async def test_saturated_model_at_the_head_does_not_block_a_tenant(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await _leader_env(make_env, global_concurrency=10, model_limits={"m/x": 1})
+    await env.core.submit(
+        "a", 1, [kit.item(model="m/x", priority=task_pb2.PRIORITY_HIGH) for _ in range(3)]
+    )
+    await env.core.submit("a", 1, [kit.item(model="m/y") for _ in range(3)])
+    assert await env.dispatch() == 1  # one m/x: the model limit
+    assert await env.dispatch() == 2  # the tenant's m/y tasks behind it go next (tenant limit 3)
+    assert await env.dispatch() == 0
+    rows = await env.rows("SELECT model, count(*) AS n FROM tasks WHERE status = 2 GROUP BY model")
+    assert {r.model: r.n for r in rows} == {"m/x": 1, "m/y": 2}
+    # The m/x slot frees: the next m/x task goes out (the cache is re-read for it).
+    [x] = await env.rows("SELECT id, attempt FROM tasks WHERE status = 2 AND model = 'm/x'")
+    await env.core.apply_results([kit.result(x.id, x.attempt, "succeeded")])
+    assert await env.dispatch() == 1
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status = 2 AND model = 'm/x'") == 1
+    await env.check()

@@ -364,6 +364,23 @@ class Dispatcher:
                     self._cache_until, time.monotonic() + (backoff_end - now).total_seconds()
                 )
             self._cache_blocked = (set(cap.blocked_models), set(cap.blocked_kinds))
+        newly_models = set(cap.blocked_models) - self._cache_blocked[0]
+        newly_kinds = set(cap.blocked_kinds) - self._cache_blocked[1]
+        if newly_models or newly_kinds:
+            # A model or kind filled up since the read: drop its cached tasks so they do not sit
+            # at the tenants' heads; those tenants are re-read (their next tasks may be
+            # dispatchable) and the cache is re-read once the model or kind has room again.
+            for t, cached in self._cache.items():
+                kept = [
+                    c for c in cached if c.model not in newly_models and c.kind not in newly_kinds
+                ]
+                if len(kept) != len(cached):
+                    self._cache[t] = kept
+                    self._more.add(t)
+            self._cache_blocked = (
+                self._cache_blocked[0] | newly_models,
+                self._cache_blocked[1] | newly_kinds,
+            )
         free = self._tenant_free(cap)
         probe = [t for t, f in free.items() if f > 0 and not self._cache.get(t) and t in self._more]
         if probe:
@@ -631,6 +648,7 @@ class LeaderLoops:
             try:
                 n = await self.dispatcher.cycle()
             except Exception:
+                self.wakeups.candidates_stale = True  # the cache may have lost uncommitted picks
                 logger.warning(
                     "dispatch cycle failed", extra={"action": "dispatch_failed"}, exc_info=True
                 )
