@@ -241,6 +241,30 @@ async def measure_refill(url: str, samples: int) -> dict[str, float]:
     }
 
 
+async def measure_submits(url: str, seconds: float, clients: int = 8) -> float:
+    """Single-task SubmitTask transactions per second (admission, idempotency key, task, event,
+    outbox) from ``clients`` concurrent callers over 1,000 tenants."""
+    settings = _settings(url)
+    engine = create_engine(url, pool_size=clients)
+    core = SchedulerCore(engine, settings, wakeups=Wakeups())
+    done = 0
+    stop_at = time.monotonic() + seconds
+
+    async def client(seed: int) -> None:
+        nonlocal done
+        rng = random.Random(seed)
+        while time.monotonic() < stop_at:
+            await core.submit(f"tenant-{rng.randrange(TENANTS)}", 1, [kit.item()])
+            done += 1
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(client(i) for i in range(clients)))
+    finally:
+        await engine.dispose()
+    return done / (time.perf_counter() - started)
+
+
 # ------------------------------------------------------------------------------------------------
 # Baseline: performance.md §2.4 (per-row counters, one job per transaction, 8 clients)
 
@@ -365,6 +389,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             out[f"backlog_{label}"] = total
             out[f"load_seconds_{label}"] = round(load_s, 1)
             print(f"[{label}] {tp} {refill}", file=sys.stderr)
+        url = await fresh_database(server_url, "sched_bench_submit")
+        await load_backlog(url, 0, False, policy)
+        out["submit_throughput_tps"] = round(
+            await measure_submits(url, 3.0 if args.quick else 8.0), 1
+        )
         url = await fresh_database(server_url, "sched_bench_baseline")
         secs = 4.0 if args.quick else 10.0
         out["baseline_naive_tps_uniform"] = round(await baseline(url, 100_000, False, secs), 1)
@@ -397,7 +426,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "skew_vs_uniform": "<= 1.5x",
         }
         async with await psycopg.AsyncConnection.connect(server_url, autocommit=True) as conn:
-            for label in ("10k", "1m", "skew", "baseline"):
+            for label in ("10k", "1m", "skew", "submit", "baseline"):
                 await conn.execute(f'DROP DATABASE IF EXISTS "sched_bench_{label}" WITH (FORCE)')
     finally:
         if server is not None:
