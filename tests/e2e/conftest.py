@@ -28,6 +28,11 @@ from conveyor_devstack.system import ConveyorSystem  # noqa: E402
 from tests.e2e.harness import E2E, session_config  # noqa: E402
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The kill test runs last: it restarts processes the other tests share."""
+    items.sort(key=lambda item: item.path.name == "test_e2e_kill.py")
+
+
 def _unavailable(what: str, exc: BaseException) -> None:
     reason = f"e2e: {what}: {type(exc).__name__}: {exc}"
     if os.environ.get("CONVEYOR_ALLOW_SKIP") == "1":

@@ -111,7 +111,7 @@ async def test_global_tenant_and_model_limits_are_never_exceeded(e2e: E2E) -> No
     assert all(t.status == S.TASK_STATUS_SUCCEEDED for t in final.values())
 
     ledger = await e2e.ledger(seq)
-    assert sorted(creates(ledger)) == sorted(meta)
+    assert sorted(creates(ledger, meta)) == sorted(meta)
     peak_global, by_tenant, by_model = peak_slots(ledger, meta, KIND_COST)
     # Never above a limit; and each limit was reached, so the test could have seen an excess.
     assert GLOBAL_LIMIT - 1 <= peak_global <= GLOBAL_LIMIT

@@ -220,6 +220,24 @@ class WebhookIngress:
                 writer.close()
 
 
+_LAUNCHER = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _launch(argv: Sequence[str]) -> list[str]:
+    """``argv`` behind a tiny launcher that makes the child die with us (PR_SET_PDEATHSIG), then
+    execs it (same pid). Not ``preexec_fn``: running Python between fork and exec in a process with
+    gRPC threads (the test session, the demo) can crash the child before exec."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    return [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *argv]
+
+
 def _child_env(extra: Mapping[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV)}
     env["PYTHONUNBUFFERED"] = "1"
@@ -522,14 +540,13 @@ class ConveyorSystem:
             p.log_path, f"--- start #{p.starts + 1} at {time.strftime('%X')} ---"
         ) as out:
             p.proc = await asyncio.create_subprocess_exec(
-                *p.argv,
+                *_launch(p.argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE if stdout_pipe else out,
                 stderr=out,
                 env=p.env,
                 cwd=str(self.run_dir),
                 start_new_session=True,
-                preexec_fn=_process._die_with_parent(os.getpid()),
             )
         p.starts += 1
         p.started_at = time.monotonic()
@@ -553,17 +570,13 @@ class ConveyorSystem:
         log_path = self.run_dir / "migrate.log"
         with _open_log(log_path) as out:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "conveyor_scheduler",
-                "migrate",
+                *_launch([sys.executable, "-m", "conveyor_scheduler", "migrate"]),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 env=sched.env,
                 cwd=str(self.run_dir),
                 start_new_session=True,
-                preexec_fn=_process._die_with_parent(os.getpid()),
             )
         try:
             code = await asyncio.wait_for(proc.wait(), self.config.start_timeout)
