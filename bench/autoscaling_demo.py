@@ -23,7 +23,7 @@ Outputs in ``bench/results/autoscaling/``: ``autoscaling.csv`` (every tick), ``a
 table, one row per ~10 s, and the summary), ``autoscaling.png`` (load/throughput, backlog, replicas),
 ``summary.json``.
 
-Usage: ``python bench/autoscaling_demo.py [--time-scale 4] [--per-replica 1] [--quick]``
+Usage: ``python bench/autoscaling_demo.py [--time-scale 4] [--per-replica 2] [--quick]``
 (``--quick``: a shorter profile for a smoke run).
 """
 
