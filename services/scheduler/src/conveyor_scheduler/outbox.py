@@ -112,12 +112,34 @@ SLOT_COLUMNS = {
 }
 
 
-def _unnest_insert_sql(table: str, columns: dict[str, str]) -> Any:
+def _unnest_insert(table: str, columns: dict[str, str], prefix: str = "") -> str:
     casts = ", ".join(
-        f"CAST(CAST(:{c} AS text[]) AS jsonb[])" if typ == "jsonb" else f"CAST(:{c} AS {typ}[])"
+        f"CAST(CAST(:{prefix}{c} AS text[]) AS jsonb[])"
+        if typ == "jsonb"
+        else f"CAST(:{prefix}{c} AS {typ}[])"
         for c, typ in columns.items()
     )
-    return text(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({casts})")
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({casts})"
+
+
+def _unnest_insert_sql(table: str, columns: dict[str, str]) -> Any:
+    return text(_unnest_insert(table, columns))
+
+
+def _params(
+    rows: list[dict[str, Any]], columns: dict[str, str], prefix: str = ""
+) -> dict[str, Any]:
+    return {
+        prefix + c: [json.dumps(r[c]) for r in rows] if typ == "jsonb" else [r[c] for r in rows]
+        for c, typ in columns.items()
+    }
+
+
+_EVENTS_AND_OUTBOX_SQL = text(
+    f"WITH e AS ({_unnest_insert('task_events', EVENT_COLUMNS, 'e_')}) "
+    + _unnest_insert("outbox", OUTBOX_COLUMNS, "o_")
+)
+"""Events and their outbox records in one round trip."""
 
 
 _INSERT_SQL = {
@@ -132,13 +154,7 @@ async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, An
     """Multi-row INSERT through ``unnest`` of column arrays (one statement, typed arrays)."""
     if not rows:
         return
-    params: dict[str, Any] = {}
-    for c, typ in _COLUMNS[table].items():
-        if typ == "jsonb":
-            params[c] = [json.dumps(r[c]) for r in rows]
-        else:
-            params[c] = [r[c] for r in rows]
-    await conn.execute(_INSERT_SQL[table], params)
+    await conn.execute(_INSERT_SQL[table], _params(rows, _COLUMNS[table]))
 
 
 def outbox_row(
@@ -235,8 +251,15 @@ class Changes:
                 delete(m.ActiveSlot).where(m.ActiveSlot.task_id.in_(self.free_slots))
             )
         await adjust_waiting(conn, self.waiting)
-        await insert_rows(conn, "task_events", self.events)
-        await insert_rows(conn, "outbox", self.outbox)
+        if self.events and self.outbox:
+            await conn.execute(
+                _EVENTS_AND_OUTBOX_SQL,
+                _params(self.events, EVENT_COLUMNS, "e_")
+                | _params(self.outbox, OUTBOX_COLUMNS, "o_"),
+            )
+        else:
+            await insert_rows(conn, "task_events", self.events)
+            await insert_rows(conn, "outbox", self.outbox)
 
 
 async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:

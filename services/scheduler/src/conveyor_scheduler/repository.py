@@ -251,18 +251,20 @@ async def submit(
         }
         for it in items
     ]
-    stmt = pg_insert(m.IdempotencyKey).values(key_rows)
-    upsert = stmt.on_conflict_do_update(
-        index_elements=[m.IdempotencyKey.tenant_id, m.IdempotencyKey.request_id],
-        set_={
-            "fingerprint": stmt.excluded.fingerprint,
-            "task_id": stmt.excluded.task_id,
-            "created_at": stmt.excluded.created_at,
-            "expires_at": stmt.excluded.expires_at,
-        },
-        where=m.IdempotencyKey.expires_at < now,
-    ).returning(m.IdempotencyKey.request_id)
-    fresh = {r[0] for r in await conn.execute(upsert)}
+    fresh = {
+        r[0]
+        for r in await conn.execute(
+            _KEYS_SQL,
+            {
+                "tenant": tenant_id,
+                "rids": [k["request_id"] for k in key_rows],
+                "fps": [k["fingerprint"] for k in key_rows],
+                "tids": [k["task_id"] for k in key_rows],
+                "now": now,
+                "exp": expires,
+            },
+        )
+    }
     existing: dict[str, TaskRow] = {}
     dup_ids = [it.request_id for it in items if it.request_id not in fresh]
     if dup_ids:
@@ -315,6 +317,21 @@ async def submit(
         else:
             out.append((existing[it.request_id], True))
     return out
+
+
+_KEYS_SQL = text(
+    """
+    INSERT INTO idempotency_keys (tenant_id, request_id, fingerprint, task_id, created_at, expires_at)
+    SELECT :tenant, u.r, u.f, u.t, :now, :exp
+    FROM unnest(CAST(:rids AS text[]), CAST(:fps AS bytea[]), CAST(:tids AS uuid[])) AS u(r, f, t)
+    ON CONFLICT (tenant_id, request_id) DO UPDATE SET
+        fingerprint = excluded.fingerprint, task_id = excluded.task_id,
+        created_at = excluded.created_at, expires_at = excluded.expires_at
+    WHERE idempotency_keys.expires_at < :now
+    RETURNING request_id
+    """
+)
+"""Record the keys; a key seen before (and not expired) is not returned: a duplicate."""
 
 
 def new_task_row(
@@ -442,8 +459,14 @@ async def _admit(
     if row is None:
         await _reject_tenant(conn, tenant_id, n, settings, now)
     assert row is not None
-    total = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
-    if int(total or 0) + n > settings.queue_capacity:
+    taken = (
+        await conn.execute(
+            _GLOBAL_ADMIT_SQL,
+            {"n": n, "s": random.randrange(m.QUEUE_SHARDS), "cap": settings.queue_capacity},
+        )
+    ).first()
+    if taken is None:
+        total = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
         raise ResourceExhausted(
             [
                 QuotaViolation(
@@ -452,11 +475,15 @@ async def _admit(
             ],
             retry_after_seconds=5.0,
         )
-    await conn.execute(
-        text("UPDATE queue_counters SET waiting = waiting + :n WHERE shard = :s"),
-        {"n": n, "s": random.randrange(m.QUEUE_SHARDS)},
-    )
     return int(row[0]) if row[0] is not None else claimed_tier
+
+
+_GLOBAL_ADMIT_SQL = text(
+    "UPDATE queue_counters SET waiting = waiting + :n WHERE shard = :s"
+    " AND (SELECT COALESCE(sum(waiting), 0) FROM queue_counters) + :n <= :cap RETURNING shard"
+)
+"""Check the global capacity and take the places in one round trip (the sum is read without
+locking the other shards: concurrent submits may overshoot by the number in flight)."""
 
 
 async def _reject_tenant(
