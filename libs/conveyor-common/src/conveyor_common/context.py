@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import secrets
 from collections.abc import Iterator
@@ -56,4 +57,6 @@ def bound(
         yield
     finally:
         for var, token in reversed(tokens):
-            var.reset(token)
+            # A cancelled server stream's generator is finalized in another context: nothing to reset.
+            with contextlib.suppress(ValueError):
+                var.reset(token)
