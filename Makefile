@@ -19,7 +19,11 @@ help: ## Print this message
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: setup
-setup: $(VENV)/.synced $(BUF) kafka-jars ## Create .venv with pinned deps (uv.lock), install buf, resolve the Kafka jars
+setup: $(VENV)/.synced $(BUF) kafka-jars k8s-tools ## Create .venv (uv.lock), install buf and promtool, resolve the Kafka jars
+
+.PHONY: k8s-tools
+k8s-tools: ## Install promtool (Debian's prometheus package) for the alert-rule checks
+	bash tools/k8s/install-tools.sh
 
 $(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -95,6 +99,10 @@ down: ## Stop what `make up` started
 .PHONY: bench
 bench: setup ## Benchmarks: writes bench/results/*.json and prints ratios against baselines
 	$(PY) bench/run_all.py
+
+.PHONY: autoscale-demo
+autoscale-demo: setup ## Provider-adapter autoscaling on the running stack with a real Prometheus (~8 min)
+	$(PY) bench/autoscaling_demo.py
 
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and the Kafka jars)
