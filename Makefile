@@ -74,8 +74,16 @@ typecheck: $(VENV)/.synced ## mypy --strict on our packages, tests and scripts
 unit: $(VENV)/.synced ## Unit tests (no devstack)
 	$(VENV)/bin/pytest -m "not integration" $(PYTEST_ARGS)
 
+.PHONY: docs
+docs: $(VENV)/.synced ## Regenerate the README's settings table from the settings classes
+	$(PY) scripts/settings_table.py --write
+
+.PHONY: docs-check
+docs-check: $(VENV)/.synced ## Fail if the README's settings table is stale
+	$(PY) scripts/settings_table.py --check
+
 .PHONY: check
-check: lint typecheck protos-check buf-lint unit ## The gate: lint, types, protos, buf, unit tests
+check: lint typecheck protos-check buf-lint docs-check unit ## The gate: lint, types, protos, buf, docs, unit tests
 
 .PHONY: integration
 integration: setup ## Integration tests on the devstack (real PostgreSQL and Kafka)

@@ -32,7 +32,12 @@ def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "**required**"
     factory = field.default_factory
-    value = factory() if factory is not None else field.default  # type: ignore[call-arg]
+    if factory is not None:
+        value = factory()  # type: ignore[call-arg]
+        if value != factory():  # type: ignore[call-arg]
+            return "(computed at start)"  # e.g. a generated replica id
+    else:
+        value = field.default
     if value is PydanticUndefined:
         return "**required**"
     if value is None:
