@@ -302,23 +302,32 @@ class Demo:
         task.status = "queued"
         self.say(f"{task.tenant}/{task.label}: submitted ({task.kind}, {task.priority})")
         canceller: asyncio.Task[None] | None = None
-        async for event in client.watch(task.task_id):
-            task.events.append(event)
-            self._apply(task, event)
-            if (
-                task.role == "cancel"
-                and event.type == task_pb2.TASK_EVENT_TYPE_STARTED
-                and canceller is None
-            ):
-                canceller = asyncio.create_task(self._cancel_later(client, task))
-        task.finished = True
+        while not task.finished:
+            last = task.events[-1].sequence if task.events else 0
+            try:
+                async for event in client.watch(task.task_id, after_sequence=last):
+                    task.events.append(event)
+                    self._apply(task, event)
+                    if (
+                        task.role == "cancel"
+                        and event.type == task_pb2.TASK_EVENT_TYPE_STARTED
+                        and canceller is None
+                    ):
+                        canceller = asyncio.create_task(self._cancel_later(client, task))
+                task.finished = True
+            except ConveyorError as exc:  # the SDK resumed on UNAVAILABLE already
+                if exc.code.name != "DEADLINE_EXCEEDED":
+                    task.status, task.note, task.finished = "watch failed", str(exc), True
         if canceller is not None:
             await canceller
 
     async def _cancel_later(self, client: AsyncConveyorClient, task: DemoTask) -> None:
         await asyncio.sleep(2.0)
         self.say(f"{task.tenant}/{task.label}: cancelling while it runs")
-        await client.cancel(task.task_id, reason="demo: cancelled while running")
+        try:
+            await client.cancel(task.task_id, reason="demo: cancelled while running")
+        except ConveyorError as exc:
+            task.note = f"cancel failed: {exc}"
 
     def _apply(self, task: DemoTask, event: task_pb2.TaskEvent) -> None:
         snapshot = event.task
@@ -518,7 +527,8 @@ def summarize(
     console.print(limit_table)
     console.print(
         f"{len(tasks)} tasks in {took:.1f}s; {sum(per_task.values())} predictions at the provider; "
-        f"{sum(1 for e in ledger if e['kind'] == 'create_rejected')} creates refused (scripted 408s)"
+        f"{sum(1 for e in ledger if e['kind'] == 'create_rejected')} creates refused (scripted 408s)",
+        soft_wrap=True,
     )
     if not scripted:
         off = [
@@ -553,6 +563,7 @@ async def run_demo(console: Console, run_dir: Path) -> int:
                 f"up in {time.monotonic() - started:.0f}s: gateway {ep.gateway}, ledger {ep.ledger_url}, "
                 f"logs {ep.run_dir}",
                 highlight=False,
+                soft_wrap=True,
             )
             demo = Demo(system, console, live=live)
             try:
