@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import MetaData
+from psycopg.types.array import ListBinaryDumper
+from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -81,13 +83,29 @@ async def check_schema(engine: AsyncEngine) -> None:
         )
 
 
+def binary_arrays(engine: AsyncEngine) -> AsyncEngine:
+    """Send list parameters (the column arrays of the batched writes) in binary format.
+
+    psycopg's text array dumper quotes every element through regular expressions, which was the
+    largest Python cost of the batched writes; the binary dumper copies values as they are.
+    """
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.driver_connection.adapters.register_dumper(list, ListBinaryDumper)
+
+    return engine
+
+
 def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions."""
-    return create_async_engine(
-        to_sqlalchemy_url(url),
-        pool_size=pool_size,
-        max_overflow=pool_size,
-        pool_pre_ping=True,
-        pool_recycle=1800,
-        connect_args={"options": PG_OPTIONS, "application_name": "conveyor-scheduler"},
+    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays."""
+    return binary_arrays(
+        create_async_engine(
+            to_sqlalchemy_url(url),
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"options": PG_OPTIONS, "application_name": "conveyor-scheduler"},
+        )
     )

@@ -40,7 +40,7 @@ from sqlalchemy.pool import NullPool
 
 from conveyor_scheduler import models as m
 from conveyor_scheduler import transitions
-from conveyor_scheduler.db import PG_OPTIONS
+from conveyor_scheduler.db import PG_OPTIONS, binary_arrays
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.outbox import Changes, insert_rows
 from conveyor_scheduler.policy import Policy
@@ -173,13 +173,15 @@ class Leader:
     def __init__(self, settings: SchedulerSettings, url: str, instance_id: str) -> None:
         self.settings = settings
         self.instance_id = instance_id
-        self.engine: AsyncEngine = create_async_engine(
-            to_sqlalchemy_url(url),
-            poolclass=NullPool,
-            connect_args={
-                "options": PG_OPTIONS,
-                "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
-            },
+        self.engine: AsyncEngine = binary_arrays(
+            create_async_engine(
+                to_sqlalchemy_url(url),
+                poolclass=NullPool,
+                connect_args={
+                    "options": PG_OPTIONS,
+                    "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
+                },
+            )
         )
         self.conn: AsyncConnection | None = None
         self._standby: AsyncConnection | None = None
