@@ -19,7 +19,7 @@ import pytest
 
 _ROOT = Path(__file__).resolve().parents[2]
 if str(_ROOT) not in sys.path:  # tests.e2e.* helpers are imported by their package path
-    sys.path.insert(0, str(_ROOT))
+    sys.path.append(str(_ROOT))
 
 from conveyor_devstack.errors import DevstackError  # noqa: E402
 from conveyor_devstack.postgres import PostgresServer  # noqa: E402
