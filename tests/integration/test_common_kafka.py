@@ -22,6 +22,7 @@ from conveyor_common.kafka import (
     ProducerConfig,
     default_registry,
 )
+from conveyor_common.kafka.envelope import Headers
 from conveyor_common.metrics import KafkaMetrics
 from conveyor_devstack import ensure_topics
 
@@ -195,3 +196,56 @@ async def test_undecodable_and_failing_records_go_to_the_dlq(
     assert by_key[b"poison"]["x-original-topic"] == topic.encode()
     assert by_key[b"poison"]["x-error"].startswith(b"decode:")
     assert by_key[b"perm"]["x-error"].startswith(b"permanent:")
+
+
+class _FlakyDlqProducer(EventProducer):
+    """A DLQ producer whose first ``fail`` sends raise (Kafka briefly away)."""
+
+    def __init__(self, inner: EventProducer, fail: int) -> None:
+        self.inner = inner
+        self.fail = fail
+        self.sent: list[bytes | None] = []
+
+    async def send_raw(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        headers: Headers,
+    ) -> None:
+        if self.fail > 0:
+            self.fail -= 1
+            raise ConnectionError("dead-letter topic unreachable")
+        await self.inner.send_raw(topic, key, value, headers)
+        self.sent.append(key)
+
+
+async def test_consumer_survives_a_failed_dead_letter_and_skips_nothing(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    for reason in ("before", "poison", "after-1", "after-2"):
+        await producer.send(topic, events_pb2.CancelTask(task_id="k", reason=reason), key="k")
+    handled: list[str] = []
+    poison_calls = 0
+
+    async def handle(env: Envelope) -> None:
+        nonlocal poison_calls
+        assert isinstance(env.message, events_pb2.CancelTask)
+        if env.message.reason == "poison":
+            poison_calls += 1
+            raise PermanentError("never")
+        handled.append(env.message.reason)
+
+    dlq = _FlakyDlqProducer(producer, fail=1)
+    consumer = consumer_for(kafka_bootstrap, topic, "g-dlq-flaky", handle, dlq)
+    await consumer.start()
+    try:
+        await wait_for(lambda: "after-2" in handled)
+    finally:
+        await consumer.stop()
+    # The failed dead-lettering did not stop the consumer, and the poison record was retried
+    # (rewound) rather than skipped: it reached the DLQ once, and nothing after it was lost.
+    assert poison_calls == 2
+    assert dlq.sent == [b"k"]
+    assert handled.count("after-1") == 1
+    assert handled[-2:] == ["after-1", "after-2"]

@@ -1,8 +1,11 @@
 """Kafka consumer wrapper: manual commit after handling, dedup hook, retries, dead-letter topic.
 
-Records are handled in order within a partition (partitions in parallel); offsets are committed only
-after every record of the fetched batch was handled or dead-lettered, so a crash means redelivery,
-never loss: handlers must be idempotent (dedupe on ``Envelope.id`` or by state-machine guards).
+Records are handled in order within a partition (partitions in parallel); an offset is committed
+only after its record and every earlier one were handled or dead-lettered, so a crash means
+redelivery, never loss: handlers must be idempotent (dedupe on ``Envelope.id`` or by state-machine
+guards). When a batch cannot be finished (the dead-letter topic or the dedup hook is unreachable),
+the consumer commits what was handled, rewinds to the first unhandled record and tries again after a
+pause, rather than stopping.
 
 A record that cannot be decoded, a handler raising :class:`PermanentError`, or a handler failing
 ``max_attempts`` times goes to ``<topic>.dlq`` with ``x-original-*`` and ``x-error`` headers.
@@ -152,19 +155,40 @@ class EventConsumer:
             if not batches:
                 await self._update_lag()
                 continue
+            failed = False
             async with self._batch_lock:
-                await asyncio.gather(
-                    *(self._handle_partition(tp, recs) for tp, recs in batches.items())
+                done: dict[TopicPartition, int] = {}
+                outcomes = await asyncio.gather(
+                    *(self._handle_partition(tp, recs, done) for tp, recs in batches.items()),
+                    return_exceptions=True,
                 )
-                offsets = {tp: recs[-1].offset + 1 for tp, recs in batches.items()}
-                try:
-                    await self._consumer.commit(offsets)
-                except Exception:
-                    # A rebalance took the partitions: the new owner re-handles (idempotently).
-                    logger.warning(
-                        "commit failed", extra={"action": "kafka_commit_failed"}, exc_info=True
-                    )
+                for outcome in outcomes:
+                    if isinstance(outcome, asyncio.CancelledError):
+                        raise outcome
+                    if isinstance(outcome, BaseException):
+                        failed = True
+                        logger.error(
+                            "batch not fully handled; re-reading from the first unhandled record",
+                            extra={"action": "kafka_batch_failed"},
+                            exc_info=outcome,
+                        )
+                if failed:
+                    # The fetch position is past the batch: rewind every partition to its first
+                    # unhandled record, or a later commit would skip what was not handled.
+                    for tp, recs in batches.items():
+                        with contextlib.suppress(Exception):
+                            self._consumer.seek(tp, done.get(tp, recs[0].offset))
+                if done:
+                    try:
+                        await self._consumer.commit(done)
+                    except Exception:
+                        # A rebalance took the partitions: the new owner re-handles (idempotently).
+                        logger.warning(
+                            "commit failed", extra={"action": "kafka_commit_failed"}, exc_info=True
+                        )
             await self._update_lag()
+            if failed:
+                await asyncio.sleep(1)
 
     async def _update_lag(self) -> None:
         """Lag = high watermark - position, per assigned partition. Called between batches, when
@@ -194,9 +218,13 @@ class EventConsumer:
                     self.metrics.service, self.config.group_id, tp.topic, str(tp.partition)
                 )
 
-    async def _handle_partition(self, tp: TopicPartition, records: list[Any]) -> None:
+    async def _handle_partition(
+        self, tp: TopicPartition, records: list[Any], done: dict[TopicPartition, int]
+    ) -> None:
+        """Handle ``records`` in order; ``done[tp]`` is the offset after the last one handled."""
         for record in records:
             await self._handle_record(record)
+            done[tp] = record.offset + 1
             self._record_lag(tp, record.offset + 1)
 
     def _record_lag(self, tp: TopicPartition, next_offset: int) -> None:
