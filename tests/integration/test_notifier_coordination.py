@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
@@ -259,3 +260,55 @@ async def test_backlog_and_paging(side: SchedulerSide) -> None:
     assert len(seen) == len(set(seen)) == 7
     for d in await claim(side, "w"):
         assert await report(side, "w", delivered(d.delivery_id)) == 1
+
+
+async def test_concurrent_endpoint_creates_keep_the_limit_and_the_idempotency_key(
+    side: SchedulerSide,
+) -> None:
+    t = tenant()
+    limit = 20  # WebhookSettings.max_endpoints_per_tenant default
+    for _ in range(limit - 2):
+        await create_endpoint(side, t, "http://127.0.0.1:9/hook")
+
+    async def create(request_id: str) -> grpc.StatusCode:
+        try:
+            await side.scheduler.CreateWebhookEndpoint(
+                spb.CreateWebhookEndpointRequest(
+                    principal=principal(t),
+                    request=webhook_service_pb2.CreateWebhookEndpointRequest(
+                        request_id=request_id, url="http://127.0.0.1:9/hook"
+                    ),
+                )
+            )
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    codes = await asyncio.gather(*(create(str(uuid.uuid4())) for _ in range(10)))
+    assert codes.count(grpc.StatusCode.OK) == 2
+    assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 8
+    listed = await side.scheduler.ListWebhookEndpoints(
+        spb.ListWebhookEndpointsRequest(
+            principal=principal(t), request=webhook_service_pb2.ListWebhookEndpointsRequest()
+        )
+    )
+    assert len(listed.response.endpoints) == limit
+
+    # One idempotency key sent concurrently by a fresh tenant: one endpoint, every answer OK.
+    fresh = tenant()
+    key = str(uuid.uuid4())
+    answers = await asyncio.gather(
+        *(
+            side.scheduler.CreateWebhookEndpoint(
+                spb.CreateWebhookEndpointRequest(
+                    principal=principal(fresh),
+                    request=webhook_service_pb2.CreateWebhookEndpointRequest(
+                        request_id=key, url="http://127.0.0.1:9/hook"
+                    ),
+                )
+            )
+            for _ in range(6)
+        )
+    )
+    assert len({a.response.endpoint.endpoint_id for a in answers}) == 1
+    assert len({a.response.signing_secret for a in answers}) == 1

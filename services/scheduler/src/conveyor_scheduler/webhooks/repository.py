@@ -63,6 +63,20 @@ async def ensure_secret(session: AsyncSession, tenant_id: str) -> WebhookSecret:
     return row
 
 
+async def lock_tenant(session: AsyncSession, tenant_id: str) -> WebhookSecret:
+    """The tenant's secret row, created when missing and locked until the transaction ends: it
+    serializes a tenant's endpoint creations (idempotency-key check and endpoint limit)."""
+    await ensure_secret(session, tenant_id)
+    row = await session.scalar(
+        select(WebhookSecret)
+        .where(WebhookSecret.tenant_id == tenant_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    assert row is not None
+    return row
+
+
 @dataclass(frozen=True)
 class Rotation:
     """Result of a rotation."""

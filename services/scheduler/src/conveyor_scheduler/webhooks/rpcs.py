@@ -181,10 +181,14 @@ class WebhookRpcs:
                 return await self._replay_create(existing, body.url, events, tenant)
         await check_callback_url(body.url, policy)
         async with self.sessionmaker() as session, session.begin():
+            # Concurrent creates of one tenant queue here, so the key check and the limit hold.
+            secret = await repo.lock_tenant(session, tenant)
             if body.request_id:
                 existing = await repo.endpoint_by_request(session, tenant, body.request_id)
                 if existing is not None:
-                    return await self._replay_create(existing, body.url, events, tenant)
+                    return await self._replay_create(
+                        existing, body.url, events, tenant, secret.current_secret
+                    )
             limit = policy.settings.max_endpoints_per_tenant
             if await repo.count_live_endpoints(session, tenant) >= limit:
                 raise ResourceExhausted(
@@ -196,7 +200,6 @@ class WebhookRpcs:
                     ],
                     retry_after_seconds=0,
                 )
-            secret = await repo.ensure_secret(session, tenant)
             endpoint = await repo.create_endpoint(
                 session,
                 tenant_id=tenant,
@@ -211,18 +214,24 @@ class WebhookRpcs:
             )
 
     async def _replay_create(
-        self, existing: WebhookEndpoint, url: str, events: list[int], tenant: str
+        self,
+        existing: WebhookEndpoint,
+        url: str,
+        events: list[int],
+        tenant: str,
+        current_secret: str | None = None,
     ) -> pb.CreateWebhookEndpointResponse:
         if existing.url != url or list(existing.event_types) != events:
             raise FailedPrecondition(
                 "request_id was already used to create a different endpoint",
                 reason="IDEMPOTENCY_KEY_REUSED",
             )
-        async with self.sessionmaker() as session, session.begin():
-            secret = await repo.ensure_secret(session, tenant)
+        if current_secret is None:
+            async with self.sessionmaker() as session, session.begin():
+                current_secret = (await repo.ensure_secret(session, tenant)).current_secret
         return pb.CreateWebhookEndpointResponse(
             response=webhook_service_pb2.CreateWebhookEndpointResponse(
-                endpoint=endpoint_message(existing), signing_secret=secret.current_secret
+                endpoint=endpoint_message(existing), signing_secret=current_secret
             )
         )
 
