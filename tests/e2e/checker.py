@@ -285,7 +285,10 @@ def check(
     fig["max_predictions_per_task"] = max(per_task.values(), default=0)
     fig["tasks_with_several_predictions"] = len(several)
     fig["attempts_with_several_predictions"] = len(several_per_attempt)
-    fig["cancels_at_provider"] = sum(1 for e in ledger if e["kind"] == "cancel")
+    fig["cancel_calls_at_provider"] = sum(1 for e in ledger if e["kind"] == "cancel")
+    fig["predictions_canceled"] = sum(
+        1 for e in ledger if e["kind"] == "finish" and e.get("status") == "canceled"
+    )
     if several:
         fail.append(
             f"{len(several)} tasks with several predictions: {dict(list(several.items())[:5])}"

@@ -2,7 +2,8 @@
 the notifier at seeded random moments and restarts them; then a Jepsen-style check (``checker.py``).
 
 Generator: an open loop of submits (random kind, priority and 0.2-0.6 s provider run), a watcher per
-accepted task through the SDK (automatic resume), and cancels of ~5% of the tasks at random moments.
+accepted task through the SDK (automatic resume), cancels of ~5% of the tasks at random moments and of
+~3% as soon as they run.
 Every client operation goes to a Jepsen-style history (``invoke``/``ok``/``fail``/``info``), written
 next to the system's logs. Drain: wait until every watcher saw its terminal event. Then the checker
 gates on: no lost, duplicated or unexpected task; one terminal state per task; one prediction per task
@@ -38,6 +39,7 @@ TENANT_LIMITS = {"kill-a": 1, "kill-b": 2, "kill-c": 2, "kill-d": 3}
 SUBMIT_RATE = 20.0
 """Submits per second (open loop)."""
 CANCEL_SHARE = 0.05
+CANCEL_RUNNING_SHARE = 0.03
 DRAIN_SECONDS = 180.0
 KINDS = [
     ("image", "kill/sdxl"),
@@ -83,13 +85,19 @@ class Run:
                 # A task costing more slots than its tenant may hold is never dispatched and
                 # blocks the tenant's queue (a scheduler limitation, reported); none of those here.
                 kind, model = KINDS[0]
+            # ~5% are cancelled at a random moment (mostly while queued), ~3% once they run.
+            roll = self.rng.random()
+            cancel_after: float | None = self.rng.uniform(0.2, 6.0) if roll < CANCEL_SHARE else None
+            on_start = CANCEL_SHARE <= roll < CANCEL_SHARE + CANCEL_RUNNING_SHARE
+            seconds = 2.0 if on_start else round(self.rng.uniform(0.2, 0.6), 3)
             spec = build_spec(
                 kind,
                 model=model,
-                input={"i": i, "__fake_duration_s": round(self.rng.uniform(0.2, 0.6), 3)},
+                input={"i": i, "__fake_duration_s": seconds},
                 priority=self.rng.choice(PRIORITIES),
             )
-            cancel_after = self.rng.uniform(0.2, 6.0) if self.rng.random() < CANCEL_SHARE else None
+            if on_start:
+                cancel_after = -1.0
             self.submitters.append(
                 asyncio.create_task(self.submit_one(tenant, kind, model, spec, cancel_after))
             )
@@ -125,22 +133,35 @@ class Run:
         task_id = resp.task.task_id
         self.meta[task_id] = TaskMeta(tenant, kind, model, rid)
         self.history.record("ok", "submit", tenant, tenant=tenant, request_id=rid, task_id=task_id)
-        self.watchers.append(asyncio.create_task(self.watch(client, task_id)))
-        if cancel_after is not None:
+        on_start = cancel_after is not None and cancel_after < 0
+        self.watchers.append(
+            asyncio.create_task(self.watch(client, task_id, tenant if on_start else None))
+        )
+        if cancel_after is not None and not on_start:
             self.cancellers.append(
                 asyncio.create_task(self.cancel(tenant, client, task_id, cancel_after))
             )
 
-    async def watch(self, client: AsyncConveyorClient, task_id: str) -> None:
+    async def watch(
+        self, client: AsyncConveyorClient, task_id: str, cancel_when_started: str | None = None
+    ) -> None:
         """The SDK's watch (it resumes by itself on UNAVAILABLE). A DEADLINE_EXCEEDED of a watch
         without a deadline of ours is the gateway giving up on a slow downstream call: resume from
-        the last sequence seen, as an application would, and count it."""
+        the last sequence seen, as an application would, and count it. ``cancel_when_started``
+        (the tenant) cancels the task as soon as it runs."""
         events = self.watches.setdefault(task_id, [])
         while True:
             stream = client.watch(task_id, after_sequence=events[-1].sequence if events else 0)
             try:
                 async for event in stream:
                     events.append(event)
+                    if cancel_when_started and event.type == task_pb2.TASK_EVENT_TYPE_STARTED:
+                        self.cancellers.append(
+                            asyncio.create_task(
+                                self.cancel(cancel_when_started, client, task_id, 0.0)
+                            )
+                        )
+                        cancel_when_started = None
                 return
             except ConveyorError as exc:
                 if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED:
