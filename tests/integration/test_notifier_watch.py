@@ -19,13 +19,19 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient, NewPartitions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from conveyor.notifier.v1 import notifier_service_pb2 as npb
 from conveyor.notifier.v1 import notifier_service_pb2_grpc as npb_grpc
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.kafka import EventProducer
+from conveyor_devstack.topics import ensure_topics
 from conveyor_notifier.app import Notifier
+from conveyor_notifier.broadcast import EventBroadcaster
+from conveyor_notifier.fanout import WatchHub
+from conveyor_notifier.metrics import NotifierMetrics
 
 if TYPE_CHECKING:  # mypy sees tests/ as a package; pytest imports the sibling module by name
     from tests.integration.test_notifier_support import (
@@ -382,3 +388,48 @@ async def test_watch_resumes_through_a_restarted_notifier_after_kill_9(
     assert resumed_live > 0  # the restarted notifier delivered live events...
     assert total - lost_at - resumed_live > 0  # ...after the history filled the gap
     assert second_code == 0  # SIGTERM: graceful shutdown
+
+
+async def test_a_partition_added_later_does_not_skip_events_of_the_others(
+    kafka_bootstrap: str, producer: EventProducer
+) -> None:
+    topic = f"test.notifier-watch.grow.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(kafka_bootstrap, {topic: 1})
+    hub = WatchHub(NotifierMetrics(CollectorRegistry()), buffer_events=100)
+    reader = EventBroadcaster(
+        bootstrap_servers=kafka_bootstrap,
+        topic=topic,
+        hub=hub,
+        client_id="test-grow",
+        partition_check_seconds=3600,
+    )
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    sub = hub.subscribe(tenant, "")
+    await reader.start()
+    try:
+        first = make_event(tenant, "task-a", 1, PROGRESS)
+        await publish(producer, topic, [first])
+        assert (await asyncio.wait_for(sub.next(), timeout=15)).sequence == 1
+        # Hold the reader between fetches, publish, grow the topic, let the periodic check run:
+        # the event published meanwhile must still be read from partition 0.
+        reader._stopping.set()
+        assert reader._task is not None
+        await reader._task
+        reader._stopping.clear()
+        await publish(producer, topic, [make_event(tenant, "task-a", 2, PROGRESS)])
+        admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+        await admin.start()
+        try:
+            await admin.create_partitions({topic: NewPartitions(total_count=2)})
+        finally:
+            await admin.close()
+        for _ in range(100):
+            if len(await reader._partitions()) == 2:
+                break
+            await asyncio.sleep(0.1)
+        await reader._assign_new_partitions(initial=False)
+        reader._task = asyncio.create_task(reader._run())
+        second = await asyncio.wait_for(sub.next(), timeout=15)
+        assert (second.task_id, second.sequence) == ("task-a", 2)
+    finally:
+        await reader.stop()

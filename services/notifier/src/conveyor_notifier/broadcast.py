@@ -96,6 +96,12 @@ class EventBroadcaster:
             return
         self._consumer.assign(sorted(wanted, key=lambda tp: tp.partition))
         self._assigned = wanted
+        # assign() starts a fresh assignment: without a seek, the partitions already read would
+        # reset to their end ("latest") and the events published since the last fetch be skipped.
+        for tp in wanted - new:
+            position = self._positions.get(tp)
+            if position is not None:
+                self._consumer.seek(tp, position)
         if initial:
             await self._consumer.seek_to_end(*new)
         else:
