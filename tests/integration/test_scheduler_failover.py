@@ -114,3 +114,43 @@ async def test_killed_leader_session_and_stopped_leader_fail_over(pair: list[Sch
         )
     assert holders == 1
     print(f"\nfailover: kill -> refill in <5s; stop -> takeover+refill {took:.2f}s")
+
+
+async def test_submit_on_a_follower_wakes_the_leader_through_notify(database_url: str) -> None:
+    await kit.migrate(database_url)
+    apps = [
+        SchedulerApp(
+            kit.make_settings(
+                database_url,
+                instance_id=f"nt-{i}",
+                dispatch_poll_seconds=30.0,  # polling cannot explain a fast dispatch
+                leader_retry_seconds=0.2,
+            ),
+            kafka=False,
+            grpc=False,
+        )
+        for i in range(2)
+    ]
+    await kit.reset(apps[0].engine)
+    for app in apps:
+        await app.start()
+    try:
+        [leader] = await _leaders(apps, 5)
+        follower = apps[1] if leader is apps[0] else apps[0]
+        await asyncio.sleep(0.3)  # the leader's first cycles are done; it now waits on NOTIFY
+        started = time.monotonic()
+        [(row, _)] = await follower.core.submit("t", 1, [kit.item()])
+        took = await _wait_dispatched(follower, 1, 5)
+        assert took < 1.0, took
+        # A slot freed on the follower (results consumer) also wakes the leader at once.
+        await follower.core.submit("t", 1, [kit.item() for _ in range(5)])
+        await _wait_dispatched(follower, 3, 5)  # tenant limit 3
+        await _complete_all(follower)
+        took = await _wait_dispatched(follower, 3, 5)
+        assert took < 1.0, took
+        print(f"\nnotify: follower submit -> dispatch in {time.monotonic() - started:.3f}s total")
+        await kit.check_invariants(follower.engine, follower.core.policy)
+        assert row["status"] == 1
+    finally:
+        for app in apps:
+            await app.stop()
