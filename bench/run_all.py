@@ -1,0 +1,58 @@
+"""`make bench`: run every benchmark in one invocation and print the figures and ratios.
+
+Each benchmark measures its baseline in the same run (scheduler: the naive per-row-counter dispatch of
+performance.md §2.4 on the same PostgreSQL; gateway: BullMQ's durable add when Redis and Node are at
+hand, else the figures measured for it on this machine kind) and writes ``bench/results/*.json``.
+``--quick`` runs short smoke versions (under a minute each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+BENCHES = [
+    ("scheduler", ROOT / "bench" / "scheduler_bench.py", RESULTS / "scheduler.json"),
+    ("gateway", ROOT / "bench" / "gateway_bench.py", RESULTS / "gateway.json"),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="short smoke runs")
+    parser.add_argument("--only", choices=[name for name, _, _ in BENCHES], action="append")
+    args = parser.parse_args()
+    failed = []
+    for name, script, out in BENCHES:
+        if args.only and name not in args.only:
+            continue
+        cmd = [sys.executable, str(script), "--out", str(out)]
+        if args.quick:
+            cmd.append("--quick")
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        started = time.monotonic()
+        rc = subprocess.call(cmd, cwd=ROOT)
+        print(f"== {name}: exit {rc} after {time.monotonic() - started:.0f} s", flush=True)
+        if rc != 0:
+            failed.append(name)
+            continue
+        figures = json.loads(out.read_text())
+        for key in sorted(figures):
+            value = figures[key]
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                print(f"   {key:45} {value}")
+    if failed:
+        print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
