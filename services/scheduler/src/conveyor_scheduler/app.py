@@ -8,9 +8,11 @@ the relay -> flush the producer -> dispose the engines -> stop /metrics.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
@@ -49,8 +51,57 @@ def instance_id(settings: SchedulerSettings) -> str:
     return settings.instance_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
-def results_handler(core: SchedulerCore):  # type: ignore[no-untyped-def]
-    """The results consumer's handler: one ProviderResult per record, one transaction."""
+class ResultBatcher:
+    """Applies provider results from concurrent handler calls in shared transactions.
+
+    The consumer handles its partitions concurrently, each partition's records one after another.
+    Each call waits until its result is committed (so per-partition order and at-least-once hold:
+    the offset is committed only after), while results arriving from other partitions within
+    ``linger_seconds`` share one transaction.
+    """
+
+    def __init__(self, core: SchedulerCore, *, max_batch: int = 500, linger_seconds: float = 0.002):
+        self.core = core
+        self.max_batch = max_batch
+        self.linger = linger_seconds
+        self._pending: list[tuple[events_pb2.ProviderResult, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def apply(self, result: events_pb2.ProviderResult) -> None:
+        """Apply one result (returns once its transaction committed; raises if it failed)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((result, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await future
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(self.linger)
+        while self._pending:
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                await self.core.apply_results([r for r, _ in batch])
+            except Exception:
+                # Isolate the failing result: the others must not fail (and be dead-lettered)
+                # with it.
+                for r, f in batch:
+                    try:
+                        await self.core.apply_results([r])
+                    except Exception as exc:
+                        if not f.done():
+                            f.set_exception(exc)
+                    else:
+                        if not f.done():
+                            f.set_result(None)
+            else:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_result(None)
+
+
+def results_handler(core: SchedulerCore) -> Callable[[Envelope], Awaitable[None]]:
+    """The results consumer's handler (results of concurrent partitions share transactions)."""
+    batcher = ResultBatcher(core)
 
     async def handle(envelope: Envelope) -> None:
         msg = envelope.message
@@ -58,7 +109,7 @@ def results_handler(core: SchedulerCore):  # type: ignore[no-untyped-def]
             raise PermanentError(f"unexpected {envelope.type} on the results topic")
         if not msg.result_id:
             msg.result_id = envelope.id
-        await core.apply_results([msg])
+        await batcher.apply(msg)
 
     return handle
 
