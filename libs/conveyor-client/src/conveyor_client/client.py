@@ -53,6 +53,16 @@ TERMINAL_STATUSES = frozenset(
 )
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 
+WATCH_RESUMABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        # A watcher that fell too far behind is told to resume; an edge rate limit clears too.
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+"""Codes on which a watch stream resumes from its last sequence number."""
+
 
 def new_request_id() -> str:
     """A fresh idempotency key."""
@@ -293,7 +303,12 @@ class AsyncConveyorClient:
                         return
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or failures >= self.watch_reconnects:
+                # Without a deadline of ours, DEADLINE_EXCEEDED came from a hop behind the gateway
+                # (e.g. a slow scheduler page): resume like any other broken stream.
+                resumable = exc.code() in WATCH_RESUMABLE or (
+                    exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and rpc_timeout is None
+                )
+                if not resumable or failures >= self.watch_reconnects:
                     raise ConveyorError.from_rpc_error(exc) from None
                 await asyncio.sleep(self._backoff(min(failures, 5)))
                 failures += 1

@@ -44,7 +44,7 @@ def start_metrics(
     lifecycle: Lifecycle, registry: CollectorRegistry, settings: ServiceSettings
 ) -> MetricsServer:
     """Serve /metrics on its own port and stop it last."""
-    server = start_metrics_server(registry, settings.metrics_port)
+    server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host)
 
     async def stop() -> None:
         await asyncio.to_thread(server.stop)

@@ -28,6 +28,8 @@ class ServiceSettings(BaseSettings):
     """Address the gRPC server binds."""
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     """gRPC port (0 = any free port, for tests)."""
+    metrics_host: str = "0.0.0.0"
+    """Address the /metrics server binds (127.0.0.1 for local runs)."""
     metrics_port: int = Field(default=9100, ge=0, le=65535)
     """Port of the Prometheus /metrics endpoint (0 = any free port; -1 is not allowed)."""
     shutdown_grace_seconds: float = Field(default=10.0, ge=0, le=300)

@@ -417,6 +417,7 @@ class ConveyorSystem:
                 "SCHEDULER_GRPC_HOST": "127.0.0.1",
                 "SCHEDULER_GRPC_PORT": str(port),
                 "SCHEDULER_METRICS_PORT": str(next(ports)),
+                "SCHEDULER_METRICS_HOST": "127.0.0.1",
                 "SCHEDULER_INSTANCE_ID": f"scheduler-{i}",
                 "SCHEDULER_LOG_LEVEL": level,
                 "SCHEDULER_SHUTDOWN_GRACE_SECONDS": "2",
@@ -448,6 +449,7 @@ class ConveyorSystem:
                 "ADAPTER_GRPC_HOST": "127.0.0.1",
                 "ADAPTER_GRPC_PORT": str(next(ports)),
                 "ADAPTER_METRICS_PORT": str(next(ports)),
+                "ADAPTER_METRICS_HOST": "127.0.0.1",
                 "ADAPTER_LOG_LEVEL": level,
                 "ADAPTER_STORAGE_BACKEND": "filesystem",
                 "ADAPTER_STORAGE_FS_ROOT": str(self.run_dir / "outputs"),
@@ -479,6 +481,7 @@ class ConveyorSystem:
                 "NOTIFIER_GRPC_HOST": "127.0.0.1",
                 "NOTIFIER_GRPC_PORT": str(port),
                 "NOTIFIER_METRICS_PORT": str(next(ports)),
+                "NOTIFIER_METRICS_HOST": "127.0.0.1",
                 "NOTIFIER_LOG_LEVEL": level,
                 "NOTIFIER_SHUTDOWN_GRACE_SECONDS": "2",
                 **(
@@ -509,6 +512,7 @@ class ConveyorSystem:
                 "GATEWAY_GRPC_HOST": "127.0.0.1",
                 "GATEWAY_GRPC_PORT": str(port),
                 "GATEWAY_METRICS_PORT": str(next(ports)),
+                "GATEWAY_METRICS_HOST": "127.0.0.1",
                 "GATEWAY_LOG_LEVEL": level,
                 "GATEWAY_SHUTDOWN_GRACE_SECONDS": "2",
                 **(
