@@ -89,6 +89,10 @@ check: lint typecheck protos-check buf-lint docs-check unit ## The gate: lint, t
 integration: setup ## Integration tests on the devstack (real PostgreSQL and Kafka)
 	$(VENV)/bin/pytest -m "integration" $(PYTEST_ARGS)
 
+.PHONY: e2e
+e2e: setup ## End-to-end and kill tests only (the whole system on the devstack)
+	$(VENV)/bin/pytest -m "e2e" $(PYTEST_ARGS)
+
 .PHONY: test
 test: setup check integration ## The gate plus integration tests (the README's test command)
 
