@@ -53,6 +53,34 @@ LIMITS = {
 }
 
 
+# Test instrumentation: every transaction that inserts slots checks every limit before it commits
+# and records a violation in the same transaction, so a committed over-admission is seen even if
+# the slots were released again before the next round's snapshot check.
+_WATCH_SQL = [
+    "CREATE TABLE IF NOT EXISTS test_limit_violations (at timestamptz DEFAULT now(), what text)",
+    """
+    CREATE OR REPLACE FUNCTION test_check_limits() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+      INSERT INTO test_limit_violations (what)
+      SELECT 'global ' || sum(cost) FROM active_slots HAVING sum(cost) > 6
+      UNION ALL
+      SELECT 'tenant ' || s.tenant_id || ' ' || sum(s.cost) FROM active_slots s
+        JOIN tenants t USING (tenant_id)
+        GROUP BY s.tenant_id, t.claimed_tier
+        HAVING sum(s.cost) > CASE COALESCE(t.claimed_tier, 1) WHEN 1 THEN 3 WHEN 2 THEN 4 ELSE 5 END
+      UNION ALL
+      SELECT 'model m/a ' || sum(cost) FROM active_slots WHERE model = 'm/a' HAVING sum(cost) > 3
+      UNION ALL
+      SELECT 'kind video ' || sum(cost) FROM active_slots WHERE kind = 1 HAVING sum(cost) > 4;
+      RETURN NULL;
+    END $$
+    """,
+    "DROP TRIGGER IF EXISTS test_check_limits ON active_slots",
+    "CREATE TRIGGER test_check_limits AFTER INSERT ON active_slots"
+    " FOR EACH STATEMENT EXECUTE FUNCTION test_check_limits()",
+]
+
+
 @pytest.fixture
 async def replicas(database_url: str) -> AsyncIterator[list[SchedulerApp]]:
     await kit.migrate(database_url)
@@ -65,6 +93,10 @@ async def replicas(database_url: str) -> AsyncIterator[list[SchedulerApp]]:
         for i in range(3)
     ]
     await kit.reset(apps[0].engine)
+    async with apps[0].engine.begin() as conn:
+        for sql in _WATCH_SQL:
+            await conn.execute(text(sql))
+        await conn.execute(text("TRUNCATE test_limit_violations"))
     for app in apps:
         await app.start()
     try:
@@ -224,6 +256,12 @@ async def test_random_interleavings_keep_every_invariant(replicas: list[Schedule
         by_status: dict[int, int] = dict(
             (await conn.execute(text("SELECT status, count(*) FROM tasks GROUP BY status"))).all()
         )
+        violations = (
+            await conn.execute(text("SELECT what FROM test_limit_violations LIMIT 5"))
+        ).all()
+        watched = await conn.scalar(
+            text("SELECT count(*) FROM pg_trigger WHERE tgname = 'test_check_limits'")
+        )
         leaders = await conn.scalar(
             text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
         )
@@ -235,6 +273,8 @@ async def test_random_interleavings_keep_every_invariant(replicas: list[Schedule
         f" limits(global={policy.global_concurrency}) elapsed={time.monotonic() - started:.1f}s"
         f" at={datetime.now(UTC):%H:%M:%S}"
     )
+    assert watched == 1
+    assert violations == [], violations  # no dispatch transaction ever committed an excess
     assert open_tasks == 0
     assert leaders == 1
     assert max_seen["global"] <= policy.global_concurrency
