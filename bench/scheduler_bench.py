@@ -417,7 +417,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server_url = server.url
     big = 100_000 if args.quick else 1_000_000
     window = 3000 if args.quick else 20_000
-    samples = 100 if args.quick else 400
+    samples = 60 if args.quick else 400
     policy = Policy.from_settings(_settings(server_url))
     out: dict[str, Any] = {
         "machine": "2 vCPU (shared by client and server)",
@@ -453,10 +453,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         url = await fresh_database(server_url, "sched_bench_submit")
         await load_backlog(url, 0, False, policy)
         out["submit_throughput_tps"] = round(
-            await measure_submits(url, 3.0 if args.quick else 8.0), 1
+            await measure_submits(url, 2.0 if args.quick else 8.0), 1
         )
         url = await fresh_database(server_url, "sched_bench_baseline")
-        secs = 4.0 if args.quick else 10.0
+        secs = 2.5 if args.quick else 10.0
         out["baseline_naive_tps_uniform"] = round(await baseline(url, 100_000, False, secs), 1)
         out["baseline_naive_tps_skew"] = round(await baseline(url, 100_000, True, secs), 1)
         out["baseline"] = (
