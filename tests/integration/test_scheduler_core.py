@@ -631,3 +631,69 @@ async def test_saturated_model_at_the_head_does_not_block_a_tenant(
     assert await env.dispatch() == 1
     assert await env.scalar("SELECT count(*) FROM tasks WHERE status = 2 AND model = 'm/x'") == 1
     await env.check()
+
+
+async def _drain(env: Env, rounds: int = 50) -> list[Any]:
+    """Dispatch and complete until nothing is left, checking every limit after each step.
+
+    Returns the dispatched (task id, slot cost) in dispatch order.
+    """
+    order: list[Any] = []
+    for _ in range(rounds):
+        await env.dispatch()
+        await env.check()
+        rows = await env.rows(
+            "SELECT s.task_id, s.attempt, s.cost FROM active_slots s ORDER BY s.acquired_at"
+        )
+        order += [(r.task_id, r.cost) for r in rows if (r.task_id, r.cost) not in order]
+        if not rows:
+            if await env.scalar("SELECT count(*) FROM tasks WHERE status = 1") == 0:
+                break
+            continue
+        await env.core.apply_results([kit.result(r.task_id, r.attempt, "succeeded") for r in rows])
+    return order
+
+
+async def test_task_costlier_than_its_tenant_limit_runs_alone_and_blocks_nothing(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await _leader_env(make_env, global_concurrency=5)
+    await env.core.upsert_tenant("a", 0, task_pb2.TenantLimits(max_concurrency=1))
+    [(video, _)] = await env.core.submit("a", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO)])
+    images = await env.core.submit("a", 1, [kit.item() for _ in range(3)])
+    assert video["slot_cost"] == 2  # the nominal cost stays; the clamp happens at dispatch
+    assert await env.dispatch() == 1
+    [slot] = await env.rows("SELECT task_id, cost FROM active_slots")
+    assert (slot.task_id, slot.cost) == (video["id"], 1)  # clamped to the tenant's limit of 1
+    assert await env.dispatch() == 0  # the tenant's limit holds
+    order = await _drain(env)
+    assert [t for t, _ in order] == [video["id"]] + [r["id"] for r, _ in images]
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0
+
+
+async def test_tenant_limit_lowered_below_a_queued_cost_later(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await _leader_env(make_env, global_concurrency=5)
+    [(video, _)] = await env.core.submit("b", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO)])
+    images = await env.core.submit("b", 1, [kit.item() for _ in range(2)])
+    # Lowered after submit (the free tier's 3 down to 1): the queued video still goes, alone.
+    await env.core.upsert_tenant("b", 0, task_pb2.TenantLimits(max_concurrency=1))
+    order = await _drain(env)
+    assert order == [(video["id"], 1)] + [(r["id"], 1) for r, _ in images]
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0
+
+
+async def test_kind_limit_below_the_kind_cost_still_dispatches(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    # A video costs 2 but the video kind's limit is 1: videos run one at a time, images alongside.
+    env = await _leader_env(make_env, global_concurrency=5, kind_limits={"video": 1})
+    await env.core.submit("k", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO) for _ in range(2)])
+    await env.core.submit("k", 1, [kit.item() for _ in range(2)])
+    assert await env.dispatch() == 2  # one video (cost 1 now) and an image (read: 3 by rank)
+    assert await env.dispatch() == 1  # the other image, past the second video (kind full)
+    assert await env.scalar("SELECT sum(cost) FROM active_slots WHERE kind = 1") == 1
+    order = await _drain(env)
+    assert len(order) == 4
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0

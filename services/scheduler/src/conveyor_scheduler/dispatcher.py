@@ -14,7 +14,9 @@ it and cannot commit anything any more. Followers retry every ``leader_retry_sec
 2. one query with ``LATERAL`` per eligible tenant (has waiting tasks and free slots) takes its top-k
    queued dispatchable tasks by rank, so a saturated or flooding tenant's backlog is never scanned;
 3. merge in memory: highest priority band first, then the lowest tenant virtual time (weighted fair
-   queueing), then rank; assign greedily within every limit;
+   queueing), then rank; assign greedily within every limit, each task at its cost clamped to the
+   smallest limit over it (``Policy.effective_cost``: a task costlier than its tenant's limit runs
+   alone instead of blocking the tenant's queue forever);
 4. one transaction: ``UPDATE tasks ... WHERE id = ANY(:ids) AND status = 1 RETURNING *``, insert the
    slots, the DISPATCHED events and the outbox records (DispatchTask + TaskStateChanged) in batches,
    decrement the waiting counters.
@@ -90,8 +92,11 @@ class Candidate:
     kind: int
     model: str
     rank: float
-    cost: int
+    nominal_cost: int
+    """``tasks.slot_cost`` (the kind's cost at submit)."""
     enqueued_at: datetime
+    cost: int = 0
+    """Slots it takes if dispatched now: :meth:`Policy.effective_cost` (set by the assignment)."""
 
 
 @dataclass
@@ -104,6 +109,7 @@ class Capacity:
     model_used: dict[str, int]
     kind_used: dict[int, int]
     tenant_used: dict[str, int] = field(default_factory=dict)
+    tenant_limit: dict[str, int] = field(default_factory=dict)
     blocked_models: list[str] = field(default_factory=list)
     blocked_kinds: list[int] = field(default_factory=list)
 
@@ -417,7 +423,8 @@ class Dispatcher:
     def _tenant_free(self, cap: Capacity) -> dict[str, int]:
         free: dict[str, int] = {}
         for tenant, (tier, explicit, weight) in self._tenant_info.items():
-            free[tenant] = self.policy.tenant_limit(tier, explicit) - cap.tenant_used.get(tenant, 0)
+            cap.tenant_limit[tenant] = self.policy.tenant_limit(tier, explicit)
+            free[tenant] = cap.tenant_limit[tenant] - cap.tenant_used.get(tenant, 0)
             cap.tenant_weight[tenant] = self.policy.tenant_weight(tier, weight)
         cap.tenant_free = free
         return free
@@ -468,7 +475,8 @@ class Dispatcher:
         blocked_kinds = [
             kind
             for kind, limit in self.policy.kind_limits.items()
-            if limit - kind_used.get(kind, 0) < self.policy.cost(kind)
+            if limit - kind_used.get(kind, 0)
+            < self.policy.effective_cost(self.policy.cost(kind), kind)
         ]
         return Capacity(
             global_free=global_free,
@@ -508,6 +516,11 @@ class Dispatcher:
             cands = per_tenant[tenant]
             c = cands[cursor[tenant]]
             cursor[tenant] += 1
+            # Clamped to every limit over it (with the tenant's limit in force now), so a task
+            # costlier than a limit can still run alone and never blocks its tenant's queue.
+            c.cost = policy.effective_cost(
+                c.nominal_cost, c.kind, c.model, cap.tenant_limit.get(tenant)
+            )
             fits = (
                 c.cost <= tenant_free[tenant]
                 and c.cost <= global_free
@@ -555,6 +568,7 @@ class Dispatcher:
             return 0
         changes = Changes(now=now)
         slots = []
+        cost = {c.id: c.cost for c in chosen}
         for row in rows:
             slots.append(
                 {
@@ -562,7 +576,7 @@ class Dispatcher:
                     "tenant_id": row["tenant_id"],
                     "model": row["model"],
                     "kind": row["kind"],
-                    "cost": row["slot_cost"],
+                    "cost": cost[row["id"]],
                     "provider": provider,
                     "attempt": row["attempt"],
                     "acquired_at": now,

@@ -108,3 +108,24 @@ class Policy:
     def model_limit(self, model: str) -> int:
         """Slots all tasks of ``model`` may hold (0 = no limit)."""
         return self.model_limits.get(model, self.default_model_limit)
+
+    def effective_cost(
+        self, cost: int, kind: int, model: str | None = None, tenant_limit: int | None = None
+    ) -> int:
+        """Slots a task actually takes when dispatched: its cost clamped to every limit over it.
+
+        A task whose nominal cost (``slot_cost``, e.g. video 2) exceeds the smallest limit that
+        applies to it (its tenant's concurrency, the global concurrency, its kind's or its model's
+        limit) could never fit and would block its tenant's queue for good; clamped, it can always
+        run alone (it then holds the whole of that limit). The clamp happens at dispatch with the
+        limits in force then, so lowering a tenant's limit below a queued task's cost later is
+        covered too; the slot row records the clamped cost.
+        """
+        limits = [cost, self.global_concurrency]
+        if tenant_limit:
+            limits.append(tenant_limit)
+        if self.kind_limits.get(kind):
+            limits.append(self.kind_limits[kind])
+        if model is not None and self.model_limit(model):
+            limits.append(self.model_limit(model))
+        return max(1, min(limits))
