@@ -9,6 +9,8 @@ The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
 
@@ -24,7 +26,8 @@ from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.repository import NewTask, fingerprint
-from conveyor_scheduler.webhooks import WebhookRpcs
+from conveyor_scheduler.webhooks import WebhookPolicy, WebhookRpcs
+from conveyor_scheduler.webhooks.rpcs import check_callback_url
 
 MAX_ID_LEN = 128
 MAX_INPUT_BYTES = 256 * 1024
@@ -71,13 +74,38 @@ def validate_item(
         v.append(FieldViolation(f"{prefix}spec.input", "larger than 256 KiB"))
     if len(spec.labels) > MAX_LABELS:
         v.append(FieldViolation(f"{prefix}spec.labels", f"at most {MAX_LABELS} labels"))
-    if (
-        spec.HasField("webhook")
-        and spec.webhook.url
-        and not spec.webhook.url.startswith("https://")
-    ):
-        v.append(FieldViolation(f"{prefix}spec.webhook.url", "must be an https URL"))
     return v
+
+
+async def webhook_url_violations(
+    items: Sequence[tuple[str, task_pb2.TaskSpec]], policy: WebhookPolicy
+) -> list[FieldViolation]:
+    """The shared SSRF policy over each item's ``spec.webhook.url`` (``(field prefix, spec)``).
+
+    Same policy as registered endpoints (:func:`check_callback_url`: https unless allow-listed by
+    ``SCHEDULER_WEBHOOK_ALLOW_HOSTS``, no private, loopback, link-local ... address after DNS,
+    resolved in a thread). The URLs are checked concurrently, each distinct URL once; a refusal is
+    one violation per item naming ``{prefix}spec.webhook.url``. UNAVAILABLE when DNS fails
+    temporarily.
+    """
+    urls = {spec.webhook.url for _, spec in items if spec.HasField("webhook") and spec.webhook.url}
+    if not urls:
+        return []
+    ordered = sorted(urls)
+    outcomes = await asyncio.gather(
+        *(check_callback_url(url, policy) for url in ordered), return_exceptions=True
+    )
+    refused: dict[str, str] = {}
+    for url, outcome in zip(ordered, outcomes, strict=True):
+        if isinstance(outcome, InvalidArgument):
+            refused[url] = outcome.violations[0].description
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    return [
+        FieldViolation(f"{prefix}spec.webhook.url", refused[spec.webhook.url])
+        for prefix, spec in items
+        if spec.HasField("webhook") and spec.webhook.url in refused
+    ]
 
 
 def _stats_proto(s: dict[str, Any]) -> task_pb2.QueueStats:
@@ -147,6 +175,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         violations = validate_item(
             "request.", r.request_id, r.spec, self.core.settings.max_attempts_cap
         )
+        violations += await webhook_url_violations([("request.", r.spec)], self._policy())
         if violations:
             raise InvalidArgument(violations)
         [(row, dedup)] = await self.core.submit(
@@ -180,6 +209,9 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
                     FieldViolation(f"request.items[{i}].request_id", "duplicate in batch")
                 )
             seen.add(it.request_id)
+        violations += await webhook_url_violations(
+            [(f"request.items[{i}].", it.spec) for i, it in enumerate(items)], self._policy()
+        )
         if violations:
             raise InvalidArgument(violations)
         out = await self.core.submit(

@@ -9,6 +9,7 @@ endpoint is NOT_FOUND, exactly like a missing one.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -120,9 +121,16 @@ def event_type_violations(events: list[int], field: str = "events") -> list[Fiel
 
 
 async def check_callback_url(url: str, policy: WebhookPolicy, field: str = "url") -> None:
-    """Apply the SSRF policy (with DNS); INVALID_ARGUMENT naming ``field`` when refused."""
+    """Apply the SSRF policy (with DNS); INVALID_ARGUMENT naming ``field`` when refused.
+
+    The system resolver runs ``getaddrinfo`` in the loop's thread pool (the event loop never
+    blocks on DNS), bounded by ``dns_timeout_seconds`` (UNAVAILABLE when it runs out).
+    """
     try:
-        await check_url(url, policy.allow, policy.resolver)
+        async with asyncio.timeout(policy.settings.dns_timeout_seconds):
+            await check_url(url, policy.allow, policy.resolver)
+    except TimeoutError:
+        raise Unavailable(f"{field}: DNS resolution timed out", retry_after_seconds=5) from None
     except UrlRefused as exc:
         if exc.reason is RefusalReason.RESOLVER_UNAVAILABLE:
             raise Unavailable(f"{field}: {exc.message}", retry_after_seconds=5) from None
