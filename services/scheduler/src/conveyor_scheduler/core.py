@@ -7,6 +7,8 @@ slot, a cancel, a redrive, a resume), it pokes the leader (in process or by a co
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -33,9 +35,12 @@ from conveyor_scheduler.repository import (
     EV_RETRY,
     EV_SUBMITTED,
     NewTask,
+    SubmitRequest,
 )
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.signals import Wakeups
+
+logger = logging.getLogger(__name__)
 
 TERMINAL_NAMES = {4: "succeeded", 5: "failed", 6: "canceled", 7: "dead_lettered", 8: "expired"}
 
@@ -68,6 +73,7 @@ class SchedulerCore:
         self.metrics = metrics
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
         self._stats = StatsCache()
+        self._submits: SubmitBatcher | None = None
 
     def _after(self, changes: Changes | None = None, *, poke: bool = True) -> None:
         if poke:
@@ -85,6 +91,32 @@ class SchedulerCore:
 
     # ---------------------------------------------------------------- tasks
 
+    async def submit_one(self, tenant_id: str, tier: int, item: NewTask) -> tuple[TaskRow, bool]:
+        """Admit one task: (task, deduplicated); through the group commit when enabled.
+
+        Same outcome as ``submit(tenant_id, tier, [item])``; concurrent calls share a transaction
+        (:class:`SubmitBatcher`).
+        """
+        if not self.settings.submit_group_commit:
+            [out] = await self.submit(tenant_id, tier, [item])
+            return out
+        if self._submits is None:
+            self._submits = SubmitBatcher(self)
+        return await self._submits.submit(tenant_id, tier, item)
+
+    def _rejected(self, exc: ResourceExhausted) -> None:
+        if self.metrics is not None:
+            for v in exc.violations:
+                self.metrics.admission_rejected.labels(
+                    v.subject.rsplit("/", 1)[-1].split(":")[0]
+                ).inc()
+
+    def _submitted(self, created: int) -> None:
+        if created:
+            if self.metrics is not None:
+                self.metrics.submitted.inc(created)
+            self._after()
+
     async def submit(
         self, tenant_id: str, tier: int, items: Sequence[NewTask], now: datetime | None = None
     ) -> list[tuple[TaskRow, bool]]:
@@ -101,17 +133,9 @@ class SchedulerCore:
                     now=now or utcnow(),
                 )
         except ResourceExhausted as exc:
-            if self.metrics is not None:
-                for v in exc.violations:
-                    self.metrics.admission_rejected.labels(
-                        v.subject.rsplit("/", 1)[-1].split(":")[0]
-                    ).inc()
+            self._rejected(exc)
             raise
-        created = sum(1 for _, dedup in out if not dedup)
-        if created:
-            if self.metrics is not None:
-                self.metrics.submitted.inc(created)
-            self._after()
+        self._submitted(sum(1 for _, dedup in out if not dedup))
         return out
 
     async def get_task(self, tenant_id: str | None, task_id: str) -> task_pb2.Task:
@@ -289,3 +313,104 @@ class SchedulerCore:
                 done, changes = await transitions.redrive(conn, rows, self.policy, utcnow())
         self._after(changes)
         return done
+
+
+class SubmitBatcher:
+    """Group commit of single submits: concurrent callers share one transaction.
+
+    A call queues its request and waits for its own outcome. One flush runs at a time: the first
+    request starts it (after ``submit_group_linger_seconds``, 0 by default), and every request that
+    arrives while a flush is being written joins the next one, so under load a transaction carries
+    as many submits as arrived during the previous commit, and an idle submit is written at once.
+    :func:`repository.submit_group` keeps the per-request semantics of a lone submit (admission and
+    idempotency per request; a rejected request fails alone and writes nothing). A repeated
+    ``(tenant, request_id)`` waits for the next group (it then deduplicates against the first, as
+    it would against a concurrent lone submit). If the group transaction fails as a whole (a
+    deadlock, a lost connection), each of its requests is retried alone in its own transaction
+    (the idempotency keys make a retry of a committed request answer its task).
+    """
+
+    def __init__(self, core: SchedulerCore) -> None:
+        self.core = core
+        self.max_batch = core.settings.submit_group_max
+        self.linger = core.settings.submit_group_linger_seconds
+        self._pending: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.groups = 0
+        """Group transactions committed (tests, benchmarks)."""
+
+    async def submit(self, tenant_id: str, tier: int, item: NewTask) -> tuple[TaskRow, bool]:
+        """Admit one task; returns once its transaction committed (raises its own rejection)."""
+        future: asyncio.Future[tuple[TaskRow, bool]] = asyncio.get_running_loop().create_future()
+        self._pending.append((SubmitRequest(tenant_id, tier or 1, item), future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._run(), name="submit-group-commit")
+        return await future
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.sleep(self.linger)
+            while self._pending:
+                batch: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
+                later: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
+                keys: set[tuple[str, str]] = set()
+                for entry in self._pending:
+                    key = (entry[0].tenant_id, entry[0].item.request_id)
+                    if len(batch) < self.max_batch and key not in keys:
+                        keys.add(key)
+                        batch.append(entry)
+                    else:
+                        later.append(entry)
+                self._pending = later
+                await self._flush(batch)
+        except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
+            pending, self._pending = self._pending, []
+            for _, f in pending:
+                if not f.done():
+                    f.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+            raise
+
+    async def _flush(
+        self, batch: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]]
+    ) -> None:
+        core = self.core
+        try:
+            async with core.engine.begin() as conn:
+                outcomes = await repo.submit_group(
+                    conn,
+                    [r for r, _ in batch],
+                    policy=core.policy,
+                    settings=core.settings,
+                    now=utcnow(),
+                )
+        except Exception:
+            logger.warning(
+                "submit group failed; retrying its requests one by one",
+                extra={"action": "submit_group_failed", "size": len(batch)},
+                exc_info=True,
+            )
+            for request, f in batch:
+                try:
+                    [out] = await core.submit(
+                        request.tenant_id, request.claimed_tier, [request.item]
+                    )
+                except Exception as exc:
+                    if not f.done():
+                        f.set_exception(exc)
+                else:
+                    if not f.done():
+                        f.set_result(out)
+            return
+        self.groups += 1
+        created = 0
+        for (_, f), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                if isinstance(outcome, ResourceExhausted):
+                    core._rejected(outcome)
+                if not f.done():
+                    f.set_exception(outcome)
+            else:
+                created += 0 if outcome[1] else 1
+                if not f.done():
+                    f.set_result(outcome)
+        core._submitted(created)

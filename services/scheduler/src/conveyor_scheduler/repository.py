@@ -13,6 +13,7 @@ import hashlib
 import json
 import random
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -31,6 +32,7 @@ from conveyor_common.errors import (
     NotFound,
     QuotaViolation,
     ResourceExhausted,
+    RpcError,
 )
 from conveyor_scheduler import models as m
 from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, struct_to_dict
@@ -332,6 +334,271 @@ _KEYS_SQL = text(
     """
 )
 """Record the keys; a key seen before (and not expired) is not returned: a duplicate."""
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    """One caller's single-item submit (grouped by :func:`submit_group`)."""
+
+    tenant_id: str
+    claimed_tier: int
+    item: NewTask
+
+
+SubmitOutcome = tuple[TaskRow, bool] | RpcError
+"""(task, deduplicated), or the error that request alone gets (nothing of it written)."""
+
+
+async def submit_group(
+    conn: AsyncConnection,
+    requests: Sequence[SubmitRequest],
+    *,
+    policy: Policy,
+    settings: SchedulerSettings,
+    now: datetime,
+) -> list[SubmitOutcome]:
+    """Single-item submits of many callers in ONE transaction (group commit); an outcome each.
+
+    Each request gets what :func:`submit` of it alone, in list order, would give: a duplicate key
+    (same fingerprint) answers the existing task and takes no quota; another fingerprint is
+    FAILED_PRECONDITION; admission (the tenant's waiting cap and submit tokens, the global
+    capacity) is decided per request, so a rejected request writes nothing (its fresh key is
+    deleted again) and never fails the others. The statements are per group, not per request:
+    keys in one INSERT, duplicates in two reads, tenant rows locked in sorted order, admission in one
+    conditional UPDATE per group (a tenant whose whole share does not fit falls back to one
+    request at a time, in order), tasks, events and outbox in one go, then one queue-counter shard
+    last (the lock order of every writer: tenant rows sorted, then one shard). The global capacity
+    is read once without locking, like :func:`_admit` (overshoot bounded by submits in flight).
+
+    ``(tenant_id, request_id)`` must be distinct within ``requests`` (the caller defers repeats to
+    the next group). Request ``i`` is enqueued at ``now + i`` microseconds (FIFO kept).
+    """
+    n = len(requests)
+    outcomes: list[SubmitOutcome | None] = [None] * n
+    expires = now + timedelta(seconds=settings.idempotency_ttl_seconds)
+    new_ids = [uuid.uuid4() for _ in requests]
+    fresh = {
+        (r[0], r[1])
+        for r in await conn.execute(
+            _GROUP_KEYS_SQL,
+            {
+                "ts": [q.tenant_id for q in requests],
+                "rids": [q.item.request_id for q in requests],
+                "fps": [q.item.fingerprint for q in requests],
+                "tids": new_ids,
+                "now": now,
+                "exp": expires,
+            },
+        )
+    }
+    is_fresh = [(q.tenant_id, q.item.request_id) in fresh for q in requests]
+    dups = [i for i in range(n) if not is_fresh[i]]
+    if dups:
+        keys = await conn.execute(
+            text(
+                "SELECT k.tenant_id, k.request_id, k.fingerprint, k.task_id FROM idempotency_keys k"
+                " JOIN unnest(CAST(:ts AS text[]), CAST(:rids AS text[])) AS u(t, r)"
+                " ON k.tenant_id = u.t AND k.request_id = u.r"
+            ),
+            {
+                "ts": [requests[i].tenant_id for i in dups],
+                "rids": [requests[i].item.request_id for i in dups],
+            },
+        )
+        by_key = {(r.tenant_id, r.request_id): (bytes(r.fingerprint), r.task_id) for r in keys}
+        rows = await conn.execute(
+            text("SELECT * FROM tasks WHERE id = ANY(:ids)"),
+            {"ids": [tid for _, tid in by_key.values()]},
+        )
+        by_id = {r["id"]: dict(r) for r in rows.mappings()}
+        for i in dups:
+            q = requests[i]
+            fp, tid = by_key[(q.tenant_id, q.item.request_id)]
+            if fp != q.item.fingerprint:
+                outcomes[i] = FailedPrecondition(
+                    f"request_id {q.item.request_id!r} was already used with a different request",
+                    reason="IDEMPOTENCY_KEY_REUSED",
+                )
+            elif tid not in by_id:
+                outcomes[i] = FailedPrecondition(
+                    f"task of request_id {q.item.request_id!r} was purged"
+                )
+            else:
+                outcomes[i] = (by_id[tid], True)
+    # Global capacity, per request in tenant order (read without locking, like _admit).
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i in range(n):
+        if is_fresh[i]:
+            groups[requests[i].tenant_id].append(i)
+    tenants = sorted(groups)
+    if tenants:
+        base = int(
+            await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters")) or 0
+        )
+        room = settings.queue_capacity - base
+        for t in tenants:
+            kept = []
+            for i in groups[t]:
+                if room >= 1:
+                    room -= 1
+                    kept.append(i)
+                else:
+                    outcomes[i] = ResourceExhausted(
+                        [
+                            QuotaViolation(
+                                "queue",
+                                f"the queue holds {base} of {settings.queue_capacity} waiting tasks",
+                            )
+                        ],
+                        retry_after_seconds=5.0,
+                    )
+            groups[t] = kept
+        tenants = [t for t in tenants if groups[t]]
+    admitted: dict[int, int] = {}  # request index -> the task's tier
+    if tenants:
+        lock_sql = text(
+            "SELECT tenant_id FROM tenants WHERE tenant_id = ANY(:ts) ORDER BY tenant_id FOR UPDATE"
+        )
+        have = {r[0] for r in await conn.execute(lock_sql, {"ts": tenants})}
+        missing = [t for t in tenants if t not in have]
+        if missing:
+            await conn.execute(
+                pg_insert(m.Tenant)
+                .values(
+                    [
+                        {
+                            "tenant_id": t,
+                            "claimed_tier": requests[groups[t][0]].claimed_tier,
+                            "tokens": float(settings.tenant_submit_burst),
+                            "tokens_at": now,
+                        }
+                        for t in missing
+                    ]
+                )
+                .on_conflict_do_nothing()
+            )
+            await conn.execute(lock_sql, {"ts": missing})
+        granted = {
+            r.tenant_id: r.tier
+            for r in await conn.execute(
+                _GROUP_ADMIT_SQL,
+                {
+                    "ts": tenants,
+                    "ns": [len(groups[t]) for t in tenants],
+                    "tiers": [requests[groups[t][-1]].claimed_tier for t in tenants],
+                    "now": now,
+                    "burst": settings.tenant_submit_burst,
+                    "rate": settings.tenant_submit_rate,
+                    "max_waiting": settings.tenant_max_waiting,
+                },
+            )
+        }
+        for t in tenants:
+            if t in granted:
+                for i in groups[t]:
+                    tier = granted[t]
+                    admitted[i] = int(tier) if tier is not None else requests[i].claimed_tier
+                continue
+            for i in groups[t]:  # the whole share does not fit: one request at a time, in order
+                q = requests[i]
+                params = {
+                    "t": t,
+                    "n": 1,
+                    "now": now,
+                    "tier": q.claimed_tier,
+                    "burst": settings.tenant_submit_burst,
+                    "rate": settings.tenant_submit_rate,
+                    "max_waiting": settings.tenant_max_waiting,
+                }
+                row = (await conn.execute(_ADMIT_SQL, params)).first()
+                if row is not None:
+                    admitted[i] = int(row[0]) if row[0] is not None else q.claimed_tier
+                    continue
+                try:
+                    await _reject_tenant(conn, t, 1, settings, now)
+                except ResourceExhausted as exc:
+                    outcomes[i] = exc
+    rejected = [i for i in range(n) if is_fresh[i] and i not in admitted]
+    if rejected:
+        await conn.execute(
+            text(
+                "DELETE FROM idempotency_keys k USING unnest(CAST(:ts AS text[]),"
+                " CAST(:rids AS text[]), CAST(:tids AS uuid[])) AS u(t, r, id)"
+                " WHERE k.tenant_id = u.t AND k.request_id = u.r AND k.task_id = u.id"
+            ),
+            {
+                "ts": [requests[i].tenant_id for i in rejected],
+                "rids": [requests[i].item.request_id for i in rejected],
+                "tids": [new_ids[i] for i in rejected],
+            },
+        )
+    if admitted:
+        changes = Changes(now=now)
+        created: list[TaskRow] = []
+        for i in sorted(admitted):
+            q = requests[i]
+            task = new_task_row(
+                new_ids[i],
+                q.tenant_id,
+                q.item,
+                admitted[i],
+                policy,
+                settings,
+                now + timedelta(microseconds=i),
+            )
+            task["last_sequence"] = 0
+            changes.event(task, EV_SUBMITTED, 0)
+            created.append(task)
+            outcomes[i] = (task, False)
+        await conn.execute(insert(m.Task), created)
+        changes.dirty.clear()  # inserted above with their final columns
+        await changes.flush(conn, save=False)
+        await conn.execute(
+            text("UPDATE queue_counters SET waiting = waiting + :d WHERE shard = :s"),
+            {"d": len(created), "s": random.randrange(m.QUEUE_SHARDS)},
+        )
+    out: list[SubmitOutcome] = []
+    for o in outcomes:
+        assert o is not None
+        out.append(o)
+    return out
+
+
+_GROUP_KEYS_SQL = text(
+    """
+    INSERT INTO idempotency_keys (tenant_id, request_id, fingerprint, task_id, created_at, expires_at)
+    SELECT u.tn, u.r, u.f, u.t, :now, :exp
+    FROM unnest(CAST(:ts AS text[]), CAST(:rids AS text[]), CAST(:fps AS bytea[]),
+                CAST(:tids AS uuid[])) AS u(tn, r, f, t)
+    ON CONFLICT (tenant_id, request_id) DO UPDATE SET
+        fingerprint = excluded.fingerprint, task_id = excluded.task_id,
+        created_at = excluded.created_at, expires_at = excluded.expires_at
+    WHERE idempotency_keys.expires_at < :now
+    RETURNING tenant_id, request_id
+    """
+)
+""":data:`_KEYS_SQL` over several tenants."""
+
+_GROUP_ADMIT_SQL = text(
+    """
+    UPDATE tenants t SET
+        waiting = t.waiting + u.n,
+        tokens = LEAST(COALESCE(t.submit_burst, :burst),
+                       t.tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - t.tokens_at)))
+                                  * COALESCE(t.submit_rate, :rate)) - u.n,
+        tokens_at = GREATEST(t.tokens_at, :now),
+        claimed_tier = u.tier,
+        updated_at = :now
+    FROM unnest(CAST(:ts AS text[]), CAST(:ns AS int[]), CAST(:tiers AS int[])) AS u(tid, n, tier)
+    WHERE t.tenant_id = u.tid
+      AND t.waiting + u.n <= COALESCE(t.max_waiting, :max_waiting)
+      AND LEAST(COALESCE(t.submit_burst, :burst),
+                t.tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - t.tokens_at)))
+                           * COALESCE(t.submit_rate, :rate)) >= u.n
+    RETURNING t.tenant_id, t.tier
+    """
+)
+""":data:`_ADMIT_SQL` for several tenants (rows locked beforehand, in sorted order)."""
 
 
 def new_task_row(

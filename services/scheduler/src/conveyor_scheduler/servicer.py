@@ -178,10 +178,8 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         violations += await webhook_url_violations([("request.", r.spec)], self._policy())
         if violations:
             raise InvalidArgument(violations)
-        [(row, dedup)] = await self.core.submit(
-            tenant,
-            int(request.principal.tier),
-            [NewTask(r.request_id, r.spec, fingerprint(r.spec))],
+        row, dedup = await self.core.submit_one(
+            tenant, int(request.principal.tier), NewTask(r.request_id, r.spec, fingerprint(r.spec))
         )
         return pb.SubmitTaskResponse(
             response=task_service_pb2.SubmitTaskResponse(task=task_proto(row), deduplicated=dedup)

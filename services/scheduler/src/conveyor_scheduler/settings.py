@@ -50,6 +50,14 @@ class SchedulerSettings(ServiceSettings):
     """How long a (tenant, request_id) key is remembered."""
     max_batch_items: int = Field(default=100, ge=1, le=1000)
     """Largest BatchSubmitTasks accepted."""
+    submit_group_commit: bool = True
+    """Concurrent single SubmitTask calls share one transaction (group commit); each caller still
+    gets its own outcome (``SubmitBatcher``)."""
+    submit_group_max: int = Field(default=500, ge=1, le=10_000)
+    """Most single submits written in one group transaction."""
+    submit_group_linger_seconds: float = Field(default=0.0, ge=0, le=0.1)
+    """How long a group waits for company before its flush (0: only the submits that arrived
+    while the previous flush was running are grouped; no added latency when idle)."""
     default_max_attempts: int = Field(default=3, ge=1, le=20)
     """Attempts per task when the request does not say (the seed's 3)."""
     max_attempts_cap: int = Field(default=10, ge=1, le=100)
