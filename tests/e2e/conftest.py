@@ -29,8 +29,16 @@ from tests.e2e.harness import E2E, session_config  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The kill test runs last: it restarts processes the other tests share."""
-    items.sort(key=lambda item: item.path.name == "test_e2e_kill.py")
+    """The e2e tests run after every other test of the session, so the session-scoped system (started
+    lazily by the first e2e test) is alive only while they run; the kill test runs last of all: it
+    restarts processes the other e2e tests share."""
+    e2e_dir = Path(__file__).resolve().parent
+    items.sort(
+        key=lambda item: (
+            e2e_dir in item.path.resolve().parents,
+            item.path.name == "test_e2e_kill.py",
+        )
+    )
 
 
 def _unavailable(what: str, exc: BaseException) -> None:

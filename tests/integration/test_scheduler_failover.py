@@ -110,7 +110,10 @@ async def test_killed_leader_session_and_stopped_leader_fail_over(pair: list[Sch
     await kit.check_invariants(other.engine, other.core.policy)
     async with other.engine.connect() as conn:
         holders = await conn.scalar(
-            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
         )
     assert holders == 1
     print(f"\nfailover: kill -> refill in <5s; stop -> takeover+refill {took:.2f}s")

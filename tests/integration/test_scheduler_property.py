@@ -263,7 +263,10 @@ async def test_random_interleavings_keep_every_invariant(replicas: list[Schedule
             text("SELECT count(*) FROM pg_trigger WHERE tgname = 'test_check_limits'")
         )
         leaders = await conn.scalar(
-            text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
         )
     await kit.check_invariants(engine, policy)
     print(
