@@ -59,10 +59,11 @@ async def _all(calls: Sequence[Awaitable[Any]]) -> list[Any]:
     return list(await asyncio.gather(*calls, return_exceptions=True))
 
 
+@pytest.mark.parametrize("flushers", [1, 2])
 async def test_concurrent_submits_share_transactions(
-    make_core: Callable[..., Awaitable[SchedulerCore]],
+    make_core: Callable[..., Awaitable[SchedulerCore]], flushers: int
 ) -> None:
-    core = await make_core()
+    core = await make_core(submit_group_concurrency=flushers)
     items = [(f"t{i % 7}", kit.item(f"r{i}")) for i in range(60)]
     out = await _all([core.submit_one(t, 1, it) for t, it in items])
     assert all(isinstance(o, tuple) and not o[1] for o in out)
@@ -136,10 +137,11 @@ async def test_global_capacity_and_submit_rate_per_request(
     await kit.check_invariants(core.engine, core.policy)
 
 
+@pytest.mark.parametrize("flushers", [1, 2])
 async def test_idempotency_per_request_inside_a_group(
-    make_core: Callable[..., Awaitable[SchedulerCore]],
+    make_core: Callable[..., Awaitable[SchedulerCore]], flushers: int
 ) -> None:
-    core = await make_core()
+    core = await make_core(submit_group_concurrency=flushers)
     first = kit.item("same")
     other_body = kit.item("same", prompt="a dog")
     calls = [core.submit_one("t", 1, first) for _ in range(3)]

@@ -318,10 +318,11 @@ class SchedulerCore:
 class SubmitBatcher:
     """Group commit of single submits: concurrent callers share one transaction.
 
-    A call queues its request and waits for its own outcome. One flush runs at a time: the first
-    request starts it (after ``submit_group_linger_seconds``, 0 by default), and every request that
-    arrives while a flush is being written joins the next one, so under load a transaction carries
-    as many submits as arrived during the previous commit, and an idle submit is written at once.
+    A call queues its request and waits for its own outcome. Up to ``submit_group_concurrency``
+    flushes run at a time (1 by default); a request starts one if fewer run (after ``submit_group_linger_seconds``, 0 by
+    default), else it joins the next group a running flusher takes, so under load a transaction
+    carries the submits that arrived during the previous commit, and an idle submit is written at
+    once.
     :func:`repository.submit_group` keeps the per-request semantics of a lone submit (admission and
     idempotency per request; a rejected request fails alone and writes nothing). A repeated
     ``(tenant, request_id)`` waits for the next group (it then deduplicates against the first, as
@@ -335,7 +336,10 @@ class SubmitBatcher:
         self.max_batch = core.settings.submit_group_max
         self.linger = core.settings.submit_group_linger_seconds
         self._pending: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self.concurrency = core.settings.submit_group_concurrency
+        self._flushers: set[asyncio.Task[None]] = set()
+        self._running = 0
+        self._next_now = utcnow()
         self.groups = 0
         """Group transactions committed (tests, benchmarks)."""
 
@@ -343,8 +347,13 @@ class SubmitBatcher:
         """Admit one task; returns once its transaction committed (raises its own rejection)."""
         future: asyncio.Future[tuple[TaskRow, bool]] = asyncio.get_running_loop().create_future()
         self._pending.append((SubmitRequest(tenant_id, tier or 1, item), future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._run(), name="submit-group-commit")
+        if self._running < self.concurrency:
+            # Counted here and uncounted in _run's finally, synchronously: a flusher that is about
+            # to end has already seen the queue empty, so a request is never left without one.
+            self._running += 1
+            flusher = asyncio.create_task(self._run(), name="submit-group-commit")
+            self._flushers.add(flusher)
+            flusher.add_done_callback(self._flushers.discard)
         return await future
 
     async def _run(self) -> None:
@@ -369,11 +378,17 @@ class SubmitBatcher:
                 if not f.done():
                     f.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
             raise
+        finally:
+            self._running -= 1
 
     async def _flush(
         self, batch: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]]
     ) -> None:
         core = self.core
+        # Groups of this replica get increasing times (request i at now + i µs): FIFO holds
+        # across groups too, even with concurrent flushers.
+        now = max(utcnow(), self._next_now)
+        self._next_now = now + timedelta(microseconds=len(batch))
         try:
             async with core.engine.begin() as conn:
                 outcomes = await repo.submit_group(
@@ -381,7 +396,7 @@ class SubmitBatcher:
                     [r for r, _ in batch],
                     policy=core.policy,
                     settings=core.settings,
-                    now=utcnow(),
+                    now=now,
                 )
         except Exception:
             logger.warning(

@@ -570,6 +570,7 @@ _GROUP_KEYS_SQL = text(
     SELECT u.tn, u.r, u.f, u.t, :now, :exp
     FROM unnest(CAST(:ts AS text[]), CAST(:rids AS text[]), CAST(:fps AS bytea[]),
                 CAST(:tids AS uuid[])) AS u(tn, r, f, t)
+    ORDER BY u.tn, u.r
     ON CONFLICT (tenant_id, request_id) DO UPDATE SET
         fingerprint = excluded.fingerprint, task_id = excluded.task_id,
         created_at = excluded.created_at, expires_at = excluded.expires_at
@@ -577,7 +578,7 @@ _GROUP_KEYS_SQL = text(
     RETURNING tenant_id, request_id
     """
 )
-""":data:`_KEYS_SQL` over several tenants."""
+""":data:`_KEYS_SQL` over several tenants (in key order: concurrent groups cannot deadlock on keys)."""
 
 _GROUP_ADMIT_SQL = text(
     """
