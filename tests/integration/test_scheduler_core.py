@@ -220,6 +220,17 @@ async def test_submit_rate_limit(make_env: Callable[..., Awaitable[Env]]) -> Non
     assert await env.scalar("SELECT count(*) FROM tasks WHERE tenant_id = 'r'") == 3
 
 
+async def test_a_tenant_created_by_an_admin_starts_with_a_full_submit_bucket(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await make_env(tenant_submit_burst=5, tenant_submit_rate=0.01)
+    await env.core.upsert_tenant("fresh", 0, task_pb2.TenantLimits())
+    await env.core.submit("fresh", 1, [kit.item() for _ in range(5)])
+    with pytest.raises(ResourceExhausted):  # the burst still caps it
+        await env.core.submit("fresh", 1, [kit.item("sixth")])
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE tenant_id = 'fresh'") == 5
+
+
 # ------------------------------------------------------------------------------------------------
 # Dispatch within limits, results
 

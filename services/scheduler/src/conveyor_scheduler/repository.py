@@ -837,7 +837,9 @@ async def upsert_tenant(
         "submit_burst": limits.submit_burst or None,
         "weight": limits.weight or None,
     }
-    stmt = pg_insert(m.Tenant).values(tenant_id=tenant_id, **values)
+    # A new tenant starts with a full submit bucket (the admission SQL caps tokens at the burst);
+    # the column default of 0 made a tenant's first submits after its creation by an admin fail.
+    stmt = pg_insert(m.Tenant).values(tenant_id=tenant_id, tokens=1e9, **values)
     upsert = stmt.on_conflict_do_update(
         index_elements=[m.Tenant.tenant_id],
         set_={**values, "updated_at": text("now()")},
