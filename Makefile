@@ -36,7 +36,7 @@ $(BUF): tools/buf/package.json tools/buf/package-lock.json
 
 .PHONY: kafka-jars
 kafka-jars: $(VENV)/.synced ## Resolve Apache Kafka from Maven Central into the devstack cache
-	$(PY) -m conveyor_devstack fetch
+	$(PY) -m conveyor_devstack fetch >/dev/null
 
 .PHONY: protos
 protos: $(VENV)/.synced ## Regenerate Python/gRPC/mypy stubs from protos/
