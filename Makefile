@@ -19,7 +19,7 @@ help: ## Print this message
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 .PHONY: setup
-setup: $(VENV)/.synced $(BUF) kafka-jars k8s-tools ## Create .venv (uv.lock), install buf and promtool, resolve the Kafka jars
+setup: $(VENV)/.synced $(BUF) kafka-jars ## Create .venv (uv.lock), install buf, resolve the Kafka jars
 
 .PHONY: k8s-tools
 k8s-tools: ## Install promtool (Debian's prometheus package) for the alert-rule checks
@@ -86,7 +86,7 @@ docs-check: $(VENV)/.synced ## Fail if the README's settings table is stale
 check: lint typecheck protos-check buf-lint docs-check unit ## The gate: lint, types, protos, buf, docs, unit tests
 
 .PHONY: integration
-integration: setup ## Integration tests on the devstack (real PostgreSQL and Kafka)
+integration: setup k8s-tools ## Integration tests on the devstack (real PostgreSQL and Kafka)
 	$(VENV)/bin/pytest -m "integration" $(PYTEST_ARGS)
 
 .PHONY: e2e
@@ -113,7 +113,7 @@ bench: setup ## Benchmarks: writes bench/results/*.json and prints ratios agains
 	$(PY) bench/run_all.py
 
 .PHONY: autoscale-demo
-autoscale-demo: setup ## Provider-adapter autoscaling on the running stack with a real Prometheus (~8 min)
+autoscale-demo: setup k8s-tools ## Provider-adapter autoscaling on the running stack with a real Prometheus (~8 min)
 	$(PY) bench/autoscaling_demo.py
 
 .PHONY: clean
