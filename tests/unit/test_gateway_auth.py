@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -166,3 +167,27 @@ def test_allowed_hosts_from_env_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_URL_ALLOWED_HOSTS", "not a host!")
     with pytest.raises(ValidationError):
         GatewaySettings()  # type: ignore[call-arg]
+
+
+def test_key_rotation_verifies_the_new_and_the_old_secret(tmp_path: Path) -> None:
+    """The README's rotation: the new HS256 secret in the variable, the old one in the file."""
+    from pydantic import SecretStr
+
+    from conveyor_gateway.app import build_verifier
+    from conveyor_gateway.settings import GatewaySettings
+
+    new, old, other = (Keys.generate(hs_secret=bytes([i]) * 32) for i in (1, 2, 3))
+    old_file = tmp_path / "old-secret"
+    old_file.write_bytes(old.hs_secret + b"\n")
+    settings = GatewaySettings(
+        scheduler_address="127.0.0.1:1",
+        jwt_hs256_secret=SecretStr(new.hs_secret.decode()),
+        jwt_hs256_secret_file=old_file,
+        jwt_issuer=ISSUER,
+        jwt_audience=AUDIENCE,
+    )
+    verifier = build_verifier(settings)
+    assert verifier.verify(new.token("t-new")).tenant_id == "t-new"
+    assert verifier.verify(old.token("t-old")).tenant_id == "t-old"
+    with pytest.raises(Unauthenticated):
+        verifier.verify(other.token("t-other"))
