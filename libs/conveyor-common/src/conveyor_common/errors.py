@@ -42,16 +42,19 @@ class RpcError(Exception):
         """Detail messages besides ErrorInfo."""
         return []
 
-    def to_status(self) -> grpc.Status:
-        """The rich status (google.rpc.Status in the grpc-status-details-bin trailer)."""
+    def to_status_proto(self) -> status_pb2.Status:
+        """The google.rpc.Status: code, message, the details and an ErrorInfo with the reason."""
         info = any_pb2.Any()
         info.Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=DOMAIN))
-        status = status_pb2.Status(
+        return status_pb2.Status(
             code=self.code.value[0],
             message=self.message,
             details=[*self.details(), info],
         )
-        result: grpc.Status = rpc_status.to_status(status)
+
+    def to_status(self) -> grpc.Status:
+        """The rich status (google.rpc.Status in the grpc-status-details-bin trailer)."""
+        result: grpc.Status = rpc_status.to_status(self.to_status_proto())
         return result
 
 

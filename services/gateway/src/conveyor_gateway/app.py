@@ -20,6 +20,7 @@ from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
 from conveyor_common.metrics import RpcMetrics
 from conveyor_gateway.auth import AuthInterceptor, RateLimiter, TokenVerifier
+from conveyor_gateway.coalesce import SubmitCoalescer
 from conveyor_gateway.downstream import SchedulerClient
 from conveyor_gateway.servicers import AdminServicer, TaskServicer, WebhookServicer
 from conveyor_gateway.settings import GatewaySettings
@@ -91,6 +92,7 @@ class Gateway:
     service: GrpcService
     scheduler: SchedulerClient
     notifier_channel: grpc.aio.Channel | None
+    submits: SubmitCoalescer | None = None
 
     @property
     def port(self) -> int:
@@ -102,7 +104,9 @@ class Gateway:
         await self.service.start()
 
     async def close_downstream(self) -> None:
-        """Close the scheduler and notifier channels."""
+        """Finish the submit groups in flight, close the scheduler and notifier channels."""
+        if self.submits is not None:
+            await self.submits.close()
         await self.scheduler.close()
         if self.notifier_channel is not None:
             await self.notifier_channel.close()
@@ -130,6 +134,16 @@ def build_gateway(
         attempts=settings.scheduler_retry_attempts,
         base_delay=settings.scheduler_retry_base_seconds,
     )
+    submits = (
+        SubmitCoalescer(
+            scheduler,
+            max_group=settings.submit_group_max,
+            concurrency=settings.submit_group_concurrency,
+            registry=registry,
+        )
+        if settings.submit_coalesce
+        else None
+    )
     notifier_channel: grpc.aio.Channel | None = None
     notifier: notifier_grpc.WatchFanoutServiceStub | None = None
     if settings.notifier_address:
@@ -142,7 +156,9 @@ def build_gateway(
     bindings = [
         ServiceBinding(
             svc_grpc.add_TaskServiceServicer_to_server,
-            TaskServicer(scheduler, validator, watcher, notifier, config.ready_timeout),
+            TaskServicer(
+                scheduler, validator, watcher, notifier, config.ready_timeout, submits=submits
+            ),
             TASK_SERVICE,
         ),
         ServiceBinding(
@@ -167,4 +183,6 @@ def build_gateway(
         extra_interceptors=[AuthInterceptor(verifier, limiter)],
         credentials=server_credentials(settings),
     )
-    return Gateway(service=server, scheduler=scheduler, notifier_channel=notifier_channel)
+    return Gateway(
+        service=server, scheduler=scheduler, notifier_channel=notifier_channel, submits=submits
+    )

@@ -28,6 +28,7 @@ from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_common.context import bound
 from conveyor_common.errors import Unavailable
 from conveyor_gateway.auth import current_principal
+from conveyor_gateway.coalesce import SubmitCoalescer
 from conveyor_gateway.downstream import SchedulerClient
 from conveyor_gateway.validation import Validator
 from conveyor_gateway.watch import TaskWatcher, watch_tenant
@@ -70,8 +71,11 @@ class TaskServicer(svc_grpc.TaskServiceServicer, _Forwarder):
         watcher: TaskWatcher,
         notifier: notifier_grpc.WatchFanoutServiceStub | None,
         ready_timeout: float = 5.0,
+        *,
+        submits: SubmitCoalescer | None = None,
     ) -> None:
         _Forwarder.__init__(self, scheduler, validator)
+        self.submits = submits
         self.watcher = watcher
         self.notifier = notifier
         self.ready_timeout = ready_timeout
@@ -79,6 +83,11 @@ class TaskServicer(svc_grpc.TaskServiceServicer, _Forwarder):
     async def SubmitTask(
         self, request: svc_pb2.SubmitTaskRequest, context: Ctx
     ) -> svc_pb2.SubmitTaskResponse:
+        if self.submits is not None:
+            principal = current_principal()
+            await self.validator.check(request)
+            wrapped = s.SubmitTaskRequest(principal=principal.to_proto(), request=request)
+            return await self.submits.submit(wrapped, context)
         result: svc_pb2.SubmitTaskResponse = await self.forward(
             request, s.SubmitTaskRequest, lambda st: st.SubmitTask, context
         )

@@ -41,6 +41,12 @@ class GatewaySettings(ServiceSettings):
     """First backoff delay; doubles per attempt, with full jitter."""
     scheduler_channels: int = Field(default=2, ge=1, le=16)
     """HTTP/2 connections to the scheduler (calls are spread over them)."""
+    submit_coalesce: bool = True
+    """Send concurrent single submits to the scheduler in SubmitTaskGroup calls (each decided alone)."""
+    submit_group_max: int = Field(default=256, ge=1, le=10_000)
+    """Most single submits in one SubmitTaskGroup call."""
+    submit_group_concurrency: int = Field(default=2, ge=1, le=64)
+    """SubmitTaskGroup calls in flight at once; later submits ride the next call."""
     watch_poll_interval_seconds: float = Field(default=0.5, gt=0, le=30)
     """Poll interval of a watch when the live stream is unavailable."""
 

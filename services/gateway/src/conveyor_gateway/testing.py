@@ -117,6 +117,10 @@ class FakeScheduler(sched_grpc.SchedulerServiceServicer):
         self.calls: list[tuple[str, Any, float | None]] = []
         self.fail_unavailable = 0
         self.fail_with: RpcError | None = None
+        self.fail_request: dict[str, RpcError] = {}
+        """Per request_id refusals (SubmitTaskGroup answers them as that item's status)."""
+        self.delay = 0.0
+        """Seconds every SubmitTaskGroup call takes."""
         self.notifier = notifier
 
     def _record(self, name: str, request: Any, context: Ctx) -> None:
@@ -186,6 +190,30 @@ class FakeScheduler(sched_grpc.SchedulerServiceServicer):
         return s.SubmitTaskResponse(
             response=svc_pb2.SubmitTaskResponse(task=task, deduplicated=dedup)
         )
+
+    async def SubmitTaskGroup(
+        self, request: s.SubmitTaskGroupRequest, context: Ctx
+    ) -> s.SubmitTaskGroupResponse:
+        """Each item recorded as a ``SubmitTask`` call. An injected outage fails the whole call
+        (as a real transport failure would); an injected ``fail_with`` refuses each item alone."""
+        resp = s.SubmitTaskGroupResponse()
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        for item in request.items:
+            remaining: Any = context.time_remaining()
+            self.calls.append(("SubmitTask", item, remaining))
+            if self.fail_unavailable > 0:
+                self.fail_unavailable -= 1
+                raise Unavailable("injected outage", 0.01)
+        for item in request.items:
+            out = resp.outcomes.add()
+            refusal = self.fail_request.get(item.request.request_id, self.fail_with)
+            if refusal is not None:
+                out.status = refusal.to_status_proto().SerializeToString()
+                continue
+            task, dedup = self._create(item.principal, item.request.request_id, item.request.spec)
+            out.response.CopyFrom(svc_pb2.SubmitTaskResponse(task=task, deduplicated=dedup))
+        return resp
 
     async def BatchSubmitTasks(
         self, request: s.BatchSubmitTasksRequest, context: Ctx

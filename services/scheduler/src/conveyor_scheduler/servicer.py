@@ -10,6 +10,7 @@ The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from datetime import UTC
 from typing import Any
@@ -20,7 +21,13 @@ from google.protobuf import timestamp_pb2
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
-from conveyor_common.errors import FieldViolation, InvalidArgument, NotFound, PermissionDenied
+from conveyor_common.errors import (
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    RpcError,
+)
 from conveyor_scheduler import models as m
 from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_proto
 from conveyor_scheduler.core import SchedulerCore
@@ -29,10 +36,13 @@ from conveyor_scheduler.repository import NewTask, fingerprint
 from conveyor_scheduler.webhooks import WebhookPolicy, WebhookRpcs
 from conveyor_scheduler.webhooks.rpcs import check_callback_url
 
+logger = logging.getLogger(__name__)
+
 MAX_ID_LEN = 128
 MAX_INPUT_BYTES = 256 * 1024
 MAX_LABELS = 32
 MAX_BULK = 10_000
+MAX_GROUP = 10_000
 
 
 def _tenant(principal: pb.Principal) -> str:
@@ -167,9 +177,8 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
 
     # ---- submit
 
-    async def SubmitTask(
-        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SubmitTaskResponse:
+    async def _submit(self, request: pb.SubmitTaskRequest) -> task_service_pb2.SubmitTaskResponse:
+        """One single submit (group commit with concurrent ones); raises its own refusal."""
         tenant = _tenant(request.principal)
         r = request.request
         violations = validate_item(
@@ -181,9 +190,42 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         row, dedup = await self.core.submit_one(
             tenant, int(request.principal.tier), NewTask(r.request_id, r.spec, fingerprint(r.spec))
         )
-        return pb.SubmitTaskResponse(
-            response=task_service_pb2.SubmitTaskResponse(task=task_proto(row), deduplicated=dedup)
+        return task_service_pb2.SubmitTaskResponse(task=task_proto(row), deduplicated=dedup)
+
+    async def SubmitTask(
+        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SubmitTaskResponse:
+        return pb.SubmitTaskResponse(response=await self._submit(request))
+
+    async def SubmitTaskGroup(
+        self, request: pb.SubmitTaskGroupRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SubmitTaskGroupResponse:
+        """Each item as its own SubmitTask; all of them join the same group commit."""
+        if len(request.items) > MAX_GROUP:
+            raise InvalidArgument([FieldViolation("items", f"at most {MAX_GROUP} items")])
+        outcomes = await asyncio.gather(
+            *(self._submit(item) for item in request.items), return_exceptions=True
         )
+        response = pb.SubmitTaskGroupResponse()
+        for item, outcome in zip(request.items, outcomes, strict=True):
+            out = response.outcomes.add()
+            if isinstance(outcome, task_service_pb2.SubmitTaskResponse):
+                out.response.CopyFrom(outcome)
+                continue
+            if isinstance(outcome, asyncio.CancelledError):
+                raise outcome
+            if not isinstance(outcome, RpcError):
+                logger.error(
+                    "submit of a group item failed",
+                    exc_info=outcome,
+                    extra={
+                        "action": "submit_group_item_failed",
+                        "tenant_id": item.principal.tenant_id,
+                    },
+                )
+                outcome = RpcError("internal error")
+            out.status = outcome.to_status_proto().SerializeToString()
+        return response
 
     async def BatchSubmitTasks(
         self, request: pb.BatchSubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]

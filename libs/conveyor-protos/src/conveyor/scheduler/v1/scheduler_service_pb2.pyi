@@ -204,6 +204,86 @@ class SubmitTaskResponse(_message.Message):
 Global___SubmitTaskResponse: _TypeAlias = SubmitTaskResponse  # noqa: Y015
 
 @_typing.final
+class SubmitTaskGroupRequest(_message.Message):
+    """Request of SchedulerService.SubmitTaskGroup."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitTaskRequest]:
+        """The submits, each with its own principal, decided in this order (FIFO within a tenant)."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___SubmitTaskRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitTaskGroupRequest: _TypeAlias = SubmitTaskGroupRequest  # noqa: Y015
+
+@_typing.final
+class SubmitTaskGroupResponse(_message.Message):
+    """Response of SchedulerService.SubmitTaskGroup."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitTaskOutcome]:
+        """One outcome per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        outcomes: _abc.Iterable[Global___SubmitTaskOutcome] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcomes", b"outcomes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitTaskGroupResponse: _TypeAlias = SubmitTaskGroupResponse  # noqa: Y015
+
+@_typing.final
+class SubmitTaskOutcome(_message.Message):
+    """What one item of a SubmitTaskGroup call got."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    status: _builtins.bytes
+    """The item was refused: a serialized google.rpc.Status with its rich details, exactly what
+    SubmitTask would have sent in grpc-status-details-bin.
+    """
+    @_builtins.property
+    def response(self) -> _task_service_pb2.SubmitTaskResponse:
+        """The item was admitted, or answered by the task of its earlier request_id."""
+
+    def __init__(
+        self,
+        *,
+        response: _task_service_pb2.SubmitTaskResponse | None = ...,
+        status: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "response", b"response", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "response", b"response", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "status"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___SubmitTaskOutcome: _TypeAlias = SubmitTaskOutcome  # noqa: Y015
+
+@_typing.final
 class BatchSubmitTasksRequest(_message.Message):
     """Request of SchedulerService.BatchSubmitTasks."""
 

@@ -45,6 +45,11 @@ class SchedulerServiceStub:
                 request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksRequest.SerializeToString,
                 response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksResponse.FromString,
                 _registered_method=True)
+        self.SubmitTaskGroup = channel.unary_unary(
+                '/conveyor.scheduler.v1.SchedulerService/SubmitTaskGroup',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskGroupRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskGroupResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/GetTask',
                 request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTaskRequest.SerializeToString,
@@ -145,6 +150,16 @@ class SchedulerServiceServicer:
 
     def BatchSubmitTasks(self, request, context):
         """See conveyor.tasks.v1.TaskService.BatchSubmitTasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitTaskGroup(self, request, context):
+        """Single submits of several callers in one call: the gateway coalesces concurrent SubmitTask calls
+        into groups. Each item is decided alone, exactly as SubmitTask would decide it (validation,
+        idempotency, admission), and gets its own outcome; a refused item writes nothing and never fails
+        the others. The call fails as a whole only when no item was decided (UNAVAILABLE, DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -281,6 +296,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.BatchSubmitTasks,
                     request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksRequest.FromString,
                     response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksResponse.SerializeToString,
+            ),
+            'SubmitTaskGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTaskGroup,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskGroupRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskGroupResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -423,6 +443,33 @@ class SchedulerService:
             '/conveyor.scheduler.v1.SchedulerService/BatchSubmitTasks',
             conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksRequest.SerializeToString,
             conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTaskGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.SchedulerService/SubmitTaskGroup',
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskGroupRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,12 @@ class SchedulerServiceStub:
     """See conveyor.tasks.v1.TaskService.SubmitTask."""
     BatchSubmitTasks: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.BatchSubmitTasksRequest, _scheduler_service_pb2.BatchSubmitTasksResponse]
     """See conveyor.tasks.v1.TaskService.BatchSubmitTasks."""
+    SubmitTaskGroup: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SubmitTaskGroupRequest, _scheduler_service_pb2.SubmitTaskGroupResponse]
+    """Single submits of several callers in one call: the gateway coalesces concurrent SubmitTask calls
+    into groups. Each item is decided alone, exactly as SubmitTask would decide it (validation,
+    idempotency, admission), and gets its own outcome; a refused item writes nothing and never fails
+    the others. The call fails as a whole only when no item was decided (UNAVAILABLE, DEADLINE_EXCEEDED).
+    """
     GetTask: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetTaskRequest, _scheduler_service_pb2.GetTaskResponse]
     """See conveyor.tasks.v1.TaskService.GetTask."""
     ListTasks: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListTasksRequest, _scheduler_service_pb2.ListTasksResponse]
@@ -84,6 +90,12 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """See conveyor.tasks.v1.TaskService.SubmitTask."""
     BatchSubmitTasks: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.BatchSubmitTasksRequest, _scheduler_service_pb2.BatchSubmitTasksResponse]  # type: ignore[assignment]
     """See conveyor.tasks.v1.TaskService.BatchSubmitTasks."""
+    SubmitTaskGroup: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SubmitTaskGroupRequest, _scheduler_service_pb2.SubmitTaskGroupResponse]  # type: ignore[assignment]
+    """Single submits of several callers in one call: the gateway coalesces concurrent SubmitTask calls
+    into groups. Each item is decided alone, exactly as SubmitTask would decide it (validation,
+    idempotency, admission), and gets its own outcome; a refused item writes nothing and never fails
+    the others. The call fails as a whole only when no item was decided (UNAVAILABLE, DEADLINE_EXCEEDED).
+    """
     GetTask: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.GetTaskRequest, _scheduler_service_pb2.GetTaskResponse]  # type: ignore[assignment]
     """See conveyor.tasks.v1.TaskService.GetTask."""
     ListTasks: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListTasksRequest, _scheduler_service_pb2.ListTasksResponse]  # type: ignore[assignment]
@@ -137,6 +149,18 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.BatchSubmitTasksResponse, _abc.Awaitable[_scheduler_service_pb2.BatchSubmitTasksResponse]]:
         """See conveyor.tasks.v1.TaskService.BatchSubmitTasks."""
+
+    @_abc_1.abstractmethod
+    def SubmitTaskGroup(
+        self,
+        request: _scheduler_service_pb2.SubmitTaskGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SubmitTaskGroupResponse, _abc.Awaitable[_scheduler_service_pb2.SubmitTaskGroupResponse]]:
+        """Single submits of several callers in one call: the gateway coalesces concurrent SubmitTask calls
+        into groups. Each item is decided alone, exactly as SubmitTask would decide it (validation,
+        idempotency, admission), and gets its own outcome; a refused item writes nothing and never fails
+        the others. The call fails as a whole only when no item was decided (UNAVAILABLE, DEADLINE_EXCEEDED).
+        """
 
     @_abc_1.abstractmethod
     def GetTask(
