@@ -99,7 +99,18 @@ def spec_of(row: Mapping[str, Any]) -> task_pb2.TaskSpec:
     return spec
 
 
-def _build_spec(row: Mapping[str, Any]) -> task_pb2.TaskSpec:
+def seed_spec(row: Mapping[str, Any], input_struct: struct_pb2.Struct) -> None:
+    """Cache the stored TaskSpec of a new task row, taking ``spec.input`` from the submitted
+    Struct (the row's ``input`` is that Struct as a JSON object, so rebuilding it is a wasted
+    round trip)."""
+    if len(_SPEC_CACHE) >= _SPEC_CACHE_MAX:
+        _SPEC_CACHE.clear()
+    _SPEC_CACHE[row["id"]] = _build_spec(row, input_struct).SerializeToString()
+
+
+def _build_spec(
+    row: Mapping[str, Any], input_struct: struct_pb2.Struct | None = None
+) -> task_pb2.TaskSpec:
     spec = task_pb2.TaskSpec(
         kind=row["kind"],
         priority=row["priority"],
@@ -110,7 +121,10 @@ def _build_spec(row: Mapping[str, Any]) -> task_pb2.TaskSpec:
         spec.deployment = row["model"]
     else:
         spec.model = row["model"]
-    spec.input.CopyFrom(dict_to_struct(row["input"] or {}))
+    if input_struct is not None:
+        spec.input.CopyFrom(input_struct)
+    else:
+        spec.input.CopyFrom(dict_to_struct(row["input"] or {}))
     if row["queue_deadline"] is not None:
         set_ts(spec.queue_deadline, row["queue_deadline"])
     spec.run_timeout.CopyFrom(duration_pb2.Duration(seconds=int(row["run_timeout_s"])))

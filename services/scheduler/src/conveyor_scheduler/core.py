@@ -75,12 +75,16 @@ class SchedulerCore:
         self._stats = StatsCache()
         self._submits: SubmitBatcher | None = None
 
-    def _after(self, changes: Changes | None = None, *, poke: bool = True) -> None:
+    def _after(
+        self, changes: Changes | None = None, *, poke: bool = True, frees: bool = True
+    ) -> None:
         if poke:
             new_work = changes is None or any(
                 t in (EV_SUBMITTED, EV_RETRY, EV_REDRIVEN) for t in changes.new_event_types
             )
-            self.wakeups.poke(new_work=new_work)
+            if changes is not None:
+                frees = frees and bool(changes.free_slots)
+            self.wakeups.poke(new_work=new_work, frees=frees)
         if changes is None or self.metrics is None:
             return
         for t in changes.new_event_types:
@@ -115,7 +119,7 @@ class SchedulerCore:
         if created:
             if self.metrics is not None:
                 self.metrics.submitted.inc(created)
-            self._after()
+            self._after(frees=False)  # new work only: no capacity appeared
 
     async def submit(
         self, tenant_id: str, tier: int, items: Sequence[NewTask], now: datetime | None = None
@@ -389,6 +393,7 @@ class SubmitBatcher:
         # across groups too, even with concurrent flushers.
         now = max(utcnow(), self._next_now)
         self._next_now = now + timedelta(microseconds=len(batch))
+        started = time.perf_counter()
         try:
             async with core.engine.begin() as conn:
                 outcomes = await repo.submit_group(
@@ -417,6 +422,9 @@ class SubmitBatcher:
                         f.set_result(out)
             return
         self.groups += 1
+        if core.metrics is not None:
+            core.metrics.submit_group_size.observe(len(batch))
+            core.metrics.submit_group_seconds.observe(time.perf_counter() - started)
         created = 0
         for (_, f), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Exception):

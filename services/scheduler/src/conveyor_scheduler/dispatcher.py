@@ -293,6 +293,8 @@ class Dispatcher:
         self.system_vtime = 0.0
         self.next_wake: float | None = None
         self.max_observed_global = 0
+        self.saturated = False
+        """The global limit was full when capacity was last read."""
         self._cache: dict[str, list[Candidate]] = {}
         self._more: set[str] = set()
         self._tenant_info: dict[str, tuple[int, int | None, int | None]] = {}
@@ -464,7 +466,8 @@ class Dispatcher:
                 total = used or 0
         self.max_observed_global = max(self.max_observed_global, total)
         global_free = self.policy.global_concurrency - total
-        if global_free <= 0:
+        self.saturated = global_free <= 0
+        if self.saturated:
             return None
         min_cost = 1
         blocked_models = list(paused)
@@ -658,11 +661,18 @@ class LeaderLoops:
                     await asyncio.sleep(s.leader_retry_seconds)
                     continue
                 self.wakeups.local_leader = True
+                self.wakeups.capacity_changed = True
                 if self.metrics is not None:
                     self.metrics.leader.set(1)
                 self.wakeups.wake_local()
             try:
-                n = await self.dispatcher.cycle()
+                if self.dispatcher.saturated and not self.wakeups.capacity_changed:
+                    # The global limit was full at the last read and nothing freed capacity
+                    # since (only new work arrived): a cycle could not dispatch anything.
+                    n = 0
+                else:
+                    self.wakeups.capacity_changed = False
+                    n = await self.dispatcher.cycle()
             except Exception:
                 self.wakeups.candidates_stale = True  # the cache may have lost uncommitted picks
                 logger.warning(
@@ -682,8 +692,9 @@ class LeaderLoops:
             try:
                 await asyncio.wait_for(self.wakeups.dispatch.wait(), timeout=timeout)
             except TimeoutError:
-                # The polling backstop: a NOTIFY may have been lost, so re-read candidates.
+                # The polling backstop: a NOTIFY may have been lost, so re-read everything.
                 self.wakeups.candidates_stale = True
+                self.wakeups.capacity_changed = True
                 if not await self.leader.check():
                     self.wakeups.local_leader = False
                     if self.metrics is not None:
@@ -719,6 +730,7 @@ class LeaderLoops:
                 self.policy,
             )
         if expired.events or rescued.outbox:
+            self.wakeups.capacity_changed = True
             self.wakeups.wake_local()
         if self.metrics is not None:
             self.metrics.expired.inc(len(expired.events))

@@ -42,6 +42,18 @@ class SchedulerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.submit_group_size = Histogram(
+            "conveyor_scheduler_submit_group_size",
+            "Single submits committed together by one group-commit transaction.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        )
+        self.submit_group_seconds = Histogram(
+            "conveyor_scheduler_submit_group_seconds",
+            "Duration of one group-commit transaction (begin to commit).",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
         self.dispatched = Counter(
             "conveyor_scheduler_dispatched_total",
             "Tasks dispatched, by kind.",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,12 +18,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import delete, text
+from sqlalchemy import TextClause, delete, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
 from conveyor_common import topics
 from conveyor_common.context import current_traceparent
+from conveyor_common.ids import uuid7
 from conveyor_scheduler import models as m
 from conveyor_scheduler.convert import TERMINAL_EVENT_TYPES, TaskRow, TrackedRow, event_proto
 
@@ -142,6 +144,119 @@ _EVENTS_AND_OUTBOX_SQL = text(
 """Events and their outbox records in one round trip."""
 
 
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+_RAW_SQL: dict[str, str] = {}
+
+
+async def raw_execute(
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
+) -> list[tuple[Any, ...]]:
+    """Run a ``text()`` statement straight on the psycopg connection of ``conn`` (same
+    transaction), skipping SQLAlchemy's per-statement work; for the submit hot path.
+
+    ``:name`` binds become ``%(name)s`` (the text must contain no other ``%``); the rows come
+    back as tuples (all of them; an empty list when the statement returns none).
+    """
+    sql = _RAW_SQL.get(statement.text)
+    if sql is None:
+        if "%" in statement.text:
+            raise ValueError("raw_execute: statements may not contain %")
+        sql = _BIND.sub(r"%(\1)s", statement.text)
+        _RAW_SQL[statement.text] = sql
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    cursor = await driver.execute(sql, params)
+    if cursor.description is None:
+        return []
+    rows: list[tuple[Any, ...]] = await cursor.fetchall()
+    return rows
+
+
+def _task_column_types() -> dict[str, str]:
+    from sqlalchemy.dialects import postgresql
+
+    dialect: Any = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return {c.name: str(c.type.compile(dialect=dialect)).lower() for c in m.Task.__table__.columns}
+
+
+TASK_COLUMNS = _task_column_types()
+"""Every column of ``tasks`` with its PostgreSQL type (from the model)."""
+_NEW_TASKS_SQL: dict[tuple[str, ...], Any] = {}
+
+
+def _via_text(typ: str) -> bool:
+    """jsonb and array values travel as text (unnest of a 2-D array would flatten it)."""
+    return typ == "jsonb" or typ.endswith("[]")
+
+
+def _new_tasks_sql(columns: tuple[str, ...], counter: bool) -> Any:
+    """Tasks, their events and outbox records (and a queue-counter shard) in ONE statement."""
+    key = (*columns, "+counter" if counter else "")
+    sql = _NEW_TASKS_SQL.get(key)
+    if sql is None:
+        args = ", ".join(
+            f"CAST(:t_{c} AS text[])"
+            if _via_text(TASK_COLUMNS[c])
+            else f"CAST(:t_{c} AS {TASK_COLUMNS[c]}[])"
+            for c in columns
+        )
+        select = ", ".join(
+            f"CAST(u.{c} AS {TASK_COLUMNS[c]})" if _via_text(TASK_COLUMNS[c]) else f"u.{c}"
+            for c in columns
+        )
+        names = ", ".join(columns)
+        tail = (
+            "UPDATE queue_counters SET waiting = waiting + :q_d WHERE shard = :q_s"
+            if counter
+            else "SELECT 1"
+        )
+        sql = text(
+            f"WITH t AS (INSERT INTO tasks ({names}) SELECT {select} FROM unnest({args}) AS u({names})),"
+            f" e AS ({_unnest_insert('task_events', EVENT_COLUMNS, 'e_')}),"
+            f" o AS ({_unnest_insert('outbox', OUTBOX_COLUMNS, 'o_')}) " + tail
+        )
+        _NEW_TASKS_SQL[key] = sql
+    return sql
+
+
+def _text_value(typ: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if typ == "jsonb":
+        return json.dumps(value)
+    return "{" + ",".join(str(int(v)) for v in value) + "}"  # integer arrays only
+
+
+async def insert_new_tasks(
+    conn: AsyncConnection, rows: list[TaskRow], changes: Changes, *, queue_shard_delta: int = 0
+) -> None:
+    """New task rows, their events and outbox records in one round trip (and, when
+    ``queue_shard_delta`` is set, that many more waiting tasks on a random queue-counter shard).
+
+    ``changes`` must hold only the rows' SUBMITTED events (nothing to save, no slots, no waiting
+    deltas): the submit paths' shape. Columns that are NULL in every row are left to the default.
+    """
+    if changes.free_slots or any(changes.waiting.values()):
+        raise ValueError("insert_new_tasks writes new tasks and their events only")
+    columns = tuple(c for c in TASK_COLUMNS if any(r.get(c) is not None for r in rows))
+    params: dict[str, Any] = {}
+    for c in columns:
+        typ = TASK_COLUMNS[c]
+        if _via_text(typ):
+            params["t_" + c] = [_text_value(typ, r.get(c)) for r in rows]
+        else:
+            params["t_" + c] = [r.get(c) for r in rows]
+    params |= _params(changes.events, EVENT_COLUMNS, "e_") | _params(
+        changes.outbox, OUTBOX_COLUMNS, "o_"
+    )
+    if queue_shard_delta:
+        params |= {"q_d": queue_shard_delta, "q_s": random.randrange(m.QUEUE_SHARDS)}
+    await raw_execute(conn, _new_tasks_sql(columns, bool(queue_shard_delta)), params)
+    changes.dirty.clear()
+    changes.events.clear()
+    changes.outbox.clear()
+
+
 _INSERT_SQL = {
     "task_events": _unnest_insert_sql("task_events", EVENT_COLUMNS),
     "outbox": _unnest_insert_sql("outbox", OUTBOX_COLUMNS),
@@ -162,7 +277,7 @@ def outbox_row(
 ) -> dict[str, Any]:
     """An outbox row carrying ``message`` (its ce headers are completed by the relay)."""
     return {
-        "event_id": event_id or uuid.uuid4(),
+        "event_id": event_id or uuid7(),
         "topic": topic,
         "key": key,
         "ce_type": message.DESCRIPTOR.full_name,
@@ -196,7 +311,7 @@ class Changes:
         """Append an event (and its TaskStateChanged record) with a snapshot of ``row`` now."""
         self.touch(row)
         row["last_sequence"] += 1
-        event_id = uuid.uuid4()
+        event_id = uuid7()
         event = event_proto(row, event_type, event_id, self.now)
         self.events.append(
             {

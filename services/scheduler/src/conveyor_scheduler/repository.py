@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, text
+from sqlalchemy import text
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -34,9 +34,10 @@ from conveyor_common.errors import (
     ResourceExhausted,
     RpcError,
 )
+from conveyor_common.ids import uuid7
 from conveyor_scheduler import models as m
-from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, struct_to_dict
-from conveyor_scheduler.outbox import Changes
+from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, seed_spec, struct_to_dict
+from conveyor_scheduler.outbox import Changes, insert_new_tasks, raw_execute
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
 
@@ -241,7 +242,7 @@ async def submit(
     counter) raises ResourceExhausted, which rolls the transaction back: nothing is written.
     """
     expires = now + timedelta(seconds=settings.idempotency_ttl_seconds)
-    new_ids = {it.request_id: uuid.uuid4() for it in items}
+    new_ids = {it.request_id: uuid7() for it in items}
     key_rows = [
         {
             "tenant_id": tenant_id,
@@ -309,9 +310,7 @@ async def submit(
         row["last_sequence"] = 0
         changes.event(row, EV_SUBMITTED, 0)
     if created:
-        await conn.execute(insert(m.Task), list(created.values()))
-        changes.dirty.clear()  # inserted above with their final columns
-        await changes.flush(conn, save=False)
+        await insert_new_tasks(conn, list(created.values()), changes)
     out: list[tuple[TaskRow, bool]] = []
     for it in items:
         if it.request_id in created:
@@ -376,21 +375,24 @@ async def submit_group(
     n = len(requests)
     outcomes: list[SubmitOutcome | None] = [None] * n
     expires = now + timedelta(seconds=settings.idempotency_ttl_seconds)
-    new_ids = [uuid.uuid4() for _ in requests]
-    fresh = {
-        (r[0], r[1])
-        for r in await conn.execute(
-            _GROUP_KEYS_SQL,
-            {
-                "ts": [q.tenant_id for q in requests],
-                "rids": [q.item.request_id for q in requests],
-                "fps": [q.item.fingerprint for q in requests],
-                "tids": new_ids,
-                "now": now,
-                "exp": expires,
-            },
-        )
-    }
+    new_ids = [uuid7() for _ in requests]
+    fresh: set[tuple[str, str]] = set()
+    base = 0  # waiting tasks in the whole queue (read in the same statement, without locking)
+    for r in await raw_execute(
+        conn,
+        _GROUP_KEYS_SQL,
+        {
+            "ts": [q.tenant_id for q in requests],
+            "rids": [q.item.request_id for q in requests],
+            "fps": [q.item.fingerprint for q in requests],
+            "tids": new_ids,
+            "now": now,
+            "exp": expires,
+        },
+    ):
+        base = int(r[2])
+        if r[0] is not None:
+            fresh.add((r[0], r[1]))
     is_fresh = [(q.tenant_id, q.item.request_id) in fresh for q in requests]
     dups = [i for i in range(n) if not is_fresh[i]]
     if dups:
@@ -432,9 +434,6 @@ async def submit_group(
             groups[requests[i].tenant_id].append(i)
     tenants = sorted(groups)
     if tenants:
-        base = int(
-            await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters")) or 0
-        )
         room = settings.queue_capacity - base
         for t in tenants:
             kept = []
@@ -456,12 +455,31 @@ async def submit_group(
         tenants = [t for t in tenants if groups[t]]
     admitted: dict[int, int] = {}  # request index -> the task's tier
     if tenants:
-        lock_sql = text(
-            "SELECT tenant_id FROM tenants WHERE tenant_id = ANY(:ts) ORDER BY tenant_id FOR UPDATE"
-        )
-        have = {r[0] for r in await conn.execute(lock_sql, {"ts": tenants})}
+        ns = [len(groups[t]) for t in tenants]
+        tiers = [requests[groups[t][-1]].claimed_tier for t in tenants]
+        admit_params: dict[str, Any] = {
+            "ts": tenants,
+            "ns": ns,
+            "tiers": tiers,
+            "now": now,
+            "burst": settings.tenant_submit_burst,
+            "rate": settings.tenant_submit_rate,
+            "max_waiting": settings.tenant_max_waiting,
+        }
+        # Common case in one round trip: lock the tenant rows (sorted) and admit each tenant's
+        # whole share; missing tenants are created and admitted below.
+        have: set[str] = set()
+        granted: dict[str, int | None] = {}
+        for r in await raw_execute(conn, _GROUP_LOCK_ADMIT_SQL, admit_params):
+            have.add(r[0])
+            if r[1]:
+                granted[r[0]] = r[2]
         missing = [t for t in tenants if t not in have]
         if missing:
+            lock_sql = text(
+                "SELECT tenant_id FROM tenants WHERE tenant_id = ANY(:ts)"
+                " ORDER BY tenant_id FOR UPDATE"
+            )
             await conn.execute(
                 pg_insert(m.Tenant)
                 .values(
@@ -478,21 +496,17 @@ async def submit_group(
                 .on_conflict_do_nothing()
             )
             await conn.execute(lock_sql, {"ts": missing})
-        granted = {
-            r.tenant_id: r.tier
+            idx = [tenants.index(t) for t in missing]
             for r in await conn.execute(
                 _GROUP_ADMIT_SQL,
-                {
-                    "ts": tenants,
-                    "ns": [len(groups[t]) for t in tenants],
-                    "tiers": [requests[groups[t][-1]].claimed_tier for t in tenants],
-                    "now": now,
-                    "burst": settings.tenant_submit_burst,
-                    "rate": settings.tenant_submit_rate,
-                    "max_waiting": settings.tenant_max_waiting,
+                admit_params
+                | {
+                    "ts": missing,
+                    "ns": [ns[i] for i in idx],
+                    "tiers": [tiers[i] for i in idx],
                 },
-            )
-        }
+            ):
+                granted[r.tenant_id] = r.tier
         for t in tenants:
             if t in granted:
                 for i in groups[t]:
@@ -550,13 +564,7 @@ async def submit_group(
             changes.event(task, EV_SUBMITTED, 0)
             created.append(task)
             outcomes[i] = (task, False)
-        await conn.execute(insert(m.Task), created)
-        changes.dirty.clear()  # inserted above with their final columns
-        await changes.flush(conn, save=False)
-        await conn.execute(
-            text("UPDATE queue_counters SET waiting = waiting + :d WHERE shard = :s"),
-            {"d": len(created), "s": random.randrange(m.QUEUE_SHARDS)},
-        )
+        await insert_new_tasks(conn, created, changes, queue_shard_delta=len(created))
     out: list[SubmitOutcome] = []
     for o in outcomes:
         assert o is not None
@@ -579,6 +587,46 @@ _GROUP_KEYS_SQL = text(
     """
 )
 """:data:`_KEYS_SQL` over several tenants (in key order: concurrent groups cannot deadlock on keys)."""
+
+_GROUP_KEYS_SQL = text(
+    f"""
+    WITH cap AS (SELECT COALESCE(sum(waiting), 0) AS waiting FROM queue_counters),
+    k AS ({_GROUP_KEYS_SQL.text})
+    SELECT k.tenant_id, k.request_id, cap.waiting FROM cap LEFT JOIN k ON true
+    """
+)
+"""The fresh keys of a group (a duplicate is not returned) with the queue's waiting total, read
+without locking like :func:`_admit` (one row with NULL keys when none is fresh)."""
+
+_GROUP_LOCK_ADMIT_SQL = text(
+    """
+    WITH locked AS MATERIALIZED (
+        SELECT tenant_id FROM tenants WHERE tenant_id = ANY(CAST(:ts AS text[]))
+        ORDER BY tenant_id FOR UPDATE
+    ), granted AS (
+        UPDATE tenants t SET
+            waiting = t.waiting + u.n,
+            tokens = LEAST(COALESCE(t.submit_burst, :burst),
+                           t.tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - t.tokens_at)))
+                                      * COALESCE(t.submit_rate, :rate)) - u.n,
+            tokens_at = GREATEST(t.tokens_at, :now),
+            claimed_tier = u.tier,
+            updated_at = :now
+        FROM unnest(CAST(:ts AS text[]), CAST(:ns AS int[]), CAST(:tiers AS int[])) AS u(tid, n, tier)
+        WHERE t.tenant_id = u.tid
+          AND t.tenant_id IN (SELECT tenant_id FROM locked)
+          AND t.waiting + u.n <= COALESCE(t.max_waiting, :max_waiting)
+          AND LEAST(COALESCE(t.submit_burst, :burst),
+                    t.tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - t.tokens_at)))
+                               * COALESCE(t.submit_rate, :rate)) >= u.n
+        RETURNING t.tenant_id, t.tier
+    )
+    SELECT l.tenant_id, g.tenant_id IS NOT NULL AS granted, g.tier
+    FROM locked l LEFT JOIN granted g ON g.tenant_id = l.tenant_id
+    """
+)
+"""Lock the existing tenant rows of a group (sorted: concurrent groups cannot deadlock) and take
+each one's whole share in the same statement: (tenant_id, granted, stored tier) per existing tenant."""
 
 _GROUP_ADMIT_SQL = text(
     """
@@ -620,7 +668,7 @@ def new_task_row(
         if spec.HasField("run_timeout")
         else settings.default_run_timeout_seconds
     )
-    return {
+    row: TaskRow = {
         "id": task_id,
         "tenant_id": tenant_id,
         "request_id": item.request_id,
@@ -666,6 +714,8 @@ def new_task_row(
         "slot_cost": policy.cost(int(spec.kind)),
         "rank": policy.rank(int(priority), tier, now),
     }
+    seed_spec(row, spec.input)
+    return row
 
 
 _ADMIT_SQL = text(

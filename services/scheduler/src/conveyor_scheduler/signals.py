@@ -35,24 +35,40 @@ class Wakeups:
         self.notifier: Notifier | None = None
         self.candidates_stale = True
         """Set when queued tasks may have appeared (the dispatcher's candidate cache is stale)."""
+        self.capacity_changed = True
+        """Set when capacity may have grown since the last cycle read it (a slot freed...)."""
 
     def wake_local(self) -> None:
         """Wake this replica's leader loops."""
         self.dispatch.set()
         self.relay.set()
 
-    def poke(self, *, new_work: bool = True) -> None:
+    def poke(self, *, new_work: bool = True, frees: bool = True) -> None:
         """Something changed: wake the leader, wherever it runs.
 
-        ``new_work`` says queued tasks may have appeared (submit, retry, redrive, resume), as
-        opposed to slots freed only.
+        ``new_work`` says queued tasks may have appeared (submit, retry, redrive, resume);
+        ``frees`` says capacity may have grown (a slot freed, a limit raised, a model resumed). A
+        plain submit is new work only: a leader whose global limit is full need not run a cycle
+        for it.
         """
         if new_work:
             self.candidates_stale = True
+        if frees:
+            self.capacity_changed = True
         if self.local_leader:
             self.wake_local()
         elif self.notifier is not None:
-            self.notifier.request(new_work=new_work)
+            self.notifier.request(new_work=new_work, frees=frees)
+
+
+def payload_of(*, new_work: bool, frees: bool) -> str:
+    """The NOTIFY payload: ``work`` (queued tasks may have appeared), ``slot`` (capacity may have
+    grown) or ``work+slot``; a listener treats anything but ``work``/``slot`` as both."""
+    if new_work and not frees:
+        return "work"
+    if frees and not new_work:
+        return "slot"
+    return "work+slot"
 
 
 class Notifier:
@@ -63,11 +79,13 @@ class Notifier:
         self.coalesce = coalesce_seconds
         self._pending = asyncio.Event()
         self._new_work = False
+        self._frees = False
         self._task: asyncio.Task[None] | None = None
 
-    def request(self, *, new_work: bool = True) -> None:
+    def request(self, *, new_work: bool = True, frees: bool = True) -> None:
         """Ask for one NOTIFY soon."""
         self._new_work = self._new_work or new_work
+        self._frees = self._frees or frees
         self._pending.set()
 
     def start(self) -> None:
@@ -86,8 +104,8 @@ class Notifier:
             await self._pending.wait()
             await asyncio.sleep(self.coalesce)
             self._pending.clear()
-            payload = "work" if self._new_work else "slot"
-            self._new_work = False
+            payload = payload_of(new_work=self._new_work, frees=self._frees)
+            self._new_work = self._frees = False
             try:
                 async with self.engine.begin() as conn:
                     await conn.execute(
@@ -127,6 +145,8 @@ class Listener:
                         if self.wakeups.local_leader:
                             if note.payload != "slot":
                                 self.wakeups.candidates_stale = True
+                            if note.payload != "work":
+                                self.wakeups.capacity_changed = True
                             self.wakeups.wake_local()
                 finally:
                     await conn.close()

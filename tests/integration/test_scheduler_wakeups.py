@@ -1,0 +1,100 @@
+"""Dispatch wake-ups on a real replica: a full global limit is not re-checked for every submit, and
+a freed slot still dispatches the next task at once (not at the poll backstop)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from conveyor.tasks.v1 import task_pb2
+from conveyor_scheduler import testing as kit
+from conveyor_scheduler.app import SchedulerApp
+from conveyor_scheduler.signals import payload_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+
+@pytest.fixture
+async def app(database_url: str) -> AsyncIterator[SchedulerApp]:
+    await kit.migrate(database_url)
+    settings = kit.make_settings(
+        database_url,
+        global_concurrency=1,
+        dispatch_poll_seconds=30.0,  # any prompt dispatch below is event-driven
+        instance_id="wakeups-test",
+        grpc_port=0,
+    )
+    app = SchedulerApp(settings, kafka=False, grpc=False)
+    await kit.reset(app.engine)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+async def wait_status(app: SchedulerApp, task_id: str, status: int, within: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        task = await app.core.get_task("acme", task_id)
+        if task.status == status:
+            return time.monotonic() - started
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"task {task_id} not in status {status} after {within} s")
+
+
+async def test_saturated_leader_skips_cycles_for_submits_but_not_for_freed_slots(
+    app: SchedulerApp,
+) -> None:
+    first, _ = await app.core.submit_one("acme", 3, kit.item("w-0"))
+    await wait_status(app, str(first["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    dispatcher = app.loops.dispatcher
+    for _ in range(100):  # the cycle after the dispatch reads the full limit
+        if dispatcher.saturated:
+            break
+        await asyncio.sleep(0.01)
+    assert dispatcher.saturated
+
+    cycles = 0
+    real_cycle = dispatcher.cycle
+
+    async def counting_cycle() -> int:
+        nonlocal cycles
+        cycles += 1
+        return await real_cycle()
+
+    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+    queued = []
+    for i in range(1, 6):
+        row, _ = await app.core.submit_one("acme", 3, kit.item(f"w-{i}"))
+        queued.append(str(row["id"]))
+    await asyncio.sleep(0.3)
+    assert cycles == 0  # new work only: the full limit cannot have changed
+
+    await app.core.apply_results([kit.result(first["id"], 1, "started")])
+    await app.core.apply_results([kit.result(first["id"], 1, "succeeded")])
+    took = await wait_status(app, queued[0], task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    assert took < 2.0  # woken by the freed slot, not by the 30 s poll
+    assert cycles >= 1
+    assert (await app.core.get_task("acme", queued[1])).status == task_pb2.TASK_STATUS_QUEUED
+
+
+def test_notify_payload_names_what_changed() -> None:
+    assert payload_of(new_work=True, frees=False) == "work"
+    assert payload_of(new_work=False, frees=True) == "slot"
+    assert payload_of(new_work=True, frees=True) == "work+slot"
+
+
+def test_poke_marks_capacity_only_when_it_may_have_grown() -> None:
+    from conveyor_scheduler.signals import Wakeups
+
+    w = Wakeups()
+    w.capacity_changed = w.candidates_stale = False
+    w.poke(new_work=True, frees=False)
+    assert (w.candidates_stale, w.capacity_changed) == (True, False)
+    w.candidates_stale = False
+    w.poke(new_work=False)
+    assert (w.candidates_stale, w.capacity_changed) == (False, True)
