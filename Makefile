@@ -108,8 +108,12 @@ up: setup ## Start the stack in the background and print its endpoints
 down: ## Stop what `make up` started
 	$(PY) -m conveyor_devstack down --state-file .devstack/state.json
 
+.PHONY: bench-peers
+bench-peers: ## Install what the BullMQ peer bench needs (redis-server, the harness's npm ci) when possible
+	bash tools/bench/install-peers.sh
+
 .PHONY: bench
-bench: setup ## Benchmarks: writes bench/results/*.json and prints ratios against baselines
+bench: setup bench-peers ## Benchmarks: writes bench/results/*.json and prints ratios against baselines
 	$(PY) bench/run_all.py
 
 .PHONY: autoscale-demo
