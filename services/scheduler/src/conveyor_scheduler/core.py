@@ -8,6 +8,7 @@ slot, a cancel, a redrive, a resume), it pokes the leader (in process or by a co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -395,14 +396,33 @@ class SubmitBatcher:
         self._next_now = now + timedelta(microseconds=len(batch))
         started = time.perf_counter()
         try:
-            async with core.engine.begin() as conn:
+            async with core.engine.connect() as conn, contextlib.AsyncExitStack() as pipeline:
+                # Pipeline mode: BEGIN travels with the first statement, the last statement with
+                # COMMIT and the closing Sync, so a common group costs three round trips, not
+                # five. A slow path (duplicates, a new tenant, a share that does not fit) leaves
+                # it first and commits as usual.
+                driver: Any = (await conn.get_raw_connection()).driver_connection
+                await pipeline.enter_async_context(driver.pipeline())
+                piped = True
+
+                async def leave() -> None:
+                    nonlocal piped
+                    piped = False
+                    await pipeline.aclose()
+
                 outcomes = await repo.submit_group(
                     conn,
                     [r for r, _ in batch],
                     policy=core.policy,
                     settings=core.settings,
                     now=now,
+                    leave_pipeline=leave,
                 )
+                if piped:
+                    await driver.execute("COMMIT")  # sent with the Sync when the pipeline closes
+                    await pipeline.aclose()
+                else:
+                    await driver.commit()
         except Exception:
             logger.warning(
                 "submit group failed; retrying its requests one by one",

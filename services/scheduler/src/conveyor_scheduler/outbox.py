@@ -149,13 +149,14 @@ _RAW_SQL: dict[str, str] = {}
 
 
 async def raw_execute(
-    conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any], *, fetch: bool = True
 ) -> list[tuple[Any, ...]]:
     """Run a ``text()`` statement straight on the psycopg connection of ``conn`` (same
     transaction), skipping SQLAlchemy's per-statement work; for the submit hot path.
 
-    ``:name`` binds become ``%(name)s`` (the text must contain no other ``%``); the rows come
-    back as tuples (all of them; an empty list when the statement returns none).
+    ``:name`` binds become ``%(name)s`` (the text must contain no other ``%``). With ``fetch`` the
+    rows come back as tuples; without, nothing is read, so in pipeline mode the statement travels
+    with the next synchronization (the commit) and its error, if any, is raised there.
     """
     sql = _RAW_SQL.get(statement.text)
     if sql is None:
@@ -166,7 +167,7 @@ async def raw_execute(
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     cursor = await driver.execute(sql, params)
-    if cursor.description is None:
+    if not fetch:
         return []
     rows: list[tuple[Any, ...]] = await cursor.fetchall()
     return rows
@@ -251,7 +252,7 @@ async def insert_new_tasks(
     )
     if queue_shard_delta:
         params |= {"q_d": queue_shard_delta, "q_s": random.randrange(m.QUEUE_SHARDS)}
-    await raw_execute(conn, _new_tasks_sql(columns, bool(queue_shard_delta)), params)
+    await raw_execute(conn, _new_tasks_sql(columns, bool(queue_shard_delta)), params, fetch=False)
     changes.dirty.clear()
     changes.events.clear()
     changes.outbox.clear()

@@ -14,7 +14,7 @@ import json
 import random
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -355,6 +355,7 @@ async def submit_group(
     policy: Policy,
     settings: SchedulerSettings,
     now: datetime,
+    leave_pipeline: Callable[[], Awaitable[None]] | None = None,
 ) -> list[SubmitOutcome]:
     """Single-item submits of many callers in ONE transaction (group commit); an outcome each.
 
@@ -371,7 +372,16 @@ async def submit_group(
 
     ``(tenant_id, request_id)`` must be distinct within ``requests`` (the caller defers repeats to
     the next group). Request ``i`` is enqueued at ``now + i`` microseconds (FIFO kept).
+
+    The common path runs three statements through :func:`raw_execute`, so the caller may hold the
+    connection in psycopg's pipeline mode; ``leave_pipeline`` is awaited before any other
+    statement (duplicates, a new tenant, a share that does not fit), which SQLAlchemy runs.
     """
+
+    async def slow_path() -> None:
+        if leave_pipeline is not None:
+            await leave_pipeline()
+
     n = len(requests)
     outcomes: list[SubmitOutcome | None] = [None] * n
     expires = now + timedelta(seconds=settings.idempotency_ttl_seconds)
@@ -396,6 +406,7 @@ async def submit_group(
     is_fresh = [(q.tenant_id, q.item.request_id) in fresh for q in requests]
     dups = [i for i in range(n) if not is_fresh[i]]
     if dups:
+        await slow_path()
         keys = await conn.execute(
             text(
                 "SELECT k.tenant_id, k.request_id, k.fingerprint, k.task_id FROM idempotency_keys k"
@@ -476,6 +487,7 @@ async def submit_group(
                 granted[r[0]] = r[2]
         missing = [t for t in tenants if t not in have]
         if missing:
+            await slow_path()
             lock_sql = text(
                 "SELECT tenant_id FROM tenants WHERE tenant_id = ANY(:ts)"
                 " ORDER BY tenant_id FOR UPDATE"
@@ -513,6 +525,7 @@ async def submit_group(
                     tier = granted[t]
                     admitted[i] = int(tier) if tier is not None else requests[i].claimed_tier
                 continue
+            await slow_path()
             for i in groups[t]:  # the whole share does not fit: one request at a time, in order
                 q = requests[i]
                 params = {
@@ -534,6 +547,7 @@ async def submit_group(
                     outcomes[i] = exc
     rejected = [i for i in range(n) if is_fresh[i] and i not in admitted]
     if rejected:
+        await slow_path()
         await conn.execute(
             text(
                 "DELETE FROM idempotency_keys k USING unnest(CAST(:ts AS text[]),"
