@@ -71,3 +71,19 @@ async def test_shutdown_runs_steps_in_phase_order_once() -> None:
     await life.shutdown()
     await life.shutdown()
     assert order == ["health", "grpc", "producer", "metrics"]
+
+
+def test_settle_gc_freezes_the_startup_heap_and_raises_the_young_threshold() -> None:
+    import gc
+
+    from conveyor_common.service import GC_THRESHOLDS, settle_gc
+
+    before = gc.get_threshold()
+    try:
+        settle_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 1000  # modules, classes, functions...
+        assert gc.get_count()[2] == 0  # nothing left in the oldest generation to scan
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
