@@ -131,10 +131,21 @@ def _unnest_insert_sql(table: str, columns: dict[str, str]) -> Any:
 def _params(
     rows: list[dict[str, Any]], columns: dict[str, str], prefix: str = ""
 ) -> dict[str, Any]:
-    return {
-        prefix + c: [json.dumps(r[c]) for r in rows] if typ == "jsonb" else [r[c] for r in rows]
-        for c, typ in columns.items()
-    }
+    out: dict[str, Any] = {}
+    for c, typ in columns.items():
+        if typ != "jsonb":
+            out[prefix + c] = [r[c] for r in rows]
+            continue
+        dumped: dict[int, str] = {}  # rows of one transaction share their headers object
+        values = []
+        for r in rows:
+            v = r[c]
+            text_value = dumped.get(id(v))
+            if text_value is None:
+                text_value = dumped[id(v)] = json.dumps(v)
+            values.append(text_value)
+        out[prefix + c] = values
+    return out
 
 
 _EVENTS_AND_OUTBOX_SQL = text(
@@ -274,21 +285,59 @@ async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, An
 
 
 def outbox_row(
-    topic: str, key: str, message: Message, now: datetime, event_id: uuid.UUID | None = None
+    topic: str,
+    key: str,
+    message: Message | None,
+    now: datetime,
+    event_id: uuid.UUID | None = None,
+    *,
+    payload: bytes | None = None,
+    ce_type: str | None = None,
+    headers: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An outbox row carrying ``message`` (its ce headers are completed by the relay)."""
+    """An outbox row carrying ``message`` (or its ``payload`` bytes and ``ce_type``); its ce
+    headers are completed by the relay."""
+    if message is not None:
+        payload = message.SerializeToString()
+        ce_type = message.DESCRIPTOR.full_name
     return {
         "event_id": event_id or uuid7(),
         "topic": topic,
         "key": key,
-        "ce_type": message.DESCRIPTOR.full_name,
-        "payload": message.SerializeToString(),
-        "headers": {
-            "ce_time": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-            "traceparent": current_traceparent(),
-        },
+        "ce_type": ce_type,
+        "payload": payload,
+        "headers": headers if headers is not None else ce_headers(now),
         "created_at": now,
     }
+
+
+def ce_headers(now: datetime) -> dict[str, Any]:
+    """The ce headers an outbox row starts with (time and the caller's trace)."""
+    return {
+        "ce_time": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "traceparent": current_traceparent(),
+    }
+
+
+def _length_delimited(field_number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2): tag, varint length, bytes."""
+    out = bytearray()
+    for value in ((field_number << 3) | 2, len(data)):
+        while value >= 0x80:
+            out.append((value & 0x7F) | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out) + data
+
+
+_STATE_CHANGED = events_pb2.TaskStateChanged.DESCRIPTOR.full_name
+
+
+def state_changed_bytes(event_payload: bytes, previous_status: int) -> bytes:
+    """A serialized TaskStateChanged from its serialized event, without parsing or copying it
+    (``event = 1`` then ``previous_status = 2``: what SerializeToString writes)."""
+    status = events_pb2.TaskStateChanged(previous_status=previous_status)  # type: ignore[arg-type]
+    return _length_delimited(1, event_payload) + status.SerializeToString()
 
 
 @dataclass
@@ -302,6 +351,7 @@ class Changes:
     waiting: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     free_slots: list[uuid.UUID] = field(default_factory=list)
     new_event_types: list[int] = field(default_factory=list)
+    _headers: dict[str, Any] | None = field(default=None, repr=False)
 
     def touch(self, row: TaskRow) -> None:
         """Mark a row changed (saved by ``flush``)."""
@@ -313,7 +363,7 @@ class Changes:
         self.touch(row)
         row["last_sequence"] += 1
         event_id = uuid7()
-        event = event_proto(row, event_type, event_id, self.now)
+        payload = event_proto(row, event_type, event_id, self.now).SerializeToString()
         self.events.append(
             {
                 "task_id": row["id"],
@@ -323,21 +373,31 @@ class Changes:
                 "generation": row["generation"],
                 "terminal": event_type in TERMINAL_EVENT_TYPES,
                 "occurred_at": self.now,
-                "payload": event.SerializeToString(),
+                "payload": payload,
             }
         )
-        changed = events_pb2.TaskStateChanged(previous_status=previous_status)  # type: ignore[arg-type]
-        changed.event.CopyFrom(event)
+        changed = state_changed_bytes(payload, previous_status)
         key = str(row["id"])
-        self.outbox.append(outbox_row(topics.TASK_EVENTS, key, changed, self.now, event_id))
-        if event_type == 10:  # DEAD_LETTERED: also to the operators' dead-letter topic
+        if self._headers is None:
+            self._headers = ce_headers(self.now)  # one time and trace per transaction
+        for topic, ce_id in (
+            ((topics.TASK_EVENTS, event_id),)
+            if event_type != 10
+            else (  # DEAD_LETTERED: also to the operators' dead-letter topic
+                (topics.TASK_EVENTS, event_id),
+                (topics.TASK_DEAD_LETTER, uuid.uuid5(DEAD_LETTER_NS, str(event_id))),
+            )
+        ):
             self.outbox.append(
                 outbox_row(
-                    topics.TASK_DEAD_LETTER,
+                    topic,
                     key,
-                    changed,
+                    None,
                     self.now,
-                    uuid.uuid5(DEAD_LETTER_NS, str(event_id)),
+                    ce_id,
+                    payload=changed,
+                    ce_type=_STATE_CHANGED,
+                    headers=self._headers,
                 )
             )
         self.new_event_types.append(event_type)

@@ -1,0 +1,44 @@
+"""The outbox's hand-assembled TaskStateChanged bytes equal protobuf's own serialization."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from conveyor.events.v1 import events_pb2
+from conveyor.tasks.v1 import task_pb2
+from conveyor_common.ids import uuid7
+from conveyor_scheduler.outbox import _params, state_changed_bytes
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16_383, 16_384, 70_000])
+@pytest.mark.parametrize("previous", [0, 1, 3, 8])
+def test_state_changed_bytes_equal_the_protobuf_serialization(size: int, previous: int) -> None:
+    event = task_pb2.TaskEvent(event_id=str(uuid.uuid4()), task_id="t", sequence=7, type=5)
+    event.task.spec.input.update({"prompt": "x" * size})
+    payload = event.SerializeToString()
+    expected = events_pb2.TaskStateChanged(previous_status=previous)  # type: ignore[arg-type]
+    expected.event.CopyFrom(event)
+    got = state_changed_bytes(payload, previous)
+    assert got == expected.SerializeToString()
+    assert events_pb2.TaskStateChanged.FromString(got) == expected
+
+
+def test_shared_jsonb_values_are_dumped_once_and_equal() -> None:
+    shared = {"ce_time": "2026-11-23T00:00:00Z", "traceparent": None}
+    rows = [{"h": shared}, {"h": shared}, {"h": {"other": 1}}]
+    assert _params(rows, {"h": "jsonb"}, "p_") == {
+        "p_h": ['{"ce_time": "2026-11-23T00:00:00Z", "traceparent": null}'] * 2 + ['{"other": 1}']
+    }
+
+
+def test_uuid7_is_time_ordered_and_version_7() -> None:
+    ids = [uuid7() for _ in range(2000)]
+    assert all(i.version == 7 for i in ids)
+    assert len(set(ids)) == 2000
+    prefixes = [i.int >> 80 for i in ids]  # the millisecond timestamps never go back
+    assert prefixes == sorted(prefixes)
+    now_ms = int(datetime.now(UTC).timestamp() * 1000)
+    assert abs(prefixes[-1] - now_ms) < 5_000
