@@ -193,42 +193,13 @@ def _task_column_types() -> dict[str, str]:
 
 TASK_COLUMNS = _task_column_types()
 """Every column of ``tasks`` with its PostgreSQL type (from the model)."""
-_NEW_TASKS_SQL: dict[tuple[str, ...], Any] = {}
+_NEW_TASKS_SQL: dict[tuple[Any, ...], Any] = {}
+_NEW_TASKS_SQL_MAX = 256
 
 
 def _via_text(typ: str) -> bool:
     """jsonb and array values travel as text (unnest of a 2-D array would flatten it)."""
     return typ == "jsonb" or typ.endswith("[]")
-
-
-def _new_tasks_sql(columns: tuple[str, ...], counter: bool) -> Any:
-    """Tasks, their events and outbox records (and a queue-counter shard) in ONE statement."""
-    key = (*columns, "+counter" if counter else "")
-    sql = _NEW_TASKS_SQL.get(key)
-    if sql is None:
-        args = ", ".join(
-            f"CAST(:t_{c} AS text[])"
-            if _via_text(TASK_COLUMNS[c])
-            else f"CAST(:t_{c} AS {TASK_COLUMNS[c]}[])"
-            for c in columns
-        )
-        select = ", ".join(
-            f"CAST(u.{c} AS {TASK_COLUMNS[c]})" if _via_text(TASK_COLUMNS[c]) else f"u.{c}"
-            for c in columns
-        )
-        names = ", ".join(columns)
-        tail = (
-            "UPDATE queue_counters SET waiting = waiting + :q_d WHERE shard = :q_s"
-            if counter
-            else "SELECT 1"
-        )
-        sql = text(
-            f"WITH t AS (INSERT INTO tasks ({names}) SELECT {select} FROM unnest({args}) AS u({names})),"
-            f" e AS ({_unnest_insert('task_events', EVENT_COLUMNS, 'e_')}),"
-            f" o AS ({_unnest_insert('outbox', OUTBOX_COLUMNS, 'o_')}) " + tail
-        )
-        _NEW_TASKS_SQL[key] = sql
-    return sql
 
 
 def _text_value(typ: str, value: Any) -> Any:
@@ -239,6 +210,44 @@ def _text_value(typ: str, value: Any) -> Any:
     return "{" + ",".join(str(int(v)) for v in value) + "}"  # integer arrays only
 
 
+def _folded_insert(
+    table: str, types: dict[str, str], prefix: str, columns: dict[str, list[Any]]
+) -> tuple[tuple[Any, ...], str, dict[str, Any]]:
+    """``INSERT INTO table`` of many rows from column lists: a column whose value is the same in
+    every row is ONE scalar parameter, the others are unnest'ed arrays (dumping an array costs
+    per element). The first column is always an array (it sets the row count). Returns (shape
+    key, SQL, parameters)."""
+    shape: list[tuple[str, bool]] = []
+    params: dict[str, Any] = {}
+    for i, (c, values) in enumerate(columns.items()):
+        typ = types[c]
+        scalar = i > 0 and values.count(values[0]) == len(values)
+        if _via_text(typ):
+            params[prefix + c] = (
+                _text_value(typ, values[0]) if scalar else [_text_value(typ, v) for v in values]
+            )
+        else:
+            params[prefix + c] = values[0] if scalar else values
+        shape.append((c, scalar))
+    arrays = [c for c, scalar in shape if not scalar]
+    args = ", ".join(
+        f"CAST(:{prefix}{c} AS {'text' if _via_text(types[c]) else types[c]}[])" for c in arrays
+    )
+    select = []
+    for c, scalar in shape:
+        typ = types[c]
+        if scalar:
+            source = f"CAST(:{prefix}{c} AS text)" if _via_text(typ) else f":{prefix}{c}"
+        else:
+            source = f"u.{c}"
+        select.append(f"CAST({source} AS {typ})" if scalar or _via_text(typ) else source)
+    sql = (
+        f"INSERT INTO {table} ({', '.join(c for c, _ in shape)}) SELECT {', '.join(select)}"
+        f" FROM unnest({args}) AS u({', '.join(arrays)})"
+    )
+    return (table, *shape), sql, params
+
+
 async def insert_new_tasks(
     conn: AsyncConnection, rows: list[TaskRow], changes: Changes, *, queue_shard_delta: int = 0
 ) -> None:
@@ -246,24 +255,51 @@ async def insert_new_tasks(
     ``queue_shard_delta`` is set, that many more waiting tasks on a random queue-counter shard).
 
     ``changes`` must hold only the rows' SUBMITTED events (nothing to save, no slots, no waiting
-    deltas): the submit paths' shape. Columns that are NULL in every row are left to the default.
+    deltas): the submit paths' shape. Columns that are NULL in every row are left to the default;
+    a value shared by every row travels once (:func:`_folded_insert`).
     """
     if changes.free_slots or any(changes.waiting.values()):
         raise ValueError("insert_new_tasks writes new tasks and their events only")
-    columns = tuple(c for c in TASK_COLUMNS if any(r.get(c) is not None for r in rows))
+    task_columns: dict[str, list[Any]] = {"id": [r["id"] for r in rows]}
+    for c in TASK_COLUMNS:
+        if c != "id":
+            values = [r.get(c) for r in rows]
+            if values.count(None) != len(values):
+                task_columns[c] = values
+    parts = [
+        _folded_insert("tasks", TASK_COLUMNS, "t_", task_columns),
+        _folded_insert(
+            "task_events",
+            EVENT_COLUMNS,
+            "e_",
+            {c: [e[c] for e in changes.events] for c in EVENT_COLUMNS},
+        ),
+        _folded_insert(
+            "outbox",
+            OUTBOX_COLUMNS,
+            "o_",
+            {c: [o[c] for o in changes.outbox] for c in OUTBOX_COLUMNS},
+        ),
+    ]
     params: dict[str, Any] = {}
-    for c in columns:
-        typ = TASK_COLUMNS[c]
-        if _via_text(typ):
-            params["t_" + c] = [_text_value(typ, r.get(c)) for r in rows]
-        else:
-            params["t_" + c] = [r.get(c) for r in rows]
-    params |= _params(changes.events, EVENT_COLUMNS, "e_") | _params(
-        changes.outbox, OUTBOX_COLUMNS, "o_"
-    )
-    if queue_shard_delta:
+    for _, _, part_params in parts:
+        params |= part_params
+    counter = bool(queue_shard_delta)
+    if counter:
         params |= {"q_d": queue_shard_delta, "q_s": random.randrange(m.QUEUE_SHARDS)}
-    await raw_execute(conn, _new_tasks_sql(columns, bool(queue_shard_delta)), params, fetch=False)
+    key = (*(k for k, _, _ in parts), counter)
+    sql = _NEW_TASKS_SQL.get(key)
+    if sql is None:
+        tail = (
+            "UPDATE queue_counters SET waiting = waiting + :q_d WHERE shard = :q_s"
+            if counter
+            else "SELECT 1"
+        )
+        sql = text(f"WITH t AS ({parts[0][1]}), e AS ({parts[1][1]}), o AS ({parts[2][1]}) {tail}")
+        if len(_NEW_TASKS_SQL) >= _NEW_TASKS_SQL_MAX:
+            _NEW_TASKS_SQL.clear()
+        _NEW_TASKS_SQL[key] = sql
+    await raw_execute(conn, sql, params, fetch=False)
     changes.dirty.clear()
     changes.events.clear()
     changes.outbox.clear()
