@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
@@ -16,7 +17,9 @@ from conveyor_scheduler.outbox import _params, state_changed_bytes
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16_383, 16_384, 70_000])
 @pytest.mark.parametrize("previous", [0, 1, 3, 8])
 def test_state_changed_bytes_equal_the_protobuf_serialization(size: int, previous: int) -> None:
-    event = task_pb2.TaskEvent(event_id=str(uuid.uuid4()), task_id="t", sequence=7, type=5)
+    event = task_pb2.TaskEvent(
+        event_id=str(uuid.uuid4()), task_id="t", sequence=7, type=task_pb2.TASK_EVENT_TYPE_SUCCEEDED
+    )
     event.task.spec.input.update({"prompt": "x" * size})
     payload = event.SerializeToString()
     expected = events_pb2.TaskStateChanged(previous_status=previous)  # type: ignore[arg-type]
@@ -27,8 +30,8 @@ def test_state_changed_bytes_equal_the_protobuf_serialization(size: int, previou
 
 
 def test_shared_jsonb_values_are_dumped_once_and_equal() -> None:
-    shared = {"ce_time": "2026-11-23T00:00:00Z", "traceparent": None}
-    rows = [{"h": shared}, {"h": shared}, {"h": {"other": 1}}]
+    shared: dict[str, Any] = {"ce_time": "2026-11-23T00:00:00Z", "traceparent": None}
+    rows: list[dict[str, Any]] = [{"h": shared}, {"h": shared}, {"h": {"other": 1}}]
     assert _params(rows, {"h": "jsonb"}, "p_") == {
         "p_h": ['{"ce_time": "2026-11-23T00:00:00Z", "traceparent": null}'] * 2 + ['{"other": 1}']
     }
