@@ -20,6 +20,7 @@ from google.protobuf import timestamp_pb2
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor_common.channels import client_options
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class Coordinator:
         self.retry_s = retry_s
         self._channel = grpc.aio.insecure_channel(
             address,
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)],
+            options=client_options(("grpc.enable_retries", 1)),
         )
         self._stub = pb_grpc.ProviderCoordinationServiceStub(self._channel)
 

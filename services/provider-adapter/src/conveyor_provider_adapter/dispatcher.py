@@ -382,6 +382,6 @@ class Dispatcher:
         await self._cancel_prediction(info, prediction_id)
 
     async def _cancel_prediction(self, info: AttemptInfo, prediction_id: str) -> None:
-        prediction = await self.observer.cancel_quietly(prediction_id)
+        prediction = await self.observer.cancel_once(info, prediction_id)
         if prediction is not None and prediction.terminal:
             await self.observer.observe(prediction, info.task_id, info.attempt, source=POLL)

@@ -29,7 +29,12 @@ from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import find_match
 from conveyor_provider_adapter.metrics import AdapterMetrics
-from conveyor_provider_adapter.replicate import ClientError, ReplicateClient, ReplicateError
+from conveyor_provider_adapter.replicate import (
+    ClientError,
+    Prediction,
+    ReplicateClient,
+    ReplicateError,
+)
 from conveyor_provider_adapter.results import Observer, ResultPublisher, new_result
 from conveyor_provider_adapter.state import LocalState
 
@@ -148,9 +153,15 @@ class Reconciler:
                 info.prediction_id = a.prediction_id
                 info.recorded.set()
             if a.cancel_requested or info.cancel_requested:
-                prediction = await self.observer.cancel_quietly(a.prediction_id)
-                if prediction is not None:
-                    await self.observer.observe(prediction, a.task_id, a.attempt, source=POLL)
+                if a.prediction_id in info.cancels_in_flight:
+                    return "cancel"
+                seen: Prediction | None
+                if a.prediction_id in info.canceled:  # accepted before: see where it stands
+                    seen = await self.replicate.get(a.prediction_id)
+                else:
+                    seen = await self.observer.cancel_once(info, a.prediction_id)
+                if seen is not None:
+                    await self.observer.observe(seen, a.task_id, a.attempt, source=POLL)
                 return "cancel"
             if deadline is not None and now > deadline + timedelta(seconds=self.deadline_slack_s):
                 prediction = await self.observer.cancel_quietly(a.prediction_id)

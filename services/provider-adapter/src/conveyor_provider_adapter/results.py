@@ -220,8 +220,23 @@ class Observer:
         info.recorded.set()
         info.unknown_since = None
         if info.cancel_requested and not prediction.terminal:
-            await self.cancel_quietly(prediction.id)
+            await self.cancel_once(info, prediction.id)
         return True
+
+    async def cancel_once(self, info: AttemptInfo, prediction_id: str) -> Prediction | None:
+        """Cancel ``prediction_id`` of the attempt unless a cancel of it is under way or was
+        accepted: the dispatcher (after the create), the observer (when it learns the id) and
+        the reconciler can each notice a requested cancel at about the same time."""
+        if prediction_id in info.cancels_in_flight or prediction_id in info.canceled:
+            return None
+        info.cancels_in_flight.add(prediction_id)
+        try:
+            prediction = await self.cancel_quietly(prediction_id)
+        finally:
+            info.cancels_in_flight.discard(prediction_id)
+        if prediction is not None:
+            info.canceled.add(prediction_id)
+        return prediction
 
     async def cancel_quietly(self, prediction_id: str) -> Prediction | None:
         """Cancel at the provider; errors are logged, never raised."""

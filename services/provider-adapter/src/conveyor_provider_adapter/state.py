@@ -66,6 +66,10 @@ class AttemptInfo:
     terminal_reported: bool = False
     cancel_requested: bool = False
     cancel_reason: str = ""
+    cancels_in_flight: set[str] = field(default_factory=set)
+    """Prediction ids whose cancel call is under way (a second caller does not repeat it)."""
+    canceled: set[str] = field(default_factory=set)
+    """Prediction ids the provider accepted a cancel for."""
     model: str = ""
     deployment: str = ""
     input: dict[str, Any] | None = None
