@@ -526,3 +526,32 @@ async def test_coalescing_can_be_turned_off() -> None:
         assert [c[0] for c in env.scheduler.calls] == ["SubmitTask"]
     finally:
         await stop_env(env)
+
+
+async def test_calls_are_spread_over_every_scheduler_replica() -> None:
+    """A target naming several replicas (a headless Service in Kubernetes) gets round_robin: every
+    replica serves calls, none is left idle behind pick_first."""
+    a, b = FakeScheduler(), FakeScheduler()
+    fake_a, fake_b = await serve(scheduler_binding(a)), await serve(scheduler_binding(b))
+    gateway = build_gateway(
+        settings(0, None, scheduler_channels=1).model_copy(
+            update={"scheduler_address": f"ipv4:127.0.0.1:{fake_a.port},127.0.0.1:{fake_b.port}"}
+        ),
+        CollectorRegistry(),
+    )
+    await gateway.start()
+    keys = Keys.generate()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
+            stub = svc_grpc.TaskServiceStub(ch)
+            for _ in range(20):
+                await stub.GetQueueStats(
+                    svc_pb2.GetQueueStatsRequest(), metadata=metadata(keys.token()), timeout=5
+                )
+        assert len(a.calls) + len(b.calls) == 20
+        assert len(a.calls) >= 5
+        assert len(b.calls) >= 5
+    finally:
+        await gateway.stop(0.5)
+        await fake_a.stop(0.5)
+        await fake_b.stop(0.5)

@@ -17,6 +17,7 @@ from conveyor.tasks.v1 import admin_service_pb2_grpc as admin_grpc
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
+from conveyor_common.channels import client_options
 from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
 from conveyor_common.metrics import RpcMetrics
 from conveyor_gateway.auth import AuthInterceptor, RateLimiter, TokenVerifier
@@ -148,7 +149,7 @@ def build_gateway(
     notifier: notifier_grpc.WatchFanoutServiceStub | None = None
     if settings.notifier_address:
         notifier_channel = grpc.aio.insecure_channel(
-            settings.notifier_address, options=[("grpc.keepalive_time_ms", 30_000)]
+            settings.notifier_address, options=client_options()
         )
         notifier = notifier_grpc.WatchFanoutServiceStub(notifier_channel)
     config = watch_config or WatchConfig(poll_interval=settings.watch_poll_interval_seconds)

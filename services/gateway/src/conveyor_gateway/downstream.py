@@ -22,6 +22,7 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+from conveyor_common.channels import client_options
 from conveyor_common.errors import RpcError, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -103,12 +104,11 @@ class SchedulerClient:
         max_delay: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        options = [
-            ("grpc.keepalive_time_ms", 30_000),
+        options = client_options(
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
             # Distinct channel args keep the channels on separate HTTP/2 connections.
             ("grpc.use_local_subchannel_pool", 1),
-        ]
+        )
         self._channels: list[grpc.aio.Channel] = [
             grpc.aio.secure_channel(address, credentials, options=options)
             if credentials is not None

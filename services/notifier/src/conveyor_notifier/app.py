@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from conveyor.events.v1 import events_pb2
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor_common import lifecycle as phases
+from conveyor_common.channels import client_options
 from conveyor_common.grpc_server import GrpcService, create_server
 from conveyor_common.kafka import (
     ConsumerConfig,
@@ -102,7 +103,7 @@ class Notifier:
         # Scheduler channel and the HTTP clients, closed last.
         channel = grpc.aio.insecure_channel(
             s.scheduler_address,
-            options=[("grpc.keepalive_time_ms", 30_000), ("grpc.enable_retries", 1)],
+            options=client_options(("grpc.enable_retries", 1)),
         )
         life.on_shutdown("scheduler_channel_close", channel.close, phase=phases.STORAGE)
         stub = pb_grpc.DeliveryCoordinationServiceStub(channel)

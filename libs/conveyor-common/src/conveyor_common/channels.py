@@ -1,0 +1,23 @@
+"""Options of the gRPC channels one service opens to another.
+
+Addresses are gRPC targets: ``dns:///scheduler:50051`` (a headless Service in Kubernetes resolves to
+every ready pod), ``ipv4:10.0.0.1:50051,10.0.0.2:50051`` or ``host:port``. With ``round_robin`` a
+channel keeps a connection to every address and spreads calls over them, so scheduler replicas share
+the load; gRPC's default ``pick_first`` would send everything to one replica.
+"""
+
+from __future__ import annotations
+
+import json
+
+Option = tuple[str, str | int]
+
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def client_options(*extra: Option, lb_policy: str = "round_robin") -> list[Option]:
+    """Keepalive, the load-balancing policy, then ``extra`` options."""
+    options: list[Option] = [("grpc.keepalive_time_ms", 30_000)]
+    if lb_policy == "round_robin":
+        options.append(("grpc.service_config", ROUND_ROBIN))
+    return options + list(extra)
