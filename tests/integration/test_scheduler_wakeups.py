@@ -98,3 +98,52 @@ def test_poke_marks_capacity_only_when_it_may_have_grown() -> None:
     w.candidates_stale = False
     w.poke(new_work=False)
     assert (w.candidates_stale, w.capacity_changed) == (False, True)
+
+
+async def test_notifier_announces_new_work_lazily_and_freed_capacity_at_once(
+    database_url: str,
+) -> None:
+    """A burst of submit pokes on a non-leader makes ONE 'work' NOTIFY after the work window; a
+    freed slot is announced within the short window, ahead of it."""
+    import psycopg
+
+    from conveyor_scheduler.db import create_engine
+    from conveyor_scheduler.settings import to_libpq_url
+    from conveyor_scheduler.signals import CHANNEL, Notifier
+
+    engine = create_engine(database_url, pool_size=2)
+    notifier = Notifier(engine, 0.002, 0.3)
+    listen = await psycopg.AsyncConnection.connect(to_libpq_url(database_url), autocommit=True)
+    got: list[tuple[float, str]] = []
+
+    async def collect() -> None:
+        async for note in listen.notifies():
+            got.append((time.monotonic(), note.payload))  # noqa: PERF401 (appended live)
+
+    try:
+        await listen.execute(f"LISTEN {CHANNEL}")
+        collector = asyncio.create_task(collect())
+        notifier.start()
+        started = time.monotonic()
+        for _ in range(50):
+            notifier.request(new_work=True, frees=False)
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.5)
+        assert [p for _, p in got] == ["work"]
+        assert got[0][0] - started >= 0.25  # waited for more work
+        got.clear()
+        started = time.monotonic()
+        notifier.request(new_work=True, frees=False)
+        await asyncio.sleep(0.01)
+        notifier.request(new_work=False, frees=True)
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.005)
+        assert [p for _, p in got] == ["work+slot"]
+        assert got[0][0] - started < 0.2  # the freed slot did not wait for the work window
+        collector.cancel()
+    finally:
+        await notifier.stop()
+        await listen.close()
+        await engine.dispose()

@@ -130,7 +130,9 @@ class SchedulerApp:
         self.metrics = SchedulerMetrics(self.registry)
         self.engine = create_engine(url, pool_size=s.db_pool_size)
         self.wakeups = Wakeups()
-        self.notifier = Notifier(self.engine, s.notify_coalesce_seconds)
+        self.notifier = Notifier(
+            self.engine, s.notify_coalesce_seconds, s.notify_work_coalesce_seconds
+        )
         self.wakeups.notifier = self.notifier
         self.listener = Listener(url, self.wakeups)
         self.core = SchedulerCore(self.engine, s, wakeups=self.wakeups, metrics=self.metrics)

@@ -210,25 +210,31 @@ def _text_value(typ: str, value: Any) -> Any:
     return "{" + ",".join(str(int(v)) for v in value) + "}"  # integer arrays only
 
 
-def _folded_insert(
-    table: str, types: dict[str, str], prefix: str, columns: dict[str, list[Any]]
-) -> tuple[tuple[Any, ...], str, dict[str, Any]]:
-    """``INSERT INTO table`` of many rows from column lists: a column whose value is the same in
-    every row is ONE scalar parameter, the others are unnest'ed arrays (dumping an array costs
-    per element). The first column is always an array (it sets the row count). Returns (shape
-    key, SQL, parameters)."""
+def _folded_params(
+    types: dict[str, str], prefix: str, columns: dict[str, list[Any]]
+) -> tuple[tuple[tuple[str, bool], ...], dict[str, Any]]:
+    """Parameters of a multi-row insert from column lists: a column whose value is the same in
+    every row is ONE scalar parameter, the others are arrays (dumping an array costs per element).
+    The first column is always an array (it sets the row count). Returns (shape, parameters)."""
     shape: list[tuple[str, bool]] = []
     params: dict[str, Any] = {}
-    for i, (c, values) in enumerate(columns.items()):
+    first = True
+    for c, values in columns.items():
         typ = types[c]
-        scalar = i > 0 and values.count(values[0]) == len(values)
-        if _via_text(typ):
+        scalar = not first and values.count(values[0]) == len(values)
+        first = False
+        if typ == "jsonb" or typ.endswith("[]"):
             params[prefix + c] = (
                 _text_value(typ, values[0]) if scalar else [_text_value(typ, v) for v in values]
             )
         else:
             params[prefix + c] = values[0] if scalar else values
         shape.append((c, scalar))
+    return tuple(shape), params
+
+
+def _folded_sql(table: str, types: dict[str, str], prefix: str, shape: Any) -> str:
+    """``INSERT INTO table ... SELECT ... FROM unnest(...)`` for a shape of :func:`_folded_params`."""
     arrays = [c for c, scalar in shape if not scalar]
     args = ", ".join(
         f"CAST(:{prefix}{c} AS {'text' if _via_text(types[c]) else types[c]}[])" for c in arrays
@@ -241,11 +247,10 @@ def _folded_insert(
         else:
             source = f"u.{c}"
         select.append(f"CAST({source} AS {typ})" if scalar or _via_text(typ) else source)
-    sql = (
+    return (
         f"INSERT INTO {table} ({', '.join(c for c, _ in shape)}) SELECT {', '.join(select)}"
         f" FROM unnest({args}) AS u({', '.join(arrays)})"
     )
-    return (table, *shape), sql, params
 
 
 async def insert_new_tasks(
@@ -266,36 +271,43 @@ async def insert_new_tasks(
             values = [r.get(c) for r in rows]
             if values.count(None) != len(values):
                 task_columns[c] = values
-    parts = [
-        _folded_insert("tasks", TASK_COLUMNS, "t_", task_columns),
-        _folded_insert(
+    tables = (
+        ("tasks", TASK_COLUMNS, "t_", task_columns),
+        (
             "task_events",
             EVENT_COLUMNS,
             "e_",
             {c: [e[c] for e in changes.events] for c in EVENT_COLUMNS},
         ),
-        _folded_insert(
+        (
             "outbox",
             OUTBOX_COLUMNS,
             "o_",
             {c: [o[c] for o in changes.outbox] for c in OUTBOX_COLUMNS},
         ),
-    ]
+    )
     params: dict[str, Any] = {}
-    for _, _, part_params in parts:
-        params |= part_params
+    shapes = []
+    for _, types, prefix, columns in tables:
+        shape, part = _folded_params(types, prefix, columns)
+        shapes.append(shape)
+        params |= part
     counter = bool(queue_shard_delta)
     if counter:
         params |= {"q_d": queue_shard_delta, "q_s": random.randrange(m.QUEUE_SHARDS)}
-    key = (*(k for k, _, _ in parts), counter)
+    key = (*shapes, counter)
     sql = _NEW_TASKS_SQL.get(key)
     if sql is None:
+        t, e, o = (
+            _folded_sql(table, types, prefix, shape)
+            for (table, types, prefix, _), shape in zip(tables, shapes, strict=True)
+        )
         tail = (
             "UPDATE queue_counters SET waiting = waiting + :q_d WHERE shard = :q_s"
             if counter
             else "SELECT 1"
         )
-        sql = text(f"WITH t AS ({parts[0][1]}), e AS ({parts[1][1]}), o AS ({parts[2][1]}) {tail}")
+        sql = text(f"WITH t AS ({t}), e AS ({e}), o AS ({o}) {tail}")
         if len(_NEW_TASKS_SQL) >= _NEW_TASKS_SQL_MAX:
             _NEW_TASKS_SQL.clear()
         _NEW_TASKS_SQL[key] = sql

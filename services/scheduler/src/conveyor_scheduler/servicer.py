@@ -32,7 +32,7 @@ from conveyor_scheduler import models as m
 from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_proto
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import NewTask, fingerprint
+from conveyor_scheduler.repository import NewTask, SubmitRequest, fingerprint
 from conveyor_scheduler.webhooks import WebhookPolicy, WebhookRpcs
 from conveyor_scheduler.webhooks.rpcs import check_callback_url
 
@@ -203,11 +203,57 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         """Each item as its own SubmitTask; all of them join the same group commit."""
         if len(request.items) > MAX_GROUP:
             raise InvalidArgument([FieldViolation("items", f"at most {MAX_GROUP} items")])
-        outcomes = await asyncio.gather(
-            *(self._submit(item) for item in request.items), return_exceptions=True
+        items = list(request.items)
+        outcomes: list[task_service_pb2.SubmitTaskResponse | BaseException | None] = [None] * len(
+            items
         )
+        cap = self.core.settings.max_attempts_cap
+        hooked = [i for i, it in enumerate(items) if it.request.spec.HasField("webhook")]
+        url_checks = await asyncio.gather(
+            *(
+                webhook_url_violations([("request.", items[i].request.spec)], self._policy())
+                for i in hooked
+            ),
+            return_exceptions=True,
+        )
+        url_outcome = dict(zip(hooked, url_checks, strict=True))
+        admitted: list[int] = []
+        submits: list[SubmitRequest] = []
+        for i, item in enumerate(items):
+            try:
+                tenant = _tenant(item.principal)
+                r = item.request
+                violations = validate_item("request.", r.request_id, r.spec, cap)
+                checked = url_outcome.get(i, [])
+                if isinstance(checked, BaseException):
+                    raise checked
+                violations += checked
+                if violations:
+                    raise InvalidArgument(violations)
+            except Exception as exc:
+                outcomes[i] = exc
+                continue
+            admitted.append(i)
+            submits.append(
+                SubmitRequest(
+                    tenant,
+                    int(item.principal.tier) or 1,
+                    NewTask(r.request_id, r.spec, fingerprint(r.spec)),
+                )
+            )
+        futures = self.core.submit_many(submits)
+        for i, done in zip(
+            admitted, await asyncio.gather(*futures, return_exceptions=True), strict=True
+        ):
+            if isinstance(done, BaseException):
+                outcomes[i] = done
+            else:
+                row, dedup = done
+                outcomes[i] = task_service_pb2.SubmitTaskResponse(
+                    task=task_proto(row), deduplicated=dedup
+                )
         response = pb.SubmitTaskGroupResponse()
-        for item, outcome in zip(request.items, outcomes, strict=True):
+        for item, outcome in zip(items, outcomes, strict=True):
             out = response.outcomes.add()
             if isinstance(outcome, task_service_pb2.SubmitTaskResponse):
                 out.response.CopyFrom(outcome)

@@ -142,6 +142,9 @@ class SchedulerSettings(ServiceSettings):
     """GetQueueStats answers are cached this long."""
     notify_coalesce_seconds: float = Field(default=0.005, ge=0)
     """NOTIFYs from one replica are coalesced over this window (kept out of hot transactions)."""
+    notify_work_coalesce_seconds: float = Field(default=0.05, ge=0, le=1)
+    """A NOTIFY announcing only new work (submits to a non-leader replica) waits up to this long
+    for more; freed capacity is announced within ``notify_coalesce_seconds``."""
 
     @field_validator("tier_concurrency", "tier_weight", "tier_boost")
     @classmethod

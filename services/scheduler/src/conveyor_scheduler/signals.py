@@ -74,10 +74,14 @@ def payload_of(*, new_work: bool, frees: bool) -> str:
 class Notifier:
     """Sends coalesced ``pg_notify`` from a pool connection, outside any hot transaction."""
 
-    def __init__(self, engine: AsyncEngine, coalesce_seconds: float) -> None:
+    def __init__(
+        self, engine: AsyncEngine, coalesce_seconds: float, work_coalesce_seconds: float = 0.05
+    ) -> None:
         self.engine = engine
         self.coalesce = coalesce_seconds
+        self.work_coalesce = max(coalesce_seconds, work_coalesce_seconds)
         self._pending = asyncio.Event()
+        self._urgent = asyncio.Event()
         self._new_work = False
         self._frees = False
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +91,8 @@ class Notifier:
         self._new_work = self._new_work or new_work
         self._frees = self._frees or frees
         self._pending.set()
+        if frees:
+            self._urgent.set()
 
     def start(self) -> None:
         """Start the sender task."""
@@ -102,8 +108,15 @@ class Notifier:
     async def _run(self) -> None:
         while True:
             await self._pending.wait()
+            # Freed capacity is announced within `coalesce`; new work alone waits up to
+            # `work_coalesce`: submits to a non-leader arrive continuously, and a NOTIFY per few
+            # milliseconds would cost a transaction each (and the leader is often saturated).
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self.work_coalesce)
             await asyncio.sleep(self.coalesce)
             self._pending.clear()
+            self._urgent.clear()
             payload = payload_of(new_work=self._new_work, frees=self._frees)
             self._new_work = self._frees = False
             try:

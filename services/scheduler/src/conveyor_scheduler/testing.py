@@ -44,6 +44,7 @@ def make_settings(database_url: str, **overrides: Any) -> SchedulerSettings:
         "leader_retry_seconds": 0.2,
         "maintenance_seconds": 0.2,
         "notify_coalesce_seconds": 0.001,
+        "notify_work_coalesce_seconds": 0.005,
         "provider_rate_per_second": 10_000.0,
         "provider_burst": 10_000,
         "tenant_submit_rate": 10_000.0,
