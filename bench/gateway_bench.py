@@ -8,14 +8,18 @@ Writes ``bench/results/gateway.json`` with:
 * ``submit_latency_p50_ms`` / ``submit_latency_p99_ms``: open-loop load at 500 submits/s offered,
   latency measured from each request's *scheduled* send time (no coordinated omission).
 
-Layout (all on 127.0.0.1): PostgreSQL (devstack, durable), the scheduler in a subprocess (its gRPC API,
-leader loops; no Kafka: the outbox fills but is not relayed, which does not change the submit path),
-the gateway in a subprocess (``python -m conveyor_gateway``), and the load generator in this process.
-Every process shares the same 2 cores. If ``redis-server`` and Node with the BullMQ harness's
+Layout (all on 127.0.0.1), the shape of deploy/k8s: PostgreSQL (devstack, durable), two scheduler
+replicas in subprocesses (``--scheduler-replicas``; their gRPC API and leader loops, one of them
+leading; no Kafka: the outbox fills but is not relayed, which does not change the submit path), the
+gateway in a subprocess (``python -m conveyor_gateway``, spreading its calls over the replicas with
+round_robin, as it does over a headless Service), and the load generator in this process. Every
+process shares the same 2 cores; every service process settles its GC once started, as
+``serve_until_stopped`` does. If ``redis-server`` and Node with the BullMQ harness's
 ``node_modules`` are present, BullMQ's durable add (Redis AOF fsync always) runs in the same invocation
 and the ratios are printed; otherwise the script says why it skipped it.
 
-Usage: ``python bench/gateway_bench.py [--quick] [--out PATH]`` (``--quick`` finishes in < 60 s).
+Usage: ``python bench/gateway_bench.py [--quick] [--scheduler-replicas N] [--out PATH]`` (``--quick``
+finishes in about a minute).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor_client.token import mint_token
+from conveyor_common.channels import client_options
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = ROOT.parent / "shared" / "bench" / "peers"
@@ -71,10 +76,19 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def spec(i: int) -> task_pb2.TaskSpec:
+def _make_spec(i: int) -> task_pb2.TaskSpec:
     s = task_pb2.TaskSpec(kind=task_pb2.TASK_KIND_IMAGE, model="bench/sdxl")
     s.input.update({"prompt": f"benchmark prompt {i}", "steps": 30})
     return s
+
+
+_SPECS = [_make_spec(i) for i in range(1024)]
+
+
+def spec(i: int) -> task_pb2.TaskSpec:
+    """One of 1,024 prebuilt bodies (each request still gets its own request_id): building a
+    Struct per request would load the shared cores with load-generator work."""
+    return _SPECS[i % len(_SPECS)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,7 +205,9 @@ class Load:
 
     def open(self, n: int) -> None:
         for i in range(n):
-            ch = grpc.aio.insecure_channel(self.address, options=[("grpc.channel_id", i)])
+            ch = grpc.aio.insecure_channel(
+                self.address, options=client_options(("grpc.channel_id", i))
+            )
             self.channels.append(ch)
             self.stubs.append(
                 sched_grpc.SchedulerServiceStub(ch) if self.direct else svc_grpc.TaskServiceStub(ch)
@@ -422,7 +438,7 @@ def run_bullmq(quick: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-async def bench(quick: bool) -> dict[str, Any]:
+async def bench(quick: bool, replicas: int) -> dict[str, Any]:
     from conveyor_common.service import settle_gc
     from conveyor_devstack.stack import start_postgres
     from conveyor_scheduler.db import migrate
@@ -436,13 +452,13 @@ async def bench(quick: bool) -> dict[str, Any]:
     try:
         url = pg.create_database(f"gwbench_{uuid.uuid4().hex[:8]}")
         await asyncio.to_thread(migrate, url)
-        sched_port, gw_port = free_port(), free_port()
+        sched_ports, gw_port = [free_port() for _ in range(replicas)], free_port()
+        sched_target = "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in sched_ports)
         base = {k: v for k, v in os.environ.items() if not k.startswith(("SCHEDULER_", "GATEWAY_"))}
         sched_env = {
             **base,
             "SCHEDULER_DATABASE_URL": url,
             "SCHEDULER_GRPC_HOST": "127.0.0.1",
-            "SCHEDULER_GRPC_PORT": str(sched_port),
             "SCHEDULER_METRICS_PORT": "0",
             "SCHEDULER_LOG_LEVEL": "WARNING",
             "SCHEDULER_TENANT_SUBMIT_RATE": "1000000",
@@ -450,11 +466,25 @@ async def bench(quick: bool) -> dict[str, Any]:
             "SCHEDULER_TENANT_MAX_WAITING": "100000000",
             "SCHEDULER_QUEUE_CAPACITY": "100000000",
         }
-        sched_log = logs / "scheduler.log"
-        sched = procs.spawn([sys.executable, __file__, "--serve-scheduler"], sched_env, sched_log)
+        scheds = [
+            (
+                port,
+                logs / f"scheduler-{i}.log",
+                procs.spawn(
+                    [sys.executable, __file__, "--serve-scheduler"],
+                    {
+                        **sched_env,
+                        "SCHEDULER_GRPC_PORT": str(port),
+                        "SCHEDULER_INSTANCE_ID": f"bench-{i}",
+                    },
+                    logs / f"scheduler-{i}.log",
+                ),
+            )
+            for i, port in enumerate(sched_ports)
+        ]
         gw_env = {
             **base,
-            "GATEWAY_SCHEDULER_ADDRESS": f"127.0.0.1:{sched_port}",
+            "GATEWAY_SCHEDULER_ADDRESS": sched_target,
             "GATEWAY_GRPC_HOST": "127.0.0.1",
             "GATEWAY_GRPC_PORT": str(gw_port),
             "GATEWAY_METRICS_PORT": "0",
@@ -465,7 +495,8 @@ async def bench(quick: bool) -> dict[str, Any]:
         }
         gw_log = logs / "gateway.log"
         gw = procs.spawn([sys.executable, "-m", "conveyor_gateway"], gw_env, gw_log)
-        await wait_serving(f"127.0.0.1:{sched_port}", sched, sched_log)
+        for port, log, proc in scheds:
+            await wait_serving(f"127.0.0.1:{port}", proc, log)
         await wait_serving(f"127.0.0.1:{gw_port}", gw, gw_log)
 
         tokens = [mint_token(SECRET, f"bench-{i}", tier="pro", ttl_seconds=3600) for i in range(32)]
@@ -487,11 +518,14 @@ async def bench(quick: bool) -> dict[str, Any]:
         print(f"single submits: {single:.0f}/s (64 concurrent clients, {phase:.0f} s)")
         batch = await closed_loop(load, 8, phase, batch=100)
         print(f"batch submits:  {batch:.0f} tasks/s (8 clients, 100 items per batch)")
-        direct_load = Load(f"127.0.0.1:{sched_port}", tokens, direct=True)
+        direct_load = Load(sched_target, tokens, direct=True)
         direct_load.open(4)
         direct = await closed_loop(direct_load, 64, phase)
         await direct_load.close()
-        print(f"scheduler alone (no gateway): {direct:.0f} submits/s (64 concurrent clients)")
+        print(
+            f"scheduler alone (no gateway, {replicas} replicas): {direct:.0f} submits/s "
+            "(64 concurrent clients)"
+        )
         await load.close()
         gateway_only, gw_latency = await gateway_capacity(procs, base, logs, tokens, phase)
         print(
@@ -519,6 +553,8 @@ async def bench(quick: bool) -> dict[str, Any]:
         "errors": load.errors,
         "tasks_rows_written": rows,
         "mode": "quick" if quick else "full",
+        "scheduler_replicas": replicas,
+        "gateway_replicas": 1,
         "seconds_per_phase": phase,
         "cores": os.cpu_count(),
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
@@ -558,6 +594,12 @@ async def bench(quick: bool) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short phases (< 60 s)")
+    parser.add_argument(
+        "--scheduler-replicas",
+        type=int,
+        default=2,
+        help="scheduler replicas behind the gateway (deploy/k8s runs 2; default 2)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
     parser.add_argument("--serve-scheduler", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve-fake-scheduler", type=int, help=argparse.SUPPRESS)
@@ -568,7 +610,7 @@ def main() -> None:
     if args.serve_fake_scheduler:
         serve_fake_scheduler(args.serve_fake_scheduler)
         return
-    result = asyncio.run(bench(args.quick))
+    result = asyncio.run(bench(args.quick, args.scheduler_replicas))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
