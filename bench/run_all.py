@@ -18,22 +18,29 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 
-BENCHES = [
-    ("scheduler", ROOT / "bench" / "scheduler_bench.py", RESULTS / "scheduler.json"),
-    ("gateway", ROOT / "bench" / "gateway_bench.py", RESULTS / "gateway.json"),
+BENCHES: list[tuple[str, Path, Path, list[str]]] = [
+    ("scheduler", ROOT / "bench" / "scheduler_bench.py", RESULTS / "scheduler.json", []),
+    # The deployed shape (deploy/k8s: two scheduler replicas), then one replica for comparison.
+    ("gateway", ROOT / "bench" / "gateway_bench.py", RESULTS / "gateway.json", []),
+    (
+        "gateway-1-replica",
+        ROOT / "bench" / "gateway_bench.py",
+        RESULTS / "gateway-1-replica.json",
+        ["--scheduler-replicas", "1"],
+    ),
 ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="short smoke runs")
-    parser.add_argument("--only", choices=[name for name, _, _ in BENCHES], action="append")
+    parser.add_argument("--only", choices=[name for name, _, _, _ in BENCHES], action="append")
     args = parser.parse_args()
     failed = []
-    for name, script, out in BENCHES:
+    for name, script, out, extra in BENCHES:
         if args.only and name not in args.only:
             continue
-        cmd = [sys.executable, str(script), "--out", str(out)]
+        cmd = [sys.executable, str(script), "--out", str(out), *extra]
         if args.quick:
             cmd.append("--quick")
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)

@@ -53,6 +53,17 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
+        self._children: dict[str, tuple[Any, Any, dict[grpc.StatusCode, Any]]] = {}
+
+    def _method_metrics(self, method: str) -> tuple[Any, Any, dict[grpc.StatusCode, Any]]:
+        """The method's in-flight gauge and latency histogram children (looked up once), and its
+        handled counters by code (filled on first use)."""
+        children = self._children.get(method)
+        if children is None:
+            m, svc = self.metrics, self.metrics.service
+            children = (m.in_flight.labels(svc, method), m.latency.labels(svc, method), {})
+            self._children[method] = children
+        return children
 
     async def intercept_service(
         self,
@@ -68,11 +79,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         traceparent = new_traceparent(meta.get("traceparent"))
         metrics = self.metrics
         svc = metrics.service
+        in_flight, latency, handled = self._method_metrics(method)
 
         def finish(start: float, code: grpc.StatusCode) -> None:
-            metrics.in_flight.labels(svc, method).dec()
-            metrics.latency.labels(svc, method).observe(time.perf_counter() - start)
-            metrics.handled.labels(svc, method, code.name).inc()
+            in_flight.dec()
+            latency.observe(time.perf_counter() - start)
+            counter = handled.get(code)
+            if counter is None:
+                counter = handled[code] = metrics.handled.labels(svc, method, code.name)
+            counter.inc()
 
         def code_of(context: grpc.aio.ServicerContext[Any, Any]) -> grpc.StatusCode:
             code: Any = context.code()
@@ -85,7 +100,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
                 start = time.perf_counter()
-                metrics.in_flight.labels(svc, method).inc()
+                in_flight.inc()
                 code = grpc.StatusCode.OK
                 with bound(request_id=request_id, traceparent=traceparent):
                     try:
@@ -122,7 +137,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 request: Any, context: grpc.aio.ServicerContext[Any, Any]
             ) -> AsyncIterator[Any]:
                 start = time.perf_counter()
-                metrics.in_flight.labels(svc, method).inc()
+                in_flight.inc()
                 code = grpc.StatusCode.OK
                 with bound(request_id=request_id, traceparent=traceparent):
                     try:
