@@ -8,11 +8,11 @@ Writes ``bench/results/gateway.json`` with:
 * ``submit_latency_p50_ms`` / ``submit_latency_p99_ms``: open-loop load at 500 submits/s offered,
   latency measured from each request's *scheduled* send time (no coordinated omission).
 
-Layout (all on 127.0.0.1), the shape of deploy/k8s: PostgreSQL (devstack, durable), two scheduler
-replicas in subprocesses (``--scheduler-replicas``; their gRPC API and leader loops, one of them
-leading; no Kafka: the outbox fills but is not relayed, which does not change the submit path), the
-gateway in a subprocess (``python -m conveyor_gateway``, spreading its calls over the replicas with
-round_robin, as it does over a headless Service), and the load generator in this process. Every
+Layout (all on 127.0.0.1): PostgreSQL (devstack, durable), the scheduler in a subprocess (its gRPC
+API and leader loops; no Kafka: the outbox fills but is not relayed, which does not change the submit
+path), or ``--scheduler-replicas 2`` of them as deploy/k8s runs (one leading; the gateway spreads its
+calls over them with round_robin, as over a headless Service), the gateway in a subprocess
+(``python -m conveyor_gateway``), and the load generator in this process. Every
 process shares the same 2 cores; every service process settles its GC once started, as
 ``serve_until_stopped`` does. If ``redis-server`` and Node with the BullMQ harness's
 ``node_modules`` are present, BullMQ's durable add (Redis AOF fsync always) runs in the same invocation
@@ -597,8 +597,8 @@ def main() -> None:
     parser.add_argument(
         "--scheduler-replicas",
         type=int,
-        default=2,
-        help="scheduler replicas behind the gateway (deploy/k8s runs 2; default 2)",
+        default=1,
+        help="scheduler replicas behind the gateway (default 1; deploy/k8s runs 2)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gateway.json")
     parser.add_argument("--serve-scheduler", action="store_true", help=argparse.SUPPRESS)

@@ -20,13 +20,13 @@ RESULTS = ROOT / "bench" / "results"
 
 BENCHES: list[tuple[str, Path, Path, list[str]]] = [
     ("scheduler", ROOT / "bench" / "scheduler_bench.py", RESULTS / "scheduler.json", []),
-    # The deployed shape (deploy/k8s: two scheduler replicas), then one replica for comparison.
+    # One scheduler replica, then the deployed shape (deploy/k8s runs two) on the same 2 cores.
     ("gateway", ROOT / "bench" / "gateway_bench.py", RESULTS / "gateway.json", []),
     (
-        "gateway-1-replica",
+        "gateway-2-replicas",
         ROOT / "bench" / "gateway_bench.py",
-        RESULTS / "gateway-1-replica.json",
-        ["--scheduler-replicas", "1"],
+        RESULTS / "gateway-2-replicas.json",
+        ["--scheduler-replicas", "2"],
     ),
 ]
 
