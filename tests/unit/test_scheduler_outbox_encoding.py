@@ -45,3 +45,57 @@ def test_uuid7_is_time_ordered_and_version_7() -> None:
     assert prefixes == sorted(prefixes)
     now_ms = int(datetime.now(UTC).timestamp() * 1000)
     assert abs(prefixes[-1] - now_ms) < 5_000
+
+
+def test_struct_to_dict_is_message_to_dict() -> None:
+    from google.protobuf import json_format, struct_pb2
+
+    from conveyor_scheduler.convert import struct_to_dict
+
+    s = struct_pb2.Struct()
+    s.update(
+        {
+            "prompt": "a cat",
+            "steps": 30,
+            "ratio": 0.5,
+            "flag": True,
+            "none": None,
+            "nested": {"list": [1, "two", {"three": [3.5, False, None]}], "empty": {}},
+            "empty_list": [],
+        }
+    )
+    assert struct_to_dict(s) == json_format.MessageToDict(s)
+    s["bad"] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        struct_to_dict(s)
+
+
+def test_a_new_tasks_snapshot_is_the_task_its_row_gives() -> None:
+    """The submit paths answer with the SUBMITTED event's Task: it must equal task_proto(row)."""
+    from conveyor_scheduler.convert import SNAPSHOT, task_proto
+    from conveyor_scheduler.outbox import Changes
+    from conveyor_scheduler.policy import Policy
+    from conveyor_scheduler.repository import EV_SUBMITTED, NewTask, fingerprint, new_task_row
+    from conveyor_scheduler.settings import SchedulerSettings
+
+    settings = SchedulerSettings(database_url="postgresql://unused@127.0.0.1/unused")  # type: ignore[arg-type]
+    spec = task_pb2.TaskSpec(
+        kind=task_pb2.TASK_KIND_VIDEO, model="acme/vid:v1", priority=task_pb2.PRIORITY_HIGH
+    )
+    spec.input.update({"prompt": "waves", "frames": [1, 2, 3]})
+    spec.labels["team"] = "a"
+    spec.webhook.url = "https://hooks.example.com/x"
+    spec.webhook.events.append(task_pb2.TASK_EVENT_TYPE_SUCCEEDED)
+    now = datetime.now(UTC)
+    row = new_task_row(
+        uuid7(), "acme", NewTask("r-1", spec, fingerprint(spec)), 2,
+        Policy.from_settings(settings), settings, now,
+    )  # fmt: skip
+    row["last_sequence"] = 0
+    changes = Changes(now=now)
+    row[SNAPSHOT] = changes.event(row, EV_SUBMITTED, 0).task
+    snapshot = task_proto(row)
+    del row[SNAPSHOT]
+    assert snapshot == task_proto(row)
+    assert snapshot.spec.input == spec.input
+    assert snapshot.last_sequence == 1

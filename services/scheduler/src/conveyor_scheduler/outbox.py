@@ -22,6 +22,7 @@ from sqlalchemy import TextClause, delete, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
+from conveyor.tasks.v1 import task_pb2
 from conveyor_common import topics
 from conveyor_common.context import current_traceparent
 from conveyor_common.ids import uuid7
@@ -406,12 +407,14 @@ class Changes:
         row["updated_at"] = self.now
         self.dirty[row["id"]] = row
 
-    def event(self, row: TaskRow, event_type: int, previous_status: int) -> None:
-        """Append an event (and its TaskStateChanged record) with a snapshot of ``row`` now."""
+    def event(self, row: TaskRow, event_type: int, previous_status: int) -> task_pb2.TaskEvent:
+        """Append an event (and its TaskStateChanged record) with a snapshot of ``row`` now;
+        returns the event."""
         self.touch(row)
         row["last_sequence"] += 1
         event_id = uuid7()
-        payload = event_proto(row, event_type, event_id, self.now).SerializeToString()
+        event = event_proto(row, event_type, event_id, self.now)
+        payload = event.SerializeToString()
         self.events.append(
             {
                 "task_id": row["id"],
@@ -449,6 +452,7 @@ class Changes:
                 )
             )
         self.new_event_types.append(event_type)
+        return event
 
     def command(self, row: TaskRow, message: Message) -> None:
         """Append a provider command (DispatchTask, CancelTask) keyed by the task id."""

@@ -36,7 +36,14 @@ from conveyor_common.errors import (
 )
 from conveyor_common.ids import uuid7
 from conveyor_scheduler import models as m
-from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, seed_spec, struct_to_dict
+from conveyor_scheduler.convert import (
+    SNAPSHOT,
+    TaskRow,
+    TrackedRow,
+    from_ts,
+    seed_spec,
+    struct_to_dict,
+)
 from conveyor_scheduler.outbox import Changes, insert_new_tasks, raw_execute
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
@@ -308,7 +315,7 @@ async def submit(
         row = new_task_row(new_ids[it.request_id], tenant_id, it, tier, policy, settings, now)
         created[it.request_id] = row
         row["last_sequence"] = 0
-        changes.event(row, EV_SUBMITTED, 0)
+        row[SNAPSHOT] = changes.event(row, EV_SUBMITTED, 0).task
     if created:
         await insert_new_tasks(conn, list(created.values()), changes)
     out: list[tuple[TaskRow, bool]] = []
@@ -575,7 +582,7 @@ async def submit_group(
                 now + timedelta(microseconds=i),
             )
             task["last_sequence"] = 0
-            changes.event(task, EV_SUBMITTED, 0)
+            task[SNAPSHOT] = changes.event(task, EV_SUBMITTED, 0).task
             created.append(task)
             outcomes[i] = (task, False)
         await insert_new_tasks(conn, created, changes, queue_shard_delta=len(created))
