@@ -555,3 +555,25 @@ async def test_calls_are_spread_over_every_scheduler_replica() -> None:
         await gateway.stop(0.5)
         await fake_a.stop(0.5)
         await fake_b.stop(0.5)
+
+
+async def test_a_stopped_coalescer_fails_its_callers_instead_of_leaving_them_waiting() -> None:
+    from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
+    from conveyor_gateway.coalesce import SubmitCoalescer
+
+    class SlowScheduler:
+        default_timeout = 5.0
+
+        async def call(self, *args: Any, **kwargs: Any) -> Any:
+            await asyncio.sleep(30)
+
+    coalescer = SubmitCoalescer(SlowScheduler())  # type: ignore[arg-type]
+    waiters = [
+        asyncio.create_task(coalescer.submit(sched_pb2.SubmitTaskRequest(), None)) for _ in range(3)
+    ]
+    await asyncio.sleep(0.05)
+    assert coalescer.calls == 1  # all three in flight in one call
+    for flusher in list(coalescer._flushers):
+        flusher.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 2)
+    assert all(isinstance(r, BaseException) for r in results)

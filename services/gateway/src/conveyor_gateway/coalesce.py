@@ -104,13 +104,14 @@ class SubmitCoalescer:
         return await future
 
     async def _run(self) -> None:
+        group: list[_Pending] = []
         try:
             while self._pending:
                 group = self._pending[: self.max_group]
                 del self._pending[: self.max_group]
                 await self._send(group)
         except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
-            pending, self._pending = self._pending, []
+            pending, self._pending = [*group, *self._pending], []
             error = exc if isinstance(exc, Exception) else RuntimeError("gateway stopping")
             for p in pending:
                 if not p.future.done():

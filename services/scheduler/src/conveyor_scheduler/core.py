@@ -388,6 +388,7 @@ class SubmitBatcher:
         return futures
 
     async def _run(self) -> None:
+        batch: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
         try:
             await asyncio.sleep(self.linger)
             while self._pending:
@@ -395,10 +396,11 @@ class SubmitBatcher:
                 # liveness ping per group); a group that failed gives it back.
                 async with self.core.engine.connect() as conn:
                     while self._pending:
-                        if not await self._flush(self._take(), conn):
+                        batch = self._take()
+                        if not await self._flush(batch, conn):
                             break
         except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
-            pending, self._pending = self._pending, []
+            pending, self._pending = [*batch, *self._pending], []
             for _, f in pending:
                 if not f.done():
                     f.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
