@@ -619,38 +619,7 @@ _GROUP_KEYS_SQL = text(
 """The fresh keys of a group (a duplicate is not returned) with the queue's waiting total, read
 without locking like :func:`_admit` (one row with NULL keys when none is fresh)."""
 
-_GROUP_LOCK_ADMIT_SQL = text(
-    """
-    WITH locked AS MATERIALIZED (
-        SELECT tenant_id FROM tenants WHERE tenant_id = ANY(CAST(:ts AS text[]))
-        ORDER BY tenant_id FOR UPDATE
-    ), granted AS (
-        UPDATE tenants t SET
-            waiting = t.waiting + u.n,
-            tokens = LEAST(COALESCE(t.submit_burst, :burst),
-                           t.tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - t.tokens_at)))
-                                      * COALESCE(t.submit_rate, :rate)) - u.n,
-            tokens_at = GREATEST(t.tokens_at, :now),
-            claimed_tier = u.tier,
-            updated_at = :now
-        FROM unnest(CAST(:ts AS text[]), CAST(:ns AS int[]), CAST(:tiers AS int[])) AS u(tid, n, tier)
-        WHERE t.tenant_id = u.tid
-          AND t.tenant_id IN (SELECT tenant_id FROM locked)
-          AND t.waiting + u.n <= COALESCE(t.max_waiting, :max_waiting)
-          AND LEAST(COALESCE(t.submit_burst, :burst),
-                    t.tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - t.tokens_at)))
-                               * COALESCE(t.submit_rate, :rate)) >= u.n
-        RETURNING t.tenant_id, t.tier
-    )
-    SELECT l.tenant_id, g.tenant_id IS NOT NULL AS granted, g.tier
-    FROM locked l LEFT JOIN granted g ON g.tenant_id = l.tenant_id
-    """
-)
-"""Lock the existing tenant rows of a group (sorted: concurrent groups cannot deadlock) and take
-each one's whole share in the same statement: (tenant_id, granted, stored tier) per existing tenant."""
-
-_GROUP_ADMIT_SQL = text(
-    """
+_GROUP_ADMIT_UPDATE = """
     UPDATE tenants t SET
         waiting = t.waiting + u.n,
         tokens = LEAST(COALESCE(t.submit_burst, :burst),
@@ -660,14 +629,28 @@ _GROUP_ADMIT_SQL = text(
         claimed_tier = u.tier,
         updated_at = :now
     FROM unnest(CAST(:ts AS text[]), CAST(:ns AS int[]), CAST(:tiers AS int[])) AS u(tid, n, tier)
-    WHERE t.tenant_id = u.tid
+    WHERE t.tenant_id = u.tid {locked}
       AND t.waiting + u.n <= COALESCE(t.max_waiting, :max_waiting)
       AND LEAST(COALESCE(t.submit_burst, :burst),
                 t.tokens + GREATEST(0, EXTRACT(EPOCH FROM (:now - t.tokens_at)))
                            * COALESCE(t.submit_rate, :rate)) >= u.n
     RETURNING t.tenant_id, t.tier
+"""
+
+_GROUP_LOCK_ADMIT_SQL = text(
+    f"""
+    WITH locked AS MATERIALIZED (
+        SELECT tenant_id FROM tenants WHERE tenant_id = ANY(CAST(:ts AS text[]))
+        ORDER BY tenant_id FOR UPDATE
+    ), granted AS ({_GROUP_ADMIT_UPDATE.format(locked="AND t.tenant_id IN (SELECT tenant_id FROM locked)")})
+    SELECT l.tenant_id, g.tenant_id IS NOT NULL AS granted, g.tier
+    FROM locked l LEFT JOIN granted g ON g.tenant_id = l.tenant_id
     """
 )
+"""Lock the existing tenant rows of a group (sorted: concurrent groups cannot deadlock) and take
+each one's whole share in the same statement: (tenant_id, granted, stored tier) per existing tenant."""
+
+_GROUP_ADMIT_SQL = text(_GROUP_ADMIT_UPDATE.format(locked=""))
 """:data:`_ADMIT_SQL` for several tenants (rows locked beforehand, in sorted order)."""
 
 
