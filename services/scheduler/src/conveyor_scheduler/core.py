@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -142,7 +142,7 @@ class SchedulerCore:
     ) -> list[tuple[TaskRow, bool]]:
         """Admit tasks (all or none); (task, deduplicated) per item."""
         try:
-            async with self.engine.begin() as conn:
+            async with self.engine.connect() as conn, pipelined(conn) as leave:
                 out = await repo.submit(
                     conn,
                     tenant_id=tenant_id,
@@ -151,6 +151,7 @@ class SchedulerCore:
                     policy=self.policy,
                     settings=self.settings,
                     now=now or utcnow(),
+                    leave_pipeline=leave,
                 )
         except ResourceExhausted as exc:
             self._rejected(exc)
@@ -335,6 +336,40 @@ class SchedulerCore:
         return done
 
 
+@contextlib.asynccontextmanager
+async def pipelined(conn: AsyncConnection) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """One submit transaction on ``conn`` in psycopg's pipeline mode; yields ``leave``.
+
+    BEGIN travels with the first statement, the last statement with COMMIT and the closing Sync,
+    so the common path costs a round trip per statement whose result it needs, plus none. The
+    statements are prepared; with their array parameters PostgreSQL would plan them again at every
+    execution (a custom plan each time: about a quarter of its CPU per group, measured), so the
+    transaction asks for generic plans. A slow path awaits ``leave`` before any SQLAlchemy
+    statement (SQLAlchemy cannot read results in pipeline mode) and then commits as usual. An
+    exception rolls everything back.
+    """
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(driver.pipeline())
+        piped = True
+        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+
+        async def leave() -> None:
+            nonlocal piped
+            if piped:
+                piped = False
+                await stack.aclose()
+
+        yield leave
+        if piped:
+            await driver.execute("COMMIT")  # sent with the Sync when the pipeline closes
+            await stack.aclose()
+        else:
+            await driver.commit()
+    if conn.in_transaction():  # SQLAlchemy's own bookkeeping of a slow path's statements
+        await conn.commit()
+
+
 class SubmitBatcher:
     """Group commit of single submits: concurrent callers share one transaction.
 
@@ -437,24 +472,8 @@ class SubmitBatcher:
         self._next_now = now + timedelta(microseconds=len(batch))
         started = time.perf_counter()
         try:
-            async with contextlib.AsyncExitStack() as pipeline:
-                # Pipeline mode: BEGIN travels with the first statement, the last statement with
-                # COMMIT and the closing Sync, so a common group costs three round trips, not
-                # five. A slow path (duplicates, a new tenant, a share that does not fit) leaves
-                # it first and commits as usual.
-                driver: Any = (await conn.get_raw_connection()).driver_connection
-                await pipeline.enter_async_context(driver.pipeline())
-                piped = True
-                # The group's statements are prepared; with their array parameters PostgreSQL
-                # would plan them again at every execution (a custom plan each time: about a
-                # quarter of its CPU per group, measured). Their generic plans are as good.
-                await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-
-                async def leave() -> None:
-                    nonlocal piped
-                    piped = False
-                    await pipeline.aclose()
-
+            # Three round trips for a common group: keys, admission, insert with COMMIT.
+            async with pipelined(conn) as leave:
                 outcomes = await repo.submit_group(
                     conn,
                     [r for r, _ in batch],
@@ -463,13 +482,6 @@ class SubmitBatcher:
                     now=now,
                     leave_pipeline=leave,
                 )
-                if piped:
-                    await driver.execute("COMMIT")  # sent with the Sync when the pipeline closes
-                    await pipeline.aclose()
-                else:
-                    await driver.commit()
-            if conn.in_transaction():  # SQLAlchemy's own bookkeeping of a slow path's statements
-                await conn.commit()
         except Exception:
             logger.warning(
                 "submit group failed; retrying its requests one by one",

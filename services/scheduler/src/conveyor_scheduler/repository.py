@@ -240,6 +240,7 @@ async def submit(
     policy: Policy,
     settings: SchedulerSettings,
     now: datetime,
+    leave_pipeline: Callable[[], Awaitable[None]] | None = None,
 ) -> list[tuple[TaskRow, bool]]:
     """Admit ``items`` atomically (all or none). Returns (task, deduplicated) in item order.
 
@@ -247,7 +248,14 @@ async def submit(
     primary key until the first commits, then reads its task. Admission (tenant waiting cap and
     submit rate in one conditional UPDATE of the tenant row; the global capacity from the sharded
     counter) raises ResourceExhausted, which rolls the transaction back: nothing is written.
+    The common path runs on the raw connection (pipeline mode allowed, see :func:`submit_group`);
+    ``leave_pipeline`` is awaited before any SQLAlchemy statement.
     """
+
+    async def slow_path() -> None:
+        if leave_pipeline is not None:
+            await leave_pipeline()
+
     expires = now + timedelta(seconds=settings.idempotency_ttl_seconds)
     new_ids = {it.request_id: uuid7() for it in items}
     key_rows = [
@@ -263,7 +271,8 @@ async def submit(
     ]
     fresh = {
         r[0]
-        for r in await conn.execute(
+        for r in await raw_execute(
+            conn,
             _KEYS_SQL,
             {
                 "tenant": tenant_id,
@@ -278,6 +287,7 @@ async def submit(
     existing: dict[str, TaskRow] = {}
     dup_ids = [it.request_id for it in items if it.request_id not in fresh]
     if dup_ids:
+        await slow_path()
         keys = await conn.execute(
             text(
                 "SELECT request_id, fingerprint, task_id FROM idempotency_keys"
@@ -308,7 +318,9 @@ async def submit(
     new_items = [it for it in items if it.request_id in fresh]
     tier = claimed_tier
     if new_items:
-        tier = await _admit(conn, tenant_id, claimed_tier, len(new_items), settings, now)
+        tier = await _admit(
+            conn, tenant_id, claimed_tier, len(new_items), settings, now, slow_path=slow_path
+        )
     changes = Changes(now=now)
     created: dict[str, TaskRow] = {}
     for it in new_items:
@@ -749,10 +761,13 @@ async def _admit(
     n: int,
     settings: SchedulerSettings,
     now: datetime,
+    *,
+    slow_path: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
     """Take ``n`` waiting places and submit tokens of the tenant and the global queue.
 
-    Returns the tier the tasks get (admin-set tier, else the token's claim).
+    Returns the tier the tasks get (admin-set tier, else the token's claim). The two common
+    statements run on the raw connection; ``slow_path`` is awaited before any other.
     """
     params = {
         "t": tenant_id,
@@ -763,7 +778,10 @@ async def _admit(
         "rate": settings.tenant_submit_rate,
         "max_waiting": settings.tenant_max_waiting,
     }
-    row = (await conn.execute(_ADMIT_SQL, params)).first()
+    rows = await raw_execute(conn, _ADMIT_SQL, params)
+    row: Any = rows[0] if rows else None
+    if row is None and slow_path is not None:
+        await slow_path()
     if row is None:
         inserted = await conn.execute(
             pg_insert(m.Tenant)
@@ -781,13 +799,14 @@ async def _admit(
     if row is None:
         await _reject_tenant(conn, tenant_id, n, settings, now)
     assert row is not None
-    taken = (
-        await conn.execute(
-            _GLOBAL_ADMIT_SQL,
-            {"n": n, "s": random.randrange(m.QUEUE_SHARDS), "cap": settings.queue_capacity},
-        )
-    ).first()
-    if taken is None:
+    taken = await raw_execute(
+        conn,
+        _GLOBAL_ADMIT_SQL,
+        {"n": n, "s": random.randrange(m.QUEUE_SHARDS), "cap": settings.queue_capacity},
+    )
+    if not taken:
+        if slow_path is not None:
+            await slow_path()
         total = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
         raise ResourceExhausted(
             [
