@@ -16,6 +16,7 @@ its owner; directories whose owner is gone (a SIGKILLed run) are removed by the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
@@ -31,8 +32,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
 
 from conveyor_devstack.errors import DevstackError
+
+ModeT = TypeVar("ModeT")
+ModeT_contra = TypeVar("ModeT_contra", contravariant=True)
+LocalT = TypeVar("LocalT", bound="LocalServer[Any]")
 
 log = logging.getLogger(__name__)
 
@@ -270,3 +276,69 @@ def remove_instance_dir(path: Path) -> None:
 def monotonic_deadline(timeout: float) -> float:
     """A ``time.monotonic()`` value ``timeout`` seconds from now."""
     return time.monotonic() + timeout
+
+
+class LocalServer(Protocol[ModeT_contra]):
+    """What a server handle needs of the local process behind it."""
+
+    def stop(self, mode: ModeT_contra) -> None: ...
+
+    def start(self) -> None: ...
+
+    async def start_async(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ServerHandle(Generic[LocalT, ModeT]):
+    """The backend-independent part of a reachable server (PostgreSQL, Kafka): restarts for the
+    local-process backend, and an idempotent ``close`` that stops and deletes what it started."""
+
+    kind = "server"
+    """Named in the error for restarts of a non-local backend."""
+
+    def __init__(
+        self, backend: str, local: LocalT | None, closer: Callable[[], None] | None
+    ) -> None:
+        self.backend = backend
+        self._local = local
+        self._closer = closer
+        self._closed = False
+
+    @property
+    def can_restart(self) -> bool:
+        """Whether ``stop``/``start`` are available (local-process backend only)."""
+        return self._local is not None
+
+    @property
+    def local(self) -> LocalT:
+        """The local process behind this server; DevstackError for other backends."""
+        if self._local is None:
+            raise DevstackError(
+                f"stop/start need the local-process backend; this {self.kind} is {self.backend!r}"
+            )
+        return self._local
+
+    def _stop(self, mode: ModeT) -> None:
+        self.local.stop(mode)
+
+    async def _stop_async(self, mode: ModeT) -> None:
+        await asyncio.to_thread(self.local.stop, mode)
+
+    def start(self) -> None:
+        """Start a stopped server again (same port, same data); local only."""
+        self.local.start()
+
+    async def start_async(self) -> None:
+        """``start`` without blocking the event loop (the process is spawned in the loop thread)."""
+        await self.local.start_async()
+
+    def close(self) -> None:
+        """Stop and delete what this devstack started; a no-op for servers from the environment."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._local is not None:
+            self._local.close()
+        if self._closer is not None:
+            self._closer()

@@ -523,12 +523,14 @@ class LocalKafka:
             self.root = None
 
 
-class KafkaServer:
+class KafkaServer(_process.ServerHandle["LocalKafka", KafkaStopMode]):
     """A reachable Kafka broker, whatever started it.
 
     ``backend`` is ``env``, ``testcontainers`` or ``local-process``; ``stop``/``start`` work only for
     ``local-process`` (``can_restart``).
     """
+
+    kind = "Kafka"
 
     def __init__(
         self,
@@ -539,12 +541,9 @@ class KafkaServer:
         local: LocalKafka | None = None,
         closer: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(backend, local, closer)
         self.bootstrap = bootstrap
-        self.backend = backend
         self.version = version
-        self._local = local
-        self._closer = closer
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"KafkaServer(backend={self.backend!r}, bootstrap={self.bootstrap!r})"
@@ -554,45 +553,13 @@ class KafkaServer:
         """``local-process(4.1.1)``: what the test summary prints."""
         return f"{self.backend}({self.version})"
 
-    @property
-    def can_restart(self) -> bool:
-        """Whether ``stop``/``start`` are available (local-process backend only)."""
-        return self._local is not None
-
-    @property
-    def local(self) -> LocalKafka:
-        """The local broker process; DevstackError for other backends."""
-        if self._local is None:
-            raise DevstackError(
-                f"stop/start need the local-process backend; this Kafka is {self.backend!r}"
-            )
-        return self._local
-
     def stop(self, mode: KafkaStopMode = "graceful") -> None:
         """Stop the broker (``graceful`` or ``kill``); local only."""
-        self.local.stop(mode)
-
-    def start(self) -> None:
-        """Start a stopped broker again (same port, same data); local only."""
-        self.local.start()
+        self._stop(mode)
 
     async def stop_async(self, mode: KafkaStopMode = "graceful") -> None:
         """``stop`` without blocking the event loop."""
-        await asyncio.to_thread(self.local.stop, mode)
-
-    async def start_async(self) -> None:
-        """``start`` without blocking the event loop (the JVM is spawned in the loop thread)."""
-        await self.local.start_async()
-
-    def close(self) -> None:
-        """Stop and delete what this devstack started; a no-op for brokers from the environment."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._local is not None:
-            self._local.close()
-        if self._closer is not None:
-            self._closer()
+        await self._stop_async(mode)
 
 
 _REGISTRY: set[LocalKafka] = set()

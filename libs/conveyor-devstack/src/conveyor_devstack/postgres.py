@@ -99,12 +99,14 @@ def redact(url: str) -> str:
 # The handle callers hold
 
 
-class PostgresServer:
+class PostgresServer(_process.ServerHandle["LocalPostgres", StopMode]):
     """A reachable PostgreSQL server and its ``conveyor`` database, whatever started it.
 
     ``backend`` is ``env``, ``testcontainers`` or ``local-process``. ``stop``/``start`` work only for
     ``local-process`` (``can_restart``).
     """
+
+    kind = "PostgreSQL"
 
     def __init__(
         self,
@@ -114,12 +116,9 @@ class PostgresServer:
         local: LocalPostgres | None = None,
         closer: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(backend, local, closer)
         self.url = libpq_url(url)
-        self.backend = backend
-        self._local = local
-        self._closer = closer
         self._version: str | None = None
-        self._closed = False
 
     def __repr__(self) -> str:
         return f"PostgresServer(backend={self.backend!r}, url={redact(self.url)!r})"
@@ -142,20 +141,6 @@ class PostgresServer:
     def label(self) -> str:
         """``local-process(15.14)``: what the test summary prints."""
         return f"{self.backend}({self.short_version})"
-
-    @property
-    def can_restart(self) -> bool:
-        """Whether ``stop``/``start`` are available (local-process backend only)."""
-        return self._local is not None
-
-    @property
-    def local(self) -> LocalPostgres:
-        """The local process behind this server; DevstackError for other backends."""
-        if self._local is None:
-            raise DevstackError(
-                f"stop/start need the local-process backend; this PostgreSQL is {self.backend!r}"
-            )
-        return self._local
 
     def url_for(self, database: str) -> str:
         """The URL of another database on this server."""
@@ -197,29 +182,11 @@ class PostgresServer:
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server (``smart``/``fast``/``immediate`` as ``pg_ctl -m``); local only."""
-        self.local.stop(mode)
-
-    def start(self) -> None:
-        """Start a stopped server again on the same port and data; local only."""
-        self.local.start()
+        self._stop(mode)
 
     async def stop_async(self, mode: StopMode = "fast") -> None:
         """``stop`` without blocking the event loop."""
-        await asyncio.to_thread(self.local.stop, mode)
-
-    async def start_async(self) -> None:
-        """``start`` without blocking the event loop (the process is spawned in the loop thread)."""
-        await self.local.start_async()
-
-    def close(self) -> None:
-        """Stop and delete what this devstack started; a no-op for servers from the environment."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._local is not None:
-            self._local.close()
-        if self._closer is not None:
-            self._closer()
+        await self._stop_async(mode)
 
 
 # --------------------------------------------------------------------------------------------------
