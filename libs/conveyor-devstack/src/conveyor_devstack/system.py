@@ -16,6 +16,10 @@ Callers of the scheduler and the notifier get every replica's address in one gRP
 Secrets (the JWT HS256 key, the fake's API token and webhook signing secret, the adapter's webhook
 token key) are generated with :mod:`secrets` at every start; nothing has a default.
 
+On a devstack whose Kafka has a SASL_SSL listener (``Devstack.start(kafka_security="SASL_SSL")``)
+every service gets its ``<PREFIX>KAFKA_SECURITY_PROTOCOL``, ``_SASL_MECHANISM``, ``_SASL_USERNAME``,
+``_SASL_PASSWORD_FILE`` and ``_SSL_CAFILE`` settings, and the topics are created through it too.
+
     async with ConveyorSystem.run(SystemConfig(schedulers=2)) as system:
         system.endpoints.gateway, system.mint_token("acme")
         await system.kill("adapter-1"); await system.restart("adapter-1")
@@ -46,9 +50,11 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
+from conveyor_common.kafka.security import security_env
 from conveyor_common.standard_webhooks import generate_secret
 from conveyor_devstack import _process
 from conveyor_devstack.errors import DevstackError
+from conveyor_devstack.kafka import KafkaServer
 from conveyor_devstack.stack import Devstack
 from conveyor_devstack.topics import conveyor_topics, ensure_topics
 
@@ -147,6 +153,8 @@ class Endpoints:
     kafka_bootstrap: str
     run_dir: str
     processes: dict[str, dict[str, Any]]
+    kafka_security: str = "PLAINTEXT"
+    """Protocol (and SASL mechanism and user) of the services' Kafka connections."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -339,7 +347,20 @@ class ConveyorSystem:
             kafka_bootstrap=self.devstack.kafka_bootstrap,
             run_dir=str(self.run_dir),
             processes={name: p.describe() for name, p in self.processes.items()},
+            kafka_security=self._kafka().security.describe(),
         )
+
+    def _kafka(self) -> KafkaServer:
+        if self.devstack.kafka is None:
+            raise DevstackError("the system needs a devstack with PostgreSQL and Kafka")
+        return self.devstack.kafka
+
+    def _kafka_env(self, prefix: str) -> dict[str, str]:
+        """``<prefix>KAFKA_*`` security settings of a service (empty for PLAINTEXT)."""
+        kafka = self._kafka()
+        if kafka.security.protocol == "PLAINTEXT":
+            return {}
+        return security_env(prefix, kafka.security, password_file=kafka.password_file)
 
     # -- start --------------------------------------------------------------------------------
 
@@ -352,7 +373,9 @@ class ConveyorSystem:
             raise DevstackError("the system needs a devstack with PostgreSQL and Kafka")
         try:
             self.database_url = await asyncio.to_thread(postgres.create_database, self.database)
-            await ensure_topics(self.devstack.kafka_bootstrap, conveyor_topics())
+            await ensure_topics(
+                self.devstack.kafka_bootstrap, conveyor_topics(), security=self._kafka().security
+            )
             self._plan()
             assert self.ingress is not None
             await self.ingress.start()
@@ -414,6 +437,7 @@ class ConveyorSystem:
             env = {
                 "SCHEDULER_DATABASE_URL": "",  # set once the database exists
                 "SCHEDULER_KAFKA_BOOTSTRAP_SERVERS": kafka,
+                **self._kafka_env("SCHEDULER_"),
                 "SCHEDULER_GRPC_HOST": "127.0.0.1",
                 "SCHEDULER_GRPC_PORT": str(port),
                 "SCHEDULER_METRICS_PORT": str(next(ports)),
@@ -444,6 +468,7 @@ class ConveyorSystem:
                 "ADAPTER_WEBHOOK_PORT": str(next(ports)),
                 "ADAPTER_SCHEDULER_ADDRESS": scheduler_target,
                 "ADAPTER_KAFKA_BOOTSTRAP": kafka,
+                **self._kafka_env("ADAPTER_"),
                 "ADAPTER_KAFKA_SESSION_TIMEOUT_MS": "6000",
                 "ADAPTER_ADAPTER_ID": f"adapter-{i}",
                 "ADAPTER_GRPC_HOST": "127.0.0.1",
@@ -476,6 +501,7 @@ class ConveyorSystem:
         for i, port in enumerate(notifier_grpc, 1):
             env = {
                 "NOTIFIER_KAFKA_BOOTSTRAP_SERVERS": kafka,
+                **self._kafka_env("NOTIFIER_"),
                 "NOTIFIER_SCHEDULER_ADDRESS": scheduler_target,
                 "NOTIFIER_REPLICA_ID": f"notifier-{i}",
                 "NOTIFIER_GRPC_HOST": "127.0.0.1",

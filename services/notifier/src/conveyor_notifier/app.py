@@ -136,6 +136,7 @@ class Notifier:
             hub=self.hub,
             client_id=f"notifier-watch-{s.replica_id}",
             kafka_metrics=self.kafka_metrics,
+            security=s.kafka_security,
         )
         await broadcaster.start()
         life.on_shutdown("watch_reader_stop", broadcaster.stop, phase=phases.CONSUMERS)
@@ -157,7 +158,11 @@ class Notifier:
 
         # Consumers.
         producer = EventProducer(
-            ProducerConfig(s.kafka_bootstrap_servers, client_id=f"notifier-{s.replica_id}"),
+            ProducerConfig(
+                s.kafka_bootstrap_servers,
+                client_id=f"notifier-{s.replica_id}",
+                security=s.kafka_security,
+            ),
             source="/services/notifier",
             metrics=self.kafka_metrics,
         )
@@ -184,6 +189,7 @@ class Notifier:
                     group_id=group,
                     topics=[topic],
                     client_id=f"notifier-{s.replica_id}",
+                    security=s.kafka_security,
                 ),
                 handler,
                 registry=registry,

@@ -20,6 +20,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common import topics
+from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
 from conveyor_common.ssrf import AllowList
 
@@ -29,7 +30,7 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-class NotifierSettings(ServiceSettings):
+class NotifierSettings(KafkaSecuritySettings, ServiceSettings):
     """Every knob of the notifier."""
 
     model_config = SettingsConfigDict(env_prefix="NOTIFIER_", frozen=True, extra="ignore")

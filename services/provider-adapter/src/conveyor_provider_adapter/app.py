@@ -105,6 +105,7 @@ class Adapter:
             ProducerConfig(
                 bootstrap_servers=settings.kafka_bootstrap,
                 client_id=f"{SERVICE}-{settings.adapter_id}",
+                security=settings.kafka_security,
             ),
             source=f"/services/{SERVICE}",
             metrics=kafka_metrics,
@@ -151,6 +152,7 @@ class Adapter:
                 session_timeout_ms=settings.kafka_session_timeout_ms,
                 client_id=f"{SERVICE}-{settings.adapter_id}",
                 max_batch=50,
+                security=settings.kafka_security,
             ),
             self.dispatcher.handle,
             registry=default_registry(),

@@ -16,10 +16,11 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common import topics
+from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
 
 
-class AdapterSettings(ServiceSettings):
+class AdapterSettings(KafkaSecuritySettings, ServiceSettings):
     """Everything the adapter reads from the environment."""
 
     model_config = SettingsConfigDict(env_prefix="ADAPTER_", frozen=True, extra="ignore")

@@ -147,7 +147,11 @@ class SchedulerApp:
         if self.kafka:
             kafka_metrics = KafkaMetrics(self.registry, "scheduler")
             self.producer = EventProducer(
-                ProducerConfig(s.kafka_bootstrap_servers, f"{s.kafka_client_id}-{self.instance}"),
+                ProducerConfig(
+                    s.kafka_bootstrap_servers,
+                    f"{s.kafka_client_id}-{self.instance}",
+                    security=s.kafka_security,
+                ),
                 source="/services/scheduler",
                 metrics=kafka_metrics,
             )
@@ -166,6 +170,7 @@ class SchedulerApp:
                     group_id=s.results_consumer_group,
                     topics=[topics.PROVIDER_RESULTS],
                     client_id=f"{s.kafka_client_id}-{self.instance}",
+                    security=s.kafka_security,
                 ),
                 results_handler(self.core),
                 registry=default_registry(),

@@ -11,13 +11,14 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
 
 KIND_NAMES = ("video", "image", "text", "audio")
 """Kind names used in the limit and cost maps (TaskKind without the prefix, lower case)."""
 
 
-class SchedulerSettings(ServiceSettings):
+class SchedulerSettings(KafkaSecuritySettings, ServiceSettings):
     """Every knob of the scheduler."""
 
     model_config = SettingsConfigDict(env_prefix="SCHEDULER_", frozen=True, extra="ignore")

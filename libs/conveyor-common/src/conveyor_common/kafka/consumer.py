@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -28,6 +28,7 @@ from conveyor_common import topics as topic_names
 from conveyor_common.context import bound
 from conveyor_common.kafka.envelope import DecodeError, Envelope, TypeRegistry, decode
 from conveyor_common.kafka.producer import EventProducer
+from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity, start_client
 from conveyor_common.metrics import KafkaMetrics
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class ConsumerConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     auto_offset_reset: str = "earliest"
+    security: KafkaSecurity = field(default=PLAINTEXT, compare=False)
+    """TLS and SASL of the connection (``settings.kafka_security``)."""
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -116,6 +119,7 @@ class EventConsumer:
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
             max_poll_records=config.max_batch,
+            **config.security.client_kwargs(),
         )
         self._batch_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -123,8 +127,12 @@ class EventConsumer:
         self._started = False
 
     async def start(self) -> None:
-        """Join the group and start consuming in a background task."""
-        await self._consumer.start()
+        """Join the group and start consuming in a background task (:class:`KafkaStartError` saying
+        why when it cannot connect)."""
+        config = self.config
+        await start_client(
+            self._consumer, config.bootstrap_servers, config.security, f"consumer {config.group_id}"
+        )
         self._consumer.subscribe(list(self.config.topics), listener=_Listener(self))
         self._started = True
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.config.group_id}")

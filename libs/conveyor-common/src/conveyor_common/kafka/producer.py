@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from google.protobuf.message import Message
 
 from conveyor_common.kafka.envelope import Headers, encode
+from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity, start_client
 from conveyor_common.metrics import KafkaMetrics
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,8 @@ class ProducerConfig:
     client_id: str
     linger_ms: int = 5
     request_timeout_ms: int = 30_000
+    security: KafkaSecurity = field(default=PLAINTEXT, compare=False)
+    """TLS and SASL of the connection (``settings.kafka_security``)."""
 
 
 class EventProducer:
@@ -41,12 +44,19 @@ class EventProducer:
             enable_idempotence=True,
             linger_ms=config.linger_ms,
             request_timeout_ms=config.request_timeout_ms,
+            **config.security.client_kwargs(),
         )
         self._started = False
 
     async def start(self) -> None:
-        """Connect to the cluster."""
-        await self._producer.start()
+        """Connect to the cluster (:class:`KafkaStartError` saying why when it cannot)."""
+        config = self.config
+        await start_client(
+            self._producer,
+            config.bootstrap_servers,
+            config.security,
+            f"producer {config.client_id}",
+        )
         self._started = True
 
     async def stop(self) -> None:
