@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import ssl
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -29,6 +30,8 @@ from aiokafka.errors import KafkaConnectionError
 from aiokafka.helpers import create_ssl_context
 from pydantic import SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
 
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"]
@@ -266,7 +269,7 @@ class KafkaSecuritySettings(BaseSettings):
     kafka_sasl_password_file: Path | None = None
     """File holding the SASL password (a mounted secret; one trailing newline is ignored)."""
     kafka_sasl_oauth_token_provider: str | None = None
-    """OAUTHBEARER token provider, ``module:attr``: an aiokafka AbstractTokenProvider or a callable
+    """OAUTHBEARER token provider, `module:attr`: an aiokafka AbstractTokenProvider or a callable
     returning one."""
     kafka_ssl_cafile: Path | None = None
     """PEM file of the CA(s) that sign the brokers' certificates (unset = the system's CAs)."""
@@ -462,10 +465,12 @@ async def start_client(client: Any, bootstrap: str, security: KafkaSecurity, wha
         with contextlib.suppress(Exception):
             await _close(client)
         reason = await explain_connect_failure(bootstrap, security)
-        raise KafkaStartError(
+        message = (
             f"{what}: cannot connect to Kafka at {bootstrap} ({security.describe()}): "
             f"{reason or exc}"
-        ) from exc
+        )
+        logger.error(message, extra={"action": "kafka_start_failed"})
+        raise KafkaStartError(message) from exc
 
 
 async def _close(client: Any) -> None:
