@@ -256,10 +256,10 @@ def test_cli_names_the_kafka_credentials_of_a_sasl_ssl_devstack() -> None:
             "ssl_cafile": "/tmp/k/tls/ca.pem",
         },
     }
-    assert _render(state, as_json=False).splitlines()[1] == (
-        "# kafka SASL_SSL SCRAM-SHA-512: user conveyor, password in /tmp/k/tls/client.password, "
-        "CA /tmp/k/tls/ca.pem"
-    )
+    assert _render(state, as_json=False).splitlines() == [
+        "# kafka 127.0.0.1:9 SASL_SSL SCRAM-SHA-512: user conveyor, password in "
+        "/tmp/k/tls/client.password, CA /tmp/k/tls/ca.pem"
+    ]
 
 
 def test_local_kafka_refuses_an_unknown_listener_security() -> None:

@@ -100,11 +100,13 @@ def _render(state: dict[str, Any], as_json: bool) -> str:
     lines = []
     if "database_url" in state:
         lines.append(f"export {DATABASE_URL_ENV}={shlex.quote(state['database_url'])}")
-    if "kafka_bootstrap" in state:
+    security = state.get("kafka_security")
+    if "kafka_bootstrap" in state and not security:
         lines.append(f"export {KAFKA_BOOTSTRAP_ENV}={shlex.quote(state['kafka_bootstrap'])}")
-    if security := state.get("kafka_security"):
+    if security:  # not exported: tests reusing a broker from the environment speak PLAINTEXT
         lines.append(
-            f"# kafka {security['protocol']} {security['sasl_mechanism']}: user "
+            f"# kafka {state['kafka_bootstrap']} {security['protocol']} "
+            f"{security['sasl_mechanism']}: user "
             f"{security['sasl_username']}, password in {security['sasl_password_file']}, "
             f"CA {security['ssl_cafile']}"
         )

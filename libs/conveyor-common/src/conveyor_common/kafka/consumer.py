@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -67,7 +67,7 @@ class ConsumerConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     auto_offset_reset: str = "earliest"
-    security: KafkaSecurity = field(default=PLAINTEXT, compare=False)
+    security: KafkaSecurity = PLAINTEXT
     """TLS and SASL of the connection (``settings.kafka_security``)."""
 
 

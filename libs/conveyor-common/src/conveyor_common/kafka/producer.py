@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -25,7 +25,7 @@ class ProducerConfig:
     client_id: str
     linger_ms: int = 5
     request_timeout_ms: int = 30_000
-    security: KafkaSecurity = field(default=PLAINTEXT, compare=False)
+    security: KafkaSecurity = PLAINTEXT
     """TLS and SASL of the connection (``settings.kafka_security``)."""
 
 
