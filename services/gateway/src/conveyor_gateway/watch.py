@@ -290,7 +290,10 @@ async def watch_tenant(
     whatever the notifier does.
     """
     call: Any = notifier.Subscribe(
-        notifier_pb2.SubscribeRequest(tenant_id=principal.tenant_id, types=sorted(types))
+        notifier_pb2.SubscribeRequest(
+            tenant_id=principal.tenant_id,
+            types=[task_pb2.TaskEventType.ValueType(t) for t in sorted(types)],
+        )
     )
     seen: OrderedDict[str, int] = OrderedDict()
     try:
