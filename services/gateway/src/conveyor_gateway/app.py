@@ -134,6 +134,7 @@ def build_gateway(
         default_timeout=settings.scheduler_timeout_seconds,
         attempts=settings.scheduler_retry_attempts,
         base_delay=settings.scheduler_retry_base_seconds,
+        attempt_timeout=settings.scheduler_attempt_timeout_seconds,
     )
     submits = (
         SubmitCoalescer(

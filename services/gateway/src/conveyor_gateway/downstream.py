@@ -1,8 +1,11 @@
 """Calls to the scheduler: deadline propagation, retries on UNAVAILABLE, status pass-through.
 
-Every call gets the caller's remaining time as its timeout (``context.time_remaining()``; the default
-timeout when the caller set none). UNAVAILABLE is retried with exponential backoff and full jitter
-inside that budget; this is safe because every mutating call is idempotent by request_id. A downstream
+Every call gets the caller's remaining time as its budget (``context.time_remaining()``; the default
+timeout when the caller set none). Each attempt but the last is bounded by ``attempt_timeout``, so a
+replica that stopped answering (frozen, stalled, half dead) costs a caller one short attempt: the
+next attempt goes to another replica (round_robin). UNAVAILABLE is retried with exponential backoff
+and full jitter inside the budget, an attempt's own timeout at once; this is safe because every
+mutating call is idempotent by request_id. A downstream
 error reaches the caller with its code, message and rich details (``grpc-status-details-bin``)
 unchanged, via :class:`DownstreamError`; UNKNOWN never passes (it becomes INTERNAL), and transport
 errors without details get a generic message that does not leak internal addresses.
@@ -102,6 +105,7 @@ class SchedulerClient:
         attempts: int = 4,
         base_delay: float = 0.05,
         max_delay: float = 1.0,
+        attempt_timeout: float = 0.5,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         options = client_options(
@@ -121,6 +125,7 @@ class SchedulerClient:
         self.attempts = attempts
         self.base_delay = base_delay
         self.max_delay = max_delay
+        self.attempt_timeout = attempt_timeout
 
     def stub(self) -> sched_grpc.SchedulerServiceStub:
         """The next stub (round robin over the channels)."""
@@ -134,7 +139,8 @@ class SchedulerClient:
         *,
         budget_seconds: float | None = None,
     ) -> Resp:
-        """Call ``method(stub)(request)``; retry UNAVAILABLE within the caller's deadline."""
+        """Call ``method(stub)(request)``; retry UNAVAILABLE and a timed-out attempt within the
+        caller's deadline."""
         total = (
             budget_seconds if budget_seconds is not None else budget(context, self.default_timeout)
         )
@@ -145,11 +151,24 @@ class SchedulerClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DownstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            last = attempt >= self.attempts
+            timeout = remaining if last else min(remaining, self.attempt_timeout)
             try:
-                response: Resp = await method(self.stub())(request, timeout=remaining)
+                response: Resp = await method(self.stub())(request, timeout=timeout)
                 return response
             except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.attempts:
+                if (
+                    exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                    and not last
+                    and timeout < remaining
+                ):
+                    # This attempt's own bound, not the caller's: try another replica at once.
+                    logger.info(
+                        "scheduler attempt timed out, retrying",
+                        extra={"action": "scheduler_retry_timeout", "attempt": attempt},
+                    )
+                    continue
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or last:
                     reraise(exc)
                 delay = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
                 if time.monotonic() + delay >= deadline:
