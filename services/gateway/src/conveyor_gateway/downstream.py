@@ -27,6 +27,7 @@ import grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 from conveyor_common.channels import client_options
 from conveyor_common.errors import RpcError, Unavailable
+from conveyor_common.tls import TlsFiles, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +107,7 @@ class SchedulerClient:
         base_delay: float = 0.05,
         max_delay: float = 1.0,
         attempt_timeout: float = 0.5,
-        credentials: grpc.ChannelCredentials | None = None,
+        tls: TlsFiles | None = None,
     ) -> None:
         options = client_options(
             ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -114,10 +115,7 @@ class SchedulerClient:
             ("grpc.use_local_subchannel_pool", 1),
         )
         self._channels: list[grpc.aio.Channel] = [
-            grpc.aio.secure_channel(address, credentials, options=options)
-            if credentials is not None
-            else grpc.aio.insecure_channel(address, options=options)
-            for _ in range(channels)
+            open_channel(address, tls, options) for _ in range(channels)
         ]
         self._stubs = [sched_grpc.SchedulerServiceStub(ch) for ch in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))

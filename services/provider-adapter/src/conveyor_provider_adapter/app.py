@@ -100,6 +100,7 @@ class Adapter:
             adapter_id=settings.adapter_id,
             timeout_s=settings.scheduler_timeout_s,
             retry_s=settings.scheduler_retry_s,
+            tls=settings.internal_tls,
         )
         self.producer = EventProducer(
             ProducerConfig(
@@ -197,11 +198,13 @@ class Adapter:
             max_body_bytes=settings.webhook_max_body_bytes,
             dedup_size=settings.webhook_dedup_size,
         )
+        tls = settings.internal_tls
         self.grpc: GrpcService = create_server(
             [],
             host=settings.grpc_host,
             port=settings.grpc_port,
             metrics=RpcMetrics(self.registry, SERVICE),
+            credentials=tls.server_credentials() if tls else None,
         )
 
     @property

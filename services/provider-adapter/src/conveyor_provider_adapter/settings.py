@@ -17,9 +17,10 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common import topics
 from conveyor_common.settings import ServiceSettings
+from conveyor_common.tls import InternalTlsSettings
 
 
-class AdapterSettings(ServiceSettings):
+class AdapterSettings(ServiceSettings, InternalTlsSettings):
     """Everything the adapter reads from the environment."""
 
     model_config = SettingsConfigDict(env_prefix="ADAPTER_", frozen=True, extra="ignore")

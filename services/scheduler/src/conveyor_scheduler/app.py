@@ -186,11 +186,14 @@ class SchedulerApp:
                 ),
             ]
             bindings.append(webhooks.binding(self.core.sessionmaker))
+            tls = s.internal_tls
             self.server = create_server(
                 bindings,
                 host=s.grpc_host,
                 port=s.grpc_port,
                 metrics=RpcMetrics(self.registry, "scheduler"),
+                credentials=tls.server_credentials() if tls else None,
+                extra_interceptors=tls.interceptors() if tls else (),
             )
 
     async def start(self, *, check: bool = True) -> None:

@@ -12,12 +12,13 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from conveyor_common.settings import ServiceSettings
+from conveyor_common.tls import InternalTlsSettings
 
 KIND_NAMES = ("video", "image", "text", "audio")
 """Kind names used in the limit and cost maps (TaskKind without the prefix, lower case)."""
 
 
-class SchedulerSettings(ServiceSettings):
+class SchedulerSettings(ServiceSettings, InternalTlsSettings):
     """Every knob of the scheduler."""
 
     model_config = SettingsConfigDict(env_prefix="SCHEDULER_", frozen=True, extra="ignore")
