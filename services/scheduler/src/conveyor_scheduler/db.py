@@ -97,8 +97,25 @@ def binary_arrays(engine: AsyncEngine) -> AsyncEngine:
     return engine
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays."""
+def lease_options(lease_seconds: float, *, session: bool) -> str:
+    """Session options bounding how long a stalled client can hold what it holds: a transaction
+    idle ``lease_seconds`` is aborted and (``session``: the leader's connection) an idle session
+    is ended, releasing its advisory lock."""
+    ms = max(1, int(lease_seconds * 1000))
+    options = f" -c idle_in_transaction_session_timeout={ms}"
+    if session:
+        options += f" -c idle_session_timeout={ms}"
+    return options
+
+
+def create_engine(
+    url: str, *, pool_size: int = 10, lease_seconds: float | None = None
+) -> AsyncEngine:
+    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays; with
+    ``lease_seconds``, transactions idle that long are aborted by the server."""
+    options = PG_OPTIONS
+    if lease_seconds is not None:
+        options += lease_options(lease_seconds, session=False)
     return binary_arrays(
         create_async_engine(
             to_sqlalchemy_url(url),
@@ -106,6 +123,6 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             max_overflow=pool_size,
             pool_pre_ping=True,
             pool_recycle=1800,
-            connect_args={"options": PG_OPTIONS, "application_name": "conveyor-scheduler"},
+            connect_args={"options": options, "application_name": "conveyor-scheduler"},
         )
     )

@@ -116,6 +116,10 @@ class SchedulerSettings(ServiceSettings, InternalTlsSettings):
     """pg advisory lock key of the leader election."""
     leader_retry_seconds: float = Field(default=1.0, gt=0)
     """How often a follower tries to take the lead."""
+    leader_lease_seconds: float = Field(default=3.0, ge=1, le=60)
+    """The leader's lease: PostgreSQL ends a leader session idle this long (a frozen, stalled or
+    cut-off leader), and with it the lead; a live leader heartbeats at a third of it. Every
+    scheduler transaction left idle this long is aborted, so a frozen replica commits nothing late."""
     dispatch_poll_seconds: float = Field(default=1.0, gt=0)
     """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
     dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)
