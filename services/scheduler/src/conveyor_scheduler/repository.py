@@ -561,7 +561,11 @@ async def submit_group(
                     admitted[i] = int(row[0]) if row[0] is not None else q.claimed_tier
                     continue
                 try:
-                    await _reject_tenant(conn, t, 1, settings, now)
+                    if await _reject_tenant(conn, t, 1, settings, now):
+                        # The tenant's row is locked by this transaction: a race cannot happen.
+                        outcomes[i] = ResourceExhausted(
+                            [QuotaViolation(f"tenant:{t}", "admission contended; retry")], 0.1
+                        )
                 except ResourceExhausted as exc:
                     outcomes[i] = exc
     rejected = [i for i in range(n) if is_fresh[i] and i not in admitted]
@@ -782,7 +786,9 @@ async def _admit(
     row: Any = rows[0] if rows else None
     if row is None and slow_path is not None:
         await slow_path()
-    if row is None:
+    for _ in range(ADMISSION_RACE_RETRIES):
+        if row is not None:
+            break
         inserted = await conn.execute(
             pg_insert(m.Tenant)
             .values(
@@ -796,9 +802,15 @@ async def _admit(
         )
         if inserted.first() is not None:
             row = (await conn.execute(_ADMIT_SQL, params)).first()
+        if row is None and await _reject_tenant(conn, tenant_id, n, settings, now):
+            # No quota is exceeded: another submit of the tenant changed its row in between
+            # (e.g. created it concurrently). Decide again here; the caller never sees the race.
+            row = (await conn.execute(_ADMIT_SQL, params)).first()
     if row is None:
-        await _reject_tenant(conn, tenant_id, n, settings, now)
-    assert row is not None
+        raise ResourceExhausted(
+            [QuotaViolation(f"tenant:{tenant_id}", "admission contended; retry")],
+            retry_after_seconds=0.1,
+        )
     taken = await raw_execute(
         conn,
         _GLOBAL_ADMIT_SQL,
@@ -827,10 +839,15 @@ _GLOBAL_ADMIT_SQL = text(
 locking the other shards: concurrent submits may overshoot by the number in flight)."""
 
 
+ADMISSION_RACE_RETRIES = 3
+"""Times a submit re-runs its tenant admission when it lost a race but no quota is exceeded."""
+
+
 async def _reject_tenant(
     conn: AsyncConnection, tenant_id: str, n: int, settings: SchedulerSettings, now: datetime
-) -> None:
-    """Explain why the tenant's conditional update matched nothing (raises ResourceExhausted)."""
+) -> bool:
+    """Explain why the tenant's conditional update matched nothing: raises ResourceExhausted
+    naming the exceeded quotas; returns True when none is exceeded (it raced with a change)."""
     row = (
         await conn.execute(
             text(
@@ -878,9 +895,8 @@ async def _reject_tenant(
                 )
             )
             retry = max(retry if violations[:-1] else 0.0, (n - row.tokens) / row.rate)
-    if not violations:  # raced with a change in between: ask to retry soon
-        violations.append(QuotaViolation(f"tenant:{tenant_id}", "admission raced; retry"))
-        retry = 0.1
+    if not violations:  # raced with a change in between: the caller decides again
+        return True
     raise ResourceExhausted(violations, retry_after_seconds=retry)
 
 
