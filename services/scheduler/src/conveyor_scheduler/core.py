@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionma
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_common.errors import ResourceExhausted
+from conveyor_common.errors import ResourceExhausted, Unavailable
+from conveyor_common.faults import classify
 from conveyor_scheduler import models as m
 from conveyor_scheduler import repository as repo
 from conveyor_scheduler import transitions
@@ -434,12 +435,20 @@ class SubmitBatcher:
                         batch = self._take()
                         if not await self._flush(batch, conn):
                             break
-        except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
+        except BaseException as exc:  # cancelled at shutdown, or the database is gone
             pending, self._pending = [*batch, *self._pending], []
             for _, f in pending:
                 if not f.done():
                     f.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            # Every waiting caller got the error (an outage answers UNAVAILABLE at the RPC
+            # boundary); the flusher itself ends quietly, its error is not lost in a task.
+            logger.warning(
+                "submit group flusher failed: %s",
+                type(exc).__name__,
+                extra={"action": "submit_group_flusher_failed", "callers": len(pending)},
+            )
         finally:
             self._running -= 1
 
@@ -482,7 +491,19 @@ class SubmitBatcher:
                     now=now,
                     leave_pipeline=leave,
                 )
-        except Exception:
+        except Exception as exc:
+            if isinstance(classify(exc), Unavailable):
+                # The database is unreachable or contended: one by one would fail the same way,
+                # slowly. Every caller gets the error (UNAVAILABLE with RetryInfo at the RPC).
+                logger.warning(
+                    "submit group failed: %s",
+                    type(exc).__name__,
+                    extra={"action": "submit_group_unavailable", "size": len(batch)},
+                )
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                return False
             logger.warning(
                 "submit group failed; retrying its requests one by one",
                 extra={"action": "submit_group_failed", "size": len(batch)},

@@ -28,6 +28,7 @@ from conveyor_common.errors import (
     PermissionDenied,
     RpcError,
 )
+from conveyor_common.faults import classify
 from conveyor_scheduler import models as m
 from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_proto
 from conveyor_scheduler.core import SchedulerCore
@@ -261,15 +262,18 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if not isinstance(outcome, RpcError):
-                logger.error(
-                    "submit of a group item failed",
-                    exc_info=outcome,
-                    extra={
-                        "action": "submit_group_item_failed",
-                        "tenant_id": item.principal.tenant_id,
-                    },
-                )
-                outcome = RpcError("internal error")
+                # An outage: UNAVAILABLE with RetryInfo, per item.
+                mapped = classify(outcome) if outcome is not None else None
+                if mapped is None:
+                    logger.error(
+                        "submit of a group item failed",
+                        exc_info=outcome,
+                        extra={
+                            "action": "submit_group_item_failed",
+                            "tenant_id": item.principal.tenant_id,
+                        },
+                    )
+                outcome = mapped or RpcError("internal error")
             out.status = outcome.to_status_proto().SerializeToString()
         return response
 
