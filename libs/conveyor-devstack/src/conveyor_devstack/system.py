@@ -428,6 +428,7 @@ class ConveyorSystem:
                 "SCHEDULER_INSTANCE_ID": f"scheduler-{i}",
                 "SCHEDULER_LOG_LEVEL": level,
                 "SCHEDULER_SHUTDOWN_GRACE_SECONDS": "2",
+                "SCHEDULER_KAFKA_SESSION_TIMEOUT_MS": "3000",
                 **({"SCHEDULER_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"} if cfg.loopback_webhooks else {}),
                 **cfg.scheduler_env,
             }
@@ -451,7 +452,7 @@ class ConveyorSystem:
                 "ADAPTER_WEBHOOK_PORT": str(next(ports)),
                 "ADAPTER_SCHEDULER_ADDRESS": scheduler_target,
                 "ADAPTER_KAFKA_BOOTSTRAP": kafka,
-                "ADAPTER_KAFKA_SESSION_TIMEOUT_MS": "6000",
+                "ADAPTER_KAFKA_SESSION_TIMEOUT_MS": "3000",
                 "ADAPTER_ADAPTER_ID": f"adapter-{i}",
                 "ADAPTER_GRPC_HOST": "127.0.0.1",
                 "ADAPTER_GRPC_PORT": str(next(ports)),

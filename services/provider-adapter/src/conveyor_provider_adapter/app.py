@@ -150,6 +150,7 @@ class Adapter:
                 group_id=settings.consumer_group,
                 topics=[settings.commands_topic],
                 session_timeout_ms=settings.kafka_session_timeout_ms,
+                heartbeat_interval_ms=max(300, settings.kafka_session_timeout_ms // 6),
                 client_id=f"{SERVICE}-{settings.adapter_id}",
                 max_batch=50,
             ),

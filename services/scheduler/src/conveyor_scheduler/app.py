@@ -168,6 +168,8 @@ class SchedulerApp:
                     group_id=s.results_consumer_group,
                     topics=[topics.PROVIDER_RESULTS],
                     client_id=f"{s.kafka_client_id}-{self.instance}",
+                    session_timeout_ms=s.kafka_session_timeout_ms,
+                    heartbeat_interval_ms=max(300, s.kafka_session_timeout_ms // 6),
                 ),
                 results_handler(self.core),
                 registry=default_registry(),

@@ -112,6 +112,10 @@ class SchedulerSettings(ServiceSettings, InternalTlsSettings):
     """Relative jitter (0.2 = +-20%)."""
 
     # --- Leader and loops --------------------------------------------------------------------
+    kafka_session_timeout_ms: int = Field(default=6_000, ge=1_000, le=300_000)
+    """Session timeout of the results consumer: a replica lost without leaving the group (kill -9,
+    frozen) has its partitions resumed by the others after this long. Brokers refuse values below
+    their ``group.min.session.timeout.ms`` (6 s by default; the devstack's broker allows 1 s)."""
     leader_lock_key: int = 0x636F6E76  # "conv"
     """pg advisory lock key of the leader election."""
     leader_retry_seconds: float = Field(default=1.0, gt=0)
