@@ -570,7 +570,7 @@ async def test_reconcile_gauges_retention_stats_and_eta(
     first = await env.core.get_task("a", str(queued[0].id))
     assert first.estimated_start_at.ToDatetime() <= last.estimated_start_at.ToDatetime()
 
-    stats = await env.core.queue_stats(0, "")
+    stats = await env.core.queue_stats(0, "", None)
     total = next(s for s in stats if s["model"] == "" and s["kind"] == task_pb2.TASK_KIND_IMAGE)
     assert (total["waiting"], total["active"], total["succeeded"]) == (2, 1, 1)
     assert total["oldest_waiting_age"] > 0

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -49,11 +49,13 @@ TERMINAL_NAMES = {4: "succeeded", 5: "failed", 6: "canceled", 7: "dead_lettered"
 
 @dataclass
 class StatsCache:
-    """GetQueueStats answers cached for a second (the query scans the tasks table)."""
+    """GetQueueStats answers cached for a second (the query scans the tasks table), per
+    (kind, model, tenant) asked; the least recently computed ones are dropped past ``limit``."""
 
-    at: float = 0.0
-    key: tuple[int, str] | None = None
-    value: list[dict[str, Any]] | None = None
+    limit: int = 1024
+    entries: dict[tuple[int, str, str | None], tuple[float, list[dict[str, Any]]]] = field(
+        default_factory=dict
+    )
 
 
 class SchedulerCore:
@@ -209,21 +211,24 @@ class SchedulerCore:
             events.append(ev)
         return events, row["status"] in m.TERMINAL_STATUSES, row["last_sequence"]
 
-    async def queue_stats(self, kind: int, model: str) -> list[dict[str, Any]]:
-        """Per (kind, model) and per kind totals; cached ``stats_cache_seconds``."""
-        key = (kind, model)
-        c = self._stats
-        if (
-            c.value is not None
-            and c.key == key
-            and time.monotonic() - c.at < self.settings.stats_cache_seconds
-        ):
-            return c.value
+    async def queue_stats(
+        self, kind: int, model: str, tenant_id: str | None
+    ) -> list[dict[str, Any]]:
+        """Per (kind, model) and per kind totals of a tenant's tasks (every tenant's for None);
+        cached ``stats_cache_seconds``."""
+        key = (kind, model, tenant_id)
+        cached = self._stats.entries.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.settings.stats_cache_seconds:
+            return cached[1]
         from conveyor_scheduler import stats
 
         async with self.engine.connect() as conn:
-            value = await stats.queue_stats(conn, kind, model, utcnow())
-        self._stats = StatsCache(time.monotonic(), key, value)
+            value = await stats.queue_stats(conn, kind, model, utcnow(), tenant_id)
+        entries = self._stats.entries
+        entries.pop(key, None)
+        entries[key] = (time.monotonic(), value)
+        while len(entries) > self._stats.limit:
+            del entries[next(iter(entries))]
         return value
 
     # ---------------------------------------------------------------- results and protocol

@@ -126,15 +126,21 @@ async def queue_position(conn: AsyncConnection, row: TaskRow) -> int:
     return int(ahead or 0) + 1
 
 
-async def recent_run_time_p50(conn: AsyncConnection, kind: int, model: str | None = None) -> float:
-    """Median run time (seconds) of the last 200 successes of a kind (and model); 0 if none."""
+async def recent_run_time_p50(
+    conn: AsyncConnection, kind: int, model: str | None = None, *, tenant_id: str | None = None
+) -> float:
+    """Median run time (seconds) of the last 200 successes of a kind (and model, and tenant);
+    0 if none."""
     sql = (
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM ("
         " SELECT EXTRACT(EPOCH FROM (finished_at - COALESCE(started_at, dispatched_at))) AS secs"
         " FROM tasks WHERE status = 4 AND kind = :kind{model}"
-        " ORDER BY finished_at DESC LIMIT 200) s"
+        + (" AND tenant_id = :tenant" if tenant_id is not None else "")
+        + " ORDER BY finished_at DESC LIMIT 200) s"
     )
     params: dict[str, Any] = {"kind": kind}
+    if tenant_id is not None:
+        params["tenant"] = tenant_id
     if model:
         sql = sql.format(model=" AND model = :model")
         params["model"] = model

@@ -363,11 +363,13 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
     async def GetQueueStats(
         self, request: pb.GetQueueStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetQueueStatsResponse:
-        _tenant(request.principal)
+        tenant = _tenant(request.principal)
         r = request.request
         if r.kind not in (0, 1, 2, 3, 4):
             raise InvalidArgument([FieldViolation("request.kind", "unknown kind")])
-        stats = await self.core.queue_stats(int(r.kind), r.model)
+        # A tenant's statistics are its own; the admin role sees every tenant's.
+        scope = None if request.principal.role == pb.ROLE_ADMIN else tenant
+        stats = await self.core.queue_stats(int(r.kind), r.model, scope)
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         return pb.GetQueueStatsResponse(
