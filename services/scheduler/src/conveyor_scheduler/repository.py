@@ -325,7 +325,14 @@ async def submit(
     tier = claimed_tier
     if new_items:
         tier = await _admit(
-            conn, tenant_id, claimed_tier, len(new_items), settings, now, slow_path=slow_path
+            conn,
+            tenant_id,
+            claimed_tier,
+            len(new_items),
+            settings,
+            now,
+            policy,
+            slow_path=slow_path,
         )
     changes = Changes(now=now)
     created: dict[str, TaskRow] = {}
@@ -471,11 +478,23 @@ async def submit_group(
     tenants = sorted(groups)
     if tenants:
         room = settings.queue_capacity - base
+        fair: dict[str, int] | None = None  # read only once the queue is full
+        taken: dict[str, int] = defaultdict(int)  # places kept in this group, per tenant
         for t in tenants:
             kept = []
             for i in groups[t]:
-                if room >= 1:
+                if room < 1 and fair is None:
+                    await slow_path()
+                    fair = await fair_share_room(conn, tenants, policy, settings)
+                    for other, count in taken.items():
+                        fair[other] -= count
+                if room >= 1 or (fair is not None and fair.get(t, 0) >= 1):
+                    # Within the capacity, or else below its weighted share: a tenant is never
+                    # refused for capacity that others' backlog took.
                     room -= 1
+                    taken[t] += 1
+                    if fair is not None:
+                        fair[t] -= 1
                     kept.append(i)
                 else:
                     outcomes[i] = ResourceExhausted(
@@ -771,6 +790,7 @@ async def _admit(
     n: int,
     settings: SchedulerSettings,
     now: datetime,
+    policy: Policy,
     *,
     slow_path: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
@@ -825,6 +845,14 @@ async def _admit(
     if not taken:
         if slow_path is not None:
             await slow_path()
+        # The tenant's own places were taken above (its waiting count includes them): a tenant
+        # still within its weighted share is admitted past the capacity others filled.
+        if (await fair_share_room(conn, [tenant_id], policy, settings))[tenant_id] >= 0:
+            await conn.execute(
+                text("UPDATE queue_counters SET waiting = waiting + :n WHERE shard = :s"),
+                {"n": n, "s": random.randrange(m.QUEUE_SHARDS)},
+            )
+            return int(row[0]) if row[0] is not None else claimed_tier
         total = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
         raise ResourceExhausted(
             [
@@ -835,6 +863,35 @@ async def _admit(
             retry_after_seconds=5.0,
         )
     return int(row[0]) if row[0] is not None else claimed_tier
+
+
+_FAIR_SHARE_SQL = text(
+    "SELECT tenant_id, waiting, COALESCE(tier, claimed_tier, 1) AS tier, weight FROM tenants"
+    " WHERE waiting > 0 OR tenant_id = ANY(CAST(:ts AS text[]))"
+)
+
+
+async def fair_share_room(
+    conn: AsyncConnection,
+    tenants: Sequence[str],
+    policy: Policy,
+    settings: SchedulerSettings,
+) -> dict[str, int]:
+    """Waiting places each of ``tenants`` may still take within its weighted share of the queue
+    capacity: ``floor(capacity * weight / sum of the weights of the tenants with waiting tasks and
+    the asking ones) - waiting`` (negative: over its share).
+
+    Admission keeps room for every tenant this way: when the queue is full, a tenant below its
+    share is still admitted (the global count may then exceed the capacity, by at most the sum of
+    the shares), while a tenant above its share is refused until the others' shares are free.
+    """
+    rows = (await conn.execute(_FAIR_SHARE_SQL, {"ts": list(tenants)})).all()
+    weights = {r.tenant_id: policy.tenant_weight(int(r.tier), r.weight) for r in rows}
+    waiting = {r.tenant_id: int(r.waiting) for r in rows}
+    for t in tenants:
+        weights.setdefault(t, policy.tenant_weight(1, None))
+    total = sum(weights.values())
+    return {t: settings.queue_capacity * weights[t] // total - waiting.get(t, 0) for t in tenants}
 
 
 _GLOBAL_ADMIT_SQL = text(
