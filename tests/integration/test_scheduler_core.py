@@ -189,8 +189,10 @@ async def test_admission_rejections_write_nothing(make_env: Callable[..., Awaita
     assert "waiting" in cap.value.violations[0].subject
     assert cap.value.retry_after_seconds > 0
     await env.core.submit("b", 1, [kit.item(), kit.item()])
+    # The queue is full (5 of 5): c's weighted share is 5 // 3 = 1, so a batch of two is refused
+    # (a single task would be admitted: a tenant below its share keeps room).
     with pytest.raises(ResourceExhausted) as full:
-        await env.core.submit("c", 1, [kit.item("over-global")])
+        await env.core.submit("c", 1, [kit.item("over-global"), kit.item("over-global-2")])
     assert full.value.violations[0].subject == "queue"
     after = await env.rows(
         "SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM outbox),"
