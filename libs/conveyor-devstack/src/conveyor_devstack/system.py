@@ -46,6 +46,7 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
+from conveyor_common.sealing import Keyring
 from conveyor_common.standard_webhooks import generate_secret
 from conveyor_common.tls import TlsFiles, open_channel
 from conveyor_devstack import _process
@@ -270,6 +271,7 @@ class ConveyorSystem:
         self.fake_token = "r8_" + secrets.token_hex(20)
         self.fake_webhook_secret = generate_secret()
         self.webhook_token_key = secrets.token_urlsafe(32)
+        self.secret_sealing_key = Keyring.generate_entry("devstack")
         self.database = self.config.database or f"conveyor_{uuid.uuid4().hex[:10]}"
         self.database_url = ""
         self.fake_url = ""
@@ -429,6 +431,7 @@ class ConveyorSystem:
                 "SCHEDULER_LOG_LEVEL": level,
                 "SCHEDULER_SHUTDOWN_GRACE_SECONDS": "2",
                 "SCHEDULER_KAFKA_SESSION_TIMEOUT_MS": "3000",
+                "SCHEDULER_WEBHOOK_SECRET_KEYS": self.secret_sealing_key,
                 **({"SCHEDULER_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"} if cfg.loopback_webhooks else {}),
                 **cfg.scheduler_env,
             }

@@ -42,6 +42,7 @@ from conveyor_scheduler.relay import OutboxRelay
 from conveyor_scheduler.servicer import ProviderCoordinationServicer, SchedulerServicer
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.signals import Listener, Notifier, Wakeups
+from conveyor_scheduler.webhooks.repository import reseal_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +205,20 @@ class SchedulerApp:
         """Check the schema, then start every component."""
         if check:
             await check_schema(self.engine)
+        codec = webhooks.WebhookPolicy().codec
+        if codec.keyring is None:
+            logger.warning(
+                "SCHEDULER_WEBHOOK_SECRET_KEYS is unset: webhook signing secrets are stored in clear",
+                extra={"action": "secrets_in_clear"},
+            )
+        else:
+            async with self.core.sessionmaker() as session, session.begin():
+                resealed = await reseal_secrets(session, codec)
+            if resealed:
+                logger.info(
+                    "webhook signing secrets resealed with the current key",
+                    extra={"action": "secrets_resealed", "count": resealed},
+                )
         self.notifier.start()
         self.listener.start()
         if self.producer is not None:
