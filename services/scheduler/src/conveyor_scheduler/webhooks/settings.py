@@ -22,7 +22,9 @@ from conveyor_common.ssrf import AllowList, Resolver, system_resolver
 class WebhookSettings(BaseSettings):
     """Registration policy and limits."""
 
-    model_config = SettingsConfigDict(env_prefix="SCHEDULER_WEBHOOK_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="SCHEDULER_WEBHOOK_", frozen=True, extra="ignore", use_attribute_docstrings=True
+    )
 
     allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Hosts/addresses/CIDRs exempt from the SSRF policy (and allowed over http)."""
