@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -257,3 +258,59 @@ async def test_graceful_shutdown_drains_in_flight_calls(
         await svc.stop(grace=5)
         done = await slow
         assert done.task.task_id == "slow"
+
+
+async def test_a_frozen_replica_is_dropped_from_round_robin_within_seconds(
+    tmp_path: Any,
+) -> None:
+    """SIGSTOP one of two replicas (its TCP session stays up): the channel options' keepalive
+    pings evict it, so calls stop timing out on it after a few seconds."""
+    import signal
+    import sys
+    import time
+
+    from grpc_health.v1 import health_pb2 as hpb
+
+    from conveyor_common.channels import client_options
+
+    script = tmp_path / "server.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from prometheus_client import CollectorRegistry\n"
+        "from conveyor_common.grpc_server import create_server\n"
+        "from conveyor_common.metrics import RpcMetrics\n"
+        "async def main():\n"
+        "    srv = create_server([], host='127.0.0.1', port=0,"
+        " metrics=RpcMetrics(CollectorRegistry(), 'x'))\n"
+        "    await srv.start(); print(srv.port, flush=True); await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n"
+    )
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, str(script), stdout=asyncio.subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    try:
+        ports = [int(await p.stdout.readline()) for p in procs if p.stdout is not None]
+        target = f"ipv4:127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}"
+        async with grpc.aio.insecure_channel(target, options=client_options()) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for _ in range(4):
+                await stub.Check(hpb.HealthCheckRequest(), timeout=5)
+            procs[0].send_signal(signal.SIGSTOP)
+            frozen_at = time.monotonic()
+            last_failure = 0.0
+            while time.monotonic() - frozen_at < 6:
+                try:
+                    await stub.Check(hpb.HealthCheckRequest(), timeout=0.3)
+                except grpc.aio.AioRpcError:
+                    last_failure = time.monotonic() - frozen_at
+                await asyncio.sleep(0.1)
+        assert last_failure < 5.0, f"calls still reached the frozen replica after {last_failure} s"
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGCONT)
+                p.kill()
+            await p.wait()

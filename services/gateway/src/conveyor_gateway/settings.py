@@ -41,7 +41,8 @@ class GatewaySettings(ServiceSettings):
     scheduler_retry_base_seconds: float = Field(default=0.05, gt=0, le=5)
     """First backoff delay; doubles per attempt, with full jitter."""
     scheduler_attempt_timeout_seconds: float = Field(default=0.5, gt=0, le=60)
-    """Bound of each scheduler attempt but the last: an unresponsive replica costs this once."""
+    """Bound of a scheduler attempt (doubled after each attempt that hit it): an unresponsive
+    replica costs a caller about this much before another replica is tried."""
     scheduler_channels: int = Field(default=2, ge=1, le=16)
     """HTTP/2 connections to the scheduler (calls are spread over them)."""
     submit_coalesce: bool = True

@@ -130,7 +130,7 @@ class SchedulerApp:
         self.instance = instance_id(s)
         self.metrics = SchedulerMetrics(self.registry)
         self.engine = create_engine(
-            url, pool_size=s.db_pool_size, lease_seconds=s.leader_lease_seconds
+            url, pool_size=s.db_pool_size, idle_transaction_seconds=s.idle_transaction_seconds
         )
         self.wakeups = Wakeups()
         self.notifier = Notifier(

@@ -97,25 +97,27 @@ def binary_arrays(engine: AsyncEngine) -> AsyncEngine:
     return engine
 
 
-def lease_options(lease_seconds: float, *, session: bool) -> str:
-    """Session options bounding how long a stalled client can hold what it holds: a transaction
-    idle ``lease_seconds`` is aborted and (``session``: the leader's connection) an idle session
-    is ended, releasing its advisory lock."""
-    ms = max(1, int(lease_seconds * 1000))
-    options = f" -c idle_in_transaction_session_timeout={ms}"
-    if session:
-        options += f" -c idle_session_timeout={ms}"
+def lease_options(idle_transaction_seconds: float, lease_seconds: float | None = None) -> str:
+    """Session options bounding how long a stalled client holds what it holds: a transaction
+    idle ``idle_transaction_seconds`` is aborted (its row locks released), and with
+    ``lease_seconds`` (the leader's connection) a session idle that long is ended, releasing its
+    advisory lock."""
+    options = (
+        f" -c idle_in_transaction_session_timeout={max(1, int(idle_transaction_seconds * 1000))}"
+    )
+    if lease_seconds is not None:
+        options += f" -c idle_session_timeout={max(1, int(lease_seconds * 1000))}"
     return options
 
 
 def create_engine(
-    url: str, *, pool_size: int = 10, lease_seconds: float | None = None
+    url: str, *, pool_size: int = 10, idle_transaction_seconds: float | None = None
 ) -> AsyncEngine:
     """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays; with
-    ``lease_seconds``, transactions idle that long are aborted by the server."""
+    ``idle_transaction_seconds``, transactions idle that long are aborted by the server."""
     options = PG_OPTIONS
-    if lease_seconds is not None:
-        options += lease_options(lease_seconds, session=False)
+    if idle_transaction_seconds is not None:
+        options += lease_options(idle_transaction_seconds)
     return binary_arrays(
         create_async_engine(
             to_sqlalchemy_url(url),

@@ -201,7 +201,9 @@ class Leader:
                 poolclass=NullPool,
                 connect_args={
                     "options": PG_OPTIONS
-                    + lease_options(settings.leader_lease_seconds, session=True),
+                    + lease_options(
+                        settings.idle_transaction_seconds, settings.leader_lease_seconds
+                    ),
                     "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
                 },
             )

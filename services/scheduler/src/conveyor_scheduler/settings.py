@@ -122,8 +122,11 @@ class SchedulerSettings(ServiceSettings, InternalTlsSettings):
     """How often a follower tries to take the lead."""
     leader_lease_seconds: float = Field(default=3.0, ge=1, le=60)
     """The leader's lease: PostgreSQL ends a leader session idle this long (a frozen, stalled or
-    cut-off leader), and with it the lead; a live leader heartbeats at a third of it. Every
-    scheduler transaction left idle this long is aborted, so a frozen replica commits nothing late."""
+    cut-off leader), and with it the lead; a live leader heartbeats at a third of it."""
+    idle_transaction_seconds: float = Field(default=1.0, ge=0.2, le=60)
+    """PostgreSQL aborts a scheduler transaction left idle this long between statements (a frozen
+    or stalled replica): its row locks stop blocking the other replicas' submits and it commits
+    nothing late. Our transactions send their statements back to back."""
     dispatch_poll_seconds: float = Field(default=1.0, gt=0)
     """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
     dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)
