@@ -272,3 +272,31 @@ async def test_watch_and_client_webhooks_agree(e2e: E2E) -> None:
             assert events[-1].type in TERMINAL_EVENTS
     finally:
         await receiver.stop()
+
+
+async def test_internal_services_refuse_callers_without_an_allowed_certificate(e2e: E2E) -> None:
+    """With internal mutual TLS on, the scheduler answers only the services that call it: no
+    plaintext, no certificate of another CA, and a certificate of the system's own CA that names
+    no allowed peer is PERMISSION_DENIED (a tenant token would change nothing: it is not looked at)."""
+    from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
+    from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+    from conveyor_common.tls import open_channel
+
+    system = e2e.system
+    assert system.client_tls is not None
+    port = system.by_role("scheduler")[0].grpc_port
+    request = sched_pb2.GetQueueStatsRequest(
+        principal=sched_pb2.Principal(tenant_id="intruder", role=sched_pb2.ROLE_ADMIN)
+    )
+
+    async def call(channel: grpc.aio.Channel) -> grpc.StatusCode:
+        try:
+            await sched_grpc.SchedulerServiceStub(channel).GetQueueStats(request, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+        assert await call(plain) == grpc.StatusCode.UNAVAILABLE
+    async with open_channel(f"127.0.0.1:{port}", system.client_tls, []) as certified:
+        assert await call(certified) == grpc.StatusCode.PERMISSION_DENIED

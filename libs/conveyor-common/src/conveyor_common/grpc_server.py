@@ -3,8 +3,10 @@
 ``create_server`` builds the server and binds it (port 0 = any free port, so tests bind ``127.0.0.1:0``)
 without starting it; ``GrpcService.start``/``stop`` serve and drain. The interceptor binds request ids
 into the logging context, records metrics by method and status code, and maps exceptions to statuses:
-an :class:`~conveyor_common.errors.RpcError` becomes its rich status, anything else INTERNAL with a
-generic message (never UNKNOWN, never a stack trace to the caller).
+an :class:`~conveyor_common.errors.RpcError` becomes its rich status, a recognised infrastructure
+failure (database, broker, downstream service: :mod:`conveyor_common.faults`) UNAVAILABLE with
+RetryInfo, anything else INTERNAL with a generic message (never UNKNOWN, never a stack trace to the
+caller).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from conveyor_common.context import bound, new_traceparent
 from conveyor_common.errors import RpcError
+from conveyor_common.faults import classify
 from conveyor_common.metrics import RpcMetrics
 
 logger = logging.getLogger(__name__)
@@ -114,13 +117,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     except (grpc.aio.AbortError, grpc.aio.UsageError):
                         code = code_of(context)
                         raise
-                    except Exception:
-                        code = grpc.StatusCode.INTERNAL
-                        logger.exception(
-                            "unhandled error",
-                            extra={"action": "rpc_internal_error", "grpc_method": method},
-                        )
-                        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                    except Exception as exc:
+                        answer = _unexpected(method, exc)
+                        code = answer.code
+                        await _abort(context, answer)
                     finally:
                         finish(start, code)
 
@@ -151,13 +151,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     except (grpc.aio.AbortError, grpc.aio.UsageError):
                         code = code_of(context)
                         raise
-                    except Exception:
-                        code = grpc.StatusCode.INTERNAL
-                        logger.exception(
-                            "unhandled error",
-                            extra={"action": "rpc_internal_error", "grpc_method": method},
-                        )
-                        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                    except Exception as exc:
+                        answer = _unexpected(method, exc)
+                        code = answer.code
+                        await _abort(context, answer)
                     finally:
                         finish(start, code)
 
@@ -167,6 +164,31 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _unexpected(method: str, exc: Exception) -> RpcError:
+    """The answer to an exception that is not an RpcError: a recognised infrastructure failure
+    maps to its status (UNAVAILABLE with RetryInfo, or INVALID_ARGUMENT for an unstorable value)
+    and is logged in one line; anything else is a bug: INTERNAL, logged with its stack trace."""
+    mapped = classify(exc)
+    if mapped is None:
+        logger.exception(
+            "unhandled error", extra={"action": "rpc_internal_error", "grpc_method": method}
+        )
+        return RpcError("internal error")
+    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+    logger.warning(
+        "%s (%s: %s)",
+        mapped.message,
+        type(exc).__name__,
+        first_line,
+        extra={
+            "action": "rpc_infrastructure_error",
+            "grpc_method": method,
+            "grpc_code": mapped.code.name,
+        },
+    )
+    return mapped
 
 
 def _log_error(method: str, exc: RpcError) -> None:
@@ -233,6 +255,10 @@ def create_server(
             ("grpc.max_connection_age_ms", 300_000),
             ("grpc.max_connection_age_grace_ms", 30_000),
             ("grpc.keepalive_time_ms", 30_000),
+            # Our clients ping every 2 s to notice a frozen peer (conveyor_common.channels).
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+            ("grpc.http2.max_ping_strikes", 0),
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,

@@ -20,6 +20,7 @@ from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_common.channels import client_options
 from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
 from conveyor_common.metrics import RpcMetrics
+from conveyor_common.tls import open_channel
 from conveyor_gateway.auth import AuthInterceptor, RateLimiter, TokenVerifier
 from conveyor_gateway.coalesce import SubmitCoalescer
 from conveyor_gateway.downstream import SchedulerClient
@@ -134,6 +135,8 @@ def build_gateway(
         default_timeout=settings.scheduler_timeout_seconds,
         attempts=settings.scheduler_retry_attempts,
         base_delay=settings.scheduler_retry_base_seconds,
+        attempt_timeout=settings.scheduler_attempt_timeout_seconds,
+        tls=settings.internal_tls,
     )
     submits = (
         SubmitCoalescer(
@@ -148,8 +151,8 @@ def build_gateway(
     notifier_channel: grpc.aio.Channel | None = None
     notifier: notifier_grpc.WatchFanoutServiceStub | None = None
     if settings.notifier_address:
-        notifier_channel = grpc.aio.insecure_channel(
-            settings.notifier_address, options=client_options()
+        notifier_channel = open_channel(
+            settings.notifier_address, settings.internal_tls, client_options()
         )
         notifier = notifier_grpc.WatchFanoutServiceStub(notifier_channel)
     config = watch_config or WatchConfig(poll_interval=settings.watch_poll_interval_seconds)

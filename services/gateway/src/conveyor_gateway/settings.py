@@ -16,6 +16,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common.settings import ServiceSettings
 from conveyor_common.ssrf import AllowList
+from conveyor_common.tls import TlsFiles
 
 
 class GatewaySettings(ServiceSettings):
@@ -39,6 +40,9 @@ class GatewaySettings(ServiceSettings):
     """Attempts per scheduler call on UNAVAILABLE (the first included)."""
     scheduler_retry_base_seconds: float = Field(default=0.05, gt=0, le=5)
     """First backoff delay; doubles per attempt, with full jitter."""
+    scheduler_attempt_timeout_seconds: float = Field(default=0.5, gt=0, le=60)
+    """Bound of a scheduler attempt (doubled after each attempt that hit it): an unresponsive
+    replica costs a caller about this much before another replica is tried."""
     scheduler_channels: int = Field(default=2, ge=1, le=16)
     """HTTP/2 connections to the scheduler (calls are spread over them)."""
     submit_coalesce: bool = True
@@ -74,6 +78,15 @@ class GatewaySettings(ServiceSettings):
     tls_client_ca_file: Path | None = None
     """CA bundle that signs client certificates (mutual TLS)."""
     tls_require_client_auth: bool = False
+    # Mutual TLS towards the internal services (conveyor_common.tls).
+    internal_tls_cert_file: Path | None = None
+    """Certificate the gateway presents to the scheduler and the notifier (internal mutual TLS)."""
+    internal_tls_key_file: Path | None = None
+    """Private key of ``INTERNAL_TLS_CERT_FILE``."""
+    internal_tls_ca_file: Path | None = None
+    """CA bundle that signs the internal services' certificates."""
+    internal_tls_server_name: str = ""
+    """Name expected in the internal services' certificates when their addresses are IPs."""
     """Refuse clients without a certificate signed by the client CA."""
 
     # Validation limits.
@@ -135,6 +148,13 @@ class GatewaySettings(ServiceSettings):
                 "no JWT verification key: set GATEWAY_JWT_HS256_SECRET(_FILE) "
                 "and/or GATEWAY_JWT_RS256_PUBLIC_KEY(_FILE)"
             )
+        internal = [
+            self.internal_tls_cert_file,
+            self.internal_tls_key_file,
+            self.internal_tls_ca_file,
+        ]
+        if any(v is not None for v in internal) and not all(v is not None for v in internal):
+            raise ValueError("GATEWAY_INTERNAL_TLS_CERT_FILE, _KEY_FILE and _CA_FILE go together")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together")
         if self.tls_require_client_auth and self.tls_client_ca_file is None:
@@ -142,3 +162,15 @@ class GatewaySettings(ServiceSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("GATEWAY_TLS_CLIENT_CA_FILE needs GATEWAY_TLS_CERT_FILE/KEY_FILE")
         return self
+
+    @property
+    def internal_tls(self) -> TlsFiles | None:
+        """The files of internal mutual TLS, when it is on."""
+        cert, key, ca = (
+            self.internal_tls_cert_file,
+            self.internal_tls_key_file,
+            self.internal_tls_ca_file,
+        )
+        if cert is None or key is None or ca is None:
+            return None
+        return TlsFiles(cert, key, ca, server_name=self.internal_tls_server_name)

@@ -21,6 +21,7 @@ from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.db import SchemaNotAtHead, check_schema, create_engine, migrate
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.webhooks import WebhookSettings
 
 logger = logging.getLogger("conveyor_scheduler")
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "serve"
     settings = load_settings(SchedulerSettings)
+    load_settings(WebhookSettings)  # the sealing keys too: exit 2 naming a bad variable
     configure_logging("scheduler", settings.log_level)
     if command == "migrate":
         migrate(settings.database_url.get_secret_value())

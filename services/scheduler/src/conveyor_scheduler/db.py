@@ -97,8 +97,27 @@ def binary_arrays(engine: AsyncEngine) -> AsyncEngine:
     return engine
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays."""
+def lease_options(idle_transaction_seconds: float, lease_seconds: float | None = None) -> str:
+    """Session options bounding how long a stalled client holds what it holds: a transaction
+    idle ``idle_transaction_seconds`` is aborted (its row locks released), and with
+    ``lease_seconds`` (the leader's connection) a session idle that long is ended, releasing its
+    advisory lock."""
+    options = (
+        f" -c idle_in_transaction_session_timeout={max(1, int(idle_transaction_seconds * 1000))}"
+    )
+    if lease_seconds is not None:
+        options += f" -c idle_session_timeout={max(1, int(lease_seconds * 1000))}"
+    return options
+
+
+def create_engine(
+    url: str, *, pool_size: int = 10, idle_transaction_seconds: float | None = None
+) -> AsyncEngine:
+    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays; with
+    ``idle_transaction_seconds``, transactions idle that long are aborted by the server."""
+    options = PG_OPTIONS
+    if idle_transaction_seconds is not None:
+        options += lease_options(idle_transaction_seconds)
     return binary_arrays(
         create_async_engine(
             to_sqlalchemy_url(url),
@@ -106,6 +125,6 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             max_overflow=pool_size,
             pool_pre_ping=True,
             pool_recycle=1800,
-            connect_args={"options": PG_OPTIONS, "application_name": "conveyor-scheduler"},
+            connect_args={"options": options, "application_name": "conveyor-scheduler"},
         )
     )
