@@ -23,6 +23,7 @@ from conveyor_common.metrics import RpcMetrics
 from conveyor_gateway.auth import AuthInterceptor, RateLimiter, TokenVerifier
 from conveyor_gateway.coalesce import SubmitCoalescer
 from conveyor_gateway.downstream import SchedulerClient
+from conveyor_gateway.jwks import JwksKeys
 from conveyor_gateway.servicers import AdminServicer, TaskServicer, WebhookServicer
 from conveyor_gateway.settings import GatewaySettings
 from conveyor_gateway.validation import Limits, UrlPolicy, Validator
@@ -47,12 +48,22 @@ def build_verifier(settings: GatewaySettings) -> TokenVerifier:
         rs.append(settings.jwt_rs256_public_key.get_secret_value().encode())
     if settings.jwt_rs256_public_key_file is not None:
         rs.append(settings.jwt_rs256_public_key_file.read_bytes())
+    jwks = None
+    if settings.jwt_jwks_url or settings.jwt_oidc_issuer_url:
+        jwks = JwksKeys(
+            jwks_url=settings.jwt_jwks_url,
+            issuer_url=settings.jwt_oidc_issuer_url,
+            refresh_seconds=settings.jwt_jwks_refresh_seconds,
+            min_refresh_seconds=settings.jwt_jwks_min_refresh_seconds,
+        )
     return TokenVerifier(
         hs256_secrets=hs,
         rs256_public_keys=rs,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         leeway_seconds=settings.jwt_leeway_seconds,
+        max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
+        jwks=jwks,
     )
 
 
@@ -94,6 +105,7 @@ class Gateway:
     scheduler: SchedulerClient
     notifier_channel: grpc.aio.Channel | None
     submits: SubmitCoalescer | None = None
+    jwks: JwksKeys | None = None
 
     @property
     def port(self) -> int:
@@ -101,11 +113,15 @@ class Gateway:
         return self.service.port
 
     async def start(self) -> None:
-        """Start serving."""
+        """Fetch the JWKS (when configured), start serving."""
+        if self.jwks is not None:
+            await self.jwks.start()
         await self.service.start()
 
     async def close_downstream(self) -> None:
         """Finish the submit groups in flight, close the scheduler and notifier channels."""
+        if self.jwks is not None:
+            await self.jwks.close()
         if self.submits is not None:
             await self.submits.close()
         await self.scheduler.close()
@@ -185,5 +201,9 @@ def build_gateway(
         credentials=server_credentials(settings),
     )
     return Gateway(
-        service=server, scheduler=scheduler, notifier_channel=notifier_channel, submits=submits
+        service=server,
+        scheduler=scheduler,
+        notifier_channel=notifier_channel,
+        submits=submits,
+        jwks=verifier.jwks,
     )
