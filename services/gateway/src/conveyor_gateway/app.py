@@ -78,6 +78,8 @@ def build_validator(settings: GatewaySettings) -> Validator:
             max_labels=settings.max_labels,
             max_label_key_length=settings.max_label_key_length,
             max_label_value_length=settings.max_label_value_length,
+            max_input_depth=settings.max_input_depth,
+            max_input_nodes=settings.max_input_nodes,
         ),
         UrlPolicy.from_entries(
             settings.url_allowed_hosts, dns_timeout=settings.dns_timeout_seconds
