@@ -53,3 +53,36 @@ def test_input_bounds_are_settings() -> None:
     assert "nested deeper than 2" in deep["spec.input.a.b.c"]
     assert "more than 5" in fields(submit(a=[1, 2, 3, 4, 5]), tight)["spec.input"]
     assert fields(submit(a=[1, 2, 3, 4]), tight) == {}
+
+
+def _deep_input(levels: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {"x": 1}
+    for _ in range(levels):
+        doc = {"a": doc}
+    return doc
+
+
+def test_input_that_parses_here_but_not_once_wrapped_is_refused() -> None:
+    # 32 object levels parse inside a SubmitTaskRequest but not inside a SubmitTaskGroupRequest.
+    request = svc_pb2.SubmitTaskRequest.FromString(submit(**_deep_input(32)).SerializeToString())
+    assert any("nested deeper than 20" in d for d in fields(request).values())
+
+
+async def test_an_item_that_cannot_be_grouped_fails_alone() -> None:
+    import asyncio
+    import time
+
+    from conveyor.scheduler.v1 import scheduler_service_pb2 as s
+    from conveyor_common.errors import InvalidArgument
+    from conveyor_gateway.coalesce import SubmitCoalescer, _Pending
+
+    loop = asyncio.get_running_loop()
+    good = _Pending(
+        s.SubmitTaskRequest(request=submit()), time.monotonic() + 5, loop.create_future()
+    )
+    deep = svc_pb2.SubmitTaskRequest.FromString(submit(**_deep_input(32)).SerializeToString())
+    bad = _Pending(s.SubmitTaskRequest(request=deep), time.monotonic() + 5, loop.create_future())
+    group = SubmitCoalescer._group_request([good, bad])
+    assert len(group.items) == 1
+    assert not good.future.done()
+    assert isinstance(bad.future.exception(), InvalidArgument)

@@ -6,7 +6,11 @@ string of a protobuf message by its descriptor (scalar and repeated strings, map
 nested messages, and ``google.protobuf.Struct``/``Value``/``ListValue`` keys and values at any depth)
 and names each bad one with the same paths the gateway's rule tables use (``items[3].spec.input.prompt``,
 ``spec.labels["env"]``, ``spec.input["a b"][2]``). It also bounds JSON documents (``Struct``): their
-nesting depth and their number of keys and list items over all levels.
+nesting depth and their number of keys and list items over all levels. The depth bound also keeps
+a forwarded task parseable: protobuf's parsers stop at 100 message levels, a JSON object level costs
+three of them (Struct, map entry, Value), and a task travels wrapped in more messages than it arrived
+in (a SubmitTaskGroupRequest, an event envelope), so a document that parsed at the gateway could fail
+to parse downstream.
 
 Protobuf's runtime refuses invalid UTF-8 in proto3 strings while parsing, so an unpaired surrogate
 cannot normally arrive (its bytes fail the parse, answered INVALID_ARGUMENT "malformed request");
@@ -30,7 +34,7 @@ from conveyor_common.errors import FieldViolation
 
 NUL_MESSAGE = "must not contain NUL characters (U+0000)"
 SURROGATE_MESSAGE = "must not contain unpaired surrogate code points (U+D800-U+DFFF)"
-DEFAULT_MAX_DEPTH = 32
+DEFAULT_MAX_DEPTH = 20
 DEFAULT_MAX_NODES = 10_000
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -105,8 +105,9 @@ class GatewaySettings(ServiceSettings):
     """Longest label key."""
     max_label_value_length: int = Field(default=256, ge=0, le=4096)
     """Longest label value."""
-    max_input_depth: int = Field(default=32, ge=1, le=64)
-    """Deepest nesting of objects and lists in ``spec.input``."""
+    max_input_depth: int = Field(default=20, ge=1, le=24)
+    """Deepest nesting of objects and lists in ``spec.input`` (at most 24: an object level is three
+    protobuf levels, and a task travels wrapped in further messages under protobuf's 100)."""
     max_input_nodes: int = Field(default=10_000, ge=1, le=1_000_000)
     """Most keys and list items in ``spec.input``, counted over every level."""
     url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)

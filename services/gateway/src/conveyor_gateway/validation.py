@@ -169,7 +169,7 @@ class Limits:
     max_labels: int = 32
     max_label_key_length: int = 63
     max_label_value_length: int = 256
-    max_input_depth: int = MAX_INPUT_DEPTH
+    max_input_depth: int = 20
     max_input_nodes: int = 10_000
 
 
