@@ -35,13 +35,45 @@ def token(**dates: Any) -> str:
     return jwt.encode(claims, HS_SECRET, algorithm="HS256")
 
 
-NOW = int(time.time())
+class Later:
+    """The current time plus ``offset`` in a parameter, read when the test runs (not at collection)."""
+
+    def __init__(self, offset: float = 0) -> None:
+        self.offset = offset
+
+    def __add__(self, other: float) -> Later:
+        return Later(self.offset + other)
+
+    def __sub__(self, other: float) -> Later:
+        return Later(self.offset - other)
+
+    def __repr__(self) -> str:
+        return f"NOW{self.offset:+g}"
+
+
+NOW = Later()
+
+
+def resolve(dates: dict[str, Any]) -> dict[str, Any]:
+    now = int(time.time())
+    out: dict[str, Any] = {}
+    for key, value in dates.items():
+        if isinstance(value, Later):
+            value = now + value.offset
+        elif isinstance(value, list):
+            value = [now + v.offset if isinstance(v, Later) else v for v in value]
+        elif value == "NOW+60":
+            value = str(now + 60)
+        elif value == "NOW":
+            value = str(now)
+        out[key] = value
+    return out
 
 
 @pytest.mark.parametrize(
     ("dates", "message"),
     [
-        ({"iat": NOW, "exp": str(NOW + 60)}, "exp must be a number"),
+        ({"iat": NOW, "exp": "NOW+60"}, "exp must be a number"),
         ({"iat": NOW, "exp": "9999999999"}, "exp must be a number"),
         ({"iat": NOW, "exp": 1e30}, "out of range"),
         ({"iat": NOW, "exp": 10**30}, "out of range"),
@@ -51,13 +83,13 @@ NOW = int(time.time())
         ({"iat": NOW, "exp": [NOW + 60]}, "exp must be a number"),
         ({"exp": NOW + 60}, "missing iat claim"),
         ({"iat": NOW}, "missing exp claim"),
-        ({"iat": str(NOW), "exp": NOW + 60}, "iat must be a number"),
+        ({"iat": "NOW", "exp": NOW + 60}, "iat must be a number"),
         ({"iat": False, "exp": NOW + 60}, "iat must be a number"),
         ({"iat": NOW, "exp": NOW + MAX_LIFETIME + 1}, "lifetime"),
         ({"iat": NOW - 10 * MAX_LIFETIME, "exp": NOW + 60}, "lifetime"),
         ({"iat": NOW + 600, "exp": NOW + 1200}, "issued in the future"),
         ({"iat": NOW + 60, "exp": NOW + 30}, "exp must be after iat"),
-        ({"iat": NOW, "exp": NOW + 60, "nbf": str(NOW)}, "nbf must be a number"),
+        ({"iat": NOW, "exp": NOW + 60, "nbf": "NOW"}, "nbf must be a number"),
         ({"iat": NOW, "exp": NOW + 60, "nbf": NOW + 600}, "not yet valid"),
         ({"iat": NOW - 120, "exp": NOW - 60}, "token expired"),
     ],
@@ -66,7 +98,7 @@ def test_bad_dates_are_refused(
     verifier: TokenVerifier, dates: dict[str, Any], message: str
 ) -> None:
     with pytest.raises(Unauthenticated) as exc:
-        verifier.verify(token(**dates))
+        verifier.verify(token(**resolve(dates)))
     assert message in exc.value.message
 
 
@@ -81,11 +113,12 @@ def test_bad_dates_are_refused(
     ],
 )
 def test_good_dates_are_accepted(verifier: TokenVerifier, dates: dict[str, Any]) -> None:
-    assert verifier.verify(token(**dates)).tenant_id == "t"
+    assert verifier.verify(token(**resolve(dates))).tenant_id == "t"
 
 
 def test_default_maximum_is_a_day() -> None:
     v = TokenVerifier(hs256_secrets=[HS_SECRET], issuer=ISSUER, audience=AUDIENCE)
-    assert v.verify(token(iat=NOW, exp=NOW + 24 * 3600)).tenant_id == "t"
+    now = int(time.time())
+    assert v.verify(token(iat=now, exp=now + 24 * 3600)).tenant_id == "t"
     with pytest.raises(Unauthenticated, match="lifetime"):
-        v.verify(token(iat=NOW, exp=NOW + 24 * 3600 + 1))
+        v.verify(token(iat=now, exp=now + 24 * 3600 + 1))
