@@ -122,3 +122,10 @@ def test_default_maximum_is_a_day() -> None:
     assert v.verify(token(iat=now, exp=now + 24 * 3600)).tenant_id == "t"
     with pytest.raises(Unauthenticated, match="lifetime"):
         v.verify(token(iat=now, exp=now + 24 * 3600 + 1))
+
+
+def test_a_sub_claim_with_a_nul_is_refused(verifier: TokenVerifier) -> None:
+    dates = resolve({"iat": NOW, "exp": NOW + 60})
+    claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "svc\x00x", "tenant_id": "t", **dates}
+    with pytest.raises(Unauthenticated, match="sub"):
+        verifier.verify(jwt.encode(claims, HS_SECRET, algorithm="HS256"))

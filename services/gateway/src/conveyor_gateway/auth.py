@@ -291,7 +291,12 @@ class TokenVerifier:
         if not isinstance(tenant, str) or not TENANT_ID_RE.match(tenant):
             raise Unauthenticated("invalid token: missing or bad tenant_id claim")
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject or len(subject) > 256:
+        if (
+            not isinstance(subject, str)
+            or not subject
+            or len(subject) > 256
+            or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in subject)
+        ):
             raise Unauthenticated("invalid token: bad sub claim")
         tier_claim = claims.get("tier", "free")
         role_claim = claims.get("role", "tenant")
