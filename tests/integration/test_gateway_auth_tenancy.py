@@ -86,6 +86,13 @@ BAD_TOKENS: dict[str, Callable[[Keys], tuple[tuple[str, str], ...]]] = {
     "alg_none": lambda k: metadata(alg_none_token(k)),
     "hs256_signed_with_rs256_public_key": lambda k: metadata(hs256_with_rsa_public_key(k)),
     "no_tenant_claim": lambda k: metadata(k.token(drop=("tenant_id",))),
+    # Token policy: numeric exp and iat, lifetime at most GATEWAY_JWT_MAX_LIFETIME_SECONDS (24 h).
+    "exp_string": lambda k: metadata(k.token(extra={"exp": str(int(time.time()) + 600)})),
+    "exp_float_huge": lambda k: metadata(k.token(extra={"exp": 1e30})),
+    "exp_bool": lambda k: metadata(k.token(extra={"exp": True})),
+    "no_iat": lambda k: metadata(k.token(drop=("iat",))),
+    "iat_string": lambda k: metadata(k.token(extra={"iat": str(int(time.time()))})),
+    "lifetime_over_a_day": lambda k: metadata(k.token(ttl=24 * 3600 + 60)),
 }
 
 

@@ -1,6 +1,13 @@
 """``python -m conveyor_gateway``: serve the public API until SIGTERM."""
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+from conveyor_common.redact import limit_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, and its INFO/DEBUG trace
+# lines print request headers (bearer tokens).
+limit_grpc_core_logs()
 
 import asyncio
 import logging
