@@ -124,3 +124,21 @@ async def test_admin_commands_use_the_admin_token(stack: Stack, tmp_path: Path) 
     assert code == 0, err
     for column in ("task_id", "tenant", "model", "attempts", "error"):
         assert column in out
+
+
+async def test_large_output_into_a_closed_pipe_is_quiet(stack: Stack, tmp_path: Path) -> None:
+    token = stack.keys.token("term-big", tier="pro")
+    async with AsyncClient(stack.address, token, timeout=30) as c:
+        prompt = "x" * 1000
+        await c.submit_batch(
+            [{"kind": "text", "model": "acme/llm", "input": {"prompt": prompt}} for _ in range(200)]
+        )
+    env = {**os.environ, "CONVEYOR_ADDRESS": stack.address, "CONVEYOR_TOKEN": token}
+    # ~300 KB of JSON, far more than a pipe holds: the CLI is still writing when head exits.
+    shell = f"{shlex.quote(str(CONVEYOR))} --json list --limit 200 | head -c 100"
+    code, out, err = await asyncio.to_thread(_run_in_terminal, shell, env, tmp_path)
+    assert out.startswith('[{"task_id"')
+    assert err == ""
+    # 141 when the CLI was still writing as head exited; 0 when the kernel's pipe took it all
+    # (some kernels buffer far more than 64 KiB). Never a traceback, never another code.
+    assert code in (0, 141)

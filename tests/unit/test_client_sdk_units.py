@@ -215,3 +215,20 @@ def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
     assert "invalid choice" in err
+
+
+def test_a_closed_stdout_exits_141_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+    import os
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: every write fails with EPIPE
+    closed = io.TextIOWrapper(io.FileIO(write_end, "w", closefd=True))
+    monkeypatch.setattr(sys, "stdout", closed)
+    code = main(["--json", "token", "--secret", "s" * 40, "--tenant", "dev"])
+    monkeypatch.undo()
+    assert code == 141
+    assert capsys.readouterr().err == ""
