@@ -128,7 +128,9 @@ class SchedulerApp:
         url = s.database_url.get_secret_value()
         self.instance = instance_id(s)
         self.metrics = SchedulerMetrics(self.registry)
-        self.engine = create_engine(url, pool_size=s.db_pool_size)
+        self.engine = create_engine(
+            url, pool_size=s.db_pool_size, pool_metrics=self.metrics.db_pool
+        )
         self.wakeups = Wakeups()
         self.notifier = Notifier(
             self.engine, s.notify_coalesce_seconds, s.notify_work_coalesce_seconds

@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from conveyor_scheduler.metrics import DatabasePoolMetrics
 from conveyor_scheduler.models import Base
 from conveyor_scheduler.settings import to_sqlalchemy_url
 
@@ -97,9 +98,15 @@ def binary_arrays(engine: AsyncEngine) -> AsyncEngine:
     return engine
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays."""
-    return binary_arrays(
+def create_engine(
+    url: str, *, pool_size: int = 10, pool_metrics: DatabasePoolMetrics | None = None
+) -> AsyncEngine:
+    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays; with
+    ``pool_metrics``, the pool's state and checkout waits are exported (``conveyor_db_pool_*``)."""
+    extra: dict[str, Any] = {}
+    if pool_metrics is not None:
+        extra["poolclass"] = pool_metrics.pool_class()
+    engine = binary_arrays(
         create_async_engine(
             to_sqlalchemy_url(url),
             pool_size=pool_size,
@@ -107,5 +114,7 @@ def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
             pool_pre_ping=True,
             pool_recycle=1800,
             connect_args={"options": PG_OPTIONS, "application_name": "conveyor-scheduler"},
+            **extra,
         )
     )
+    return engine if pool_metrics is None else pool_metrics.watch(engine)
