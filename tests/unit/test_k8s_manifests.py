@@ -323,6 +323,18 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                                 "port": STR,
                                 "path": {"type": "string", "pattern": "^/"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                                "relabelings": {
+                                    "type": "array",
+                                    "items": _obj(
+                                        {
+                                            "sourceLabels": {"type": "array", "items": STR},
+                                            "targetLabel": STR,
+                                            "replacement": STR,
+                                            "action": STR,
+                                            "regex": STR,
+                                        }
+                                    ),
+                                },
                             },
                             ("port",),
                         ),

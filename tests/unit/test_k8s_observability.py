@@ -33,6 +33,8 @@ MONITORING = K8S / "components" / "monitoring"
 DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
 EXTERNAL_PREFIXES = ("kube_",)
 """Metrics from outside Conveyor that a panel may use (kube-state-metrics)."""
+EXTERNAL_NAMES = frozenset({"up"})
+"""Prometheus's own per-target series (alerts on Conveyor's targets, by the PodMonitors' job)."""
 GRAFANA_VARIABLES = {
     "$__rate_interval": "5m",
     "$__interval": "1m",
@@ -82,7 +84,9 @@ def unknown_metrics(expr: str) -> list[str]:
     return [
         name
         for name, _ in selectors(expr)
-        if name not in exported_metrics() and not name.startswith(EXTERNAL_PREFIXES)
+        if name not in exported_metrics()
+        and not name.startswith(EXTERNAL_PREFIXES)
+        and name not in EXTERNAL_NAMES
     ]
 
 
@@ -226,6 +230,18 @@ def test_alerts_cover_the_issue_and_link_their_runbook() -> None:
         "ConveyorProvider429Streak",
         "ConveyorWebhookSignatureFailures",
         "ConveyorConsumerLagHigh",
+        # issue 16: availability, ratios, provider errors, SLO burn rates, database pool
+        "ConveyorTargetDown",
+        "ConveyorPodCrashLooping",
+        "ConveyorAdmissionRejectionRatioHigh",
+        "ConveyorProviderCreateFailures",
+        "ConveyorProviderServerErrors",
+        "ConveyorTaskFailureRatioHigh",
+        "ConveyorSubmitLatencyBudgetBurn",
+        "ConveyorSubmitLatencyBudgetSlowBurn",
+        "ConveyorDispatchLatencyBudgetBurn",
+        "ConveyorDispatchLatencyBudgetSlowBurn",
+        "ConveyorDatabasePoolSaturated",
     } <= names
     runbooks = (ROOT / "docs" / "runbooks.md").read_text()
     anchors = {
@@ -246,15 +262,45 @@ def test_alerts_cover_the_issue_and_link_their_runbook() -> None:
 def test_no_scheduler_leader_is_the_sum_of_the_leader_gauge_for_a_minute() -> None:
     rule = next(r for r in alert_rules() if r["alert"] == "ConveyorNoSchedulerLeader")
     assert rule["for"] == "1m"
-    assert "sum(conveyor_scheduler_leader" in rule["expr"]
+    assert "sum by (namespace) (conveyor_scheduler_leader)" in rule["expr"]
+    assert "absent(" not in rule["expr"], "absent() cannot say which namespace lost its leader"
     assert "== 0" in rule["expr"]
 
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
 def test_alert_expressions_parse_and_name_exported_metrics(rule: dict[str, Any]) -> None:
     assert not unknown_metrics(rule["expr"])
-    for _, matchers in selectors(rule["expr"]):
-        assert matchers.get("namespace") == "conveyor", "scoped to Conveyor's namespace"
+    for name, matchers in selectors(rule["expr"]):
+        assert "namespace" not in matchers, f"{name}: no namespace in an alert (any namespace)"
+        if name == "up":
+            assert matchers.get("job", "").startswith("conveyor-"), "only Conveyor's targets"
+        if name.startswith(EXTERNAL_PREFIXES):
+            assert 'and on (namespace, pod) up{job=~"conveyor-' in rule["expr"], (
+                f"{name}: joined with Conveyor's targets"
+            )
+
+
+def aggregations(expr: str) -> list[Any]:
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.AggregateExpr):
+            found.append(node)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alert_aggregations_keep_the_namespace(rule: dict[str, Any]) -> None:
+    """Every aggregation groups by namespace: one alert per installation, with its namespace."""
+    aggs = aggregations(rule["expr"])
+    assert aggs, rule["alert"]
+    for agg in aggs:
+        modifier = agg.modifier
+        assert modifier is not None, f"{rule['alert']}: {agg} aggregates the namespaces away"
+        assert "without" not in str(modifier).lower()
+        assert "namespace" in modifier.labels, f"{rule['alert']}: {agg}"
 
 
 def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
