@@ -385,13 +385,13 @@ def test_keda_and_hpa_flavours_scale_on_the_same_queries_and_targets() -> None:
                 spec = metric["external"]
                 rule = external[spec["metric"]["name"]]
                 expanded = expand(
-                    rule, "conveyor", spec["metric"].get("selector", {}).get("matchLabels", {})
+                    rule, "NAMESPACE", spec["metric"].get("selector", {}).get("matchLabels", {})
                 )
                 assert canonical(expanded) == canonical(query), (target, expanded, query)
             else:
                 spec = metric["pods"]
                 rule = custom[spec["metric"]["name"]]
-                expanded = expand(rule, "conveyor", {}, pods=True)
+                expanded = expand(rule, "NAMESPACE", {}, pods=True)
                 # Per pod in the HPA, the total in KEDA: same series, same window.
                 assert {n for n, _ in selectors(expanded)} == {n for n, _ in selectors(query)}
                 assert re.findall(r"\[\w+\]", expanded) == re.findall(r"\[\w+\]", query)
