@@ -107,11 +107,14 @@ def moved(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-ENTRIES = ["."] + sorted(
-    str(p.relative_to(K8S))
-    for p in (K8S / "tests").iterdir()
-    if (p / "kustomization.yaml").is_file()
-)
+ENTRIES = [
+    ".",
+    *sorted(
+        str(p.relative_to(K8S))
+        for p in (K8S / "tests").iterdir()
+        if (p / "kustomization.yaml").is_file()
+    ),
+]
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
@@ -129,7 +132,8 @@ def test_the_production_entry_ships_its_queries(moved: Path) -> None:
     kinds = {where.split("/")[0] for where, _ in found}
     assert kinds == {"ScaledObject", "PrometheusRule", "ConfigMap"}
     keda = [e for w, e in found if w.startswith("ScaledObject")]
-    assert keda and all(f'namespace="{NAMESPACE}"' in e for e in keda)
+    assert keda
+    assert all(f'namespace="{NAMESPACE}"' in e for e in keda)
     assert not any('namespace="conveyor"' in e for _, e in found)
 
 
@@ -150,7 +154,8 @@ def test_a_namespace_set_above_ours_reaches_the_queries(tmp_path: Path) -> None:
     objs = render(wrapper)
     assert check(objs, "team-b") > 50
     keda = [e for w, e in queries(objs) if w.startswith("ScaledObject")]
-    assert keda and all('namespace="team-b"' in e for e in keda)
+    assert keda
+    assert all('namespace="team-b"' in e for e in keda)
 
 
 def test_without_the_transformer_a_namespace_above_would_leave_queries_behind(
