@@ -120,6 +120,14 @@ bench: setup bench-peers ## Benchmarks: writes bench/results/*.json and prints r
 autoscale-demo: setup k8s-tools ## Provider-adapter autoscaling on the running stack with a real Prometheus (~8 min)
 	$(PY) bench/autoscaling_demo.py
 
+.PHONY: images
+images: ## Build every service image (docker, podman or buildah; CONVEYOR_REGISTRY=..., PUSH=1 to push), tagged from git describe
+	$(PYTHON) tools/k8s/images.py build $(if $(PUSH),--push,)
+
+.PHONY: images-set
+images-set: ## Set an overlay's kustomize images: to CONVEYOR_REGISTRY and the git version (OVERLAY=prod|dev)
+	$(PYTHON) tools/k8s/images.py set --overlay $(or $(OVERLAY),prod)
+
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and the Kafka jars)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache
