@@ -53,3 +53,18 @@ def test_without_pool_metrics_the_engine_exports_nothing() -> None:
     create_engine("postgresql://u:p@127.0.0.1:1/db", pool_size=1)
     assert metrics.db_pool.pools() == []
     assert sample(registry, "conveyor_db_pool_size") is None
+
+
+async def test_the_scheduler_app_exports_its_pool(database_url: str) -> None:
+    from conveyor_scheduler import testing as kit
+    from conveyor_scheduler.app import SchedulerApp
+
+    await kit.migrate(database_url)
+    settings = kit.make_settings(database_url, instance_id="pool-metrics", grpc_port=0)
+    app = SchedulerApp(settings, kafka=False, grpc=False)
+    await app.start()
+    try:
+        assert sample(app.registry, "conveyor_db_pool_size") == settings.db_pool_size
+        assert (sample(app.registry, "conveyor_db_pool_wait_seconds_count") or 0) >= 1
+    finally:
+        await app.stop()
