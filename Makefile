@@ -133,6 +133,14 @@ dist: ## Build the wheels and sdists of the SDK (conveyor-client) and its stubs 
 sdk-matrix: setup ## Install the built wheels on Python 3.11/3.12/3.13 and run the SDK checks on a live stack
 	$(VENV)/bin/pytest -m integration tests/integration/test_sdk_matrix.py $(PYTEST_ARGS)
 
+.PHONY: images
+images: ## Build every service image (docker, podman or buildah; CONVEYOR_REGISTRY=..., PUSH=1 to push), tagged from git describe
+	$(PYTHON) tools/k8s/images.py build $(if $(PUSH),--push,)
+
+.PHONY: images-set
+images-set: ## Set an overlay's kustomize images: to CONVEYOR_REGISTRY and the git version (OVERLAY=prod|dev)
+	$(PYTHON) tools/k8s/images.py set --overlay $(or $(OVERLAY),prod)
+
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and the Kafka jars)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache

@@ -130,7 +130,10 @@ class SchedulerApp:
         self.instance = instance_id(s)
         self.metrics = SchedulerMetrics(self.registry)
         self.engine = create_engine(
-            url, pool_size=s.db_pool_size, idle_transaction_seconds=s.idle_transaction_seconds
+            url,
+            pool_size=s.db_pool_size,
+            idle_transaction_seconds=s.idle_transaction_seconds,
+            pool_metrics=self.metrics.db_pool,
         )
         self.wakeups = Wakeups()
         self.notifier = Notifier(

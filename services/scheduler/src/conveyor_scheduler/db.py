@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from conveyor_scheduler.metrics import DatabasePoolMetrics
 from conveyor_scheduler.models import Base
 from conveyor_scheduler.settings import to_sqlalchemy_url
 
@@ -111,14 +112,22 @@ def lease_options(idle_transaction_seconds: float, lease_seconds: float | None =
 
 
 def create_engine(
-    url: str, *, pool_size: int = 10, idle_transaction_seconds: float | None = None
+    url: str,
+    *,
+    pool_size: int = 10,
+    idle_transaction_seconds: float | None = None,
+    pool_metrics: DatabasePoolMetrics | None = None,
 ) -> AsyncEngine:
     """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays; with
-    ``idle_transaction_seconds``, transactions idle that long are aborted by the server."""
+    ``idle_transaction_seconds``, transactions idle that long are aborted by the server; with
+    ``pool_metrics``, the pool's state and checkout waits are exported (``conveyor_db_pool_*``)."""
     options = PG_OPTIONS
     if idle_transaction_seconds is not None:
         options += lease_options(idle_transaction_seconds)
-    return binary_arrays(
+    extra: dict[str, Any] = {}
+    if pool_metrics is not None:
+        extra["poolclass"] = pool_metrics.pool_class()
+    engine = binary_arrays(
         create_async_engine(
             to_sqlalchemy_url(url),
             pool_size=pool_size,
@@ -126,5 +135,7 @@ def create_engine(
             pool_pre_ping=True,
             pool_recycle=1800,
             connect_args={"options": options, "application_name": "conveyor-scheduler"},
+            **extra,
         )
     )
+    return engine if pool_metrics is None else pool_metrics.watch(engine)
