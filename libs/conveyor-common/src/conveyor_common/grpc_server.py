@@ -21,7 +21,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import SpanKind
 
+from conveyor_common import tracing
 from conveyor_common.context import bound, new_traceparent
 from conveyor_common.errors import RpcError
 from conveyor_common.faults import classify
@@ -79,14 +81,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = getattr(handler_call_details, "method", "")
         meta = _metadata(handler_call_details)
         request_id = meta.get("x-request-id") or uuid.uuid4().hex
+        # The caller's trace id with a new span id (the span's own, when traces are exported).
         traceparent = new_traceparent(meta.get("traceparent"))
+        rpc_attributes = {"rpc.system": "grpc", "rpc.method": method}
         metrics = self.metrics
         svc = metrics.service
         in_flight, latency, handled = self._method_metrics(method)
 
-        def finish(start: float, code: grpc.StatusCode) -> None:
+        def finish(start: float, code: grpc.StatusCode, current: Any = None) -> None:
             in_flight.dec()
-            latency.observe(time.perf_counter() - start)
+            trace = tracing.trace_id()
+            if trace is not None:  # an exemplar: Grafana links the latency to the trace
+                latency.observe(time.perf_counter() - start, exemplar={"trace_id": trace})
+            else:
+                latency.observe(time.perf_counter() - start)
+            if code != grpc.StatusCode.OK:
+                tracing.set_error(current, code.name)
             counter = handled.get(code)
             if counter is None:
                 counter = handled[code] = metrics.handled.labels(svc, method, code.name)
@@ -105,7 +115,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 in_flight.inc()
                 code = grpc.StatusCode.OK
-                with bound(request_id=request_id, traceparent=traceparent):
+                with (
+                    bound(request_id=request_id, traceparent=traceparent),
+                    tracing.span(
+                        method,
+                        SpanKind.SERVER,
+                        parent=meta.get("traceparent", ""),
+                        attributes=rpc_attributes,
+                    ) as current,
+                ):
                     try:
                         response = await inner_uu(request, context)
                         code = code_of(context)
@@ -122,7 +140,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         code = answer.code
                         await _abort(context, answer)
                     finally:
-                        finish(start, code)
+                        finish(start, code, current)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -139,7 +157,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 in_flight.inc()
                 code = grpc.StatusCode.OK
-                with bound(request_id=request_id, traceparent=traceparent):
+                with (
+                    bound(request_id=request_id, traceparent=traceparent),
+                    tracing.span(
+                        method,
+                        SpanKind.SERVER,
+                        parent=meta.get("traceparent", ""),
+                        attributes=rpc_attributes,
+                    ) as current,
+                ):
                     try:
                         async for item in inner_us(request, context):
                             yield item
@@ -156,7 +182,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                         code = answer.code
                         await _abort(context, answer)
                     finally:
-                        finish(start, code)
+                        finish(start, code, current)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode
 
 from conveyor_common.errors import PermissionDenied
+from conveyor_common.tracing import TraceparentClientInterceptor
 
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Methods every certified peer may call whatever ``tls_allowed_peers`` says."""
@@ -127,11 +128,16 @@ class TlsFiles:
 def open_channel(
     target: str, tls: TlsFiles | None, options: list[tuple[str, str | int]]
 ) -> grpc.aio.Channel:
-    """A channel to another Conveyor service: mutual TLS when ``tls`` is given, else plaintext."""
+    """A channel to another Conveyor service: mutual TLS when ``tls`` is given, else plaintext;
+    every call carries the caller's trace context (``traceparent``)."""
+    interceptors = [TraceparentClientInterceptor()]
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=options)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
     return grpc.aio.secure_channel(
-        target, tls.channel_credentials(), options=[*options, *tls.channel_options()]
+        target,
+        tls.channel_credentials(),
+        options=[*options, *tls.channel_options()],
+        interceptors=interceptors,
     )
 
 

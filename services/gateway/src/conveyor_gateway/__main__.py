@@ -19,6 +19,7 @@ from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
+from conveyor_common.tracing import configure_tracing
 from conveyor_gateway.app import build_gateway
 from conveyor_gateway.settings import GatewaySettings
 
@@ -50,6 +51,7 @@ def main() -> None:
     """Entry point."""
     settings = load_settings(GatewaySettings)
     configure_logging("gateway", settings.log_level)
+    configure_tracing("gateway")
     asyncio.run(run(settings))
 
 

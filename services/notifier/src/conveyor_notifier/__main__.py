@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from conveyor_common.logging import configure_logging
 from conveyor_common.settings import load_settings
+from conveyor_common.tracing import configure_tracing
 from conveyor_notifier.app import main_async
 from conveyor_notifier.settings import NotifierSettings
 
@@ -12,6 +13,7 @@ def main() -> None:
     """Entry point."""
     settings = load_settings(NotifierSettings)
     configure_logging("notifier", settings.log_level)
+    configure_tracing("notifier")
     main_async(settings)
 
 

@@ -10,6 +10,7 @@ from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
 from conveyor_common.service import serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
+from conveyor_common.tracing import configure_tracing
 from conveyor_provider_adapter.app import SERVICE, Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
 
@@ -28,6 +29,7 @@ def main() -> None:
     """Entry point."""
     settings = load_settings(AdapterSettings)
     configure_logging(SERVICE, settings.log_level)
+    configure_tracing(SERVICE)
     asyncio.run(run(settings))
 
 

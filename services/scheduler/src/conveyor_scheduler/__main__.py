@@ -17,6 +17,7 @@ from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
+from conveyor_common.tracing import configure_tracing
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.db import SchemaNotAtHead, check_schema, create_engine, migrate
 from conveyor_scheduler.policy import Policy
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = load_settings(SchedulerSettings)
     load_settings(WebhookSettings)  # the sealing keys too: exit 2 naming a bad variable
     configure_logging("scheduler", settings.log_level)
+    configure_tracing("scheduler")
     if command == "migrate":
         migrate(settings.database_url.get_secret_value())
         logger.info("schema migrated to head", extra={"action": "migrated"})

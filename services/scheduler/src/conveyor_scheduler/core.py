@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionma
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
+from conveyor_common import tracing
 from conveyor_common.errors import ResourceExhausted, Unavailable
 from conveyor_common.faults import classify
 from conveyor_scheduler import models as m
@@ -235,14 +236,19 @@ class SchedulerCore:
 
     async def apply_results(self, results: Sequence[events_pb2.ProviderResult]) -> Changes:
         """Apply provider results in one transaction (the consumer's path)."""
-        async with self.engine.begin() as conn:
-            changes = await transitions.apply_results(
-                conn,
-                results,
-                backoff=self.backoff,
-                provider=self.settings.provider_name,
-                now=utcnow(),
-            )
+        with tracing.span(
+            "db apply_results",
+            tracing.SpanKind.CLIENT,
+            attributes={"db.system": "postgresql", "conveyor.results": len(results)},
+        ):
+            async with self.engine.begin() as conn:
+                changes = await transitions.apply_results(
+                    conn,
+                    results,
+                    backoff=self.backoff,
+                    provider=self.settings.provider_name,
+                    now=utcnow(),
+                )
         poke = bool(changes.free_slots) or any(
             r.WhichOneof("outcome") == "throttled" for r in results
         )
@@ -487,15 +493,22 @@ class SubmitBatcher:
         started = time.perf_counter()
         try:
             # Three round trips for a common group: keys, admission, insert with COMMIT.
-            async with pipelined(conn) as leave:
-                outcomes = await repo.submit_group(
-                    conn,
-                    [r for r, _ in batch],
-                    policy=core.policy,
-                    settings=core.settings,
-                    now=now,
-                    leave_pipeline=leave,
-                )
+            with tracing.span(
+                "db submit_group",
+                tracing.SpanKind.CLIENT,
+                parent="",
+                attributes={"db.system": "postgresql", "conveyor.group_size": len(batch)},
+                links=[r.item.traceparent for r, _ in batch],
+            ):
+                async with pipelined(conn) as leave:
+                    outcomes = await repo.submit_group(
+                        conn,
+                        [r for r, _ in batch],
+                        policy=core.policy,
+                        settings=core.settings,
+                        now=now,
+                        leave_pipeline=leave,
+                    )
         except Exception as exc:
             if isinstance(classify(exc), Unavailable):
                 # The database is unreachable or contended: one by one would fail the same way,

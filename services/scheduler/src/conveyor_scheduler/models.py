@@ -250,6 +250,10 @@ class Task(Base):
     labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[int] | None] = mapped_column(ARRAY(SmallInteger))
+    traceparent: Mapped[str | None] = mapped_column(
+        Text,
+        comment="W3C traceparent of the submit: every record about the task carries its trace.",
+    )
     slot_cost: Mapped[int] = mapped_column(SmallInteger)
     rank: Mapped[float] = mapped_column(Double)
 

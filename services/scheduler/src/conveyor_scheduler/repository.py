@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
+from conveyor_common.context import current_traceparent
 from conveyor_common.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -69,6 +70,8 @@ class NewTask:
     request_id: str
     spec: task_pb2.TaskSpec
     fingerprint: bytes
+    traceparent: str = ""
+    """The submit's trace context (a coalesced submit brings its own); empty = the current one."""
 
 
 def fingerprint(spec: task_pb2.TaskSpec) -> bytes:
@@ -753,6 +756,7 @@ def new_task_row(
         "last_sequence": 0,
         "labels": dict(spec.labels),
         "webhook_url": spec.webhook.url or None if spec.HasField("webhook") else None,
+        "traceparent": item.traceparent or current_traceparent(),
         "webhook_events": [int(e) for e in spec.webhook.events]
         if spec.HasField("webhook")
         else None,

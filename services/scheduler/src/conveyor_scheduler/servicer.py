@@ -239,7 +239,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
                 SubmitRequest(
                     tenant,
                     int(item.principal.tier) or 1,
-                    NewTask(r.request_id, r.spec, fingerprint(r.spec)),
+                    NewTask(r.request_id, r.spec, fingerprint(r.spec), item.traceparent),
                 )
             )
         futures = self.core.submit_many(submits)

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from conveyor_common import topics as topic_names
+from conveyor_common import tracing
 from conveyor_common.context import bound
 from conveyor_common.kafka.envelope import DecodeError, Envelope, TypeRegistry, decode
 from conveyor_common.kafka.producer import EventProducer
@@ -254,7 +255,18 @@ class EventConsumer:
             await self._dead_letter(record, f"decode: {exc}")
             self._count(topic, "undecodable")
             return
-        with bound(task_id=envelope.key or None, traceparent=envelope.traceparent):
+        with (
+            bound(task_id=envelope.key or None, traceparent=envelope.traceparent),
+            tracing.span(
+                f"{topic} process",
+                tracing.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": topic,
+                    "conveyor.task_id": envelope.key or "",
+                },
+            ),
+        ):
             if self.dedup is not None and await self.dedup.seen(envelope):
                 self._count(topic, "duplicate")
                 return
