@@ -5,7 +5,14 @@ runs ``alembic upgrade head`` (the Kubernetes migrate Job) and exits; ``rerank``
 dispatch rank of waiting tasks after the aging rate or tier boosts changed.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+from conveyor_common.redact import limit_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, and its INFO/DEBUG trace
+# lines print request headers (credentials).
+limit_grpc_core_logs()
 
 import asyncio
 import logging
