@@ -88,6 +88,29 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     return preexec
 
 
+def _launch_args(argv: Sequence[str], run_as: RunAs | None) -> dict[str, Any]:
+    """How to start a child that dies with us (and runs as ``run_as``).
+
+    With util-linux's ``setpriv`` the death signal and the user are set by the child's first exec,
+    so Python starts it with vfork/posix_spawn and runs no fork handlers: a test process whose gRPC
+    threads are busy has had a forked child abort in gRPC's atfork handler (SIGABRT before exec).
+    Without ``setpriv``: fork with a tiny pre-exec function, as before.
+    """
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        prefix = [setpriv, "--pdeathsig", "KILL"]
+        if run_as is not None:
+            prefix += [f"--reuid={run_as.uid}", f"--regid={run_as.gid}", "--clear-groups"]
+        return {"args": [*prefix, "--", *argv]}
+    return {
+        "args": list(argv),
+        "preexec_fn": _die_with_parent(os.getpid()),
+        "user": None if run_as is None else run_as.uid,
+        "group": None if run_as is None else run_as.gid,
+        "extra_groups": None if run_as is None else [],
+    }
+
+
 def spawn(
     argv: Sequence[str],
     *,
@@ -101,17 +124,13 @@ def spawn(
         if run_as is not None:
             os.chown(log_path, run_as.uid, run_as.gid)
         return subprocess.Popen(
-            list(argv),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=cwd,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),
-            user=None if run_as is None else run_as.uid,
-            group=None if run_as is None else run_as.gid,
-            extra_groups=None if run_as is None else [],
+            **_launch_args(argv, run_as),
         )
 
 
@@ -127,7 +146,6 @@ def run(
     """Run a short command to completion; raise DevstackError with its output when it fails."""
     try:
         proc = subprocess.run(
-            list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -136,10 +154,7 @@ def run(
             timeout=timeout,
             check=False,
             start_new_session=True,
-            preexec_fn=_die_with_parent(os.getpid()),
-            user=None if run_as is None else run_as.uid,
-            group=None if run_as is None else run_as.gid,
-            extra_groups=None if run_as is None else [],
+            **_launch_args(argv, run_as),
         )
     except subprocess.TimeoutExpired as exc:
         partial = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else ""
