@@ -20,6 +20,11 @@ ends with ``devstack: postgres=<backend>(<version>) kafka=<backend>(<version>)``
 from __future__ import annotations
 
 import os
+
+# Test processes fork (pexpect's pty, subprocess with pre-exec functions) while gRPC threads are
+# busy: gRPC's fork handlers then print epoll errors into the child or abort it. Nothing here needs
+# gRPC in a forked child, so its fork support stays off (read once, when grpc is first imported).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 import re
 import uuid
 import warnings
