@@ -24,6 +24,7 @@ from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatcher import Dispatcher, Leader
 from conveyor_scheduler.groups import store
 from conveyor_scheduler.groups.service import GroupCore
+from conveyor_scheduler.repository import NewTask, fingerprint
 from conveyor_scheduler.signals import Wakeups
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -222,7 +223,7 @@ async def test_delayed_task_and_retry_policy(env: Env) -> None:
     spec.delay.FromTimedelta(timedelta(hours=1))
     spec.retry_policy.backoff = task_pb2.RETRY_BACKOFF_FIXED
     spec.retry_policy.delay.FromTimedelta(timedelta(seconds=60))
-    [(row, _)] = await env.core.submit("t1", 1, [kit.NewTask("d1", spec, kit.fingerprint(spec))])
+    [(row, _)] = await env.core.submit("t1", 1, [NewTask("d1", spec, fingerprint(spec))])
     task = await env.core.get_task("t1", str(row["id"]))
     assert task.scheduled
     assert task.status == task_pb2.TASK_STATUS_QUEUED
@@ -250,7 +251,7 @@ async def test_delayed_task_and_retry_policy(env: Env) -> None:
     # A waiting delayed task cancels at once.
     spec2 = kit.spec()
     spec2.delay.FromTimedelta(timedelta(minutes=5))
-    [(row2, _)] = await env.core.submit("t1", 1, [kit.NewTask("d2", spec2, kit.fingerprint(spec2))])
+    [(row2, _)] = await env.core.submit("t1", 1, [NewTask("d2", spec2, fingerprint(spec2))])
     canceled = await env.core.cancel("t1", str(row2["id"]), "no longer needed")
     assert canceled["status"] == 6
     await kit.check_invariants(env.core.engine, env.core.policy)

@@ -21,6 +21,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from conveyor.scheduler.v1 import group_service_pb2_grpc as group_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 from conveyor_common.channels import client_options
 from conveyor_common.errors import RpcError, Unavailable
@@ -116,6 +117,7 @@ class SchedulerClient:
             for _ in range(channels)
         ]
         self._stubs = [sched_grpc.SchedulerServiceStub(ch) for ch in self._channels]
+        self._group_stubs = [group_grpc.TaskGroupServiceStub(ch) for ch in self._channels]
         self._next = itertools.cycle(range(len(self._stubs)))
         self.default_timeout = default_timeout
         self.attempts = attempts
@@ -128,11 +130,12 @@ class SchedulerClient:
 
     async def call(
         self,
-        method: Callable[[sched_grpc.SchedulerServiceStub], Any],
+        method: Callable[[Any], Any],
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any] | None,
         *,
         budget_seconds: float | None = None,
+        groups: bool = False,
     ) -> Resp:
         """Call ``method(stub)(request)``; retry UNAVAILABLE within the caller's deadline."""
         total = (
@@ -146,7 +149,8 @@ class SchedulerClient:
             if remaining <= 0:
                 raise DownstreamError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
             try:
-                response: Resp = await method(self.stub())(request, timeout=remaining)
+                stub: Any = self._group_stubs[next(self._next)] if groups else self.stub()
+                response: Resp = await method(stub)(request, timeout=remaining)
                 return response
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.attempts:
