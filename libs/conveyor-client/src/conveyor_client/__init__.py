@@ -9,9 +9,11 @@ from conveyor_client.client import (
     new_request_id,
 )
 from conveyor_client.errors import ConveyorError, Violation
+from conveyor_client.groups import GROUP_TERMINAL_STATUSES, delayed
 from conveyor_client.token import mint_token
 
 __all__ = [
+    "GROUP_TERMINAL_STATUSES",
     "TERMINAL_EVENTS",
     "TERMINAL_STATUSES",
     "AsyncConveyorClient",
@@ -19,6 +21,7 @@ __all__ = [
     "ConveyorError",
     "Violation",
     "build_spec",
+    "delayed",
     "mint_token",
     "new_request_id",
 ]
