@@ -29,6 +29,7 @@ from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_client.client import TERMINAL_EVENTS, AsyncConveyorClient, build_spec
 from conveyor_client.errors import ConveyorError
+from conveyor_client.group_cli import GroupUsageError, add_group_parser, run_group
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -231,6 +232,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _dispatch(client: AsyncConveyorClient, args: argparse.Namespace, out: Output) -> int:
     cmd = args.command
+    if cmd == "group":
+        try:
+            return await run_group(client, args, out.console, out.json)
+        except GroupUsageError as exc:
+            raise UsageError(str(exc)) from None
     if cmd == "submit":
         spec = build_spec(
             args.kind,
@@ -540,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=0)
         if name == "bulk-cancel":
             p.add_argument("--reason")
+    add_group_parser(sub, common)
     return parser
 
 
