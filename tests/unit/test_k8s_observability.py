@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
 from conveyor_notifier.metrics import NotifierMetrics
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_scheduler.groups.service import GroupMetrics
 from conveyor_scheduler.metrics import SchedulerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,6 +49,7 @@ def exported_metrics() -> frozenset[str]:
     RpcMetrics(registry, "test")
     KafkaMetrics(registry, "test")
     SchedulerMetrics(registry)
+    GroupMetrics(registry)
     AdapterMetrics(registry)
     NotifierMetrics(registry)
     names: set[str] = set()
