@@ -415,14 +415,72 @@ _SAVE_SQL = text(
 _COUNTERS = ("done", "succeeded", "failed", "canceled", "running", "queued", "progress_sum")
 
 
+_SAVE_MANY_SQL = text(
+    """
+    UPDATE task_groups AS g SET status = v.status, done = v.done, succeeded = v.succeeded,
+        failed = v.failed, canceled = v.canceled, running = v.running, queued = v.queued,
+        progress_sum = v.progress_sum, cancel_requested = v.cancel_requested,
+        cancel_pending = v.cancel_pending, cancel_reason = v.cancel_reason,
+        last_sequence = v.last_sequence, updated_at = v.updated_at, finished_at = v.finished_at
+    FROM unnest(CAST(:id AS uuid[]), CAST(:status AS smallint[]), CAST(:done AS int[]),
+        CAST(:succeeded AS int[]), CAST(:failed AS int[]), CAST(:canceled AS int[]),
+        CAST(:running AS int[]), CAST(:queued AS int[]), CAST(:progress_sum AS bigint[]),
+        CAST(:cancel_requested AS bool[]), CAST(:cancel_pending AS bool[]),
+        CAST(:cancel_reason AS text[]), CAST(:last_sequence AS bigint[]),
+        CAST(:updated_at AS timestamptz[]), CAST(:finished_at AS timestamptz[]))
+        AS v(id, status, done, succeeded, failed, canceled, running, queued, progress_sum,
+             cancel_requested, cancel_pending, cancel_reason, last_sequence, updated_at,
+             finished_at)
+    WHERE g.id = v.id
+    """
+)
+
+
+def _child_events(g: GroupRow, payloads: list[bytes], now: datetime) -> list[dict[str, Any]]:
+    """CHILD events of one group, sharing one serialized group snapshot (what ``_event`` builds
+    per event, without building and serializing the Group message once per child event)."""
+    snapshot = _length_delimited(7, group_proto(g).SerializeToString())
+    head = group_pb2.GroupEvent(
+        group_id=str(g["id"]),
+        tenant_id=g["tenant_id"],
+        type=EV_CHILD,  # type: ignore[arg-type]
+    )
+    set_ts(head.occurred_at, now)
+    common = head.SerializeToString() + snapshot
+    out = []
+    first = g["last_sequence"] + 1
+    for i, payload in enumerate(payloads):
+        event_id = uuid7()
+        own = group_pb2.GroupEvent(event_id=str(event_id), sequence=first + i).SerializeToString()
+        out.append(
+            {
+                "group_id": g["id"],
+                "sequence": first + i,
+                "event_id": event_id,
+                "type": EV_CHILD,
+                "occurred_at": now,
+                "payload": own + common + _length_delimited(8, payload),
+            }
+        )
+    return out
+
+
 async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
     """Recompute the aggregate of every group a child of which this transaction changed, append
-    the children's events to the groups' histories, and settle groups whose children are done."""
+    the children's events to the groups' histories, and settle groups whose children are done.
+
+    Per transaction: one statement locks the groups, one recomputes their aggregates, one saves
+    them, one appends the events, whatever the number of groups and children involved."""
     members = {
         r["id"]: r["group_id"] for r in changes.dirty.values() if r.get("group_id") is not None
     }
     if not members:
         return
+    payloads: dict[uuid.UUID, list[bytes]] = {}
+    for e in changes.events:
+        gid = members.get(e["task_id"])
+        if gid is not None:
+            payloads.setdefault(gid, []).append(e["payload"])
     gids = sorted(set(members.values()))
     rows = await conn.execute(
         text("SELECT * FROM task_groups WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
@@ -435,6 +493,7 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
     }
     now = changes.now
     events: list[dict[str, Any]] = []
+    saved: list[GroupRow] = []
     for gid in gids:
         g = groups.get(gid)
         agg = aggregates.get(gid)
@@ -444,31 +503,36 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
             g[c] = int(agg[c])
         g["updated_at"] = now
         running = g["status"] == G_RUNNING
-        events.extend(
-            _event(g, EV_CHILD, now, child_payload=e["payload"])
-            for e in changes.events
-            if members.get(e["task_id"]) == gid
-        )
-        if (
+        settles = running and g["done"] == g["total"]
+        fails_fast = (
             running
             and g["policy"] == POLICY_FAIL_FAST
-            and g["failed"]
+            and g["failed"] > 0
             and not g["cancel_requested"]
-        ):
+        )
+        if fails_fast:
             g["cancel_requested"] = True
-            g["cancel_pending"] = g["done"] < g["total"]
+            g["cancel_pending"] = not settles
             g["cancel_reason"] = f"{FAIL_FAST_PREFIX}child {agg['first_failed']} did not succeed"
-            events.append(_event(g, EV_CANCEL_REQUESTED, now))
-            work_available.set()
-        if running and g["done"] == g["total"]:
+        if settles:
             g["status"] = settled_status(g)
             g["finished_at"] = now
             g["cancel_pending"] = False
-            outputs = await child_outputs(conn, gid)
-            events.append(_event(g, EV_COMPLETED, now, outputs=outputs))
+        # The child events carry the snapshot after this transaction (status included).
+        child = _child_events(g, payloads.get(gid, []), now)
+        g["last_sequence"] += len(child)
+        events.extend(child)
+        if fails_fast:
+            events.append(_event(g, EV_CANCEL_REQUESTED, now))
+            work_available.set()
+        if settles:
+            events.append(_event(g, EV_COMPLETED, now, outputs=await child_outputs(conn, gid)))
             if g["status"] == G_SUCCEEDED and g["follow_up"] is not None:
                 work_available.set()
-        await conn.execute(_SAVE_SQL, {k: g[k] for k in _save_keys()})
+        saved.append(g)
+    if saved:
+        keys = _save_keys()
+        await conn.execute(_SAVE_MANY_SQL, {k: [g[k] for g in saved] for k in keys})
     await _insert_events(conn, events)
 
 
