@@ -157,7 +157,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         server = await start_postgres_async(fast=False, settings={"shared_buffers": "1GB"})
         server_url = server.url
-    total = 4_000 if args.quick else 20_000
+    total = args.tasks or (4_000 if args.quick else 20_000)
     window = total // 2
     out: dict[str, Any] = {
         "machine": "2 vCPU (shared by client and server)",
@@ -199,6 +199,7 @@ def main() -> None:
     parser.add_argument(
         "--database-url", default="", help="an existing server (else the devstack's)"
     )
+    parser.add_argument("--tasks", type=int, default=0, help="backlog size (overrides --quick)")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)

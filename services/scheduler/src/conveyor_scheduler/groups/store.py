@@ -494,6 +494,7 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
     now = changes.now
     events: list[dict[str, Any]] = []
     saved: list[GroupRow] = []
+    settled: list[GroupRow] = []
     for gid in gids:
         g = groups.get(gid)
         agg = aggregates.get(gid)
@@ -526,10 +527,15 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
             events.append(_event(g, EV_CANCEL_REQUESTED, now))
             work_available.set()
         if settles:
-            events.append(_event(g, EV_COMPLETED, now, outputs=await child_outputs(conn, gid)))
+            settled.append(g)
             if g["status"] == G_SUCCEEDED and g["follow_up"] is not None:
                 work_available.set()
         saved.append(g)
+    if settled:  # every settled group's outputs in one query
+        outputs = await children_outputs(conn, [g["id"] for g in settled])
+        events.extend(
+            _event(g, EV_COMPLETED, now, outputs=outputs.get(g["id"], [])) for g in settled
+        )
     if saved:
         keys = _save_keys()
         await conn.execute(_SAVE_MANY_SQL, {k: [g[k] for g in saved] for k in keys})
@@ -563,14 +569,21 @@ def settled_status(g: GroupRow) -> int:
 
 async def child_outputs(conn: AsyncConnection, gid: uuid.UUID) -> list[group_pb2.GroupChildOutput]:
     """Every child's outcome, in child order."""
+    return (await children_outputs(conn, [gid])).get(gid, [])
+
+
+async def children_outputs(
+    conn: AsyncConnection, gids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[group_pb2.GroupChildOutput]]:
+    """Every child's outcome of each group, in child order (one query)."""
     rows = await conn.execute(
         text(
-            "SELECT id, group_index, status, result, error_code, error_message, error_retryable"
-            " FROM tasks WHERE group_id = :g ORDER BY group_index"
+            "SELECT group_id, id, group_index, status, result, error_code, error_message,"
+            " error_retryable FROM tasks WHERE group_id = ANY(:g) ORDER BY group_id, group_index"
         ),
-        {"g": gid},
+        {"g": list(gids)},
     )
-    out = []
+    out: dict[uuid.UUID, list[group_pb2.GroupChildOutput]] = {}
     for r in rows:
         o = group_pb2.GroupChildOutput(index=r.group_index, task_id=str(r.id), status=r.status)
         if r.result is not None:
@@ -579,7 +592,7 @@ async def child_outputs(conn: AsyncConnection, gid: uuid.UUID) -> list[group_pb2
             o.error.code = r.error_code
             o.error.message = r.error_message or ""
             o.error.retryable = bool(r.error_retryable)
-        out.append(o)
+        out.setdefault(r.group_id, []).append(o)
     return out
 
 
