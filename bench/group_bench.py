@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from sqlalchemy import text
 
 from conveyor.tasks.v1 import group_pb2
 from conveyor_scheduler import testing as kit
@@ -37,6 +38,8 @@ from conveyor_scheduler.signals import Wakeups
 RESULTS = Path(__file__).resolve().parent / "results" / "groups.json"
 TENANTS = 200
 GROUP_SIZE = 10
+ROUNDS = 3
+"""Dispatch windows per backlog (alternated); the best of each counts."""
 
 
 def _settings(url: str) -> SchedulerSettings:
@@ -131,6 +134,13 @@ async def dispatch_throughput(url: str, dispatches: int) -> float:
         with contextlib.suppress(asyncio.CancelledError):
             await worker
         await loops.stop()
+        # Complete what is still in flight so the next window starts with free slots.
+        async with engine.connect() as conn:
+            left = (
+                await conn.execute(text("SELECT id, attempt FROM tasks WHERE status = 2"))
+            ).all()
+        if left:
+            await core.apply_results([kit.result(r.id, r.attempt, "succeeded") for r in left])
         await leader.dispose()
         await engine.dispose()
     return dispatched / (reached_at - started)
@@ -158,7 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         server = await start_postgres_async(fast=False, settings={"shared_buffers": "1GB"})
         server_url = server.url
     total = args.tasks or (4_000 if args.quick else 20_000)
-    window = total // 2
+    window = total // (ROUNDS + 1)
     out: dict[str, Any] = {
         "machine": "2 vCPU (shared by client and server)",
         "tasks": total,
@@ -168,15 +178,23 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "started_at": datetime.now(UTC).isoformat(),
     }
     try:
+        urls = {}
         for label, grouped in (("single", False), ("group", True)):
-            url = await fresh_database(server_url, f"group_bench_{label}")
+            urls[label] = url = await fresh_database(server_url, f"group_bench_{label}")
             load_s = await load(url, total, grouped)
-            tps = await dispatch_throughput(url, window)
             out[f"submit_tasks_per_second_{label}"] = round(total / load_s, 1)
-            out[f"dispatch_throughput_tps_{label}"] = round(tps, 1)
-            print(f"[{label}] loaded in {load_s:.1f}s, dispatch {tps:.0f}/s", file=sys.stderr)
-            if grouped:
-                out.update(await check_groups(url))
+            print(f"[{label}] loaded in {load_s:.1f}s", file=sys.stderr)
+        # Alternate the two backlogs, window by window, and keep each one's best window: the
+        # machine is shared, so its load drifts during a run; both see the same drift.
+        best = {"single": 0.0, "group": 0.0}
+        for window_no in range(ROUNDS):
+            for label in ("single", "group"):
+                tps = await dispatch_throughput(urls[label], window)
+                best[label] = max(best[label], tps)
+                print(f"[{label}] window {window_no}: dispatch {tps:.0f}/s", file=sys.stderr)
+        for label in ("single", "group"):
+            out[f"dispatch_throughput_tps_{label}"] = round(best[label], 1)
+        out.update(await check_groups(urls["group"]))
         out["ratio_single_vs_group_dispatch"] = round(
             out["dispatch_throughput_tps_single"] / out["dispatch_throughput_tps_group"], 3
         )

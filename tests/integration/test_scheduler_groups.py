@@ -50,10 +50,9 @@ class Env:
 
     async def events(self, group_id: str) -> list[group_pb2.GroupEvent]:
         out = []
-        for (payload,) in await self.rows(
-            "SELECT payload FROM group_events WHERE group_id = :g ORDER BY sequence",
-            g=uuid.UUID(group_id),
-        ):
+        async with self.core.engine.connect() as conn:
+            payloads = await store.events_after(conn, uuid.UUID(group_id), 0, 1000)
+        for payload in payloads:
             ev = group_pb2.GroupEvent()
             ev.ParseFromString(payload)
             out.append(ev)

@@ -109,7 +109,20 @@ def upgrade() -> None:
         sa.Column("event_id", sa.Uuid(), nullable=False),
         sa.Column("type", sa.SmallInteger(), nullable=False),
         sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("payload", sa.LargeBinary(), nullable=False, comment="Serialized GroupEvent."),
+        sa.Column(
+            "payload",
+            sa.LargeBinary(),
+            nullable=False,
+            comment="Serialized GroupEvent (without child_event: see child_task_id).",
+        ),
+        sa.Column(
+            "child_task_id",
+            sa.Uuid(),
+            nullable=True,
+            comment="A CHILD event's child: its event is task_events (child_task_id, "
+            "child_sequence), read with the group's history, never copied.",
+        ),
+        sa.Column("child_sequence", sa.BigInteger(), nullable=True),
         sa.CheckConstraint("sequence >= 1", name=op.f("ck_group_events_sequence_positive")),
         sa.CheckConstraint("type BETWEEN 1 AND 5", name=op.f("ck_group_events_type_range")),
         sa.ForeignKeyConstraint(

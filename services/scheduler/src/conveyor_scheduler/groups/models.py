@@ -134,4 +134,12 @@ class GroupEventRow(Base):
     event_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
     type: Mapped[int] = mapped_column(SmallInteger)
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    payload: Mapped[bytes] = mapped_column(LargeBinary, comment="Serialized GroupEvent.")
+    payload: Mapped[bytes] = mapped_column(
+        LargeBinary, comment="Serialized GroupEvent (without child_event: see child_task_id)."
+    )
+    child_task_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid,
+        comment="A CHILD event's child: its event is task_events (child_task_id, child_sequence), "
+        "read with the group's history, never copied.",
+    )
+    child_sequence: Mapped[int | None] = mapped_column(BigInteger)

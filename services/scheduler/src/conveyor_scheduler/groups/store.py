@@ -100,7 +100,6 @@ def _event(
     event_type: int,
     now: datetime,
     *,
-    child_payload: bytes | None = None,
     outputs: Sequence[group_pb2.GroupChildOutput] = (),
     child_ids: Sequence[uuid.UUID] = (),
 ) -> dict[str, Any]:
@@ -118,8 +117,6 @@ def _event(
     )
     set_ts(ev.occurred_at, now)
     payload = ev.SerializeToString()
-    if child_payload is not None:
-        payload += _length_delimited(8, child_payload)  # child_event, without parsing it
     return {
         "group_id": row["id"],
         "sequence": row["last_sequence"],
@@ -127,6 +124,8 @@ def _event(
         "type": event_type,
         "occurred_at": now,
         "payload": payload,
+        "child_task_id": None,
+        "child_sequence": None,
     }
 
 
@@ -141,9 +140,11 @@ def _length_delimited(field_number: int, data: bytes) -> bytes:
 
 
 _INSERT_EVENTS_SQL = text(
-    "INSERT INTO group_events (group_id, sequence, event_id, type, occurred_at, payload)"
+    "INSERT INTO group_events (group_id, sequence, event_id, type, occurred_at, payload,"
+    " child_task_id, child_sequence)"
     " SELECT * FROM unnest(CAST(:g AS uuid[]), CAST(:s AS bigint[]), CAST(:e AS uuid[]),"
-    " CAST(:t AS smallint[]), CAST(:o AS timestamptz[]), CAST(:p AS bytea[]))"
+    " CAST(:t AS smallint[]), CAST(:o AS timestamptz[]), CAST(:p AS bytea[]),"
+    " CAST(:ct AS uuid[]), CAST(:cs AS bigint[]))"
 )
 
 
@@ -159,6 +160,8 @@ async def _insert_events(conn: AsyncConnection, events: list[dict[str, Any]]) ->
             "t": [e["type"] for e in events],
             "o": [e["occurred_at"] for e in events],
             "p": [e["payload"] for e in events],
+            "ct": [e["child_task_id"] for e in events],
+            "cs": [e["child_sequence"] for e in events],
         },
     )
 
@@ -358,15 +361,18 @@ async def list_groups(
 async def events_after(
     conn: AsyncConnection, gid: uuid.UUID, after: int, limit: int
 ) -> list[bytes]:
-    """Serialized GroupEvents with sequence > ``after``, in order."""
+    """Serialized GroupEvents with sequence > ``after``, in order. A CHILD event's row references
+    the child's event in ``task_events`` (written once, not copied): it is appended here as the
+    GroupEvent's ``child_event`` field, without parsing either."""
     rows = await conn.execute(
         text(
-            "SELECT payload FROM group_events WHERE group_id = :g AND sequence > :a"
-            " ORDER BY sequence LIMIT :l"
+            "SELECT g.payload, t.payload FROM group_events g LEFT JOIN task_events t"
+            " ON t.task_id = g.child_task_id AND t.sequence = g.child_sequence"
+            " WHERE g.group_id = :g AND g.sequence > :a ORDER BY g.sequence LIMIT :l"
         ),
         {"g": gid, "a": after, "l": limit},
     )
-    return [r[0] for r in rows]
+    return [own if child is None else own + _length_delimited(8, child) for own, child in rows]
 
 
 def stream_finished(row: GroupRow) -> bool:
@@ -436,9 +442,11 @@ _SAVE_MANY_SQL = text(
 )
 
 
-def _child_events(g: GroupRow, payloads: list[bytes], now: datetime) -> list[dict[str, Any]]:
-    """CHILD events of one group, sharing one serialized group snapshot (what ``_event`` builds
-    per event, without building and serializing the Group message once per child event)."""
+def _child_events(
+    g: GroupRow, refs: list[tuple[uuid.UUID, int]], now: datetime
+) -> list[dict[str, Any]]:
+    """CHILD events of one group: each references its child's event (task id, sequence) and
+    carries the group's snapshot, serialized once for the group."""
     snapshot = _length_delimited(7, group_proto(g).SerializeToString())
     head = group_pb2.GroupEvent(
         group_id=str(g["id"]),
@@ -449,7 +457,7 @@ def _child_events(g: GroupRow, payloads: list[bytes], now: datetime) -> list[dic
     common = head.SerializeToString() + snapshot
     out = []
     first = g["last_sequence"] + 1
-    for i, payload in enumerate(payloads):
+    for i, (task_id, sequence) in enumerate(refs):
         event_id = uuid7()
         own = group_pb2.GroupEvent(event_id=str(event_id), sequence=first + i).SerializeToString()
         out.append(
@@ -459,7 +467,9 @@ def _child_events(g: GroupRow, payloads: list[bytes], now: datetime) -> list[dic
                 "event_id": event_id,
                 "type": EV_CHILD,
                 "occurred_at": now,
-                "payload": own + common + _length_delimited(8, payload),
+                "payload": own + common,
+                "child_task_id": task_id,
+                "child_sequence": sequence,
             }
         )
     return out
@@ -476,12 +486,16 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
     }
     if not members:
         return
-    payloads: dict[uuid.UUID, list[bytes]] = {}
+    payloads: dict[uuid.UUID, list[tuple[uuid.UUID, int]]] = {}
     for e in changes.events:
         gid = members.get(e["task_id"])
         if gid is not None:
-            payloads.setdefault(gid, []).append(e["payload"])
-    gids = sorted(set(members.values()))
+            payloads.setdefault(gid, []).append((e["task_id"], e["sequence"]))
+    # Every status change comes with an event: a transaction that only touched children (a
+    # BeginSubmit, a rescue) changes no aggregate and takes no group lock.
+    gids = sorted(payloads)
+    if not gids:
+        return
     rows = await conn.execute(
         text("SELECT * FROM task_groups WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
         {"ids": gids},
