@@ -450,6 +450,11 @@ _SAVE_MANY_SQL = text(
     """
 )
 
+_SAVE_AND_APPEND_SQL = text(
+    "WITH saved AS (" + _SAVE_MANY_SQL.text + ") " + _INSERT_EVENTS_SQL.text
+)
+"""Save the groups and append their events in one round trip."""
+
 
 def _child_events(
     g: GroupRow, refs: list[tuple[uuid.UUID, int]], now: datetime
@@ -560,10 +565,23 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
         events.extend(
             _event(g, EV_COMPLETED, now, outputs=outputs.get(g["id"], [])) for g in settled
         )
-    if saved:
+    if saved:  # the groups and their new events in one round trip
         keys = _save_keys()
-        await conn.execute(_SAVE_MANY_SQL, {k: [g[k] for g in saved] for k in keys})
-    await _insert_events(conn, events)
+        params = {k: [g[k] for g in saved] for k in keys} | _event_params(events)
+        await conn.execute(_SAVE_AND_APPEND_SQL, params)
+
+
+def _event_params(events: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "g": [e["group_id"] for e in events],
+        "s": [e["sequence"] for e in events],
+        "e": [e["event_id"] for e in events],
+        "t": [e["type"] for e in events],
+        "o": [e["occurred_at"] for e in events],
+        "p": [e["payload"] for e in events],
+        "ct": [e["child_task_id"] for e in events],
+        "cs": [e["child_sequence"] for e in events],
+    }
 
 
 def _save_keys() -> tuple[str, ...]:
