@@ -25,18 +25,20 @@ setup: $(VENV)/.synced $(BUF) kafka-jars ## Create .venv (uv.lock), install buf,
 k8s-tools: ## Install promtool (Debian's prometheus package) for the alert-rule checks
 	bash tools/k8s/install-tools.sh
 
+# Setup is quiet on stdout (`eval "$$(make -s up)"` must only see export lines): tool output goes to stderr.
 $(VENV)/.synced: pyproject.toml uv.lock $(wildcard libs/*/pyproject.toml services/*/pyproject.toml)
-	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
-	$(UV) sync --all-packages --locked
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)" >&2
+	@$(UV) sync --all-packages --locked --quiet >&2
 	@touch $@
 
+# `npm ci` installs exactly package-lock.json and never rewrites it (the work tree stays clean).
 $(BUF): tools/buf/package.json tools/buf/package-lock.json
-	cd tools/buf && npm install --no-audit --no-fund --loglevel=error
+	@cd tools/buf && npm ci --no-audit --no-fund --loglevel=error >&2
 	@touch $@
 
 .PHONY: kafka-jars
 kafka-jars: $(VENV)/.synced ## Resolve Apache Kafka from Maven Central into the devstack cache
-	$(PY) -m conveyor_devstack fetch >/dev/null
+	@$(PY) -m conveyor_devstack fetch >/dev/null
 
 .PHONY: protos
 protos: $(VENV)/.synced ## Regenerate Python/gRPC/mypy stubs from protos/
@@ -119,6 +121,25 @@ bench: setup bench-peers ## Benchmarks: writes bench/results/*.json and prints r
 .PHONY: autoscale-demo
 autoscale-demo: setup k8s-tools ## Provider-adapter autoscaling on the running stack with a real Prometheus (~8 min)
 	$(PY) bench/autoscaling_demo.py
+
+.PHONY: dist
+dist: ## Build the wheels and sdists of the SDK (conveyor-client) and its stubs (conveyor-protos) into dist/
+	@mkdir -p dist
+	$(UV) build --quiet --out-dir dist libs/conveyor-protos
+	$(UV) build --quiet --out-dir dist libs/conveyor-client
+	@ls -1 dist
+
+.PHONY: sdk-matrix
+sdk-matrix: setup ## Install the built wheels on Python 3.11/3.12/3.13 and run the SDK checks on a live stack
+	$(VENV)/bin/pytest -m integration tests/integration/test_sdk_matrix.py $(PYTEST_ARGS)
+
+.PHONY: images
+images: ## Build every service image (docker, podman or buildah; CONVEYOR_REGISTRY=..., PUSH=1 to push), tagged from git describe
+	$(PYTHON) tools/k8s/images.py build $(if $(PUSH),--push,)
+
+.PHONY: images-set
+images-set: ## Set an overlay's kustomize images: to CONVEYOR_REGISTRY and the git version (OVERLAY=prod|dev)
+	$(PYTHON) tools/k8s/images.py set --overlay $(or $(OVERLAY),prod)
 
 .PHONY: clean
 clean: ## Remove caches (keeps .venv and the Kafka jars)

@@ -248,7 +248,11 @@ def load_scaler() -> Scaler:
         )
     return Scaler(
         names=tuple(t["name"] for t in triggers),
-        queries=tuple(t["metadata"]["query"] for t in triggers),
+        # The component's queries carry a placeholder kustomize replaces with the namespace.
+        queries=tuple(
+            t["metadata"]["query"].replace('namespace="NAMESPACE"', f'namespace="{NAMESPACE}"')
+            for t in triggers
+        ),
         thresholds=tuple(float(t["metadata"]["threshold"]) for t in triggers),
         min_replicas=int(so["spec"]["minReplicaCount"]),
         max_replicas=int(so["spec"]["maxReplicaCount"]),

@@ -26,6 +26,7 @@ from conveyor_devstack.postgres import PostgresServer  # noqa: E402
 from conveyor_devstack.stack import Devstack, start_kafka_async  # noqa: E402
 from conveyor_devstack.system import ConveyorSystem  # noqa: E402
 from tests.e2e.harness import E2E, session_config  # noqa: E402
+from tests.e2e.otlp import OtlpReceiver  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -49,8 +50,21 @@ def _unavailable(what: str, exc: BaseException) -> None:
 
 
 @pytest.fixture(scope="session")
+async def otlp_receiver() -> AsyncIterator[OtlpReceiver]:
+    """Where every service of the e2e system exports its spans (OTLP over gRPC)."""
+    receiver = OtlpReceiver()
+    await receiver.start()
+    try:
+        yield receiver
+    finally:
+        await receiver.stop()
+
+
+@pytest.fixture(scope="session")
 async def e2e_system(
-    devstack_postgres: PostgresServer, tmp_path_factory: pytest.TempPathFactory
+    devstack_postgres: PostgresServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    otlp_receiver: OtlpReceiver,
 ) -> AsyncIterator[ConveyorSystem]:
     """The running system (see the module docstring)."""
     try:
@@ -59,6 +73,13 @@ async def e2e_system(
         _unavailable("kafka could not start", exc)
         raise
     config = session_config(run_dir=tmp_path_factory.mktemp("e2e-system"))
+    otel = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{otlp_receiver.port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    for env in (config.scheduler_env, config.adapter_env, config.notifier_env, config.gateway_env):
+        env.update(otel)
     system = ConveyorSystem(Devstack(devstack_postgres, kafka), config)
     try:
         try:

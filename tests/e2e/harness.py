@@ -30,6 +30,8 @@ def session_config(**overrides: Any) -> SystemConfig:
         adapters=2,
         notifiers=1,
         gateways=1,
+        # Every e2e test runs over internal mutual TLS (test_e2e_flow checks the refusals).
+        internal_tls=True,
         scheduler_env={
             "SCHEDULER_GLOBAL_CONCURRENCY": str(GLOBAL_LIMIT),
             "SCHEDULER_MODEL_LIMITS": f'{{"{LIMITED_MODEL}": {MODEL_LIMIT}}}',

@@ -19,6 +19,7 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor_client import TERMINAL_EVENTS, ConveyorError, build_spec
 from fake_replicate.testing import Delivery, WebhookReceiver
 from tests.e2e.harness import E2E, creates, follow, types_of, wait_for_event, wait_terminal
+from tests.e2e.otlp import OtlpReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
@@ -272,3 +273,61 @@ async def test_watch_and_client_webhooks_agree(e2e: E2E) -> None:
             assert events[-1].type in TERMINAL_EVENTS
     finally:
         await receiver.stop()
+
+
+async def test_internal_services_refuse_callers_without_an_allowed_certificate(e2e: E2E) -> None:
+    """With internal mutual TLS on, the scheduler answers only the services that call it: no
+    plaintext, no certificate of another CA, and a certificate of the system's own CA that names
+    no allowed peer is PERMISSION_DENIED (a tenant token would change nothing: it is not looked at)."""
+    from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
+    from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+    from conveyor_common.tls import open_channel
+
+    system = e2e.system
+    assert system.client_tls is not None
+    port = system.by_role("scheduler")[0].grpc_port
+    request = sched_pb2.GetQueueStatsRequest(
+        principal=sched_pb2.Principal(tenant_id="intruder", role=sched_pb2.ROLE_ADMIN)
+    )
+
+    async def call(channel: grpc.aio.Channel) -> grpc.StatusCode:
+        try:
+            await sched_grpc.SchedulerServiceStub(channel).GetQueueStats(request, timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as plain:
+        assert await call(plain) == grpc.StatusCode.UNAVAILABLE
+    async with open_channel(f"127.0.0.1:{port}", system.client_tls, []) as certified:
+        assert await call(certified) == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_one_trace_holds_the_task_in_all_four_services(
+    e2e: E2E, otlp_receiver: OtlpReceiver
+) -> None:
+    """The spans of a task, exported over OTLP by every service, share one trace: the gateway's
+    submit, the scheduler's RPCs and relay, the adapter's consume, Replicate calls and webhook,
+    the notifier's consume."""
+    _, client = await e2e.tenant("traced")
+    task = (await client.submit("text", model="e2e/llm", input={"prompt": "trace me"})).task
+    await wait_terminal(client, [task.task_id])
+    wanted = {
+        "conveyor-gateway",
+        "conveyor-scheduler",
+        "conveyor-provider-adapter",
+        "conveyor-notifier",
+    }
+    trace_id: str | None = None
+    for _ in range(100):  # spans are exported in batches (200 ms here)
+        trace_id = otlp_receiver.trace_of("conveyor.task_id", task.task_id)
+        if trace_id is not None and wanted <= otlp_receiver.services(trace_id):
+            break
+        await asyncio.sleep(0.1)
+    assert trace_id is not None, "no span names the task"
+    assert wanted <= otlp_receiver.services(trace_id), otlp_receiver.services(trace_id)
+    names = {span.name for _, span in otlp_receiver.spans[trace_id]}
+    print(f"\ntrace {trace_id}: {sorted(names)}")
+    assert "/conveyor.tasks.v1.TaskService/SubmitTask" in names
+    assert any(n.startswith("HTTP POST") for n in names), names  # the create at Replicate
+    assert any(n.endswith("process") for n in names), names  # Kafka consumers

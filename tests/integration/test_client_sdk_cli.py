@@ -16,7 +16,21 @@ import pytest
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_client import AsyncConveyorClient, ConveyorClient, ConveyorError, build_spec
+from conveyor_client import (
+    AsyncClient,
+    AsyncConveyorClient,
+    Client,
+    ConveyorClient,
+    ConveyorError,
+    EventType,
+    Priority,
+    Task,
+    TaskEvent,
+    TaskStatus,
+    TenantLimits,
+    build_spec,
+    spec,
+)
 from conveyor_client.cli import main
 from conveyor_gateway.testing import Stack, start_stack
 
@@ -200,8 +214,9 @@ async def test_cli_end_to_end(
     assert code == 0
     submitted = json.loads(out)
     task_id = submitted["task"]["task_id"]
-    assert submitted["task"]["spec"]["input"] == {"prompt": "from a file"}
-    assert submitted["task"]["spec"]["labels"] == {"team": "ml"}
+    assert submitted["task"]["input"] == {"prompt": "from a file"}
+    assert submitted["task"]["labels"] == {"team": "ml"}
+    assert submitted["task"]["priority"] == "urgent"  # the spelling --priority takes
 
     code, out, _ = await cli(capsys, "get", task_id, "--json")
     assert code == 0
@@ -219,13 +234,18 @@ async def test_cli_end_to_end(
 
     code, out, _ = await cli(capsys, "watch", task_id, "--json")
     lines = [json.loads(line) for line in out.splitlines()]
-    assert lines[0]["type"] == "TASK_EVENT_TYPE_SUBMITTED"
-    assert lines[-1]["type"] == "TASK_EVENT_TYPE_CANCELED"
+    assert lines[0]["type"] == "submitted"
+    assert lines[-1]["type"] == "canceled"
+    assert [line["sequence"] for line in lines] == list(range(1, len(lines) + 1))  # numbers
+    assert lines[-1]["task"]["status"] == "canceled"
     assert code == 3  # the task ended, but not successfully
 
     code, out, _ = await cli(capsys, "watch", task_id)  # progress bar, then the final task
     assert code == 3
     assert "canceled" in out
+
+    code, out, _ = await cli(capsys, "list", "--json", "--status", "canceled")
+    assert [t["status"] for t in json.loads(out)] == ["canceled"]
 
     code, out, _ = await cli(capsys, "stats")
     assert code == 0
@@ -235,6 +255,8 @@ async def test_cli_end_to_end(
     assert code == 1
     assert "INVALID_ARGUMENT" in err
     assert "spec.model" in err
+    assert len(err.splitlines()) == 1
+    assert err.count("spec.model") == 1  # printed once
 
     code, _, err = await cli(capsys, "submit", "image", "--model", "a/b", "--input", "[1]")
     assert code == 2
@@ -264,7 +286,7 @@ async def test_cli_submit_wait(stack: Stack, capsys: pytest.CaptureFixture[str])
     )
     await canceller
     assert code == 3
-    assert json.loads(out)["status"] == "TASK_STATUS_CANCELED"
+    assert json.loads(out)["status"] == "canceled"
 
 
 async def test_cli_admin_commands(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
@@ -283,9 +305,15 @@ async def test_cli_admin_commands(stack: Stack, capsys: pytest.CaptureFixture[st
         "--json",
     )
     assert code == 0
-    assert json.loads(out)["tier"] == "TIER_PRO"
+    assert json.loads(out)["tier"] == "pro"
     code, out, _ = await cli(capsys, *args, "admin", "tenant", "get", "cli-t", "--json")
     assert json.loads(out)["limits"]["max_concurrency"] == 4
+    code, out, _ = await cli(capsys, *args, "admin", "tenant", "get", "cli-t")  # text, not JSON
+    assert code == 0
+    assert out.startswith("tenant cli-t  tier pro")
+    assert "max_concurrency" in out
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
     code, out, _ = await cli(capsys, *args, "admin", "pause", "acme/sdxl", "--reason", "x")
     assert code == 0
     assert "paused" in out
@@ -331,6 +359,114 @@ def test_cli_help_as_a_subprocess() -> None:
             check=True,
         ).stdout
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The typed SDK (Client / AsyncClient)
+
+
+async def test_typed_client_results_and_cancel_requested(stack: Stack) -> None:
+    env = {"CONVEYOR_ADDRESS": stack.address, "CONVEYOR_TOKEN": stack.keys.token("typed")}
+    async with AsyncClient.from_env(env, timeout=5) as c:
+        sub = await c.submit("image", model="acme/sdxl", input={"prompt": "a fox"}, priority="high")
+        assert isinstance(sub.task, Task)
+        assert sub.task.status == TaskStatus.QUEUED
+        assert str(sub.task.status) == "queued"
+        assert sub.task.priority == Priority.HIGH
+        assert sub.task.input == {"prompt": "a fox"}
+        assert sub.to_dict()["task"]["status"] == "queued"
+        got = await c.get(sub.task.task_id)
+        assert got.task_id == sub.task.task_id
+        live = ["queued", TaskStatus.DISPATCHED, "running"]  # it may be dispatched by now
+        assert [t.task_id async for t in c.list(statuses=live)] == [got.task_id]
+        assert [t async for t in c.list(statuses=["expired"])] == []
+        canceled = await c.cancel(got.task_id)
+        assert canceled.cancel_requested or canceled.status == TaskStatus.CANCELED
+        final = await c.wait(got.task_id, timeout=15)
+        assert final.status == TaskStatus.CANCELED
+        assert final.terminal
+
+
+async def test_batch_over_the_item_limit_is_split_and_deduplicated_on_retry(stack: Stack) -> None:
+    async with AsyncClient(
+        stack.address, stack.keys.token("big-batch", tier="pro"), timeout=20
+    ) as c:
+        specs = [spec("text", model="acme/llm", input={"prompt": f"p{i}"}) for i in range(150)]
+        first = await c.submit_batch(specs, request_id="big-batch-1")
+        assert len(first.tasks) == 150
+        assert len({t.task_id for t in first.tasks}) == 150
+        assert not any(item.deduplicated for item in first.items)
+        # Same item request ids: answered from the first submit, nothing created twice.
+        again = await c.raw.submit_batch(
+            [(t.request_id, s) for t, s in zip(first.tasks, specs, strict=True)],
+            request_id="big-batch-1",
+        )
+        assert list(again.deduplicated) == [True] * 150
+        assert [t.task_id for t in again.tasks] == [t.task_id for t in first.tasks]
+
+
+async def test_watch_many_follows_every_task_to_its_end(stack: Stack) -> None:
+    async with AsyncClient(stack.address, stack.keys.token("many"), timeout=5) as c:
+        batch = await c.submit_batch(
+            [{"kind": "audio", "model": "acme/tts", "input": {"text": str(i)}} for i in range(3)]
+        )
+        ids = [t.task_id for t in batch.tasks]
+        events: list[TaskEvent] = []
+
+        async def follow() -> None:
+            events.extend([e async for e in c.watch_many(ids)])
+
+        follower = asyncio.create_task(follow())
+        for task_id in ids:
+            await c.cancel(task_id)
+        await asyncio.wait_for(follower, 20)
+        for task_id in ids:
+            mine = [e for e in events if e.task_id == task_id]
+            assert [e.sequence for e in mine] == list(range(1, len(mine) + 1))
+            assert mine[-1].type == EventType.CANCELED
+
+
+async def test_resource_exhausted_is_retried_after_retry_info(stack: Stack) -> None:
+    async with AsyncClient(stack.address, stack.keys.token("ops", role="admin")) as admin:
+        await admin.upsert_tenant(
+            "bursty", limits=TenantLimits(submit_rate_per_second=1.0, submit_burst=1)
+        )
+    token = stack.keys.token("bursty")
+    async with AsyncClient(
+        stack.address, token, timeout=5, retry_resource_exhausted=False
+    ) as strict:
+        await strict.submit("text", model="acme/llm", input={"prompt": "the burst"})
+        with pytest.raises(ConveyorError) as exc:
+            await strict.submit("text", model="acme/llm", input={"prompt": "one more"})
+        assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert exc.value.retry_after_seconds is not None
+        # A deadline shorter than the asked delay fails at once instead of waiting in vain.
+    async with AsyncClient(stack.address, token, timeout=30) as patient:
+        with pytest.raises(ConveyorError) as exc:
+            await patient.submit("text", model="acme/llm", input={"prompt": "x"}, timeout=0.05)
+        assert exc.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        done = await patient.submit(
+            "text", model="acme/llm", input={"prompt": "retried"}, request_id="retried-once"
+        )
+        assert done.task.request_id == "retried-once"
+        assert not done.deduplicated
+
+
+async def test_token_provider_is_asked_again_before_expiry(stack: Stack) -> None:
+    minted: list[str] = []
+
+    def provider() -> str:
+        # Tokens that expire within the refresh margin: every call needs a fresh one.
+        minted.append(stack.keys.token("provided", ttl=30))
+        return minted[-1]
+
+    def flow() -> None:
+        with Client(stack.address, provider, timeout=5) as c:
+            task = c.submit("image", model="acme/sdxl", input={"prompt": "sync"}).task
+            assert c.get(task.task_id).tenant_id == "provided"
+
+    await asyncio.to_thread(flow)
+    assert len(minted) == 2
 
 
 # ------------------------------------------------------------------------------------------------

@@ -86,6 +86,13 @@ BAD_TOKENS: dict[str, Callable[[Keys], tuple[tuple[str, str], ...]]] = {
     "alg_none": lambda k: metadata(alg_none_token(k)),
     "hs256_signed_with_rs256_public_key": lambda k: metadata(hs256_with_rsa_public_key(k)),
     "no_tenant_claim": lambda k: metadata(k.token(drop=("tenant_id",))),
+    # Token policy: numeric exp and iat, lifetime at most GATEWAY_JWT_MAX_LIFETIME_SECONDS (24 h).
+    "exp_string": lambda k: metadata(k.token(extra={"exp": str(int(time.time()) + 600)})),
+    "exp_float_huge": lambda k: metadata(k.token(extra={"exp": 1e30})),
+    "exp_bool": lambda k: metadata(k.token(extra={"exp": True})),
+    "no_iat": lambda k: metadata(k.token(drop=("iat",))),
+    "iat_string": lambda k: metadata(k.token(extra={"iat": str(int(time.time()))})),
+    "lifetime_over_a_day": lambda k: metadata(k.token(ttl=24 * 3600 + 60)),
 }
 
 
@@ -215,3 +222,30 @@ async def test_watch_through_the_real_scheduler_ends_at_cancel(stack: Stack, tas
 async def test_tenant_comes_from_the_token_only(stack: Stack, tasks: Any) -> None:
     task = await _submit(tasks, metadata(stack.keys.token("token-tenant", tier="pro")))
     assert task.tenant_id == "token-tenant"
+
+
+async def test_queue_statistics_are_the_callers_own(stack: Stack, tasks: Any) -> None:
+    """Tenant B sees nothing of tenant A's private models, not even naming one as a filter; the
+    admin role sees everyone's."""
+    owner = metadata(stack.keys.token("stats-a"))
+    other = metadata(stack.keys.token("stats-b"))
+    admin = metadata(stack.keys.token("ops", role="admin"))
+    spec = task_pb2.TaskSpec(kind=task_pb2.TASK_KIND_IMAGE, model="stats-a/private-model")
+    spec.input.update({"prompt": "secret"})
+    for _ in range(3):
+        await tasks.SubmitTask(
+            svc_pb2.SubmitTaskRequest(request_id=str(uuid.uuid4()), spec=spec),
+            metadata=owner,
+            timeout=5,
+        )
+
+    async def models(md: Any, model: str = "") -> dict[str, int]:
+        resp = await tasks.GetQueueStats(
+            svc_pb2.GetQueueStatsRequest(model=model), metadata=md, timeout=5
+        )
+        return {s.model: s.waiting + s.active + s.succeeded for s in resp.stats if s.model}
+
+    assert (await models(owner)).get("stats-a/private-model") == 3
+    assert "stats-a/private-model" not in await models(other)
+    assert await models(other, "stats-a/private-model") == {}
+    assert (await models(admin)).get("stats-a/private-model") == 3

@@ -2,8 +2,11 @@
 
 * A table of bad requests, each with its expected status and the field path the BadRequest names.
 * Hypothesis: structured random messages from a descriptor-walking strategy, near-valid mutations of a
-  valid submit, and raw random bytes through a generic ``unary_unary`` without serializers. Gates:
-  never UNKNOWN, the gateway keeps answering, and no task row is written for a rejected request.
+  valid submit, and raw random bytes through a generic ``unary_unary`` without serializers. Strings
+  carry NUL characters and (on the wire) unpaired surrogates; ``spec.input`` documents are random,
+  deep (nested past the depth bound and protobuf's parse limit) or wide (around the key bound). Gates:
+  never UNKNOWN or INTERNAL, the gateway keeps answering, and no task row is written for a rejected
+  request.
 
 Hypothesis runs in a worker thread with a blocking gRPC channel while the gateway and scheduler keep
 serving on the test event loop.
@@ -460,8 +463,86 @@ SCALARS: dict[int, st.SearchStrategy[Any]] = {
     d.FieldDescriptor.TYPE_BYTES: st.binary(max_size=40),
 }
 
+# Hostile text. MARKER's four UTF-8 bytes become an unpaired surrogate (CESU-8 "\ud800") plus one
+# byte in the serialized request: Python cannot encode a lone surrogate into a protobuf string.
+MARKER = "\U000f0000"
+MARKER_BYTES = MARKER.encode()
+SURROGATE_BYTES = b"\xed\xa0\x80x"
+HOSTILE_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.tuples(st.text(max_size=12), st.sampled_from(["\x00", MARKER]), st.text(max_size=12)).map(
+        "".join
+    ),
+    URLISH.map(lambda u: u + "\x00"),
+)
+JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=False), HOSTILE_TEXT)
+
+
+def _deep(depth: int, as_list: bool) -> Any:
+    doc: Any = "leaf"
+    for _ in range(depth):
+        doc = [doc] if as_list else {"k": doc}
+    return doc
+
+
+JSON_DOCS: st.SearchStrategy[dict[str, Any]] = st.one_of(
+    st.dictionaries(
+        HOSTILE_TEXT,
+        st.recursive(
+            JSON_SCALARS,
+            lambda children: (
+                st.lists(children, max_size=4) | st.dictionaries(HOSTILE_TEXT, children, max_size=4)
+            ),
+            max_leaves=12,
+        ),
+        max_size=4,
+    ),
+    st.builds(lambda n, lst: {"deep": _deep(n, lst)}, st.integers(25, 60), st.booleans()),
+    st.integers(9_990, 10_010).map(lambda n: {"wide": {f"k{i}": i for i in range(n)}}),
+)
+
+
+def _json_struct(doc: dict[str, Any]) -> struct_pb2.Struct:
+    out = struct_pb2.Struct()
+    out.update(doc)
+    return out
+
+
+def _surrogates(payload: bytes) -> bytes:
+    return payload.replace(MARKER_BYTES, SURROGATE_BYTES)
+
+
+def _field(message: Any, name: str, payload: bytes) -> bytes:
+    """``payload`` as the length-delimited field ``name`` of ``message``: appended to a serialized
+    message it merges there (built on the wire, since the client's own protobuf refuses to nest a
+    document as deep as the ones the gateway must refuse)."""
+    number = message.DESCRIPTOR.fields_by_name[name].number
+
+    def varint(value: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, value = value & 0x7F, value >> 7
+            out.append(byte | (0x80 if value else 0))
+            if not value:
+                return bytes(out)
+
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def _with_input(req: Any, doc_bytes: bytes) -> bytes:
+    """A serialized SubmitTaskRequest with ``doc_bytes`` (a Struct) merged into spec.input."""
+    spec_patch = _field(task_pb2.TaskSpec, "input", doc_bytes)
+    return bytes(req.SerializeToString() + _field(svc_pb2.SubmitTaskRequest, "spec", spec_patch))
+
 
 def _value(field: Any, depth: int) -> st.SearchStrategy[Any]:
+    if field.type == d.FieldDescriptor.TYPE_STRING:
+        return st.one_of(SCALARS[field.type], HOSTILE_TEXT)
+    if (
+        field.type == d.FieldDescriptor.TYPE_MESSAGE
+        and field.message_type.full_name == "google.protobuf.Struct"
+    ):
+        return JSON_DOCS.map(_json_struct)
     if field.type == d.FieldDescriptor.TYPE_ENUM:
         known = [v.number for v in field.enum_type.values]
         return st.one_of(st.sampled_from(known), st.integers(-5, 200))
@@ -527,6 +608,13 @@ TARGETS: list[tuple[str, type[Message], bool]] = [
     (ADMIN + "BulkCancelTasks", admin_pb2.BulkCancelTasksRequest, True),
     (ADMIN + "ListDeadLetters", admin_pb2.ListDeadLettersRequest, True),
     (HOOKS + "CreateWebhookEndpoint", hook_pb2.CreateWebhookEndpointRequest, False),
+    (ADMIN + "GetTenant", admin_pb2.GetTenantRequest, True),
+    (ADMIN + "UpsertTenant", admin_pb2.UpsertTenantRequest, True),
+    (ADMIN + "ResumeModel", admin_pb2.ResumeModelRequest, True),
+    (ADMIN + "RedriveTasks", admin_pb2.RedriveTasksRequest, True),
+    (HOOKS + "DeleteWebhookEndpoint", hook_pb2.DeleteWebhookEndpointRequest, False),
+    (HOOKS + "RotateWebhookSecret", hook_pb2.RotateWebhookSecretRequest, False),
+    (HOOKS + "ListWebhookDeliveries", hook_pb2.ListWebhookDeliveriesRequest, False),
 ]
 
 
@@ -551,6 +639,7 @@ def _blocking(address: str, method: str, payload: bytes, md: Any) -> grpc.Status
 def _record(outcome: Outcome, method: str, code: grpc.StatusCode, payload: bytes) -> None:
     outcome.codes[code.name] = outcome.codes.get(code.name, 0) + 1
     assert code != grpc.StatusCode.UNKNOWN, (method, payload[:200])
+    assert code != grpc.StatusCode.INTERNAL, (method, payload[:200])
     if code == grpc.StatusCode.OK and method.endswith("SubmitTask"):
         outcome.accepted_submits += 1
     if code == grpc.StatusCode.OK and method.endswith("BatchSubmitTasks"):
@@ -572,7 +661,7 @@ def _fuzz(stack: Stack, outcome: Outcome) -> None:
     def structured(data: st.DataObject) -> None:
         method, cls, is_admin = data.draw(st.sampled_from(TARGETS))
         msg = data.draw(messages(cls.DESCRIPTOR))
-        payload = msg.SerializeToString()
+        payload = _surrogates(msg.SerializeToString())
         _record(
             outcome,
             method,
@@ -584,10 +673,34 @@ def _fuzz(stack: Stack, outcome: Outcome) -> None:
     @given(messages(task_pb2.TaskSpec.DESCRIPTOR), st.text(max_size=3))
     def near_valid(patch: Any, rid_suffix: str) -> None:
         req = submit()
-        req.spec.MergeFrom(patch)  # a valid seed with a few fields replaced by random values
         req.request_id = req.request_id[: 128 - len(rid_suffix)] + rid_suffix
-        payload = req.SerializeToString()
+        # A valid seed with a few fields replaced by random values (merged on the wire).
+        payload = req.SerializeToString() + _field(
+            svc_pb2.SubmitTaskRequest, "spec", patch.SerializeToString()
+        )
+        payload = _surrogates(payload)
         method = TASKS + "SubmitTask"
+        _record(outcome, method, _blocking(stack.address, method, payload, tenant), payload)
+
+    @quick
+    @given(JSON_DOCS, st.integers(0, 2), st.booleans())
+    def hostile_input(doc: dict[str, Any], bad_item: int, batch: bool) -> None:
+        # A valid submit (or batch of three) whose spec.input (or one item's) is hostile JSON.
+        doc_bytes = _json_struct(doc).SerializeToString()
+        if batch:
+            batch_req = svc_pb2.BatchSubmitTasksRequest(request_id=str(uuid.uuid4()))
+            payload = batch_req.SerializeToString()
+            for i in range(3):
+                item = svc_pb2.SubmitTaskRequest(request_id=f"h{i}-{uuid.uuid4()}", spec=spec())
+                item_bytes = (
+                    _with_input(item, doc_bytes) if i == bad_item else item.SerializeToString()
+                )
+                payload += _field(svc_pb2.BatchSubmitTasksRequest, "items", item_bytes)
+            method = TASKS + "BatchSubmitTasks"
+        else:
+            payload = _with_input(submit(), doc_bytes)
+            method = TASKS + "SubmitTask"
+        payload = _surrogates(payload)
         _record(outcome, method, _blocking(stack.address, method, payload, tenant), payload)
 
     @quick
@@ -604,6 +717,7 @@ def _fuzz(stack: Stack, outcome: Outcome) -> None:
     structured()
     near_valid()
     raw_bytes()
+    hostile_input()
 
 
 async def test_fuzzed_requests_never_crash_or_write(stack: Stack) -> None:

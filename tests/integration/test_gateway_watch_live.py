@@ -40,6 +40,7 @@ async def stack(
             grpc_host="127.0.0.1",
             grpc_port=0,
             metrics_port=0,
+            watch_buffer_events=32,  # small: a burst would overflow an unfiltered subscriber
         )
         notifier = Notifier(settings)
         await notifier.start(serve_metrics=False)
@@ -52,6 +53,10 @@ async def stack(
         scheduler={
             "kafka_bootstrap_servers": kafka_bootstrap,
             "results_consumer_group": f"gw-live-{uuid.uuid4().hex[:8]}",
+            "tenant_submit_rate": 100_000.0,
+            "tenant_submit_burst": 100_000,
+            "queue_capacity": 100_000,
+            "tenant_max_waiting": 100_000,
         },
         before_gateway=start_notifier,
         watch_config=LIVE_ONLY,
@@ -99,4 +104,32 @@ async def test_watch_tasks_streams_the_tenants_events_only(stack: Stack) -> None
         await asyncio.wait_for(follower, 30)
     assert [(e.task_id, e.type) for e in received] == [
         (task.task_id, task_pb2.TASK_EVENT_TYPE_SUBMITTED)
+    ]
+
+
+async def test_a_filtered_watch_tasks_survives_a_burst_of_other_events(stack: Stack) -> None:
+    """1,000 submits (SUBMITTED events) do not cut a stream that asked only for CANCELED ones:
+    the notifier filters before its 32-event subscriber buffer."""
+    async with AsyncConveyorClient(stack.address, stack.keys.token("live-d"), timeout=30) as client:
+        received: list[task_pb2.TaskEvent] = []
+
+        async def follow() -> None:
+            async for event in client.watch_all(types=[task_pb2.TASK_EVENT_TYPE_CANCELED]):
+                received.append(event)
+                return
+
+        follower = asyncio.create_task(follow())
+        await asyncio.sleep(1.0)  # subscribed
+        for batch in range(10):
+            specs = []
+            for i in range(100):
+                spec = task_pb2.TaskSpec(kind=task_pb2.TASK_KIND_TEXT, model="acme/llm")
+                spec.input.update({"prompt": f"burst {batch}/{i}"})
+                specs.append(spec)
+            await client.submit_batch(specs)
+        task = (await client.submit("text", model="acme/llm", input={"prompt": "last"})).task
+        await client.cancel(task.task_id, reason="burst test")
+        await asyncio.wait_for(follower, 60)
+    assert [(e.task_id, e.type) for e in received] == [
+        (task.task_id, task_pb2.TASK_EVENT_TYPE_CANCELED)
     ]

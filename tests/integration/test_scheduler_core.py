@@ -189,8 +189,10 @@ async def test_admission_rejections_write_nothing(make_env: Callable[..., Awaita
     assert "waiting" in cap.value.violations[0].subject
     assert cap.value.retry_after_seconds > 0
     await env.core.submit("b", 1, [kit.item(), kit.item()])
+    # The queue is full (5 of 5): c's weighted share is 5 // 3 = 1, so a batch of two is refused
+    # (a single task would be admitted: a tenant below its share keeps room).
     with pytest.raises(ResourceExhausted) as full:
-        await env.core.submit("c", 1, [kit.item("over-global")])
+        await env.core.submit("c", 1, [kit.item("over-global"), kit.item("over-global-2")])
     assert full.value.violations[0].subject == "queue"
     after = await env.rows(
         "SELECT (SELECT count(*) FROM tasks), (SELECT count(*) FROM outbox),"
@@ -570,7 +572,7 @@ async def test_reconcile_gauges_retention_stats_and_eta(
     first = await env.core.get_task("a", str(queued[0].id))
     assert first.estimated_start_at.ToDatetime() <= last.estimated_start_at.ToDatetime()
 
-    stats = await env.core.queue_stats(0, "")
+    stats = await env.core.queue_stats(0, "", None)
     total = next(s for s in stats if s["model"] == "" and s["kind"] == task_pb2.TASK_KIND_IMAGE)
     assert (total["waiting"], total["active"], total["succeeded"]) == (2, 1, 1)
     assert total["oldest_waiting_age"] > 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
 from conveyor_common.errors import unpack_details
+from conveyor_devstack.postgres import PostgresServer
 from conveyor_scheduler import testing as kit
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.servicer import SchedulerServicer
@@ -457,3 +458,63 @@ async def test_submit_task_group_refuses_an_oversized_group(stubs: Any) -> None:
         await sched.SubmitTaskGroup(pb.SubmitTaskGroupRequest(items=items), timeout=30)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in _details(exc.value)["BadRequest"].field_violations] == ["items"]
+
+
+async def test_a_database_outage_answers_unavailable_never_internal(
+    stubs: Any, app: SchedulerApp, devstack_postgres: PostgresServer
+) -> None:
+    """While PostgreSQL is down every RPC answers UNAVAILABLE with RetryInfo (safe to retry with
+    the same request id); after the restart the same submit goes through once."""
+    sched, _ = stubs
+    before = await sched.SubmitTask(_submit("outage-before"), timeout=10)
+    task_id = before.response.task.task_id
+    await devstack_postgres.stop_async("immediate")
+    try:
+        calls: dict[str, Callable[[], Awaitable[Any]]] = {
+            "SubmitTask": lambda: sched.SubmitTask(_submit("outage-1"), timeout=10),
+            "SubmitTaskGroup": lambda: sched.SubmitTaskGroup(
+                pb.SubmitTaskGroupRequest(items=[_submit("outage-2")]), timeout=10
+            ),
+            "GetTask": lambda: sched.GetTask(
+                pb.GetTaskRequest(
+                    principal=TENANT, request=task_service_pb2.GetTaskRequest(task_id=task_id)
+                ),
+                timeout=10,
+            ),
+            "GetTaskEvents": lambda: sched.GetTaskEvents(
+                pb.GetTaskEventsRequest(principal=TENANT, task_id=task_id), timeout=10
+            ),
+            "CancelTask": lambda: sched.CancelTask(
+                pb.CancelTaskRequest(
+                    principal=TENANT,
+                    request=task_service_pb2.CancelTaskRequest(task_id=task_id),
+                ),
+                timeout=10,
+            ),
+        }
+        for name, call in calls.items():
+            if name == "SubmitTaskGroup":  # per-item outcomes: the item carries its status
+                response = await call()
+                item = status_pb2.Status.FromString(response.outcomes[0].status)
+                assert item.code == grpc.StatusCode.UNAVAILABLE.value[0], item.message
+                assert "RetryInfo" in unpack_details(item)
+                continue
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await call()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (name, info.value.details())
+            assert "RetryInfo" in _details(info.value), name
+    finally:
+        await devstack_postgres.start_async()
+    for _ in range(50):  # the pool notices the restart on its next checkout (pre-ping)
+        try:
+            again = await sched.SubmitTask(_submit("outage-1"), timeout=10)
+            break
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("the scheduler did not recover after the restart")
+    assert again.response.task.task_id
+    repeat = await sched.SubmitTask(_submit("outage-1"), timeout=10)
+    assert repeat.response.task.task_id == again.response.task.task_id

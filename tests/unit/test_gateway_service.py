@@ -182,10 +182,15 @@ async def test_not_found_for_other_tenant_equals_missing(env: Env) -> None:
 
 
 async def test_deadline_propagates(env: Env) -> None:
-    await env.tasks.GetQueueStats(svc_pb2.GetQueueStatsRequest(), metadata=env.md(), timeout=1.5)
+    await env.tasks.GetQueueStats(svc_pb2.GetQueueStatsRequest(), metadata=env.md(), timeout=0.4)
     _, _, remaining = env.scheduler.calls[-1]
     assert remaining is not None
-    assert 0.5 < remaining <= 1.5
+    assert 0.2 < remaining <= 0.4
+    # A longer deadline: the first attempt is bounded by the attempt timeout (0.5 s by default).
+    await env.tasks.GetQueueStats(svc_pb2.GetQueueStatsRequest(), metadata=env.md(), timeout=5)
+    _, _, remaining = env.scheduler.calls[-1]
+    assert remaining is not None
+    assert 0.3 < remaining <= 0.5
 
 
 async def test_scheduler_down_is_unavailable_without_internal_details() -> None:
@@ -578,3 +583,62 @@ async def test_a_stopped_coalescer_fails_its_callers_instead_of_leaving_them_wai
         flusher.cancel()
     results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 2)
     assert all(isinstance(r, BaseException) for r in results)
+
+
+class FrozenScheduler(FakeScheduler):
+    """A replica that accepts calls and never answers (a SIGSTOPped or stalled process)."""
+
+    async def GetQueueStats(self, request: Any, context: Any) -> Any:
+        self._record("GetQueueStats", request, context)
+        await asyncio.Event().wait()
+
+
+async def test_an_unresponsive_replica_costs_one_short_attempt() -> None:
+    """With one of two replicas frozen, every call still succeeds, each within about one attempt
+    timeout: the timed-out attempt is retried at once on the other replica."""
+    frozen, healthy = FrozenScheduler(), FakeScheduler()
+    fake_a, fake_b = await serve(scheduler_binding(frozen)), await serve(scheduler_binding(healthy))
+    gateway = build_gateway(
+        settings(0, None, scheduler_channels=1, scheduler_attempt_timeout_seconds=0.3).model_copy(
+            update={"scheduler_address": f"ipv4:127.0.0.1:{fake_a.port},127.0.0.1:{fake_b.port}"}
+        ),
+        CollectorRegistry(),
+    )
+    await gateway.start()
+    keys = Keys.generate()
+    took: list[float] = []
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as ch:
+            stub = svc_grpc.TaskServiceStub(ch)
+            for _ in range(10):
+                started = asyncio.get_running_loop().time()
+                await stub.GetQueueStats(
+                    svc_pb2.GetQueueStatsRequest(), metadata=metadata(keys.token()), timeout=10
+                )
+                took.append(asyncio.get_running_loop().time() - started)
+        assert frozen.calls, "round_robin sent the frozen replica some attempts"
+        assert len(healthy.calls) == 10
+        assert max(took) < 0.3 * 4, took  # never the caller's 10 s: at most a few short attempts
+    finally:
+        await gateway.stop(0.5)
+        await fake_a.stop(0.5)
+        await fake_b.stop(0.5)
+
+
+@pytest.mark.parametrize(
+    ("target", "split"),
+    [
+        (
+            "ipv4:10.0.0.1:50051,10.0.0.2:50051",
+            (["ipv4:10.0.0.1:50051", "ipv4:10.0.0.2:50051"], "", 0),
+        ),
+        ("dns:///scheduler-headless:50051", ([], "scheduler-headless", 50051)),
+        ("scheduler:50051", ([], "scheduler", 50051)),
+        ("unix:///tmp/socket", None),
+        ("scheduler", None),
+    ],
+)
+def test_scheduler_targets_split_into_replicas(target: str, split: object) -> None:
+    from conveyor_gateway.downstream import _split_target
+
+    assert _split_target(target) == split

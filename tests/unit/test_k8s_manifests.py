@@ -28,10 +28,12 @@ import yaml
 from pydantic_settings import BaseSettings
 
 from conveyor_common import topics
+from conveyor_common.create_topics import TopicsSettings
 from conveyor_gateway.settings import GatewaySettings
 from conveyor_notifier.settings import NotifierSettings
 from conveyor_provider_adapter.settings import AdapterSettings
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.webhooks.settings import WebhookSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
@@ -46,7 +48,17 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "SCHEDULER_": SchedulerSettings,
     "ADAPTER_": AdapterSettings,
     "NOTIFIER_": NotifierSettings,
+    "TOPICS_": TopicsSettings,
 }
+CONTRACT = re.compile(
+    r"^(SCHEDULER|ADAPTER|NOTIFIER)_KAFKA_(SECURITY_PROTOCOL|SASL_MECHANISM|SASL_USERNAME"
+    r"|SASL_PASSWORD|SASL_PASSWORD_FILE|SSL_CAFILE|SSL_CERTFILE|SSL_KEYFILE)$"
+    r"|^(SCHEDULER|ADAPTER|NOTIFIER)_TLS_(CERT_FILE|KEY_FILE|CA_FILE|ALLOWED_PEERS)$"
+    r"|^GATEWAY_INTERNAL_TLS_(CERT_FILE|KEY_FILE|CA_FILE)$"
+)
+"""Variables of the deployment contract (docs/operations-k8s.md) that the manifests set before every
+service's settings read them (Kafka client security, internal mutual TLS): allowed when the settings
+class has no such field yet, checked like any other once it does."""
 KAFKA_CONSUMERS = {"scheduler", "provider-adapter", "notifier"}
 CONSUMER_STOP_SECONDS = 30
 """EventConsumer.stop() waits this long for the batch in hand (conveyor_common.kafka.consumer)."""
@@ -55,7 +67,7 @@ SECRETISH = re.compile(r"(TOKEN|SECRET|PASSWORD|DATABASE_URL|_KEY$|_KEY_ID$|WEBH
 
 def kustomizations() -> list[Path]:
     """Every kustomization a person or CI renders."""
-    dirs = [K8S, *(K8S / "overlays" / o for o in OVERLAYS)]
+    dirs = [K8S, *(K8S / "overlays" / o for o in (*OVERLAYS, "prod-managed-kafka"))]
     dirs += sorted(p for p in (K8S / "tests").iterdir() if (p / "kustomization.yaml").is_file())
     return dirs
 
@@ -307,6 +319,55 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
         },
         ("apiVersion", "kind", "metadata", "spec"),
     ),
+    ("cert-manager.io/v1", "Certificate"): _obj(
+        {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": META,
+            "spec": _obj(
+                {
+                    "secretName": STR,
+                    "commonName": STR,
+                    "isCA": {"type": "boolean"},
+                    "dnsNames": {"type": "array", "items": STR, "minItems": 1},
+                    "duration": {"type": "string", "pattern": "^[0-9]+h$"},
+                    "renewBefore": {"type": "string", "pattern": "^[0-9]+h$"},
+                    "privateKey": _obj(
+                        {
+                            "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                            "size": INT,
+                            "rotationPolicy": {"enum": ["Never", "Always"]},
+                        }
+                    ),
+                    "usages": {
+                        "type": "array",
+                        "items": {"enum": ["digital signature", "server auth", "client auth"]},
+                    },
+                    "issuerRef": _obj(
+                        {
+                            "group": {"const": "cert-manager.io"},
+                            "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                            "name": STR,
+                        },
+                        ("name", "kind"),
+                    ),
+                },
+                ("secretName", "issuerRef"),
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
+    ("cert-manager.io/v1", "Issuer"): _obj(
+        {
+            "apiVersion": {},
+            "kind": {},
+            "metadata": META,
+            "spec": _obj(
+                {"selfSigned": _obj({}), "ca": _obj({"secretName": STR}, ("secretName",))}
+            ),
+        },
+        ("apiVersion", "kind", "metadata", "spec"),
+    ),
     ("monitoring.coreos.com/v1", "PodMonitor"): _obj(
         {
             "apiVersion": {},
@@ -323,6 +384,18 @@ CRD_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                                 "port": STR,
                                 "path": {"type": "string", "pattern": "^/"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+[smh]$"},
+                                "relabelings": {
+                                    "type": "array",
+                                    "items": _obj(
+                                        {
+                                            "sourceLabels": {"type": "array", "items": STR},
+                                            "targetLabel": STR,
+                                            "replacement": STR,
+                                            "action": STR,
+                                            "regex": STR,
+                                        }
+                                    ),
+                                },
                             },
                             ("port",),
                         ),
@@ -476,7 +549,12 @@ def test_every_overlay_is_combined_with_every_component() -> None:
 def test_pods_are_hardened_and_sized(path: Path) -> None:
     objs = render(path)
     conveyor = [(w, s) for w, s in pod_specs(objs)]
-    assert len(conveyor) == 5, [w for w, _ in conveyor]  # four Deployments and the migration Job
+    # four Deployments and the migration Job (+ the topics Job of a managed Kafka)
+    assert sorted(w for w, _ in conveyor if w.startswith("Job/")) in (
+        ["Job/scheduler-migrate"],
+        ["Job/conveyor-topics", "Job/scheduler-migrate"],
+    ), [w for w, _ in conveyor]
+    assert len(conveyor) - sum(1 for w, _ in conveyor if w.startswith("Job/")) == 4
     for where, spec in conveyor:
         assert spec["automountServiceAccountToken"] is False, where
         psc = spec["securityContext"]
@@ -519,12 +597,19 @@ def test_deployments_probe_grpc_health_and_drain_before_they_stop(path: Path) ->
         (c,) = spec["containers"]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert {"metrics", "grpc"} <= set(ports), name
+        env_names = {v["name"] for v in c.get("env", [])}
+        serves_tls = any(n.endswith("_TLS_CERT_FILE") and "UPSTREAM" not in n for n in env_names)
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            if serves_tls:  # the kubelet's gRPC probe cannot speak TLS: a TCP check of the port
+                assert "grpc" not in c[probe], f"{name} {probe}: a plaintext gRPC probe on TLS"
+                assert c[probe]["tcpSocket"]["port"] == ports["grpc"], f"{name} {probe}"
+                continue
             grpc = c[probe]["grpc"]
             assert grpc["port"] == ports["grpc"], f"{name} {probe}: a numeric port = the grpc port"
         # Readiness follows dependencies (the overall "" entry); liveness, where a service is
         # registered, asks for that service so a lost dependency does not restart the pod.
-        assert c["readinessProbe"]["grpc"].get("service", "") == "", name
+        if not serves_tls:
+            assert c["readinessProbe"]["grpc"].get("service", "") == "", name
         env = config_of(objs, c)
         prefix = next(p for p in SETTINGS if any(k.startswith(p) for k in env))
         assert int(env[f"{prefix}GRPC_PORT"]) == ports["grpc"], name
@@ -553,7 +638,16 @@ def test_settings_exist_required_ones_are_set_and_secrets_are_references(path: P
             unknown = [
                 k
                 for k in env
-                if not k.startswith(prefix) or k[len(prefix) :].lower() not in cls.model_fields
+                if not k.startswith(prefix)
+                or (
+                    k[len(prefix) :].lower() not in cls.model_fields
+                    and not CONTRACT.match(k)
+                    and not (
+                        k.startswith("SCHEDULER_WEBHOOK_")
+                        and k.removeprefix("SCHEDULER_WEBHOOK_").lower()
+                        in WebhookSettings.model_fields
+                    )
+                )
             ]
             assert not unknown, f"{where}: variables no setting reads: {unknown}"
             required = [f for f, info in cls.model_fields.items() if info.is_required()]
@@ -788,3 +882,117 @@ def test_autoscalers_respect_partitions_behaviour_and_leave_the_scheduler_fixed(
         assert down["policies"] == [{"type": "Percent", "value": 50, "periodSeconds": 60}]
         dep = named(objs, "Deployment", s["spec"]["scaleTargetRef"]["name"])
         assert "replicas" not in dep["spec"], f"{name}: the autoscaler owns spec.replicas"
+
+
+# --------------------------------------------------------------------------------------------------
+# Managed Kafka, TLS
+
+
+KAFKA_CLIENTS = {"scheduler": "SCHEDULER_", "provider-adapter": "ADAPTER_", "notifier": "NOTIFIER_"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    [K8S / "overlays" / "prod-managed-kafka", K8S / "tests" / "prod-managed-kafka-full"],
+    ids=lambda p: label(p),
+)
+def test_managed_kafka_has_no_strimzi_a_topics_job_and_secure_clients(path: Path) -> None:
+    objs = render(path)
+    assert not [o for o in objs if o["apiVersion"].startswith("kafka.strimzi.io")]
+    job = named(objs, "Job", "conveyor-topics")
+    (jc,) = job["spec"]["template"]["spec"]["containers"]
+    assert jc["command"] == ["python", "-m", "conveyor_common.create_topics"]
+    (sc,) = named(objs, "Deployment", "scheduler")["spec"]["template"]["spec"]["containers"]
+    assert jc["image"] == sc["image"], "the scheduler image holds conveyor_common"
+    topics_env = config_of(objs, jc)
+    assert int(topics_env["TOPICS_REPLICATION_FACTOR"]) == 3
+    bootstrap = topics_env["TOPICS_KAFKA_BOOTSTRAP_SERVERS"]
+    for name, prefix in [*KAFKA_CLIENTS.items(), ("conveyor-topics", "TOPICS_")]:
+        kind = "Job" if name == "conveyor-topics" else "Deployment"
+        spec = named(objs, kind, name)["spec"]["template"]["spec"]
+        (c,) = spec["containers"]
+        env = config_of(objs, c)
+        assert env[f"{prefix}KAFKA_SECURITY_PROTOCOL"] == "SASL_SSL", name
+        assert env[f"{prefix}KAFKA_SASL_MECHANISM"].startswith("SCRAM-SHA-"), name
+        refs = {
+            v["name"]: v["valueFrom"]["secretKeyRef"]
+            for v in c["env"]
+            if "secretKeyRef" in v.get("valueFrom", {})
+        }
+        assert refs[f"{prefix}KAFKA_SASL_USERNAME"] == {"name": "conveyor-kafka", "key": "username"}
+        assert refs[f"{prefix}KAFKA_SASL_PASSWORD"] == {"name": "conveyor-kafka", "key": "password"}
+        cafile = Path(env[f"{prefix}KAFKA_SSL_CAFILE"])
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        volume = next(v for v in spec["volumes"] if v["name"] == mounts[str(cafile.parent)])
+        assert volume["configMap"]["name"] == "conveyor-kafka-ca"
+        boot = next(v for k, v in env.items() if "KAFKA_BOOTSTRAP" in k)
+        assert boot == bootstrap, f"{name}: every client and the Job use the same brokers"
+    for pol in of_kind(objs, "NetworkPolicy"):
+        text = yaml.safe_dump(pol)
+        assert "strimzi.io" not in text, pol["metadata"]["name"]
+    kafka_cidrs = {
+        pol["metadata"]["name"]
+        for pol in of_kind(objs, "NetworkPolicy")
+        for rule in pol["spec"].get("egress", [])
+        for peer in rule.get("to", [])
+        if peer.get("ipBlock", {}).get("cidr") == "10.30.0.0/16"
+        and [p["port"] for p in rule["ports"]] == [9096]
+    }
+    assert kafka_cidrs == {"scheduler", "provider-adapter", "notifier", "conveyor-topics"}
+
+
+def test_prod_serves_tls_on_the_gateway_with_the_users_issuer_and_mtls_inside() -> None:
+    objs = render(K8S / "overlays" / "prod")
+    certs = {c["metadata"]["name"]: c["spec"] for c in of_kind(objs, "Certificate")}
+    gw = certs["gateway-tls"]
+    assert gw["issuerRef"]["name"] != "ISSUER-NAMED-BY-THE-OVERLAY", "the overlay names its issuer"
+    deps = {
+        d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in of_kind(objs, "Deployment")
+    }
+
+    def files(dep: str) -> dict[str, tuple[str, str]]:
+        """env var -> (Secret mounted at the file's directory, file name)."""
+        (c,) = deps[dep]["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        secrets = {v["name"]: v.get("secret", {}).get("secretName") for v in deps[dep]["volumes"]}
+        out = {}
+        for var in c["env"]:
+            if var["name"].endswith("_FILE") and "value" in var:
+                path = Path(var["value"])
+                out[var["name"]] = (secrets[mounts[str(path.parent)]], path.name)
+        return out
+
+    gateway = files("gateway")
+    assert gateway["GATEWAY_TLS_CERT_FILE"] == (gw["secretName"], "tls.crt")
+    assert gateway["GATEWAY_TLS_KEY_FILE"] == (gw["secretName"], "tls.key")
+    for dep, prefix, server in (
+        ("scheduler", "SCHEDULER", True),
+        ("notifier", "NOTIFIER", True),
+        ("provider-adapter", "ADAPTER", True),
+        ("gateway", "GATEWAY", False),
+    ):
+        cert = certs[f"{dep}-mtls"]
+        assert cert["issuerRef"] == {
+            "group": "cert-manager.io",
+            "kind": "Issuer",
+            "name": "conveyor-internal",
+        }
+        env = files(dep)
+        if server:
+            assert "server auth" in cert["usages"]
+            assert cert["dnsNames"] == [dep], "the name clients dial (dns:///<service>:50051)"
+            assert env[f"{prefix}_TLS_CERT_FILE"] == (cert["secretName"], "tls.crt")
+            assert env[f"{prefix}_TLS_KEY_FILE"] == (cert["secretName"], "tls.key")
+            assert env[f"{prefix}_TLS_CA_FILE"] == (cert["secretName"], "ca.crt")
+        if dep != "scheduler":
+            assert "client auth" in cert["usages"]
+        if not server:
+            assert env[f"{prefix}_INTERNAL_TLS_CERT_FILE"] == (cert["secretName"], "tls.crt")
+            assert env[f"{prefix}_INTERNAL_TLS_CA_FILE"] == (cert["secretName"], "ca.crt")
+    ca = certs["conveyor-internal-ca"]
+    assert ca["isCA"] is True
+    issuer = named(objs, "Issuer", "conveyor-internal")
+    assert issuer["spec"]["ca"]["secretName"] == ca["secretName"]
+    doc = (ROOT / "docs" / "operations-k8s.md").read_text()
+    for var in ("_TLS_CERT_FILE", "_TLS_CA_FILE", "_TLS_ALLOWED_PEERS"):
+        assert f"<SERVICE>{var}" in doc, f"the contract {var} is documented"

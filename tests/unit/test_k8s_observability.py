@@ -34,6 +34,8 @@ MONITORING = K8S / "components" / "monitoring"
 DASHBOARDS = sorted((MONITORING / "dashboards").glob("*.json"))
 EXTERNAL_PREFIXES = ("kube_",)
 """Metrics from outside Conveyor that a panel may use (kube-state-metrics)."""
+EXTERNAL_NAMES = frozenset({"up"})
+"""Prometheus's own per-target series (alerts on Conveyor's targets, by the PodMonitors' job)."""
 GRAFANA_VARIABLES = {
     "$__rate_interval": "5m",
     "$__interval": "1m",
@@ -84,7 +86,9 @@ def unknown_metrics(expr: str) -> list[str]:
     return [
         name
         for name, _ in selectors(expr)
-        if name not in exported_metrics() and not name.startswith(EXTERNAL_PREFIXES)
+        if name not in exported_metrics()
+        and not name.startswith(EXTERNAL_PREFIXES)
+        and name not in EXTERNAL_NAMES
     ]
 
 
@@ -228,6 +232,18 @@ def test_alerts_cover_the_issue_and_link_their_runbook() -> None:
         "ConveyorProvider429Streak",
         "ConveyorWebhookSignatureFailures",
         "ConveyorConsumerLagHigh",
+        # issue 16: availability, ratios, provider errors, SLO burn rates, database pool
+        "ConveyorTargetDown",
+        "ConveyorPodCrashLooping",
+        "ConveyorAdmissionRejectionRatioHigh",
+        "ConveyorProviderCreateFailures",
+        "ConveyorProviderServerErrors",
+        "ConveyorTaskFailureRatioHigh",
+        "ConveyorSubmitLatencyBudgetBurn",
+        "ConveyorSubmitLatencyBudgetSlowBurn",
+        "ConveyorDispatchLatencyBudgetBurn",
+        "ConveyorDispatchLatencyBudgetSlowBurn",
+        "ConveyorDatabasePoolSaturated",
     } <= names
     runbooks = (ROOT / "docs" / "runbooks.md").read_text()
     anchors = {
@@ -248,15 +264,45 @@ def test_alerts_cover_the_issue_and_link_their_runbook() -> None:
 def test_no_scheduler_leader_is_the_sum_of_the_leader_gauge_for_a_minute() -> None:
     rule = next(r for r in alert_rules() if r["alert"] == "ConveyorNoSchedulerLeader")
     assert rule["for"] == "1m"
-    assert "sum(conveyor_scheduler_leader" in rule["expr"]
+    assert "sum by (namespace) (conveyor_scheduler_leader)" in rule["expr"]
+    assert "absent(" not in rule["expr"], "absent() cannot say which namespace lost its leader"
     assert "== 0" in rule["expr"]
 
 
 @pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
 def test_alert_expressions_parse_and_name_exported_metrics(rule: dict[str, Any]) -> None:
     assert not unknown_metrics(rule["expr"])
-    for _, matchers in selectors(rule["expr"]):
-        assert matchers.get("namespace") == "conveyor", "scoped to Conveyor's namespace"
+    for name, matchers in selectors(rule["expr"]):
+        assert "namespace" not in matchers, f"{name}: no namespace in an alert (any namespace)"
+        if name == "up":
+            assert matchers.get("job", "").startswith("conveyor-"), "only Conveyor's targets"
+        if name.startswith(EXTERNAL_PREFIXES):
+            assert 'and on (namespace, pod) up{job=~"conveyor-' in rule["expr"], (
+                f"{name}: joined with Conveyor's targets"
+            )
+
+
+def aggregations(expr: str) -> list[Any]:
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, promql_parser.AggregateExpr):
+            found.append(node)
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return found
+
+
+@pytest.mark.parametrize("rule", alert_rules(), ids=lambda r: r["alert"])
+def test_alert_aggregations_keep_the_namespace(rule: dict[str, Any]) -> None:
+    """Every aggregation groups by namespace: one alert per installation, with its namespace."""
+    aggs = aggregations(rule["expr"])
+    assert aggs, rule["alert"]
+    for agg in aggs:
+        modifier = agg.modifier
+        assert modifier is not None, f"{rule['alert']}: {agg} aggregates the namespaces away"
+        assert "without" not in str(modifier).lower()
+        assert "namespace" in modifier.labels, f"{rule['alert']}: {agg}"
 
 
 def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
@@ -341,13 +387,13 @@ def test_keda_and_hpa_flavours_scale_on_the_same_queries_and_targets() -> None:
                 spec = metric["external"]
                 rule = external[spec["metric"]["name"]]
                 expanded = expand(
-                    rule, "conveyor", spec["metric"].get("selector", {}).get("matchLabels", {})
+                    rule, "NAMESPACE", spec["metric"].get("selector", {}).get("matchLabels", {})
                 )
                 assert canonical(expanded) == canonical(query), (target, expanded, query)
             else:
                 spec = metric["pods"]
                 rule = custom[spec["metric"]["name"]]
-                expanded = expand(rule, "conveyor", {}, pods=True)
+                expanded = expand(rule, "NAMESPACE", {}, pods=True)
                 # Per pod in the HPA, the total in KEDA: same series, same window.
                 assert {n for n, _ in selectors(expanded)} == {n for n, _ in selectors(query)}
                 assert re.findall(r"\[\w+\]", expanded) == re.findall(r"\[\w+\]", query)
@@ -362,3 +408,69 @@ def test_adapter_rules_select_exported_series() -> None:
     for rule in rules["custom"] + rules["external"]:
         assert not unknown_metrics(rule["seriesQuery"]), rule["seriesQuery"]
         assert re.fullmatch(rule["name"]["matches"], selectors(rule["seriesQuery"])[0][0])
+
+
+# --------------------------------------------------------------------------------------------------
+# Every query has data from the start
+
+
+def all_queries() -> list[tuple[str, str]]:
+    out = [
+        (f"{p.stem} {panel['title']}", t["expr"])
+        for p in DASHBOARDS
+        for panel in panels(json.loads(p.read_text()))
+        for t in panel.get("targets", [])
+    ]
+    out += [(r["alert"], r["expr"]) for r in alert_rules()]
+    return out
+
+
+def test_the_dashboards_hold_at_least_the_65_queries_and_all_name_exported_metrics() -> None:
+    dashboard_queries = [q for q in all_queries() if q[0].startswith("conveyor-")]
+    assert len(dashboard_queries) >= 65
+    for where, expr in dashboard_queries:
+        assert not unknown_metrics(expr), where
+
+
+STARTS_EMPTY = (
+    # gRPC and Kafka series are born per method / topic on first use (conveyor_common), and these
+    # adapter label values are only known at run time (the storage backend, outcome x source).
+    "conveyor_grpc_",
+    "conveyor_kafka_",
+    "conveyor_adapter_output_copy_bytes",
+    "conveyor_adapter_output_copy_files",
+    "conveyor_adapter_results_published",
+    "conveyor_db_pool_",
+)
+
+
+def test_every_counter_a_query_rates_has_a_series_before_its_first_event() -> None:
+    """The pre-initialised label sets: a counter series born with its first increment is invisible
+    to rate()/increase() for that increment, so the first 429 or rejection would show nothing."""
+    registry = CollectorRegistry()
+    SchedulerMetrics(registry)
+    AdapterMetrics(registry)
+    NotifierMetrics(registry)
+    samples = [s for family in registry.collect() for s in family.samples]
+    checked = 0
+    for where, expr in all_queries():
+        for name, matchers in selectors(expr):
+            if name.startswith(STARTS_EMPTY) or not name.startswith("conveyor_"):
+                continue
+            if not name.endswith(("_total", "_bucket")):
+                continue
+            wanted = {
+                k: v
+                for k, v in matchers.items()
+                if k not in ("namespace", "__name__") and not v.startswith(("$", "^"))
+            }
+            found = [
+                s
+                for s in samples
+                if s.name == name and all(s.labels.get(k) == v for k, v in wanted.items())
+            ]
+            if "le" in wanted or any("|" in v for v in wanted.values()):
+                found = found or [s for s in samples if s.name == name]
+            assert found, f"{where}: {name}{wanted} has no series until its first event"
+            checked += 1
+    assert checked >= 40

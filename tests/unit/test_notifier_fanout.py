@@ -14,9 +14,14 @@ from conveyor_notifier.fanout import WatchHub
 from conveyor_notifier.metrics import NotifierMetrics
 
 
-def event(tenant: str, task: str, sequence: int) -> task_pb2.TaskEvent:
+def event(
+    tenant: str,
+    task: str,
+    sequence: int,
+    type_: task_pb2.TaskEventType.ValueType = task_pb2.TASK_EVENT_TYPE_PROGRESS,
+) -> task_pb2.TaskEvent:
     return task_pb2.TaskEvent(
-        event_id=f"{task}-{sequence}", tenant_id=tenant, task_id=task, sequence=sequence
+        event_id=f"{task}-{sequence}", tenant_id=tenant, task_id=task, sequence=sequence, type=type_
     )
 
 
@@ -84,3 +89,32 @@ async def test_close_ends_every_subscription_and_refuses_new_ones() -> None:
     with pytest.raises(Unavailable):
         await late.next()
     assert h.count == 0
+
+
+async def test_the_type_filter_applies_before_the_buffer() -> None:
+    h, registry = hub(buffer=3)
+    narrow = h.subscribe("a", "", types=[task_pb2.TASK_EVENT_TYPE_CANCELED])
+    for n in range(1, 1001):  # a burst of other events: never buffered for the narrow one
+        h.publish(event("a", f"t{n}", 1, task_pb2.TASK_EVENT_TYPE_SUBMITTED))
+    h.publish(event("a", "t7", 2, task_pb2.TASK_EVENT_TYPE_CANCELED))
+    got = await asyncio.wait_for(narrow.next(), timeout=1)
+    assert (got.task_id, got.sequence) == ("t7", 2)
+    assert not narrow.ended
+    assert registry.get_sample_value(
+        "conveyor_notifier_watch_streams_ended_total", {"reason": "overflow"}
+    ) in (None, 0)
+
+
+async def test_a_duplicate_delivery_reaches_a_subscriber_once() -> None:
+    h, _ = hub(buffer=10)
+    whole = h.subscribe("a", "")
+    one = h.subscribe("a", "t1")
+    for e in (event("a", "t1", 1), event("a", "t2", 1), event("a", "t1", 2), event("a", "t1", 1)):
+        h.publish(e)
+    h.publish(event("a", "t1", 2))  # the topic delivered again (at least once)
+    h.publish(event("a", "t1", 3))
+    got = [(await whole.next()) for _ in range(4)]
+    assert [(e.task_id, e.sequence) for e in got] == [("t1", 1), ("t2", 1), ("t1", 2), ("t1", 3)]
+    assert [(await one.next()).sequence for _ in range(3)] == [1, 2, 3]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(whole.next(), timeout=0.05)

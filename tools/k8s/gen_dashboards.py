@@ -207,6 +207,29 @@ def overview() -> list[Row]:
                     unit="s",
                 ),
                 Panel(
+                    "Database pool (scheduler)",
+                    [
+                        q(
+                            f"sum by (pod) (conveyor_db_pool_checked_out{{{NS}}})",
+                            "in use {{pod}}",
+                        ),
+                        q(
+                            f"max(conveyor_db_pool_size{{{NS}}} + conveyor_db_pool_max_overflow{{{NS}}})",
+                            "pool + overflow",
+                        ),
+                        q(
+                            "histogram_quantile(0.99, sum by (le) "
+                            f"(rate(conveyor_db_pool_wait_seconds_bucket{{{NS}}}[$__rate_interval])))",
+                            "checkout wait p99 (s)",
+                        ),
+                        q(
+                            f"sum(rate(conveyor_db_pool_timeouts_total{{{NS}}}[$__rate_interval]))",
+                            "checkout timeouts/s",
+                        ),
+                    ],
+                    description="Connections each scheduler replica holds against its pool, and how long checkouts wait.",
+                ),
+                Panel(
                     "Outbox: oldest unpublished row and pending rows",
                     [
                         q(f"max(conveyor_scheduler_outbox_lag_seconds{{{NS}}})", "lag (s)"),

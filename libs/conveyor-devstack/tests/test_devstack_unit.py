@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 
 from conveyor_devstack import DevstackError, LocalKafka, sqlalchemy_url
+from conveyor_devstack import kafka as kafka_module
+from conveyor_devstack import stack as stack_module
 from conveyor_devstack.__main__ import _render
 from conveyor_devstack.kafka import fetch_kafka, find_java, find_mvn, kafka_version
 from conveyor_devstack.postgres import find_pg_binaries, libpq_url, redact, with_database
@@ -137,3 +143,125 @@ def test_fixture_fails_when_a_backend_cannot_start_unless_skips_are_allowed(
     assert outcome in run.stdout, run.stdout + run.stderr
     assert "devstack: postgres could not start" in run.stdout
     assert "devstack: postgres=not-used kafka=not-used" in run.stdout
+
+
+def test_kafka_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 0xF8 as first byte encodes to "-" in url-safe base64: the id the storage tool took for a flag.
+    draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
+    monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
+    cluster_id = kafka_module._cluster_id()
+    assert cluster_id == base64.urlsafe_b64encode(b"\x01" * 16).rstrip(b"=").decode()
+    monkeypatch.undo()
+    ids = [kafka_module._cluster_id() for _ in range(2000)]
+    assert not [i for i in ids if i.startswith("-")]
+    assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
+
+
+class _FakeContainer:
+    """A testcontainers container whose engine answers but cannot give it."""
+
+    instances: ClassVar[list[_FakeContainer]] = []
+
+    def __init__(self, image: str, *args: Any, **kwargs: Any) -> None:
+        self.image = image
+        self.stopped = False
+        _FakeContainer.instances.append(self)
+
+    def with_kraft(self) -> _FakeContainer:
+        return self
+
+    def start(self) -> None:
+        from docker.errors import ImageNotFound  # type: ignore[import-untyped]
+
+        raise ImageNotFound(
+            f"404 Client Error: pull access denied for {self.image}, repository does not exist"
+        )
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@pytest.fixture
+def docker_that_cannot_pull(monkeypatch: pytest.MonkeyPatch) -> list[_FakeContainer]:
+    import testcontainers.community.kafka as tc_kafka
+    import testcontainers.community.postgres as tc_postgres
+
+    _FakeContainer.instances = []
+    monkeypatch.setattr(tc_postgres, "PostgresContainer", _FakeContainer)
+    monkeypatch.setattr(tc_kafka, "KafkaContainer", _FakeContainer)
+    monkeypatch.setattr(stack_module, "_docker_configured", lambda: True)
+    monkeypatch.delenv("CONVEYOR_TEST_DATABASE_URL", raising=False)
+    monkeypatch.delenv("CONVEYOR_TEST_KAFKA_BOOTSTRAP", raising=False)
+    return _FakeContainer.instances
+
+
+def test_auto_mode_falls_back_to_local_processes_when_docker_cannot_pull(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    docker_that_cannot_pull: list[_FakeContainer],
+) -> None:
+    monkeypatch.setenv("CONVEYOR_DEVSTACK_BACKEND", "auto")
+    started: list[str] = []
+
+    class FakeLocalPostgres:
+        def __init__(self, **kwargs: Any) -> None:
+            pass
+
+        def start(self) -> None:
+            started.append("postgres")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(stack_module, "LocalPostgres", FakeLocalPostgres)
+    monkeypatch.setattr(
+        stack_module, "_local_postgres_server", lambda local, started: ("local-process", local)
+    )
+    with caplog.at_level(logging.WARNING, logger="conveyor_devstack.stack"):
+        result: Any = start_postgres()
+        backend, local = result
+        assert stack_module._kafka_from_testcontainers() is None
+    assert backend == "local-process"
+    assert isinstance(local, FakeLocalPostgres)
+    assert started == ["postgres"]
+    assert [c.stopped for c in docker_that_cannot_pull] == [True, True]  # nothing left behind
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert (
+        "testcontainers postgres (postgres:15-alpine) did not start (ImageNotFound" in warnings[0]
+    )
+    assert "pull access denied" in warnings[0]
+    assert "falling back to a local process" in warnings[0]
+    assert "testcontainers kafka (confluentinc/cp-kafka:8.1.0) did not start" in warnings[1]
+
+
+def test_testcontainers_mode_reports_a_pull_failure(
+    monkeypatch: pytest.MonkeyPatch, docker_that_cannot_pull: list[_FakeContainer]
+) -> None:
+    monkeypatch.setenv("CONVEYOR_DEVSTACK_BACKEND", "testcontainers")
+    with pytest.raises(DevstackError, match=r"testcontainers postgres .* did not start: ImageNotF"):
+        start_postgres()
+    with pytest.raises(DevstackError, match=r"testcontainers kafka .* did not start"):
+        stack_module._kafka_from_testcontainers()
+
+
+def test_cli_names_the_kafka_credentials_of_a_sasl_ssl_devstack() -> None:
+    state = {
+        "kafka_bootstrap": "127.0.0.1:9",
+        "kafka_security": {
+            "protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_username": "conveyor",
+            "sasl_password_file": "/tmp/k/tls/client.password",
+            "ssl_cafile": "/tmp/k/tls/ca.pem",
+        },
+    }
+    assert _render(state, as_json=False).splitlines() == [
+        "# kafka 127.0.0.1:9 SASL_SSL SCRAM-SHA-512: user conveyor, password in "
+        "/tmp/k/tls/client.password, CA /tmp/k/tls/ca.pem"
+    ]
+
+
+def test_local_kafka_refuses_an_unknown_listener_security() -> None:
+    with pytest.raises(DevstackError, match="one of PLAINTEXT, SASL_SSL"):
+        LocalKafka(security="SSL")  # type: ignore[arg-type]

@@ -1,27 +1,72 @@
-"""Conveyor client SDK (async and sync) and the ``conveyor`` CLI."""
+"""Conveyor client SDK and the ``conveyor`` CLI (extra ``[cli]``).
+
+``Client`` (blocking) and ``AsyncClient`` (asyncio) return typed results (:mod:`.types`);
+``ConveyorClient``/``AsyncConveyorClient`` are the protobuf-level clients under them.
+"""
 
 from conveyor_client.client import (
+    MAX_BATCH_ITEMS,
     TERMINAL_EVENTS,
     TERMINAL_STATUSES,
     AsyncConveyorClient,
     ConveyorClient,
+    TokenProvider,
     build_spec,
     new_request_id,
 )
 from conveyor_client.errors import ConveyorError, Violation
 from conveyor_client.groups import GROUP_TERMINAL_STATUSES, delayed
-from conveyor_client.token import mint_token
+from conveyor_client.sdk import AsyncClient, Client, spec
+from conveyor_client.token import mint_token, minting_provider
+from conveyor_client.types import (
+    BatchSubmitted,
+    EventType,
+    OutputFile,
+    Priority,
+    QueueStat,
+    Submitted,
+    Task,
+    TaskError,
+    TaskEvent,
+    TaskKind,
+    TaskPage,
+    TaskStatus,
+    Tenant,
+    TenantLimits,
+    Tier,
+)
 
 __all__ = [
     "GROUP_TERMINAL_STATUSES",
+    "MAX_BATCH_ITEMS",
     "TERMINAL_EVENTS",
     "TERMINAL_STATUSES",
+    "AsyncClient",
     "AsyncConveyorClient",
+    "BatchSubmitted",
+    "Client",
     "ConveyorClient",
     "ConveyorError",
+    "EventType",
+    "OutputFile",
+    "Priority",
+    "QueueStat",
+    "Submitted",
+    "Task",
+    "TaskError",
+    "TaskEvent",
+    "TaskKind",
+    "TaskPage",
+    "TaskStatus",
+    "Tenant",
+    "TenantLimits",
+    "Tier",
+    "TokenProvider",
     "Violation",
     "build_spec",
     "delayed",
     "mint_token",
+    "minting_provider",
     "new_request_id",
+    "spec",
 ]

@@ -1,9 +1,12 @@
 """``conveyor``: the command line on the SDK.
 
-Address and token come from ``--address``/``--token`` or ``CONVEYOR_ADDRESS``/``CONVEYOR_TOKEN``.
-``--json`` prints machine-readable output (one JSON document, or one JSON line per watch event).
-Exit codes: 0 success, 1 the call failed (the status and each bad field go to stderr), 2 usage,
-3 a followed task (``watch``, ``submit --wait/--watch``) ended without succeeding.
+Address and token come from ``--address``/``--token`` or ``CONVEYOR_ADDRESS``/``CONVEYOR_TOKEN``;
+``admin`` commands use ``CONVEYOR_ADMIN_TOKEN`` when it is set and ``--token`` is not given.
+``--json`` prints machine-readable output (one JSON document, or one JSON line per watch event);
+without it the output is text and tables. Enums have one spelling in and out (``succeeded``, ``high``).
+Errors never print a traceback: one line on stderr. Exit codes: 0 success, 1 the call failed,
+2 usage (bad arguments, unreadable files), 3 a followed task (``watch``, ``submit --wait/--watch``)
+ended without succeeding, 130 interrupted, 141 stdout closed early (e.g. ``| head -1``).
 """
 
 from __future__ import annotations
@@ -16,65 +19,49 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-import grpc
-from google.protobuf import json_format
-from google.protobuf.message import Message
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
-from conveyor.tasks.v1 import task_pb2
-from conveyor_client.client import TERMINAL_EVENTS, AsyncConveyorClient, build_spec
+from conveyor_client.client import tls_credentials
 from conveyor_client.errors import ConveyorError
 from conveyor_client.group_cli import GroupUsageError, add_group_parser, run_group
+from conveyor_client.sdk import AsyncClient
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
+from conveyor_client.types import (
+    Priority,
+    Task,
+    TaskKind,
+    TaskStatus,
+    Tenant,
+    TenantLimits,
+    Tier,
+)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-KINDS = ["video", "image", "text", "audio"]
-PRIORITIES = ["urgent", "high", "normal", "low"]
-TIERS = ["free", "premium", "pro"]
-STATUSES = [
-    "queued",
-    "dispatched",
-    "running",
-    "succeeded",
-    "failed",
-    "canceled",
-    "dead_lettered",
-    "expired",
-]
+KINDS = [k.value for k in TaskKind if k != TaskKind.UNSPECIFIED]
+PRIORITIES = [p.value for p in Priority if p != Priority.UNSPECIFIED]
+TIERS = [t.value for t in Tier if t != Tier.UNSPECIFIED]
+STATUSES = [s.value for s in TaskStatus if s != TaskStatus.UNSPECIFIED]
 
 
 class UsageError(Exception):
     """A bad command line argument detected after parsing."""
 
 
-def _status(name: str) -> task_pb2.TaskStatus.ValueType:
-    return task_pb2.TaskStatus.Value("TASK_STATUS_" + name.upper())
-
-
-def _kind(name: str) -> task_pb2.TaskKind.ValueType:
-    return task_pb2.TaskKind.Value("TASK_KIND_" + name.upper())
-
-
-def _short(enum: Any, value: int, prefix: str) -> str:
+def _read(path: str, what: str) -> bytes:
     try:
-        return str(enum.Name(value)).removeprefix(prefix).lower()
-    except ValueError:
-        return str(value)
-
-
-def _to_dict(msg: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
 def _load_input(value: str | None) -> dict[str, Any] | None:
     if value is None:
         return None
-    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    text = _read(value[1:], "--input file").decode() if value.startswith("@") else value
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -92,6 +79,22 @@ def _labels(pairs: Sequence[str] | None) -> dict[str, str]:
             raise UsageError(f"--label {pair!r} must be KEY=VALUE")
         out[key] = value
     return out
+
+
+def _when(value: datetime | None) -> str:
+    return value.isoformat(timespec="seconds").replace("+00:00", "Z") if value else ""
+
+
+def _status_text(task: Task) -> str:
+    """The status as shown to people: a requested cancel is visible while the task still runs."""
+    if task.cancel_requested and not task.terminal:
+        return f"{task.status} (cancel requested)"
+    return str(task.status)
+
+
+def _label(task_id: str, model: str) -> str:
+    """A progress-bar label that tells tasks apart (UUIDv7 ids share their leading digits)."""
+    return f"{model} …{task_id[-8:]}" if model else f"…{task_id[-12:]}"
 
 
 def _ts(value: str | None) -> datetime | None:
@@ -117,112 +120,163 @@ class Output:
         sys.stdout.write(json.dumps(data, indent=None if isinstance(data, list) else 2) + "\n")
         sys.stdout.flush()
 
-    def task(self, task: task_pb2.Task, deduplicated: bool | None = None) -> None:
+    def task(self, task: Task, deduplicated: bool | None = None) -> None:
         """One task."""
         if self.json:
-            data = _to_dict(task)
+            data = task.to_dict()
             if deduplicated is not None:
                 data = {"task": data, "deduplicated": deduplicated}
             self.emit(data)
             return
         table = Table(show_header=False, box=None)
-        status = _short(task_pb2.TaskStatus, task.status, "TASK_STATUS_")
-        target = task.spec.model or task.spec.deployment
         rows = [
             ("task_id", task.task_id),
-            ("status", status),
-            ("kind", _short(task_pb2.TaskKind, task.spec.kind, "TASK_KIND_")),
-            ("model", target),
+            ("status", _status_text(task)),
+            ("kind", str(task.kind)),
+            ("model", task.target),
+            ("priority", str(task.priority)),
             ("progress", f"{task.progress}%"),
             ("attempt", f"{task.attempt}/{task.max_attempts}"),
-            ("created_at", task.created_at.ToJsonString() if task.HasField("created_at") else ""),
+            ("created_at", _when(task.created_at)),
         ]
         if task.queue_position:
             rows.append(("queue_position", str(task.queue_position)))
-        if task.HasField("estimated_start_at"):
-            rows.append(("estimated_start_at", task.estimated_start_at.ToJsonString()))
-        if task.HasField("error") and task.error.code:
+        if task.estimated_start_at:
+            rows.append(("estimated_start_at", _when(task.estimated_start_at)))
+        if task.finished_at:
+            rows.append(("finished_at", _when(task.finished_at)))
+        if task.error is not None:
             rows.append(("error", f"{task.error.code}: {task.error.message}"))
-        if task.HasField("result"):
-            rows.extend(("output", f.url or f.source_url) for f in task.result.files)
+        rows.extend(("output", f.url or f.source_url) for f in task.outputs)
         if deduplicated:
             rows.append(("deduplicated", "yes"))
         for key, value in rows:
             table.add_row(f"[bold]{key}[/bold]", value)
         self.console.print(table)
 
-    def tasks(self, tasks: Sequence[task_pb2.Task]) -> None:
+    def tasks(self, tasks: Sequence[Task]) -> None:
         """A list of tasks."""
         if self.json:
-            self.emit([_to_dict(t) for t in tasks])
+            self.emit([t.to_dict() for t in tasks])
             return
-        table = Table("task_id", "status", "kind", "model", "progress", "created_at")
+        table = Table("task_id", "status", "kind", "model", "priority", "attempt", "progress",
+                      "created_at")  # fmt: skip
         for t in tasks:
             table.add_row(
                 t.task_id,
-                _short(task_pb2.TaskStatus, t.status, "TASK_STATUS_"),
-                _short(task_pb2.TaskKind, t.spec.kind, "TASK_KIND_"),
-                t.spec.model or t.spec.deployment,
+                _status_text(t),
+                str(t.kind),
+                t.target,
+                str(t.priority),
+                f"{t.attempt}/{t.max_attempts}",
                 f"{t.progress}%",
-                t.created_at.ToJsonString() if t.HasField("created_at") else "",
+                _when(t.created_at),
+            )
+        self.console.print(table)
+
+    def dead_letters(self, tasks: Sequence[Task]) -> None:
+        """Dead-lettered tasks: whose, where, how often tried and why they failed."""
+        table = Table("task_id", "tenant", "model", "attempts", "error", "finished_at")
+        for t in tasks:
+            error = f"{t.error.code}: {t.error.message}" if t.error is not None else ""
+            table.add_row(
+                t.task_id,
+                t.tenant_id,
+                t.target,
+                f"{t.attempt}/{t.max_attempts}",
+                error,
+                _when(t.finished_at or t.updated_at),
+            )
+        self.console.print(table)
+
+    def tenant(self, tenant: Tenant) -> None:
+        """A tenant's tier, and its limits as set and in effect."""
+        if self.json:
+            self.emit(tenant.to_dict())
+            return
+        self.console.print(f"tenant {tenant.tenant_id}  tier {tenant.tier}")
+        table = Table("limit", "set", "in effect")
+        for name in (
+            "max_concurrency",
+            "max_waiting",
+            "submit_rate_per_second",
+            "submit_burst",
+            "weight",
+        ):
+            value = getattr(tenant.limits, name)
+            table.add_row(
+                name, str(value) if value else "-", str(getattr(tenant.effective_limits, name))
             )
         self.console.print(table)
 
 
-async def _watch(client: AsyncConveyorClient, task_id: str, out: Output, after: int = 0) -> int:
+async def _watch(client: AsyncClient, task_id: str, out: Output, after: int = 0) -> int:
     """Follow a task; a progress bar (or JSON lines) until it ends. Exit 0 only if it succeeded."""
-    final: task_pb2.Task | None = None
+    final: Task | None = None
     if out.json:
         async for event in client.watch(task_id, after_sequence=after):
-            sys.stdout.write(json.dumps(_to_dict(event)) + "\n")
+            sys.stdout.write(json.dumps(event.to_dict()) + "\n")
             sys.stdout.flush()
-            if event.type in TERMINAL_EVENTS:
-                final = event.task
+            final = event.task
     else:
         with Progress(
-            TextColumn("[bold]{task.fields[task_id]}"),
+            TextColumn("[bold]{task.fields[label]}"),
             BarColumn(),
             TextColumn("{task.percentage:>3.0f}%"),
             TextColumn("{task.fields[status]}"),
             TimeElapsedColumn(),
             console=out.console,
         ) as progress:
-            bar = progress.add_task("watch", total=100, task_id=task_id[:8], status="...")
+            bar = progress.add_task("watch", total=100, label=_label(task_id, ""), status="...")
             async for event in client.watch(task_id, after_sequence=after):
-                status = _short(task_pb2.TaskStatus, event.task.status, "TASK_STATUS_")
-                progress.update(bar, completed=event.task.progress, status=status)
-                if event.type in TERMINAL_EVENTS:
-                    final = event.task
-        if final is not None:
+                progress.update(
+                    bar,
+                    completed=event.task.progress,
+                    status=_status_text(event.task),
+                    label=_label(task_id, event.task.target),
+                )
+                final = event.task
+        if final is not None and final.terminal:
             out.task(final)
-    if final is None:
+    if final is None or not final.terminal:
         final = await client.get(task_id)
         if not out.json:
             out.task(final)
-    return 0 if final.status == task_pb2.TASK_STATUS_SUCCEEDED else 3
+    return 0 if final.status == TaskStatus.SUCCEEDED else 3
 
 
-def _selector(args: argparse.Namespace) -> admin_pb2.BulkSelector:
-    sel = admin_pb2.BulkSelector(
-        task_ids=args.task_id or [],
-        tenant_id=args.tenant or "",
-        model=args.model or "",
-        statuses=[_status(s) for s in (args.status or [])],
-        limit=args.limit,
-    )
-    before = _ts(args.created_before)
-    if before is not None:
-        sel.created_before.FromDatetime(before)
-    return sel
+def _selector(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "task_ids": args.task_id or [],
+        "tenant_id": args.tenant or "",
+        "model": args.model or "",
+        "statuses": args.status or [],
+        "created_before": _ts(args.created_before),
+        "limit": args.limit,
+    }
+
+
+def _token_for(args: argparse.Namespace) -> str | None:
+    """--token, else CONVEYOR_ADMIN_TOKEN for admin commands (when set), else CONVEYOR_TOKEN."""
+    if getattr(args, "token", None):
+        return str(args.token)
+    if args.command == "admin" and os.environ.get("CONVEYOR_ADMIN_TOKEN"):
+        return os.environ["CONVEYOR_ADMIN_TOKEN"]
+    return os.environ.get("CONVEYOR_TOKEN") or None
 
 
 async def _run(args: argparse.Namespace) -> int:
     out = Output(args.json)
     if args.command == "token":
         return _token(args, out)
-    credentials = _credentials(args)
-    client = AsyncConveyorClient(
-        args.address, args.token, timeout=args.timeout, credentials=credentials
+    credentials = tls_credentials(
+        tls=args.tls,
+        ca_file=args.ca_file and str(args.ca_file),
+        cert_file=args.cert_file and str(args.cert_file),
+        key_file=args.key_file and str(args.key_file),
+    )
+    client = AsyncClient(
+        args.address, _token_for(args), timeout=args.timeout, credentials=credentials
     )
     try:
         return await _dispatch(client, args, out)
@@ -230,26 +284,26 @@ async def _run(args: argparse.Namespace) -> int:
         await client.close()
 
 
-async def _dispatch(client: AsyncConveyorClient, args: argparse.Namespace, out: Output) -> int:
+async def _dispatch(client: AsyncClient, args: argparse.Namespace, out: Output) -> int:
     cmd = args.command
     if cmd == "group":
         try:
-            return await run_group(client, args, out.console, out.json)
+            return await run_group(client.raw, args, out.console, out.json)
         except GroupUsageError as exc:
             raise UsageError(str(exc)) from None
     if cmd == "submit":
-        spec = build_spec(
+        resp = await client.submit(
             args.kind,
             model=args.model,
             deployment=args.deployment,
             input=_load_input(args.input),
-            priority=args.priority or task_pb2.PRIORITY_UNSPECIFIED,
+            priority=args.priority or Priority.UNSPECIFIED,
             run_timeout=args.run_timeout,
             max_attempts=args.max_attempts,
             labels=_labels(args.label),
             webhook_url=args.webhook,
+            request_id=args.request_id,
         )
-        resp = await client.submit(spec=spec, request_id=args.request_id)
         if args.watch or args.wait:
             if not out.json:
                 out.console.print(f"submitted {resp.task.task_id}")
@@ -257,26 +311,26 @@ async def _dispatch(client: AsyncConveyorClient, args: argparse.Namespace, out: 
                 return await _watch(client, resp.task.task_id, out)
             final = await client.wait(resp.task.task_id)
             out.task(final)
-            return 0 if final.status == task_pb2.TASK_STATUS_SUCCEEDED else 3
+            return 0 if final.status == TaskStatus.SUCCEEDED else 3
         out.task(resp.task, resp.deduplicated)
         return 0
     if cmd == "get":
         out.task(await client.get(args.task_id))
         return 0
     if cmd == "list":
-        collected: list[task_pb2.Task] = []
-        async for page in client.list(
-            statuses=[_status(s) for s in (args.status or [])],
-            kinds=[_kind(k) for k in (args.kind or [])],
-            model=args.model or "",
-            created_after=_ts(args.created_after),
-            created_before=_ts(args.created_before),
-            page_size=args.page_size,
-        ):
-            collected.extend(page)
-            if len(collected) >= args.limit:
-                break
-        out.tasks(collected[: args.limit])
+        collected = [
+            task
+            async for task in client.list(
+                statuses=args.status or [],
+                kinds=args.kind or [],
+                model=args.model or "",
+                created_after=_ts(args.created_after),
+                created_before=_ts(args.created_before),
+                page_size=args.page_size,
+                limit=args.limit,
+            )
+        ]
+        out.tasks(collected)
         return 0
     if cmd == "cancel":
         out.task(await client.cancel(args.task_id, reason=args.reason or ""))
@@ -284,20 +338,17 @@ async def _dispatch(client: AsyncConveyorClient, args: argparse.Namespace, out: 
     if cmd == "watch":
         return await _watch(client, args.task_id, out, args.after)
     if cmd == "stats":
-        resp_stats = await client.stats(
-            kind=_kind(args.kind) if args.kind else task_pb2.TASK_KIND_UNSPECIFIED,
-            model=args.model or "",
-        )
+        rows = await client.stats(kind=args.kind or TaskKind.UNSPECIFIED, model=args.model or "")
         if out.json:
-            out.emit(_to_dict(resp_stats))
+            out.emit({"stats": [row.to_dict() for row in rows]})
             return 0
         table = Table(
             "kind", "model", "waiting", "active", "succeeded", "failed", "dead", "canceled",
             "expired", "oldest wait", "run p50",
         )  # fmt: skip
-        for row in resp_stats.stats:
+        for row in rows:
             table.add_row(
-                _short(task_pb2.TaskKind, row.kind, "TASK_KIND_"),
+                str(row.kind),
                 row.model or "(all)",
                 str(row.waiting),
                 str(row.active),
@@ -306,8 +357,8 @@ async def _dispatch(client: AsyncConveyorClient, args: argparse.Namespace, out: 
                 str(row.dead_lettered),
                 str(row.canceled),
                 str(row.expired),
-                f"{row.oldest_waiting_age.ToTimedelta().total_seconds():.1f}s",
-                f"{row.recent_run_time_p50.ToTimedelta().total_seconds():.1f}s",
+                f"{row.oldest_waiting_seconds:.1f}s",
+                f"{row.recent_run_time_p50_seconds:.1f}s",
             )
         out.console.print(table)
         return 0
@@ -316,13 +367,13 @@ async def _dispatch(client: AsyncConveyorClient, args: argparse.Namespace, out: 
     raise UsageError(f"unknown command {cmd!r}")
 
 
-async def _admin(client: AsyncConveyorClient, args: argparse.Namespace, out: Output) -> int:
+async def _admin(client: AsyncClient, args: argparse.Namespace, out: Output) -> int:
     sub = args.admin_command
     if sub == "tenant":
         if args.tenant_command == "get":
             tenant = await client.get_tenant(args.tenant_id)
         else:
-            limits = task_pb2.TenantLimits(
+            limits = TenantLimits(
                 max_concurrency=args.max_concurrency,
                 max_waiting=args.max_waiting,
                 submit_rate_per_second=args.submit_rate,
@@ -330,12 +381,9 @@ async def _admin(client: AsyncConveyorClient, args: argparse.Namespace, out: Out
                 weight=args.weight,
             )
             tenant = await client.upsert_tenant(
-                args.tenant_id, tier=args.tier or task_pb2.TIER_UNSPECIFIED, limits=limits
+                args.tenant_id, tier=args.tier or Tier.UNSPECIFIED, limits=limits
             )
-        if out.json:
-            out.emit(_to_dict(tenant))
-        else:
-            out.console.print_json(json.dumps(_to_dict(tenant)))
+        out.tenant(tenant)
         return 0
     if sub in ("pause", "resume"):
         if sub == "pause":
@@ -348,22 +396,21 @@ async def _admin(client: AsyncConveyorClient, args: argparse.Namespace, out: Out
             out.console.print(f"{args.model}: {'paused' if paused else 'running'}")
         return 0
     if sub == "dead-letters":
-        page = await client.list_dead_letters(
+        page = await client.dead_letters(
             tenant_id=args.tenant or "", page_size=args.page_size, page_token=args.page_token or ""
         )
         if out.json:
-            out.emit(_to_dict(page))
+            out.emit(page.to_dict())
         else:
-            out.tasks(list(page.tasks))
+            out.dead_letters(page.tasks)
             if page.next_page_token:
                 out.console.print(f"next page: --page-token {page.next_page_token}")
         return 0
     if sub in ("redrive", "bulk-cancel"):
-        selector = _selector(args)
         if sub == "redrive":
-            ids = await client.redrive(selector)
+            ids = await client.redrive(**_selector(args))
         else:
-            ids = await client.bulk_cancel(selector, reason=args.reason or "")
+            ids = await client.bulk_cancel(**_selector(args), reason=args.reason or "")
         if out.json:
             out.emit({"task_ids": ids})
         else:
@@ -377,7 +424,7 @@ async def _admin(client: AsyncConveyorClient, args: argparse.Namespace, out: Out
 
 def _token(args: argparse.Namespace, out: Output) -> int:
     if args.secret_file:
-        secret = Path(args.secret_file).read_bytes().strip()
+        secret = _read(args.secret_file, "--secret-file").strip()
     elif args.secret:
         secret = args.secret.encode()
     else:
@@ -399,24 +446,20 @@ def _token(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not (args.tls or args.ca_file or args.cert_file):
-        return None
-    root = Path(args.ca_file).read_bytes() if args.ca_file else None
-    key = Path(args.key_file).read_bytes() if args.key_file else None
-    cert = Path(args.cert_file).read_bytes() if args.cert_file else None
-    return grpc.ssl_channel_credentials(
-        root_certificates=root, private_key=key, certificate_chain=cert
-    )
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump): ``conveyor submit: error: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
+def _common_options(*, suppress: bool) -> _Parser:
     """Options valid before or after the command (after it, they do not reset earlier values)."""
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--address",
         default=default(os.environ.get("CONVEYOR_ADDRESS", DEFAULT_ADDRESS)),
@@ -424,8 +467,8 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--token",
-        default=default(os.environ.get("CONVEYOR_TOKEN")),
-        help="bearer token (env CONVEYOR_TOKEN)",
+        default=default(None),
+        help="bearer token (env CONVEYOR_TOKEN; admin commands: CONVEYOR_ADMIN_TOKEN if set)",
     )
     common.add_argument(
         "--timeout", type=float, default=default(10.0), help="per-call deadline, seconds"
@@ -451,12 +494,14 @@ def build_parser() -> argparse.ArgumentParser:
     top = _common_options(suppress=False)
     common = _common_options(suppress=True)
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="conveyor",
         description="Submit and follow Conveyor generation tasks.",
         parents=[top],
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     p = sub.add_parser("submit", parents=[common], help="submit a task")
     p.add_argument("kind", choices=KINDS, help="kind of generation")
@@ -510,9 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
 
     admin = sub.add_parser("admin", parents=[common], help="operator commands (admin role)")
-    asub = admin.add_subparsers(dest="admin_command", required=True, metavar="ADMIN_COMMAND")
+    asub = admin.add_subparsers(
+        dest="admin_command", required=True, metavar="ADMIN_COMMAND", parser_class=_Parser
+    )
     tenant = asub.add_parser("tenant", parents=[common], help="tenant tier and limits")
-    tsub = tenant.add_subparsers(dest="tenant_command", required=True, metavar="get|set")
+    tsub = tenant.add_subparsers(
+        dest="tenant_command", required=True, metavar="get|set", parser_class=_Parser
+    )
     p = tsub.add_parser("get", parents=[common], help="show a tenant")
     p.add_argument("tenant_id")
     p = tsub.add_parser("set", parents=[common], help="create or update a tenant")
@@ -550,8 +599,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _error_line(exc: ConveyorError) -> str:
+    """The error on one line; a field already named in the message is not repeated."""
+    text = f"{exc.code.name}: {' '.join(exc.message.split())}"
+    extra = [
+        f"{v.field}: {v.description}"
+        for v in (*exc.field_violations, *exc.quota_violations)
+        if v.description not in exc.message
+    ]
+    if extra:
+        text += " (" + "; ".join(extra) + ")"
+    if exc.retry_after_seconds is not None:
+        text += f"; retry after {exc.retry_after_seconds:.3g} s"
+    return text
+
+
+def _stdout_closed() -> int:
+    """stdout's reader went away (``| head``): stop quietly, like a process killed by SIGPIPE."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code."""
+    """Run one command; returns the exit code. Never raises (set CONVEYOR_DEBUG=1 for tracebacks)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -573,14 +647,32 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + "\n"
             )
         else:
-            sys.stderr.write(f"error: {exc}\n")
+            sys.stderr.write(f"conveyor: error: {_error_line(exc)}\n")
         return 1
     except UsageError as exc:
-        sys.stderr.write(f"conveyor: {exc}\n")
+        sys.stderr.write(f"conveyor: error: {exc}\n")
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_closed()
+    except Exception as exc:
+        if os.environ.get("CONVEYOR_DEBUG"):
+            raise
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        sys.stderr.write(f"conveyor: error: {type(exc).__name__}: {text}\n")
+        return 1
+
+
+def run() -> None:
+    """Console entry point: exit with :func:`main`'s code; a closed stdout stays quiet at exit."""
+    code = main()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _stdout_closed()
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

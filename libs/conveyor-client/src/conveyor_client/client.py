@@ -1,19 +1,27 @@
 """Typed Conveyor client: :class:`AsyncConveyorClient` (grpc.aio) and :class:`ConveyorClient` (sync).
 
-Every call carries the bearer token and a deadline (``timeout`` per call, the client's default
-otherwise), is retried with exponential backoff and jitter on UNAVAILABLE, and raises
-:class:`~conveyor_client.errors.ConveyorError` with the decoded rich details on failure. Mutating calls
-get a uuid4 ``request_id`` when none is given; the same id is reused across retries, so a retried submit
-never creates a second task. :meth:`AsyncConveyorClient.watch` resumes from the last sequence number it
+These clients speak protobuf; :mod:`conveyor_client.sdk` (``Client``, ``AsyncClient``) wraps them
+with typed results. Every call carries the bearer token (a string, or a provider callable asked again
+before the token expires) and a deadline (``rpc_timeout`` per call, the client's ``timeout`` otherwise)
+that bounds the call *with* its retries. UNAVAILABLE is retried with exponential backoff and jitter,
+RESOURCE_EXHAUSTED after the delay its ``google.rpc.RetryInfo`` asks for, in both cases only while the
+deadline leaves room; failures raise :class:`~conveyor_client.errors.ConveyorError` with the decoded
+rich details. Mutating calls get a uuid4 ``request_id`` when none is given; the same id is reused
+across retries, so a retried submit never creates a second task. A batch larger than the server's item
+limit is sent as several batches (each atomic on its own). :meth:`AsyncConveyorClient.watch` resumes from the last sequence number it
 yielded when the stream breaks, and ends after the task's terminal event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import builtins
+import json
+import os
 import random
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Iterator
 from datetime import datetime, timedelta
@@ -53,6 +61,13 @@ TERMINAL_STATUSES = frozenset(
     }
 )
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+MAX_BATCH_ITEMS = 100
+"""The gateway's default item limit of one BatchSubmitTasks call (GATEWAY_MAX_BATCH_ITEMS)."""
+TOKEN_REFRESH_MARGIN_SECONDS = 60.0
+"""A provided token is asked for again this long before its ``exp``."""
+
+TokenProvider = Callable[[], str]
+"""A callable returning a bearer token; called again shortly before the previous one expires."""
 
 WATCH_RESUMABLE = frozenset(
     {
@@ -111,6 +126,90 @@ def build_spec(
     return spec
 
 
+def token_expiry(token: str) -> float | None:
+    """The ``exp`` claim of a JWT (unverified), or None when it has none or is not a JWT."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        exp = claims.get("exp") if isinstance(claims, dict) else None
+    except (IndexError, ValueError):
+        return None
+    return float(exp) if isinstance(exp, int | float) else None
+
+
+class _TokenSource:
+    """A static token or a provider whose token is cached until shortly before its expiry."""
+
+    def __init__(self, token: str | TokenProvider | None, margin: float) -> None:
+        self.provider: TokenProvider | None = (
+            None if token is None or isinstance(token, str) else token
+        )
+        self.value: str | None = token if isinstance(token, str) else None
+        self.expires_at: float | None = None
+        self.margin = margin
+
+    def get(self) -> str | None:
+        if self.provider is not None and (
+            self.value is None
+            or self.expires_at is None
+            or time.time() >= self.expires_at - self.margin
+        ):
+            self.value = self.provider()
+            self.expires_at = token_expiry(self.value)
+        return self.value
+
+    def invalidate(self) -> bool:
+        """Forget a provided token (after UNAUTHENTICATED); False for a static one."""
+        if self.provider is None:
+            return False
+        self.value = None
+        return True
+
+
+def channel_options_from_env(
+    environ: Any = None,
+) -> tuple[str, str | None, grpc.ChannelCredentials | None]:
+    """Address, token and TLS credentials from ``CONVEYOR_*`` variables.
+
+    ``CONVEYOR_ADDRESS`` (default 127.0.0.1:50051), ``CONVEYOR_TOKEN``, ``CONVEYOR_TLS`` (1/true),
+    ``CONVEYOR_CA_FILE``, ``CONVEYOR_CERT_FILE`` and ``CONVEYOR_KEY_FILE`` (mutual TLS); any of the
+    files implies TLS.
+    """
+    env = os.environ if environ is None else environ
+    address = env.get("CONVEYOR_ADDRESS") or "127.0.0.1:50051"
+    token = env.get("CONVEYOR_TOKEN") or None
+    ca, cert, key = (env.get(f"CONVEYOR_{n}_FILE") or None for n in ("CA", "CERT", "KEY"))
+    tls = (env.get("CONVEYOR_TLS") or "").lower() in ("1", "true", "yes", "on")
+    return address, token, tls_credentials(tls=tls, ca_file=ca, cert_file=cert, key_file=key)
+
+
+def tls_credentials(
+    *, tls: bool, ca_file: str | None, cert_file: str | None, key_file: str | None
+) -> grpc.ChannelCredentials | None:
+    """Channel credentials (None = plaintext) from PEM file paths."""
+    if not (tls or ca_file or cert_file):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca_file),
+        private_key=read(key_file),
+        certificate_chain=read(cert_file),
+    )
+
+
+def _chunk_request_id(request_id: str, index: int) -> str:
+    """The batch request id of chunk ``index`` (the first keeps the caller's id); deterministic."""
+    if index == 0:
+        return request_id
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"conveyor-batch:{request_id}/{index}"))
+
+
 def _enum(enum: Any, prefix: str, value: int | str) -> Any:
     if isinstance(value, str):
         name = value.upper()
@@ -126,7 +225,7 @@ class AsyncConveyorClient(GroupMethods):
     def __init__(
         self,
         address: str,
-        token: str | None = None,
+        token: str | TokenProvider | None = None,
         *,
         timeout: float = 10.0,
         retries: int = 4,
@@ -135,6 +234,9 @@ class AsyncConveyorClient(GroupMethods):
         watch_reconnects: int = 20,
         credentials: grpc.ChannelCredentials | None = None,
         options: Iterable[tuple[str, Any]] = (),
+        retry_resource_exhausted: bool = True,
+        max_batch_items: int = MAX_BATCH_ITEMS,
+        token_refresh_margin: float = TOKEN_REFRESH_MARGIN_SECONDS,
     ) -> None:
         opts = [("grpc.keepalive_time_ms", 30_000), *options]
         self._channel = (
@@ -145,12 +247,30 @@ class AsyncConveyorClient(GroupMethods):
         self._tasks: Any = svc_grpc.TaskServiceStub(self._channel)
         self._admin: Any = admin_grpc.AdminServiceStub(self._channel)
         self._hooks: Any = hook_grpc.WebhookServiceStub(self._channel)
-        self.token = token
+        self._token = _TokenSource(token, token_refresh_margin)
         self.timeout = timeout
         self.retries = retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.watch_reconnects = watch_reconnects
+        self.retry_resource_exhausted = retry_resource_exhausted
+        self.max_batch_items = max_batch_items
+
+    @classmethod
+    def from_env(cls, environ: Any = None, **kwargs: Any) -> AsyncConveyorClient:
+        """A client configured by ``CONVEYOR_*`` variables (see :func:`channel_options_from_env`)."""
+        address, token, credentials = channel_options_from_env(environ)
+        kwargs.setdefault("credentials", credentials)
+        return cls(address, kwargs.pop("token", token), **kwargs)
+
+    @property
+    def token(self) -> str | None:
+        """The current bearer token (asks the provider when it is about to expire)."""
+        return self._token.get()
+
+    @token.setter
+    def token(self, value: str | TokenProvider | None) -> None:
+        self._token = _TokenSource(value, self._token.margin)
 
     async def __aenter__(self) -> AsyncConveyorClient:
         return self
@@ -163,25 +283,53 @@ class AsyncConveyorClient(GroupMethods):
         await self._channel.close()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
+        token = self._token.get()
+        return (("authorization", f"Bearer {token}"),) if token else ()
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
 
+    def _retry_delay(self, err: ConveyorError, attempt: int) -> float | None:
+        """Seconds to wait before the next attempt, or None when the error is final."""
+        if attempt >= self.retries:
+            return None
+        if err.code in RETRYABLE:
+            return self._backoff(attempt)
+        if (
+            err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and self.retry_resource_exhausted
+            and err.retry_after_seconds is not None
+        ):
+            # A little jitter so that callers refused together do not come back together.
+            return err.retry_after_seconds * random.uniform(1.0, 1.1)
+        return None
+
     async def _unary(self, method: Any, request: Any, rpc_timeout: float | None) -> Any:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (rpc_timeout if rpc_timeout is not None else self.timeout)
         attempt = 0
+        reauthenticated = False
         while True:
             try:
                 return await method(
                     request,
-                    timeout=rpc_timeout if rpc_timeout is not None else self.timeout,
+                    timeout=max(0.001, deadline - loop.time()),
                     metadata=self._metadata(),
                 )
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or attempt >= self.retries:
-                    raise ConveyorError.from_rpc_error(exc) from None
-                await asyncio.sleep(self._backoff(attempt))
-                attempt += 1
+                err = ConveyorError.from_rpc_error(exc)
+            if (
+                err.code == grpc.StatusCode.UNAUTHENTICATED
+                and not reauthenticated
+                and self._token.invalidate()
+            ):
+                reauthenticated = True  # a provided token may have been revoked early: ask once
+                continue
+            delay = self._retry_delay(err, attempt)
+            if delay is None or loop.time() + delay >= deadline:
+                raise err
+            await asyncio.sleep(delay)
+            attempt += 1
 
     # -- tasks ---------------------------------------------------------------------------------
 
@@ -212,15 +360,26 @@ class AsyncConveyorClient(GroupMethods):
         request_id: str | None = None,
         rpc_timeout: float | None = None,
     ) -> svc_pb2.BatchSubmitTasksResponse:
-        """Submit several tasks atomically; items are specs or (request_id, spec) pairs."""
-        request = svc_pb2.BatchSubmitTasksRequest(request_id=request_id or new_request_id())
-        for item in specs:
-            rid, spec = item if isinstance(item, tuple) else (new_request_id(), item)
-            request.items.add(request_id=rid, spec=spec)
-        result: svc_pb2.BatchSubmitTasksResponse = await self._unary(
-            self._tasks.BatchSubmitTasks, request, rpc_timeout
-        )
-        return result
+        """Submit several tasks; items are specs or (request_id, spec) pairs.
+
+        Up to ``max_batch_items`` items go in one atomic call; more are sent in consecutive calls
+        of that size (each atomic, the first under ``request_id``, the others under ids derived from
+        it, so a retried call is deduplicated). ``rpc_timeout`` bounds each call.
+        """
+        batch_id = request_id or new_request_id()
+        items = [item if isinstance(item, tuple) else (new_request_id(), item) for item in specs]
+        size = max(1, self.max_batch_items)
+        merged = svc_pb2.BatchSubmitTasksResponse()
+        for index, start in enumerate(range(0, max(len(items), 1), size)):
+            request = svc_pb2.BatchSubmitTasksRequest(request_id=_chunk_request_id(batch_id, index))
+            for rid, spec in items[start : start + size]:
+                request.items.add(request_id=rid, spec=spec)
+            result: svc_pb2.BatchSubmitTasksResponse = await self._unary(
+                self._tasks.BatchSubmitTasks, request, rpc_timeout
+            )
+            merged.tasks.extend(result.tasks)
+            merged.deduplicated.extend(result.deduplicated)
+        return merged
 
     async def get(self, task_id: str, *, rpc_timeout: float | None = None) -> task_pb2.Task:
         """One task, with its position in line and ETA while queued."""
@@ -315,6 +474,42 @@ class AsyncConveyorClient(GroupMethods):
                 failures += 1
             finally:
                 call.cancel()
+
+    async def watch_many(
+        self, task_ids: Iterable[str], *, rpc_timeout: float | None = None
+    ) -> AsyncIterator[task_pb2.TaskEvent]:
+        """The events of several tasks as they come (each task's in order); ends when all ended.
+
+        Each task is followed by its own resuming :meth:`watch`; the first failure ends the
+        whole watch.
+        """
+        ids = builtins.list(dict.fromkeys(task_ids))
+        queue: asyncio.Queue[task_pb2.TaskEvent | BaseException | None] = asyncio.Queue(maxsize=256)
+
+        async def follow(task_id: str) -> None:
+            try:
+                async for event in self.watch(task_id, rpc_timeout=rpc_timeout):
+                    await queue.put(event)
+            except Exception as exc:  # handed to the consumer
+                await queue.put(exc)
+            else:
+                await queue.put(None)
+
+        followers = [asyncio.create_task(follow(task_id)) for task_id in ids]
+        try:
+            remaining = len(followers)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            for follower in followers:
+                follower.cancel()
+            await asyncio.gather(*followers, return_exceptions=True)
 
     async def watch_all(
         self, *, types: Iterable[task_pb2.TaskEventType.ValueType] = ()
@@ -530,6 +725,13 @@ class ConveyorClient(SyncGroupMethods):
 
         self._client = self._run(make())
 
+    @classmethod
+    def from_env(cls, environ: Any = None, **kwargs: Any) -> ConveyorClient:
+        """A client configured by ``CONVEYOR_*`` variables (see :func:`channel_options_from_env`)."""
+        address, token, credentials = channel_options_from_env(environ)
+        kwargs.setdefault("credentials", credentials)
+        return cls(address, kwargs.pop("token", token), **kwargs)
+
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
@@ -583,6 +785,10 @@ class ConveyorClient(SyncGroupMethods):
     def watch(self, task_id: str, **kwargs: Any) -> Iterator[task_pb2.TaskEvent]:
         """See :meth:`AsyncConveyorClient.watch`."""
         return self._iterate(self._client.watch(task_id, **kwargs))
+
+    def watch_many(self, task_ids: Iterable[str], **kwargs: Any) -> Iterator[task_pb2.TaskEvent]:
+        """See :meth:`AsyncConveyorClient.watch_many`."""
+        return self._iterate(self._client.watch_many(task_ids, **kwargs))
 
     def wait(self, task_id: str, **kwargs: Any) -> task_pb2.Task:
         """See :meth:`AsyncConveyorClient.wait`."""

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-
-import jwt
+from collections.abc import Callable
 
 DEFAULT_ISSUER = "conveyor"
 DEFAULT_AUDIENCE = "conveyor-gateway"
@@ -37,5 +36,22 @@ def mint_token(
         "exp": issued + ttl_seconds,
         "jti": uuid.uuid4().hex,
     }
+    try:
+        import jwt  # optional: the [cli] extra
+    except ImportError:
+        raise RuntimeError(
+            "minting tokens needs PyJWT: pip install 'conveyor-client[cli]'"
+        ) from None
     key = secret.encode() if isinstance(secret, str) else secret
     return jwt.encode(claims, key, algorithm="HS256")
+
+
+def minting_provider(
+    secret: str | bytes, tenant_id: str, *, ttl_seconds: int = 3600, **claims: str
+) -> Callable[[], str]:
+    """A token provider (for ``token=``) that mints a fresh HS256 token whenever one is asked for.
+
+    The client asks again shortly before the previous token expires. Development and tests only:
+    production services get tokens from their identity provider.
+    """
+    return lambda: mint_token(secret, tenant_id, ttl_seconds=ttl_seconds, **claims)  # type: ignore[arg-type]

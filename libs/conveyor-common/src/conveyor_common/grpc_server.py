@@ -3,8 +3,10 @@
 ``create_server`` builds the server and binds it (port 0 = any free port, so tests bind ``127.0.0.1:0``)
 without starting it; ``GrpcService.start``/``stop`` serve and drain. The interceptor binds request ids
 into the logging context, records metrics by method and status code, and maps exceptions to statuses:
-an :class:`~conveyor_common.errors.RpcError` becomes its rich status, anything else INTERNAL with a
-generic message (never UNKNOWN, never a stack trace to the caller).
+an :class:`~conveyor_common.errors.RpcError` becomes its rich status, a recognised infrastructure
+failure (database, broker, downstream service: :mod:`conveyor_common.faults`) UNAVAILABLE with
+RetryInfo, anything else INTERNAL with a generic message (never UNKNOWN, never a stack trace to the
+caller).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import SpanKind
 
+from conveyor_common import tracing
 from conveyor_common.context import bound, new_traceparent
 from conveyor_common.errors import RpcError
+from conveyor_common.faults import classify
 from conveyor_common.metrics import RpcMetrics
 
 logger = logging.getLogger(__name__)
@@ -76,14 +81,22 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         method: str = getattr(handler_call_details, "method", "")
         meta = _metadata(handler_call_details)
         request_id = meta.get("x-request-id") or uuid.uuid4().hex
+        # The caller's trace id with a new span id (the span's own, when traces are exported).
         traceparent = new_traceparent(meta.get("traceparent"))
+        rpc_attributes = {"rpc.system": "grpc", "rpc.method": method}
         metrics = self.metrics
         svc = metrics.service
         in_flight, latency, handled = self._method_metrics(method)
 
-        def finish(start: float, code: grpc.StatusCode) -> None:
+        def finish(start: float, code: grpc.StatusCode, current: Any = None) -> None:
             in_flight.dec()
-            latency.observe(time.perf_counter() - start)
+            trace = tracing.trace_id()
+            if trace is not None:  # an exemplar: Grafana links the latency to the trace
+                latency.observe(time.perf_counter() - start, exemplar={"trace_id": trace})
+            else:
+                latency.observe(time.perf_counter() - start)
+            if code != grpc.StatusCode.OK:
+                tracing.set_error(current, code.name)
             counter = handled.get(code)
             if counter is None:
                 counter = handled[code] = metrics.handled.labels(svc, method, code.name)
@@ -102,7 +115,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 in_flight.inc()
                 code = grpc.StatusCode.OK
-                with bound(request_id=request_id, traceparent=traceparent):
+                with (
+                    bound(request_id=request_id, traceparent=traceparent),
+                    tracing.span(
+                        method,
+                        SpanKind.SERVER,
+                        parent=meta.get("traceparent", ""),
+                        attributes=rpc_attributes,
+                    ) as current,
+                ):
                     try:
                         response = await inner_uu(request, context)
                         code = code_of(context)
@@ -114,15 +135,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     except (grpc.aio.AbortError, grpc.aio.UsageError):
                         code = code_of(context)
                         raise
-                    except Exception:
-                        code = grpc.StatusCode.INTERNAL
-                        logger.exception(
-                            "unhandled error",
-                            extra={"action": "rpc_internal_error", "grpc_method": method},
-                        )
-                        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                    except Exception as exc:
+                        answer = _unexpected(method, exc)
+                        code = answer.code
+                        await _abort(context, answer)
                     finally:
-                        finish(start, code)
+                        finish(start, code, current)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary,
@@ -139,7 +157,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 start = time.perf_counter()
                 in_flight.inc()
                 code = grpc.StatusCode.OK
-                with bound(request_id=request_id, traceparent=traceparent):
+                with (
+                    bound(request_id=request_id, traceparent=traceparent),
+                    tracing.span(
+                        method,
+                        SpanKind.SERVER,
+                        parent=meta.get("traceparent", ""),
+                        attributes=rpc_attributes,
+                    ) as current,
+                ):
                     try:
                         async for item in inner_us(request, context):
                             yield item
@@ -151,15 +177,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     except (grpc.aio.AbortError, grpc.aio.UsageError):
                         code = code_of(context)
                         raise
-                    except Exception:
-                        code = grpc.StatusCode.INTERNAL
-                        logger.exception(
-                            "unhandled error",
-                            extra={"action": "rpc_internal_error", "grpc_method": method},
-                        )
-                        await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+                    except Exception as exc:
+                        answer = _unexpected(method, exc)
+                        code = answer.code
+                        await _abort(context, answer)
                     finally:
-                        finish(start, code)
+                        finish(start, code, current)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream,
@@ -167,6 +190,31 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+def _unexpected(method: str, exc: Exception) -> RpcError:
+    """The answer to an exception that is not an RpcError: a recognised infrastructure failure
+    maps to its status (UNAVAILABLE with RetryInfo, or INVALID_ARGUMENT for an unstorable value)
+    and is logged in one line; anything else is a bug: INTERNAL, logged with its stack trace."""
+    mapped = classify(exc)
+    if mapped is None:
+        logger.exception(
+            "unhandled error", extra={"action": "rpc_internal_error", "grpc_method": method}
+        )
+        return RpcError("internal error")
+    first_line = str(exc).splitlines()[0][:300] if str(exc) else ""
+    logger.warning(
+        "%s (%s: %s)",
+        mapped.message,
+        type(exc).__name__,
+        first_line,
+        extra={
+            "action": "rpc_infrastructure_error",
+            "grpc_method": method,
+            "grpc_code": mapped.code.name,
+        },
+    )
+    return mapped
 
 
 def _log_error(method: str, exc: RpcError) -> None:
@@ -233,6 +281,10 @@ def create_server(
             ("grpc.max_connection_age_ms", 300_000),
             ("grpc.max_connection_age_grace_ms", 30_000),
             ("grpc.keepalive_time_ms", 30_000),
+            # Our clients ping every 2 s to notice a frozen peer (conveyor_common.channels).
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
+            ("grpc.http2.max_ping_strikes", 0),
             ("grpc.so_reuseport", 0),
         ],
         maximum_concurrent_rpcs=max_concurrent_rpcs,

@@ -13,6 +13,7 @@ from typing import Any
 from pythonjsonlogger.json import JsonFormatter
 
 from conveyor_common.context import request_id_var, task_id_var, tenant_id_var, traceparent_var
+from conveyor_common.redact import RedactingFilter, limit_grpc_core_logs
 
 
 class ContextFilter(logging.Filter):
@@ -38,7 +39,12 @@ class ContextFilter(logging.Filter):
 
 
 def configure_logging(service: str, level: str = "INFO", *, stream: Any = None) -> None:
-    """Route every logger (ours, grpc, aiokafka) to one JSON handler on stdout."""
+    """Route every logger (ours, grpc, aiokafka) to one JSON handler on stdout.
+
+    Credentials never reach the output (:mod:`conveyor_common.redact`): every record is redacted,
+    and gRPC's C core is kept at ERROR (call this before any gRPC channel or server is made).
+    """
+    overridden = limit_grpc_core_logs()
     handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(
         JsonFormatter(
@@ -48,6 +54,7 @@ def configure_logging(service: str, level: str = "INFO", *, stream: Any = None) 
         )
     )
     handler.addFilter(ContextFilter(service))
+    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
@@ -57,3 +64,8 @@ def configure_logging(service: str, level: str = "INFO", *, stream: Any = None) 
     if level.upper() != "DEBUG":
         for name in ("aiokafka", "kafka", "httpx", "httpcore", "sqlalchemy.engine", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
+    if overridden:
+        logging.getLogger(__name__).warning(
+            "GRPC_VERBOSITY set to ERROR: gRPC's C-core traces print request headers (credentials)",
+            extra={"action": "grpc_verbosity_limited", "requested": overridden},
+        )

@@ -14,6 +14,7 @@ import logging
 from prometheus_client import CollectorRegistry
 
 from conveyor_common import lifecycle as phases
+from conveyor_common import tracing
 from conveyor_common.grpc_server import GrpcService
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import MetricsServer, start_metrics_server
@@ -51,6 +52,8 @@ def start_metrics(
         await asyncio.to_thread(server.stop)
 
     lifecycle.on_shutdown("metrics_stop", stop, phase=phases.METRICS)
+    # Spans still batched are exported before the process ends (nothing when traces are off).
+    lifecycle.on_shutdown("traces_flush", tracing.shutdown_tracing, phase=phases.STORAGE)
     logger.info("metrics server started", extra={"action": "metrics_started", "port": server.port})
     return server
 

@@ -52,6 +52,9 @@ def load_settings(cls: type[T]) -> T:
         lines = []
         for err in exc.errors():
             field = ".".join(str(p) for p in err["loc"])
+            if not field:  # a check across fields: its message names the variables
+                lines.append("  " + err["msg"].removeprefix("Value error, "))
+                continue
             lines.append(f"  {env_name(cls, field)}: {err['msg']}")
         sys.stderr.write(f"{cls.__name__}: invalid configuration:\n" + "\n".join(lines) + "\n")
         raise SystemExit(2) from None

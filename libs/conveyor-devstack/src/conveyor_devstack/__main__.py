@@ -4,6 +4,9 @@
                              Replicate, schedulers, adapter, notifier, gateway), print the URLs,
                              endpoints and tokens, stay up until SIGINT/SIGTERM, then stop everything
     up --backends-only       only PostgreSQL + Kafka (also implied by --no-postgres/--no-kafka/--no-topics)
+    up --kafka-security SASL_SSL
+                             Kafka (a local process) with a SASL_SSL listener: SCRAM-SHA-512 users and a
+                             throwaway CA; the services connect through it
     up --detach --state-file .devstack/state.json
                              the same in the background; returns once everything answers (``make up``)
     down --state-file ...    stop a detached devstack
@@ -36,7 +39,7 @@ from typing import Any
 from conveyor_common.logging import configure_logging
 from conveyor_devstack import _process
 from conveyor_devstack.errors import DevstackError
-from conveyor_devstack.kafka import fetch_kafka
+from conveyor_devstack.kafka import LISTENER_SECURITY, fetch_kafka
 from conveyor_devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_ENV, Devstack
 from conveyor_devstack.topics import conveyor_topics
 
@@ -62,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for --detach")
     up.add_argument(
         "--backends-only", action="store_true", help="only PostgreSQL and Kafka, no services"
+    )
+    up.add_argument(
+        "--kafka-security",
+        choices=LISTENER_SECURITY,
+        default="PLAINTEXT",
+        type=str.upper,
+        help="Kafka's client listener: PLAINTEXT (default) or SASL_SSL (SCRAM-SHA-512 users and a "
+        "throwaway CA; always a local process)",
     )
 
     for name, text in (("down", "stop a detached devstack"), ("status", "show a devstack")):
@@ -89,8 +100,16 @@ def _render(state: dict[str, Any], as_json: bool) -> str:
     lines = []
     if "database_url" in state:
         lines.append(f"export {DATABASE_URL_ENV}={shlex.quote(state['database_url'])}")
-    if "kafka_bootstrap" in state:
+    security = state.get("kafka_security")
+    if "kafka_bootstrap" in state and not security:
         lines.append(f"export {KAFKA_BOOTSTRAP_ENV}={shlex.quote(state['kafka_bootstrap'])}")
+    if security:  # not exported: tests reusing a broker from the environment speak PLAINTEXT
+        lines.append(
+            f"# kafka {state['kafka_bootstrap']} {security['protocol']} "
+            f"{security['sasl_mechanism']}: user "
+            f"{security['sasl_username']}, password in {security['sasl_password_file']}, "
+            f"CA {security['ssl_cafile']}"
+        )
     if system := state.get("system"):
         lines += [
             f"export CONVEYOR_ADDRESS={shlex.quote(system['gateway'])}",
@@ -144,7 +163,11 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     topics = {} if args.no_topics or args.no_kafka else conveyor_topics()
     starter = Devstack.start(
-        postgres=not args.no_postgres, kafka=not args.no_kafka, fast=args.fast, topics=topics
+        postgres=not args.no_postgres,
+        kafka=not args.no_kafka,
+        fast=args.fast,
+        topics=topics,
+        kafka_security=args.kafka_security,
     )
     async with starter as stack, contextlib.AsyncExitStack() as services:
         state = {"pid": os.getpid(), **stack.describe()}
@@ -192,6 +215,7 @@ def _detach(args: argparse.Namespace) -> int:
     for flag in ("no_postgres", "no_kafka", "no_topics", "fast", "backends_only"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
+    argv += ["--kafka-security", args.kafka_security]
     with open(log_file, "ab") as out:
         child = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True

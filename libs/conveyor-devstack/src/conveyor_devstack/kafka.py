@@ -6,6 +6,12 @@ The jars come from Maven Central: ``devstack/kafka/pom.xml`` is resolved once wi
 ``kafka.tools.StorageTool`` in an instance directory and runs ``kafka.Kafka`` on the machine's Java 17
 on two free loopback ports (client and controller), with settings that keep tests fast and a log4j2
 config that writes WARN (and the "started" line) to ``logs/server.log``.
+
+``LocalKafka(security="SASL_SSL")`` serves its client listener as SASL_SSL instead of PLAINTEXT: a
+throwaway CA and broker certificate (``conveyor_devstack.tls``) and SCRAM-SHA-512 users created at
+format time (``kafka-storage format --add-scram``): ``broker`` for the broker's own inter-broker
+connections and ``conveyor`` for clients, with passwords generated at every start.
+``client_security`` is what clients connect with (the password is also in ``password_file``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -26,8 +33,9 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
+from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity
 from conveyor_devstack import _process
 from conveyor_devstack.errors import DevstackError
 
@@ -39,6 +47,13 @@ JAVA_ENV = "CONVEYOR_DEVSTACK_JAVA"
 MVN_ENV = "CONVEYOR_DEVSTACK_MVN"
 POM_RELATIVE = Path("devstack/kafka/pom.xml")
 KafkaStopMode = Literal["graceful", "kill"]
+ListenerSecurity = Literal["PLAINTEXT", "SASL_SSL"]
+"""What the devstack's client listener speaks."""
+LISTENER_SECURITY: tuple[ListenerSecurity, ...] = ("PLAINTEXT", "SASL_SSL")
+SCRAM_MECHANISM: Final = "SCRAM-SHA-512"
+CLIENT_USER = "conveyor"
+"""The SCRAM user clients of a SASL_SSL devstack broker authenticate as."""
+BROKER_USER = "broker"
 
 JVM_OPTIONS: tuple[str, ...] = (
     "-Xms256m",
@@ -62,6 +77,8 @@ BROKER_SETTINGS: Mapping[str, str] = {
     "share.coordinator.state.topic.replication.factor": "1",
     "share.coordinator.state.topic.min.isr": "1",
     "group.initial.rebalance.delay.ms": "0",
+    # Consumers of a lost replica's partitions resume within seconds (services ask for 3 s).
+    "group.min.session.timeout.ms": "1000",
     # After a SIGKILL the restarted node waits for its old broker session to expire before it is
     # unfenced: 9 s by default, ~3 s here (restart after kill measured 12.4 s -> ~4 s).
     "broker.session.timeout.ms": "3000",
@@ -238,7 +255,13 @@ def fetch_kafka(*, force: bool = False, timeout: float = 600.0) -> Path:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random KRaft cluster id (22 url-safe base64 characters) that never begins with ``-``: the
+    storage tool would take such an id for an option (1 start in 64 failed). Kafka's own
+    ``Uuid.randomUuid`` draws again in that case too."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 _T = TypeVar("_T")
@@ -266,11 +289,17 @@ def run_coroutine_sync(factory: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
     return result[0]
 
 
-async def broker_answers(bootstrap: str, *, request_timeout_ms: int = 5000) -> list[int]:
+async def broker_answers(
+    bootstrap: str, *, request_timeout_ms: int = 5000, security: KafkaSecurity = PLAINTEXT
+) -> list[int]:
     """Node ids in the metadata the broker at ``bootstrap`` returns (raises when it does not)."""
     from aiokafka.admin import AIOKafkaAdminClient
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=request_timeout_ms)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        request_timeout_ms=request_timeout_ms,
+        **security.client_kwargs(),
+    )
     try:
         await admin.start()
         cluster = await admin.describe_cluster()
@@ -288,10 +317,25 @@ class LocalKafka:
     """
 
     def __init__(
-        self, *, settings: Mapping[str, str] | None = None, ready_timeout: float = 90.0
+        self,
+        *,
+        settings: Mapping[str, str] | None = None,
+        ready_timeout: float = 90.0,
+        security: ListenerSecurity = "PLAINTEXT",
     ) -> None:
+        if security not in LISTENER_SECURITY:
+            raise DevstackError(
+                f"the devstack's Kafka listener is one of {', '.join(LISTENER_SECURITY)}, "
+                f"not {security!r}"
+            )
         self.settings = dict(settings or {})
         self.ready_timeout = ready_timeout
+        self.security: ListenerSecurity = security
+        self.client_security: KafkaSecurity = PLAINTEXT
+        """How clients connect (SASL_SSL: user, password and CA file; set by ``prepare``)."""
+        self.password_file: Path | None = None
+        """SASL_SSL: a file holding the client user's password."""
+        self._broker_password = ""
         self.version: str | None = None
         self.port: int | None = None
         self.controller_port: int | None = None
@@ -328,6 +372,8 @@ class LocalKafka:
         return self._proc is not None and self._proc.poll() is None
 
     def _properties(self) -> dict[str, str]:
+        if self.security == "SASL_SSL":
+            return self._sasl_ssl_properties()
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -344,6 +390,64 @@ class LocalKafka:
         props.update(BROKER_SETTINGS)
         props.update(self.settings)
         return props
+
+    def _sasl_ssl_properties(self) -> dict[str, str]:
+        tls = self._root / "tls"
+        jaas = (
+            "org.apache.kafka.common.security.scram.ScramLoginModule required "
+            f'username="{BROKER_USER}" password="{self._broker_password}";'
+        )
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{self.controller_port}",
+            "listeners": (
+                f"SASL_SSL://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            "advertised.listeners": f"SASL_SSL://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "SASL_SSL",
+            "listener.security.protocol.map": "SASL_SSL:SASL_SSL,CONTROLLER:PLAINTEXT",
+            "sasl.enabled.mechanisms": SCRAM_MECHANISM,
+            "sasl.mechanism.inter.broker.protocol": SCRAM_MECHANISM,
+            f"listener.name.sasl_ssl.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": jaas,
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(tls / "broker-bundle.pem"),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(tls / "ca.pem"),
+            "ssl.client.auth": "none",
+            "log.dirs": str(self._root / "data"),
+        }
+        props.update(BROKER_SETTINGS)
+        props.update(self.settings)
+        return props
+
+    def _prepare_sasl_ssl(self) -> list[str]:
+        """CA, broker certificate, SCRAM passwords; the ``--add-scram`` arguments of the format."""
+        from conveyor_devstack.tls import ThrowawayCA
+
+        tls = self._root / "tls"
+        ca = ThrowawayCA(tls)
+        ca.issue("broker")
+        self._broker_password = secrets.token_hex(16)
+        client_password = secrets.token_hex(16)
+        self.password_file = tls / "client.password"
+        self.password_file.write_text(client_password + "\n")
+        os.chmod(self.password_file, 0o600)
+        self.client_security = KafkaSecurity(
+            protocol="SASL_SSL",
+            sasl_mechanism=SCRAM_MECHANISM,
+            sasl_username=CLIENT_USER,
+            sasl_password=client_password,
+            ssl_cafile=str(ca.cafile),
+        )
+        args: list[str] = []
+        for user, password in (
+            (BROKER_USER, self._broker_password),
+            (CLIENT_USER, client_password),
+        ):
+            args += ["--add-scram", f"{SCRAM_MECHANISM}=[name={user},password={password}]"]
+        return args
 
     def _java_argv(self, main: str, *args: str) -> list[str]:
         if self._java is None or self._libs is None:
@@ -381,15 +485,16 @@ class LocalKafka:
         self.port, self.controller_port = _process.free_ports(2)
         (self.root / "logs").mkdir()
         (self.root / "log4j2.xml").write_text(_LOG4J2_XML.format(log_file=self.server_log))
+        scram = self._prepare_sasl_ssl() if self.security == "SASL_SSL" else []
         self._write_properties()
         _process.run(
             self._java_argv(
                 "kafka.tools.StorageTool",
                 "format",
-                "--cluster-id",
-                _cluster_id(),
+                f"--cluster-id={_cluster_id()}",
                 "--config",
                 str(self.root / "server.properties"),
+                *scram,
             ),
             what="kafka StorageTool format",
             cwd=self.root,
@@ -443,7 +548,9 @@ class LocalKafka:
             self._check_alive()
             if _process.port_open(self.port):
                 try:
-                    if await broker_answers(self.bootstrap, request_timeout_ms=3000):
+                    if await broker_answers(
+                        self.bootstrap, request_timeout_ms=3000, security=self.client_security
+                    ):
                         return
                     last_error = "metadata lists no broker yet"
                 except Exception as exc:
@@ -540,13 +647,22 @@ class KafkaServer(_process.ServerHandle["LocalKafka", KafkaStopMode]):
         version: str,
         local: LocalKafka | None = None,
         closer: Callable[[], None] | None = None,
+        security: KafkaSecurity = PLAINTEXT,
+        password_file: Path | None = None,
     ) -> None:
         super().__init__(backend, local, closer)
         self.bootstrap = bootstrap
         self.version = version
+        self.security = security
+        """How clients connect (PLAINTEXT, or SASL_SSL with the devstack's user and CA)."""
+        self.password_file = password_file
+        """SASL: a file holding ``security``'s password (services read it, not an env var)."""
 
     def __repr__(self) -> str:
-        return f"KafkaServer(backend={self.backend!r}, bootstrap={self.bootstrap!r})"
+        return (
+            f"KafkaServer(backend={self.backend!r}, bootstrap={self.bootstrap!r}, "
+            f"security={self.security.protocol!r})"
+        )
 
     @property
     def label(self) -> str:

@@ -8,12 +8,19 @@
    Maven-resolved jars on the machine's Java 17.
 
 ``CONVEYOR_DEVSTACK_BACKEND=local`` skips the Docker probe, ``=testcontainers`` makes it mandatory.
+In auto mode, a Docker engine that answers but cannot give a container (an image that cannot be
+pulled, a container that does not start) is logged as a warning and the local process is used.
 Every start logs which backend was chosen.
+
+A Kafka with a SASL_SSL listener (``start_kafka_async(security="SASL_SSL")``,
+``Devstack.start(kafka_security="SASL_SSL")``) is always a local process (SCRAM users and a throwaway
+CA made at start); the environment and testcontainers tiers give PLAINTEXT brokers only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -25,7 +32,7 @@ from typing import Any, Literal, TypeVar
 from conveyor_devstack import kafka as _kafka
 from conveyor_devstack import postgres as _pg
 from conveyor_devstack.errors import DevstackError
-from conveyor_devstack.kafka import KafkaServer, LocalKafka
+from conveyor_devstack.kafka import KafkaServer, ListenerSecurity, LocalKafka
 from conveyor_devstack.postgres import LocalPostgres, PostgresServer
 from conveyor_devstack.topics import ensure_topics, ensure_topics_sync
 
@@ -112,8 +119,14 @@ def _docker_configured() -> bool:
     return any(path.exists() for path in candidates)
 
 
-def _docker_container(kind: str, build: Callable[[], _T]) -> _T | None:
-    """``build()`` a testcontainers container, or None when there is no Docker engine."""
+def _docker_container(kind: str, build: Callable[[], _T], start: Callable[[_T], None]) -> _T | None:
+    """A started testcontainers container, or None when the local process should be used instead.
+
+    None when there is no Docker engine, and, in auto mode, when the engine answers but the container
+    cannot be had (image pull refused or impossible, container start failure): that is logged as a
+    warning naming the cause. With ``CONVEYOR_DEVSTACK_BACKEND=testcontainers`` every such failure
+    is a DevstackError.
+    """
     mode = backend_mode()
     if mode == "local":
         return None
@@ -130,7 +143,7 @@ def _docker_container(kind: str, build: Callable[[], _T]) -> _T | None:
         log.info("devstack: testcontainers not installed; %s runs as a local process", kind)
         return None
     try:
-        return build()
+        container = build()
     except DockerException as exc:
         if mode == "testcontainers":
             raise DevstackError(
@@ -138,6 +151,32 @@ def _docker_container(kind: str, build: Callable[[], _T]) -> _T | None:
             ) from exc
         log.info("devstack: no Docker engine answers; %s runs as a local process", kind)
         return None
+    try:
+        start(container)
+    except Exception as exc:
+        image = getattr(container, "image", "?")
+        with contextlib.suppress(Exception):
+            container.stop()  # type: ignore[attr-defined]
+        if mode == "testcontainers":
+            raise DevstackError(
+                f"testcontainers {kind} ({image}) did not start: {type(exc).__name__}: {exc}"
+            ) from exc
+        log.warning(
+            "devstack: testcontainers %s (%s) did not start (%s: %s); "
+            "falling back to a local process (set %s=local to skip Docker)",
+            kind,
+            image,
+            type(exc).__name__,
+            _one_line(str(exc)),
+            BACKEND_ENV,
+        )
+        return None
+    return container
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def _postgres_from_testcontainers() -> PostgresServer | None:
@@ -149,15 +188,9 @@ def _postgres_from_testcontainers() -> PostgresServer | None:
             image, username="postgres", password="postgres", dbname="conveyor", driver=None
         )
 
-    container = _docker_container("postgres", build)
+    container = _docker_container("postgres", build, lambda c: c.start())
     if container is None:
         return None
-    try:
-        container.start()
-    except Exception as exc:
-        raise DevstackError(
-            f"testcontainers postgres ({container.image}) did not start: {exc}"
-        ) from exc
     server = PostgresServer(
         url=container.get_connection_url(), backend="testcontainers", closer=container.stop
     )
@@ -172,15 +205,9 @@ def _kafka_from_testcontainers() -> KafkaServer | None:
         image = os.environ.get(KAFKA_IMAGE_ENV, KAFKA_IMAGE)
         return KafkaContainer(image).with_kraft()
 
-    container = _docker_container("kafka", build)
+    container = _docker_container("kafka", build, lambda c: c.start())
     if container is None:
         return None
-    try:
-        container.start()
-    except Exception as exc:
-        raise DevstackError(
-            f"testcontainers kafka ({container.image}) did not start: {exc}"
-        ) from exc
     image = str(container.image)
     log.info("devstack: kafka=testcontainers(%s)", image)
     return KafkaServer(
@@ -253,28 +280,35 @@ def _local_kafka_server(local: LocalKafka, started: float) -> KafkaServer:
         backend="local-process",
         version=local.version or "?",
         local=local,
+        security=local.client_security,
+        password_file=local.password_file,
     )
     log.info(
-        "devstack: kafka=%s on %s ready in %.1fs",
+        "devstack: kafka=%s on %s (%s) ready in %.1fs",
         server.label,
         server.bootstrap,
+        server.security.describe(),
         time.monotonic() - started,
     )
     return server
 
 
-async def start_kafka_async(*, settings: Mapping[str, str] | None = None) -> KafkaServer:
+async def start_kafka_async(
+    *, settings: Mapping[str, str] | None = None, security: ListenerSecurity = "PLAINTEXT"
+) -> KafkaServer:
     """An Apache Kafka broker (env, testcontainers or a local KRaft process).
 
+    ``security="SASL_SSL"``: a local process with a SASL_SSL listener (see the module docstring).
     The broker process is spawned in the loop thread; ``close()`` it when done.
     """
     started = time.monotonic()
-    server = await _kafka_from_env_async()
-    if server is None:
-        server = await asyncio.to_thread(_kafka_from_testcontainers)
-    if server is not None:
-        return server
-    local = LocalKafka(settings=settings)
+    if security == "PLAINTEXT":
+        server = await _kafka_from_env_async()
+        if server is None:
+            server = await asyncio.to_thread(_kafka_from_testcontainers)
+        if server is not None:
+            return server
+    local = LocalKafka(settings=settings, security=security)
     try:
         await local.start_async()
     except BaseException:
@@ -283,13 +317,16 @@ async def start_kafka_async(*, settings: Mapping[str, str] | None = None) -> Kaf
     return _local_kafka_server(local, started)
 
 
-def start_kafka(*, settings: Mapping[str, str] | None = None) -> KafkaServer:
+def start_kafka(
+    *, settings: Mapping[str, str] | None = None, security: ListenerSecurity = "PLAINTEXT"
+) -> KafkaServer:
     """``start_kafka_async`` for synchronous callers; call from a long-lived thread."""
     started = time.monotonic()
-    server = _kafka.run_coroutine_sync(_kafka_from_env_async) or _kafka_from_testcontainers()
-    if server is not None:
-        return server
-    local = LocalKafka(settings=settings)
+    if security == "PLAINTEXT":
+        server = _kafka.run_coroutine_sync(_kafka_from_env_async) or _kafka_from_testcontainers()
+        if server is not None:
+            return server
+    local = LocalKafka(settings=settings, security=security)
     try:
         local.start()
     except BaseException:
@@ -322,9 +359,13 @@ class Devstack:
         kafka: bool = True,
         fast: bool = False,
         topics: Mapping[str, int] | None = None,
+        kafka_security: ListenerSecurity = "PLAINTEXT",
     ) -> DevstackStarter:
-        """A context manager (sync or async) that starts the requested backends."""
-        return DevstackStarter(postgres=postgres, kafka=kafka, fast=fast, topics=topics)
+        """A context manager (sync or async) that starts the requested backends
+        (``kafka_security="SASL_SSL"``: a local broker with a SASL_SSL listener)."""
+        return DevstackStarter(
+            postgres=postgres, kafka=kafka, fast=fast, topics=topics, kafka_security=kafka_security
+        )
 
     @property
     def database_url(self) -> str:
@@ -352,6 +393,15 @@ class Devstack:
         if self.kafka is not None:
             out["kafka_bootstrap"] = self.kafka.bootstrap
             out["kafka"] = {"backend": self.kafka.backend, "version": self.kafka.version}
+            security = self.kafka.security
+            if security.protocol != "PLAINTEXT":
+                out["kafka_security"] = {
+                    "protocol": security.protocol,
+                    "sasl_mechanism": security.sasl_mechanism,
+                    "sasl_username": security.sasl_username,
+                    "sasl_password_file": str(self.kafka.password_file or ""),
+                    "ssl_cafile": security.ssl_cafile,
+                }
         return out
 
     def close(self) -> None:
@@ -368,10 +418,17 @@ class DevstackStarter:
     """Returned by ``Devstack.start``: use with ``with`` or ``async with``."""
 
     def __init__(
-        self, *, postgres: bool, kafka: bool, fast: bool, topics: Mapping[str, int] | None
+        self,
+        *,
+        postgres: bool,
+        kafka: bool,
+        fast: bool,
+        topics: Mapping[str, int] | None,
+        kafka_security: ListenerSecurity = "PLAINTEXT",
     ) -> None:
         self._postgres = postgres
         self._kafka = kafka
+        self._kafka_security: ListenerSecurity = kafka_security
         self._fast = fast
         self._topics = dict(topics or {})
         self._stack: Devstack | None = None
@@ -383,8 +440,10 @@ class DevstackStarter:
             if self._postgres:
                 stack.postgres = start_postgres(fast=self._fast)
             if self._kafka:
-                stack.kafka = start_kafka()
-                ensure_topics_sync(stack.kafka.bootstrap, self._topics)
+                stack.kafka = start_kafka(security=self._kafka_security)
+                ensure_topics_sync(
+                    stack.kafka.bootstrap, self._topics, security=stack.kafka.security
+                )
         except BaseException:
             stack.close()
             raise
@@ -398,7 +457,7 @@ class DevstackStarter:
 
         results = await asyncio.gather(
             start_postgres_async(fast=self._fast) if self._postgres else nothing(),
-            start_kafka_async() if self._kafka else nothing(),
+            start_kafka_async(security=self._kafka_security) if self._kafka else nothing(),
             return_exceptions=True,
         )
         pg, kafka = results
@@ -411,7 +470,9 @@ class DevstackStarter:
                 if isinstance(result, BaseException):
                     raise result
             if stack.kafka is not None:
-                await ensure_topics(stack.kafka.bootstrap, self._topics)
+                await ensure_topics(
+                    stack.kafka.bootstrap, self._topics, security=stack.kafka.security
+                )
         except BaseException:
             await asyncio.to_thread(stack.close)
             raise

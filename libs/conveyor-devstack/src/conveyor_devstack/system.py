@@ -16,6 +16,10 @@ Callers of the scheduler and the notifier get every replica's address in one gRP
 Secrets (the JWT HS256 key, the fake's API token and webhook signing secret, the adapter's webhook
 token key) are generated with :mod:`secrets` at every start; nothing has a default.
 
+On a devstack whose Kafka has a SASL_SSL listener (``Devstack.start(kafka_security="SASL_SSL")``)
+every service gets its ``<PREFIX>KAFKA_SECURITY_PROTOCOL``, ``_SASL_MECHANISM``, ``_SASL_USERNAME``,
+``_SASL_PASSWORD_FILE`` and ``_SSL_CAFILE`` settings, and the topics are created through it too.
+
     async with ConveyorSystem.run(SystemConfig(schedulers=2)) as system:
         system.endpoints.gateway, system.mint_token("acme")
         await system.kill("adapter-1"); await system.restart("adapter-1")
@@ -46,9 +50,14 @@ import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
+from conveyor_common.kafka.security import security_env
+from conveyor_common.sealing import Keyring
 from conveyor_common.standard_webhooks import generate_secret
+from conveyor_common.tls import TlsFiles, open_channel
 from conveyor_devstack import _process
 from conveyor_devstack.errors import DevstackError
+from conveyor_devstack.kafka import KafkaServer
+from conveyor_devstack.pki import LocalCA
 from conveyor_devstack.stack import Devstack
 from conveyor_devstack.topics import conveyor_topics, ensure_topics
 
@@ -90,6 +99,9 @@ class SystemConfig:
     registration check, the notifier's connect check and the gateway's URL check); local only."""
     tenant_id: str = "demo"
     """Tenant of the ready-made tenant token."""
+    internal_tls: bool = False
+    """Mutual TLS between the services (a throwaway CA and a certificate per service, under
+    ``run_dir/pki``); each internal server allows only the services that call it."""
 
 
 @dataclass
@@ -147,6 +159,8 @@ class Endpoints:
     kafka_bootstrap: str
     run_dir: str
     processes: dict[str, dict[str, Any]]
+    kafka_security: str = "PLAINTEXT"
+    """Protocol (and SASL mechanism and user) of the services' Kafka connections."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -265,6 +279,7 @@ class ConveyorSystem:
         self.fake_token = "r8_" + secrets.token_hex(20)
         self.fake_webhook_secret = generate_secret()
         self.webhook_token_key = secrets.token_urlsafe(32)
+        self.secret_sealing_key = Keyring.generate_entry("devstack")
         self.database = self.config.database or f"conveyor_{uuid.uuid4().hex[:10]}"
         self.database_url = ""
         self.fake_url = ""
@@ -272,6 +287,8 @@ class ConveyorSystem:
         self.ingress: WebhookIngress | None = None
         self._owned_devstack = False
         self._stopped = False
+        self.client_tls: TlsFiles | None = None
+        """A certificate of the system's CA for calling internal services (``internal_tls``)."""
 
     # -- construction -------------------------------------------------------------------------
 
@@ -339,7 +356,20 @@ class ConveyorSystem:
             kafka_bootstrap=self.devstack.kafka_bootstrap,
             run_dir=str(self.run_dir),
             processes={name: p.describe() for name, p in self.processes.items()},
+            kafka_security=self._kafka().security.describe(),
         )
+
+    def _kafka(self) -> KafkaServer:
+        if self.devstack.kafka is None:
+            raise DevstackError("the system needs a devstack with PostgreSQL and Kafka")
+        return self.devstack.kafka
+
+    def _kafka_env(self, prefix: str) -> dict[str, str]:
+        """``<prefix>KAFKA_*`` security settings of a service (empty for PLAINTEXT)."""
+        kafka = self._kafka()
+        if kafka.security.protocol == "PLAINTEXT":
+            return {}
+        return security_env(prefix, kafka.security, password_file=kafka.password_file)
 
     # -- start --------------------------------------------------------------------------------
 
@@ -352,7 +382,9 @@ class ConveyorSystem:
             raise DevstackError("the system needs a devstack with PostgreSQL and Kafka")
         try:
             self.database_url = await asyncio.to_thread(postgres.create_database, self.database)
-            await ensure_topics(self.devstack.kafka_bootstrap, conveyor_topics())
+            await ensure_topics(
+                self.devstack.kafka_bootstrap, conveyor_topics(), security=self._kafka().security
+            )
             self._plan()
             assert self.ingress is not None
             await self.ingress.start()
@@ -414,6 +446,7 @@ class ConveyorSystem:
             env = {
                 "SCHEDULER_DATABASE_URL": "",  # set once the database exists
                 "SCHEDULER_KAFKA_BOOTSTRAP_SERVERS": kafka,
+                **self._kafka_env("SCHEDULER_"),
                 "SCHEDULER_GRPC_HOST": "127.0.0.1",
                 "SCHEDULER_GRPC_PORT": str(port),
                 "SCHEDULER_METRICS_PORT": str(next(ports)),
@@ -421,6 +454,8 @@ class ConveyorSystem:
                 "SCHEDULER_INSTANCE_ID": f"scheduler-{i}",
                 "SCHEDULER_LOG_LEVEL": level,
                 "SCHEDULER_SHUTDOWN_GRACE_SECONDS": "2",
+                "SCHEDULER_KAFKA_SESSION_TIMEOUT_MS": "3000",
+                "SCHEDULER_WEBHOOK_SECRET_KEYS": self.secret_sealing_key,
                 **({"SCHEDULER_WEBHOOK_ALLOW_HOSTS": "127.0.0.1"} if cfg.loopback_webhooks else {}),
                 **cfg.scheduler_env,
             }
@@ -444,7 +479,8 @@ class ConveyorSystem:
                 "ADAPTER_WEBHOOK_PORT": str(next(ports)),
                 "ADAPTER_SCHEDULER_ADDRESS": scheduler_target,
                 "ADAPTER_KAFKA_BOOTSTRAP": kafka,
-                "ADAPTER_KAFKA_SESSION_TIMEOUT_MS": "6000",
+                **self._kafka_env("ADAPTER_"),
+                "ADAPTER_KAFKA_SESSION_TIMEOUT_MS": "3000",
                 "ADAPTER_ADAPTER_ID": f"adapter-{i}",
                 "ADAPTER_GRPC_HOST": "127.0.0.1",
                 "ADAPTER_GRPC_PORT": str(next(ports)),
@@ -476,6 +512,7 @@ class ConveyorSystem:
         for i, port in enumerate(notifier_grpc, 1):
             env = {
                 "NOTIFIER_KAFKA_BOOTSTRAP_SERVERS": kafka,
+                **self._kafka_env("NOTIFIER_"),
                 "NOTIFIER_SCHEDULER_ADDRESS": scheduler_target,
                 "NOTIFIER_REPLICA_ID": f"notifier-{i}",
                 "NOTIFIER_GRPC_HOST": "127.0.0.1",
@@ -532,6 +569,52 @@ class ConveyorSystem:
             )
         for p in self.by_role("scheduler"):
             p.env["SCHEDULER_DATABASE_URL"] = self.database_url
+        if cfg.internal_tls:
+            self._plan_internal_tls()
+
+    def _plan_internal_tls(self) -> None:
+        """A CA, one certificate per service kind, and the settings that turn mutual TLS on
+        (explicit ``*_env`` overrides still win)."""
+        ca = LocalCA.create(self.run_dir / "pki")
+        allowed = {
+            "scheduler": ("SCHEDULER_", ["gateway", "provider-adapter", "notifier"]),
+            "adapter": ("ADAPTER_", []),
+            "notifier": ("NOTIFIER_", ["gateway"]),
+        }
+        overrides = {
+            "scheduler": self.config.scheduler_env,
+            "adapter": self.config.adapter_env,
+            "notifier": self.config.notifier_env,
+            "gateway": self.config.gateway_env,
+        }
+        for role, (prefix, peers) in allowed.items():
+            issued = ca.issue("provider-adapter" if role == "adapter" else role)
+            for p in self.by_role(role):
+                p.env.update(
+                    {
+                        f"{prefix}TLS_CERT_FILE": str(issued.cert),
+                        f"{prefix}TLS_KEY_FILE": str(issued.key),
+                        f"{prefix}TLS_CA_FILE": str(ca.cert_path),
+                        f"{prefix}TLS_ALLOWED_PEERS": json.dumps(peers),
+                        # Targets list several IPs (no host name): every certificate names
+                        # localhost.
+                        f"{prefix}TLS_SERVER_NAME": "localhost",
+                    }
+                )
+                p.env.update(overrides[role])
+        gateway = ca.issue("gateway")
+        for p in self.by_role("gateway"):
+            p.env.update(
+                {
+                    "GATEWAY_INTERNAL_TLS_CERT_FILE": str(gateway.cert),
+                    "GATEWAY_INTERNAL_TLS_KEY_FILE": str(gateway.key),
+                    "GATEWAY_INTERNAL_TLS_CA_FILE": str(ca.cert_path),
+                    "GATEWAY_INTERNAL_TLS_SERVER_NAME": "localhost",
+                }
+            )
+            p.env.update(overrides["gateway"])
+        probe = ca.issue("devstack")
+        self.client_tls = TlsFiles(probe.cert, probe.key, ca.cert_path)
 
     def _set_ingress_env(self) -> None:
         assert self.ingress is not None
@@ -602,7 +685,9 @@ class ConveyorSystem:
     async def _wait_healthy(self, p: ManagedProcess) -> None:
         deadline = time.monotonic() + self.config.start_timeout
         assert p.grpc_port is not None
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{p.grpc_port}") as channel:
+        # The gateway's public port stays plaintext here; internal ports need the probe's cert.
+        tls = self.client_tls if p.role != "gateway" else None
+        async with open_channel(f"127.0.0.1:{p.grpc_port}", tls, []) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if not p.running:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from conveyor_common import topics as _conveyor
+from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity
 from conveyor_devstack.errors import DevstackError
 from conveyor_devstack.kafka import run_coroutine_sync
 
@@ -32,19 +33,22 @@ async def ensure_topics(
     *,
     replication_factor: int = 1,
     wait_seconds: float = 30.0,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> None:
     """Create the missing ``{name: partitions}`` topics and wait until every partition has a leader.
 
     Idempotent. An existing topic with a different partition count is an error (never changed
     silently): delete it or pick another name. ``wait_seconds`` bounds each request and the wait
-    for leaders.
+    for leaders. ``security``: TLS and SASL of the admin connection.
     """
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     if not topics:
         return
     timeout_ms = int(wait_seconds * 1000)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=timeout_ms, **security.client_kwargs()
+    )
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -99,10 +103,15 @@ def ensure_topics_sync(
     *,
     replication_factor: int = 1,
     wait_seconds: float = 30.0,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> None:
     """``ensure_topics`` for synchronous callers (a private event loop in a worker thread)."""
     run_coroutine_sync(
         lambda: ensure_topics(
-            bootstrap, topics, replication_factor=replication_factor, wait_seconds=wait_seconds
+            bootstrap,
+            topics,
+            replication_factor=replication_factor,
+            wait_seconds=wait_seconds,
+            security=security,
         )
     )

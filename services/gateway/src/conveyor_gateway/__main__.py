@@ -1,6 +1,13 @@
 """``python -m conveyor_gateway``: serve the public API until SIGTERM."""
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+from conveyor_common.redact import limit_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, and its INFO/DEBUG trace
+# lines print request headers (bearer tokens).
+limit_grpc_core_logs()
 
 import asyncio
 import logging
@@ -12,6 +19,7 @@ from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
+from conveyor_common.tracing import configure_tracing
 from conveyor_gateway.app import build_gateway
 from conveyor_gateway.settings import GatewaySettings
 
@@ -43,6 +51,7 @@ def main() -> None:
     """Entry point."""
     settings = load_settings(GatewaySettings)
     configure_logging("gateway", settings.log_level)
+    configure_tracing("gateway")
     asyncio.run(run(settings))
 
 

@@ -20,10 +20,12 @@ from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_common.channels import client_options
 from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
 from conveyor_common.metrics import RpcMetrics
+from conveyor_common.tls import open_channel
 from conveyor_gateway.auth import AuthInterceptor, RateLimiter, TokenVerifier
 from conveyor_gateway.coalesce import SubmitCoalescer
 from conveyor_gateway.downstream import SchedulerClient
 from conveyor_gateway.groups import binding as group_binding
+from conveyor_gateway.jwks import JwksKeys
 from conveyor_gateway.servicers import AdminServicer, TaskServicer, WebhookServicer
 from conveyor_gateway.settings import GatewaySettings
 from conveyor_gateway.validation import Limits, UrlPolicy, Validator
@@ -48,12 +50,22 @@ def build_verifier(settings: GatewaySettings) -> TokenVerifier:
         rs.append(settings.jwt_rs256_public_key.get_secret_value().encode())
     if settings.jwt_rs256_public_key_file is not None:
         rs.append(settings.jwt_rs256_public_key_file.read_bytes())
+    jwks = None
+    if settings.jwt_jwks_url or settings.jwt_oidc_issuer_url:
+        jwks = JwksKeys(
+            jwks_url=settings.jwt_jwks_url,
+            issuer_url=settings.jwt_oidc_issuer_url,
+            refresh_seconds=settings.jwt_jwks_refresh_seconds,
+            min_refresh_seconds=settings.jwt_jwks_min_refresh_seconds,
+        )
     return TokenVerifier(
         hs256_secrets=hs,
         rs256_public_keys=rs,
         issuer=settings.jwt_issuer,
         audience=settings.jwt_audience,
         leeway_seconds=settings.jwt_leeway_seconds,
+        max_lifetime_seconds=settings.jwt_max_lifetime_seconds,
+        jwks=jwks,
     )
 
 
@@ -69,6 +81,8 @@ def build_validator(settings: GatewaySettings) -> Validator:
             max_labels=settings.max_labels,
             max_label_key_length=settings.max_label_key_length,
             max_label_value_length=settings.max_label_value_length,
+            max_input_depth=settings.max_input_depth,
+            max_input_nodes=settings.max_input_nodes,
         ),
         UrlPolicy.from_entries(
             settings.url_allowed_hosts, dns_timeout=settings.dns_timeout_seconds
@@ -96,6 +110,7 @@ class Gateway:
     scheduler: SchedulerClient
     notifier_channel: grpc.aio.Channel | None
     submits: SubmitCoalescer | None = None
+    jwks: JwksKeys | None = None
 
     @property
     def port(self) -> int:
@@ -103,11 +118,15 @@ class Gateway:
         return self.service.port
 
     async def start(self) -> None:
-        """Start serving."""
+        """Fetch the JWKS (when configured), start serving."""
+        if self.jwks is not None:
+            await self.jwks.start()
         await self.service.start()
 
     async def close_downstream(self) -> None:
         """Finish the submit groups in flight, close the scheduler and notifier channels."""
+        if self.jwks is not None:
+            await self.jwks.close()
         if self.submits is not None:
             await self.submits.close()
         await self.scheduler.close()
@@ -136,6 +155,8 @@ def build_gateway(
         default_timeout=settings.scheduler_timeout_seconds,
         attempts=settings.scheduler_retry_attempts,
         base_delay=settings.scheduler_retry_base_seconds,
+        attempt_timeout=settings.scheduler_attempt_timeout_seconds,
+        tls=settings.internal_tls,
     )
     submits = (
         SubmitCoalescer(
@@ -150,8 +171,8 @@ def build_gateway(
     notifier_channel: grpc.aio.Channel | None = None
     notifier: notifier_grpc.WatchFanoutServiceStub | None = None
     if settings.notifier_address:
-        notifier_channel = grpc.aio.insecure_channel(
-            settings.notifier_address, options=client_options()
+        notifier_channel = open_channel(
+            settings.notifier_address, settings.internal_tls, client_options()
         )
         notifier = notifier_grpc.WatchFanoutServiceStub(notifier_channel)
     config = watch_config or WatchConfig(poll_interval=settings.watch_poll_interval_seconds)
@@ -188,5 +209,9 @@ def build_gateway(
         credentials=server_credentials(settings),
     )
     return Gateway(
-        service=server, scheduler=scheduler, notifier_channel=notifier_channel, submits=submits
+        service=server,
+        scheduler=scheduler,
+        notifier_channel=notifier_channel,
+        submits=submits,
+        jwks=verifier.jwks,
     )

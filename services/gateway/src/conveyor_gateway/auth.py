@@ -2,9 +2,13 @@
 
 Tokens are JWTs in the ``authorization: Bearer <jwt>`` metadata. Each configured key carries its own
 algorithm allow-list of exactly one algorithm (HS256 secrets only verify HS256 tokens, RSA public keys
-only RS256 tokens), so ``alg: none`` and HS/RS key confusion are refused (RFC 8725). ``iss``, ``aud``
-and ``exp`` are required and checked with a small leeway. Claims: ``sub``, ``tenant_id`` (or ``tid``),
-``tier`` (``free``/``premium``/``pro``), ``role`` (``tenant``/``admin``).
+only RS256 tokens), so ``alg: none`` and HS/RS key confusion are refused (RFC 8725). Keys from a
+JWKS (:mod:`conveyor_gateway.jwks`) are found by the token's ``kid`` and pinned to RS256 or ES256;
+a ``kid`` the set lacks triggers one rate-limited refresh before the token is refused.
+``iss``, ``aud``, ``sub``, ``exp`` and ``iat`` are required; ``exp``, ``iat`` and ``nbf`` (optional)
+must be JSON numbers (not strings, not booleans, finite), checked with a small leeway, and
+``exp - iat`` must not exceed the configured maximum lifetime. Claims: ``sub``, ``tenant_id`` (or
+``tid``), ``tier`` (``free``/``premium``/``pro``), ``role`` (``tenant``/``admin``).
 
 :class:`AuthInterceptor` runs after the common interceptor (so its errors are rich statuses and show in
 the metrics) and before the handler; health and reflection need no token. The authenticated
@@ -39,6 +43,7 @@ from conveyor_common.errors import (
     RpcError,
     Unauthenticated,
 )
+from conveyor_gateway.jwks import JwksKeys
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +100,35 @@ def current_principal() -> Principal:
     return principal
 
 
+class UnknownKeyId(Unauthenticated):
+    """The token names a ``kid`` the JWKS does not hold (yet): worth one rate-limited refresh."""
+
+    def __init__(self, kid: str) -> None:
+        super().__init__("invalid token: unknown key id")
+        self.kid = kid
+
+
+DEFAULT_MAX_LIFETIME_SECONDS = 24 * 3600.0
+_TIME_LIMIT = 1e12
+"""Larger numeric dates (beyond year 33000) are refused as malformed."""
+
+
+def _numeric_date(claims: dict[str, Any], name: str) -> float | None:
+    """A NumericDate claim (RFC 7519): a finite JSON number; strings and booleans are refused."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if type(value) not in (int, float):
+        raise Unauthenticated(f"invalid token: {name} must be a number")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > _TIME_LIMIT:
+        raise Unauthenticated(f"invalid token: {name} is out of range")
+    return number
+
+
 class TokenVerifier:
     """Verifies bearer JWTs against the configured keys; caches verified tokens until expiry."""
 
@@ -106,6 +140,8 @@ class TokenVerifier:
         issuer: str,
         audience: str,
         leeway_seconds: float = 30.0,
+        max_lifetime_seconds: float = DEFAULT_MAX_LIFETIME_SECONDS,
+        jwks: JwksKeys | None = None,
         cache_size: int = 10_000,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -118,14 +154,16 @@ class TokenVerifier:
             if not isinstance(key, RSAPublicKey):
                 raise ValueError("the RS256 verification key must be an RSA public key")
             rsa_keys.append(key)
-        if not hs256_secrets and not rsa_keys:
+        if not hs256_secrets and not rsa_keys and jwks is None:
             raise ValueError("at least one verification key is required")
         # Each key is pinned to one algorithm: the token's header only selects among them.
         self._keys: dict[str, list[Any]] = {"HS256": list(hs256_secrets), "RS256": rsa_keys}
         self.issuer = issuer
         self.audience = audience
         self.leeway = leeway_seconds
-        self._cache: dict[str, tuple[Principal, float]] = {}
+        self.max_lifetime = max_lifetime_seconds
+        self.jwks = jwks
+        self._cache: dict[str, tuple[Principal, float, str | None]] = {}
         self._cache_size = cache_size
         self._clock = clock
 
@@ -148,11 +186,14 @@ class TokenVerifier:
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
-            principal, exp = cached
-            if now <= exp + self.leeway:
+            principal, exp, kid = cached
+            if kid is not None and self.jwks is not None and self.jwks.get(kid) is None:
+                del self._cache[token]  # its key left the JWKS: verify again (and refuse)
+            elif now <= exp + self.leeway:
                 return principal
-            del self._cache[token]
-            raise Unauthenticated("token expired")
+            else:
+                del self._cache[token]
+                raise Unauthenticated("token expired")
         if len(token) > 8192:
             raise Unauthenticated("invalid token")
         try:
@@ -161,12 +202,13 @@ class TokenVerifier:
             raise Unauthenticated("invalid token") from None
         alg = header.get("alg")
         alg_name = alg if isinstance(alg, str) else ""
-        keys = self._keys.get(alg_name)
-        if not keys:
-            raise Unauthenticated("invalid token: algorithm not accepted")
+        kid_claim = header.get("kid")
+        kid = kid_claim if isinstance(kid_claim, str) and kid_claim else None
+        keys, jwks_kid = self._candidates(alg_name, kid)
         claims: dict[str, Any] | None = None
         for key in keys:
             try:
+                # Dates are checked below: PyJWT takes "exp": "123" and coerces floats.
                 claims = jwt.decode(
                     token,
                     key,
@@ -174,7 +216,12 @@ class TokenVerifier:
                     audience=self.audience,
                     issuer=self.issuer,
                     leeway=self.leeway,
-                    options={"require": ["exp", "iss", "aud", "sub"]},
+                    options={
+                        "require": ["exp", "iat", "iss", "aud", "sub"],
+                        "verify_exp": False,
+                        "verify_iat": False,
+                        "verify_nbf": False,
+                    },
                 )
                 break
             except jwt.InvalidSignatureError:
@@ -185,17 +232,58 @@ class TokenVerifier:
                 raise Unauthenticated("invalid token: wrong audience") from None
             except jwt.InvalidIssuerError:
                 raise Unauthenticated("invalid token: wrong issuer") from None
-            except jwt.PyJWTError:
+            except jwt.MissingRequiredClaimError as exc:
+                raise Unauthenticated(f"invalid token: missing {exc.claim} claim") from None
+            except (jwt.PyJWTError, ValueError, TypeError, OverflowError):
                 raise Unauthenticated("invalid token") from None
         if claims is None:
+            if kid is not None and jwks_kid is None and self.jwks is not None:
+                raise UnknownKeyId(kid)
             raise Unauthenticated("invalid token: bad signature")
+        expires = self._check_dates(claims, now)
         principal = self._principal(claims)
-        expires: Any = claims.get("exp")
-        if isinstance(expires, int | float) and math.isfinite(expires):
-            if len(self._cache) >= self._cache_size:
-                self._cache.clear()
-            self._cache[token] = (principal, float(expires))
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[token] = (principal, expires, jwks_kid)
         return principal
+
+    def _candidates(self, alg: str, kid: str | None) -> tuple[list[Any], str | None]:
+        """The keys that may verify a token of ``alg`` naming ``kid``, and the JWKS kid used."""
+        if self.jwks is not None and kid is not None:
+            found = self.jwks.get(kid)
+            if found is not None:
+                if found.algorithm != alg:
+                    raise Unauthenticated("invalid token: algorithm not accepted for this key")
+                return [found.key], kid
+        keys = list(self._keys.get(alg, ()))
+        if self.jwks is not None and kid is None:
+            keys.extend(k.key for k in self.jwks.by_algorithm(alg))
+        if not keys:
+            if kid is not None and self.jwks is not None and alg in ("RS256", "ES256"):
+                raise UnknownKeyId(kid)
+            raise Unauthenticated("invalid token: algorithm not accepted")
+        return keys, None
+
+    def _check_dates(self, claims: dict[str, Any], now: float) -> float:
+        """Numeric ``exp``/``iat``(/``nbf``), in force now, lifetime within the maximum; ``exp``."""
+        expires = _numeric_date(claims, "exp")
+        issued = _numeric_date(claims, "iat")
+        not_before = _numeric_date(claims, "nbf")
+        if expires is None or issued is None:
+            raise Unauthenticated("invalid token: exp and iat are required")
+        if now > expires + self.leeway:
+            raise Unauthenticated("token expired")
+        if expires <= issued:
+            raise Unauthenticated("invalid token: exp must be after iat")
+        if expires - issued > self.max_lifetime:
+            raise Unauthenticated(
+                f"invalid token: lifetime (exp - iat) exceeds {self.max_lifetime:g} s"
+            )
+        if issued > now + self.leeway:
+            raise Unauthenticated("invalid token: issued in the future")
+        if not_before is not None and not_before > now + self.leeway:
+            raise Unauthenticated("invalid token: not yet valid")
+        return expires
 
     @staticmethod
     def _principal(claims: dict[str, Any]) -> Principal:
@@ -203,7 +291,12 @@ class TokenVerifier:
         if not isinstance(tenant, str) or not TENANT_ID_RE.match(tenant):
             raise Unauthenticated("invalid token: missing or bad tenant_id claim")
         subject = claims.get("sub")
-        if not isinstance(subject, str) or not subject or len(subject) > 256:
+        if (
+            not isinstance(subject, str)
+            or not subject
+            or len(subject) > 256
+            or any(ord(c) < 32 or 0xD800 <= ord(c) <= 0xDFFF for c in subject)
+        ):
             raise Unauthenticated("invalid token: bad sub claim")
         tier_claim = claims.get("tier", "free")
         role_claim = claims.get("role", "tenant")
@@ -325,7 +418,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         principal: Principal | None = None
         error: RpcError | None = None
         try:
-            principal = self.authorize(method, metadata)
+            try:
+                principal = self.authorize(method, metadata)
+            except UnknownKeyId as unknown:
+                jwks = self.verifier.jwks
+                if jwks is None or not await jwks.refresh_for_unknown(unknown.kid):
+                    raise
+                principal = self.authorize(method, metadata)
         except RpcError as exc:
             error = exc
 

@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as s
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
-from conveyor_common.errors import RpcError
+from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError
 from conveyor_gateway.downstream import DETAILS_KEY, DownstreamError, SchedulerClient, budget
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,10 @@ class SubmitCoalescer:
         self.calls += 1
         if self.group_size is not None:
             self.group_size.observe(len(live))
-        request = s.SubmitTaskGroupRequest(items=[p.request for p in live])
+        request = self._group_request(live)
+        live = [p for p in live if not p.future.done()]
+        if not live:
+            return
         try:
             response: s.SubmitTaskGroupResponse = await self.scheduler.call(
                 lambda stub: stub.SubmitTaskGroup,
@@ -176,6 +179,27 @@ class SubmitCoalescer:
                 p.future.set_result(outcome.response)
             else:
                 p.future.set_exception(outcome_error(outcome.status))
+
+    @staticmethod
+    def _group_request(live: list[_Pending]) -> s.SubmitTaskGroupRequest:
+        """The group of ``live``; an item that cannot be nested in it (protobuf's depth limit)
+        fails alone, so one bad item costs the others of its group nothing."""
+        request = s.SubmitTaskGroupRequest()
+        for p in live:
+            count = len(request.items)
+            try:
+                request.items.append(p.request)
+            except Exception:
+                del request.items[count:]  # upb may have appended before refusing the copy
+                logger.warning(
+                    "submit item cannot be grouped", extra={"action": "submit_group_item_refused"}
+                )
+                p.future.set_exception(
+                    InvalidArgument(
+                        [FieldViolation("spec.input", "nested too deeply to be forwarded")]
+                    )
+                )
+        return request
 
     async def close(self) -> None:
         """Wait for the calls in flight (their callers are still waiting for them)."""

@@ -25,7 +25,7 @@ from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
 from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
-from conveyor_common.context import bound
+from conveyor_common.context import bound, current_traceparent
 from conveyor_common.errors import Unavailable
 from conveyor_gateway.auth import current_principal
 from conveyor_gateway.coalesce import SubmitCoalescer
@@ -86,7 +86,11 @@ class TaskServicer(svc_grpc.TaskServiceServicer, _Forwarder):
         if self.submits is not None:
             principal = current_principal()
             await self.validator.check(request)
-            wrapped = s.SubmitTaskRequest(principal=principal.to_proto(), request=request)
+            wrapped = s.SubmitTaskRequest(
+                principal=principal.to_proto(),
+                request=request,
+                traceparent=current_traceparent(),  # the group call carries only one trace
+            )
             return await self.submits.submit(wrapped, context)
         result: svc_pb2.SubmitTaskResponse = await self.forward(
             request, s.SubmitTaskRequest, lambda st: st.SubmitTask, context

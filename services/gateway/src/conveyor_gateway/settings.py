@@ -1,8 +1,9 @@
 """Gateway settings (env prefix ``GATEWAY_``), validated at start.
 
 Verification keys have no defaults: at least one of ``GATEWAY_JWT_HS256_SECRET``,
-``GATEWAY_JWT_HS256_SECRET_FILE``, ``GATEWAY_JWT_RS256_PUBLIC_KEY`` or
-``GATEWAY_JWT_RS256_PUBLIC_KEY_FILE`` must be set, or the gateway refuses to start.
+``GATEWAY_JWT_HS256_SECRET_FILE``, ``GATEWAY_JWT_RS256_PUBLIC_KEY``,
+``GATEWAY_JWT_RS256_PUBLIC_KEY_FILE``, ``GATEWAY_JWT_JWKS_URL`` or ``GATEWAY_JWT_OIDC_ISSUER_URL``
+must be set, or the gateway refuses to start.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common.settings import ServiceSettings
 from conveyor_common.ssrf import AllowList
+from conveyor_common.tls import TlsFiles
+from conveyor_gateway.jwks import check_url
 
 
 class GatewaySettings(ServiceSettings):
@@ -39,6 +42,9 @@ class GatewaySettings(ServiceSettings):
     """Attempts per scheduler call on UNAVAILABLE (the first included)."""
     scheduler_retry_base_seconds: float = Field(default=0.05, gt=0, le=5)
     """First backoff delay; doubles per attempt, with full jitter."""
+    scheduler_attempt_timeout_seconds: float = Field(default=0.5, gt=0, le=60)
+    """Bound of a scheduler attempt (doubled after each attempt that hit it): an unresponsive
+    replica costs a caller about this much before another replica is tried."""
     scheduler_channels: int = Field(default=2, ge=1, le=16)
     """HTTP/2 connections to the scheduler (calls are spread over them)."""
     submit_coalesce: bool = True
@@ -65,6 +71,16 @@ class GatewaySettings(ServiceSettings):
     """Required ``aud`` claim."""
     jwt_leeway_seconds: float = Field(default=30.0, ge=0, le=300)
     """Clock-skew leeway for ``exp``/``nbf``/``iat``."""
+    jwt_max_lifetime_seconds: int = Field(default=24 * 3600, ge=60, le=366 * 24 * 3600)
+    """Longest token lifetime (``exp - iat``) accepted."""
+    jwt_jwks_url: str | None = None
+    """JWKS URL of RS256/ES256 keys chosen by ``kid`` (https; http only to loopback)."""
+    jwt_oidc_issuer_url: str | None = None
+    """OIDC issuer whose discovery document names the JWKS (alternative to the JWKS URL)."""
+    jwt_jwks_refresh_seconds: float = Field(default=300.0, gt=0, le=86400)
+    """Period of the background JWKS refresh."""
+    jwt_jwks_min_refresh_seconds: float = Field(default=10.0, ge=0, le=3600)
+    """Least time between JWKS fetches caused by tokens naming an unknown ``kid``."""
 
     # Transport security (optional mutual TLS).
     tls_cert_file: Path | None = None
@@ -74,6 +90,15 @@ class GatewaySettings(ServiceSettings):
     tls_client_ca_file: Path | None = None
     """CA bundle that signs client certificates (mutual TLS)."""
     tls_require_client_auth: bool = False
+    # Mutual TLS towards the internal services (conveyor_common.tls).
+    internal_tls_cert_file: Path | None = None
+    """Certificate the gateway presents to the scheduler and the notifier (internal mutual TLS)."""
+    internal_tls_key_file: Path | None = None
+    """Private key of ``INTERNAL_TLS_CERT_FILE``."""
+    internal_tls_ca_file: Path | None = None
+    """CA bundle that signs the internal services' certificates."""
+    internal_tls_server_name: str = ""
+    """Name expected in the internal services' certificates when their addresses are IPs."""
     """Refuse clients without a certificate signed by the client CA."""
 
     # Validation limits.
@@ -95,6 +120,11 @@ class GatewaySettings(ServiceSettings):
     """Longest label key."""
     max_label_value_length: int = Field(default=256, ge=0, le=4096)
     """Longest label value."""
+    max_input_depth: int = Field(default=20, ge=1, le=24)
+    """Deepest nesting of objects and lists in ``spec.input`` (at most 24: an object level is three
+    protobuf levels, and a task travels wrapped in further messages under protobuf's 100)."""
+    max_input_nodes: int = Field(default=10_000, ge=1, le=1_000_000)
+    """Most keys and list items in ``spec.input``, counted over every level."""
     url_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     """Hosts, addresses or CIDRs exempt from the SSRF address check, and the only hosts http:// may
     name (comma-separated or a JSON list; empty in production)."""
@@ -125,6 +155,11 @@ class GatewaySettings(ServiceSettings):
         AllowList.parse(value)  # raises ValueError naming a bad entry
         return value
 
+    @field_validator("jwt_jwks_url", "jwt_oidc_issuer_url")
+    @classmethod
+    def _jwks_urls(cls, value: str | None) -> str | None:
+        return None if value is None else check_url(value, "the URL")
+
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
         if not (
@@ -132,11 +167,23 @@ class GatewaySettings(ServiceSettings):
             or self.jwt_hs256_secret_file
             or self.jwt_rs256_public_key
             or self.jwt_rs256_public_key_file
+            or self.jwt_jwks_url
+            or self.jwt_oidc_issuer_url
         ):
             raise ValueError(
-                "no JWT verification key: set GATEWAY_JWT_HS256_SECRET(_FILE) "
-                "and/or GATEWAY_JWT_RS256_PUBLIC_KEY(_FILE)"
+                "no JWT verification key: set GATEWAY_JWT_HS256_SECRET(_FILE), "
+                "GATEWAY_JWT_RS256_PUBLIC_KEY(_FILE), GATEWAY_JWT_JWKS_URL "
+                "or GATEWAY_JWT_OIDC_ISSUER_URL"
             )
+        internal = [
+            self.internal_tls_cert_file,
+            self.internal_tls_key_file,
+            self.internal_tls_ca_file,
+        ]
+        if any(v is not None for v in internal) and not all(v is not None for v in internal):
+            raise ValueError("GATEWAY_INTERNAL_TLS_CERT_FILE, _KEY_FILE and _CA_FILE go together")
+        if self.jwt_jwks_url and self.jwt_oidc_issuer_url:
+            raise ValueError("set GATEWAY_JWT_JWKS_URL or GATEWAY_JWT_OIDC_ISSUER_URL, not both")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together")
         if self.tls_require_client_auth and self.tls_client_ca_file is None:
@@ -144,3 +191,15 @@ class GatewaySettings(ServiceSettings):
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError("GATEWAY_TLS_CLIENT_CA_FILE needs GATEWAY_TLS_CERT_FILE/KEY_FILE")
         return self
+
+    @property
+    def internal_tls(self) -> TlsFiles | None:
+        """The files of internal mutual TLS, when it is on."""
+        cert, key, ca = (
+            self.internal_tls_cert_file,
+            self.internal_tls_key_file,
+            self.internal_tls_ca_file,
+        )
+        if cert is None or key is None or ca is None:
+            return None
+        return TlsFiles(cert, key, ca, server_name=self.internal_tls_server_name)

@@ -53,6 +53,7 @@ from conveyor_common.ssrf import (
     parse_url,
     system_resolver,
 )
+from conveyor_common.textcheck import JsonBounds, merge_violations, text_violations
 from conveyor_gateway.auth import TENANT_ID_RE
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +170,8 @@ class Limits:
     max_labels: int = 32
     max_label_key_length: int = 63
     max_label_value_length: int = 256
+    max_input_depth: int = 20
+    max_input_nodes: int = 10_000
 
 
 @dataclass
@@ -835,7 +838,8 @@ class Validator:
         table = TABLES[type(request)]
         ctx = Ctx(self.limits, self._clock(), url_policy=self.url_policy)
         validate(request, table, ctx)
-        return ctx.violations, ctx.urls
+        bounds = JsonBounds(self.limits.max_input_depth, self.limits.max_input_nodes)
+        return merge_violations(text_violations(request, bounds), ctx.violations, ctx.urls)
 
     async def check(self, request: Message) -> None:
         """Raise InvalidArgument naming every bad field of ``request``."""

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,9 @@ TERMINAL_EVENTS = frozenset(
 )
 
 _BROKEN = object()
+
+SEEN_TASKS = 4096
+"""Tasks whose last sequence a tenant-wide watch remembers to drop duplicates."""
 
 
 @dataclass
@@ -279,8 +283,19 @@ async def watch_tenant(
     types: set[int],
     ready_timeout: float,
 ) -> AsyncIterator[task_pb2.TaskEvent]:
-    """Live events of every task of the caller's tenant (no history)."""
-    call: Any = notifier.Subscribe(notifier_pb2.SubscribeRequest(tenant_id=principal.tenant_id))
+    """Live events of every task of the caller's tenant (no history).
+
+    The notifier filters by type before it buffers; the filter and a per-task sequence high-water
+    mark are applied here again, so one stream never shows an event twice (or one not asked for)
+    whatever the notifier does.
+    """
+    call: Any = notifier.Subscribe(
+        notifier_pb2.SubscribeRequest(
+            tenant_id=principal.tenant_id,
+            types=[task_pb2.TaskEventType.ValueType(t) for t in sorted(types)],
+        )
+    )
+    seen: OrderedDict[str, int] = OrderedDict()
     try:
         first = await asyncio.wait_for(call.read(), timeout=ready_timeout)
         if first is grpc.aio.EOF or first.WhichOneof("item") != "ready":
@@ -295,6 +310,13 @@ async def watch_tenant(
                 continue  # defence in depth: never leak another tenant's event
             if types and msg.event.type not in types:
                 continue
+            last = seen.get(msg.event.task_id)
+            if last is not None and msg.event.sequence <= last:
+                continue  # a duplicate delivery of the at-least-once event topic
+            seen[msg.event.task_id] = msg.event.sequence
+            seen.move_to_end(msg.event.task_id)
+            if len(seen) > SEEN_TASKS:
+                seen.popitem(last=False)
             yield msg.event
     finally:
         call.cancel()

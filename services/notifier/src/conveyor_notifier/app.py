@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 import httpcore
 from prometheus_client import CollectorRegistry
 
@@ -33,6 +32,7 @@ from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, MetricsServer, RpcMetrics
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.ssrf import Resolver, system_resolver
+from conveyor_common.tls import open_channel
 from conveyor_notifier import fanout
 from conveyor_notifier.alerts import (
     AlertTicker,
@@ -101,9 +101,8 @@ class Notifier:
             self.metrics_server = start_metrics(life, self.registry, s)
 
         # Scheduler channel and the HTTP clients, closed last.
-        channel = grpc.aio.insecure_channel(
-            s.scheduler_address,
-            options=client_options(("grpc.enable_retries", 1)),
+        channel = open_channel(
+            s.scheduler_address, s.internal_tls, client_options(("grpc.enable_retries", 1))
         )
         life.on_shutdown("scheduler_channel_close", channel.close, phase=phases.STORAGE)
         stub = pb_grpc.DeliveryCoordinationServiceStub(channel)
@@ -136,15 +135,19 @@ class Notifier:
             hub=self.hub,
             client_id=f"notifier-watch-{s.replica_id}",
             kafka_metrics=self.kafka_metrics,
+            security=s.kafka_security,
         )
         await broadcaster.start()
         life.on_shutdown("watch_reader_stop", broadcaster.stop, phase=phases.CONSUMERS)
 
+        tls = s.internal_tls
         self.grpc = create_server(
             [fanout.binding(self.hub)],
             host=s.grpc_host,
             port=s.grpc_port,
             metrics=self.rpc_metrics,
+            credentials=tls.server_credentials() if tls else None,
+            extra_interceptors=tls.interceptors() if tls else (),
         )
         register_grpc(life, self.grpc, s)
 
@@ -157,7 +160,11 @@ class Notifier:
 
         # Consumers.
         producer = EventProducer(
-            ProducerConfig(s.kafka_bootstrap_servers, client_id=f"notifier-{s.replica_id}"),
+            ProducerConfig(
+                s.kafka_bootstrap_servers,
+                client_id=f"notifier-{s.replica_id}",
+                security=s.kafka_security,
+            ),
             source="/services/notifier",
             metrics=self.kafka_metrics,
         )
@@ -184,6 +191,7 @@ class Notifier:
                     group_id=group,
                     topics=[topic],
                     client_id=f"notifier-{s.replica_id}",
+                    security=s.kafka_security,
                 ),
                 handler,
                 registry=registry,

@@ -16,7 +16,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
 from conveyor.events.v1 import events_pb2
-from conveyor_common.kafka import DecodeError, TypeRegistry, decode
+from conveyor_common.kafka import PLAINTEXT, DecodeError, KafkaSecurity, TypeRegistry, decode
+from conveyor_common.kafka.security import start_client
 from conveyor_common.metrics import KafkaMetrics
 from conveyor_notifier.fanout import WatchHub
 
@@ -38,9 +39,12 @@ class EventBroadcaster:
         client_id: str,
         kafka_metrics: KafkaMetrics | None = None,
         partition_check_seconds: float = 30.0,
+        security: KafkaSecurity = PLAINTEXT,
     ) -> None:
         self.topic = topic
         self.hub = hub
+        self._bootstrap = bootstrap_servers
+        self._security = security
         self.kafka_metrics = kafka_metrics
         self.partition_check_seconds = partition_check_seconds
         self._registry = TypeRegistry([events_pb2.TaskStateChanged])
@@ -51,9 +55,12 @@ class EventBroadcaster:
             enable_auto_commit=False,
             auto_offset_reset="latest",
             max_poll_records=500,
+            **security.client_kwargs(),
         )
         self._admin: Any = AIOKafkaAdminClient(
-            bootstrap_servers=bootstrap_servers, client_id=f"{client_id}-admin"
+            bootstrap_servers=bootstrap_servers,
+            client_id=f"{client_id}-admin",
+            **security.client_kwargs(),
         )
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -63,10 +70,10 @@ class EventBroadcaster:
 
     async def start(self) -> None:
         """Connect, assign every partition at its end and fix the positions, then read."""
-        await self._consumer.start()
+        await start_client(self._consumer, self._bootstrap, self._security, "watch reader")
         self._started = True
         try:
-            await self._admin.start()
+            await start_client(self._admin, self._bootstrap, self._security, "watch reader admin")
             await self._assign_new_partitions(initial=True)
         except BaseException:
             await self.stop()

@@ -5,6 +5,11 @@ replica. ``Subscribe`` registers the subscriber **before** it sends the ``ready`
 read after ``ready`` reaches the subscriber, and the gateway reads history from the scheduler after
 ``ready`` and deduplicates by sequence, so the merge has no gap.
 
+Filtering and duplicates: a subscriber's event-type filter applies before its buffer (a burst of
+events it did not ask for costs it nothing), and an event whose sequence is not above the last one
+the subscriber was handed for that task (a duplicate delivery of the at-least-once topic) is
+dropped, so one stream never repeats an event.
+
 Back-pressure: each subscriber has a bounded buffer. One that falls further behind is never
 silently skipped: its stream ends with RESOURCE_EXHAUSTED ("resume from your last sequence") and the
 caller resumes through history. Shutdown ends every stream with UNAVAILABLE, also telling the caller
@@ -15,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
@@ -37,13 +42,19 @@ from conveyor_notifier.metrics import NotifierMetrics
 logger = logging.getLogger(__name__)
 
 
-class Subscriber:
-    """One live subscription with a bounded buffer."""
+SEEN_TASKS = 4096
+"""Tasks whose last handed-over sequence a subscriber remembers (least recently seen forgotten)."""
 
-    def __init__(self, tenant_id: str, task_id: str, limit: int) -> None:
+
+class Subscriber:
+    """One live subscription: an event-type filter, duplicate suppression and a bounded buffer."""
+
+    def __init__(self, tenant_id: str, task_id: str, limit: int, types: Iterable[int] = ()) -> None:
         self.tenant_id = tenant_id
         self.task_id = task_id
         self.limit = limit
+        self.types = frozenset(types)
+        self._seen: OrderedDict[str, int] = OrderedDict()
         self._buffer: deque[task_pb2.TaskEvent] = deque()
         self._wake = asyncio.Event()
         self._end: RpcError | None = None
@@ -58,8 +69,16 @@ class Subscriber:
         """Whether the notifier ended this subscription."""
         return self._end is not None
 
+    def wants(self, event: task_pb2.TaskEvent) -> bool:
+        """Whether ``event`` passes the type filter and is not a duplicate of one handed over."""
+        if self.types and event.type not in self.types:
+            return False
+        last = self._seen.get(event.task_id)
+        return last is None or event.sequence > last
+
     def offer(self, event: task_pb2.TaskEvent) -> bool:
-        """Buffer ``event``; False (and the subscription ends) when the buffer is full."""
+        """Buffer ``event`` (call only when ``wants`` it); False (and the subscription ends) when
+        the buffer is full."""
         if self._end is not None:
             return False
         if len(self._buffer) >= self.limit:
@@ -77,6 +96,10 @@ class Subscriber:
             )
             return False
         self._buffer.append(event)
+        self._seen[event.task_id] = event.sequence
+        self._seen.move_to_end(event.task_id)
+        if len(self._seen) > SEEN_TASKS:
+            self._seen.popitem(last=False)
         self._wake.set()
         return True
 
@@ -115,9 +138,9 @@ class WatchHub:
             len(s) for s in self._by_tenant.values()
         )
 
-    def subscribe(self, tenant_id: str, task_id: str) -> Subscriber:
-        """Register a subscriber (task_id empty = every task of the tenant)."""
-        sub = Subscriber(tenant_id, task_id, self.buffer_events)
+    def subscribe(self, tenant_id: str, task_id: str, types: Iterable[int] = ()) -> Subscriber:
+        """Register a subscriber (task_id empty = every task of the tenant; types empty = all)."""
+        sub = Subscriber(tenant_id, task_id, self.buffer_events, types)
         if self._closed:
             sub.end(_shutdown_error())
             return sub
@@ -153,6 +176,8 @@ class WatchHub:
         targets.extend(self._by_task.get((event.tenant_id, event.task_id), ()))
         targets.extend(self._by_tenant.get(event.tenant_id, ()))
         for sub in targets:
+            if not sub.wants(event):
+                continue
             if sub.offer(event):
                 self.metrics.watch_events.labels("queued").inc()
             elif sub.ended:
@@ -205,9 +230,11 @@ class WatchFanoutServicer(notifier_service_pb2_grpc.WatchFanoutServiceServicer):
             violations.append(FieldViolation("tenant_id", "at most 200 characters"))
         if len(request.task_id) > 200:
             violations.append(FieldViolation("task_id", "at most 200 characters"))
+        if len(request.types) > len(task_pb2.TaskEventType.values()):
+            violations.append(FieldViolation("types", "too many event types"))
         if violations:
             raise InvalidArgument(violations)
-        sub = self.hub.subscribe(request.tenant_id, request.task_id)
+        sub = self.hub.subscribe(request.tenant_id, request.task_id, request.types)
         try:
             yield notifier_service_pb2.SubscribeResponse(ready=True)
             while True:

@@ -13,6 +13,16 @@ from conveyor_common.metrics import LATENCY_BUCKETS
 
 DELIVERY_BUCKETS = (*LATENCY_BUCKETS, 15.0, 30.0, 60.0)
 
+# Known label values, pre-initialised at 0 so rate()/increase() see the first event.
+DELIVERY_OUTCOMES = ("delivered", "retry", "failed", "refused", "stale")
+WATCH_SCOPES = ("task", "tenant")
+WATCH_EVENT_OUTCOMES = ("queued", "overflow")
+WATCH_END_REASONS = ("overflow", "shutdown")
+ALERT_KINDS = ("dead_letter", "provider_throttled", "provider_recovered", "endpoint_disabled")
+ALERT_OUTCOMES = ("sent", "suppressed", "failed", "logged")
+BACKLOG_STATES = ("pending", "due")
+PROVIDERS = ("replicate",)
+
 
 class NotifierMetrics:
     """Deliveries, watchers and alerts."""
@@ -92,3 +102,18 @@ class NotifierMetrics:
             ["provider"],
             registry=registry,
         )
+        for outcome in DELIVERY_OUTCOMES:
+            self.deliveries.labels(outcome)
+        for scope in WATCH_SCOPES:
+            self.watchers.labels(scope)
+        for outcome in WATCH_EVENT_OUTCOMES:
+            self.watch_events.labels(outcome)
+        for reason in WATCH_END_REASONS:
+            self.watch_ended.labels(reason)
+        for kind in ALERT_KINDS:
+            for outcome in ALERT_OUTCOMES:
+                self.alerts.labels(kind, outcome)
+        for state in BACKLOG_STATES:
+            self.backlog.labels(state)
+        for provider in PROVIDERS:
+            self.throttled_providers.labels(provider)

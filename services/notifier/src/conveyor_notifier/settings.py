@@ -20,8 +20,10 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common import topics
+from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
 from conveyor_common.ssrf import AllowList
+from conveyor_common.tls import InternalTlsSettings
 
 
 def default_replica_id() -> str:
@@ -29,7 +31,7 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-class NotifierSettings(ServiceSettings):
+class NotifierSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSettings):
     """Every knob of the notifier."""
 
     model_config = SettingsConfigDict(env_prefix="NOTIFIER_", frozen=True, extra="ignore")

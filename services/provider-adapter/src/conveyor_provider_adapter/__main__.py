@@ -1,6 +1,13 @@
 """``python -m conveyor_provider_adapter``: the provider adapter service."""
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+from conveyor_common.redact import limit_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, and its INFO/DEBUG trace
+# lines print request headers (credentials).
+limit_grpc_core_logs()
 
 import asyncio
 
@@ -10,6 +17,7 @@ from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
 from conveyor_common.service import serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
+from conveyor_common.tracing import configure_tracing
 from conveyor_provider_adapter.app import SERVICE, Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
 
@@ -28,6 +36,7 @@ def main() -> None:
     """Entry point."""
     settings = load_settings(AdapterSettings)
     configure_logging(SERVICE, settings.log_level)
+    configure_tracing(SERVICE)
     asyncio.run(run(settings))
 
 

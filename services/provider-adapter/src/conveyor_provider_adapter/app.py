@@ -100,11 +100,13 @@ class Adapter:
             adapter_id=settings.adapter_id,
             timeout_s=settings.scheduler_timeout_s,
             retry_s=settings.scheduler_retry_s,
+            tls=settings.internal_tls,
         )
         self.producer = EventProducer(
             ProducerConfig(
                 bootstrap_servers=settings.kafka_bootstrap,
                 client_id=f"{SERVICE}-{settings.adapter_id}",
+                security=settings.kafka_security,
             ),
             source=f"/services/{SERVICE}",
             metrics=kafka_metrics,
@@ -149,8 +151,10 @@ class Adapter:
                 group_id=settings.consumer_group,
                 topics=[settings.commands_topic],
                 session_timeout_ms=settings.kafka_session_timeout_ms,
+                heartbeat_interval_ms=max(300, settings.kafka_session_timeout_ms // 6),
                 client_id=f"{SERVICE}-{settings.adapter_id}",
                 max_batch=50,
+                security=settings.kafka_security,
             ),
             self.dispatcher.handle,
             registry=default_registry(),
@@ -197,11 +201,13 @@ class Adapter:
             max_body_bytes=settings.webhook_max_body_bytes,
             dedup_size=settings.webhook_dedup_size,
         )
+        tls = settings.internal_tls
         self.grpc: GrpcService = create_server(
             [],
             host=settings.grpc_host,
             port=settings.grpc_port,
             metrics=RpcMetrics(self.registry, SERVICE),
+            credentials=tls.server_credentials() if tls else None,
         )
 
     @property

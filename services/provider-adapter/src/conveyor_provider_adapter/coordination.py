@@ -21,6 +21,7 @@ from google.protobuf import timestamp_pb2
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor_common.channels import client_options
+from conveyor_common.tls import TlsFiles, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +39,18 @@ class Coordinator:
     """The adapter's calls of the submit protocol."""
 
     def __init__(
-        self, address: str, *, adapter_id: str, timeout_s: float = 5.0, retry_s: float = 30.0
+        self,
+        address: str,
+        *,
+        adapter_id: str,
+        timeout_s: float = 5.0,
+        retry_s: float = 30.0,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.adapter_id = adapter_id
         self.timeout_s = timeout_s
         self.retry_s = retry_s
-        self._channel = grpc.aio.insecure_channel(
-            address,
-            options=client_options(("grpc.enable_retries", 1)),
-        )
+        self._channel = open_channel(address, tls, client_options(("grpc.enable_retries", 1)))
         self._stub = pb_grpc.ProviderCoordinationServiceStub(self._channel)
 
     async def close(self) -> None:

@@ -36,6 +36,8 @@ from google.protobuf import json_format
 
 from conveyor.events.v1 import events_pb2
 from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb
+from conveyor_common import tracing
+from conveyor_common.context import current_traceparent
 from conveyor_common.kafka import Envelope, PermanentError
 from conveyor_provider_adapter.classify import classify_status
 from conveyor_provider_adapter.coordination import Coordinator
@@ -193,7 +195,13 @@ class Dispatcher:
         request = CreateRequest(
             target=target,
             input=inp,
-            webhook=webhook_url(self.webhook_base_url, self.webhook_key, d.task_id, d.attempt),
+            webhook=webhook_url(
+                self.webhook_base_url,
+                self.webhook_key,
+                d.task_id,
+                d.attempt,
+                current_traceparent() if tracing.enabled() else "",
+            ),
             deadline=deadline,
         )
         first_throttle: float | None = None

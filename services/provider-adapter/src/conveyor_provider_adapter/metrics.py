@@ -5,6 +5,40 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from conveyor_common.metrics import LATENCY_BUCKETS
+from conveyor_common.standard_webhooks import RejectReason
+
+# Known label values, pre-initialised at 0 so rate()/increase() see the first event (a series
+# that appears with its first increment is invisible to them for that increment).
+CREATE_FORMS = ("version", "model", "deployment")
+CREATE_OUTCOMES = ("created", "rate_limited", "client_error", "ambiguous", "unreachable", "stale")
+RATE_LIMITED_CALLS = ("create",)
+SUBMIT_DECISIONS = ("proceed", "stop", "already_submitted")
+WEBHOOK_OUTCOMES = ("accepted", "duplicate", "rejected", "unknown", "overloaded")
+WEBHOOK_REJECT_REASONS = (*(r.value for r in RejectReason), "too_large", "bad_token", "bad_body")
+RECONCILE_ACTIONS = (
+    "poll",
+    "poll_failed",
+    "adopt",
+    "adopt_list",
+    "list_failed",
+    "no_match",
+    "unknown_failed",
+    "deadline_cancel",
+    "cancel",
+    "error",
+)
+CANCEL_OUTCOMES = ("canceled", "deferred", "failed", "stale_prediction")
+OUTPUT_FAILURE_REASONS = (
+    "bad_url",
+    "scheme_not_allowed",
+    "host_not_allowed",
+    "timeout",
+    "http",
+    "http_4xx",
+    "redirect",
+    "too_large",
+    "storage",
+)
 
 
 class AdapterMetrics:
@@ -105,3 +139,21 @@ class AdapterMetrics:
             ["reason"],
             registry=registry,
         )
+        for form in CREATE_FORMS:
+            self.create_seconds.labels(form)
+        for outcome in CREATE_OUTCOMES:
+            self.creates.labels(outcome)
+        for call in RATE_LIMITED_CALLS:
+            self.rate_limited.labels(call)
+        for decision in SUBMIT_DECISIONS:
+            self.submit_decisions.labels(decision)
+        for outcome in WEBHOOK_OUTCOMES:
+            self.webhooks.labels(outcome)
+        for reason in WEBHOOK_REJECT_REASONS:
+            self.webhooks_rejected.labels(reason)
+        for action in RECONCILE_ACTIONS:
+            self.reconcile_actions.labels(action)
+        for outcome in CANCEL_OUTCOMES:
+            self.cancels.labels(outcome)
+        for reason in OUTPUT_FAILURE_REASONS:
+            self.output_failures.labels(reason)

@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import httpx
 
+from conveyor_common import tracing
+
 logger = logging.getLogger(__name__)
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
@@ -307,13 +309,18 @@ class ReplicateClient:
             request_timeout, connect=connect_timeout, pool=connect_timeout
         )
         self._default_retry_after = default_retry_after
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        if tracing.enabled():  # a span per Replicate call
+            transport = tracing.TracingTransport(
+                transport or httpx.AsyncHTTPTransport(limits=limits)
+            )
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "conveyor-provider-adapter"},
             follow_redirects=False,
             timeout=self._timeout,
             transport=transport,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            limits=limits,
         )
 
     async def close(self) -> None:

@@ -16,10 +16,12 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor_common import topics
+from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
+from conveyor_common.tls import InternalTlsSettings
 
 
-class AdapterSettings(ServiceSettings):
+class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSettings):
     """Everything the adapter reads from the environment."""
 
     model_config = SettingsConfigDict(env_prefix="ADAPTER_", frozen=True, extra="ignore")
@@ -77,8 +79,10 @@ class AdapterSettings(ServiceSettings):
     """Topic of DispatchTask/CancelTask (its ``.dlq`` twin takes undecodable records)."""
     results_topic: str = topics.PROVIDER_RESULTS
     """Topic ProviderResults are published to."""
-    kafka_session_timeout_ms: int = Field(default=10_000, ge=6_000, le=300_000)
-    """Consumer session timeout (how fast a dead replica's partitions move)."""
+    kafka_session_timeout_ms: int = Field(default=6_000, ge=1_000, le=300_000)
+    """Consumer session timeout: a replica lost without leaving the group (kill -9, frozen) has its
+    partitions resumed by the others after this long. Brokers refuse values below their
+    ``group.min.session.timeout.ms`` (6 s by default; the devstack's broker allows 1 s)."""
     adapter_id: str = Field(default_factory=socket.gethostname)
     """Id of this replica (audit in BeginSubmit)."""
 

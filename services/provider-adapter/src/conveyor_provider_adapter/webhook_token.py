@@ -26,9 +26,13 @@ def check_token(key: bytes, task_id: str, attempt: int, token: str) -> bool:
     return hmac.compare_digest(make_token(key, task_id, attempt).encode(), token.encode())
 
 
-def webhook_url(base_url: str, key: bytes, task_id: str, attempt: int) -> str:
-    """``<base>/webhooks/replicate?task=<id>&attempt=<n>&token=<hmac>``."""
-    query = urlencode(
-        {"task": task_id, "attempt": str(attempt), "token": make_token(key, task_id, attempt)}
-    )
-    return f"{base_url.rstrip('/')}{WEBHOOK_PATH}?{query}"
+def webhook_url(
+    base_url: str, key: bytes, task_id: str, attempt: int, traceparent: str = ""
+) -> str:
+    """``<base>/webhooks/replicate?task=<id>&attempt=<n>&token=<hmac>`` (and ``tp=``, the task's
+    trace context, so the deliveries' spans join the task's trace; not covered by the token: it
+    only names a trace)."""
+    params = {"task": task_id, "attempt": str(attempt), "token": make_token(key, task_id, attempt)}
+    if traceparent:
+        params["tp"] = traceparent
+    return f"{base_url.rstrip('/')}{WEBHOOK_PATH}?{urlencode(params)}"

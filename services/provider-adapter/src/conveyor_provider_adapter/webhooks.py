@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from conveyor.events.v1 import events_pb2
+from conveyor_common import tracing
 from conveyor_common.standard_webhooks import (
     RejectReason,
     WebhookVerificationError,
@@ -54,6 +55,8 @@ class WebhookJob:
     attempt: int
     prediction: Prediction
     received: float
+    traceparent: str = ""
+    """The task's trace (the URL's ``tp``), for the spans and records of this delivery."""
 
 
 class SecretSource:
@@ -186,13 +189,19 @@ class Pipeline:
         while True:
             job = await queue.get()
             try:
-                await self.observer.observe(
-                    job.prediction,
-                    job.task_id,
-                    job.attempt,
-                    source=WEBHOOK,
-                    webhook_id=job.webhook_id,
-                )
+                with tracing.span(
+                    "replicate webhook process",
+                    tracing.SpanKind.CONSUMER,
+                    parent=job.traceparent or "",
+                    attributes={"conveyor.task_id": job.task_id},
+                ):
+                    await self.observer.observe(
+                        job.prediction,
+                        job.task_id,
+                        job.attempt,
+                        source=WEBHOOK,
+                        webhook_id=job.webhook_id,
+                    )
             except Exception:
                 logger.exception(
                     "webhook delivery not processed (the reconciler will poll it)",
@@ -313,7 +322,9 @@ class WebhookReceiver:
             prediction = Prediction.from_json(obj if isinstance(obj, dict) else {})
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
             return self._reject("bad_body", 200, "body is not a prediction object")
-        job = WebhookJob(msg_id, task_id, int(attempt_raw), prediction, time.monotonic())
+        job = WebhookJob(
+            msg_id, task_id, int(attempt_raw), prediction, time.monotonic(), query.get("tp", "")
+        )
         if not self.pipeline.offer(job):
             self.metrics.webhooks.labels("overloaded").inc()
             return web.json_response({"error": "overloaded"}, status=503)

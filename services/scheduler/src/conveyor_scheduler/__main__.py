@@ -5,7 +5,14 @@ runs ``alembic upgrade head`` (the Kubernetes migrate Job) and exits; ``rerank``
 dispatch rank of waiting tasks after the aging rate or tier boosts changed.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+from conveyor_common.redact import limit_grpc_core_logs
+
+# Before anything imports grpc: its C core reads GRPC_VERBOSITY once, and its INFO/DEBUG trace
+# lines print request headers (credentials).
+limit_grpc_core_logs()
 
 import asyncio
 import logging
@@ -17,10 +24,12 @@ from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
+from conveyor_common.tracing import configure_tracing
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.db import SchemaNotAtHead, check_schema, create_engine, migrate
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.webhooks import WebhookSettings
 
 logger = logging.getLogger("conveyor_scheduler")
 
@@ -65,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     command = args[0] if args else "serve"
     settings = load_settings(SchedulerSettings)
+    load_settings(WebhookSettings)  # the sealing keys too: exit 2 naming a bad variable
     configure_logging("scheduler", settings.log_level)
+    configure_tracing("scheduler")
     if command == "migrate":
         migrate(settings.database_url.get_secret_value())
         logger.info("schema migrated to head", extra={"action": "migrated"})

@@ -43,6 +43,7 @@ from conveyor_scheduler.relay import OutboxRelay
 from conveyor_scheduler.servicer import ProviderCoordinationServicer, SchedulerServicer
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.signals import Listener, Notifier, Wakeups
+from conveyor_scheduler.webhooks.repository import reseal_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,12 @@ class SchedulerApp:
         url = s.database_url.get_secret_value()
         self.instance = instance_id(s)
         self.metrics = SchedulerMetrics(self.registry)
-        self.engine = create_engine(url, pool_size=s.db_pool_size)
+        self.engine = create_engine(
+            url,
+            pool_size=s.db_pool_size,
+            idle_transaction_seconds=s.idle_transaction_seconds,
+            pool_metrics=self.metrics.db_pool,
+        )
         self.wakeups = Wakeups()
         self.notifier = Notifier(
             self.engine, s.notify_coalesce_seconds, s.notify_work_coalesce_seconds
@@ -149,7 +155,11 @@ class SchedulerApp:
         if self.kafka:
             kafka_metrics = KafkaMetrics(self.registry, "scheduler")
             self.producer = EventProducer(
-                ProducerConfig(s.kafka_bootstrap_servers, f"{s.kafka_client_id}-{self.instance}"),
+                ProducerConfig(
+                    s.kafka_bootstrap_servers,
+                    f"{s.kafka_client_id}-{self.instance}",
+                    security=s.kafka_security,
+                ),
                 source="/services/scheduler",
                 metrics=kafka_metrics,
             )
@@ -168,6 +178,9 @@ class SchedulerApp:
                     group_id=s.results_consumer_group,
                     topics=[topics.PROVIDER_RESULTS],
                     client_id=f"{s.kafka_client_id}-{self.instance}",
+                    security=s.kafka_security,
+                    session_timeout_ms=s.kafka_session_timeout_ms,
+                    heartbeat_interval_ms=max(300, s.kafka_session_timeout_ms // 6),
                 ),
                 results_handler(self.core),
                 registry=default_registry(),
@@ -189,17 +202,34 @@ class SchedulerApp:
             ]
             bindings.append(webhooks.binding(self.core.sessionmaker))
             bindings.append(self.groups_binding)
+            tls = s.internal_tls
             self.server = create_server(
                 bindings,
                 host=s.grpc_host,
                 port=s.grpc_port,
                 metrics=RpcMetrics(self.registry, "scheduler"),
+                credentials=tls.server_credentials() if tls else None,
+                extra_interceptors=tls.interceptors() if tls else (),
             )
 
     async def start(self, *, check: bool = True) -> None:
         """Check the schema, then start every component."""
         if check:
             await check_schema(self.engine)
+        codec = webhooks.WebhookPolicy().codec
+        if codec.keyring is None:
+            logger.warning(
+                "SCHEDULER_WEBHOOK_SECRET_KEYS is unset: webhook signing secrets are stored in clear",
+                extra={"action": "secrets_in_clear"},
+            )
+        else:
+            async with self.core.sessionmaker() as session, session.begin():
+                resealed = await reseal_secrets(session, codec)
+            if resealed:
+                logger.info(
+                    "webhook signing secrets resealed with the current key",
+                    extra={"action": "secrets_resealed", "count": resealed},
+                )
         self.notifier.start()
         self.listener.start()
         if self.producer is not None:

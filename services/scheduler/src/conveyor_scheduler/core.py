@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionma
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_common.errors import ResourceExhausted
+from conveyor_common import tracing
+from conveyor_common.errors import ResourceExhausted, Unavailable
+from conveyor_common.faults import classify
 from conveyor_scheduler import models as m
 from conveyor_scheduler import repository as repo
 from conveyor_scheduler import transitions
@@ -48,11 +50,13 @@ TERMINAL_NAMES = {4: "succeeded", 5: "failed", 6: "canceled", 7: "dead_lettered"
 
 @dataclass
 class StatsCache:
-    """GetQueueStats answers cached for a second (the query scans the tasks table)."""
+    """GetQueueStats answers cached for a second (the query scans the tasks table), per
+    (kind, model, tenant) asked; the least recently computed ones are dropped past ``limit``."""
 
-    at: float = 0.0
-    key: tuple[int, str] | None = None
-    value: list[dict[str, Any]] | None = None
+    limit: int = 1024
+    entries: dict[tuple[int, str, str | None], tuple[float, list[dict[str, Any]]]] = field(
+        default_factory=dict
+    )
 
 
 class SchedulerCore:
@@ -208,35 +212,43 @@ class SchedulerCore:
             events.append(ev)
         return events, row["status"] in m.TERMINAL_STATUSES, row["last_sequence"]
 
-    async def queue_stats(self, kind: int, model: str) -> list[dict[str, Any]]:
-        """Per (kind, model) and per kind totals; cached ``stats_cache_seconds``."""
-        key = (kind, model)
-        c = self._stats
-        if (
-            c.value is not None
-            and c.key == key
-            and time.monotonic() - c.at < self.settings.stats_cache_seconds
-        ):
-            return c.value
+    async def queue_stats(
+        self, kind: int, model: str, tenant_id: str | None
+    ) -> list[dict[str, Any]]:
+        """Per (kind, model) and per kind totals of a tenant's tasks (every tenant's for None);
+        cached ``stats_cache_seconds``."""
+        key = (kind, model, tenant_id)
+        cached = self._stats.entries.get(key)
+        if cached is not None and time.monotonic() - cached[0] < self.settings.stats_cache_seconds:
+            return cached[1]
         from conveyor_scheduler import stats
 
         async with self.engine.connect() as conn:
-            value = await stats.queue_stats(conn, kind, model, utcnow())
-        self._stats = StatsCache(time.monotonic(), key, value)
+            value = await stats.queue_stats(conn, kind, model, utcnow(), tenant_id)
+        entries = self._stats.entries
+        entries.pop(key, None)
+        entries[key] = (time.monotonic(), value)
+        while len(entries) > self._stats.limit:
+            del entries[next(iter(entries))]
         return value
 
     # ---------------------------------------------------------------- results and protocol
 
     async def apply_results(self, results: Sequence[events_pb2.ProviderResult]) -> Changes:
         """Apply provider results in one transaction (the consumer's path)."""
-        async with self.engine.begin() as conn:
-            changes = await transitions.apply_results(
-                conn,
-                results,
-                backoff=self.backoff,
-                provider=self.settings.provider_name,
-                now=utcnow(),
-            )
+        with tracing.span(
+            "db apply_results",
+            tracing.SpanKind.CLIENT,
+            attributes={"db.system": "postgresql", "conveyor.results": len(results)},
+        ):
+            async with self.engine.begin() as conn:
+                changes = await transitions.apply_results(
+                    conn,
+                    results,
+                    backoff=self.backoff,
+                    provider=self.settings.provider_name,
+                    now=utcnow(),
+                )
         poke = bool(changes.free_slots) or any(
             r.WhichOneof("outcome") == "throttled" for r in results
         )
@@ -434,12 +446,20 @@ class SubmitBatcher:
                         batch = self._take()
                         if not await self._flush(batch, conn):
                             break
-        except BaseException as exc:  # cancelled at shutdown: nobody may wait forever
+        except BaseException as exc:  # cancelled at shutdown, or the database is gone
             pending, self._pending = [*batch, *self._pending], []
             for _, f in pending:
                 if not f.done():
                     f.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
-            raise
+            if not isinstance(exc, Exception):
+                raise
+            # Every waiting caller got the error (an outage answers UNAVAILABLE at the RPC
+            # boundary); the flusher itself ends quietly, its error is not lost in a task.
+            logger.warning(
+                "submit group flusher failed: %s",
+                type(exc).__name__,
+                extra={"action": "submit_group_flusher_failed", "callers": len(pending)},
+            )
         finally:
             self._running -= 1
 
@@ -473,16 +493,35 @@ class SubmitBatcher:
         started = time.perf_counter()
         try:
             # Three round trips for a common group: keys, admission, insert with COMMIT.
-            async with pipelined(conn) as leave:
-                outcomes = await repo.submit_group(
-                    conn,
-                    [r for r, _ in batch],
-                    policy=core.policy,
-                    settings=core.settings,
-                    now=now,
-                    leave_pipeline=leave,
+            with tracing.span(
+                "db submit_group",
+                tracing.SpanKind.CLIENT,
+                parent="",
+                attributes={"db.system": "postgresql", "conveyor.group_size": len(batch)},
+                links=[r.item.traceparent for r, _ in batch],
+            ):
+                async with pipelined(conn) as leave:
+                    outcomes = await repo.submit_group(
+                        conn,
+                        [r for r, _ in batch],
+                        policy=core.policy,
+                        settings=core.settings,
+                        now=now,
+                        leave_pipeline=leave,
+                    )
+        except Exception as exc:
+            if isinstance(classify(exc), Unavailable):
+                # The database is unreachable or contended: one by one would fail the same way,
+                # slowly. Every caller gets the error (UNAVAILABLE with RetryInfo at the RPC).
+                logger.warning(
+                    "submit group failed: %s",
+                    type(exc).__name__,
+                    extra={"action": "submit_group_unavailable", "size": len(batch)},
                 )
-        except Exception:
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(exc)
+                return False
             logger.warning(
                 "submit group failed; retrying its requests one by one",
                 extra={"action": "submit_group_failed", "size": len(batch)},

@@ -21,6 +21,7 @@ from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from conveyor_scheduler.metrics import DatabasePoolMetrics
 from conveyor_scheduler.models import Base
 from conveyor_scheduler.settings import to_sqlalchemy_url
 
@@ -98,15 +99,44 @@ def binary_arrays(engine: AsyncEngine) -> AsyncEngine:
     return engine
 
 
-def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
-    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays."""
-    return binary_arrays(
+def lease_options(idle_transaction_seconds: float, lease_seconds: float | None = None) -> str:
+    """Session options bounding how long a stalled client holds what it holds: a transaction
+    idle ``idle_transaction_seconds`` is aborted (its row locks released), and with
+    ``lease_seconds`` (the leader's connection) a session idle that long is ended, releasing its
+    advisory lock."""
+    options = (
+        f" -c idle_in_transaction_session_timeout={max(1, int(idle_transaction_seconds * 1000))}"
+    )
+    if lease_seconds is not None:
+        options += f" -c idle_session_timeout={max(1, int(lease_seconds * 1000))}"
+    return options
+
+
+def create_engine(
+    url: str,
+    *,
+    pool_size: int = 10,
+    idle_transaction_seconds: float | None = None,
+    pool_metrics: DatabasePoolMetrics | None = None,
+) -> AsyncEngine:
+    """Async engine (psycopg 3) with pre-ping, sized pool, UTC sessions, binary arrays; with
+    ``idle_transaction_seconds``, transactions idle that long are aborted by the server; with
+    ``pool_metrics``, the pool's state and checkout waits are exported (``conveyor_db_pool_*``)."""
+    options = PG_OPTIONS
+    if idle_transaction_seconds is not None:
+        options += lease_options(idle_transaction_seconds)
+    extra: dict[str, Any] = {}
+    if pool_metrics is not None:
+        extra["poolclass"] = pool_metrics.pool_class()
+    engine = binary_arrays(
         create_async_engine(
             to_sqlalchemy_url(url),
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
             pool_recycle=1800,
-            connect_args={"options": PG_OPTIONS, "application_name": "conveyor-scheduler"},
+            connect_args={"options": options, "application_name": "conveyor-scheduler"},
+            **extra,
         )
     )
+    return engine if pool_metrics is None else pool_metrics.watch(engine)

@@ -1,10 +1,19 @@
 """The leader: election, the dispatch cycle, and the leader's sweeps.
 
-**Election and fencing.** A replica becomes leader by taking a session-level
+**Election, lease and fencing.** A replica becomes leader by taking a session-level
 ``pg_try_advisory_lock`` on ONE dedicated connection (its own engine, no pool), and every dispatch
 transaction runs on that same connection. Only the leader inserts ``active_slots`` rows, so concurrent
 changes seen by a dispatch can only free capacity; a leader that lost its session lost the lock with
 it and cannot commit anything any more. Followers retry every ``leader_retry_seconds``.
+
+The lock is a lease: the leader's session is opened with ``idle_session_timeout`` and
+``idle_in_transaction_session_timeout`` at ``leader_lease_seconds``, and a live leader touches it at
+least every third of that (dispatch cycles, else a heartbeat). A leader that is frozen (SIGSTOP, a
+long GC pause, a VM stall) or cut off keeps its TCP session but goes silent, so PostgreSQL ends the
+session, the lock is free and a follower takes over within the lease plus one retry. Writes the
+leader makes on other connections (the sweeps) are fenced the same way: they check in their own
+transaction that the lock is still held by the leader's backend (``fence_any``), and every scheduler
+transaction idle for a lease is aborted by the server, so a zombie that resumes commits nothing.
 
 **Dispatch cycle** (event-driven: NOTIFY and in-process wake-ups, with a polling backstop):
 
@@ -42,7 +51,7 @@ from sqlalchemy.pool import NullPool
 
 from conveyor_scheduler import models as m
 from conveyor_scheduler import transitions
-from conveyor_scheduler.db import PG_OPTIONS, binary_arrays
+from conveyor_scheduler.db import PG_OPTIONS, binary_arrays, lease_options
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.outbox import Changes, insert_rows
 from conveyor_scheduler.policy import Policy
@@ -163,6 +172,12 @@ _HOLDS_LOCK_SQL = text(
 )
 
 
+_PID_HOLDS_LOCK_SQL = text(
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+    " AND pid = :pid AND objsubid = 1 AND classid = :hi AND objid = :lo)"
+)
+
+
 class LostLeadership(RuntimeError):
     """The session no longer holds the leader lock."""
 
@@ -179,12 +194,16 @@ class Leader:
     def __init__(self, settings: SchedulerSettings, url: str, instance_id: str) -> None:
         self.settings = settings
         self.instance_id = instance_id
+        self.backend_pid: int | None = None
         self.engine: AsyncEngine = binary_arrays(
             create_async_engine(
                 to_sqlalchemy_url(url),
                 poolclass=NullPool,
                 connect_args={
-                    "options": PG_OPTIONS,
+                    "options": PG_OPTIONS
+                    + lease_options(
+                        settings.idle_transaction_seconds, settings.leader_lease_seconds
+                    ),
                     "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
                 },
             )
@@ -202,6 +221,15 @@ class Leader:
         if not await conn.scalar(_HOLDS_LOCK_SQL, self._key_parts):
             raise LostLeadership("the leader lock is not held by this session")
 
+    async def fence_any(self, conn: AsyncConnection) -> None:
+        """Raise LostLeadership unless the leader's own session still holds the lock, checked from
+        any connection inside its transaction (the sweeps' writes on pool connections)."""
+        pid = self.backend_pid
+        if self.conn is None or pid is None:
+            raise LostLeadership("not the leader")
+        if not await conn.scalar(_PID_HOLDS_LOCK_SQL, {**self._key_parts, "pid": pid}):
+            raise LostLeadership("the leader lock is not held by the leader's session")
+
     @property
     def is_leader(self) -> bool:
         """Whether this replica holds the lock (as far as it knows)."""
@@ -215,28 +243,46 @@ class Leader:
         if self.conn is not None:
             return True
         conn, self._standby = self._standby, None
+        got, pid = False, 0
+        if conn is not None:
+            try:
+                got, pid = await self._try_lock(conn)
+            except Exception:
+                # The standby session may have been ended as idle (longer retry than the lease).
+                with contextlib.suppress(Exception):
+                    await conn.close()
+                conn = None
         if conn is None:
             conn = await self.engine.connect()
-        try:
-            got = await conn.scalar(
-                text("SELECT pg_try_advisory_lock(:k)"), {"k": self.settings.leader_lock_key}
-            )
-            await conn.commit()
-        except Exception:
-            await conn.close()
-            raise
+            try:
+                got, pid = await self._try_lock(conn)
+            except Exception:
+                await conn.close()
+                raise
         if not got:
             self._standby = conn
             return False
         self.conn = conn
+        self.backend_pid = pid
         logger.info(
             "became leader", extra={"action": "leader_acquired", "instance": self.instance_id}
         )
         return True
 
+    async def _try_lock(self, conn: AsyncConnection) -> tuple[bool, int]:
+        row = (
+            await conn.execute(
+                text("SELECT pg_try_advisory_lock(:k), pg_backend_pid()"),
+                {"k": self.settings.leader_lock_key},
+            )
+        ).one()
+        await conn.commit()
+        return bool(row[0]), int(row[1])
+
     async def lose(self) -> None:
         """Drop the connection (and with it the lock): after an error or at shutdown."""
         conn, self.conn = self.conn, None
+        self.backend_pid = None
         if conn is not None:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -686,7 +732,9 @@ class LeaderLoops:
                 continue
             if n > 0:
                 continue  # more may be dispatchable right away (the next cycle tells)
-            timeout = s.dispatch_poll_seconds
+            # At least every third of the lease the leader's session is touched (the heartbeat
+            # below), or PostgreSQL takes it for a frozen leader and ends it.
+            timeout = min(s.dispatch_poll_seconds, s.leader_lease_seconds / 3)
             if self.dispatcher.next_wake is not None:
                 timeout = min(timeout, max(0.001, self.dispatcher.next_wake - time.monotonic()))
             try:
@@ -720,8 +768,10 @@ class LeaderLoops:
         """Expire overdue queued tasks and rescue unconfirmed dispatches."""
         now = utcnow()
         async with self.engine.begin() as conn:
+            await self.leader.fence_any(conn)
             expired = await transitions.expire_due(conn, now)
         async with self.engine.begin() as conn:
+            await self.leader.fence_any(conn)
             rescued = await transitions.rescue_dispatches(
                 conn,
                 now,

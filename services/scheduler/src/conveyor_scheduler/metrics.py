@@ -1,10 +1,34 @@
-"""Prometheus metrics of the scheduler (``conveyor_scheduler_*``), on an injected registry."""
+"""Prometheus metrics of the scheduler (``conveyor_scheduler_*``, ``conveyor_db_pool_*``), on an
+injected registry.
+
+Labelled counters are pre-initialised with their known label values (:func:`preinitialise`): a
+series that appears only with its first event is invisible to ``rate()``/``increase()`` for that
+event, so the first rejection, failure or dead letter after a start would never show or alert.
+"""
 
 from __future__ import annotations
 
+import time
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 
 from conveyor_common.metrics import LATENCY_BUCKETS, WAIT_BUCKETS
+
+KINDS = ("1", "2", "3", "4")
+"""The ``kind`` label as the dispatcher writes it (the TaskKind number: video, image, text, audio)."""
+TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "dead_lettered")
+ADMISSION_REASONS = ("queue", "waiting", "submit_rate", "tenant")
+"""Last segment of a QuotaViolation subject: ``queue``, ``tenant:<t>/waiting``,
+``tenant:<t>/submit_rate`` and ``tenant:<t>`` (unknown tenant, raced admission)."""
+RESULT_OUTCOMES = ("started", "progress", "succeeded", "failed", "canceled", "throttled", "none")
 
 
 class SchedulerMetrics:
@@ -117,3 +141,116 @@ class SchedulerMetrics:
             "Tasks expired before dispatch.",
             registry=registry,
         )
+        self.db_pool = DatabasePoolMetrics(registry)
+        preinitialise(self)
+
+
+def preinitialise(m: SchedulerMetrics) -> None:
+    """Create the series of every known label value at 0 (see the module docstring)."""
+    for kind in KINDS:
+        m.dispatched.labels(kind)
+        m.queue_wait.labels(kind)
+    for status in TERMINAL_STATUSES:
+        m.terminal.labels(status)
+    for reason in ADMISSION_REASONS:
+        m.admission_rejected.labels(reason)
+    for outcome in RESULT_OUTCOMES:
+        m.results_applied.labels(outcome)
+
+
+# --------------------------------------------------------------------------------------------------
+# SQLAlchemy connection pool
+
+
+class DatabasePoolMetrics:
+    """The engine pool's state and checkout waits (``conveyor_db_pool_*``).
+
+    :meth:`pool_class` is the ``poolclass`` of the engine (it times checkouts); :meth:`watch`
+    registers the engine whose pool the gauges read at every scrape.
+    """
+
+    def __init__(self, registry: CollectorRegistry, name: str = "main") -> None:
+        self.name = name
+        self.wait = Histogram(
+            "conveyor_db_pool_wait_seconds",
+            "Time a checkout waited for a pooled connection (connect time of a new one included).",
+            ["pool"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        ).labels(name)
+        self.timeouts = Counter(
+            "conveyor_db_pool_timeouts_total",
+            "Checkouts that gave up after the pool timeout (pool and overflow exhausted).",
+            ["pool"],
+            registry=registry,
+        ).labels(name)
+        self._engines: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
+        registry.register(_PoolCollector(self))
+
+    def watch(self, engine: AsyncEngine) -> AsyncEngine:
+        """Report ``engine``'s pool (returns the engine)."""
+        self._engines.add(engine)
+        return engine
+
+    def pools(self) -> list[QueuePool]:
+        """The current pools (an engine's ``dispose()`` replaces its pool)."""
+        return [
+            e.sync_engine.pool for e in self._engines if isinstance(e.sync_engine.pool, QueuePool)
+        ]
+
+    def pool_class(self) -> type[AsyncAdaptedQueuePool]:
+        """An ``AsyncAdaptedQueuePool`` that times every checkout into :attr:`wait`."""
+        metrics = self
+
+        class TimedPool(AsyncAdaptedQueuePool):
+            def _do_get(self) -> ConnectionPoolEntry:
+                started = time.perf_counter()
+                try:
+                    return super()._do_get()
+                except sa_exc.TimeoutError:
+                    metrics.timeouts.inc()
+                    raise
+                finally:
+                    metrics.wait.observe(time.perf_counter() - started)
+
+        return TimedPool
+
+
+class _PoolCollector(Collector):
+    def __init__(self, metrics: DatabasePoolMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Any]:
+        families = {
+            "size": GaugeMetricFamily(
+                "conveyor_db_pool_size", "Connections the pool keeps (pool_size).", labels=["pool"]
+            ),
+            "max_overflow": GaugeMetricFamily(
+                "conveyor_db_pool_max_overflow",
+                "Connections the pool may open beyond its size.",
+                labels=["pool"],
+            ),
+            "checked_out": GaugeMetricFamily(
+                "conveyor_db_pool_checked_out",
+                "Connections in use (checked out of the pool).",
+                labels=["pool"],
+            ),
+            "checked_in": GaugeMetricFamily(
+                "conveyor_db_pool_checked_in",
+                "Idle connections in the pool.",
+                labels=["pool"],
+            ),
+            "overflow": GaugeMetricFamily(
+                "conveyor_db_pool_overflow",
+                "Connections open beyond the pool size now (negative: not yet opened up to size).",
+                labels=["pool"],
+            ),
+        }
+        for pool in self.metrics.pools():
+            label = [self.metrics.name]
+            families["size"].add_metric(label, pool.size())
+            families["max_overflow"].add_metric(label, pool._max_overflow)
+            families["checked_out"].add_metric(label, pool.checkedout())
+            families["checked_in"].add_metric(label, pool.checkedin())
+            families["overflow"].add_metric(label, pool.overflow())
+        yield from families.values()

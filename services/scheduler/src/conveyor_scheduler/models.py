@@ -256,9 +256,13 @@ class Task(Base):
     labels: Mapped[dict[str, str]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
     webhook_url: Mapped[str | None] = mapped_column(Text)
     webhook_events: Mapped[list[int] | None] = mapped_column(ARRAY(SmallInteger))
+    traceparent: Mapped[str | None] = mapped_column(
+        Text,
+        comment="W3C traceparent of the submit: every record about the task carries its trace.",
+    )
     slot_cost: Mapped[int] = mapped_column(SmallInteger)
     rank: Mapped[float] = mapped_column(Double)
-    # Task groups and per-task retry delays (revision 0003_groups; see conveyor_scheduler.groups).
+    # Task groups and per-task retry delays (revision 0004_groups; see conveyor_scheduler.groups).
     group_id: Mapped[uuid.UUID | None] = mapped_column(
         Uuid,
         ForeignKey("task_groups.id", name="fk_tasks_group_id_task_groups", ondelete="SET NULL"),

@@ -360,11 +360,12 @@ def outbox_row(
     }
 
 
-def ce_headers(now: datetime) -> dict[str, Any]:
-    """The ce headers an outbox row starts with (time and the caller's trace)."""
+def ce_headers(now: datetime, traceparent: str | None = None) -> dict[str, Any]:
+    """The ce headers an outbox row starts with (time and the trace: the task's, else the
+    caller's)."""
     return {
         "ce_time": now.astimezone(UTC).isoformat().replace("+00:00", "Z"),
-        "traceparent": current_traceparent(),
+        "traceparent": traceparent or current_traceparent(),
     }
 
 
@@ -401,6 +402,7 @@ class Changes:
     free_slots: list[uuid.UUID] = field(default_factory=list)
     new_event_types: list[int] = field(default_factory=list)
     _headers: dict[str, Any] | None = field(default=None, repr=False)
+    _task_headers: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def touch(self, row: TaskRow) -> None:
         """Mark a row changed (saved by ``flush``)."""
@@ -429,8 +431,7 @@ class Changes:
         )
         changed = state_changed_bytes(payload, previous_status)
         key = str(row["id"])
-        if self._headers is None:
-            self._headers = ce_headers(self.now)  # one time and trace per transaction
+        headers = self._headers_for(row)
         for topic, ce_id in (
             ((topics.TASK_EVENTS, event_id),)
             if event_type != 10
@@ -448,7 +449,7 @@ class Changes:
                     ce_id,
                     payload=changed,
                     ce_type=_STATE_CHANGED,
-                    headers=self._headers,
+                    headers=headers,
                 )
             )
         self.new_event_types.append(event_type)
@@ -456,7 +457,28 @@ class Changes:
 
     def command(self, row: TaskRow, message: Message) -> None:
         """Append a provider command (DispatchTask, CancelTask) keyed by the task id."""
-        self.outbox.append(outbox_row(topics.PROVIDER_COMMANDS, str(row["id"]), message, self.now))
+        self.outbox.append(
+            outbox_row(
+                topics.PROVIDER_COMMANDS,
+                str(row["id"]),
+                message,
+                self.now,
+                headers=self._headers_for(row),
+            )
+        )
+
+    def _headers_for(self, row: TaskRow) -> dict[str, Any]:
+        """The ce headers of a task's records: the transaction's time and the task's trace (the
+        one it was submitted under), one dict per trace and transaction."""
+        trace = row.get("traceparent")
+        if trace is None:
+            if self._headers is None:
+                self._headers = ce_headers(self.now)
+            return self._headers
+        headers = self._task_headers.get(trace)
+        if headers is None:
+            headers = self._task_headers[trace] = ce_headers(self.now, trace)
+        return headers
 
     def free_slot(self, row: TaskRow) -> None:
         """The provider side of ``row``'s attempt is terminal: release its slots."""

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
+from conveyor_common.context import current_traceparent
 from conveyor_common.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -70,6 +71,8 @@ class NewTask:
     request_id: str
     spec: task_pb2.TaskSpec
     fingerprint: bytes
+    traceparent: str = ""
+    """The submit's trace context (a coalesced submit brings its own); empty = the current one."""
 
 
 def fingerprint(spec: task_pb2.TaskSpec) -> bytes:
@@ -127,15 +130,21 @@ async def queue_position(conn: AsyncConnection, row: TaskRow) -> int:
     return int(ahead or 0) + 1
 
 
-async def recent_run_time_p50(conn: AsyncConnection, kind: int, model: str | None = None) -> float:
-    """Median run time (seconds) of the last 200 successes of a kind (and model); 0 if none."""
+async def recent_run_time_p50(
+    conn: AsyncConnection, kind: int, model: str | None = None, *, tenant_id: str | None = None
+) -> float:
+    """Median run time (seconds) of the last 200 successes of a kind (and model, and tenant);
+    0 if none."""
     sql = (
         "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY secs) FROM ("
         " SELECT EXTRACT(EPOCH FROM (finished_at - COALESCE(started_at, dispatched_at))) AS secs"
         " FROM tasks WHERE status = 4 AND kind = :kind{model}"
-        " ORDER BY finished_at DESC LIMIT 200) s"
+        + (" AND tenant_id = :tenant" if tenant_id is not None else "")
+        + " ORDER BY finished_at DESC LIMIT 200) s"
     )
     params: dict[str, Any] = {"kind": kind}
+    if tenant_id is not None:
+        params["tenant"] = tenant_id
     if model:
         sql = sql.format(model=" AND model = :model")
         params["model"] = model
@@ -320,7 +329,14 @@ async def submit(
     tier = claimed_tier
     if new_items:
         tier = await _admit(
-            conn, tenant_id, claimed_tier, len(new_items), settings, now, slow_path=slow_path
+            conn,
+            tenant_id,
+            claimed_tier,
+            len(new_items),
+            settings,
+            now,
+            policy,
+            slow_path=slow_path,
         )
     changes = Changes(now=now)
     created: dict[str, TaskRow] = {}
@@ -466,11 +482,23 @@ async def submit_group(
     tenants = sorted(groups)
     if tenants:
         room = settings.queue_capacity - base
+        fair: dict[str, int] | None = None  # read only once the queue is full
+        taken: dict[str, int] = defaultdict(int)  # places kept in this group, per tenant
         for t in tenants:
             kept = []
             for i in groups[t]:
-                if room >= 1:
+                if room < 1 and fair is None:
+                    await slow_path()
+                    fair = await fair_share_room(conn, tenants, policy, settings)
+                    for other, count in taken.items():
+                        fair[other] -= count
+                if room >= 1 or (fair is not None and fair.get(t, 0) >= 1):
+                    # Within the capacity, or else below its weighted share: a tenant is never
+                    # refused for capacity that others' backlog took.
                     room -= 1
+                    taken[t] += 1
+                    if fair is not None:
+                        fair[t] -= 1
                     kept.append(i)
                 else:
                     outcomes[i] = ResourceExhausted(
@@ -562,7 +590,11 @@ async def submit_group(
                     admitted[i] = int(row[0]) if row[0] is not None else q.claimed_tier
                     continue
                 try:
-                    await _reject_tenant(conn, t, 1, settings, now)
+                    if await _reject_tenant(conn, t, 1, settings, now):
+                        # The tenant's row is locked by this transaction: a race cannot happen.
+                        outcomes[i] = ResourceExhausted(
+                            [QuotaViolation(f"tenant:{t}", "admission contended; retry")], 0.1
+                        )
                 except ResourceExhausted as exc:
                     outcomes[i] = exc
     rejected = [i for i in range(n) if is_fresh[i] and i not in admitted]
@@ -725,6 +757,7 @@ def new_task_row(
         "last_sequence": 0,
         "labels": dict(spec.labels),
         "webhook_url": spec.webhook.url or None if spec.HasField("webhook") else None,
+        "traceparent": item.traceparent or current_traceparent(),
         "webhook_events": [int(e) for e in spec.webhook.events]
         if spec.HasField("webhook")
         else None,
@@ -763,6 +796,7 @@ async def _admit(
     n: int,
     settings: SchedulerSettings,
     now: datetime,
+    policy: Policy,
     *,
     slow_path: Callable[[], Awaitable[None]] | None = None,
 ) -> int:
@@ -784,7 +818,9 @@ async def _admit(
     row: Any = rows[0] if rows else None
     if row is None and slow_path is not None:
         await slow_path()
-    if row is None:
+    for _ in range(ADMISSION_RACE_RETRIES):
+        if row is not None:
+            break
         inserted = await conn.execute(
             pg_insert(m.Tenant)
             .values(
@@ -798,9 +834,15 @@ async def _admit(
         )
         if inserted.first() is not None:
             row = (await conn.execute(_ADMIT_SQL, params)).first()
+        if row is None and await _reject_tenant(conn, tenant_id, n, settings, now):
+            # No quota is exceeded: another submit of the tenant changed its row in between
+            # (e.g. created it concurrently). Decide again here; the caller never sees the race.
+            row = (await conn.execute(_ADMIT_SQL, params)).first()
     if row is None:
-        await _reject_tenant(conn, tenant_id, n, settings, now)
-    assert row is not None
+        raise ResourceExhausted(
+            [QuotaViolation(f"tenant:{tenant_id}", "admission contended; retry")],
+            retry_after_seconds=0.1,
+        )
     taken = await raw_execute(
         conn,
         _GLOBAL_ADMIT_SQL,
@@ -809,6 +851,14 @@ async def _admit(
     if not taken:
         if slow_path is not None:
             await slow_path()
+        # The tenant's own places were taken above (its waiting count includes them): a tenant
+        # still within its weighted share is admitted past the capacity others filled.
+        if (await fair_share_room(conn, [tenant_id], policy, settings))[tenant_id] >= 0:
+            await conn.execute(
+                text("UPDATE queue_counters SET waiting = waiting + :n WHERE shard = :s"),
+                {"n": n, "s": random.randrange(m.QUEUE_SHARDS)},
+            )
+            return int(row[0]) if row[0] is not None else claimed_tier
         total = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
         raise ResourceExhausted(
             [
@@ -821,6 +871,35 @@ async def _admit(
     return int(row[0]) if row[0] is not None else claimed_tier
 
 
+_FAIR_SHARE_SQL = text(
+    "SELECT tenant_id, waiting, COALESCE(tier, claimed_tier, 1) AS tier, weight FROM tenants"
+    " WHERE waiting > 0 OR tenant_id = ANY(CAST(:ts AS text[]))"
+)
+
+
+async def fair_share_room(
+    conn: AsyncConnection,
+    tenants: Sequence[str],
+    policy: Policy,
+    settings: SchedulerSettings,
+) -> dict[str, int]:
+    """Waiting places each of ``tenants`` may still take within its weighted share of the queue
+    capacity: ``floor(capacity * weight / sum of the weights of the tenants with waiting tasks and
+    the asking ones) - waiting`` (negative: over its share).
+
+    Admission keeps room for every tenant this way: when the queue is full, a tenant below its
+    share is still admitted (the global count may then exceed the capacity, by at most the sum of
+    the shares), while a tenant above its share is refused until the others' shares are free.
+    """
+    rows = (await conn.execute(_FAIR_SHARE_SQL, {"ts": list(tenants)})).all()
+    weights = {r.tenant_id: policy.tenant_weight(int(r.tier), r.weight) for r in rows}
+    waiting = {r.tenant_id: int(r.waiting) for r in rows}
+    for t in tenants:
+        weights.setdefault(t, policy.tenant_weight(1, None))
+    total = sum(weights.values())
+    return {t: settings.queue_capacity * weights[t] // total - waiting.get(t, 0) for t in tenants}
+
+
 _GLOBAL_ADMIT_SQL = text(
     "UPDATE queue_counters SET waiting = waiting + :n WHERE shard = :s"
     " AND (SELECT COALESCE(sum(waiting), 0) FROM queue_counters) + :n <= :cap RETURNING shard"
@@ -829,10 +908,15 @@ _GLOBAL_ADMIT_SQL = text(
 locking the other shards: concurrent submits may overshoot by the number in flight)."""
 
 
+ADMISSION_RACE_RETRIES = 3
+"""Times a submit re-runs its tenant admission when it lost a race but no quota is exceeded."""
+
+
 async def _reject_tenant(
     conn: AsyncConnection, tenant_id: str, n: int, settings: SchedulerSettings, now: datetime
-) -> None:
-    """Explain why the tenant's conditional update matched nothing (raises ResourceExhausted)."""
+) -> bool:
+    """Explain why the tenant's conditional update matched nothing: raises ResourceExhausted
+    naming the exceeded quotas; returns True when none is exceeded (it raced with a change)."""
     row = (
         await conn.execute(
             text(
@@ -880,9 +964,8 @@ async def _reject_tenant(
                 )
             )
             retry = max(retry if violations[:-1] else 0.0, (n - row.tokens) / row.rate)
-    if not violations:  # raced with a change in between: ask to retry soon
-        violations.append(QuotaViolation(f"tenant:{tenant_id}", "admission raced; retry"))
-        retry = 0.1
+    if not violations:  # raced with a change in between: the caller decides again
+        return True
     raise ResourceExhausted(violations, retry_after_seconds=retry)
 
 

@@ -28,6 +28,7 @@ from conveyor_common.errors import (
     PermissionDenied,
     RpcError,
 )
+from conveyor_common.faults import classify
 from conveyor_scheduler import models as m
 from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_proto
 from conveyor_scheduler.core import SchedulerCore
@@ -238,7 +239,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
                 SubmitRequest(
                     tenant,
                     int(item.principal.tier) or 1,
-                    NewTask(r.request_id, r.spec, fingerprint(r.spec)),
+                    NewTask(r.request_id, r.spec, fingerprint(r.spec), item.traceparent),
                 )
             )
         futures = self.core.submit_many(submits)
@@ -261,15 +262,18 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             if isinstance(outcome, asyncio.CancelledError):
                 raise outcome
             if not isinstance(outcome, RpcError):
-                logger.error(
-                    "submit of a group item failed",
-                    exc_info=outcome,
-                    extra={
-                        "action": "submit_group_item_failed",
-                        "tenant_id": item.principal.tenant_id,
-                    },
-                )
-                outcome = RpcError("internal error")
+                # An outage: UNAVAILABLE with RetryInfo, per item.
+                mapped = classify(outcome) if outcome is not None else None
+                if mapped is None:
+                    logger.error(
+                        "submit of a group item failed",
+                        exc_info=outcome,
+                        extra={
+                            "action": "submit_group_item_failed",
+                            "tenant_id": item.principal.tenant_id,
+                        },
+                    )
+                outcome = mapped or RpcError("internal error")
             out.status = outcome.to_status_proto().SerializeToString()
         return response
 
@@ -359,11 +363,13 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
     async def GetQueueStats(
         self, request: pb.GetQueueStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetQueueStatsResponse:
-        _tenant(request.principal)
+        tenant = _tenant(request.principal)
         r = request.request
         if r.kind not in (0, 1, 2, 3, 4):
             raise InvalidArgument([FieldViolation("request.kind", "unknown kind")])
-        stats = await self.core.queue_stats(int(r.kind), r.model)
+        # A tenant's statistics are its own; the admin role sees every tenant's.
+        scope = None if request.principal.role == pb.ROLE_ADMIN else tenant
+        stats = await self.core.queue_stats(int(r.kind), r.model, scope)
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
         return pb.GetQueueStatsResponse(

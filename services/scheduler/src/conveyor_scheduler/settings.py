@@ -11,13 +11,15 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
+from conveyor_common.tls import InternalTlsSettings
 
 KIND_NAMES = ("video", "image", "text", "audio")
 """Kind names used in the limit and cost maps (TaskKind without the prefix, lower case)."""
 
 
-class SchedulerSettings(ServiceSettings):
+class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSettings):
     """Every knob of the scheduler."""
 
     model_config = SettingsConfigDict(env_prefix="SCHEDULER_", frozen=True, extra="ignore")
@@ -113,10 +115,21 @@ class SchedulerSettings(ServiceSettings):
     """Relative jitter (0.2 = +-20%)."""
 
     # --- Leader and loops --------------------------------------------------------------------
+    kafka_session_timeout_ms: int = Field(default=6_000, ge=1_000, le=300_000)
+    """Session timeout of the results consumer: a replica lost without leaving the group (kill -9,
+    frozen) has its partitions resumed by the others after this long. Brokers refuse values below
+    their ``group.min.session.timeout.ms`` (6 s by default; the devstack's broker allows 1 s)."""
     leader_lock_key: int = 0x636F6E76  # "conv"
     """pg advisory lock key of the leader election."""
     leader_retry_seconds: float = Field(default=1.0, gt=0)
     """How often a follower tries to take the lead."""
+    leader_lease_seconds: float = Field(default=3.0, ge=1, le=60)
+    """The leader's lease: PostgreSQL ends a leader session idle this long (a frozen, stalled or
+    cut-off leader), and with it the lead; a live leader heartbeats at a third of it."""
+    idle_transaction_seconds: float = Field(default=1.0, ge=0.2, le=60)
+    """PostgreSQL aborts a scheduler transaction left idle this long between statements (a frozen
+    or stalled replica): its row locks stop blocking the other replicas' submits and it commits
+    nothing late. Our transactions send their statements back to back."""
     dispatch_poll_seconds: float = Field(default=1.0, gt=0)
     """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
     dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)

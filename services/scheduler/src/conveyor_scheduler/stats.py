@@ -1,4 +1,8 @@
-"""Queue statistics per kind and model (GetQueueStats), cached by the caller."""
+"""Queue statistics per kind and model (GetQueueStats), cached by the caller.
+
+A tenant sees its own tasks only (counts, oldest waiting, recent run times); ``tenant_id=None``
+(the admin role) sees every tenant's.
+"""
 
 from __future__ import annotations
 
@@ -25,18 +29,20 @@ _FIELDS = ("waiting", "active", "succeeded", "failed", "canceled", "dead_lettere
 
 
 async def queue_stats(
-    conn: AsyncConnection, kind: int, model: str, now: datetime
+    conn: AsyncConnection, kind: int, model: str, now: datetime, tenant_id: str | None
 ) -> list[dict[str, Any]]:
-    """One dict per (kind, model) plus one per kind with model "" (the kind's total)."""
+    """One dict per (kind, model) plus one per kind with model "" (the kind's total), over the
+    tasks of ``tenant_id`` (every tenant's when None)."""
     rows = await conn.execute(
         text(
             "SELECT kind, model, status, count(*) AS n,"
             " min(enqueued_at) FILTER (WHERE status = 1) AS oldest"
             " FROM tasks WHERE (CAST(:kind AS int) = 0 OR kind = :kind)"
             " AND (CAST(:model AS text) = '' OR model = :model)"
+            " AND (CAST(:tenant AS text) IS NULL OR tenant_id = :tenant)"
             " GROUP BY kind, model, status"
         ),
-        {"kind": kind, "model": model},
+        {"kind": kind, "model": model, "tenant": tenant_id},
     )
     groups: dict[tuple[int, str], dict[str, Any]] = defaultdict(
         lambda: dict.fromkeys(_FIELDS, 0) | {"oldest": None}
@@ -49,7 +55,7 @@ async def queue_stats(
                 g["oldest"] = r.oldest
     out: list[dict[str, Any]] = []
     for (k, mdl), g in sorted(groups.items()):
-        p50 = await repo.recent_run_time_p50(conn, k, mdl or None)
+        p50 = await repo.recent_run_time_p50(conn, k, mdl or None, tenant_id=tenant_id)
         out.append(
             {
                 "kind": k,

@@ -1,4 +1,5 @@
-"""Kafka for Conveyor: one envelope, an idempotent producer, a consumer with manual commit and DLQ."""
+"""Kafka for Conveyor: one envelope, an idempotent producer, a consumer with manual commit and DLQ,
+and the client security (TLS, SASL) every client uses."""
 
 from conveyor_common.kafka.consumer import (
     ConsumerConfig,
@@ -16,8 +17,16 @@ from conveyor_common.kafka.envelope import (
     encode,
 )
 from conveyor_common.kafka.producer import EventProducer, ProducerConfig
+from conveyor_common.kafka.security import (
+    PLAINTEXT,
+    KafkaSecurity,
+    KafkaSecurityError,
+    KafkaSecuritySettings,
+    KafkaStartError,
+)
 
 __all__ = [
+    "PLAINTEXT",
     "ConsumerConfig",
     "DecodeError",
     "Deduplicator",
@@ -25,6 +34,10 @@ __all__ = [
     "EventConsumer",
     "EventProducer",
     "Handler",
+    "KafkaSecurity",
+    "KafkaSecurityError",
+    "KafkaSecuritySettings",
+    "KafkaStartError",
     "PermanentError",
     "ProducerConfig",
     "TypeRegistry",

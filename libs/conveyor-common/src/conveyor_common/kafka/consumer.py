@@ -25,9 +25,11 @@ from typing import Any, Protocol
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 
 from conveyor_common import topics as topic_names
+from conveyor_common import tracing
 from conveyor_common.context import bound
 from conveyor_common.kafka.envelope import DecodeError, Envelope, TypeRegistry, decode
 from conveyor_common.kafka.producer import EventProducer
+from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity, start_client
 from conveyor_common.metrics import KafkaMetrics
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class ConsumerConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     auto_offset_reset: str = "earliest"
+    security: KafkaSecurity = PLAINTEXT
+    """TLS and SASL of the connection (``settings.kafka_security``)."""
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -116,6 +120,7 @@ class EventConsumer:
             session_timeout_ms=config.session_timeout_ms,
             heartbeat_interval_ms=config.heartbeat_interval_ms,
             max_poll_records=config.max_batch,
+            **config.security.client_kwargs(),
         )
         self._batch_lock = asyncio.Lock()
         self._stopping = asyncio.Event()
@@ -123,8 +128,12 @@ class EventConsumer:
         self._started = False
 
     async def start(self) -> None:
-        """Join the group and start consuming in a background task."""
-        await self._consumer.start()
+        """Join the group and start consuming in a background task (:class:`KafkaStartError` saying
+        why when it cannot connect)."""
+        config = self.config
+        await start_client(
+            self._consumer, config.bootstrap_servers, config.security, f"consumer {config.group_id}"
+        )
         self._consumer.subscribe(list(self.config.topics), listener=_Listener(self))
         self._started = True
         self._task = asyncio.create_task(self._run(), name=f"consumer:{self.config.group_id}")
@@ -246,7 +255,18 @@ class EventConsumer:
             await self._dead_letter(record, f"decode: {exc}")
             self._count(topic, "undecodable")
             return
-        with bound(task_id=envelope.key or None, traceparent=envelope.traceparent):
+        with (
+            bound(task_id=envelope.key or None, traceparent=envelope.traceparent),
+            tracing.span(
+                f"{topic} process",
+                tracing.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": topic,
+                    "conveyor.task_id": envelope.key or "",
+                },
+            ),
+        ):
             if self.dedup is not None and await self.dedup.seen(envelope):
                 self._count(topic, "duplicate")
                 return

@@ -10,7 +10,10 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from google.protobuf.message import Message
 
+from conveyor_common import tracing
+from conveyor_common.context import current_traceparent
 from conveyor_common.kafka.envelope import Headers, encode
+from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity, start_client
 from conveyor_common.metrics import KafkaMetrics
 
 logger = logging.getLogger(__name__)
@@ -24,6 +27,8 @@ class ProducerConfig:
     client_id: str
     linger_ms: int = 5
     request_timeout_ms: int = 30_000
+    security: KafkaSecurity = PLAINTEXT
+    """TLS and SASL of the connection (``settings.kafka_security``)."""
 
 
 class EventProducer:
@@ -41,12 +46,19 @@ class EventProducer:
             enable_idempotence=True,
             linger_ms=config.linger_ms,
             request_timeout_ms=config.request_timeout_ms,
+            **config.security.client_kwargs(),
         )
         self._started = False
 
     async def start(self) -> None:
-        """Connect to the cluster."""
-        await self._producer.start()
+        """Connect to the cluster (:class:`KafkaStartError` saying why when it cannot)."""
+        config = self.config
+        await start_client(
+            self._producer,
+            config.bootstrap_servers,
+            config.security,
+            f"producer {config.client_id}",
+        )
         self._started = True
 
     async def stop(self) -> None:
@@ -66,10 +78,20 @@ class EventProducer:
         traceparent: str | None = None,
     ) -> None:
         """Publish one message and wait for its acknowledgement."""
-        k, v, headers = encode(
-            message, source=self.source, key=key, event_id=event_id, traceparent=traceparent
-        )
-        await self.send_raw(topic, k, v, headers)
+        with tracing.span(
+            f"{topic} publish",
+            tracing.SpanKind.PRODUCER,
+            parent=traceparent,
+            attributes={"messaging.system": "kafka", "messaging.destination.name": topic},
+        ):
+            k, v, headers = encode(
+                message,
+                source=self.source,
+                key=key,
+                event_id=event_id,
+                traceparent=current_traceparent() if tracing.enabled() else traceparent,
+            )
+            await self.send_raw(topic, k, v, headers)
 
     async def send_raw(self, topic: str, key: bytes | None, value: bytes, headers: Headers) -> None:
         """Publish pre-encoded bytes (e.g. an outbox row or a record forwarded to a DLQ)."""
@@ -85,6 +107,8 @@ class EventProducer:
     async def send_many(self, items: list[tuple[str, bytes | None, bytes, Headers]]) -> None:
         """Publish a batch: all are sent before any acknowledgement is awaited (pipelined)."""
         futures = []
+        if tracing.enabled():
+            items = [(t, k, v, _published_span(t, h)) for t, k, v, h in items]
         for topic, key, value, headers in items:
             futures.append(
                 (topic, await self._producer.send(topic, value=value, key=key, headers=headers))
@@ -101,3 +125,17 @@ class EventProducer:
         if failed:
             first = next(r for r in results if isinstance(r, BaseException))
             raise first
+
+
+def _published_span(topic: str, headers: Headers) -> Headers:
+    """A PRODUCER span for a pre-encoded record (an outbox row), child of the trace it carries;
+    the record then names the span."""
+    parent = next((v.decode() for k, v in headers if k == "traceparent"), None)
+    with tracing.span(
+        f"{topic} publish",
+        tracing.SpanKind.PRODUCER,
+        parent=parent,
+        attributes={"messaging.system": "kafka", "messaging.destination.name": topic},
+    ):
+        mine = current_traceparent().encode()
+    return [(k, mine if k == "traceparent" else v) for k, v in headers]

@@ -1,4 +1,4 @@
-"""The schema of task groups (same metadata as the core models; revision 0003_groups builds it).
+"""The schema of task groups (same metadata as the core models; revision 0004_groups builds it).
 
 A group's children are ordinary rows of ``tasks`` (``tasks.group_id``, ``tasks.group_index``): they
 are admitted, ranked, aged, fair-shared and limited exactly like tasks submitted alone. The group row

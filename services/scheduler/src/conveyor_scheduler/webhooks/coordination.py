@@ -147,7 +147,11 @@ class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
             raise InvalidArgument(violations)
         async with self.sessionmaker() as session, session.begin():
             leases = await repo.claim(
-                session, request.worker_id, request.max_deliveries, request.lease_seconds
+                session,
+                request.worker_id,
+                request.max_deliveries,
+                request.lease_seconds,
+                self.policy.codec,
             )
         response = pb.ClaimDeliveriesResponse()
         for lease in leases:

@@ -27,6 +27,10 @@ from conveyor_scheduler.webhooks.models import (
     WebhookEndpoint,
     WebhookSecret,
 )
+from conveyor_scheduler.webhooks.settings import SecretCodec
+
+CLEAR = SecretCodec(None)
+"""No sealing (tests and callers without keys)."""
 
 TERMINAL_EVENT_TYPES = frozenset(
     {
@@ -51,11 +55,14 @@ def wants(event_types: Sequence[int], event_type: int) -> bool:
 # Secrets
 
 
-async def ensure_secret(session: AsyncSession, tenant_id: str) -> WebhookSecret:
-    """The tenant's secret row, created with a fresh secret when missing."""
+async def ensure_secret(
+    session: AsyncSession, tenant_id: str, codec: SecretCodec = CLEAR
+) -> WebhookSecret:
+    """The tenant's secret row (values as stored: sealed), created with a fresh secret when
+    missing."""
     await session.execute(
         insert(WebhookSecret)
-        .values(tenant_id=tenant_id, current_secret=generate_secret())
+        .values(tenant_id=tenant_id, current_secret=codec.seal(tenant_id, generate_secret()))
         .on_conflict_do_nothing(index_elements=[WebhookSecret.tenant_id])
     )
     row = await session.scalar(select(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id))
@@ -63,10 +70,48 @@ async def ensure_secret(session: AsyncSession, tenant_id: str) -> WebhookSecret:
     return row
 
 
-async def lock_tenant(session: AsyncSession, tenant_id: str) -> WebhookSecret:
+async def current_secret(session: AsyncSession, tenant_id: str, codec: SecretCodec) -> str:
+    """The tenant's current signing secret in clear (created when missing)."""
+    return codec.open(tenant_id, (await ensure_secret(session, tenant_id, codec)).current_secret)
+
+
+async def reseal_secrets(session: AsyncSession, codec: SecretCodec, limit: int = 500) -> int:
+    """Rewrite stored secrets that are in clear or sealed under an older key with the current
+    key (after keys were configured or rotated); returns how many rows changed."""
+    if codec.keyring is None:
+        return 0
+    rows = (
+        await session.scalars(
+            select(WebhookSecret)
+            .with_for_update(skip_locked=True)
+            .order_by(WebhookSecret.tenant_id)
+        )
+    ).all()
+    changed = 0
+    for row in rows:
+        if changed >= limit:
+            break
+        touched = False
+        if codec.needs_reseal(row.current_secret):
+            row.current_secret = codec.seal(
+                row.tenant_id, codec.open(row.tenant_id, row.current_secret)
+            )
+            touched = True
+        if row.previous_secret and codec.needs_reseal(row.previous_secret):
+            row.previous_secret = codec.seal(
+                row.tenant_id, codec.open(row.tenant_id, row.previous_secret)
+            )
+            touched = True
+        changed += touched
+    return changed
+
+
+async def lock_tenant(
+    session: AsyncSession, tenant_id: str, codec: SecretCodec = CLEAR
+) -> WebhookSecret:
     """The tenant's secret row, created when missing and locked until the transaction ends: it
     serializes a tenant's endpoint creations (idempotency-key check and endpoint limit)."""
-    await ensure_secret(session, tenant_id)
+    await ensure_secret(session, tenant_id, codec)
     row = await session.scalar(
         select(WebhookSecret)
         .where(WebhookSecret.tenant_id == tenant_id)
@@ -86,7 +131,11 @@ class Rotation:
 
 
 async def rotate_secret(
-    session: AsyncSession, tenant_id: str, request_id: str, overlap_seconds: int
+    session: AsyncSession,
+    tenant_id: str,
+    request_id: str,
+    overlap_seconds: int,
+    codec: SecretCodec = CLEAR,
 ) -> Rotation:
     """New current secret; the old one signs alongside for ``overlap_seconds``.
 
@@ -96,21 +145,22 @@ async def rotate_secret(
         select(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id).with_for_update()
     )
     if row is None:
-        created = await ensure_secret(session, tenant_id)
+        created = await ensure_secret(session, tenant_id, codec)
         created.rotate_request_id = request_id or None
         created.rotated_at = await session.scalar(select(func.now()))
-        return Rotation(created.current_secret, None)
+        return Rotation(codec.open(tenant_id, created.current_secret), None)
     if request_id and row.rotate_request_id == request_id:
-        return Rotation(row.current_secret, row.previous_valid_until)
+        return Rotation(codec.open(tenant_id, row.current_secret), row.previous_valid_until)
     now = await session.scalar(select(func.now()))
     assert now is not None
     until = now + timedelta(seconds=overlap_seconds)
+    fresh = generate_secret()
     row.previous_secret = row.current_secret
     row.previous_valid_until = until
-    row.current_secret = generate_secret()
+    row.current_secret = codec.seal(tenant_id, fresh)
     row.rotate_request_id = request_id or None
     row.rotated_at = now
-    return Rotation(row.current_secret, until)
+    return Rotation(fresh, until)
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,7 +421,11 @@ class Lease:
 
 
 async def claim(
-    session: AsyncSession, worker_id: str, limit: int, lease_seconds: int
+    session: AsyncSession,
+    worker_id: str,
+    limit: int,
+    lease_seconds: int,
+    codec: SecretCodec = CLEAR,
 ) -> list[Lease]:
     """Lease due deliveries: the lowest-sequence pending one per (endpoint, task), if unleased.
 
@@ -405,13 +459,13 @@ async def claim(
     ).all()
     secrets: dict[str, list[str]] = {}
     for row in secret_rows:
-        in_force = [row.current_secret]
+        in_force = [codec.open(row.tenant_id, row.current_secret)]
         if row.previous_secret and row.previous_valid:
-            in_force.append(row.previous_secret)
+            in_force.append(codec.open(row.tenant_id, row.previous_secret))
         secrets[row.tenant_id] = in_force
     missing = tenants - secrets.keys()
     for tenant_id in missing:  # a per-task webhook of a tenant that never registered an endpoint
-        secrets[tenant_id] = [(await ensure_secret(session, tenant_id)).current_secret]
+        secrets[tenant_id] = [await current_secret(session, tenant_id, codec)]
     leases = []
     for row in claimed:
         endpoint = endpoints[row.endpoint_id]

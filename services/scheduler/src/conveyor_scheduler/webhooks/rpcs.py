@@ -190,12 +190,13 @@ class WebhookRpcs:
         await check_callback_url(body.url, policy)
         async with self.sessionmaker() as session, session.begin():
             # Concurrent creates of one tenant queue here, so the key check and the limit hold.
-            secret = await repo.lock_tenant(session, tenant)
+            row = await repo.lock_tenant(session, tenant, policy.codec)
+            signing_secret = policy.codec.open(tenant, row.current_secret)
             if body.request_id:
                 existing = await repo.endpoint_by_request(session, tenant, body.request_id)
                 if existing is not None:
                     return await self._replay_create(
-                        existing, body.url, events, tenant, secret.current_secret
+                        existing, body.url, events, tenant, signing_secret
                     )
             limit = policy.settings.max_endpoints_per_tenant
             if await repo.count_live_endpoints(session, tenant) >= limit:
@@ -217,7 +218,7 @@ class WebhookRpcs:
             )
             return pb.CreateWebhookEndpointResponse(
                 response=webhook_service_pb2.CreateWebhookEndpointResponse(
-                    endpoint=endpoint_message(endpoint), signing_secret=secret.current_secret
+                    endpoint=endpoint_message(endpoint), signing_secret=signing_secret
                 )
             )
 
@@ -236,7 +237,7 @@ class WebhookRpcs:
             )
         if current_secret is None:
             async with self.sessionmaker() as session, session.begin():
-                current_secret = (await repo.ensure_secret(session, tenant)).current_secret
+                current_secret = await repo.current_secret(session, tenant, self._policy().codec)
         return pb.CreateWebhookEndpointResponse(
             response=webhook_service_pb2.CreateWebhookEndpointResponse(
                 endpoint=endpoint_message(existing), signing_secret=current_secret
@@ -299,7 +300,9 @@ class WebhookRpcs:
                 ]
             )
         async with self.sessionmaker() as session, session.begin():
-            rotation = await repo.rotate_secret(session, tenant, body.request_id, overlap)
+            rotation = await repo.rotate_secret(
+                session, tenant, body.request_id, overlap, self._policy().codec
+            )
         response = webhook_service_pb2.RotateWebhookSecretResponse(signing_secret=rotation.secret)
         until = timestamp(rotation.previous_valid_until)
         if until is not None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from conveyor.tasks.v1 import task_pb2 as conveyor_dot_tasks_dot_v1_dot_task__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+conveyor/notifier/v1/notifier_service.proto\x12\x14\x63onveyor.notifier.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\"6\n\x10SubscribeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"[\n\x11SubscribeResponse\x12\x0f\n\x05ready\x18\x01 \x01(\x08H\x00\x12-\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEventH\x00\x42\x06\n\x04item2t\n\x12WatchFanoutService\x12^\n\tSubscribe\x12&.conveyor.notifier.v1.SubscribeRequest\x1a\'.conveyor.notifier.v1.SubscribeResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+conveyor/notifier/v1/notifier_service.proto\x12\x14\x63onveyor.notifier.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\"g\n\x10SubscribeRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12/\n\x05types\x18\x03 \x03(\x0e\x32 .conveyor.tasks.v1.TaskEventType\"[\n\x11SubscribeResponse\x12\x0f\n\x05ready\x18\x01 \x01(\x08H\x00\x12-\n\x05\x65vent\x18\x02 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEventH\x00\x42\x06\n\x04item2t\n\x12WatchFanoutService\x12^\n\tSubscribe\x12&.conveyor.notifier.v1.SubscribeRequest\x1a\'.conveyor.notifier.v1.SubscribeResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.notifier.v1.notifi
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBSCRIBEREQUEST']._serialized_start=99
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=153
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=155
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=246
-  _globals['_WATCHFANOUTSERVICE']._serialized_start=248
-  _globals['_WATCHFANOUTSERVICE']._serialized_end=364
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=202
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=204
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=295
+  _globals['_WATCHFANOUTSERVICE']._serialized_start=297
+  _globals['_WATCHFANOUTSERVICE']._serialized_end=413
 # @@protoc_insertion_point(module_scope)

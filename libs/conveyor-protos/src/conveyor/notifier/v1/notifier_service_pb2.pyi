@@ -6,9 +6,11 @@ replica reads every partition of the task-event topic (broadcast), so a gateway 
 any replica; history comes from the scheduler, not from here.
 """
 
+from collections import abc as _abc
 from conveyor.tasks.v1 import task_pb2 as _task_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -28,19 +30,27 @@ class SubscribeRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """Tenant whose events are wanted (the gateway's authenticated tenant)."""
     task_id: _builtins.str
     """Only this task; empty = every task of the tenant."""
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_task_pb2.TaskEventType.ValueType]:
+        """Only events of these types; empty = all. Applied before the subscriber's buffer, so a burst of
+        other events never makes a narrow subscription fall behind.
+        """
+
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         task_id: _builtins.str = ...,
+        types: _abc.Iterable[_task_pb2.TaskEventType.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id", "tenant_id", b"tenant_id", "types", b"types"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -49,7 +49,8 @@ class WatchFanoutServiceServicer:
     def Subscribe(self, request, context):
         """Streams live events of one task or of all tasks of a tenant, from the moment of the call. The
         first message is a `ready` marker sent once the subscription is registered, so the caller can
-        then read history without a gap. If the subscriber falls too far behind, the stream ends with
+        then read history without a gap. Within one stream an event is sent at most once (a duplicate
+        delivery of the topic is dropped). If the subscriber falls too far behind, the stream ends with
         RESOURCE_EXHAUSTED and the caller resumes from its last sequence number.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

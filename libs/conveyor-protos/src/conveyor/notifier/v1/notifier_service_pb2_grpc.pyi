@@ -39,7 +39,8 @@ class WatchFanoutServiceStub:
     Subscribe: _grpc.UnaryStreamMultiCallable[_notifier_service_pb2.SubscribeRequest, _notifier_service_pb2.SubscribeResponse]
     """Streams live events of one task or of all tasks of a tenant, from the moment of the call. The
     first message is a `ready` marker sent once the subscription is registered, so the caller can
-    then read history without a gap. If the subscriber falls too far behind, the stream ends with
+    then read history without a gap. Within one stream an event is sent at most once (a duplicate
+    delivery of the topic is dropped). If the subscriber falls too far behind, the stream ends with
     RESOURCE_EXHAUSTED and the caller resumes from its last sequence number.
     """
 
@@ -51,7 +52,8 @@ class WatchFanoutServiceAsyncStub(WatchFanoutServiceStub):
     Subscribe: _aio.UnaryStreamMultiCallable[_notifier_service_pb2.SubscribeRequest, _notifier_service_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Streams live events of one task or of all tasks of a tenant, from the moment of the call. The
     first message is a `ready` marker sent once the subscription is registered, so the caller can
-    then read history without a gap. If the subscriber falls too far behind, the stream ends with
+    then read history without a gap. Within one stream an event is sent at most once (a duplicate
+    delivery of the topic is dropped). If the subscriber falls too far behind, the stream ends with
     RESOURCE_EXHAUSTED and the caller resumes from its last sequence number.
     """
 
@@ -66,7 +68,8 @@ class WatchFanoutServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_notifier_service_pb2.SubscribeResponse], _abc.AsyncIterator[_notifier_service_pb2.SubscribeResponse]]:
         """Streams live events of one task or of all tasks of a tenant, from the moment of the call. The
         first message is a `ready` marker sent once the subscription is registered, so the caller can
-        then read history without a gap. If the subscriber falls too far behind, the stream ends with
+        then read history without a gap. Within one stream an event is sent at most once (a duplicate
+        delivery of the topic is dropped). If the subscriber falls too far behind, the stream ends with
         RESOURCE_EXHAUSTED and the caller resumes from its last sequence number.
         """
 

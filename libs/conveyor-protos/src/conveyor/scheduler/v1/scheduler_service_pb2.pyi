@@ -157,6 +157,11 @@ class SubmitTaskRequest(_message.Message):
 
     PRINCIPAL_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    traceparent: _builtins.str
+    """W3C traceparent of the caller's submit when it travels in a SubmitTaskGroup (whose own call
+    carries only one); empty = the call's.
+    """
     @_builtins.property
     def principal(self) -> Global___Principal:
         """Authenticated caller."""
@@ -170,10 +175,11 @@ class SubmitTaskRequest(_message.Message):
         *,
         principal: Global___Principal | None = ...,
         request: _task_service_pb2.SubmitTaskRequest | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

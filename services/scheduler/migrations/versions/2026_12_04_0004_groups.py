@@ -3,8 +3,8 @@
 See conveyor_scheduler.groups.models for why each table and constraint exists (the comments are in
 the catalog too). Delayed tasks need no schema: tasks.not_before and ix_tasks_backoff already exist.
 
-Revision ID: 0003_groups
-Revises: 0002_webhooks
+Revision ID: 0004_groups
+Revises: 0003_task_traceparent
 Create Date: 2026-12-04 23:52:12.247206+00:00
 """
 
@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0003_groups"
-down_revision: str | None = "0002_webhooks"
+revision: str = "0004_groups"
+down_revision: str | None = "0003_task_traceparent"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,635 @@
+"""The typed SDK: :class:`AsyncClient` (asyncio) and :class:`Client` (blocking), one surface.
+
+Both return the dataclasses and enums of :mod:`conveyor_client.types`; both are built on
+:class:`~conveyor_client.client.AsyncConveyorClient`, so they share its retries (UNAVAILABLE, and
+RESOURCE_EXHAUSTED after the server's RetryInfo delay, within the call's deadline, under the same
+request id), token providers and automatic batch splitting. Failures raise
+:class:`~conveyor_client.errors.ConveyorError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import grpc
+
+from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
+from conveyor.tasks.v1 import task_pb2
+from conveyor_client.client import AsyncConveyorClient, TokenProvider, build_spec
+from conveyor_client.types import (
+    BatchSubmitted,
+    EventType,
+    Priority,
+    QueueStat,
+    Submitted,
+    Task,
+    TaskEvent,
+    TaskKind,
+    TaskPage,
+    TaskStatus,
+    Tenant,
+    TenantLimits,
+    Tier,
+)
+
+T = TypeVar("T")
+
+SpecLike = task_pb2.TaskSpec | Mapping[str, Any]
+"""A batch item: a TaskSpec, or the keyword arguments of :func:`spec` as a mapping."""
+
+
+def spec(
+    kind: TaskKind | str,
+    *,
+    model: str | None = None,
+    deployment: str | None = None,
+    input: dict[str, Any] | None = None,
+    priority: Priority | str = Priority.UNSPECIFIED,
+    queue_deadline: datetime | None = None,
+    run_timeout: timedelta | float | None = None,
+    max_attempts: int = 0,
+    labels: dict[str, str] | None = None,
+    webhook_url: str | None = None,
+    webhook_events: Iterable[EventType | str] = (),
+) -> task_pb2.TaskSpec:
+    """A task spec for :meth:`AsyncClient.submit_batch`."""
+    return build_spec(
+        TaskKind.parse(kind).value,
+        model=model,
+        deployment=deployment,
+        input=input,
+        priority=Priority.parse(priority).value,
+        queue_deadline=queue_deadline,
+        run_timeout=run_timeout,
+        max_attempts=max_attempts,
+        labels=labels,
+        webhook_url=webhook_url,
+        webhook_events=[EventType.parse(e).proto for e in webhook_events],  # type: ignore[misc]
+    )
+
+
+def _spec(item: SpecLike) -> task_pb2.TaskSpec:
+    return item if isinstance(item, task_pb2.TaskSpec) else spec(**item)
+
+
+def _selector(
+    task_ids: Iterable[str],
+    tenant_id: str,
+    model: str,
+    statuses: Iterable[TaskStatus | str],
+    created_before: datetime | None,
+    limit: int,
+) -> admin_pb2.BulkSelector:
+    sel = admin_pb2.BulkSelector(
+        task_ids=builtins.list(task_ids),
+        tenant_id=tenant_id,
+        model=model,
+        statuses=[TaskStatus.parse(s).proto for s in statuses],  # type: ignore[misc]
+        limit=limit,
+    )
+    if created_before is not None:
+        sel.created_before.FromDatetime(created_before)
+    return sel
+
+
+class AsyncClient:
+    """Typed asyncio client of the Conveyor gateway.
+
+    ``token`` is a bearer token or a callable returning one (asked again shortly before the token's
+    ``exp``, and once more after UNAUTHENTICATED). ``timeout`` is the default deadline of a call,
+    retries included. Use :meth:`from_env` to read ``CONVEYOR_ADDRESS``/``CONVEYOR_TOKEN`` (and
+    ``CONVEYOR_TLS``, ``CONVEYOR_CA_FILE``, ``CONVEYOR_CERT_FILE``, ``CONVEYOR_KEY_FILE``).
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | TokenProvider | None = None,
+        *,
+        timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        **options: Any,
+    ) -> None:
+        self.raw = AsyncConveyorClient(
+            address, token, timeout=timeout, credentials=credentials, **options
+        )
+        """The protobuf-level client (webhook endpoints and anything not wrapped here)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> AsyncClient:
+        """A client configured by ``CONVEYOR_*`` environment variables."""
+        client = cls.__new__(cls)
+        client.raw = AsyncConveyorClient.from_env(environ, **options)
+        return client
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self.raw.close()
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        kind: TaskKind | str,
+        *,
+        model: str | None = None,
+        deployment: str | None = None,
+        input: dict[str, Any] | None = None,
+        priority: Priority | str = Priority.UNSPECIFIED,
+        queue_deadline: datetime | None = None,
+        run_timeout: timedelta | float | None = None,
+        max_attempts: int = 0,
+        labels: dict[str, str] | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Iterable[EventType | str] = (),
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Submitted:
+        """Submit one task; returns at once with the queued task."""
+        task_spec = spec(
+            kind,
+            model=model,
+            deployment=deployment,
+            input=input,
+            priority=priority,
+            queue_deadline=queue_deadline,
+            run_timeout=run_timeout,
+            max_attempts=max_attempts,
+            labels=labels,
+            webhook_url=webhook_url,
+            webhook_events=webhook_events,
+        )
+        resp = await self.raw.submit(spec=task_spec, request_id=request_id, rpc_timeout=timeout)
+        return Submitted(Task.from_proto(resp.task), resp.deduplicated)
+
+    async def submit_batch(
+        self,
+        specs: Iterable[SpecLike],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> BatchSubmitted:
+        """Submit many tasks: atomic up to the server's item limit (100), split beyond it.
+
+        Items are :func:`spec` results or mappings of its arguments.
+        """
+        resp = await self.raw.submit_batch(
+            [_spec(s) for s in specs], request_id=request_id, rpc_timeout=timeout
+        )
+        return BatchSubmitted(
+            [
+                Submitted(Task.from_proto(t), dedup)
+                for t, dedup in zip(resp.tasks, resp.deduplicated, strict=True)
+            ]
+        )
+
+    async def get(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """One task, with its position in line and an estimated start while queued."""
+        return Task.from_proto(await self.raw.get(task_id, rpc_timeout=timeout))
+
+    async def list(
+        self,
+        *,
+        statuses: Iterable[TaskStatus | str] = (),
+        kinds: Iterable[TaskKind | str] = (),
+        model: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int | None = None,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> AsyncIterator[Task]:
+        """The caller's tasks, newest first (pages fetched as needed), at most ``limit``."""
+        count = 0
+        async for page in self.raw.list(
+            statuses=[TaskStatus.parse(s).proto for s in statuses],  # type: ignore[misc]
+            kinds=[TaskKind.parse(k).proto for k in kinds],  # type: ignore[misc]
+            model=model,
+            created_after=created_after,
+            created_before=created_before,
+            page_size=page_size,
+            rpc_timeout=timeout,
+        ):
+            for msg in page:
+                if limit is not None and count >= limit:
+                    return
+                count += 1
+                yield Task.from_proto(msg)
+
+    async def cancel(
+        self,
+        task_id: str,
+        *,
+        reason: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Task:
+        """Cancel a task. A running task ends later: the result has ``cancel_requested`` set."""
+        msg = await self.raw.cancel(
+            task_id, reason=reason, request_id=request_id, rpc_timeout=timeout
+        )
+        return Task.from_proto(msg, cancel_requested=True)
+
+    async def watch(
+        self, task_id: str, *, after_sequence: int = 0, timeout: float | None = None
+    ) -> AsyncIterator[TaskEvent]:
+        """The task's events after ``after_sequence``, resuming over broken streams, to the end.
+
+        ``timeout`` bounds the whole watch (none by default).
+        """
+        cancel_requested = False
+        async for msg in self.raw.watch(
+            task_id, after_sequence=after_sequence, rpc_timeout=timeout
+        ):
+            event = TaskEvent.from_proto(msg, cancel_requested=cancel_requested)
+            cancel_requested = event.task.cancel_requested
+            yield event
+
+    async def watch_many(
+        self, task_ids: Iterable[str], *, timeout: float | None = None
+    ) -> AsyncIterator[TaskEvent]:
+        """The events of several tasks as they come (each task's in order); ends when all ended."""
+        cancel_requested: set[str] = set()
+        async for msg in self.raw.watch_many(task_ids, rpc_timeout=timeout):
+            event = TaskEvent.from_proto(msg, cancel_requested=msg.task_id in cancel_requested)
+            if event.task.cancel_requested:
+                cancel_requested.add(event.task_id)
+            yield event
+
+    async def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """Follow the task until it ends; returns its final state."""
+        final: Task | None = None
+        async for event in self.watch(task_id, timeout=timeout):
+            final = event.task
+        if final is not None and final.terminal:
+            return final
+        return await self.get(task_id)
+
+    async def stats(
+        self, *, kind: TaskKind | str = TaskKind.UNSPECIFIED, model: str = ""
+    ) -> builtins.list[QueueStat]:
+        """Queue statistics by kind and model."""
+        resp = await self.raw.stats(kind=TaskKind.parse(kind).proto, model=model)  # type: ignore[arg-type]
+        return [QueueStat.from_proto(row) for row in resp.stats]
+
+    # -- admin ---------------------------------------------------------------------------------
+
+    async def get_tenant(self, tenant_id: str) -> Tenant:
+        """A tenant's tier and limits (admin)."""
+        return Tenant.from_proto(await self.raw.get_tenant(tenant_id))
+
+    async def upsert_tenant(
+        self,
+        tenant_id: str,
+        *,
+        tier: Tier | str = Tier.UNSPECIFIED,
+        limits: TenantLimits | None = None,
+        request_id: str | None = None,
+    ) -> Tenant:
+        """Create or update a tenant (admin)."""
+        msg = await self.raw.upsert_tenant(
+            tenant_id,
+            tier=Tier.parse(tier).proto,  # type: ignore[arg-type]
+            limits=limits.to_proto() if limits is not None else None,
+            request_id=request_id,
+        )
+        return Tenant.from_proto(msg)
+
+    async def pause_model(self, model: str, *, reason: str = "") -> bool:
+        """Pause dispatch of a model (admin); returns whether it is paused."""
+        return await self.raw.pause_model(model, reason=reason)
+
+    async def resume_model(self, model: str) -> bool:
+        """Resume dispatch of a model (admin); returns whether it is still paused."""
+        return await self.raw.resume_model(model)
+
+    async def dead_letters(
+        self, *, tenant_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> TaskPage:
+        """One page of dead-lettered tasks (admin)."""
+        return TaskPage.from_dead_letters(
+            await self.raw.list_dead_letters(
+                tenant_id=tenant_id, page_size=page_size, page_token=page_token
+            )
+        )
+
+    async def redrive(
+        self,
+        *,
+        task_ids: Iterable[str] = (),
+        tenant_id: str = "",
+        model: str = "",
+        statuses: Iterable[TaskStatus | str] = (),
+        created_before: datetime | None = None,
+        limit: int = 0,
+    ) -> builtins.list[str]:
+        """Queue matching dead-lettered tasks again (admin); returns their ids."""
+        return await self.raw.redrive(
+            _selector(task_ids, tenant_id, model, statuses, created_before, limit)
+        )
+
+    async def bulk_cancel(
+        self,
+        *,
+        task_ids: Iterable[str] = (),
+        tenant_id: str = "",
+        model: str = "",
+        statuses: Iterable[TaskStatus | str] = (),
+        created_before: datetime | None = None,
+        limit: int = 0,
+        reason: str = "",
+    ) -> builtins.list[str]:
+        """Cancel every matching non-terminal task (admin); returns their ids."""
+        return await self.raw.bulk_cancel(
+            _selector(task_ids, tenant_id, model, statuses, created_before, limit), reason=reason
+        )
+
+
+class Client:
+    """Blocking twin of :class:`AsyncClient`: the same methods and arguments, without ``await``.
+
+    Runs an :class:`AsyncClient` on a private event-loop thread, so it works from any thread,
+    including code running inside another event loop. Streaming methods return iterators.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        token: str | TokenProvider | None = None,
+        *,
+        timeout: float = 10.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        **options: Any,
+    ) -> None:
+        self._start()
+
+        async def make() -> AsyncClient:
+            return AsyncClient(address, token, timeout=timeout, credentials=credentials, **options)
+
+        self._client = self._run(make())
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **options: Any) -> Client:
+        """A client configured by ``CONVEYOR_*`` environment variables."""
+        client = cls.__new__(cls)
+        client._start()
+
+        async def make() -> AsyncClient:
+            return AsyncClient.from_env(environ, **options)
+
+        client._client = client._run(make())
+        return client
+
+    def _start(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="conveyor-client", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def raw(self) -> AsyncConveyorClient:
+        """The protobuf-level async client (runs on this client's loop thread)."""
+        return self._client.raw
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def _iterate(self, agen: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> T:
+            return await agen.__anext__()
+
+        try:
+            while True:
+                try:
+                    yield self._run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            closer = getattr(agen, "aclose", None)
+            if closer is not None:
+
+                async def close() -> None:
+                    await closer()
+
+                self._run(close())
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel and stop the loop thread."""
+        if self._loop.is_closed():
+            return
+        self._run(self._client.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def submit(
+        self,
+        kind: TaskKind | str,
+        *,
+        model: str | None = None,
+        deployment: str | None = None,
+        input: dict[str, Any] | None = None,
+        priority: Priority | str = Priority.UNSPECIFIED,
+        queue_deadline: datetime | None = None,
+        run_timeout: timedelta | float | None = None,
+        max_attempts: int = 0,
+        labels: dict[str, str] | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Iterable[EventType | str] = (),
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Submitted:
+        """See :meth:`AsyncClient.submit`."""
+        return self._run(
+            self._client.submit(
+                kind,
+                model=model,
+                deployment=deployment,
+                input=input,
+                priority=priority,
+                queue_deadline=queue_deadline,
+                run_timeout=run_timeout,
+                max_attempts=max_attempts,
+                labels=labels,
+                webhook_url=webhook_url,
+                webhook_events=webhook_events,
+                request_id=request_id,
+                timeout=timeout,
+            )
+        )
+
+    def submit_batch(
+        self,
+        specs: Iterable[SpecLike],
+        *,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> BatchSubmitted:
+        """See :meth:`AsyncClient.submit_batch`."""
+        return self._run(self._client.submit_batch(specs, request_id=request_id, timeout=timeout))
+
+    def get(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """See :meth:`AsyncClient.get`."""
+        return self._run(self._client.get(task_id, timeout=timeout))
+
+    def list(
+        self,
+        *,
+        statuses: Iterable[TaskStatus | str] = (),
+        kinds: Iterable[TaskKind | str] = (),
+        model: str = "",
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
+        limit: int | None = None,
+        page_size: int = 100,
+        timeout: float | None = None,
+    ) -> Iterator[Task]:
+        """See :meth:`AsyncClient.list`."""
+        return self._iterate(
+            self._client.list(
+                statuses=statuses,
+                kinds=kinds,
+                model=model,
+                created_after=created_after,
+                created_before=created_before,
+                limit=limit,
+                page_size=page_size,
+                timeout=timeout,
+            )
+        )
+
+    def cancel(
+        self,
+        task_id: str,
+        *,
+        reason: str = "",
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Task:
+        """See :meth:`AsyncClient.cancel`."""
+        return self._run(
+            self._client.cancel(task_id, reason=reason, request_id=request_id, timeout=timeout)
+        )
+
+    def watch(
+        self, task_id: str, *, after_sequence: int = 0, timeout: float | None = None
+    ) -> Iterator[TaskEvent]:
+        """See :meth:`AsyncClient.watch`."""
+        return self._iterate(
+            self._client.watch(task_id, after_sequence=after_sequence, timeout=timeout)
+        )
+
+    def watch_many(
+        self, task_ids: Iterable[str], *, timeout: float | None = None
+    ) -> Iterator[TaskEvent]:
+        """See :meth:`AsyncClient.watch_many`."""
+        return self._iterate(self._client.watch_many(task_ids, timeout=timeout))
+
+    def wait(self, task_id: str, *, timeout: float | None = None) -> Task:
+        """See :meth:`AsyncClient.wait`."""
+        return self._run(self._client.wait(task_id, timeout=timeout))
+
+    def stats(
+        self, *, kind: TaskKind | str = TaskKind.UNSPECIFIED, model: str = ""
+    ) -> builtins.list[QueueStat]:
+        """See :meth:`AsyncClient.stats`."""
+        return self._run(self._client.stats(kind=kind, model=model))
+
+    def get_tenant(self, tenant_id: str) -> Tenant:
+        """See :meth:`AsyncClient.get_tenant`."""
+        return self._run(self._client.get_tenant(tenant_id))
+
+    def upsert_tenant(
+        self,
+        tenant_id: str,
+        *,
+        tier: Tier | str = Tier.UNSPECIFIED,
+        limits: TenantLimits | None = None,
+        request_id: str | None = None,
+    ) -> Tenant:
+        """See :meth:`AsyncClient.upsert_tenant`."""
+        return self._run(
+            self._client.upsert_tenant(tenant_id, tier=tier, limits=limits, request_id=request_id)
+        )
+
+    def pause_model(self, model: str, *, reason: str = "") -> bool:
+        """See :meth:`AsyncClient.pause_model`."""
+        return self._run(self._client.pause_model(model, reason=reason))
+
+    def resume_model(self, model: str) -> bool:
+        """See :meth:`AsyncClient.resume_model`."""
+        return self._run(self._client.resume_model(model))
+
+    def dead_letters(
+        self, *, tenant_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> TaskPage:
+        """See :meth:`AsyncClient.dead_letters`."""
+        return self._run(
+            self._client.dead_letters(
+                tenant_id=tenant_id, page_size=page_size, page_token=page_token
+            )
+        )
+
+    def redrive(
+        self,
+        *,
+        task_ids: Iterable[str] = (),
+        tenant_id: str = "",
+        model: str = "",
+        statuses: Iterable[TaskStatus | str] = (),
+        created_before: datetime | None = None,
+        limit: int = 0,
+    ) -> builtins.list[str]:
+        """See :meth:`AsyncClient.redrive`."""
+        return self._run(
+            self._client.redrive(
+                task_ids=task_ids,
+                tenant_id=tenant_id,
+                model=model,
+                statuses=statuses,
+                created_before=created_before,
+                limit=limit,
+            )
+        )
+
+    def bulk_cancel(
+        self,
+        *,
+        task_ids: Iterable[str] = (),
+        tenant_id: str = "",
+        model: str = "",
+        statuses: Iterable[TaskStatus | str] = (),
+        created_before: datetime | None = None,
+        limit: int = 0,
+        reason: str = "",
+    ) -> builtins.list[str]:
+        """See :meth:`AsyncClient.bulk_cancel`."""
+        return self._run(
+            self._client.bulk_cancel(
+                task_ids=task_ids,
+                tenant_id=tenant_id,
+                model=model,
+                statuses=statuses,
+                created_before=created_before,
+                limit=limit,
+                reason=reason,
+            )
+        )
