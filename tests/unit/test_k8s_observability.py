@@ -449,6 +449,7 @@ def test_every_counter_a_query_rates_has_a_series_before_its_first_event() -> No
     to rate()/increase() for that increment, so the first 429 or rejection would show nothing."""
     registry = CollectorRegistry()
     SchedulerMetrics(registry)
+    GroupMetrics(registry)
     AdapterMetrics(registry)
     NotifierMetrics(registry)
     samples = [s for family in registry.collect() for s in family.samples]
