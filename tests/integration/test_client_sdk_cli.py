@@ -523,3 +523,26 @@ async def test_group_sdk_and_cli(stack: Stack, capsys: pytest.CaptureFixture[str
     code, out, _ = await cli(capsys, *base, "group", "get", group_id)
     assert code == 0
     assert "0 succeeded" in out
+
+
+async def test_group_calls_of_the_typed_sdk(stack: Stack) -> None:
+    from conveyor_client import Client
+
+    token = stack.keys.token(f"typed-{uuid.uuid4().hex[:8]}")
+
+    def run() -> list[int]:
+        with Client(stack.address, token, timeout=5) as typed:
+            group = typed.submit_group(
+                [
+                    {"kind": "image", "model": "acme/sdxl", "input": {"prompt": str(i)}}
+                    for i in range(2)
+                ],
+                fail_fast=True,
+            )
+            assert typed.get_group(group.group_id).progress.total == 2
+            typed.cancel_group(group.group_id, reason="typed")
+            return [e.type for e in typed.watch_group(group.group_id)]
+
+    types = await asyncio.to_thread(run)
+    assert types[0] == 1  # CREATED
+    assert types[-1] == 4  # COMPLETED
