@@ -467,3 +467,82 @@ async def test_token_provider_is_asked_again_before_expiry(stack: Stack) -> None
 
     await asyncio.to_thread(flow)
     assert len(minted) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Task groups through the gateway: SDK and CLI
+
+
+async def test_group_sdk_and_cli(stack: Stack, capsys: pytest.CaptureFixture[str]) -> None:
+    token = stack.keys.token(f"grp-{uuid.uuid4().hex[:8]}")
+    base = ["--address", stack.address, "--token", token]
+    code, out, _ = await cli(
+        capsys, *base, "group", "submit", "image", "--model", "acme/sdxl",
+        "--inputs", json.dumps([{"prompt": f"shot {i}"} for i in range(3)]),
+        "--follow-up-model", "acme/video", "--outputs-field", "frames", "--json",
+    )  # fmt: skip
+    assert code == 0
+    group = json.loads(out)
+    group_id = group["group_id"]
+    assert len(group["child_task_ids"]) == 3
+    assert group["progress"]["total"] == 3
+    assert group["has_follow_up"] is True
+
+    async with AsyncConveyorClient(stack.address, token, timeout=5) as client:
+        got = await client.get_group(group_id)
+        assert list(got.child_task_ids) == group["child_task_ids"]
+        child = await client.get(got.child_task_ids[0])
+        assert child.group_id == group_id
+        listed = await client.list_groups()
+        assert [g.group_id for g in listed.groups] == [group_id]
+        with pytest.raises(ConveyorError) as missing:
+            await client.get_group(str(uuid.uuid4()))
+        assert missing.value.code == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(ConveyorError) as bad:
+            await client.submit_group([])
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+        code, out, _ = await cli(capsys, *base, "group", "cancel", group_id, "--reason", "t")
+        assert code == 0
+        assert "canceled" in out
+
+        events = [e async for e in client.watch_group(group_id)]
+        assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+        assert events[-1].group.status == 5  # GROUP_STATUS_CANCELED
+        tail = [e async for e in client.watch_group(group_id, after_sequence=2)]
+        assert tail == events[2:]
+
+    code, out, _ = await cli(capsys, *base, "group", "watch", group_id, "--json")
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert lines[0]["type"] == "GROUP_EVENT_TYPE_CREATED"
+    assert lines[-1]["type"] == "GROUP_EVENT_TYPE_COMPLETED"
+    assert code == 3  # the group ended, but not successfully
+    code, out, _ = await cli(capsys, *base, "group", "watch", group_id)  # the bars, then the group
+    assert code == 3
+    assert "canceled" in out
+    code, out, _ = await cli(capsys, *base, "group", "get", group_id)
+    assert code == 0
+    assert "0 succeeded" in out
+
+
+async def test_group_calls_of_the_typed_sdk(stack: Stack) -> None:
+    from conveyor_client import Client
+
+    token = stack.keys.token(f"typed-{uuid.uuid4().hex[:8]}")
+
+    def run() -> list[int]:
+        with Client(stack.address, token, timeout=5) as typed:
+            group = typed.submit_group(
+                [
+                    {"kind": "image", "model": "acme/sdxl", "input": {"prompt": str(i)}}
+                    for i in range(2)
+                ],
+                fail_fast=True,
+            )
+            assert typed.get_group(group.group_id).progress.total == 2
+            typed.cancel_group(group.group_id, reason="typed")
+            return [e.type for e in typed.watch_group(group.group_id)]
+
+    types = await asyncio.to_thread(run)
+    assert types[0] == 1  # CREATED
+    assert types[-1] == 4  # COMPLETED

@@ -477,6 +477,7 @@ async def test_reflection_lists_the_public_services_without_a_token(env: Env) ->
         "conveyor.tasks.v1.TaskService",
         "conveyor.tasks.v1.AdminService",
         "conveyor.tasks.v1.WebhookService",
+        "conveyor.tasks.v1.GroupService",
         "grpc.health.v1.Health",
     } <= names
 

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
 from conveyor_notifier.metrics import NotifierMetrics
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_scheduler.groups.service import GroupMetrics
 from conveyor_scheduler.metrics import SchedulerMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,6 +51,7 @@ def exported_metrics() -> frozenset[str]:
     RpcMetrics(registry, "test")
     KafkaMetrics(registry, "test")
     SchedulerMetrics(registry)
+    GroupMetrics(registry)
     AdapterMetrics(registry)
     NotifierMetrics(registry)
     names: set[str] = set()
@@ -447,6 +449,7 @@ def test_every_counter_a_query_rates_has_a_series_before_its_first_event() -> No
     to rate()/increase() for that increment, so the first 429 or rejection would show nothing."""
     registry = CollectorRegistry()
     SchedulerMetrics(registry)
+    GroupMetrics(registry)
     AdapterMetrics(registry)
     NotifierMetrics(registry)
     samples = [s for family in registry.collect() for s in family.samples]

@@ -290,6 +290,43 @@ def overview() -> list[Row]:
             ],
         ),
         Row(
+            "Task groups",
+            [
+                Panel(
+                    "Groups by status and children created",
+                    [
+                        q(
+                            f"max by (status) (conveyor_scheduler_groups{{{NS}}})",
+                            "groups {{status}}",
+                        ),
+                        q(
+                            f"sum(rate(conveyor_scheduler_group_children_created_total{{{NS}}}[$__rate_interval]))",
+                            "children created /s",
+                        ),
+                        q(
+                            f"sum(rate(conveyor_scheduler_group_follow_ups_total{{{NS}}}[$__rate_interval]))",
+                            "follow-ups /s",
+                        ),
+                    ],
+                    description="Groups by status (every scheduler replica reports the same "
+                    "table count; max shows it once), children admitted and fan-in follow-ups "
+                    "submitted per second.",
+                ),
+                Panel(
+                    "Mean progress of running groups",
+                    [
+                        q(
+                            f"max(conveyor_scheduler_groups_running_progress_percent{{{NS}}})",
+                            "mean progress",
+                        )
+                    ],
+                    unit="percent",
+                    description="Aggregate progress (children done, weighted by each child's "
+                    "progress) averaged over the running groups.",
+                ),
+            ],
+        ),
+        Row(
             "Autoscaling",
             [
                 Panel(

@@ -15,6 +15,7 @@ from conveyor_client.client import (
     new_request_id,
 )
 from conveyor_client.errors import ConveyorError, Violation
+from conveyor_client.groups import GROUP_TERMINAL_STATUSES, delayed
 from conveyor_client.sdk import AsyncClient, Client, spec
 from conveyor_client.token import mint_token, minting_provider
 from conveyor_client.types import (
@@ -36,6 +37,7 @@ from conveyor_client.types import (
 )
 
 __all__ = [
+    "GROUP_TERMINAL_STATUSES",
     "MAX_BATCH_ITEMS",
     "TERMINAL_EVENTS",
     "TERMINAL_STATUSES",
@@ -62,6 +64,7 @@ __all__ = [
     "TokenProvider",
     "Violation",
     "build_spec",
+    "delayed",
     "mint_token",
     "minting_provider",
     "new_request_id",

@@ -27,6 +27,7 @@ from rich.table import Table
 
 from conveyor_client.client import tls_credentials
 from conveyor_client.errors import ConveyorError
+from conveyor_client.group_cli import GroupUsageError, add_group_parser, run_group
 from conveyor_client.sdk import AsyncClient
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
 from conveyor_client.types import (
@@ -285,6 +286,11 @@ async def _run(args: argparse.Namespace) -> int:
 
 async def _dispatch(client: AsyncClient, args: argparse.Namespace, out: Output) -> int:
     cmd = args.command
+    if cmd == "group":
+        try:
+            return await run_group(client.raw, args, out.console, out.json)
+        except GroupUsageError as exc:
+            raise UsageError(str(exc)) from None
     if cmd == "submit":
         resp = await client.submit(
             args.kind,
@@ -589,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--limit", type=int, default=0)
         if name == "bulk-cancel":
             p.add_argument("--reason")
+    add_group_parser(sub, common)
     return parser
 
 

@@ -38,6 +38,7 @@ from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
 from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_client.errors import ConveyorError
+from conveyor_client.groups import GroupMethods, SyncGroupMethods
 
 T = TypeVar("T")
 
@@ -218,7 +219,7 @@ def _enum(enum: Any, prefix: str, value: int | str) -> Any:
     return value
 
 
-class AsyncConveyorClient:
+class AsyncConveyorClient(GroupMethods):
     """Async client of the gateway (TaskService, AdminService, WebhookService)."""
 
     def __init__(
@@ -706,7 +707,7 @@ class AsyncConveyorClient:
         return result
 
 
-class ConveyorClient:
+class ConveyorClient(SyncGroupMethods):
     """Blocking wrapper of :class:`AsyncConveyorClient`: runs it on a private event-loop thread.
 
     Usable from any thread, including code that runs inside another event loop.

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import grpc
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
-from conveyor.tasks.v1 import task_pb2
+from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_client.client import AsyncConveyorClient, TokenProvider, build_spec
 from conveyor_client.types import (
     BatchSubmitted,
@@ -355,6 +355,27 @@ class AsyncClient:
             _selector(task_ids, tenant_id, model, statuses, created_before, limit), reason=reason
         )
 
+    # -- task groups (protobuf results; see conveyor_client.groups) ----------------------------
+
+    async def submit_group(self, children: Iterable[SpecLike], **kwargs: Any) -> group_pb2.Group:
+        """Submit a group of tasks atomically (children: :func:`spec` results or mappings of its
+        arguments); ``fail_fast``, ``follow_up``, ``outputs_field``, ``labels``, ``request_id``."""
+        return await self.raw.submit_group([_spec(c) for c in children], **kwargs)
+
+    async def get_group(self, group_id: str) -> group_pb2.Group:
+        """One group with its aggregate progress and child ids."""
+        return await self.raw.get_group(group_id)
+
+    async def cancel_group(self, group_id: str, *, reason: str = "") -> group_pb2.Group:
+        """Cancel every child of a group (running ones at the provider)."""
+        return await self.raw.cancel_group(group_id, reason=reason)
+
+    def watch_group(
+        self, group_id: str, *, after_sequence: int = 0
+    ) -> AsyncIterator[group_pb2.GroupEvent]:
+        """The group's events (every child's events, its progress, its completion); resumes."""
+        return self.raw.watch_group(group_id, after_sequence=after_sequence)
+
 
 class Client:
     """Blocking twin of :class:`AsyncClient`: the same methods and arguments, without ``await``.
@@ -633,3 +654,21 @@ class Client:
                 reason=reason,
             )
         )
+
+    def submit_group(self, children: Iterable[SpecLike], **kwargs: Any) -> group_pb2.Group:
+        """See :meth:`AsyncClient.submit_group`."""
+        return self._run(self._client.submit_group(builtins.list(children), **kwargs))
+
+    def get_group(self, group_id: str) -> group_pb2.Group:
+        """See :meth:`AsyncClient.get_group`."""
+        return self._run(self._client.get_group(group_id))
+
+    def cancel_group(self, group_id: str, *, reason: str = "") -> group_pb2.Group:
+        """See :meth:`AsyncClient.cancel_group`."""
+        return self._run(self._client.cancel_group(group_id, reason=reason))
+
+    def watch_group(
+        self, group_id: str, *, after_sequence: int = 0
+    ) -> Iterator[group_pb2.GroupEvent]:
+        """See :meth:`AsyncClient.watch_group`."""
+        return self._iterate(self._client.watch_group(group_id, after_sequence=after_sequence))

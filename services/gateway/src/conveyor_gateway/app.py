@@ -24,6 +24,7 @@ from conveyor_common.tls import open_channel
 from conveyor_gateway.auth import AuthInterceptor, RateLimiter, TokenVerifier
 from conveyor_gateway.coalesce import SubmitCoalescer
 from conveyor_gateway.downstream import SchedulerClient
+from conveyor_gateway.groups import binding as group_binding
 from conveyor_gateway.jwks import JwksKeys
 from conveyor_gateway.servicers import AdminServicer, TaskServicer, WebhookServicer
 from conveyor_gateway.settings import GatewaySettings
@@ -74,6 +75,7 @@ def build_validator(settings: GatewaySettings) -> Validator:
         Limits(
             max_input_bytes=settings.max_input_bytes,
             max_batch_items=settings.max_batch_items,
+            max_group_children=settings.max_group_children,
             max_queue_deadline_seconds=settings.max_queue_deadline_seconds,
             max_run_timeout_seconds=settings.max_run_timeout_seconds,
             max_labels=settings.max_labels,
@@ -193,6 +195,7 @@ def build_gateway(
             WebhookServicer(scheduler, validator),
             WEBHOOK_SERVICE,
         ),
+        group_binding(scheduler, validator, notifier, config),
     ]
     limiter = RateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
     server = create_server(

@@ -26,6 +26,7 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 
+from conveyor.scheduler.v1 import group_service_pb2_grpc as group_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 from conveyor_common.channels import client_options
 from conveyor_common.errors import RpcError, Unavailable
@@ -140,6 +141,8 @@ class ReplicaPool:
         self._dns = split if split is not None and not split[0] else None
         self._channels: dict[str, list[grpc.aio.Channel]] = {}
         self._stubs: dict[str, list[sched_grpc.SchedulerServiceStub]] = {}
+        self._group_stubs: dict[int, group_grpc.TaskGroupServiceStub] = {}
+        """TaskGroupService stub on the channel of each SchedulerService stub (by id)."""
         self._suspect: dict[str, float] = {}
         self._order: list[str] = []
         self._next = 0
@@ -166,11 +169,14 @@ class ReplicaPool:
                 self._stubs[address] = [
                     sched_grpc.SchedulerServiceStub(ch) for ch in self._channels[address]
                 ]
+                for ch, stub in zip(self._channels[address], self._stubs[address], strict=True):
+                    self._group_stubs[id(stub)] = group_grpc.TaskGroupServiceStub(ch)
         gone = [a for a in self._channels if a not in addresses]
         for address in gone:
             for ch in self._channels.pop(address):
                 asyncio.get_event_loop().create_task(ch.close(grace=5.0))
-            self._stubs.pop(address, None)
+            for stub in self._stubs.pop(address, []):
+                self._group_stubs.pop(id(stub), None)
             self._suspect.pop(address, None)
         self._order = list(addresses)
 
@@ -222,6 +228,10 @@ class ReplicaPool:
         stubs = self._stubs[address]
         return address, stubs[self._next % len(stubs)]
 
+    def group_stub(self, stub: sched_grpc.SchedulerServiceStub) -> group_grpc.TaskGroupServiceStub:
+        """The TaskGroupService stub on the channel of ``stub`` (from :meth:`pick`)."""
+        return self._group_stubs[id(stub)]
+
     def suspect(self, address: str) -> None:
         """``address`` timed out: prefer the others for a while."""
         if len(self._order) > 1:
@@ -268,11 +278,12 @@ class SchedulerClient:
 
     async def call(
         self,
-        method: Callable[[sched_grpc.SchedulerServiceStub], Any],
+        method: Callable[[Any], Any],
         request: Any,
         context: grpc.aio.ServicerContext[Any, Any] | None,
         *,
         budget_seconds: float | None = None,
+        groups: bool = False,
     ) -> Resp:
         """Call ``method(stub)(request)``; retry UNAVAILABLE and a timed-out attempt within the
         caller's deadline."""
@@ -294,7 +305,8 @@ class SchedulerClient:
             timeout = min(remaining, self.attempt_timeout * 2 ** max(0, timeouts - 1))
             replica, stub = self.replicas.pick(tried)
             try:
-                response: Resp = await method(stub)(request, timeout=timeout)
+                target: Any = self.replicas.group_stub(stub) if groups else stub
+                response: Resp = await method(target)(request, timeout=timeout)
                 return response
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < remaining:

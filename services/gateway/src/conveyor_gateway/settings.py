@@ -108,6 +108,8 @@ class GatewaySettings(ServiceSettings):
     """Largest serialized ``spec.input`` document."""
     max_batch_items: int = Field(default=100, ge=1, le=10_000)
     """Most items in one BatchSubmitTasks call."""
+    max_group_children: int = Field(default=1000, ge=1, le=10_000)
+    """Most children in one CreateGroup call (the scheduler has its own cap)."""
     max_queue_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     """Furthest ``queue_deadline`` from now."""
     max_run_timeout_seconds: int = Field(default=6 * 3600, ge=1)

@@ -164,6 +164,7 @@ class Limits:
 
     max_input_bytes: int = 256 * 1024
     max_batch_items: int = 100
+    max_group_children: int = 1000
     max_queue_deadline_seconds: int = 7 * 24 * 3600
     max_run_timeout_seconds: int = 6 * 3600
     max_labels: int = 32
@@ -520,6 +521,59 @@ def spec_labels(msg: Message, path: str, ctx: Ctx) -> None:
             ctx.bad(key_path, "label values must not contain control characters")
 
 
+def spec_not_before(msg: Message, path: str, ctx: Ctx) -> None:
+    """A delayed task: at most ``max_queue_deadline_seconds`` away, before its queue deadline, and
+    not together with ``delay``."""
+    spec: Any = msg
+    if not spec.HasField("not_before"):
+        return
+    ts: timestamp_pb2.Timestamp = spec.not_before
+    if not _timestamp_ok(ts, path, ctx):
+        return
+    if spec.HasField("delay"):
+        ctx.bad(path, "set not_before or delay, not both")
+    at = ts.seconds + ts.nanos / 1e9
+    if at > ctx.now + ctx.limits.max_queue_deadline_seconds:
+        ctx.bad(path, f"must be at most {ctx.limits.max_queue_deadline_seconds} s from now")
+    if spec.HasField("queue_deadline"):
+        d = spec.queue_deadline
+        if (d.seconds, d.nanos) <= (ts.seconds, ts.nanos):
+            ctx.bad(path, "must be before queue_deadline")
+
+
+def _seconds(d: duration_pb2.Duration) -> float | None:
+    if not -999_999_999 <= d.nanos <= 999_999_999 or (d.seconds < 0 < d.nanos):
+        return None
+    return d.seconds + d.nanos / 1e9
+
+
+def spec_delay(msg: Message, path: str, ctx: Ctx) -> None:
+    """0 to ``max_queue_deadline_seconds``."""
+    spec: Any = msg
+    if not spec.HasField("delay"):
+        return
+    seconds = _seconds(spec.delay)
+    if seconds is None or not 0 <= seconds <= ctx.limits.max_queue_deadline_seconds:
+        ctx.bad(path, f"must be between 0 and {ctx.limits.max_queue_deadline_seconds} s")
+
+
+def spec_retry_policy(msg: Message, path: str, ctx: Ctx) -> None:
+    """A known backoff, a delay of 0.1 s to 24 h, an exponential cap not below the delay."""
+    spec: Any = msg
+    if not spec.HasField("retry_policy"):
+        return
+    rp = spec.retry_policy
+    if rp.backoff not in (0, 1, 2):
+        ctx.bad(f"{path}.backoff", "unknown backoff")
+    delay = _seconds(rp.delay) if rp.HasField("delay") else None
+    if delay is None or not 0.1 <= delay <= 86_400:
+        ctx.bad(f"{path}.delay", "required, between 0.1 s and 24 h")
+    if rp.HasField("max_delay"):
+        cap = _seconds(rp.max_delay)
+        if cap is None or cap > 86_400 or (delay is not None and cap < delay):
+            ctx.bad(f"{path}.max_delay", "between delay and 24 h")
+
+
 def webhook_url(*, required: bool) -> Check:
     """An https URL to a public address."""
 
@@ -549,6 +603,9 @@ TASK_SPEC: Table = {
     "max_attempts": [int_range(0, 10)],
     "labels": [spec_labels],
     "webhook": [nested(TASK_WEBHOOK)],
+    "not_before": [spec_not_before],
+    "delay": [spec_delay],
+    "retry_policy": [spec_retry_policy],
 }
 
 SUBMIT: Table = {

@@ -37,6 +37,7 @@ from conveyor_scheduler import webhooks
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.db import check_schema, create_engine
 from conveyor_scheduler.dispatcher import Leader, LeaderLoops
+from conveyor_scheduler.groups.service import binding as groups_binding
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.relay import OutboxRelay
 from conveyor_scheduler.servicer import ProviderCoordinationServicer, SchedulerServicer
@@ -146,6 +147,7 @@ class SchedulerApp:
         self.loops = LeaderLoops(
             s, self.core.policy, self.engine, self.leader, self.wakeups, self.metrics
         )
+        self.groups_binding, self.groups = groups_binding(self.core, self.registry)
         self.producer: EventProducer | None = None
         self.consumer: EventConsumer | None = None
         self.relay: OutboxRelay | None = None
@@ -199,6 +201,7 @@ class SchedulerApp:
                 ),
             ]
             bindings.append(webhooks.binding(self.core.sessionmaker))
+            bindings.append(self.groups_binding)
             tls = s.internal_tls
             self.server = create_server(
                 bindings,
@@ -232,6 +235,7 @@ class SchedulerApp:
         if self.producer is not None:
             await self.producer.start()
         self.loops.start()
+        self.groups.start()
         if self.relay is not None:
             self.relay.start()
         if self.consumer is not None:
@@ -252,6 +256,7 @@ class SchedulerApp:
     async def stop_loops(self) -> None:
         """Stop the leader loops, relay, listener and notifier."""
         await self.loops.stop()
+        await self.groups.stop()
         if self.relay is not None:
             await self.relay.stop()
         await self.listener.stop()

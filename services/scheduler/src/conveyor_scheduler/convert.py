@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler import models as m
+from conveyor_scheduler.groups.delays import spec_extras, task_extras
 
 TaskRow = dict[str, Any]
 """A task as a dict of its column values (``SELECT * FROM tasks`` / ``RETURNING *``)."""
@@ -150,6 +151,7 @@ def _build_spec(
     if row["webhook_url"]:
         spec.webhook.url = row["webhook_url"]
         spec.webhook.events.extend(row["webhook_events"] or [])
+    spec_extras(spec, row)
     return spec
 
 
@@ -202,6 +204,7 @@ def task_proto(row: Mapping[str, Any]) -> task_pb2.Task:
         task.error.code = row["error_code"]
         task.error.message = row["error_message"] or ""
         task.error.retryable = bool(row["error_retryable"])
+    task_extras(task, row)
     return task
 
 

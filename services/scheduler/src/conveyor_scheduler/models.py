@@ -166,6 +166,12 @@ class Task(Base):
             postgresql_where=text("status = 1 AND not_before IS NOT NULL"),
         ),
         Index(
+            "ix_tasks_group",
+            "group_id",
+            "group_index",
+            postgresql_where=text("group_id IS NOT NULL"),
+        ),
+        Index(
             "ix_tasks_dead_lettered", text("finished_at DESC"), postgresql_where=text("status = 7")
         ),
         Index(
@@ -256,6 +262,18 @@ class Task(Base):
     )
     slot_cost: Mapped[int] = mapped_column(SmallInteger)
     rank: Mapped[float] = mapped_column(Double)
+    # Task groups and per-task retry delays (revision 0004_groups; see conveyor_scheduler.groups).
+    group_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid,
+        ForeignKey("task_groups.id", name="fk_tasks_group_id_task_groups", ondelete="SET NULL"),
+        comment="The group of a group child; NULL for a task submitted alone.",
+    )
+    group_index: Mapped[int | None] = mapped_column(Integer, comment="Position in its group.")
+    retry_backoff: Mapped[int | None] = mapped_column(
+        SmallInteger, comment="RetryBackoff of the task's retry policy; NULL = the default."
+    )
+    retry_delay_s: Mapped[float | None] = mapped_column(Double)
+    retry_max_delay_s: Mapped[float | None] = mapped_column(Double)
 
 
 class IdempotencyKey(Base):

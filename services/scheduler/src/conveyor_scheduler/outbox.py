@@ -510,6 +510,10 @@ class Changes:
         else:
             await insert_rows(conn, "task_events", self.events)
             await insert_rows(conn, "outbox", self.outbox)
+        if any(r.get("group_id") is not None for r in self.dirty.values()):
+            from conveyor_scheduler.groups.store import on_flush  # task groups' aggregate
+
+            await on_flush(conn, self)
 
 
 async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:

@@ -45,6 +45,7 @@ from conveyor_scheduler.convert import (
     seed_spec,
     struct_to_dict,
 )
+from conveyor_scheduler.groups.delays import apply_spec
 from conveyor_scheduler.outbox import Changes, insert_new_tasks, raw_execute
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
@@ -763,6 +764,7 @@ def new_task_row(
         "slot_cost": policy.cost(int(spec.kind)),
         "rank": policy.rank(int(priority), tier, now),
     }
+    apply_spec(row, spec, policy, now)
     seed_spec(row, spec.input)
     return row
 

@@ -67,6 +67,8 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     """Attempts per task when the request does not say (the seed's 3)."""
     max_attempts_cap: int = Field(default=10, ge=1, le=100)
     """Largest max_attempts a request may ask for."""
+    group_max_children: int = Field(default=1000, ge=1, le=10_000)
+    """Most children in one task group (CreateGroup)."""
     default_run_timeout_seconds: int = Field(default=1800, ge=1)
     """Provider run deadline (Cancel-After) when the request does not set one."""
 

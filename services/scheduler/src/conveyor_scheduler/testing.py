@@ -21,6 +21,8 @@ from conveyor_scheduler.repository import NewTask, fingerprint
 from conveyor_scheduler.settings import SchedulerSettings
 
 TABLES = (
+    "group_events",
+    "task_groups",
     "active_slots",
     "task_events",
     "outbox",

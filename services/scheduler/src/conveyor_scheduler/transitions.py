@@ -26,6 +26,7 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler import models as m
 from conveyor_scheduler import repository as repo
 from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, set_ts, spec_of
+from conveyor_scheduler.groups.delays import retry_delay
 from conveyor_scheduler.outbox import Changes
 from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.repository import (
@@ -349,7 +350,7 @@ def _retry_or_dead_letter(row: TaskRow, changes: Changes, previous: int, backoff
             prediction_id=None,
             progress=0,
             started_at=None,
-            not_before=changes.now + timedelta(seconds=backoff.delay(used)),
+            not_before=changes.now + timedelta(seconds=retry_delay(row, backoff, used)),
         )
         changes.waiting[row["tenant_id"]] += 1
         changes.event(row, EV_RETRY, previous)

@@ -230,6 +230,30 @@ TASK_EVENT_TYPE_REDRIVEN: TaskEventType.ValueType  # 12
 """An operator redrove a dead-lettered or failed task; it is queued again."""
 Global___TaskEventType: _TypeAlias = TaskEventType  # noqa: Y015
 
+class _RetryBackoff:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RetryBackoffEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RetryBackoff.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RETRY_BACKOFF_UNSPECIFIED: _RetryBackoff.ValueType  # 0
+    """Not set; the scheduler's default (exponential)."""
+    RETRY_BACKOFF_FIXED: _RetryBackoff.ValueType  # 1
+    """The same delay before every retry (the seed's "retry after 60 s")."""
+    RETRY_BACKOFF_EXPONENTIAL: _RetryBackoff.ValueType  # 2
+    """delay, 2 x delay, 4 x delay ... capped at max_delay."""
+
+class RetryBackoff(_RetryBackoff, metaclass=_RetryBackoffEnumTypeWrapper):
+    """How the delay before a retry grows."""
+
+RETRY_BACKOFF_UNSPECIFIED: RetryBackoff.ValueType  # 0
+"""Not set; the scheduler's default (exponential)."""
+RETRY_BACKOFF_FIXED: RetryBackoff.ValueType  # 1
+"""The same delay before every retry (the seed's "retry after 60 s")."""
+RETRY_BACKOFF_EXPONENTIAL: RetryBackoff.ValueType  # 2
+"""delay, 2 x delay, 4 x delay ... capped at max_delay."""
+Global___RetryBackoff: _TypeAlias = RetryBackoff  # noqa: Y015
+
 @_typing.final
 class TaskWebhook(_message.Message):
     """A client callback registered for one task at submit time."""
@@ -294,6 +318,9 @@ class TaskSpec(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     WEBHOOK_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
     kind: Global___TaskKind.ValueType
     """Kind of generation; required."""
     model: _builtins.str
@@ -324,6 +351,23 @@ class TaskSpec(_message.Message):
     def webhook(self) -> Global___TaskWebhook:
         """Optional per-task callback."""
 
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """Not dispatched before this time (a delayed task); at most the gateway's furthest delay away.
+        Set at most one of not_before and delay. A delayed task is queued (it counts against admission)
+        and shown with Task.scheduled and its ETA until it is due.
+        """
+
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """Not dispatched before this long after the submit (resolved to not_before when accepted)."""
+
+    @_builtins.property
+    def retry_policy(self) -> Global___RetryPolicy:
+        """How long a retryable failure waits before the next attempt; unset = the scheduler's default
+        (exponential with jitter).
+        """
+
     def __init__(
         self,
         *,
@@ -337,16 +381,53 @@ class TaskSpec(_message.Message):
         max_attempts: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         webhook: Global___TaskWebhook | None = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        delay: _duration_pb2.Duration | None = ...,
+        retry_policy: Global___RetryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "input", b"input", "model", b"model", "queue_deadline", b"queue_deadline", "run_timeout", b"run_timeout", "target", b"target", "webhook", b"webhook"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "deployment", b"deployment", "input", b"input", "model", b"model", "not_before", b"not_before", "queue_deadline", b"queue_deadline", "retry_policy", b"retry_policy", "run_timeout", b"run_timeout", "target", b"target", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "input", b"input", "kind", b"kind", "labels", b"labels", "max_attempts", b"max_attempts", "model", b"model", "priority", b"priority", "queue_deadline", b"queue_deadline", "run_timeout", b"run_timeout", "target", b"target", "webhook", b"webhook"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "deployment", b"deployment", "input", b"input", "kind", b"kind", "labels", b"labels", "max_attempts", b"max_attempts", "model", b"model", "not_before", b"not_before", "priority", b"priority", "queue_deadline", b"queue_deadline", "retry_policy", b"retry_policy", "run_timeout", b"run_timeout", "target", b"target", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_target: _TypeAlias = _typing.Literal["model", "deployment"]  # noqa: Y015
     _WhichOneofArgType_target: _TypeAlias = _typing.Literal["target", b"target"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_target) -> _WhichOneofReturnType_target | None: ...
 
 Global___TaskSpec: _TypeAlias = TaskSpec  # noqa: Y015
+
+@_typing.final
+class RetryPolicy(_message.Message):
+    """Retry delay policy of one task."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKOFF_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    MAX_DELAY_FIELD_NUMBER: _builtins.int
+    backoff: Global___RetryBackoff.ValueType
+    """Fixed or exponential."""
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """Delay before the first retry (required, 0.1 s to 24 h)."""
+
+    @_builtins.property
+    def max_delay(self) -> _duration_pb2.Duration:
+        """Longest delay of an exponential policy; unset = 24 h."""
+
+    def __init__(
+        self,
+        *,
+        backoff: Global___RetryBackoff.ValueType = ...,
+        delay: _duration_pb2.Duration | None = ...,
+        max_delay: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "max_delay", b"max_delay"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "delay", b"delay", "max_delay", b"max_delay"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
 
 @_typing.final
 class OutputFile(_message.Message):
@@ -475,6 +556,8 @@ class Task(_message.Message):
     ESTIMATED_START_AT_FIELD_NUMBER: _builtins.int
     LAST_SEQUENCE_FIELD_NUMBER: _builtins.int
     TIER_FIELD_NUMBER: _builtins.int
+    SCHEDULED_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-assigned id (UUID)."""
     tenant_id: _builtins.str
@@ -497,6 +580,13 @@ class Task(_message.Message):
     """Sequence number of the latest event of this task (for watch resume)."""
     tier: Global___Tier.ValueType
     """Tier of the tenant when the task was submitted."""
+    scheduled: _builtins.bool
+    """True while the task is queued but not due yet (a delayed task, or a retry waiting out its
+    delay): it is not dispatched before not_before, its ETA. The status stays QUEUED, so clients
+    that switch on the status keep working.
+    """
+    group_id: _builtins.str
+    """The task group the task belongs to (see group.proto); empty for a task submitted alone."""
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
         """What to run."""
@@ -561,10 +651,12 @@ class Task(_message.Message):
         estimated_start_at: _timestamp_pb2.Timestamp | None = ...,
         last_sequence: _builtins.int = ...,
         tier: Global___Tier.ValueType = ...,
+        scheduled: _builtins.bool = ...,
+        group_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dispatched_at", b"dispatched_at", "error", b"error", "estimated_start_at", b"estimated_start_at", "finished_at", b"finished_at", "not_before", b"not_before", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "dispatched_at", b"dispatched_at", "error", b"error", "estimated_start_at", b"estimated_start_at", "finished_at", b"finished_at", "last_sequence", b"last_sequence", "max_attempts", b"max_attempts", "not_before", b"not_before", "prediction_id", b"prediction_id", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "spec", b"spec", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "tenant_id", b"tenant_id", "tier", b"tier", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "dispatched_at", b"dispatched_at", "error", b"error", "estimated_start_at", b"estimated_start_at", "finished_at", b"finished_at", "group_id", b"group_id", "last_sequence", b"last_sequence", "max_attempts", b"max_attempts", "not_before", b"not_before", "prediction_id", b"prediction_id", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "scheduled", b"scheduled", "spec", b"spec", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "tenant_id", b"tenant_id", "tier", b"tier", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
