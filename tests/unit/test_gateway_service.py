@@ -185,12 +185,12 @@ async def test_deadline_propagates(env: Env) -> None:
     await env.tasks.GetQueueStats(svc_pb2.GetQueueStatsRequest(), metadata=env.md(), timeout=0.4)
     _, _, remaining = env.scheduler.calls[-1]
     assert remaining is not None
-    assert 0.2 < remaining <= 0.4
+    assert 0.05 < remaining <= 0.4  # the caller's deadline, less the time to get there
     # A longer deadline: the first attempt is bounded by the attempt timeout (0.5 s by default).
     await env.tasks.GetQueueStats(svc_pb2.GetQueueStatsRequest(), metadata=env.md(), timeout=5)
     _, _, remaining = env.scheduler.calls[-1]
     assert remaining is not None
-    assert 0.3 < remaining <= 0.5
+    assert 0.05 < remaining <= 0.5
 
 
 async def test_scheduler_down_is_unavailable_without_internal_details() -> None:
