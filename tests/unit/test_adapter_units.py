@@ -336,7 +336,7 @@ def test_settings_require_secrets_and_parse_lists(monkeypatch: pytest.MonkeyPatc
 
 
 async def test_a_requested_cancel_reaches_the_provider_once() -> None:
-    """The dispatcher, the observer and the reconciler may all notice a requested cancel at once:
+    """The command handler, the observer and the reconciler may all notice a requested cancel at once:
     one cancel call per prediction; a failed call can be tried again."""
     from prometheus_client import CollectorRegistry
 

@@ -23,9 +23,10 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
+from conveyor_provider_adapter.commands import CommandHandler
 from conveyor_provider_adapter.coordination import Coordinator
-from conveyor_provider_adapter.dispatcher import Dispatcher
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.provider_webhooks import Pipeline, SecretSource, WebhookReceiver
 from conveyor_provider_adapter.ratelimit import TokenBucket
 from conveyor_provider_adapter.reconciler import Reconciler
 from conveyor_provider_adapter.replicate import ReplicateClient
@@ -38,7 +39,6 @@ from conveyor_provider_adapter.storage import (
     S3Storage,
     Storage,
 )
-from conveyor_provider_adapter.webhooks import Pipeline, SecretSource, WebhookReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class Adapter:
             record_wait_s=settings.scheduler_timeout_s * 2,
         )
         self.bucket = TokenBucket(settings.create_rate_per_min, settings.create_burst)
-        self.dispatcher = Dispatcher(
+        self.commands = CommandHandler(
             coordinator=self.coordinator,
             replicate=self.replicate,
             bucket=self.bucket,
@@ -152,7 +152,7 @@ class Adapter:
                 client_id=f"{SERVICE}-{settings.adapter_id}",
                 max_batch=50,
             ),
-            self.dispatcher.handle,
+            self.commands.handle,
             registry=default_registry(),
             dlq_producer=self.producer,
             metrics=kafka_metrics,

@@ -225,7 +225,7 @@ class Observer:
 
     async def cancel_once(self, info: AttemptInfo, prediction_id: str) -> Prediction | None:
         """Cancel ``prediction_id`` of the attempt unless a cancel of it is under way or was
-        accepted: the dispatcher (after the create), the observer (when it learns the id) and
+        accepted: the command handler (after the create), the observer (when it learns the id) and
         the reconciler can each notice a requested cancel at about the same time."""
         if prediction_id in info.cancels_in_flight or prediction_id in info.canceled:
             return None

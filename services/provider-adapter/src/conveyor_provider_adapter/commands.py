@@ -64,7 +64,7 @@ CREATE = events_pb2.RESULT_SOURCE_CREATE
 POLL = events_pb2.RESULT_SOURCE_POLL
 
 
-class Dispatcher:
+class CommandHandler:
     """Handles DispatchTask and CancelTask envelopes."""
 
     def __init__(
