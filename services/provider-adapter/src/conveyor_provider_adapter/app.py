@@ -23,6 +23,7 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
+from conveyor_provider_adapter.binding import Binder, SubmitRecords
 from conveyor_provider_adapter.commands import CommandHandler
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.metrics import AdapterMetrics
@@ -188,6 +189,12 @@ class Adapter:
             self.metrics,
             workers=settings.webhook_workers,
             queue_size=settings.webhook_queue_size,
+            binder=Binder(
+                state=self.state,
+                records=SubmitRecords(self.coordinator),
+                metrics=self.metrics,
+                skew_s=settings.reconcile_skew_s,
+            ),
         )
         self.receiver = WebhookReceiver(
             secrets=self.secrets,

@@ -59,6 +59,13 @@ class AdapterMetrics:
             ["reason"],
             registry=registry,
         )
+        self.webhooks_unbound = Counter(
+            "conveyor_adapter_webhooks_unbound_total",
+            "Signed deliveries whose prediction is not the one recorded for the attempt of their URL "
+            "(re-targeted or stale): ignored, nothing canceled.",
+            ["reason"],
+            registry=registry,
+        )
         self.webhook_queue = Gauge(
             "conveyor_adapter_webhook_queue_depth",
             "Verified deliveries waiting to be turned into results.",
