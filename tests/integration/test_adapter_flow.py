@@ -334,18 +334,42 @@ async def test_run_deadline_becomes_cancel_after(env: Env) -> None:
     await env.commands.dispatch(
         task,
         inputs={"prompt": "too slow", "__fake_duration_s": 30},
-        run_deadline=datetime.now(UTC) + timedelta(seconds=2),
+        run_deadline=datetime.now(UTC) + timedelta(seconds=40),
+    )
+    await env.collector.wait_for(lambda rs: "started" in outcomes(rs), task)
+    (create,) = await env.ledger(task)
+    created = datetime.fromtimestamp(create["t"], UTC)
+    deadline = datetime.fromisoformat(create["deadline"])
+    assert 38 <= (deadline - created).total_seconds() <= 41  # Cancel-After from the deadline
+    await env.commands.cancel(task)
+    await env.collector.wait_for(has_terminal, task)
+
+
+async def test_run_deadline_under_five_seconds_is_enforced_by_the_adapter(env: Env) -> None:
+    """Replicate refuses Cancel-After under 5 s: the adapter sends 5 s and cancels at 2 s itself."""
+    task = task_id()
+    env.coordination.dispatched(task)
+    sent = datetime.now(UTC)
+    await env.commands.dispatch(
+        task,
+        inputs={"prompt": "too slow", "__fake_duration_s": 30},
+        run_deadline=sent + timedelta(seconds=2),
     )
     results = await env.collector.wait_for(has_terminal, task, wait_s=15)
     final = results[-1]
-    assert final.WhichOneof("outcome") in ("canceled", "aborted")
-    if final.WhichOneof("outcome") == "canceled":
-        assert final.canceled.deadline_exceeded is True
+    assert final.WhichOneof("outcome") == "canceled"
+    assert final.canceled.deadline_exceeded is True
+    (create,) = await env.ledger(task)
+    # Cancel-After: 5s, Replicate's minimum (the fake refuses less), as the backstop.
+    created = datetime.fromtimestamp(create["t"], UTC)
+    assert (datetime.fromisoformat(create["deadline"]) - created).total_seconds() == pytest.approx(
+        5, abs=0.05
+    )
     cancels = [
         e for e in await env.ledger_all("cancel") if e["prediction_id"] == final.prediction_id
     ]
-    assert cancels
-    assert cancels[0]["by"] == "deadline"
+    assert [c["by"] for c in cancels][:1] == ["api"]  # the adapter's own cancel, before 5 s
+    assert env.metric("conveyor_adapter_cancels_total", outcome="deadline_timer") >= 1
 
 
 async def test_ambiguous_create_is_adopted_through_its_start_webhook(env: Env) -> None:
@@ -393,6 +417,18 @@ async def test_definite_rejections_fail_without_retry(env: Env) -> None:
     assert "422" in r1.failed.message
     assert await env.ledger(bad_input) == []
     assert await env.ledger(bad_model) == []
+
+
+async def test_transient_4xx_on_create_is_retried_in_place(env: Env) -> None:
+    """408/409/425 say nothing was created: the create is retried, the task is not failed."""
+    env.fake.configure(create_script=[409, 408])
+    task = task_id()
+    env.coordination.dispatched(task)
+    await env.commands.dispatch(task, inputs={"prompt": "transient", "__fake_duration_s": 0.3})
+    results = await env.collector.wait_for(has_terminal, task, wait_s=20)
+    assert outcomes(results)[-1] == "succeeded"
+    assert len(await env.ledger(task)) == 1
+    assert env.coordination.decisions(task) == ["PROCEED"]
 
 
 async def test_stale_dispatch_is_stopped(env: Env) -> None:

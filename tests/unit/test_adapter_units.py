@@ -20,6 +20,7 @@ from conveyor_provider_adapter.replicate import (
     Prediction,
     RateLimited,
     ServerError,
+    Transient,
     cancel_after_value,
     error_from_response,
     parse_target,
@@ -55,12 +56,16 @@ def test_bad_targets_are_rejected(model: str | None, deployment: str | None) -> 
         parse_target(model, deployment)
 
 
-def test_cancel_after_is_whole_seconds_from_the_deadline() -> None:
+def test_cancel_after_is_whole_seconds_from_the_deadline_never_below_replicates_minimum() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     assert cancel_after_value(None) is None
     assert cancel_after_value(now + timedelta(minutes=30), now) == "1800s"
-    assert cancel_after_value(now + timedelta(milliseconds=200), now) == "1s"
-    assert cancel_after_value(now - timedelta(seconds=5), now) == "1s"
+    assert cancel_after_value(now + timedelta(seconds=30, milliseconds=200), now) == "31s"
+    # "The minimum allowed duration is 5 seconds" (the OpenAPI document's Cancel-After).
+    assert cancel_after_value(now + timedelta(seconds=5), now) == "5s"
+    assert cancel_after_value(now + timedelta(seconds=3), now) == "5s"
+    assert cancel_after_value(now + timedelta(milliseconds=200), now) == "5s"
+    assert cancel_after_value(now - timedelta(seconds=5), now) == "5s"
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -179,6 +184,25 @@ def test_create_statuses_are_classified() -> None:
     assert classify_status(404) == ("not_found", False)
     assert classify_status(422) == ("invalid_input", False)
     assert classify_status(429) == ("rate_limited", True)
+    assert classify_status(400) == ("invalid_input", False)
+    assert classify_status(413) == ("invalid_input", False)
+    assert classify_status(403) == ("auth", False)
+    assert classify_status(408) == ("timeout", True)
+    assert classify_status(409) == ("conflict", True)
+    assert classify_status(425) == ("timeout", True)
+
+
+@pytest.mark.parametrize("status", [408, 409, 425])
+def test_transient_4xx_on_create_is_safe_to_retry_not_a_verdict(status: int) -> None:
+    err = error_from_response(
+        _response(status, {"detail": "x"}), create=True, default_retry_after=5
+    )
+    assert isinstance(err, Transient)
+    # Elsewhere (get, cancel, list) they stay client errors.
+    other = error_from_response(
+        _response(status, {"detail": "x"}), create=False, default_retry_after=5
+    )
+    assert isinstance(other, ClientError)
 
 
 # ---- token bucket ----------------------------------------------------------------------------

@@ -261,6 +261,7 @@ class Adapter:
             "consumer_stop", self.consumer.stop, phase=phases.CONSUMERS, timeout=60
         )
         lifecycle.on_shutdown("reconciler_stop", self.reconciler.stop, phase=phases.WORKERS)
+        lifecycle.on_shutdown("deadline_timers_stop", self.commands.close, phase=phases.WORKERS)
         lifecycle.on_shutdown(
             "webhook_queue_drain", self.pipeline.drain, phase=phases.WORKERS, timeout=45
         )

@@ -26,7 +26,7 @@ class AdapterMetrics:
         )
         self.creates = Counter(
             "conveyor_adapter_creates_total",
-            "Create calls by outcome (created, rate_limited, client_error, ambiguous, unreachable).",
+            "Create calls by outcome (created, rate_limited, client_error, transient, ambiguous, unreachable).",
             ["outcome"],
             registry=registry,
         )
@@ -90,7 +90,7 @@ class AdapterMetrics:
         )
         self.cancels = Counter(
             "conveyor_adapter_cancels_total",
-            "Cancel calls by outcome (canceled, deferred, failed, stale_prediction).",
+            "Cancel calls by outcome (canceled, deferred, failed, stale_prediction, deadline_timer).",
             ["outcome"],
             registry=registry,
         )

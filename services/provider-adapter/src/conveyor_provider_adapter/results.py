@@ -403,7 +403,7 @@ class Observer:
             result.failed.message = (prediction.error or "prediction failed")[:1000]
             result.failed.retryable = retryable
         elif status == "canceled":
-            by_deadline = deadline_cancel
+            by_deadline = deadline_cancel or info.deadline_canceled
             if not by_deadline and prediction.deadline is not None:
                 end = prediction.completed_at or datetime.now(UTC)
                 by_deadline = end >= prediction.deadline - timedelta(seconds=1)
