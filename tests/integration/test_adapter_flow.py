@@ -12,7 +12,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -41,6 +41,7 @@ from conveyor_provider_adapter.testing import (
 )
 from conveyor_provider_adapter.webhook_token import webhook_url
 from fake_replicate import FakeConfig, FakeReplicate
+from fake_replicate.openapi import Exchange, OpenApiChecker
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
@@ -157,8 +158,17 @@ async def env(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(autouse=True)
-def _fresh_fake_config(env: Env) -> None:
+def _fresh_fake_config(env: Env) -> Iterator[None]:
+    """Each test starts from the fake's default faults, and every request the adapter (or the test)
+    sent to the fake, every answer and every webhook the fake delivered during the test is checked
+    against Replicate's OpenAPI document."""
     env.fake.configure(create_script=[], create_drop_delay_s=0.0)
+    exchanges: list[Exchange] = []
+    env.fake.engine.recorder = exchanges.append
+    yield
+    env.fake.engine.recorder = None
+    problems = OpenApiChecker.load().check_all(exchanges)
+    assert problems == [], problems[:10]
 
 
 async def test_happy_path_reports_started_progress_and_copied_outputs(env: Env) -> None:

@@ -7,7 +7,10 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <token>``; ``/files`` an
   ``Cancel-After: <duration>`` (``500ms``, ``30s``, ``5m``, ``1h30m``, or bare seconds).
   ``Cancel-After`` under 5 s (``cancel_after_min_s``) and a ``Prefer`` outside ``wait``/``wait=1..60``
   are refused with 422 problem+json (``invalid_fields``), as Replicate refuses them.
-* ``GET /v1/models/{owner}/{name}/versions[/{id}]``, ``GET /v1/deployments/{owner}/{name}``.
+* ``GET /v1/models/{owner}/{name}``, ``GET /v1/models/{owner}/{name}/versions[/{id}]``,
+  ``GET /v1/deployments/{owner}/{name}``.
+* With ``engine.recorder`` set, every ``/v1`` exchange and every webhook delivery is handed to it
+  as an :class:`fake_replicate.openapi.Exchange` (checked against Replicate's OpenAPI document).
 * ``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``,
   ``GET /v1/predictions[?created_after=&created_before=&cursor=]``, ``GET /v1/webhooks/default/secret``,
   ``GET /v1/account``.
@@ -48,10 +51,12 @@ from fake_replicate.engine import (
     version_id,
 )
 from fake_replicate.ledger import summary
+from fake_replicate.openapi import Exchange
 
 logger = logging.getLogger(__name__)
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
+DROPPED: web.RequestKey[bool] = web.RequestKey("dropped", bool)
 PROBLEM = "application/problem+json"
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _MODEL_RE = re.compile(rf"^({_NAME})/({_NAME})$")
@@ -173,11 +178,28 @@ async def v1_middleware(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         resp = await handler(request)
     except web.HTTPNotFound:
-        return problem(404, "Not found", "The requested resource could not be found.")
+        resp = problem(404, "Not found", "The requested resource could not be found.")
     except web.HTTPMethodNotAllowed:
-        return problem(405, "Method Not Allowed", f"{request.method} is not allowed here")
+        resp = problem(405, "Method Not Allowed", f"{request.method} is not allowed here")
     if not resp.prepared:
         resp.headers.update(_rate_headers(engine, create=is_create))
+    if (
+        engine.recorder is not None
+        and not request.get(DROPPED, False)
+        and isinstance(resp, web.Response)
+    ):
+        engine.recorder(
+            Exchange(
+                kind="api",
+                method=request.method,
+                path=path,
+                request_headers={k.lower(): v for k, v in request.headers.items()},
+                request_body=await request.read() if request.can_read_body else b"",
+                status=resp.status,
+                response_headers={k.lower(): v for k, v in resp.headers.items()},
+                response_body=bytes(resp.body) if isinstance(resp.body, bytes | bytearray) else b"",
+            )
+        )
     return resp
 
 
@@ -406,6 +428,7 @@ async def _create(
 
 async def _drop(request: web.Request, delay: float) -> web.StreamResponse:
     """Execute-then-drop: the create took effect; close the connection without an answer."""
+    request[DROPPED] = True
     if delay > 0:
         await asyncio.sleep(delay)
     if request.transport is not None:
@@ -574,6 +597,31 @@ async def list_model_versions(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def get_model(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    owner, name = request.match_info["owner"], request.match_info["name"]
+    latest = _model_versions(engine, owner, name)[-1]
+    return web.json_response(
+        {
+            "url": f"https://replicate.com/{owner}/{name}",
+            "owner": owner,
+            "name": name,
+            "description": "A model of fake-replicate",
+            "visibility": "public",
+            "is_official": False,
+            "github_url": None,
+            "paper_url": None,
+            "license_url": None,
+            "cover_image_url": None,
+            "run_count": sum(
+                1 for p in engine.predictions.values() if p.model == f"{owner}/{name}"
+            ),
+            "default_example": None,
+            "latest_version": _version_json(latest),
+        }
+    )
+
+
 async def get_deployment(request: web.Request) -> web.StreamResponse:
     owner, name = request.match_info["owner"], request.match_info["name"]
     return web.json_response(
@@ -585,7 +633,7 @@ async def get_deployment(request: web.Request) -> web.StreamResponse:
                 "model": f"{owner}/{name}",
                 "version": version_id(f"deployment:{owner}/{name}"),
                 "created_at": RELEASED_AT,
-                "created_by": {"type": "organization", "username": owner},
+                "created_by": {"type": "organization", "username": owner, "name": owner},
                 "configuration": {"hardware": "gpu-t4", "min_instances": 0, "max_instances": 5},
             },
         }
@@ -597,9 +645,7 @@ async def webhook_secret(request: web.Request) -> web.StreamResponse:
 
 
 async def account(request: web.Request) -> web.StreamResponse:
-    return web.json_response(
-        {"type": "organization", "username": "fake", "name": "Fake Replicate", "github_url": None}
-    )
+    return web.json_response({"type": "organization", "username": "fake", "name": "Fake Replicate"})
 
 
 async def serve_file(request: web.Request) -> web.StreamResponse:
@@ -687,6 +733,7 @@ def build_app(engine: Engine) -> web.Application:
     r.add_post("/v1/predictions/{id}/cancel", cancel_prediction)
     r.add_post("/v1/models/{owner}/{name}/predictions", create_model_prediction)
     r.add_post("/v1/deployments/{owner}/{name}/predictions", create_deployment_prediction)
+    r.add_get("/v1/models/{owner}/{name}", get_model)
     r.add_get("/v1/models/{owner}/{name}/versions", list_model_versions)
     r.add_get("/v1/models/{owner}/{name}/versions/{version}", get_model_version)
     r.add_get("/v1/deployments/{owner}/{name}", get_deployment)
