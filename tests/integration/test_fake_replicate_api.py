@@ -20,6 +20,7 @@ import pytest
 
 from conveyor_common.standard_webhooks import generate_secret
 from fake_replicate import FakeConfig, FakeReplicate
+from fake_replicate.openapi import OpenApiChecker
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +64,10 @@ async def wait_terminal(api: httpx.AsyncClient, pid: str, within_s: float = 5.0)
 
 
 def assert_prediction_shape(body: dict[str, Any], base: str) -> None:
-    for key in (
-        "id", "model", "version", "input", "logs", "output", "data_removed", "error", "status",
-        "created_at", "started_at", "completed_at", "deadline", "urls", "metrics",
-    ):  # fmt: skip
+    # The OpenAPI document's required fields and types (optional timestamps appear once known).
+    schema = {"$ref": "#/components/schemas/schemas_prediction_response"}
+    assert OpenApiChecker.load().validate(body, schema, "prediction") == []
+    for key in ("logs", "metrics"):
         assert key in body, key
     assert re.fullmatch(r"[a-z2-7]{26}", body["id"])
     assert body["urls"]["get"] == f"{base}/v1/predictions/{body['id']}"
