@@ -742,11 +742,12 @@ async def test_retargeted_genuine_delivery_changes_nothing_and_cancels_nothing(
             await second.stop()
 
 
-async def test_a_delivery_to_two_replicas_yields_the_same_result_ids(
+async def test_a_delivery_to_two_replicas_and_after_a_restart_yields_the_same_result_ids(
     env: Env, kafka_bootstrap: str
 ) -> None:
-    """Duplicate suppression across replicas (and restarts) is the scheduler's inbox: a delivery's
-    result ids derive from its webhook-id, so the copy another replica handles is the same result."""
+    """Duplicate suppression across replicas and restarts is the scheduler's inbox: a delivery's
+    result ids derive from its webhook-id, so the copy another replica handles, or a replica that
+    restarted with empty memory, is the same result (applied once)."""
     task = task_id()
     pid = f"pdup{uuid.uuid4().hex[:10]}"
     record = env.coordination.dispatched(task)
@@ -763,20 +764,33 @@ async def test_a_delivery_to_two_replicas_yields_the_same_result_ids(
         }
     ).encode()
     headers = sign_headers([SECRET], body)
-    second, _ = await _second_replica(env, kafka_bootstrap)
-    try:
-        key = env.adapter.settings.webhook_token_key.get_secret_value().encode()
+    key = env.adapter.settings.webhook_token_key.get_secret_value().encode()
+
+    async def post(port: int) -> Any:
         async with httpx.AsyncClient(timeout=5) as client:
-            for port in (env.adapter.webhook_port, second.webhook_port):
-                resp = await client.post(
-                    webhook_url(f"http://127.0.0.1:{port}", key, task, 1),
-                    content=body,
-                    headers=headers,
-                )
-                assert resp.json() == {"status": "accepted"}
-        results = await env.collector.wait_for(lambda rs: len(rs) >= 2, task)
-    finally:
-        await second.stop()
+            resp = await client.post(
+                webhook_url(f"http://127.0.0.1:{port}", key, task, 1), content=body, headers=headers
+            )
+            return resp.json()
+
+    async def one_more_result() -> None:
+        n = len(env.collector.for_task(task))
+        await env.collector.wait_for(lambda rs: len(rs) > n, task)
+
+    published = asyncio.create_task(one_more_result())
+    assert await post(env.adapter.webhook_port) == {"status": "accepted"}
+    await published
+    assert await post(env.adapter.webhook_port) == {"status": "duplicate"}  # the replica's LRU
+    for _ in range(2):  # another replica, then a "restarted" one with empty memory
+        replica, _registry = await _second_replica(env, kafka_bootstrap)
+        try:
+            published = asyncio.create_task(one_more_result())
+            assert await post(replica.webhook_port) == {"status": "accepted"}
+            await published
+        finally:
+            await replica.stop()
+    results = env.collector.for_task(task)
+    assert len(results) == 3
     assert {r.result_id for r in results} == {f"wh:{headers['webhook-id']}"}
     assert len(record.applied) == 1
 
