@@ -429,16 +429,20 @@ async def test_definite_rejections_fail_without_retry(env: Env) -> None:
     assert await env.ledger(bad_model) == []
 
 
-async def test_transient_4xx_on_create_is_retried_in_place(env: Env) -> None:
-    """408/409/425 say nothing was created: the create is retried, the task is not failed."""
-    env.fake.configure(create_script=[409, 408])
+@pytest.mark.parametrize(("status", "code"), [(408, "timeout"), (409, "conflict")])
+async def test_passing_4xx_on_create_is_a_retryable_failure(
+    env: Env, status: int, code: str
+) -> None:
+    """408/409 say nothing was created and the refusal passes: not a verdict on the task."""
+    env.fake.configure(create_script=[status])
     task = task_id()
     env.coordination.dispatched(task)
-    await env.commands.dispatch(task, inputs={"prompt": "transient", "__fake_duration_s": 0.3})
-    results = await env.collector.wait_for(has_terminal, task, wait_s=20)
-    assert outcomes(results)[-1] == "succeeded"
-    assert len(await env.ledger(task)) == 1
-    assert env.coordination.decisions(task) == ["PROCEED"]
+    await env.commands.dispatch(task, inputs={"prompt": "passing", "__fake_duration_s": 0.3})
+    final = (await env.collector.wait_for(has_terminal, task))[-1]
+    assert final.WhichOneof("outcome") == "failed"
+    assert final.failed.retryable is True
+    assert final.failed.code == code
+    assert await env.ledger(task) == []
 
 
 async def test_stale_dispatch_is_stopped(env: Env) -> None:

@@ -20,7 +20,6 @@ from conveyor_provider_adapter.replicate import (
     Prediction,
     RateLimited,
     ServerError,
-    Transient,
     cancel_after_value,
     error_from_response,
     parse_target,
@@ -193,16 +192,12 @@ def test_create_statuses_are_classified() -> None:
 
 
 @pytest.mark.parametrize("status", [408, 409, 425])
-def test_transient_4xx_on_create_is_safe_to_retry_not_a_verdict(status: int) -> None:
+def test_passing_4xx_on_create_is_a_definite_answer_that_allows_a_new_attempt(status: int) -> None:
     err = error_from_response(
         _response(status, {"detail": "x"}), create=True, default_retry_after=5
     )
-    assert isinstance(err, Transient)
-    # Elsewhere (get, cancel, list) they stay client errors.
-    other = error_from_response(
-        _response(status, {"detail": "x"}), create=False, default_retry_after=5
-    )
-    assert isinstance(other, ClientError)
+    assert isinstance(err, ClientError)  # nothing was created: never ambiguous
+    assert classify_status(err.status)[1] is True
 
 
 # ---- token bucket ----------------------------------------------------------------------------

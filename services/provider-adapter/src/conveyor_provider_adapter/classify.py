@@ -87,7 +87,7 @@ def classify_status(status: int) -> tuple[str, bool]:
     the request that a retry repeats. Errors are problem+json (``title``, ``detail``, ``status``).
     So: 400/413/422 and other 4xx -> invalid input, 401/403 -> auth, 404 -> not found, all final;
     402/429 -> throttled (the adapter backs off, keeping the slot); 408/409/425 -> nothing was
-    created and the refusal passes: retried in place (replicate.Transient), then a retryable failure;
+    created and the refusal passes: a retryable failure (a new attempt after the scheduler's backoff);
     5xx -> ambiguous (handled before this, never a definite verdict).
     """
     if status in (401, 403):

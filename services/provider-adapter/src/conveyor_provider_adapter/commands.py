@@ -57,7 +57,6 @@ from conveyor_provider_adapter.replicate import (
     RateLimited,
     ReplicateClient,
     ReplicateError,
-    Transient,
     Unreachable,
     cancel_after_seconds,
     parse_target,
@@ -253,19 +252,13 @@ class CommandHandler:
                     )
                 await self._fail(d, "rejected", code, f"{exc.status}: {detail}", retryable)
                 return
-            except (Unreachable, Transient) as exc:
-                # Nothing was created: retry in place a few times, then a retryable failure.
-                transient = isinstance(exc, Transient)
-                self.metrics.creates.labels("transient" if transient else "unreachable").inc()
+            except Unreachable as exc:
+                self.metrics.creates.labels("unreachable").inc()
                 unreachable += 1
                 if unreachable < self.unreachable_attempts:
                     await asyncio.sleep(0.5 * 2 ** (unreachable - 1))
                     continue
-                if transient:
-                    code, _ = classify_status(exc.status)
-                    await self._fail(d, "rejected", code, f"{exc.status}: {exc}", True)
-                else:
-                    await self._fail(d, "unreachable", "provider_unreachable", str(exc), True)
+                await self._fail(d, "unreachable", "provider_unreachable", str(exc), True)
                 return
             except Ambiguous as exc:
                 self.metrics.creates.labels("ambiguous").inc()

@@ -26,7 +26,7 @@ class AdapterMetrics:
         )
         self.creates = Counter(
             "conveyor_adapter_creates_total",
-            "Create calls by outcome (created, rate_limited, client_error, transient, ambiguous, unreachable).",
+            "Create calls by outcome (created, rate_limited, client_error, ambiguous, unreachable).",
             ["outcome"],
             registry=registry,
         )

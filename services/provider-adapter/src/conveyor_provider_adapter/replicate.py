@@ -4,11 +4,10 @@ Errors are ``application/problem+json`` and become typed exceptions:
 
 * :class:`RateLimited` (429; also 402, a credit limit) with ``retry_after`` from the body's
   ``retry_after`` or the ``Retry-After`` header: nothing was created, retrying is safe;
-* :class:`Transient` (408, 409, 425 on create): refused before anything was created, for a reason
-  that passes (request timeout, conflict, too early): retrying the create is safe;
-* :class:`ClientError` (other 4xx): definite, never retried (the request itself is wrong: 422 for
-  the OpenAPI document's constraints, e.g. the body schema, ``Cancel-After`` under 5 s or a
-  ``Prefer`` outside ``wait=1..60``; 400, 401/403, 404, 413...);
+* :class:`ClientError` (other 4xx): a definite answer, nothing was created; classify.classify_status
+  says whether a new attempt may succeed (408, 409, 425: the refusal passes) or not (the request
+  itself is wrong: 422 for the OpenAPI document's constraints, e.g. the body schema, ``Cancel-After``
+  under 5 s or a ``Prefer`` outside ``wait=1..60``; 400, 401/403, 404, 413...);
 * :class:`ServerError` (5xx of get/cancel/list);
 * :class:`Ambiguous` (create only): a timeout after the request was sent, a reset connection or a
   5xx. The prediction may exist: never resubmit blindly, reconcile;
@@ -77,14 +76,6 @@ class RateLimited(ReplicateError):
 
 class ClientError(ReplicateError):
     """A definite 4xx answer (invalid input, auth, not found...)."""
-
-
-class Transient(ReplicateError):
-    """A 4xx answer to a create that says nothing was created and a retry may succeed."""
-
-
-TRANSIENT_CREATE_STATUSES = frozenset({408, 409, 425})
-"""4xx answers to a create that are not a verdict on the request (see classify.classify_status)."""
 
 
 class ServerError(ReplicateError):
@@ -287,8 +278,6 @@ def error_from_response(
         return RateLimited(
             message, retry_after=default_retry_after if retry is None else retry, **kw
         )
-    if create and status in TRANSIENT_CREATE_STATUSES:
-        return Transient(message, **kw)
     if 400 <= status < 500:
         return ClientError(message, **kw)
     if create:
