@@ -12,7 +12,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,6 +29,7 @@ from conveyor.scheduler.v1 import scheduler_service_pb2
 from conveyor_common.standard_webhooks import generate_secret, sign_headers
 from conveyor_devstack.topics import ensure_topics
 from conveyor_provider_adapter.app import Adapter
+from conveyor_provider_adapter.binding import UNBOUND_REASONS
 from conveyor_provider_adapter.settings import AdapterSettings
 from conveyor_provider_adapter.testing import (
     Commands,
@@ -40,6 +41,7 @@ from conveyor_provider_adapter.testing import (
 )
 from conveyor_provider_adapter.webhook_token import webhook_url
 from fake_replicate import FakeConfig, FakeReplicate
+from fake_replicate.openapi import Exchange, OpenApiChecker
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
@@ -156,8 +158,17 @@ async def env(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 @pytest.fixture(autouse=True)
-def _fresh_fake_config(env: Env) -> None:
+def _fresh_fake_config(env: Env) -> Iterator[None]:
+    """Each test starts from the fake's default faults, and every request the adapter (or the test)
+    sent to the fake, every answer and every webhook the fake delivered during the test is checked
+    against Replicate's OpenAPI document."""
     env.fake.configure(create_script=[], create_drop_delay_s=0.0)
+    exchanges: list[Exchange] = []
+    env.fake.engine.recorder = exchanges.append
+    yield
+    env.fake.engine.recorder = None
+    problems = OpenApiChecker.load().check_all(exchanges)
+    assert problems == [], problems[:10]
 
 
 async def test_happy_path_reports_started_progress_and_copied_outputs(env: Env) -> None:
@@ -333,18 +344,42 @@ async def test_run_deadline_becomes_cancel_after(env: Env) -> None:
     await env.commands.dispatch(
         task,
         inputs={"prompt": "too slow", "__fake_duration_s": 30},
-        run_deadline=datetime.now(UTC) + timedelta(seconds=2),
+        run_deadline=datetime.now(UTC) + timedelta(seconds=40),
+    )
+    await env.collector.wait_for(lambda rs: "started" in outcomes(rs), task)
+    (create,) = await env.ledger(task)
+    created = datetime.fromtimestamp(create["t"], UTC)
+    deadline = datetime.fromisoformat(create["deadline"])
+    assert 38 <= (deadline - created).total_seconds() <= 41  # Cancel-After from the deadline
+    await env.commands.cancel(task)
+    await env.collector.wait_for(has_terminal, task)
+
+
+async def test_run_deadline_under_five_seconds_is_enforced_by_the_adapter(env: Env) -> None:
+    """Replicate refuses Cancel-After under 5 s: the adapter sends 5 s and cancels at 2 s itself."""
+    task = task_id()
+    env.coordination.dispatched(task)
+    sent = datetime.now(UTC)
+    await env.commands.dispatch(
+        task,
+        inputs={"prompt": "too slow", "__fake_duration_s": 30},
+        run_deadline=sent + timedelta(seconds=2),
     )
     results = await env.collector.wait_for(has_terminal, task, wait_s=15)
     final = results[-1]
-    assert final.WhichOneof("outcome") in ("canceled", "aborted")
-    if final.WhichOneof("outcome") == "canceled":
-        assert final.canceled.deadline_exceeded is True
+    assert final.WhichOneof("outcome") == "canceled"
+    assert final.canceled.deadline_exceeded is True
+    (create,) = await env.ledger(task)
+    # Cancel-After: 5s, Replicate's minimum (the fake refuses less), as the backstop.
+    created = datetime.fromtimestamp(create["t"], UTC)
+    assert (datetime.fromisoformat(create["deadline"]) - created).total_seconds() == pytest.approx(
+        5, abs=0.05
+    )
     cancels = [
         e for e in await env.ledger_all("cancel") if e["prediction_id"] == final.prediction_id
     ]
-    assert cancels
-    assert cancels[0]["by"] == "deadline"
+    assert [c["by"] for c in cancels][:1] == ["api"]  # the adapter's own cancel, before 5 s
+    assert env.metric("conveyor_adapter_cancels_total", outcome="deadline_timer") >= 1
 
 
 async def test_ambiguous_create_is_adopted_through_its_start_webhook(env: Env) -> None:
@@ -394,6 +429,22 @@ async def test_definite_rejections_fail_without_retry(env: Env) -> None:
     assert await env.ledger(bad_model) == []
 
 
+@pytest.mark.parametrize(("status", "code"), [(408, "timeout"), (409, "conflict")])
+async def test_passing_4xx_on_create_is_a_retryable_failure(
+    env: Env, status: int, code: str
+) -> None:
+    """408/409 say nothing was created and the refusal passes: not a verdict on the task."""
+    env.fake.configure(create_script=[status])
+    task = task_id()
+    env.coordination.dispatched(task)
+    await env.commands.dispatch(task, inputs={"prompt": "passing", "__fake_duration_s": 0.3})
+    final = (await env.collector.wait_for(has_terminal, task))[-1]
+    assert final.WhichOneof("outcome") == "failed"
+    assert final.failed.retryable is True
+    assert final.failed.code == code
+    assert await env.ledger(task) == []
+
+
 async def test_stale_dispatch_is_stopped(env: Env) -> None:
     task = task_id()
     env.coordination.dispatched(task, attempt=2)
@@ -404,6 +455,32 @@ async def test_stale_dispatch_is_stopped(env: Env) -> None:
     assert env.coordination.decisions(task) == ["STOP", "PROCEED"]
     (create,) = await env.ledger(task)
     assert create["attempt"] == 2
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [("aborted", "aborted"), ("canceled", "canceled"), ("failed", "failed"), ("hang", "canceled")],
+)
+async def test_every_terminal_status_of_the_schema_maps_to_a_result(
+    env: Env, outcome: str, expected: str
+) -> None:
+    """Each terminal status of the OpenAPI document's enum (``aborted`` included: the prediction
+    never started) reaches the scheduler as its outcome; ``hang`` runs into its run deadline."""
+    task = task_id()
+    env.coordination.dispatched(task)
+    await env.commands.dispatch(
+        task,
+        inputs={"prompt": outcome, "__fake_outcome": outcome, "__fake_duration_s": 0.5},
+        run_deadline=datetime.now(UTC) + timedelta(seconds=6),
+    )
+    results = await env.collector.wait_for(has_terminal, task, wait_s=20)
+    final = results[-1]
+    assert final.WhichOneof("outcome") == expected
+    if outcome == "aborted":
+        assert final.aborted.message
+    if outcome == "hang":
+        assert final.canceled.deadline_exceeded is True
+    assert env.coordination.tasks[task].finished == expected
 
 
 async def test_failed_prediction_is_classified(env: Env) -> None:
@@ -526,35 +603,200 @@ async def test_forged_stale_tampered_and_replayed_webhooks_change_nothing(env: E
     assert env.metric("conveyor_adapter_webhooks_total", outcome="duplicate") - dup_before == 1
 
 
-async def test_signed_webhook_of_a_stale_attempt_cancels_that_prediction(env: Env) -> None:
+async def test_signed_webhook_of_a_prediction_not_recorded_for_its_attempt_changes_nothing(
+    env: Env,
+) -> None:
+    """A delivery's word is not enough to cancel: a prediction the scheduler never recorded for
+    the attempt of the URL (here a stale attempt) is neither adopted nor canceled; the orphan ends
+    at its Cancel-After deadline."""
     task = task_id()
     env.coordination.dispatched(task, attempt=2)
     async with httpx.AsyncClient(
         base_url=env.fake.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
     ) as api:
-        # A prediction of attempt 1 (say, from a replica that lost a race), still running.
         resp = await api.post(
             "/v1/models/acme/flux/predictions",
             json={"input": {"prompt": "stale", "__fake_duration_s": 30}},
+            headers={"Cancel-After": "20s"},
         )
         assert resp.status_code == 201
         pid = resp.json()["id"]
         body = (await api.get(f"/v1/predictions/{pid}")).content
+    before = env.metric("conveyor_adapter_webhooks_unbound_total", reason="not_in_flight")
     async with httpx.AsyncClient(timeout=5) as client:
         resp = await client.post(
             _hook_url(env, task, 1), content=body, headers=sign_headers([SECRET], body)
         )
         assert resp.status_code == 200
-
-    async def canceled() -> bool:
-        return any(e["prediction_id"] == pid for e in await env.ledger_all("cancel"))
-
-    async with asyncio.timeout(10):
-        while not await canceled():  # noqa: ASYNC110 - polling the fake over HTTP
-            await asyncio.sleep(0.1)
-    assert ("CompleteSubmit", task, 1, "False") in env.coordination.calls
-    await asyncio.sleep(0.5)
+    await wait_until(
+        lambda: (
+            env.metric("conveyor_adapter_webhooks_unbound_total", reason="not_in_flight") > before
+        )
+    )
+    assert not any(e["prediction_id"] == pid for e in await env.ledger_all("cancel"))
+    assert not [c for c in env.coordination.calls if c[1] == task and c[0] == "CompleteSubmit"]
     assert env.collector.for_task(task) == []
+
+
+async def _running_pair(env: Env) -> tuple[str, str, str, str]:
+    """Two running tasks (T2, T4) and their prediction ids."""
+    t2, t4 = task_id(), task_id()
+    for t in (t2, t4):
+        env.coordination.dispatched(t)
+        await env.commands.dispatch(t, inputs={"prompt": f"{t} long", "__fake_duration_s": 6})
+    p: dict[str, str] = {}
+    for t in (t2, t4):
+        results = await env.collector.wait_for(lambda rs: "started" in outcomes(rs), t)
+        p[t] = results[0].prediction_id
+    await wait_until(lambda: all(env.coordination.tasks[t].prediction_id for t in (t2, t4)))
+    return t2, p[t2], t4, p[t4]
+
+
+async def _second_replica(env: Env, kafka_bootstrap: str) -> tuple[Adapter, CollectorRegistry]:
+    """A second adapter replica serving webhooks (its commands topic is its own, idle)."""
+    port = free_port()
+    topic = f"test.adapter-flow.idle.{uuid.uuid4().hex[:8]}"
+    await ensure_topics(kafka_bootstrap, {topic: 1, f"{topic}.dlq": 1})
+    settings = env.adapter.settings.model_copy(
+        update={
+            "webhook_port": port,
+            "webhook_public_base_url": f"http://127.0.0.1:{port}",
+            "adapter_id": "replica-webhooks",
+            "commands_topic": topic,
+            "consumer_group": f"adapter-idle-{uuid.uuid4().hex[:8]}",
+        }
+    )
+    registry = CollectorRegistry()
+    second = Adapter(settings, registry=registry)
+    await second.start()
+    return second, registry
+
+
+def _unbound(registry: CollectorRegistry) -> float:
+    return sum(
+        registry.get_sample_value("conveyor_adapter_webhooks_unbound_total", {"reason": r}) or 0.0
+        for r in UNBOUND_REASONS
+    )
+
+
+@pytest.mark.parametrize("replica", ["same", "other"])
+@pytest.mark.parametrize("webhook_id", ["original", "fresh"])
+async def test_retargeted_genuine_delivery_changes_nothing_and_cancels_nothing(
+    env: Env, kafka_bootstrap: str, replica: str, webhook_id: str
+) -> None:
+    """#15: T4's genuine delivery posted to T2's webhook URL (same or another replica, original or
+    fresh webhook-id) is not bound to T2's attempt: no adoption, no result, no cancel; counted."""
+    t2, p2, t4, p4 = await _running_pair(env)
+    async with httpx.AsyncClient(
+        base_url=env.fake.url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=5
+    ) as api:
+        body = (await api.get(f"/v1/predictions/{p4}")).content
+    genuine = sign_headers([SECRET], body)
+    second: Adapter | None = None
+    registry = env.registry
+    try:
+        if replica == "other":
+            second, registry = await _second_replica(env, kafka_bootstrap)
+        port = env.adapter.webhook_port if second is None else second.webhook_port
+        key = env.adapter.settings.webhook_token_key.get_secret_value().encode()
+        before = _unbound(registry)
+        t2_results = list(env.collector.for_task(t2))
+        t4_results = list(env.collector.for_task(t4))
+        async with httpx.AsyncClient(timeout=5) as client:
+            if webhook_id == "original":
+                # The genuine delivery at T4's own URL first, then the same one re-targeted.
+                resp = await client.post(
+                    webhook_url(f"http://127.0.0.1:{port}", key, t4, 1),
+                    content=body,
+                    headers=genuine,
+                )
+                assert resp.status_code == 200
+                headers = genuine
+            else:
+                headers = sign_headers([SECRET], body)  # re-signed under a fresh webhook-id
+            resp = await client.post(
+                webhook_url(f"http://127.0.0.1:{port}", key, t2, 1), content=body, headers=headers
+            )
+            assert resp.status_code == 200
+            assert resp.json() == {"status": "accepted"}
+        await wait_until(lambda: _unbound(registry) > before)
+        # Nothing changed for T2: no result about P4, nothing canceled, P2 still recorded.
+        assert all(r.prediction_id == p2 for r in env.collector.for_task(t2))
+        assert env.collector.for_task(t2)[: len(t2_results)] == t2_results
+        assert env.coordination.tasks[t2].prediction_id == p2
+        assert env.coordination.tasks[t4].prediction_id == p4
+        assert not [
+            c
+            for c in env.coordination.calls
+            if c[0] == "CompleteSubmit" and c[1] == t2 and c[3] == "False"
+        ]
+        cancels = {e["prediction_id"] for e in await env.ledger_all("cancel")}
+        assert p4 not in cancels
+        assert p2 not in cancels
+        # T4 itself finishes normally, and its results are only about P4.
+        final4 = await env.collector.wait_for(has_terminal, t4, wait_s=20)
+        assert outcomes(final4)[-1] == "succeeded"
+        assert all(r.prediction_id == p4 for r in final4)
+        assert final4[: len(t4_results)] == t4_results
+        final2 = await env.collector.wait_for(has_terminal, t2, wait_s=20)
+        assert outcomes(final2)[-1] == "succeeded"
+        assert all(r.prediction_id == p2 for r in final2)
+    finally:
+        if second is not None:
+            await second.stop()
+
+
+async def test_a_delivery_to_two_replicas_and_after_a_restart_yields_the_same_result_ids(
+    env: Env, kafka_bootstrap: str
+) -> None:
+    """Duplicate suppression across replicas and restarts is the scheduler's inbox: a delivery's
+    result ids derive from its webhook-id, so the copy another replica handles, or a replica that
+    restarted with empty memory, is the same result (applied once)."""
+    task = task_id()
+    pid = f"pdup{uuid.uuid4().hex[:10]}"
+    record = env.coordination.dispatched(task)
+    record.state = S.SUBMIT_STATE_SUBMITTED
+    record.prediction_id = pid
+    body = json.dumps(
+        {
+            "id": pid,
+            "status": "processing",
+            "model": "acme/flux",
+            "input": {"prompt": "d"},
+            "logs": "",
+            "created_at": datetime.now(UTC).isoformat(),
+        }
+    ).encode()
+    headers = sign_headers([SECRET], body)
+    key = env.adapter.settings.webhook_token_key.get_secret_value().encode()
+
+    async def post(port: int) -> Any:
+        async with httpx.AsyncClient(timeout=5) as client:
+            resp = await client.post(
+                webhook_url(f"http://127.0.0.1:{port}", key, task, 1), content=body, headers=headers
+            )
+            return resp.json()
+
+    async def one_more_result() -> None:
+        n = len(env.collector.for_task(task))
+        await env.collector.wait_for(lambda rs: len(rs) > n, task)
+
+    published = asyncio.create_task(one_more_result())
+    assert await post(env.adapter.webhook_port) == {"status": "accepted"}
+    await published
+    assert await post(env.adapter.webhook_port) == {"status": "duplicate"}  # the replica's LRU
+    for _ in range(2):  # another replica, then a "restarted" one with empty memory
+        replica, _registry = await _second_replica(env, kafka_bootstrap)
+        try:
+            published = asyncio.create_task(one_more_result())
+            assert await post(replica.webhook_port) == {"status": "accepted"}
+            await published
+        finally:
+            await replica.stop()
+    results = env.collector.for_task(task)
+    assert len(results) == 3
+    assert {r.result_id for r in results} == {f"wh:{headers['webhook-id']}"}
+    assert len(record.applied) == 1
 
 
 async def test_two_replicas_in_one_group_create_one_prediction_per_task(env: Env) -> None:

@@ -164,7 +164,7 @@ async def test_task_runs_through_scheduler_adapter_and_fake(stack: Stack) -> Non
 async def test_redelivered_dispatch_creates_one_prediction(
     stack: Stack, kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="conveyor_provider_adapter.dispatcher")
+    caplog.set_level(logging.INFO, logger="conveyor_provider_adapter.commands")
     inputs: dict[str, Any] = {"prompt": "redelivered", "__fake_duration_s": 1.5}
 
     def decisions() -> list[str]:

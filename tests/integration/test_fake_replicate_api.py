@@ -20,6 +20,7 @@ import pytest
 
 from conveyor_common.standard_webhooks import generate_secret
 from fake_replicate import FakeConfig, FakeReplicate
+from fake_replicate.openapi import OpenApiChecker
 
 pytestmark = pytest.mark.integration
 
@@ -63,10 +64,10 @@ async def wait_terminal(api: httpx.AsyncClient, pid: str, within_s: float = 5.0)
 
 
 def assert_prediction_shape(body: dict[str, Any], base: str) -> None:
-    for key in (
-        "id", "model", "version", "input", "logs", "output", "data_removed", "error", "status",
-        "created_at", "started_at", "completed_at", "deadline", "urls", "metrics",
-    ):  # fmt: skip
+    # The OpenAPI document's required fields and types (optional timestamps appear once known).
+    schema = {"$ref": "#/components/schemas/schemas_prediction_response"}
+    assert OpenApiChecker.load().validate(body, schema, "prediction") == []
+    for key in ("logs", "metrics"):
         assert key in body, key
     assert re.fullmatch(r"[a-z2-7]{26}", body["id"])
     assert body["urls"]["get"] == f"{base}/v1/predictions/{body['id']}"
@@ -103,7 +104,7 @@ async def test_three_create_forms(api: httpx.AsyncClient, fake: FakeReplicate) -
         body = r.json()
         assert_prediction_shape(body, fake.url)
         assert body["status"] == "starting"
-        assert body["started_at"] is None
+        assert body.get("started_at") is None
         assert body["output"] is None
         assert r.headers["Location"] == body["urls"]["get"]
         assert int(r.headers["ratelimit-remaining"]) >= 0
@@ -236,7 +237,7 @@ async def test_scripted_outcomes(api: httpx.AsyncClient, fake: FakeReplicate) ->
     assert retryable["status"] == "failed"
     assert "please retry" in retryable["error"]
     assert canceled["status"] == "canceled"
-    assert (aborted["status"], aborted["started_at"]) == ("aborted", None)
+    assert (aborted["status"], aborted.get("started_at")) == ("aborted", None)
     assert isinstance(text["output"], list)
     assert "".join(text["output"]).startswith("The quick")
     assert literal["output"] == {"answer": 42}
@@ -270,6 +271,7 @@ async def test_cancel_running_and_finished(api: httpx.AsyncClient, fake: FakeRep
 async def test_cancel_after_deadline_cancels_or_aborts(
     api: httpx.AsyncClient, fake: FakeReplicate
 ) -> None:
+    fake.configure(cancel_after_min_s=0.1)  # Replicate's 5 s minimum, lowered for a fast test
     running = await api.post(
         "/v1/models/a/b/predictions",
         json={"input": {"__fake_duration_s": 30, "__fake_starting_s": 0.05}},
@@ -291,7 +293,7 @@ async def test_cancel_after_deadline_cancels_or_aborts(
     assert r_done["status"] == "canceled"
     assert r_done["started_at"] is not None
     assert w_done["status"] == "aborted"
-    assert w_done["started_at"] is None
+    assert w_done.get("started_at") is None
     assert {e["by"] for e in fake.engine.ledger.events(kind="cancel")} == {"deadline"}
 
 
@@ -467,3 +469,59 @@ def test_iso_timestamps_are_utc_z() -> None:
 
     assert iso(0.5) == "1970-01-01T00:00:00.500000Z"
     assert datetime.fromisoformat(iso(time.time()) or "").tzinfo == UTC
+
+
+def _invalid_fields(resp: httpx.Response) -> list[str]:
+    assert resp.status_code == 422, resp.text
+    assert resp.headers["content-type"].startswith("application/problem+json")
+    body = resp.json()
+    assert body["status"] == 422
+    assert body["title"]
+    assert body["detail"]
+    return [f["field"] for f in body["invalid_fields"]]
+
+
+async def test_refuses_what_replicate_refuses(api: httpx.AsyncClient, fake: FakeReplicate) -> None:
+    """Cancel-After under Replicate's 5 s minimum, a Prefer outside ``wait``/``wait=1..60``, and
+    malformed version ids are refused with 422 problem+json and create nothing."""
+    path = "/v1/models/a/b/predictions"
+    for value in ("4s", "4999ms", "1", "0.5"):
+        resp = await api.post(path, json={"input": {}}, headers={"Cancel-After": value})
+        assert _invalid_fields(resp) == ["Cancel-After"], value
+    for value in ("5s", "5", "1m", "1h30m"):
+        resp = await api.post(path, json={"input": {}}, headers={"Cancel-After": value})
+        assert resp.status_code == 201, (value, resp.text)
+    for value in ("wait=0", "wait=61", "wait=100", "wait=abc", "wait=", "respond-async"):
+        resp = await api.post(path, json={"input": {}}, headers={"Prefer": value})
+        assert _invalid_fields(resp) == ["Prefer"], value
+    for version in (
+        "b" * 63,
+        "B" * 64,
+        "acme/x:" + "z" * 64,
+        "acme/x:" + "a" * 63,
+        "not a version",
+    ):
+        resp = await api.post("/v1/predictions", json={"version": version, "input": {}})
+        assert _invalid_fields(resp) == ["version"], version
+    creates = fake.engine.ledger.events(kind="create")
+    assert len(creates) == 4  # only the four valid Cancel-After values created something
+
+
+async def test_model_version_and_deployment_routes(api: httpx.AsyncClient) -> None:
+    version = "c" * 64
+    resp = await api.post("/v1/predictions", json={"version": f"acme/flux:{version}", "input": {}})
+    assert resp.status_code == 201
+    got = await api.get(f"/v1/models/acme/flux/versions/{version}")
+    assert got.status_code == 200
+    body = got.json()
+    assert body["id"] == version
+    assert body["openapi_schema"]["components"]["schemas"]["Output"]
+    assert (await api.get(f"/v1/models/other/model/versions/{version}")).status_code == 404
+    assert (await api.get("/v1/models/acme/flux/versions/nothex")).status_code == 404
+    listing = (await api.get("/v1/models/acme/flux/versions")).json()
+    assert version in [v["id"] for v in listing["results"]]
+    assert listing["next"] is None
+    dep = (await api.get("/v1/deployments/acme/flux-prod")).json()
+    assert (dep["owner"], dep["name"]) == ("acme", "flux-prod")
+    created = await api.post("/v1/deployments/acme/flux-prod/predictions", json={"input": {}})
+    assert created.json()["version"] == dep["current_release"]["version"]

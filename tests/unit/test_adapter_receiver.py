@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 
 from conveyor_common.standard_webhooks import generate_secret, sign_headers
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.provider_webhooks import Pipeline, SecretSource, WebhookReceiver
 from conveyor_provider_adapter.replicate import ReplicateClient
 from conveyor_provider_adapter.webhook_token import webhook_url
-from conveyor_provider_adapter.webhooks import Pipeline, SecretSource, WebhookReceiver
 from fake_replicate import FakeConfig, FakeReplicate
 
 KEY = b"receiver-test-key-0123456789abcd"

@@ -55,12 +55,16 @@ def test_bad_targets_are_rejected(model: str | None, deployment: str | None) -> 
         parse_target(model, deployment)
 
 
-def test_cancel_after_is_whole_seconds_from_the_deadline() -> None:
+def test_cancel_after_is_whole_seconds_from_the_deadline_never_below_replicates_minimum() -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
     assert cancel_after_value(None) is None
     assert cancel_after_value(now + timedelta(minutes=30), now) == "1800s"
-    assert cancel_after_value(now + timedelta(milliseconds=200), now) == "1s"
-    assert cancel_after_value(now - timedelta(seconds=5), now) == "1s"
+    assert cancel_after_value(now + timedelta(seconds=30, milliseconds=200), now) == "31s"
+    # "The minimum allowed duration is 5 seconds" (the OpenAPI document's Cancel-After).
+    assert cancel_after_value(now + timedelta(seconds=5), now) == "5s"
+    assert cancel_after_value(now + timedelta(seconds=3), now) == "5s"
+    assert cancel_after_value(now + timedelta(milliseconds=200), now) == "5s"
+    assert cancel_after_value(now - timedelta(seconds=5), now) == "5s"
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -179,6 +183,21 @@ def test_create_statuses_are_classified() -> None:
     assert classify_status(404) == ("not_found", False)
     assert classify_status(422) == ("invalid_input", False)
     assert classify_status(429) == ("rate_limited", True)
+    assert classify_status(400) == ("invalid_input", False)
+    assert classify_status(413) == ("invalid_input", False)
+    assert classify_status(403) == ("auth", False)
+    assert classify_status(408) == ("timeout", True)
+    assert classify_status(409) == ("conflict", True)
+    assert classify_status(425) == ("timeout", True)
+
+
+@pytest.mark.parametrize("status", [408, 409, 425])
+def test_passing_4xx_on_create_is_a_definite_answer_that_allows_a_new_attempt(status: int) -> None:
+    err = error_from_response(
+        _response(status, {"detail": "x"}), create=True, default_retry_after=5
+    )
+    assert isinstance(err, ClientError)  # nothing was created: never ambiguous
+    assert classify_status(err.status)[1] is True
 
 
 # ---- token bucket ----------------------------------------------------------------------------
@@ -336,7 +355,7 @@ def test_settings_require_secrets_and_parse_lists(monkeypatch: pytest.MonkeyPatc
 
 
 async def test_a_requested_cancel_reaches_the_provider_once() -> None:
-    """The dispatcher, the observer and the reconciler may all notice a requested cancel at once:
+    """The command handler, the observer and the reconciler may all notice a requested cancel at once:
     one cancel call per prediction; a failed call can be tried again."""
     from prometheus_client import CollectorRegistry
 

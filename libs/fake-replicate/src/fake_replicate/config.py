@@ -52,6 +52,10 @@ class FakeConfig(BaseModel):
     output_kind: OutputKind = Field(default="png", description="Default output: png|mp4|text|json")
     output_bytes: int = Field(default=16384, ge=0, description="Default size of each output file")
     list_page_size: int = Field(default=100, ge=1, le=1000, description="Page size of the list")
+    cancel_after_min_s: NonNeg = Field(
+        default=5.0,
+        description="Shortest Cancel-After accepted (Replicate: 5 s; lower only to speed up tests)",
+    )
 
     # --- rate limits (token buckets) ---
     create_rate_per_min: NonNeg = Field(default=600.0, description="Create refill rate")

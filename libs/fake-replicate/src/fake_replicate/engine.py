@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from conveyor_common.standard_webhooks import new_message_id, sign_headers
 from fake_replicate.config import EVENT_KINDS, EventKind, FakeConfig, OutputKind
 from fake_replicate.files import OutputFile
 from fake_replicate.ledger import Ledger
+from fake_replicate.openapi import Exchange
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +337,9 @@ class Engine:
         self._order: list[Prediction] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._client: httpx.AsyncClient | None = None
+        self.recorder: Callable[[Exchange], None] | None = None
+        """Called with every /v1 exchange and webhook delivery (tests check them against the
+        OpenAPI document)."""
         self._reset_runtime()
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -660,9 +664,6 @@ class Engine:
             "error": p.error,
             "status": p.status,
             "created_at": iso(p.created_at),
-            "started_at": iso(p.started_at),
-            "completed_at": iso(p.completed_at),
-            "deadline": iso(p.deadline),
             "urls": {
                 "get": f"{base}/v1/predictions/{p.id}",
                 "cancel": f"{base}/v1/predictions/{p.id}/cancel",
@@ -670,6 +671,15 @@ class Engine:
             },
             "metrics": metrics,
         }
+        # Optional timestamps are omitted until known (the OpenAPI document types them as
+        # non-nullable strings).
+        for key, ts in (
+            ("started_at", p.started_at),
+            ("completed_at", p.completed_at),
+            ("deadline", p.deadline),
+        ):
+            if ts is not None:
+                obj[key] = iso(ts)
         if p.deployment is not None:
             obj["deployment"] = p.deployment
         if listing:
@@ -798,6 +808,19 @@ class Engine:
                     url, content=body, headers=headers, timeout=cfg.webhook_timeout_s
                 )
                 status = resp.status_code
+                if self.recorder is not None:
+                    self.recorder(
+                        Exchange(
+                            kind="webhook",
+                            method="POST",
+                            path=url,
+                            request_headers={k.lower(): v for k, v in headers.items()},
+                            request_body=body,
+                            status=status,
+                            response_headers={},
+                            response_body=b"",
+                        )
+                    )
                 if 200 <= status < 300:
                     return True, attempts, status
             except httpx.HTTPError as exc:

@@ -5,6 +5,12 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer <token>``; ``/files`` an
 * ``POST /v1/predictions`` (body ``version``), ``POST /v1/models/{owner}/{name}/predictions``,
   ``POST /v1/deployments/{owner}/{name}/predictions``: create; headers ``Prefer: wait[=N]`` and
   ``Cancel-After: <duration>`` (``500ms``, ``30s``, ``5m``, ``1h30m``, or bare seconds).
+  ``Cancel-After`` under 5 s (``cancel_after_min_s``) and a ``Prefer`` outside ``wait``/``wait=1..60``
+  are refused with 422 problem+json (``invalid_fields``), as Replicate refuses them.
+* ``GET /v1/models/{owner}/{name}``, ``GET /v1/models/{owner}/{name}/versions[/{id}]``,
+  ``GET /v1/deployments/{owner}/{name}``.
+* With ``engine.recorder`` set, every ``/v1`` exchange and every webhook delivery is handed to it
+  as an :class:`fake_replicate.openapi.Exchange` (checked against Replicate's OpenAPI document).
 * ``GET /v1/predictions/{id}``, ``POST /v1/predictions/{id}/cancel``,
   ``GET /v1/predictions[?created_after=&created_before=&cursor=]``, ``GET /v1/webhooks/default/secret``,
   ``GET /v1/account``.
@@ -45,10 +51,12 @@ from fake_replicate.engine import (
     version_id,
 )
 from fake_replicate.ledger import summary
+from fake_replicate.openapi import Exchange
 
 logger = logging.getLogger(__name__)
 
 ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
+DROPPED: web.RequestKey[bool] = web.RequestKey("dropped", bool)
 PROBLEM = "application/problem+json"
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _MODEL_RE = re.compile(rf"^({_NAME})/({_NAME})$")
@@ -56,7 +64,8 @@ _MODEL_VERSION_RE = re.compile(rf"^({_NAME})/({_NAME}):([0-9a-f]{{64}})$")
 _VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PREFER_WAIT = re.compile(r"(?:^|[\s,;])wait(?:\s*=\s*(\d+))?(?:$|[\s,;])")
+_PREFER_WAIT = re.compile(r"^wait(=([1-9]|[1-9][0-9]|60))?$")
+"""The OpenAPI document's pattern of ``Prefer`` (n is also checked to be 1..60, as its text says)."""
 COMMON_FIELDS = frozenset(
     {"input", "webhook", "webhook_events_filter", "webhook_completed", "stream"}
 )
@@ -91,12 +100,14 @@ def parse_duration(value: str) -> float | None:
 
 
 def parse_prefer_wait(value: str | None) -> float | None:
-    if not value:
+    """Seconds to hold the create open; None without the header; ValueError when Replicate refuses
+    it (``wait=0``, over 60, anything outside ``^wait(=n)?$``)."""
+    if value is None:
         return None
-    m = _PREFER_WAIT.search(value)
-    if m is None:
-        return None
-    return float(min(60, max(1, int(m.group(1))))) if m.group(1) else 60.0
+    m = _PREFER_WAIT.match(value.strip())
+    if m is None or (m.group(2) and not 1 <= int(m.group(2)) <= 60):
+        raise ValueError(value)
+    return float(m.group(2)) if m.group(2) else 60.0
 
 
 def parse_time_us(value: str) -> int:
@@ -167,11 +178,28 @@ async def v1_middleware(request: web.Request, handler: Handler) -> web.StreamRes
     try:
         resp = await handler(request)
     except web.HTTPNotFound:
-        return problem(404, "Not found", "The requested resource could not be found.")
+        resp = problem(404, "Not found", "The requested resource could not be found.")
     except web.HTTPMethodNotAllowed:
-        return problem(405, "Method Not Allowed", f"{request.method} is not allowed here")
+        resp = problem(405, "Method Not Allowed", f"{request.method} is not allowed here")
     if not resp.prepared:
         resp.headers.update(_rate_headers(engine, create=is_create))
+    if (
+        engine.recorder is not None
+        and not request.get(DROPPED, False)
+        and isinstance(resp, web.Response)
+    ):
+        engine.recorder(
+            Exchange(
+                kind="api",
+                method=request.method,
+                path=path,
+                request_headers={k.lower(): v for k, v in request.headers.items()},
+                request_body=await request.read() if request.can_read_body else b"",
+                status=resp.status,
+                response_headers={k.lower(): v for k, v in resp.headers.items()},
+                response_body=bytes(resp.body) if isinstance(resp.body, bytes | bytearray) else b"",
+            )
+        )
     return resp
 
 
@@ -325,6 +353,25 @@ async def _create(
             errors.append(
                 {"type": "invalid", "field": "Cancel-After", "description": "Invalid duration"}
             )
+        elif cancel_after < cfg.cancel_after_min_s:
+            errors.append(
+                {
+                    "type": "minimum",
+                    "field": "Cancel-After",
+                    "description": "The minimum allowed duration is 5 seconds",
+                }
+            )
+    try:
+        wait = parse_prefer_wait(request.headers.get("Prefer"))
+    except ValueError:
+        wait = None
+        errors.append(
+            {
+                "type": "pattern",
+                "field": "Prefer",
+                "description": "Prefer must be wait or wait=n with n between 1 and 60",
+            }
+        )
     if errors or target is None:
         engine.record_rejection(Rejection(422, "invalid_fields"), hint_webhook, hint_input)
         return _invalid(errors)
@@ -373,7 +420,6 @@ async def _create(
     )
     if drop:
         return await _drop(request, cfg.create_drop_delay_s)
-    wait = parse_prefer_wait(request.headers.get("Prefer"))
     if wait is not None and not p.terminal:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(p.done.wait(), timeout=wait)
@@ -382,6 +428,7 @@ async def _create(
 
 async def _drop(request: web.Request, delay: float) -> web.StreamResponse:
     """Execute-then-drop: the create took effect; close the connection without an answer."""
+    request[DROPPED] = True
     if delay > 0:
         await asyncio.sleep(delay)
     if request.transport is not None:
@@ -489,14 +536,116 @@ async def list_predictions(request: web.Request) -> web.StreamResponse:
     )
 
 
+# --- models, versions, deployments --------------------------------------------------------
+RELEASED_AT = "2025-01-01T00:00:00.000000Z"
+VERSION_OPENAPI_SCHEMA: dict[str, Any] = {
+    "openapi": "3.0.2",
+    "info": {"title": "Cog", "version": "0.1.0"},
+    "paths": {},
+    "components": {
+        "schemas": {
+            "Input": {
+                "type": "object",
+                "title": "Input",
+                "properties": {"prompt": {"type": "string", "title": "Prompt"}},
+            },
+            "Output": {"type": "array", "items": {"type": "string", "format": "uri"}},
+        }
+    },
+}
+
+
+def _version_json(vid: str) -> dict[str, Any]:
+    return {
+        "id": vid,
+        "created_at": RELEASED_AT,
+        "cog_version": "0.14.0",
+        "openapi_schema": VERSION_OPENAPI_SCHEMA,
+    }
+
+
+def _model_versions(engine: Engine, owner: str, name: str) -> list[str]:
+    """Versions of a model: its default one plus those seen in ``owner/name:version`` creates."""
+    model = f"{owner}/{name}"
+    seen = [v for v, m in engine.versions.items() if m == model]
+    default = version_id(f"model:{model}")
+    return [default] + [v for v in seen if v != default]
+
+
+async def get_model_version(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    vid = request.match_info["version"]
+    if not _VERSION_RE.match(vid):
+        return _not_found()
+    known = engine.versions.get(vid)
+    model = f"{request.match_info['owner']}/{request.match_info['name']}"
+    if known is not None and known != model:
+        return _not_found()
+    return web.json_response(_version_json(vid))
+
+
+async def list_model_versions(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    owner, name = request.match_info["owner"], request.match_info["name"]
+    versions = _model_versions(engine, owner, name)
+    return web.json_response(
+        {
+            "next": None,
+            "previous": None,
+            "results": [_version_json(v) for v in versions],
+        }
+    )
+
+
+async def get_model(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    owner, name = request.match_info["owner"], request.match_info["name"]
+    latest = _model_versions(engine, owner, name)[-1]
+    return web.json_response(
+        {
+            "url": f"https://replicate.com/{owner}/{name}",
+            "owner": owner,
+            "name": name,
+            "description": "A model of fake-replicate",
+            "visibility": "public",
+            "is_official": False,
+            "github_url": None,
+            "paper_url": None,
+            "license_url": None,
+            "cover_image_url": None,
+            "run_count": sum(
+                1 for p in engine.predictions.values() if p.model == f"{owner}/{name}"
+            ),
+            "default_example": None,
+            "latest_version": _version_json(latest),
+        }
+    )
+
+
+async def get_deployment(request: web.Request) -> web.StreamResponse:
+    owner, name = request.match_info["owner"], request.match_info["name"]
+    return web.json_response(
+        {
+            "owner": owner,
+            "name": name,
+            "current_release": {
+                "number": 1,
+                "model": f"{owner}/{name}",
+                "version": version_id(f"deployment:{owner}/{name}"),
+                "created_at": RELEASED_AT,
+                "created_by": {"type": "organization", "username": owner, "name": owner},
+                "configuration": {"hardware": "gpu-t4", "min_instances": 0, "max_instances": 5},
+            },
+        }
+    )
+
+
 async def webhook_secret(request: web.Request) -> web.StreamResponse:
     return web.json_response({"key": request.app[ENGINE].config.webhook_secret})
 
 
 async def account(request: web.Request) -> web.StreamResponse:
-    return web.json_response(
-        {"type": "organization", "username": "fake", "name": "Fake Replicate", "github_url": None}
-    )
+    return web.json_response({"type": "organization", "username": "fake", "name": "Fake Replicate"})
 
 
 async def serve_file(request: web.Request) -> web.StreamResponse:
@@ -584,6 +733,10 @@ def build_app(engine: Engine) -> web.Application:
     r.add_post("/v1/predictions/{id}/cancel", cancel_prediction)
     r.add_post("/v1/models/{owner}/{name}/predictions", create_model_prediction)
     r.add_post("/v1/deployments/{owner}/{name}/predictions", create_deployment_prediction)
+    r.add_get("/v1/models/{owner}/{name}", get_model)
+    r.add_get("/v1/models/{owner}/{name}/versions", list_model_versions)
+    r.add_get("/v1/models/{owner}/{name}/versions/{version}", get_model_version)
+    r.add_get("/v1/deployments/{owner}/{name}", get_deployment)
     r.add_get("/v1/webhooks/default/secret", webhook_secret)
     r.add_get("/v1/account", account)
     r.add_get("/files/{id}/{name}", serve_file)

@@ -23,9 +23,11 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
+from conveyor_provider_adapter.binding import Binder, SubmitRecords
+from conveyor_provider_adapter.commands import CommandHandler
 from conveyor_provider_adapter.coordination import Coordinator
-from conveyor_provider_adapter.dispatcher import Dispatcher
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.provider_webhooks import Pipeline, SecretSource, WebhookReceiver
 from conveyor_provider_adapter.ratelimit import TokenBucket
 from conveyor_provider_adapter.reconciler import Reconciler
 from conveyor_provider_adapter.replicate import ReplicateClient
@@ -38,7 +40,6 @@ from conveyor_provider_adapter.storage import (
     S3Storage,
     Storage,
 )
-from conveyor_provider_adapter.webhooks import Pipeline, SecretSource, WebhookReceiver
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ class Adapter:
             record_wait_s=settings.scheduler_timeout_s * 2,
         )
         self.bucket = TokenBucket(settings.create_rate_per_min, settings.create_burst)
-        self.dispatcher = Dispatcher(
+        self.commands = CommandHandler(
             coordinator=self.coordinator,
             replicate=self.replicate,
             bucket=self.bucket,
@@ -156,7 +157,7 @@ class Adapter:
                 max_batch=50,
                 security=settings.kafka_security,
             ),
-            self.dispatcher.handle,
+            self.commands.handle,
             registry=default_registry(),
             dlq_producer=self.producer,
             metrics=kafka_metrics,
@@ -192,6 +193,12 @@ class Adapter:
             self.metrics,
             workers=settings.webhook_workers,
             queue_size=settings.webhook_queue_size,
+            binder=Binder(
+                state=self.state,
+                records=SubmitRecords(self.coordinator),
+                metrics=self.metrics,
+                skew_s=settings.reconcile_skew_s,
+            ),
         )
         self.receiver = WebhookReceiver(
             secrets=self.secrets,
@@ -260,6 +267,7 @@ class Adapter:
             "consumer_stop", self.consumer.stop, phase=phases.CONSUMERS, timeout=60
         )
         lifecycle.on_shutdown("reconciler_stop", self.reconciler.stop, phase=phases.WORKERS)
+        lifecycle.on_shutdown("deadline_timers_stop", self.commands.close, phase=phases.WORKERS)
         lifecycle.on_shutdown(
             "webhook_queue_drain", self.pipeline.drain, phase=phases.WORKERS, timeout=45
         )

@@ -79,13 +79,25 @@ def classify_error(error: str | None) -> tuple[str, bool]:
 
 
 def classify_status(status: int) -> tuple[str, bool]:
-    """``(code, retryable)`` for a definite HTTP error answer to a create."""
+    """``(code, retryable)`` for an HTTP error answer to a create.
+
+    Replicate's OpenAPI document declares only 201/202 for the create operations and states the
+    request constraints (the body schema with ``additionalProperties: false``, ``Cancel-After`` of at
+    least 5 s, ``Prefer: wait=1..60``); breaking one is a 422 with ``invalid_fields``, a verdict on
+    the request that a retry repeats. Errors are problem+json (``title``, ``detail``, ``status``).
+    So: 400/413/422 and other 4xx -> invalid input, 401/403 -> auth, 404 -> not found, all final;
+    402/429 -> throttled (the adapter backs off, keeping the slot); 408/409/425 -> nothing was
+    created and the refusal passes: a retryable failure (a new attempt after the scheduler's backoff);
+    5xx -> ambiguous (handled before this, never a definite verdict).
+    """
     if status in (401, 403):
         return "auth", False
     if status == 404:
         return "not_found", False
     if status in (408, 425):
         return "timeout", True
+    if status == 409:
+        return "conflict", True
     if status in (402, 429):
         return "rate_limited", True
     if status >= 500:

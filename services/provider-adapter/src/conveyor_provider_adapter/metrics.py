@@ -93,6 +93,13 @@ class AdapterMetrics:
             ["reason"],
             registry=registry,
         )
+        self.webhooks_unbound = Counter(
+            "conveyor_adapter_webhooks_unbound_total",
+            "Signed deliveries whose prediction is not the one recorded for the attempt of their URL "
+            "(re-targeted or stale): ignored, nothing canceled.",
+            ["reason"],
+            registry=registry,
+        )
         self.webhook_queue = Gauge(
             "conveyor_adapter_webhook_queue_depth",
             "Verified deliveries waiting to be turned into results.",
@@ -117,7 +124,7 @@ class AdapterMetrics:
         )
         self.cancels = Counter(
             "conveyor_adapter_cancels_total",
-            "Cancel calls by outcome (canceled, deferred, failed, stale_prediction).",
+            "Cancel calls by outcome (canceled, deferred, failed, stale_prediction, deadline_timer).",
             ["outcome"],
             registry=registry,
         )

@@ -4,7 +4,10 @@ Errors are ``application/problem+json`` and become typed exceptions:
 
 * :class:`RateLimited` (429; also 402, a credit limit) with ``retry_after`` from the body's
   ``retry_after`` or the ``Retry-After`` header: nothing was created, retrying is safe;
-* :class:`ClientError` (other 4xx): definite, never retried;
+* :class:`ClientError` (other 4xx): a definite answer, nothing was created; classify.classify_status
+  says whether a new attempt may succeed (408, 409, 425: the refusal passes) or not (the request
+  itself is wrong: 422 for the OpenAPI document's constraints, e.g. the body schema, ``Cancel-After``
+  under 5 s or a ``Prefer`` outside ``wait=1..60``; 400, 401/403, 404, 413...);
 * :class:`ServerError` (5xx of get/cancel/list);
 * :class:`Ambiguous` (create only): a timeout after the request was sent, a reset connection or a
   5xx. The prediction may exist: never resubmit blindly, reconcile;
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -198,13 +202,24 @@ class Prediction:
         )
 
 
+CANCEL_AFTER_MIN_S = 5
+"""Replicate's documented minimum ``Cancel-After`` ("The minimum allowed duration is 5 seconds"):
+shorter values are refused with 422. A run deadline closer than that is enforced by the adapter's own
+cancel (commands.py), with ``Cancel-After: 5s`` as the backstop."""
+
+
+def cancel_after_seconds(deadline: datetime, now: datetime | None = None) -> float:
+    """Seconds from ``now`` to ``deadline`` (may be negative)."""
+    return (deadline - (now or datetime.now(UTC))).total_seconds()
+
+
 def cancel_after_value(deadline: datetime | None, now: datetime | None = None) -> str | None:
-    """``Cancel-After`` header for an absolute deadline (whole seconds, at least 1 s), or None."""
+    """``Cancel-After`` for an absolute deadline: whole seconds rounded up, never below
+    :data:`CANCEL_AFTER_MIN_S`; None without a deadline."""
     if deadline is None:
         return None
-    current = now or datetime.now(UTC)
-    seconds = int((deadline - current).total_seconds())
-    return f"{max(1, seconds)}s"
+    seconds = math.ceil(cancel_after_seconds(deadline, now) - 1e-6)
+    return f"{max(CANCEL_AFTER_MIN_S, seconds)}s"
 
 
 # --------------------------------------------------------------------------------------------------

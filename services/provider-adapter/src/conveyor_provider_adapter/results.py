@@ -33,6 +33,7 @@ from conveyor_common import topics
 from conveyor_common.kafka import EventProducer
 from conveyor_provider_adapter.classify import classify_error, parse_progress
 from conveyor_provider_adapter.coordination import Coordinator
+from conveyor_provider_adapter.matching import matches
 from conveyor_provider_adapter.metrics import AdapterMetrics
 from conveyor_provider_adapter.replicate import Prediction, ReplicateClient, ReplicateError
 from conveyor_provider_adapter.state import AttemptInfo, LocalState
@@ -41,6 +42,8 @@ from conveyor_provider_adapter.storage import OutputCopier
 logger = logging.getLogger(__name__)
 
 Source: TypeAlias = "events_pb2.ResultSource.ValueType"
+POLL_SOURCE = events_pb2.RESULT_SOURCE_POLL
+WEBHOOK_SOURCE = events_pb2.RESULT_SOURCE_WEBHOOK
 
 
 def _ts(when: datetime) -> Any:
@@ -163,8 +166,14 @@ class Observer:
 
     # ---- adoption ----
 
-    async def ensure_recorded(self, info: AttemptInfo, prediction: Prediction) -> bool:
-        """Whether results about ``prediction`` may be published for this attempt."""
+    async def ensure_recorded(
+        self, info: AttemptInfo, prediction: Prediction, *, source: Source = POLL_SOURCE
+    ) -> bool:
+        """Whether results about ``prediction`` may be published for this attempt.
+
+        A prediction the scheduler refuses is canceled only when it is known to be this attempt's
+        (found by the reconciler's input match or by a poll of the recorded id); a webhook delivery's
+        word is never enough (binding.py): a refused delivery changes nothing."""
         if prediction.id in info.rejected:
             return False
         if info.prediction_id == prediction.id:
@@ -202,8 +211,18 @@ class Observer:
                     "prediction_id": prediction.id,
                 },
             )
-            self.metrics.cancels.labels("stale_prediction").inc()
-            if not prediction.terminal:
+            if prediction.terminal:
+                return False
+            own = source != WEBHOOK_SOURCE or (
+                info.input is not None
+                and matches(
+                    prediction,
+                    info,
+                    (info.unknown_since or datetime.now(UTC)) - timedelta(seconds=60),
+                )
+            )
+            if own:
+                self.metrics.cancels.labels("stale_prediction").inc()
                 await self.cancel_quietly(prediction.id)
             return False
         self.metrics.reconcile_actions.labels("adopt").inc()
@@ -225,7 +244,7 @@ class Observer:
 
     async def cancel_once(self, info: AttemptInfo, prediction_id: str) -> Prediction | None:
         """Cancel ``prediction_id`` of the attempt unless a cancel of it is under way or was
-        accepted: the dispatcher (after the create), the observer (when it learns the id) and
+        accepted: the command handler (after the create), the observer (when it learns the id) and
         the reconciler can each notice a requested cancel at about the same time."""
         if prediction_id in info.cancels_in_flight or prediction_id in info.canceled:
             return None
@@ -279,7 +298,7 @@ class Observer:
     ) -> list[events_pb2.ProviderResult]:
         """Publish what ``prediction`` shows about (task, attempt); returns what was published."""
         info = self.state.attempt(task_id, attempt)
-        if not await self.ensure_recorded(info, prediction):
+        if not await self.ensure_recorded(info, prediction, source=source):
             return []
         results = await self.results_for(
             info, prediction, source=source, webhook_id=webhook_id, deadline_cancel=deadline_cancel
@@ -384,7 +403,7 @@ class Observer:
             result.failed.message = (prediction.error or "prediction failed")[:1000]
             result.failed.retryable = retryable
         elif status == "canceled":
-            by_deadline = deadline_cancel
+            by_deadline = deadline_cancel or info.deadline_canceled
             if not by_deadline and prediction.deadline is not None:
                 end = prediction.completed_at or datetime.now(UTC)
                 by_deadline = end >= prediction.deadline - timedelta(seconds=1)

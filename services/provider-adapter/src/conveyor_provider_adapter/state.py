@@ -74,6 +74,9 @@ class AttemptInfo:
     deployment: str = ""
     input: dict[str, Any] | None = None
     """Input of the dispatch (kept for an ambiguous create, to match it in the list endpoint)."""
+    deadline_canceled: bool = False
+    """The adapter canceled the prediction at its run deadline (a deadline under Cancel-After's
+    minimum): its ``canceled`` outcome is a deadline, not a user cancel."""
     unknown_since: datetime | None = None
     last_polled: float = float("-inf")
     """Monotonic time of the reconciler's last GET of the prediction."""

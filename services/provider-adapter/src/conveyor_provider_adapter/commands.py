@@ -19,6 +19,11 @@ So a dispatch redelivered many times, two replicas racing, or a kill -9 between 
 its recording produce one prediction, unless an ambiguous create *and* the loss of its start
 webhook *and* a failed list match coincide.
 
+Run deadlines go to Replicate as ``Cancel-After``, which Replicate refuses below 5 s. A deadline
+closer than that at create time is sent as ``Cancel-After: 5s`` (the backstop that holds across an
+adapter restart) and enforced by a timer here that cancels the prediction at the deadline itself
+(the outcome is ``canceled`` with ``deadline_exceeded``).
+
 CancelTask goes to Replicate's cancel endpoint; when the prediction id is not known yet the cancel
 is remembered and applied as soon as the id appears (and the reconciler applies the scheduler's
 ``cancel_requested`` flag as a backstop).
@@ -27,6 +32,7 @@ is remembered and applied as soon as the id appears (and the reconciler applies 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -45,6 +51,7 @@ from conveyor_provider_adapter.matching import find_match, normalize_input
 from conveyor_provider_adapter.metrics import AdapterMetrics
 from conveyor_provider_adapter.ratelimit import TokenBucket
 from conveyor_provider_adapter.replicate import (
+    CANCEL_AFTER_MIN_S,
     Ambiguous,
     ClientError,
     CreateRequest,
@@ -53,6 +60,7 @@ from conveyor_provider_adapter.replicate import (
     ReplicateClient,
     ReplicateError,
     Unreachable,
+    cancel_after_seconds,
     parse_target,
 )
 from conveyor_provider_adapter.results import Observer, ResultPublisher, new_result
@@ -66,7 +74,7 @@ CREATE = events_pb2.RESULT_SOURCE_CREATE
 POLL = events_pb2.RESULT_SOURCE_POLL
 
 
-class Dispatcher:
+class CommandHandler:
     """Handles DispatchTask and CancelTask envelopes."""
 
     def __init__(
@@ -99,6 +107,16 @@ class Dispatcher:
         self.throttle_max_wait_s = throttle_max_wait_s
         self.reconcile_skew_s = reconcile_skew_s
         self.unreachable_attempts = unreachable_attempts
+        self._deadline_timers: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        """Stop the deadline timers (Cancel-After, at most 5 s later, is their backstop)."""
+        timers, self._deadline_timers = self._deadline_timers, set()
+        for timer in timers:
+            timer.cancel()
+        for timer in timers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
 
     async def handle(self, envelope: Envelope) -> None:
         """The consumer's handler."""
@@ -322,6 +340,41 @@ class Dispatcher:
             return
         if info.cancel_requested:
             await self._cancel_prediction(info, prediction.id)
+            return
+        if d.HasField("run_deadline") and not prediction.terminal:
+            self._arm_deadline(info, prediction.id, d.run_deadline.ToDatetime(tzinfo=UTC))
+
+    def _arm_deadline(self, info: AttemptInfo, prediction_id: str, deadline: datetime) -> None:
+        """Cancel at ``deadline`` a prediction whose Cancel-After had to be raised to 5 s."""
+        if cancel_after_seconds(deadline) >= CANCEL_AFTER_MIN_S:
+            return  # Replicate's Cancel-After enforces it
+
+        async def fire() -> None:
+            delay = cancel_after_seconds(deadline)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if prediction_id in info.canceled or info.terminal_reported:
+                return
+            info.deadline_canceled = True
+            self.metrics.cancels.labels("deadline_timer").inc()
+            logger.info(
+                "run deadline under Cancel-After's minimum reached; canceling",
+                extra={
+                    "action": "deadline_timer_cancel",
+                    "task_id": info.task_id,
+                    "attempt": info.attempt,
+                    "prediction_id": prediction_id,
+                },
+            )
+            prediction = await self.observer.cancel_once(info, prediction_id)
+            if prediction is not None and prediction.terminal:
+                await self.observer.observe(
+                    prediction, info.task_id, info.attempt, source=POLL, deadline_cancel=True
+                )
+
+        timer = asyncio.create_task(fire(), name=f"deadline-{info.task_id}-{info.attempt}")
+        self._deadline_timers.add(timer)
+        timer.add_done_callback(self._deadline_timers.discard)
 
     async def _ambiguous(self, d: events_pb2.DispatchTask, info: AttemptInfo, reason: str) -> None:
         info.unknown_since = datetime.now(UTC)

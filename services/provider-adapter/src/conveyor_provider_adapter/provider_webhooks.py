@@ -6,12 +6,17 @@
    ``webhook-timestamp`` within the tolerance, a ``v1,`` signature over ``id.timestamp.body``,
    constant-time compare, any of the configured secrets): failures answer 401 and are counted by
    reason (``missing_headers``, ``stale``, ``future``, ``bad_signature``...);
-2. a ``webhook-id`` seen before (in-memory LRU) answers 200 and is dropped (``duplicate``);
-   durable dedup is the scheduler's inbox, which applies result id ``wh:<webhook-id>`` once;
+2. a ``webhook-id`` seen before at the same URL (in-memory LRU of this replica, keyed by
+   webhook-id, task and attempt) answers 200 and is dropped (``duplicate``). That LRU only saves
+   work: the dedup that holds across replicas and restarts is the scheduler's inbox, which applies
+   each result id once, and a delivery's result ids derive from its webhook-id (``wh:<id>``), so a
+   redelivery to any replica, before or after a restart, is applied once;
 3. our ``token`` must be the HMAC of ``task:attempt`` (a signed delivery without our parameters is
    an unknown prediction: logged, answered 200 so Replicate stops retrying);
 4. the delivery is queued for a worker (per-task queues keep a task's deliveries in order); a full
-   queue answers 503 so Replicate redelivers later. Only then is the webhook-id remembered.
+   queue answers 503 so Replicate redelivers later. Only then is the webhook-id remembered;
+5. the worker binds the body's prediction to the URL's attempt through the scheduler's recorded
+   submit (binding.py) before anything acts on it: an unbound delivery changes nothing.
 
 Nothing is published inline: the answer takes well under a millisecond of work.
 """
@@ -35,6 +40,7 @@ from conveyor_common.standard_webhooks import (
     WebhookVerificationError,
     WebhookVerifier,
 )
+from conveyor_provider_adapter.binding import Binder
 from conveyor_provider_adapter.metrics import AdapterMetrics
 from conveyor_provider_adapter.replicate import Prediction, ReplicateClient
 from conveyor_provider_adapter.results import Observer
@@ -155,9 +161,11 @@ class Pipeline:
         *,
         workers: int = 4,
         queue_size: int = 1000,
+        binder: Binder | None = None,
     ) -> None:
         self.observer = observer
         self.metrics = metrics
+        self.binder = binder
         per_worker = max(1, -(-queue_size // workers))
         self._queues: list[asyncio.Queue[WebhookJob]] = [
             asyncio.Queue(maxsize=per_worker) for _ in range(workers)
@@ -189,6 +197,10 @@ class Pipeline:
         while True:
             job = await queue.get()
             try:
+                if self.binder is not None and not await self.binder.bind(
+                    job.task_id, job.attempt, job.prediction
+                ):
+                    continue
                 with tracing.span(
                     "replicate webhook process",
                     tracing.SpanKind.CONSUMER,
@@ -245,7 +257,7 @@ class WebhookReceiver:
         self.token_key = token_key
         self.pipeline = pipeline
         self.metrics = metrics
-        self._seen: LRU[str, bool] = LRU(dedup_size)
+        self._seen: LRU[tuple[str, str, str], bool] = LRU(dedup_size)
         self.app = web.Application(client_max_size=max_body_bytes)
         self.app.router.add_post(WEBHOOK_PATH, self.handle)
         self.app.router.add_get("/healthz", self.healthz)
@@ -295,15 +307,18 @@ class WebhookReceiver:
                 self.secrets.bad_signature_seen()
             return self._reject(exc.reason.value, 401, str(exc))
         msg_id = verified.msg_id
-        if msg_id in self._seen:
-            self.metrics.webhooks.labels("duplicate").inc()
-            return web.json_response({"status": "duplicate"})
         query = request.query
         task_id, attempt_raw, token = (
             query.get("task", ""),
             query.get("attempt", ""),
             query.get("token", ""),
         )
+        # Keyed by the URL's attempt too: a delivery re-posted to another task's URL first must not
+        # make the genuine one look like a duplicate.
+        seen_key = (msg_id, task_id, attempt_raw)
+        if seen_key in self._seen:
+            self.metrics.webhooks.labels("duplicate").inc()
+            return web.json_response({"status": "duplicate"})
         if not task_id or not attempt_raw or not token:
             self.metrics.webhooks.labels("unknown").inc()
             logger.info(
@@ -328,6 +343,6 @@ class WebhookReceiver:
         if not self.pipeline.offer(job):
             self.metrics.webhooks.labels("overloaded").inc()
             return web.json_response({"error": "overloaded"}, status=503)
-        self._seen.put(msg_id, True)
+        self._seen.put(seen_key, True)
         self.metrics.webhooks.labels("accepted").inc()
         return web.json_response({"status": "accepted"})
