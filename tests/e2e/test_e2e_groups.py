@@ -22,7 +22,7 @@ from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_client import AsyncConveyorClient, build_spec, delayed
 from tests.e2e.harness import E2E, aclose, creates, wait_terminal
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 G = group_pb2
 CHILD = G.GROUP_EVENT_TYPE_CHILD

@@ -190,7 +190,7 @@ async def test_deadline_propagates(env: Env) -> None:
     await env.tasks.GetQueueStats(svc_pb2.GetQueueStatsRequest(), metadata=env.md(), timeout=5)
     _, _, remaining = env.scheduler.calls[-1]
     assert remaining is not None
-    assert 0.05 < remaining <= 0.5
+    assert 0.05 < remaining <= 0.51  # the attempt's bound (0.5 s), rounding aside
 
 
 async def test_scheduler_down_is_unavailable_without_internal_details() -> None:

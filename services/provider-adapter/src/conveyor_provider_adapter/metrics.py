@@ -41,6 +41,16 @@ OUTPUT_FAILURE_REASONS = (
 )
 
 
+UNBOUND_REASONS = (
+    "other_prediction",
+    "not_in_flight",
+    "not_submitted",
+    "recorded_elsewhere",
+    "mismatch",
+)
+"""``reason`` of conveyor_adapter_webhooks_unbound_total (see binding.py)."""
+
+
 class AdapterMetrics:
     """Every adapter metric; build one per registry."""
 
@@ -164,3 +174,5 @@ class AdapterMetrics:
             self.cancels.labels(outcome)
         for reason in OUTPUT_FAILURE_REASONS:
             self.output_failures.labels(reason)
+        for reason in UNBOUND_REASONS:
+            self.webhooks_unbound.labels(reason)
