@@ -29,9 +29,7 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,7 +51,11 @@ from conveyor_client.token import mint_token
 from conveyor_common.channels import client_options
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ROOT.parent / "shared" / "bench" / "peers"
+if str(ROOT) not in sys.path:  # bench/ helpers are imported by their package path
+    sys.path.insert(0, str(ROOT))
+
+from bench._peers import free_port, run_bullmq  # noqa: E402
+
 SECRET = "bench-secret-" + "x" * 32
 TARGETS = {
     "submit_throughput_tps": 2000.0,
@@ -61,12 +63,6 @@ TARGETS = {
     "submit_latency_p99_ms": 25.0,
 }
 BULLMQ_REFERENCE = {"add_sequential_jobs_s": 2200.0, "paced_p99_ms": 33.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pct(values: list[float], p: float) -> float:
@@ -352,87 +348,6 @@ async def gateway_capacity(
     for proc in (gw, fake):
         proc.send_signal(signal.SIGTERM)
     return tps, overhead
-
-
-# ---------------------------------------------------------------------------------------------
-# BullMQ peer
-
-
-def run_bullmq(quick: bool) -> dict[str, Any]:
-    """BullMQ durable add (Redis appendfsync always), when Redis and the harness are at hand.
-
-    ``make bench-peers`` (tools/bench/install-peers.sh) installs both when it can. The harness is
-    ``bench.js N CONCURRENCY RATE PACED_SECONDS`` from shared/bench/peers/bullmq (``BULLMQ_HARNESS``
-    overrides the path); it prints one JSON line. Redis runs durable: AOF with an fsync per write, like
-    our PostgreSQL with fsync and synchronous_commit on.
-    """
-    harness = Path(os.environ.get("BULLMQ_HARNESS") or PEERS / "bullmq")
-    redis = shutil.which("redis-server")
-    node = shutil.which("node")
-    if not harness.is_dir():
-        return {"skipped": f"no BullMQ harness at {harness}"}
-    if redis is None:
-        return {"skipped": "redis-server is not installed (make bench-peers installs it)"}
-    if node is None:
-        return {"skipped": "node is not installed"}
-    if not (harness / "node_modules" / "bullmq").is_dir():
-        return {"skipped": f"{harness}/node_modules is missing (make bench-peers installs it)"}
-    port = free_port()
-    data = Path(tempfile.mkdtemp(prefix="bullmq-redis-"))
-    server = subprocess.Popen(
-        [redis, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
-         "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-         "--maxmemory-policy", "noeviction"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    bench_js: subprocess.Popen[bytes] | None = None
-    try:
-        deadline = time.monotonic() + 10.0
-        while True:  # without a listening Redis, bench.js would retry until its 240 s watchdog
-            if server.poll() is not None:
-                return {"skipped": f"redis-server exited at start rc={server.returncode}"}
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
-                break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                return {"skipped": "redis-server did not listen within 10 s"}
-            time.sleep(0.05)
-        n, paced = ("4000", "5") if quick else ("20000", "20")
-        # bench.js forks worker.js, which outlives a failed bench.js (its watchdog exits only the parent) and
-        # would hold output pipes open: so files, not pipes, and its own session, whose group is killed below.
-        out_path, err_path = data / "bench.out", data / "bench.err"
-        env = {
-            **os.environ,
-            "REDIS_PORT": str(port),
-            "WATCHDOG_S": "240",
-            "BULLMQ_BACKEND": "redis",
-        }
-        with out_path.open("w") as out_file, err_path.open("w") as err_file:
-            bench_js = subprocess.Popen(
-                [node, "bench.js", n, "50", "500", paced],
-                cwd=harness, env=env, stdout=out_file, stderr=err_file, start_new_session=True,
-            )  # fmt: skip
-        try:
-            bench_js.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            return {"skipped": "bench.js did not finish within 300 s"}
-        lines = out_path.read_text().strip().splitlines()
-        err = err_path.read_text()
-        if bench_js.returncode != 0 or not lines:
-            return {"skipped": f"bench.js failed rc={bench_js.returncode}: {err[-500:]}"}
-        result: dict[str, Any] = json.loads(lines[-1])
-        result["redis"] = "appendonly yes, appendfsync always (fsync per write)"
-        return result
-    finally:
-        if bench_js is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(bench_js.pid, signal.SIGKILL)
-            bench_js.wait()
-        server.terminate()
-        server.wait(timeout=10)
-        shutil.rmtree(data, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Each benchmark measures its baseline in the same run (scheduler: the naive per-row-counter dispatch of
 performance.md §2.4 on the same PostgreSQL; gateway: BullMQ's durable add when Redis and Node are at
-hand, else the figures measured for it on this machine kind) and writes ``bench/results/*.json``.
+hand, else the figures measured for it on this machine kind; pipeline: BullMQ end to end, a worker
+completing jobs) and writes ``bench/results/*.json``.
 ``--quick`` runs short smoke versions (under a minute each).
 """
 
@@ -29,7 +30,11 @@ BENCHES: list[tuple[str, Path, Path, list[str]]] = [
         RESULTS / "gateway-2-replicas.json",
         ["--scheduler-replicas", "2"],
     ),
+    # The whole path end to end (issue #13) in the make-up shape, with BullMQ's end-to-end run.
+    ("pipeline", ROOT / "bench" / "pipeline_bench.py", RESULTS / "pipeline.json", []),
 ]
+NESTED = ("cpu_ms_per_task_by_process",)
+"""Flat dicts of figures printed one entry per line (``key[name]``)."""
 
 
 def main() -> int:
@@ -56,6 +61,9 @@ def main() -> int:
             value = figures[key]
             if isinstance(value, int | float) and not isinstance(value, bool):
                 print(f"   {key:45} {value}")
+        for key in NESTED:
+            for name, value in (figures.get(key) or {}).items():
+                print(f"   {f'{key}[{name}]':45} {value}")
     if failed:
         print(f"benchmarks failed: {', '.join(failed)}", file=sys.stderr)
         return 1
