@@ -13,6 +13,8 @@ BUF := tools/buf/node_modules/.bin/buf
 PACKAGES := conveyor_common conveyor_devstack conveyor_gateway conveyor_scheduler fake_replicate \
 	conveyor_provider_adapter conveyor_notifier conveyor_client
 PYTEST_ARGS ?=
+# gRPC fork handlers misbehave in children forked by test processes (pexpect, pre-exec): off.
+export GRPC_ENABLE_FORK_SUPPORT := false
 
 .PHONY: help
 help: ## Print this message
