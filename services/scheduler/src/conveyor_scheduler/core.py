@@ -25,8 +25,6 @@ from conveyor_common import tracing
 from conveyor_common.errors import ResourceExhausted, Unavailable
 from conveyor_common.faults import classify
 from conveyor_scheduler import models as m
-from conveyor_scheduler import repository as repo
-from conveyor_scheduler import transitions
 from conveyor_scheduler.convert import TaskRow, task_proto
 from conveyor_scheduler.dispatcher import utcnow
 from conveyor_scheduler.metrics import SchedulerMetrics
@@ -39,9 +37,31 @@ from conveyor_scheduler.repository import (
     EV_SUBMITTED,
     NewTask,
     SubmitRequest,
+    events_after,
+    get_tenant,
+    list_tasks,
+    load_task,
+    queue_position,
+    recent_run_time_p50,
+    select_for_bulk,
+    set_model_paused,
+    submit,
+    submit_group,
+    upsert_tenant,
 )
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.signals import Wakeups
+from conveyor_scheduler.transitions import (
+    Backoff,
+    apply_results,
+    begin_submit,
+    bulk_cancel,
+    cancel_task,
+    complete_submit,
+    list_in_flight,
+    mark_submit_unknown,
+    redrive,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +93,7 @@ class SchedulerCore:
         self.engine = engine
         self.settings = settings
         self.policy = Policy.from_settings(settings)
-        self.backoff = transitions.Backoff.from_settings(settings)
+        self.backoff = Backoff.from_settings(settings)
         self.wakeups = wakeups or Wakeups()
         self.metrics = metrics
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
@@ -147,7 +167,7 @@ class SchedulerCore:
         """Admit tasks (all or none); (task, deduplicated) per item."""
         try:
             async with self.engine.connect() as conn, pipelined(conn) as leave:
-                out = await repo.submit(
+                out = await submit(
                     conn,
                     tenant_id=tenant_id,
                     claimed_tier=tier or 1,
@@ -166,12 +186,12 @@ class SchedulerCore:
     async def get_task(self, tenant_id: str | None, task_id: str) -> task_pb2.Task:
         """A task with its position in line and ETA while queued."""
         async with self.engine.connect() as conn:
-            row = await repo.load_task(conn, task_id, tenant_id)
+            row = await load_task(conn, task_id, tenant_id)
             task = task_proto(row)
             if row["status"] == m.QUEUED:
-                position = await repo.queue_position(conn, row)
+                position = await queue_position(conn, row)
                 task.queue_position = position
-                p50 = await repo.recent_run_time_p50(conn, row["kind"])
+                p50 = await recent_run_time_p50(conn, row["kind"])
                 if p50 > 0:
                     slots = self.policy.kind_limits.get(row["kind"], self.policy.global_concurrency)
                     parallel = max(
@@ -189,12 +209,12 @@ class SchedulerCore:
     ) -> tuple[list[TaskRow], str]:
         """Tasks newest first (see repository.list_tasks)."""
         async with self.engine.connect() as conn:
-            return await repo.list_tasks(conn, tenant_id, **kwargs)  # type: ignore[arg-type]
+            return await list_tasks(conn, tenant_id, **kwargs)  # type: ignore[arg-type]
 
     async def cancel(self, tenant_id: str | None, task_id: str, reason: str) -> TaskRow:
         """Cancel a task (queued at once; running through the provider)."""
         async with self.engine.begin() as conn:
-            row, changes = await transitions.cancel_task(conn, tenant_id, task_id, reason, utcnow())
+            row, changes = await cancel_task(conn, tenant_id, task_id, reason, utcnow())
         self._after(changes, poke=bool(changes.free_slots or changes.outbox))
         return row
 
@@ -203,8 +223,8 @@ class SchedulerCore:
     ) -> tuple[list[task_pb2.TaskEvent], bool, int]:
         """Events after a sequence, whether the task is terminal, and its last sequence."""
         async with self.engine.connect() as conn:
-            row = await repo.load_task(conn, task_id, tenant_id)
-            payloads = await repo.events_after(conn, row["id"], after, limit)
+            row = await load_task(conn, task_id, tenant_id)
+            payloads = await events_after(conn, row["id"], after, limit)
         events = []
         for p in payloads:
             ev = task_pb2.TaskEvent()
@@ -242,7 +262,7 @@ class SchedulerCore:
             attributes={"db.system": "postgresql", "conveyor.results": len(results)},
         ):
             async with self.engine.begin() as conn:
-                changes = await transitions.apply_results(
+                changes = await apply_results(
                     conn,
                     results,
                     backoff=self.backoff,
@@ -265,9 +285,7 @@ class SchedulerCore:
     async def begin_submit(self, task_id: str, attempt: int) -> tuple[int, TaskRow | None]:
         """BeginSubmit."""
         async with self.engine.begin() as conn:
-            decision, row, changes = await transitions.begin_submit(
-                conn, task_id, attempt, utcnow()
-            )
+            decision, row, changes = await begin_submit(conn, task_id, attempt, utcnow())
         if changes.free_slots:
             self._after(changes)
         return decision, row
@@ -275,9 +293,7 @@ class SchedulerCore:
     async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:
         """CompleteSubmit."""
         async with self.engine.begin() as conn:
-            ok, changes = await transitions.complete_submit(
-                conn, task_id, attempt, prediction_id, utcnow()
-            )
+            ok, changes = await complete_submit(conn, task_id, attempt, prediction_id, utcnow())
         if changes.outbox:
             self._after(changes)
         return ok
@@ -285,35 +301,35 @@ class SchedulerCore:
     async def mark_submit_unknown(self, task_id: str, attempt: int) -> bool:
         """MarkSubmitUnknown."""
         async with self.engine.begin() as conn:
-            return await transitions.mark_submit_unknown(conn, task_id, attempt, utcnow())
+            return await mark_submit_unknown(conn, task_id, attempt, utcnow())
 
     async def list_in_flight(
         self, quiet_since: datetime | None, page_size: int, page_token: str
     ) -> tuple[list[TaskRow], str]:
         """ListInFlight."""
         async with self.engine.connect() as conn:
-            return await transitions.list_in_flight(conn, quiet_since, page_size, page_token)
+            return await list_in_flight(conn, quiet_since, page_size, page_token)
 
     # ---------------------------------------------------------------- admin
 
     async def get_tenant(self, tenant_id: str) -> dict[str, object] | None:
         """A tenant row."""
         async with self.engine.connect() as conn:
-            return await repo.get_tenant(conn, tenant_id)
+            return await get_tenant(conn, tenant_id)
 
     async def upsert_tenant(
         self, tenant_id: str, tier: int, limits: task_pb2.TenantLimits
     ) -> dict[str, object]:
         """Create or update a tenant."""
         async with self.engine.begin() as conn:
-            row = await repo.upsert_tenant(conn, tenant_id, tier, limits)
+            row = await upsert_tenant(conn, tenant_id, tier, limits)
         self._after()
         return row
 
     async def set_model_paused(self, model: str, paused: bool, reason: str | None) -> bool:
         """Pause or resume a model."""
         async with self.engine.begin() as conn:
-            out = await repo.set_model_paused(conn, model, paused, reason)
+            out = await set_model_paused(conn, model, paused, reason)
         self._after(poke=not paused)
         return out
 
@@ -331,7 +347,7 @@ class SchedulerCore:
     ) -> list[uuid.UUID]:
         """Bulk cancel (``op="cancel"``) or redrive (``op="redrive"``)."""
         async with self.engine.begin() as conn:
-            rows = await repo.select_for_bulk(
+            rows = await select_for_bulk(
                 conn,
                 task_ids=task_ids,
                 tenant_id=tenant_id,
@@ -341,9 +357,9 @@ class SchedulerCore:
                 limit=limit,
             )
             if op == "cancel":
-                done, changes = await transitions.bulk_cancel(conn, rows, reason, utcnow())
+                done, changes = await bulk_cancel(conn, rows, reason, utcnow())
             else:
-                done, changes = await transitions.redrive(conn, rows, self.policy, utcnow())
+                done, changes = await redrive(conn, rows, self.policy, utcnow())
         self._after(changes)
         return done
 
@@ -501,7 +517,7 @@ class SubmitBatcher:
                 links=[r.item.traceparent for r, _ in batch],
             ):
                 async with pipelined(conn) as leave:
-                    outcomes = await repo.submit_group(
+                    outcomes = await submit_group(
                         conn,
                         [r for r, _ in batch],
                         policy=core.policy,

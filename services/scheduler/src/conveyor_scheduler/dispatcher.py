@@ -50,7 +50,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import NullPool
 
 from conveyor_scheduler import models as m
-from conveyor_scheduler import transitions
 from conveyor_scheduler.db import PG_OPTIONS, binary_arrays, lease_options
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.outbox import Changes, insert_rows
@@ -58,6 +57,7 @@ from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.repository import EV_DISPATCHED
 from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
 from conveyor_scheduler.signals import Wakeups
+from conveyor_scheduler.transitions import dispatch_command, expire_due, rescue_dispatches
 
 logger = logging.getLogger(__name__)
 
@@ -632,7 +632,7 @@ class Dispatcher:
                 }
             )
             changes.waiting[row["tenant_id"]] -= 1
-            changes.command(row, transitions.dispatch_command(row, provider, self.policy, now))
+            changes.command(row, dispatch_command(row, provider, self.policy, now))
             row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
             changes.event(row, EV_DISPATCHED, m.QUEUED)
         await insert_rows(conn, "active_slots", slots)
@@ -769,10 +769,10 @@ class LeaderLoops:
         now = utcnow()
         async with self.engine.begin() as conn:
             await self.leader.fence_any(conn)
-            expired = await transitions.expire_due(conn, now)
+            expired = await expire_due(conn, now)
         async with self.engine.begin() as conn:
             await self.leader.fence_any(conn)
-            rescued = await transitions.rescue_dispatches(
+            rescued = await rescue_dispatches(
                 conn,
                 now,
                 self.settings.submit_lease_seconds,

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor_scheduler import repository as repo
+from conveyor_scheduler.repository import recent_run_time_p50
 
 _STATUS_FIELD = {
     1: "waiting",
@@ -55,7 +55,7 @@ async def queue_stats(
                 g["oldest"] = r.oldest
     out: list[dict[str, Any]] = []
     for (k, mdl), g in sorted(groups.items()):
-        p50 = await repo.recent_run_time_p50(conn, k, mdl or None, tenant_id=tenant_id)
+        p50 = await recent_run_time_p50(conn, k, mdl or None, tenant_id=tenant_id)
         out.append(
             {
                 "kind": k,

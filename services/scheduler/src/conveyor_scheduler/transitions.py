@@ -24,7 +24,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler import models as m
-from conveyor_scheduler import repository as repo
 from conveyor_scheduler.convert import TaskRow, TrackedRow, from_ts, set_ts, spec_of
 from conveyor_scheduler.groups.delays import retry_delay
 from conveyor_scheduler.outbox import Changes
@@ -44,6 +43,11 @@ from conveyor_scheduler.repository import (
     SS_SUBMITTED,
     SS_SUBMITTING,
     SS_UNKNOWN,
+    decode_cursor,
+    encode_cursor,
+    load_task,
+    lock_tasks,
+    set_provider_throttle,
 )
 from conveyor_scheduler.settings import SchedulerSettings
 
@@ -133,7 +137,7 @@ async def cancel_task(
     conn: AsyncConnection, tenant_id: str | None, task_id: str, reason: str, now: datetime
 ) -> tuple[TaskRow, Changes]:
     """Cancel one task of a tenant (NotFound for others')."""
-    row = await repo.load_task(conn, task_id, tenant_id, lock=True)
+    row = await load_task(conn, task_id, tenant_id, lock=True)
     changes = Changes(now=now)
     apply_cancel(row, changes, reason)
     await changes.flush(conn)
@@ -230,13 +234,13 @@ async def apply_results(
     for r in todo:
         if r.WhichOneof("outcome") == "throttled":
             until = from_ts(r.throttled.retry_at) if r.throttled.HasField("retry_at") else now
-            await repo.set_provider_throttle(conn, r.throttled.provider or provider, until)
+            await set_provider_throttle(conn, r.throttled.provider or provider, until)
             continue
         try:
             task_ids.append(uuid.UUID(r.task_id))
         except ValueError:
             logger.warning("result for a bad task id", extra={"action": "result_bad_task"})
-    rows = await repo.lock_tasks(conn, task_ids)
+    rows = await lock_tasks(conn, task_ids)
     for r in todo:
         if r.WhichOneof("outcome") == "throttled":
             continue
@@ -371,7 +375,7 @@ async def begin_submit(
     """Record the intent to create the prediction of (task, attempt); returns the decision."""
     changes = Changes(now=now)
     try:
-        row = await repo.load_task(conn, task_id, None, lock=True)
+        row = await load_task(conn, task_id, None, lock=True)
     except Exception:
         return STOP, None, changes
     if row["attempt"] != attempt or row["status"] not in m.ACTIVE_STATUSES:
@@ -399,7 +403,7 @@ async def complete_submit(
     """Record the prediction id of (task, attempt); the task is running from now."""
     changes = Changes(now=now)
     try:
-        row = await repo.load_task(conn, task_id, None, lock=True)
+        row = await load_task(conn, task_id, None, lock=True)
     except Exception:
         return False, changes
     if row["attempt"] != attempt or row["status"] not in m.ACTIVE_STATUSES:
@@ -422,7 +426,7 @@ async def mark_submit_unknown(
     """The create outcome of (task, attempt) is unknown: never resubmit it blindly."""
     changes = Changes(now=now)
     try:
-        row = await repo.load_task(conn, task_id, None, lock=True)
+        row = await load_task(conn, task_id, None, lock=True)
     except Exception:
         return False
     if row["attempt"] != attempt or row["status"] not in m.ACTIVE_STATUSES:
@@ -446,7 +450,7 @@ async def list_in_flight(
         where.append("COALESCE(last_provider_update_at, submit_started_at, dispatched_at) < :quiet")
         params["quiet"] = quiet_since
     if page_token:
-        at, tid = repo.decode_cursor(page_token)
+        at, tid = decode_cursor(page_token)
         where.append("(dispatched_at, id) > (:c_at, :c_id)")
         params.update(c_at=at, c_id=tid)
     rows = await conn.execute(
@@ -460,7 +464,7 @@ async def list_in_flight(
     token = ""
     if len(out) > page_size:
         out = out[:page_size]
-        token = repo.encode_cursor(out[-1]["dispatched_at"], out[-1]["id"])
+        token = encode_cursor(out[-1]["dispatched_at"], out[-1]["id"])
     return out, token
 
 

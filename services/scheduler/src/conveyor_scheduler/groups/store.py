@@ -25,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from conveyor_common.ids import uuid7
-from conveyor_scheduler import repository as repo
 from conveyor_scheduler.convert import SNAPSHOT, TaskRow, set_ts
 from conveyor_scheduler.groups.delays import CHILDREN, ChildContext
 from conveyor_scheduler.groups.models import (
@@ -39,6 +38,14 @@ from conveyor_scheduler.groups.models import (
 )
 from conveyor_scheduler.outbox import Changes, insert_new_tasks
 from conveyor_scheduler.policy import Policy
+from conveyor_scheduler.repository import (
+    EV_SUBMITTED,
+    NewTask,
+    fingerprint,
+    lock_tasks,
+    new_task_row,
+    submit,
+)
 from conveyor_scheduler.settings import SchedulerSettings
 
 logger = logging.getLogger(__name__)
@@ -231,10 +238,10 @@ async def create_group(
     for i, child in enumerate(spec.children):
         rid = child_request_id(request_id, i)
         ctx.index[rid] = i
-        items.append(repo.NewTask(rid, child, repo.fingerprint(child)))
+        items.append(NewTask(rid, child, fingerprint(child)))
     token = CHILDREN.set(ctx)
     try:
-        out = await repo.submit(
+        out = await submit(
             conn,
             tenant_id=tenant_id,
             claimed_tier=claimed_tier,
@@ -669,7 +676,7 @@ async def cancel_children(conn: AsyncConnection, gid: uuid.UUID, now: datetime) 
             text("SELECT id FROM tasks WHERE group_id = :g AND status IN (1, 2, 3)"), {"g": gid}
         )
     ]
-    rows = await repo.lock_tasks(conn, ids)
+    rows = await lock_tasks(conn, ids)
     g = (
         (
             await conn.execute(
@@ -752,14 +759,12 @@ async def submit_follow_up(
         text("SELECT COALESCE(tier, claimed_tier, 1) FROM tenants WHERE tenant_id = :t"),
         {"t": group["tenant_id"]},
     )
-    item = repo.NewTask(f"{group['request_id']}/group-follow-up", spec, repo.fingerprint(spec))
+    item = NewTask(f"{group['request_id']}/group-follow-up", spec, fingerprint(spec))
     task_id = uuid7()
-    row = repo.new_task_row(
-        task_id, group["tenant_id"], item, int(tier_row or 1), policy, settings, now
-    )
+    row = new_task_row(task_id, group["tenant_id"], item, int(tier_row or 1), policy, settings, now)
     changes = Changes(now=now)
     row["last_sequence"] = 0
-    row[SNAPSHOT] = changes.event(row, repo.EV_SUBMITTED, 0).task
+    row[SNAPSHOT] = changes.event(row, EV_SUBMITTED, 0).task
     await insert_new_tasks(conn, [row], changes, queue_shard_delta=1)
     await conn.execute(
         text("UPDATE tenants SET waiting = waiting + 1 WHERE tenant_id = :t"),
