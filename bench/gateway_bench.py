@@ -356,7 +356,7 @@ async def gateway_capacity(
 async def bench(quick: bool, replicas: int) -> dict[str, Any]:
     from conveyor_common.service import settle_gc
     from conveyor_devstack.stack import start_postgres
-    from conveyor_scheduler.db import migrate
+    from conveyor_scheduler.store.db import migrate
 
     load_before = os.getloadavg()[0]
     phase = 4.0 if quick else 15.0

@@ -29,11 +29,12 @@ from sqlalchemy import text
 from conveyor.tasks.v1 import group_pb2
 from conveyor_scheduler import testing as kit
 from conveyor_scheduler.core import SchedulerCore
-from conveyor_scheduler.db import create_engine
-from conveyor_scheduler.dispatcher import Leader, LeaderLoops
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.loops import LeaderLoops
+from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.groups.service import GroupCore
 from conveyor_scheduler.settings import SchedulerSettings
-from conveyor_scheduler.signals import Wakeups
+from conveyor_scheduler.store.db import create_engine
 
 RESULTS = Path(__file__).resolve().parent / "results" / "groups.json"
 TENANTS = 200

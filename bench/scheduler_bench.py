@@ -43,11 +43,13 @@ from sqlalchemy import text
 
 from conveyor_scheduler import testing as kit
 from conveyor_scheduler.core import SchedulerCore
-from conveyor_scheduler.db import create_engine
-from conveyor_scheduler.dispatcher import Dispatcher, Leader, LeaderLoops
-from conveyor_scheduler.policy import Policy
+from conveyor_scheduler.dispatch.cycle import Dispatcher
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.loops import LeaderLoops
+from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.settings import SchedulerSettings
-from conveyor_scheduler.signals import Wakeups
+from conveyor_scheduler.store.db import create_engine
 
 TENANTS = 1000
 RESULTS = Path(__file__).resolve().parent / "results" / "scheduler.json"

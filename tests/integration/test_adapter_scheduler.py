@@ -29,8 +29,8 @@ from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
 from conveyor_provider_adapter.testing import free_port
 from conveyor_scheduler import testing as kit
+from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.app import SchedulerApp
-from conveyor_scheduler.repository import NewTask, fingerprint
 from fake_replicate import FakeConfig, FakeReplicate
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.kafka]

@@ -82,7 +82,7 @@ def test_image_environment_installs_from_the_lockfile_and_runs(
     module = SERVICES[service]
     probe = f"import {module}.__main__, {module}.settings; print({module}.__file__)"
     if service == "scheduler":
-        probe += "; from conveyor_scheduler.db import alembic_ini_path, head_revisions; print(alembic_ini_path(), head_revisions())"
+        probe += "; from conveyor_scheduler.store.db import alembic_ini_path, head_revisions; print(alembic_ini_path(), head_revisions())"
     ran = subprocess.run(
         [str(env_dir / "bin" / "python"), "-c", probe],
         cwd=tmp_path,

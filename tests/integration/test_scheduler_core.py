@@ -22,11 +22,12 @@ from sqlalchemy import text
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FailedPrecondition, NotFound, ResourceExhausted
-from conveyor_scheduler import db, models
 from conveyor_scheduler import testing as kit
 from conveyor_scheduler.core import SchedulerCore
-from conveyor_scheduler.dispatcher import Dispatcher, Leader
-from conveyor_scheduler.signals import Wakeups
+from conveyor_scheduler.dispatch.cycle import Dispatcher
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_scheduler.store import db, models
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -440,7 +441,7 @@ async def test_submit_protocol(make_env: Callable[..., Awaitable[Env]]) -> None:
 
 
 async def test_expiry_and_rescue(make_env: Callable[..., Awaitable[Env]]) -> None:
-    from conveyor_scheduler import transitions
+    from conveyor_scheduler.sweeps import expiry as transitions
 
     env = await _leader_env(make_env, global_concurrency=1)
     now = datetime.now(UTC)
@@ -551,8 +552,8 @@ async def test_reconcile_gauges_retention_stats_and_eta(
 ) -> None:
     from prometheus_client import CollectorRegistry
 
-    from conveyor_scheduler import maintenance
     from conveyor_scheduler.metrics import SchedulerMetrics
+    from conveyor_scheduler.sweeps import maintenance
 
     env = await _leader_env(make_env, global_concurrency=1, outbox_retention_seconds=0)
     await env.core.submit("a", 1, [kit.item() for _ in range(4)])
@@ -604,7 +605,7 @@ async def test_reconcile_gauges_retention_stats_and_eta(
 
 async def test_rerank_matches_the_policy(make_env: Callable[..., Awaitable[Env]]) -> None:
     from conveyor_scheduler.__main__ import rerank
-    from conveyor_scheduler.policy import Policy
+    from conveyor_scheduler.dispatch.policy import Policy
 
     env = await make_env(aging_rate_per_minute=0.2)
     rows = [

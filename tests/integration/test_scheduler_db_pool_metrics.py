@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 
-from conveyor_scheduler.db import create_engine
 from conveyor_scheduler.metrics import SchedulerMetrics
+from conveyor_scheduler.store.db import create_engine
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

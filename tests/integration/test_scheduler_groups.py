@@ -19,14 +19,16 @@ from sqlalchemy import text
 
 from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_common.errors import FailedPrecondition, ResourceExhausted
-from conveyor_scheduler import db
 from conveyor_scheduler import testing as kit
+from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.core import SchedulerCore
-from conveyor_scheduler.dispatcher import Dispatcher, Leader, LeaderLoops
+from conveyor_scheduler.dispatch.cycle import Dispatcher
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.loops import LeaderLoops
+from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.groups import store
 from conveyor_scheduler.groups.service import GroupCore
-from conveyor_scheduler.repository import NewTask, fingerprint
-from conveyor_scheduler.signals import Wakeups
+from conveyor_scheduler.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -22,9 +22,9 @@ from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
 from conveyor_common.errors import unpack_details
 from conveyor_devstack.postgres import PostgresServer
 from conveyor_scheduler import testing as kit
+from conveyor_scheduler.api.servicer import SchedulerServicer
 from conveyor_scheduler.app import SchedulerApp
-from conveyor_scheduler.servicer import SchedulerServicer
-from conveyor_scheduler.webhooks import WebhookPolicy, WebhookSettings
+from conveyor_scheduler.webhooks.settings import WebhookPolicy, WebhookSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -27,7 +27,8 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from conveyor_common.kafka import Envelope
 from conveyor_scheduler import testing as kit
-from conveyor_scheduler.app import SchedulerApp, results_handler
+from conveyor_scheduler.app import SchedulerApp
+from conveyor_scheduler.results.consumer import results_handler
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.slow]
 

@@ -14,11 +14,12 @@ from sqlalchemy import text
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FailedPrecondition, ResourceExhausted
-from conveyor_scheduler import db
 from conveyor_scheduler import testing as kit
-from conveyor_scheduler.core import SchedulerCore, SubmitBatcher
-from conveyor_scheduler.repository import NewTask
-from conveyor_scheduler.signals import Wakeups
+from conveyor_scheduler.admission.batcher import SubmitBatcher
+from conveyor_scheduler.admission.submit import NewTask
+from conveyor_scheduler.core import SchedulerCore
+from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_scheduler.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

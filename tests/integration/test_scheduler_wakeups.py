@@ -12,7 +12,7 @@ import pytest
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler import testing as kit
 from conveyor_scheduler.app import SchedulerApp
-from conveyor_scheduler.signals import payload_of
+from conveyor_scheduler.dispatch.wakeups import payload_of
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -89,7 +89,7 @@ def test_notify_payload_names_what_changed() -> None:
 
 
 def test_poke_marks_capacity_only_when_it_may_have_grown() -> None:
-    from conveyor_scheduler.signals import Wakeups
+    from conveyor_scheduler.dispatch.wakeups import Wakeups
 
     w = Wakeups()
     w.capacity_changed = w.candidates_stale = False
@@ -107,9 +107,9 @@ async def test_notifier_announces_new_work_lazily_and_freed_capacity_at_once(
     freed slot is announced within the short window, ahead of it."""
     import psycopg
 
-    from conveyor_scheduler.db import create_engine
+    from conveyor_scheduler.dispatch.wakeups import CHANNEL, Notifier
     from conveyor_scheduler.settings import to_libpq_url
-    from conveyor_scheduler.signals import CHANNEL, Notifier
+    from conveyor_scheduler.store.db import create_engine
 
     engine = create_engine(database_url, pool_size=2)
     notifier = Notifier(engine, 0.002, 0.3)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from conveyor.events.v1 import events_pb2
-from conveyor_scheduler.app import ResultBatcher
+from conveyor_scheduler.results.consumer import ResultBatcher
 
 
 class RecordingCore:

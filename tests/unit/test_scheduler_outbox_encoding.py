@@ -11,7 +11,8 @@ import pytest
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.ids import uuid7
-from conveyor_scheduler.outbox import _params, state_changed_bytes
+from conveyor_scheduler.store.bulk import _params
+from conveyor_scheduler.store.changes import state_changed_bytes
 
 
 @pytest.mark.parametrize("size", [0, 1, 127, 128, 300, 16_383, 16_384, 70_000])
@@ -50,7 +51,7 @@ def test_uuid7_is_time_ordered_and_version_7() -> None:
 def test_struct_to_dict_is_message_to_dict() -> None:
     from google.protobuf import json_format, struct_pb2
 
-    from conveyor_scheduler.convert import struct_to_dict
+    from conveyor_scheduler.store.convert import struct_to_dict
 
     s = struct_pb2.Struct()
     s.update(
@@ -72,11 +73,12 @@ def test_struct_to_dict_is_message_to_dict() -> None:
 
 def test_a_new_tasks_snapshot_is_the_task_its_row_gives() -> None:
     """The submit paths answer with the SUBMITTED event's Task: it must equal task_proto(row)."""
-    from conveyor_scheduler.convert import SNAPSHOT, task_proto
-    from conveyor_scheduler.outbox import Changes
-    from conveyor_scheduler.policy import Policy
-    from conveyor_scheduler.repository import EV_SUBMITTED, NewTask, fingerprint, new_task_row
+    from conveyor_scheduler.admission.submit import NewTask, fingerprint, new_task_row
+    from conveyor_scheduler.dispatch.policy import Policy
     from conveyor_scheduler.settings import SchedulerSettings
+    from conveyor_scheduler.store.changes import Changes
+    from conveyor_scheduler.store.convert import SNAPSHOT, task_proto
+    from conveyor_scheduler.store.reads import EV_SUBMITTED
 
     settings = SchedulerSettings(database_url="postgresql://unused@127.0.0.1/unused")  # type: ignore[arg-type]
     spec = task_pb2.TaskSpec(

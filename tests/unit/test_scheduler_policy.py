@@ -11,16 +11,18 @@ import pytest
 from pydantic import ValidationError
 
 from conveyor.tasks.v1 import task_pb2
-from conveyor_scheduler import models as m
 from conveyor_scheduler import testing as kit
-from conveyor_scheduler.dispatcher import Candidate, Capacity, Dispatcher, Leader
-from conveyor_scheduler.outbox import Changes
-from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import new_task_row
-from conveyor_scheduler.servicer import validate_item
+from conveyor_scheduler.admission.submit import new_task_row
+from conveyor_scheduler.admission.validation import validate_item
+from conveyor_scheduler.dispatch.cycle import Candidate, Capacity, Dispatcher
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_scheduler.lifecycle import Backoff
+from conveyor_scheduler.results.apply import apply_result
 from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
-from conveyor_scheduler.signals import Wakeups
-from conveyor_scheduler.transitions import Backoff, apply_result
+from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.changes import Changes
 
 URL = "postgresql://u@127.0.0.1:1/db"
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -1,6 +1,6 @@
 """Async alembic environment of the scheduler (psycopg 3).
 
-The URL comes from ``config.attributes["sqlalchemy.url"]`` (set by ``conveyor_scheduler.db`` and the
+The URL comes from ``config.attributes["sqlalchemy.url"]`` (set by ``conveyor_scheduler.store.db`` and the
 tests) or else from ``SCHEDULER_DATABASE_URL``. Every model module is imported so autogenerate and the
 migrations-equal-models test see the whole metadata (the webhook models too, when present).
 """
@@ -14,8 +14,8 @@ from alembic import context
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conveyor_scheduler.db import target_metadata
 from conveyor_scheduler.settings import to_sqlalchemy_url
+from conveyor_scheduler.store.db import target_metadata
 
 config = context.config
 

@@ -1,6 +1,6 @@
 """Core schema: tenants, tasks, idempotency keys, task events, outbox, inbox, controls, slots.
 
-See conveyor_scheduler.models for why each table and constraint exists (the comments are in the
+See conveyor_scheduler.store.models for why each table and constraint exists (the comments are in the
 catalog too).
 
 Revision ID: 0001_core

@@ -8,59 +8,50 @@ slot, a cancel, a redrive, a resume), it pokes the leader (in process or by a co
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common import tracing
-from conveyor_common.errors import ResourceExhausted, Unavailable
-from conveyor_common.faults import classify
-from conveyor_scheduler import models as m
-from conveyor_scheduler.convert import TaskRow, task_proto
-from conveyor_scheduler.dispatcher import utcnow
+from conveyor_common.errors import ResourceExhausted
+from conveyor_scheduler.admission.batcher import SubmitBatcher, pipelined
+from conveyor_scheduler.admission.submit import NewTask, SubmitRequest, submit
+from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.control.cancel import bulk_cancel, cancel_task, redrive, select_for_bulk
+from conveyor_scheduler.control.tenants import get_tenant, set_model_paused, upsert_tenant
+from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_scheduler.lifecycle import Backoff
 from conveyor_scheduler.metrics import SchedulerMetrics
-from conveyor_scheduler.outbox import Changes
-from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import (
+from conveyor_scheduler.results.apply import apply_results
+from conveyor_scheduler.results.submit_protocol import (
+    begin_submit,
+    complete_submit,
+    list_in_flight,
+    mark_submit_unknown,
+)
+from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.changes import Changes
+from conveyor_scheduler.store.convert import TaskRow, task_proto
+from conveyor_scheduler.store.reads import (
     EV_DEAD_LETTERED,
     EV_REDRIVEN,
     EV_RETRY,
     EV_SUBMITTED,
-    NewTask,
-    SubmitRequest,
     events_after,
-    get_tenant,
     list_tasks,
     load_task,
     queue_position,
     recent_run_time_p50,
-    select_for_bulk,
-    set_model_paused,
-    submit,
-    submit_group,
-    upsert_tenant,
-)
-from conveyor_scheduler.settings import SchedulerSettings
-from conveyor_scheduler.signals import Wakeups
-from conveyor_scheduler.transitions import (
-    Backoff,
-    apply_results,
-    begin_submit,
-    bulk_cancel,
-    cancel_task,
-    complete_submit,
-    list_in_flight,
-    mark_submit_unknown,
-    redrive,
 )
 
 logger = logging.getLogger(__name__)
@@ -241,7 +232,7 @@ class SchedulerCore:
         cached = self._stats.entries.get(key)
         if cached is not None and time.monotonic() - cached[0] < self.settings.stats_cache_seconds:
             return cached[1]
-        from conveyor_scheduler import stats
+        from conveyor_scheduler.store import stats
 
         async with self.engine.connect() as conn:
             value = await stats.queue_stats(conn, kind, model, utcnow(), tenant_id)
@@ -362,213 +353,3 @@ class SchedulerCore:
                 done, changes = await redrive(conn, rows, self.policy, utcnow())
         self._after(changes)
         return done
-
-
-@contextlib.asynccontextmanager
-async def pipelined(conn: AsyncConnection) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    """One submit transaction on ``conn`` in psycopg's pipeline mode; yields ``leave``.
-
-    BEGIN travels with the first statement, the last statement with COMMIT and the closing Sync,
-    so the common path costs a round trip per statement whose result it needs, plus none. The
-    statements are prepared; with their array parameters PostgreSQL would plan them again at every
-    execution (a custom plan each time: about a quarter of its CPU per group, measured), so the
-    transaction asks for generic plans. A slow path awaits ``leave`` before any SQLAlchemy
-    statement (SQLAlchemy cannot read results in pipeline mode) and then commits as usual. An
-    exception rolls everything back.
-    """
-    driver: Any = (await conn.get_raw_connection()).driver_connection
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(driver.pipeline())
-        piped = True
-        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-
-        async def leave() -> None:
-            nonlocal piped
-            if piped:
-                piped = False
-                await stack.aclose()
-
-        yield leave
-        if piped:
-            await driver.execute("COMMIT")  # sent with the Sync when the pipeline closes
-            await stack.aclose()
-        else:
-            await driver.commit()
-    if conn.in_transaction():  # SQLAlchemy's own bookkeeping of a slow path's statements
-        await conn.commit()
-
-
-class SubmitBatcher:
-    """Group commit of single submits: concurrent callers share one transaction.
-
-    A call queues its request and waits for its own outcome. Up to ``submit_group_concurrency``
-    flushes run at a time (1 by default); a request starts one if fewer run (after ``submit_group_linger_seconds``, 0 by
-    default), else it joins the next group a running flusher takes, so under load a transaction
-    carries the submits that arrived during the previous commit, and an idle submit is written at
-    once.
-    :func:`repository.submit_group` keeps the per-request semantics of a lone submit (admission and
-    idempotency per request; a rejected request fails alone and writes nothing). A repeated
-    ``(tenant, request_id)`` waits for the next group (it then deduplicates against the first, as
-    it would against a concurrent lone submit). If the group transaction fails as a whole (a
-    deadlock, a lost connection), each of its requests is retried alone in its own transaction
-    (the idempotency keys make a retry of a committed request answer its task).
-    """
-
-    def __init__(self, core: SchedulerCore) -> None:
-        self.core = core
-        self.max_batch = core.settings.submit_group_max
-        self.linger = core.settings.submit_group_linger_seconds
-        self._pending: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
-        self.concurrency = core.settings.submit_group_concurrency
-        self._flushers: set[asyncio.Task[None]] = set()
-        self._running = 0
-        self._next_now = utcnow()
-        self.groups = 0
-        """Group transactions committed (tests, benchmarks)."""
-
-    async def submit(self, tenant_id: str, tier: int, item: NewTask) -> tuple[TaskRow, bool]:
-        """Admit one task; returns once its transaction committed (raises its own rejection)."""
-        [future] = self.enqueue([SubmitRequest(tenant_id, tier or 1, item)])
-        return await future
-
-    def enqueue(
-        self, requests: Sequence[SubmitRequest]
-    ) -> list[asyncio.Future[tuple[TaskRow, bool]]]:
-        """Queue single submits (in order); each future gets its own outcome."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[tuple[TaskRow, bool]]] = []
-        for request in requests:
-            future: asyncio.Future[tuple[TaskRow, bool]] = loop.create_future()
-            self._pending.append((request, future))
-            futures.append(future)
-        if futures and self._running < self.concurrency:
-            # Counted here and uncounted in _run's finally, synchronously: a flusher that is about
-            # to end has already seen the queue empty, so a request is never left without one.
-            self._running += 1
-            flusher = asyncio.create_task(self._run(), name="submit-group-commit")
-            self._flushers.add(flusher)
-            flusher.add_done_callback(self._flushers.discard)
-        return futures
-
-    async def _run(self) -> None:
-        batch: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
-        try:
-            await asyncio.sleep(self.linger)
-            while self._pending:
-                # One pooled connection for as long as groups keep coming (no checkout and
-                # liveness ping per group); a group that failed gives it back.
-                async with self.core.engine.connect() as conn:
-                    while self._pending:
-                        batch = self._take()
-                        if not await self._flush(batch, conn):
-                            break
-        except BaseException as exc:  # cancelled at shutdown, or the database is gone
-            pending, self._pending = [*batch, *self._pending], []
-            for _, f in pending:
-                if not f.done():
-                    f.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
-            if not isinstance(exc, Exception):
-                raise
-            # Every waiting caller got the error (an outage answers UNAVAILABLE at the RPC
-            # boundary); the flusher itself ends quietly, its error is not lost in a task.
-            logger.warning(
-                "submit group flusher failed: %s",
-                type(exc).__name__,
-                extra={"action": "submit_group_flusher_failed", "callers": len(pending)},
-            )
-        finally:
-            self._running -= 1
-
-    def _take(self) -> list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]]:
-        """The next group: up to max_batch pending requests, a repeated key left for later."""
-        batch: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
-        later: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]] = []
-        keys: set[tuple[str, str]] = set()
-        for entry in self._pending:
-            key = (entry[0].tenant_id, entry[0].item.request_id)
-            if len(batch) < self.max_batch and key not in keys:
-                keys.add(key)
-                batch.append(entry)
-            else:
-                later.append(entry)
-        self._pending = later
-        return batch
-
-    async def _flush(
-        self,
-        batch: list[tuple[SubmitRequest, asyncio.Future[tuple[TaskRow, bool]]]],
-        conn: AsyncConnection,
-    ) -> bool:
-        """Commit one group on ``conn``; False when it failed (its requests were then retried
-        one by one and the connection should not be reused)."""
-        core = self.core
-        # Groups of this replica get increasing times (request i at now + i µs): FIFO holds
-        # across groups too, even with concurrent flushers.
-        now = max(utcnow(), self._next_now)
-        self._next_now = now + timedelta(microseconds=len(batch))
-        started = time.perf_counter()
-        try:
-            # Three round trips for a common group: keys, admission, insert with COMMIT.
-            with tracing.span(
-                "db submit_group",
-                tracing.SpanKind.CLIENT,
-                parent="",
-                attributes={"db.system": "postgresql", "conveyor.group_size": len(batch)},
-                links=[r.item.traceparent for r, _ in batch],
-            ):
-                async with pipelined(conn) as leave:
-                    outcomes = await submit_group(
-                        conn,
-                        [r for r, _ in batch],
-                        policy=core.policy,
-                        settings=core.settings,
-                        now=now,
-                        leave_pipeline=leave,
-                    )
-        except Exception as exc:
-            if isinstance(classify(exc), Unavailable):
-                # The database is unreachable or contended: one by one would fail the same way,
-                # slowly. Every caller gets the error (UNAVAILABLE with RetryInfo at the RPC).
-                logger.warning(
-                    "submit group failed: %s",
-                    type(exc).__name__,
-                    extra={"action": "submit_group_unavailable", "size": len(batch)},
-                )
-                for _, f in batch:
-                    if not f.done():
-                        f.set_exception(exc)
-                return False
-            logger.warning(
-                "submit group failed; retrying its requests one by one",
-                extra={"action": "submit_group_failed", "size": len(batch)},
-                exc_info=True,
-            )
-            for request, f in batch:
-                try:
-                    [out] = await core.submit(
-                        request.tenant_id, request.claimed_tier, [request.item]
-                    )
-                except Exception as exc:
-                    if not f.done():
-                        f.set_exception(exc)
-                else:
-                    if not f.done():
-                        f.set_result(out)
-            return False
-        self.groups += 1
-        if core.metrics is not None:
-            core.metrics.submit_group_size.observe(len(batch))
-            core.metrics.submit_group_seconds.observe(time.perf_counter() - started)
-        created = 0
-        for (_, f), outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                if isinstance(outcome, ResourceExhausted):
-                    core._rejected(outcome)
-                if not f.done():
-                    f.set_exception(outcome)
-            else:
-                created += 0 if outcome[1] else 1
-                if not f.done():
-                    f.set_result(outcome)
-        core._submitted(created)
-        return True

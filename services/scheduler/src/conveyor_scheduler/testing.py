@@ -15,10 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_scheduler import db
-from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import NewTask, fingerprint
+from conveyor_scheduler.admission.submit import NewTask, fingerprint
+from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.store import db
 
 TABLES = (
     "group_events",

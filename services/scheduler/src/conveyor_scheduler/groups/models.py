@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
-from conveyor_scheduler.models import Base
+from conveyor_scheduler.store.models import Base
 
 G_RUNNING, G_SUCCEEDED, G_PARTIALLY_FAILED, G_FAILED, G_CANCELED = 1, 2, 3, 4, 5
 G_TERMINAL = (G_SUCCEEDED, G_PARTIALLY_FAILED, G_FAILED, G_CANCELED)

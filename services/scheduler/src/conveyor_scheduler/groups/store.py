@@ -25,7 +25,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from conveyor_common.ids import uuid7
-from conveyor_scheduler.convert import SNAPSHOT, TaskRow, set_ts
+from conveyor_scheduler.admission.submit import NewTask, fingerprint, new_task_row, submit
+from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.groups.delays import CHILDREN, ChildContext
 from conveyor_scheduler.groups.models import (
     G_CANCELED,
@@ -36,17 +37,11 @@ from conveyor_scheduler.groups.models import (
     G_TERMINAL,
     POLICY_FAIL_FAST,
 )
-from conveyor_scheduler.outbox import Changes, insert_new_tasks
-from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import (
-    EV_SUBMITTED,
-    NewTask,
-    fingerprint,
-    lock_tasks,
-    new_task_row,
-    submit,
-)
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.store.bulk import insert_new_tasks
+from conveyor_scheduler.store.changes import Changes
+from conveyor_scheduler.store.convert import SNAPSHOT, TaskRow, set_ts
+from conveyor_scheduler.store.reads import EV_SUBMITTED, lock_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -668,7 +663,7 @@ async def cancel_children(conn: AsyncConnection, gid: uuid.UUID, now: datetime) 
     own cancel (a running child's cancel reaches the provider), then clear ``cancel_pending``.
 
     Lock order: the children first (id order), then the group (by the flush's hook)."""
-    from conveyor_scheduler import transitions
+    from conveyor_scheduler.control.cancel import apply_cancel
 
     ids = [
         r[0]
@@ -689,7 +684,7 @@ async def cancel_children(conn: AsyncConnection, gid: uuid.UUID, now: datetime) 
     changes = Changes(now=now)
     reason = g["cancel_reason"] or "group canceled"
     for row in rows.values():
-        transitions.apply_cancel(row, changes, reason)
+        apply_cancel(row, changes, reason)
     await changes.flush(conn)  # the hook recomputes (and may settle) the group
     await conn.execute(
         text("UPDATE task_groups SET cancel_pending = false WHERE id = :g"), {"g": gid}

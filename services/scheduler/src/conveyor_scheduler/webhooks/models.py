@@ -2,7 +2,7 @@
 
 The notifier has no database; it leases deliveries through ``DeliveryCoordinationService`` and
 reports outcomes, and this schema keeps everything durable. Tables live on the scheduler's metadata
-(``conveyor_scheduler.models.Base``) and are created by revision ``0002_webhooks``.
+(``conveyor_scheduler.store.models.Base``) and are created by revision ``0002_webhooks``.
 
 Delivery states are ``conveyor.tasks.v1.DeliveryState`` numbers: 1 pending, 2 delivered, 3 failed.
 """
@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from conveyor_scheduler.models import Base
+from conveyor_scheduler.store.models import Base
 
 PENDING, DELIVERED, FAILED = 1, 2, 3
 

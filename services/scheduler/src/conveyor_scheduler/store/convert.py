@@ -12,8 +12,8 @@ from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_scheduler import models as m
 from conveyor_scheduler.groups.delays import spec_extras, task_extras
+from conveyor_scheduler.store import models as m
 
 TaskRow = dict[str, Any]
 """A task as a dict of its column values (``SELECT * FROM tasks`` / ``RETURNING *``)."""

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor_scheduler.repository import recent_run_time_p50
+from conveyor_scheduler.store.reads import recent_run_time_p50
 
 _STATUS_FIELD = {
     1: "waiting",

@@ -33,8 +33,6 @@ transaction idle for a lease is aborted by the server, so a zombie that resumes 
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import heapq
 import logging
 import time
@@ -42,54 +40,26 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor_scheduler import models as m
-from conveyor_scheduler.db import PG_OPTIONS, binary_arrays, lease_options
+from conveyor.events.v1 import events_pb2
+from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.dispatch.bucket import TokenBucket
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.metrics import SchedulerMetrics
-from conveyor_scheduler.outbox import Changes, insert_rows
-from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import EV_DISPATCHED
-from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
-from conveyor_scheduler.signals import Wakeups
-from conveyor_scheduler.transitions import dispatch_command, expire_due, rescue_dispatches
+from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.bulk import insert_rows
+from conveyor_scheduler.store.changes import Changes
+from conveyor_scheduler.store.convert import TaskRow, set_ts, spec_of
+from conveyor_scheduler.store.reads import EV_DISPATCHED
 
 logger = logging.getLogger(__name__)
-
-
-def utcnow() -> datetime:
-    """The scheduler clock."""
-    return datetime.now(UTC)
-
-
-class TokenBucket:
-    """The provider's create rate (in the leader's memory; a new leader starts full)."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.at = time.monotonic()
-
-    def available(self) -> float:
-        """Tokens now."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-        self.at = now
-        return self.tokens
-
-    def take(self, n: int) -> None:
-        """Spend ``n`` tokens."""
-        self.tokens -= n
-
-    def seconds_until(self, n: float) -> float:
-        """Seconds until ``n`` tokens are available."""
-        return max(0.0, (n - self.available()) / self.rate)
 
 
 @dataclass
@@ -164,158 +134,6 @@ _DISPATCH_SQL = text(
     RETURNING *
     """
 )
-
-
-_HOLDS_LOCK_SQL = text(
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    " AND pid = pg_backend_pid() AND objsubid = 1 AND classid = :hi AND objid = :lo)"
-)
-
-
-_PID_HOLDS_LOCK_SQL = text(
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-    " AND pid = :pid AND objsubid = 1 AND classid = :hi AND objid = :lo)"
-)
-
-
-class LostLeadership(RuntimeError):
-    """The session no longer holds the leader lock."""
-
-
-class Leader:
-    """Holds (or tries to take) the leader lock on a dedicated connection.
-
-    SQLAlchemy transparently replaces the DBAPI connection of an ``AsyncConnection`` after a
-    disconnect, and a new session does not hold the old session's lock. So "still connected" proves
-    nothing: :meth:`fence` checks, inside each dispatch transaction, that THIS session holds the lock
-    (``pg_locks``), and the transaction aborts otherwise.
-    """
-
-    def __init__(self, settings: SchedulerSettings, url: str, instance_id: str) -> None:
-        self.settings = settings
-        self.instance_id = instance_id
-        self.backend_pid: int | None = None
-        self.engine: AsyncEngine = binary_arrays(
-            create_async_engine(
-                to_sqlalchemy_url(url),
-                poolclass=NullPool,
-                connect_args={
-                    "options": PG_OPTIONS
-                    + lease_options(
-                        settings.idle_transaction_seconds, settings.leader_lease_seconds
-                    ),
-                    "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
-                },
-            )
-        )
-        self.conn: AsyncConnection | None = None
-        self._standby: AsyncConnection | None = None
-
-    @property
-    def _key_parts(self) -> dict[str, int]:
-        key = self.settings.leader_lock_key & 0xFFFFFFFFFFFFFFFF
-        return {"hi": key >> 32, "lo": key & 0xFFFFFFFF}
-
-    async def fence(self, conn: AsyncConnection) -> None:
-        """Raise LostLeadership unless ``conn``'s session holds the lock (call inside the tx)."""
-        if not await conn.scalar(_HOLDS_LOCK_SQL, self._key_parts):
-            raise LostLeadership("the leader lock is not held by this session")
-
-    async def fence_any(self, conn: AsyncConnection) -> None:
-        """Raise LostLeadership unless the leader's own session still holds the lock, checked from
-        any connection inside its transaction (the sweeps' writes on pool connections)."""
-        pid = self.backend_pid
-        if self.conn is None or pid is None:
-            raise LostLeadership("not the leader")
-        if not await conn.scalar(_PID_HOLDS_LOCK_SQL, {**self._key_parts, "pid": pid}):
-            raise LostLeadership("the leader lock is not held by the leader's session")
-
-    @property
-    def is_leader(self) -> bool:
-        """Whether this replica holds the lock (as far as it knows)."""
-        return self.conn is not None
-
-    async def try_acquire(self) -> bool:
-        """Try to take the lock; True when this replica is the leader now.
-
-        A follower keeps its dedicated connection between tries (no new session every second).
-        """
-        if self.conn is not None:
-            return True
-        conn, self._standby = self._standby, None
-        got, pid = False, 0
-        if conn is not None:
-            try:
-                got, pid = await self._try_lock(conn)
-            except Exception:
-                # The standby session may have been ended as idle (longer retry than the lease).
-                with contextlib.suppress(Exception):
-                    await conn.close()
-                conn = None
-        if conn is None:
-            conn = await self.engine.connect()
-            try:
-                got, pid = await self._try_lock(conn)
-            except Exception:
-                await conn.close()
-                raise
-        if not got:
-            self._standby = conn
-            return False
-        self.conn = conn
-        self.backend_pid = pid
-        logger.info(
-            "became leader", extra={"action": "leader_acquired", "instance": self.instance_id}
-        )
-        return True
-
-    async def _try_lock(self, conn: AsyncConnection) -> tuple[bool, int]:
-        row = (
-            await conn.execute(
-                text("SELECT pg_try_advisory_lock(:k), pg_backend_pid()"),
-                {"k": self.settings.leader_lock_key},
-            )
-        ).one()
-        await conn.commit()
-        return bool(row[0]), int(row[1])
-
-    async def lose(self) -> None:
-        """Drop the connection (and with it the lock): after an error or at shutdown."""
-        conn, self.conn = self.conn, None
-        self.backend_pid = None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.close()
-            logger.info(
-                "leadership released",
-                extra={"action": "leader_released", "instance": self.instance_id},
-            )
-
-    async def check(self) -> bool:
-        """Round-trip on the lock connection; loses leadership if the session is gone."""
-        if self.conn is None:
-            return False
-        try:
-            held = await self.conn.scalar(_HOLDS_LOCK_SQL, self._key_parts)
-            await self.conn.commit()
-            if held:
-                return True
-            logger.warning("leader lock lost", extra={"action": "leader_lost"})
-            await self.lose()
-            return False
-        except Exception:
-            logger.warning("leader connection lost", extra={"action": "leader_lost"}, exc_info=True)
-            await self.lose()
-            return False
-
-    async def dispose(self) -> None:
-        """Release and close the engine."""
-        await self.lose()
-        standby, self._standby = self._standby, None
-        if standby is not None:
-            with contextlib.suppress(Exception):
-                await standby.close()
-        await self.engine.dispose()
 
 
 class Dispatcher:
@@ -647,151 +465,25 @@ class Dispatcher:
         return len(rows)
 
 
-class LeaderLoops:
-    """Election, the dispatch loop and the leader's sweeps (one instance per replica)."""
-
-    def __init__(
-        self,
-        settings: SchedulerSettings,
-        policy: Policy,
-        engine: AsyncEngine,
-        leader: Leader,
-        wakeups: Wakeups,
-        metrics: SchedulerMetrics | None = None,
-    ) -> None:
-        self.settings = settings
-        self.policy = policy
-        self.engine = engine
-        self.leader = leader
-        self.wakeups = wakeups
-        self.metrics = metrics
-        self.dispatcher = Dispatcher(settings, policy, leader, wakeups, metrics)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = asyncio.Event()
-        self.on_sweep: list[Any] = []
-
-    def start(self) -> None:
-        """Start the election/dispatch loop and the sweep loop."""
-        self._tasks = [
-            asyncio.create_task(self._dispatch_loop(), name="dispatch-loop"),
-            asyncio.create_task(self._sweep_loop(), name="sweep-loop"),
-        ]
-
-    async def stop(self) -> None:
-        """Stop the loops and release the lock."""
-        self._stopping.set()
-        self.wakeups.dispatch.set()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
-        self._tasks = []
-        self.wakeups.local_leader = False
-        if self.metrics is not None:
-            self.metrics.leader.set(0)
-        await self.leader.lose()
-
-    async def _dispatch_loop(self) -> None:
-        s = self.settings
-        while not self._stopping.is_set():
-            if not self.leader.is_leader:
-                try:
-                    became = await self.leader.try_acquire()
-                except Exception:
-                    logger.warning(
-                        "election failed", extra={"action": "election_failed"}, exc_info=True
-                    )
-                    became = False
-                if not became:
-                    await asyncio.sleep(s.leader_retry_seconds)
-                    continue
-                self.wakeups.local_leader = True
-                self.wakeups.capacity_changed = True
-                if self.metrics is not None:
-                    self.metrics.leader.set(1)
-                self.wakeups.wake_local()
-            try:
-                if self.dispatcher.saturated and not self.wakeups.capacity_changed:
-                    # The global limit was full at the last read and nothing freed capacity
-                    # since (only new work arrived): a cycle could not dispatch anything.
-                    n = 0
-                else:
-                    self.wakeups.capacity_changed = False
-                    n = await self.dispatcher.cycle()
-            except Exception:
-                self.wakeups.candidates_stale = True  # the cache may have lost uncommitted picks
-                logger.warning(
-                    "dispatch cycle failed", extra={"action": "dispatch_failed"}, exc_info=True
-                )
-                if not await self.leader.check():
-                    self.wakeups.local_leader = False
-                    if self.metrics is not None:
-                        self.metrics.leader.set(0)
-                await asyncio.sleep(0.2)
-                continue
-            if n > 0:
-                continue  # more may be dispatchable right away (the next cycle tells)
-            # At least every third of the lease the leader's session is touched (the heartbeat
-            # below), or PostgreSQL takes it for a frozen leader and ends it.
-            timeout = min(s.dispatch_poll_seconds, s.leader_lease_seconds / 3)
-            if self.dispatcher.next_wake is not None:
-                timeout = min(timeout, max(0.001, self.dispatcher.next_wake - time.monotonic()))
-            try:
-                await asyncio.wait_for(self.wakeups.dispatch.wait(), timeout=timeout)
-            except TimeoutError:
-                # The polling backstop: a NOTIFY may have been lost, so re-read everything.
-                self.wakeups.candidates_stale = True
-                self.wakeups.capacity_changed = True
-                if not await self.leader.check():
-                    self.wakeups.local_leader = False
-                    if self.metrics is not None:
-                        self.metrics.leader.set(0)
-            self.wakeups.dispatch.clear()
-
-    async def _sweep_loop(self) -> None:
-        s = self.settings
-        last_slow = 0.0
-        while not self._stopping.is_set():
-            await asyncio.sleep(s.maintenance_seconds)
-            if not self.leader.is_leader:
-                continue
-            try:
-                await self.sweep()
-                if time.monotonic() - last_slow >= 10.0:
-                    last_slow = time.monotonic()
-                    await self.slow_sweep()
-            except Exception:
-                logger.warning("sweep failed", extra={"action": "sweep_failed"}, exc_info=True)
-
-    async def sweep(self) -> None:
-        """Expire overdue queued tasks and rescue unconfirmed dispatches."""
-        now = utcnow()
-        async with self.engine.begin() as conn:
-            await self.leader.fence_any(conn)
-            expired = await expire_due(conn, now)
-        async with self.engine.begin() as conn:
-            await self.leader.fence_any(conn)
-            rescued = await rescue_dispatches(
-                conn,
-                now,
-                self.settings.submit_lease_seconds,
-                self.settings.provider_name,
-                self.policy,
-            )
-        if expired.events or rescued.outbox:
-            self.wakeups.capacity_changed = True
-            self.wakeups.wake_local()
-        if self.metrics is not None:
-            self.metrics.expired.inc(len(expired.events))
-            self.metrics.rescued.inc(len(rescued.outbox))
-        for hook in self.on_sweep:
-            await hook()
-
-    async def slow_sweep(self) -> None:
-        """Gauges, retention and the counter reconcile (less often)."""
-        from conveyor_scheduler import maintenance
-
-        await maintenance.refresh_gauges(self.engine, self.policy, self.metrics)
-        await maintenance.retention(self.engine, self.settings)
-        await maintenance.maybe_reconcile(self.engine, self.settings)
+def dispatch_command(
+    row: TaskRow, provider: str, policy: Policy, now: datetime
+) -> events_pb2.DispatchTask:
+    """The DispatchTask of a task's current attempt."""
+    cmd = events_pb2.DispatchTask(
+        task_id=str(row["id"]),
+        tenant_id=row["tenant_id"],
+        attempt=row["attempt"],
+        kind=row["kind"],
+        provider=provider,
+        effective_priority=policy.effective(row["rank"], now),
+    )
+    if row["is_deployment"]:
+        cmd.deployment = row["model"]
+    else:
+        cmd.model = row["model"]
+    cmd.input.CopyFrom(spec_of(row).input)
+    if row["run_deadline"] is not None:
+        set_ts(cmd.run_deadline, row["run_deadline"])
+    if row["dispatched_at"] is not None:
+        set_ts(cmd.dispatched_at, row["dispatched_at"])
+    return cmd

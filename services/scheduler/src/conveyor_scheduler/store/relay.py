@@ -19,9 +19,10 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor_common.kafka.envelope import CONTENT_TYPE, SPEC_VERSION, Headers
-from conveyor_scheduler.dispatcher import Leader, utcnow
+from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.metrics import SchedulerMetrics
-from conveyor_scheduler.signals import Wakeups
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
-from datetime import UTC
 from typing import Any
 
 import grpc
@@ -29,21 +27,21 @@ from conveyor_common.errors import (
     RpcError,
 )
 from conveyor_common.faults import classify
-from conveyor_scheduler import models as m
-from conveyor_scheduler.convert import duration, from_ts, in_flight_proto, task_proto
+from conveyor_scheduler.admission.submit import NewTask, SubmitRequest, fingerprint
+from conveyor_scheduler.admission.validation import (
+    MAX_GROUP,
+    MAX_ID_LEN,
+    _bulk_limit,
+    validate_item,
+    webhook_url_violations,
+)
 from conveyor_scheduler.core import SchedulerCore
-from conveyor_scheduler.policy import Policy
-from conveyor_scheduler.repository import NewTask, SubmitRequest, fingerprint
-from conveyor_scheduler.webhooks import WebhookPolicy, WebhookRpcs
-from conveyor_scheduler.webhooks.rpcs import check_callback_url
+from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.convert import duration, from_ts, task_proto
+from conveyor_scheduler.webhooks.rpcs import WebhookRpcs
 
 logger = logging.getLogger(__name__)
-
-MAX_ID_LEN = 128
-MAX_INPUT_BYTES = 256 * 1024
-MAX_LABELS = 32
-MAX_BULK = 10_000
-MAX_GROUP = 10_000
 
 
 def _tenant(principal: pb.Principal) -> str:
@@ -58,65 +56,6 @@ def _tenant(principal: pb.Principal) -> str:
 def _require_admin(principal: pb.Principal) -> None:
     if principal.role != pb.ROLE_ADMIN:
         raise PermissionDenied("this call requires the admin role", reason="ADMIN_REQUIRED")
-
-
-def validate_item(
-    prefix: str, request_id: str, spec: task_pb2.TaskSpec, max_attempts_cap: int
-) -> list[FieldViolation]:
-    """Defensive checks of one submit item (the gateway does the full validation)."""
-    v: list[FieldViolation] = []
-    if not request_id or len(request_id) > MAX_ID_LEN:
-        v.append(FieldViolation(f"{prefix}request_id", "required, 1-128 characters"))
-    if spec.kind not in (1, 2, 3, 4):
-        v.append(FieldViolation(f"{prefix}spec.kind", "must be a known task kind"))
-    target = spec.WhichOneof("target")
-    ref = spec.model if target == "model" else spec.deployment if target == "deployment" else ""
-    if not ref or len(ref) > 256 or "/" not in ref:
-        v.append(
-            FieldViolation(f"{prefix}spec.target", "model or deployment 'owner/name' required")
-        )
-    if spec.priority not in (0, 1, 2, 3, 4):
-        v.append(FieldViolation(f"{prefix}spec.priority", "unknown priority"))
-    if spec.max_attempts < 0 or spec.max_attempts > max_attempts_cap:
-        v.append(FieldViolation(f"{prefix}spec.max_attempts", f"must be 0-{max_attempts_cap}"))
-    if spec.HasField("run_timeout") and spec.run_timeout.ToTimedelta().total_seconds() < 1:
-        v.append(FieldViolation(f"{prefix}spec.run_timeout", "must be at least 1 second"))
-    if spec.input.ByteSize() > MAX_INPUT_BYTES:
-        v.append(FieldViolation(f"{prefix}spec.input", "larger than 256 KiB"))
-    if len(spec.labels) > MAX_LABELS:
-        v.append(FieldViolation(f"{prefix}spec.labels", f"at most {MAX_LABELS} labels"))
-    return v
-
-
-async def webhook_url_violations(
-    items: Sequence[tuple[str, task_pb2.TaskSpec]], policy: WebhookPolicy
-) -> list[FieldViolation]:
-    """The shared SSRF policy over each item's ``spec.webhook.url`` (``(field prefix, spec)``).
-
-    Same policy as registered endpoints (:func:`check_callback_url`: https unless allow-listed by
-    ``SCHEDULER_WEBHOOK_ALLOW_HOSTS``, no private, loopback, link-local ... address after DNS,
-    resolved in a thread). The URLs are checked concurrently, each distinct URL once; a refusal is
-    one violation per item naming ``{prefix}spec.webhook.url``. UNAVAILABLE when DNS fails
-    temporarily.
-    """
-    urls = {spec.webhook.url for _, spec in items if spec.HasField("webhook") and spec.webhook.url}
-    if not urls:
-        return []
-    ordered = sorted(urls)
-    outcomes = await asyncio.gather(
-        *(check_callback_url(url, policy) for url in ordered), return_exceptions=True
-    )
-    refused: dict[str, str] = {}
-    for url, outcome in zip(ordered, outcomes, strict=True):
-        if isinstance(outcome, InvalidArgument):
-            refused[url] = outcome.violations[0].description
-        elif isinstance(outcome, BaseException):
-            raise outcome
-    return [
-        FieldViolation(f"{prefix}spec.webhook.url", refused[spec.webhook.url])
-        for prefix, spec in items
-        if spec.HasField("webhook") and spec.webhook.url in refused
-    ]
 
 
 def _stats_proto(s: dict[str, Any]) -> task_pb2.QueueStats:
@@ -161,12 +100,6 @@ def tenant_proto(
         limits=explicit,
         effective_limits=effective,
     )
-
-
-def _bulk_limit(selector: admin_service_pb2.BulkSelector) -> int:
-    if selector.limit < 0 or selector.limit > MAX_BULK:
-        raise InvalidArgument([FieldViolation("selector.limit", "must be 0-10000")])
-    return selector.limit or 1000
 
 
 class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
@@ -512,69 +445,4 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         )
         return pb.BulkCancelTasksResponse(
             response=admin_service_pb2.BulkCancelTasksResponse(task_ids=[str(i) for i in ids])
-        )
-
-
-class ProviderCoordinationServicer(pb_grpc.ProviderCoordinationServiceServicer):
-    """ProviderCoordinationService: the submit protocol of reliability.md 2.5."""
-
-    def __init__(self, core: SchedulerCore) -> None:
-        self.core = core
-
-    @staticmethod
-    def _check(task_id: str, attempt: int) -> None:
-        v = []
-        if not task_id:
-            v.append(FieldViolation("task_id", "required"))
-        if attempt < 1:
-            v.append(FieldViolation("attempt", "must be >= 1"))
-        if v:
-            raise InvalidArgument(v)
-
-    async def BeginSubmit(
-        self, request: pb.BeginSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.BeginSubmitResponse:
-        self._check(request.task_id, request.attempt)
-        decision, row = await self.core.begin_submit(request.task_id, request.attempt)
-        out = pb.BeginSubmitResponse(decision=decision)  # type: ignore[arg-type]
-        if row is not None and decision == pb.SUBMIT_DECISION_ALREADY_SUBMITTED:
-            out.prediction_id = row["prediction_id"] or ""
-        if (
-            row is not None
-            and decision == pb.SUBMIT_DECISION_RECONCILE
-            and row["submit_started_at"]
-        ):
-            out.submit_started_at.FromDatetime(row["submit_started_at"].astimezone(UTC))
-        return out
-
-    async def CompleteSubmit(
-        self, request: pb.CompleteSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CompleteSubmitResponse:
-        self._check(request.task_id, request.attempt)
-        if not request.prediction_id:
-            raise InvalidArgument([FieldViolation("prediction_id", "required")])
-        ok = await self.core.complete_submit(
-            request.task_id, request.attempt, request.prediction_id
-        )
-        return pb.CompleteSubmitResponse(accepted=ok)
-
-    async def MarkSubmitUnknown(
-        self, request: pb.MarkSubmitUnknownRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.MarkSubmitUnknownResponse:
-        self._check(request.task_id, request.attempt)
-        ok = await self.core.mark_submit_unknown(request.task_id, request.attempt)
-        return pb.MarkSubmitUnknownResponse(accepted=ok)
-
-    async def ListInFlight(
-        self, request: pb.ListInFlightRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ListInFlightResponse:
-        if request.page_size < 0 or request.page_size > 1000:
-            raise InvalidArgument([FieldViolation("page_size", "must be 0-1000")])
-        rows, token = await self.core.list_in_flight(
-            from_ts(request.quiet_since) if request.HasField("quiet_since") else None,
-            request.page_size or 200,
-            request.page_token,
-        )
-        return pb.ListInFlightResponse(
-            attempts=[in_flight_proto(r) for r in rows], next_page_token=token
         )

@@ -22,8 +22,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from conveyor_scheduler.metrics import DatabasePoolMetrics
-from conveyor_scheduler.models import Base
 from conveyor_scheduler.settings import to_sqlalchemy_url
+from conveyor_scheduler.store.models import Base
 
 PG_OPTIONS = "-c timezone=UTC -c plan_cache_mode=force_custom_plan"
 """Session options. Custom plans always: psycopg prepares a statement after a few executions, and a

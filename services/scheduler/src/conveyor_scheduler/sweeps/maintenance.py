@@ -9,10 +9,11 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from conveyor_scheduler.convert import KIND_NAME
+from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.metrics import SchedulerMetrics
-from conveyor_scheduler.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.store.convert import KIND_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +87,6 @@ async def retention(engine: AsyncEngine, settings: SchedulerSettings) -> None:
 
 
 def _ago(seconds: float) -> object:
-    from conveyor_scheduler.dispatcher import utcnow
-
     return utcnow() - timedelta(seconds=seconds)
 
 

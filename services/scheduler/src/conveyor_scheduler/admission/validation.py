@@ -1,0 +1,100 @@
+"""gRPC servicers: SchedulerService (gateway-facing) and ProviderCoordinationService (adapter-facing).
+
+Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
+like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is
+defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
+The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` mixin (it reads
+``self.sessionmaker``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from conveyor.tasks.v1 import admin_service_pb2, task_pb2
+from conveyor_common.errors import (
+    FieldViolation,
+    InvalidArgument,
+)
+from conveyor_scheduler.webhooks.rpcs import check_callback_url
+from conveyor_scheduler.webhooks.settings import WebhookPolicy
+
+MAX_ID_LEN = 128
+
+
+MAX_INPUT_BYTES = 256 * 1024
+
+
+MAX_LABELS = 32
+
+
+MAX_BULK = 10_000
+
+
+MAX_GROUP = 10_000
+
+
+def validate_item(
+    prefix: str, request_id: str, spec: task_pb2.TaskSpec, max_attempts_cap: int
+) -> list[FieldViolation]:
+    """Defensive checks of one submit item (the gateway does the full validation)."""
+    v: list[FieldViolation] = []
+    if not request_id or len(request_id) > MAX_ID_LEN:
+        v.append(FieldViolation(f"{prefix}request_id", "required, 1-128 characters"))
+    if spec.kind not in (1, 2, 3, 4):
+        v.append(FieldViolation(f"{prefix}spec.kind", "must be a known task kind"))
+    target = spec.WhichOneof("target")
+    ref = spec.model if target == "model" else spec.deployment if target == "deployment" else ""
+    if not ref or len(ref) > 256 or "/" not in ref:
+        v.append(
+            FieldViolation(f"{prefix}spec.target", "model or deployment 'owner/name' required")
+        )
+    if spec.priority not in (0, 1, 2, 3, 4):
+        v.append(FieldViolation(f"{prefix}spec.priority", "unknown priority"))
+    if spec.max_attempts < 0 or spec.max_attempts > max_attempts_cap:
+        v.append(FieldViolation(f"{prefix}spec.max_attempts", f"must be 0-{max_attempts_cap}"))
+    if spec.HasField("run_timeout") and spec.run_timeout.ToTimedelta().total_seconds() < 1:
+        v.append(FieldViolation(f"{prefix}spec.run_timeout", "must be at least 1 second"))
+    if spec.input.ByteSize() > MAX_INPUT_BYTES:
+        v.append(FieldViolation(f"{prefix}spec.input", "larger than 256 KiB"))
+    if len(spec.labels) > MAX_LABELS:
+        v.append(FieldViolation(f"{prefix}spec.labels", f"at most {MAX_LABELS} labels"))
+    return v
+
+
+async def webhook_url_violations(
+    items: Sequence[tuple[str, task_pb2.TaskSpec]], policy: WebhookPolicy
+) -> list[FieldViolation]:
+    """The shared SSRF policy over each item's ``spec.webhook.url`` (``(field prefix, spec)``).
+
+    Same policy as registered endpoints (:func:`check_callback_url`: https unless allow-listed by
+    ``SCHEDULER_WEBHOOK_ALLOW_HOSTS``, no private, loopback, link-local ... address after DNS,
+    resolved in a thread). The URLs are checked concurrently, each distinct URL once; a refusal is
+    one violation per item naming ``{prefix}spec.webhook.url``. UNAVAILABLE when DNS fails
+    temporarily.
+    """
+    urls = {spec.webhook.url for _, spec in items if spec.HasField("webhook") and spec.webhook.url}
+    if not urls:
+        return []
+    ordered = sorted(urls)
+    outcomes = await asyncio.gather(
+        *(check_callback_url(url, policy) for url in ordered), return_exceptions=True
+    )
+    refused: dict[str, str] = {}
+    for url, outcome in zip(ordered, outcomes, strict=True):
+        if isinstance(outcome, InvalidArgument):
+            refused[url] = outcome.violations[0].description
+        elif isinstance(outcome, BaseException):
+            raise outcome
+    return [
+        FieldViolation(f"{prefix}spec.webhook.url", refused[spec.webhook.url])
+        for prefix, spec in items
+        if spec.HasField("webhook") and spec.webhook.url in refused
+    ]
+
+
+def _bulk_limit(selector: admin_service_pb2.BulkSelector) -> int:
+    if selector.limit < 0 or selector.limit > MAX_BULK:
+        raise InvalidArgument([FieldViolation("selector.limit", "must be 0-10000")])
+    return selector.limit or 1000

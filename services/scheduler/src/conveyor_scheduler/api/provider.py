@@ -1,0 +1,89 @@
+"""gRPC servicers: SchedulerService (gateway-facing) and ProviderCoordinationService (adapter-facing).
+
+Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
+like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is
+defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
+The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` mixin (it reads
+``self.sessionmaker``).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC
+from typing import Any
+
+import grpc
+
+from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
+from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor_common.errors import (
+    FieldViolation,
+    InvalidArgument,
+)
+from conveyor_scheduler.core import SchedulerCore
+from conveyor_scheduler.store.convert import from_ts, in_flight_proto
+
+
+class ProviderCoordinationServicer(pb_grpc.ProviderCoordinationServiceServicer):
+    """ProviderCoordinationService: the submit protocol of reliability.md 2.5."""
+
+    def __init__(self, core: SchedulerCore) -> None:
+        self.core = core
+
+    @staticmethod
+    def _check(task_id: str, attempt: int) -> None:
+        v = []
+        if not task_id:
+            v.append(FieldViolation("task_id", "required"))
+        if attempt < 1:
+            v.append(FieldViolation("attempt", "must be >= 1"))
+        if v:
+            raise InvalidArgument(v)
+
+    async def BeginSubmit(
+        self, request: pb.BeginSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.BeginSubmitResponse:
+        self._check(request.task_id, request.attempt)
+        decision, row = await self.core.begin_submit(request.task_id, request.attempt)
+        out = pb.BeginSubmitResponse(decision=decision)  # type: ignore[arg-type]
+        if row is not None and decision == pb.SUBMIT_DECISION_ALREADY_SUBMITTED:
+            out.prediction_id = row["prediction_id"] or ""
+        if (
+            row is not None
+            and decision == pb.SUBMIT_DECISION_RECONCILE
+            and row["submit_started_at"]
+        ):
+            out.submit_started_at.FromDatetime(row["submit_started_at"].astimezone(UTC))
+        return out
+
+    async def CompleteSubmit(
+        self, request: pb.CompleteSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CompleteSubmitResponse:
+        self._check(request.task_id, request.attempt)
+        if not request.prediction_id:
+            raise InvalidArgument([FieldViolation("prediction_id", "required")])
+        ok = await self.core.complete_submit(
+            request.task_id, request.attempt, request.prediction_id
+        )
+        return pb.CompleteSubmitResponse(accepted=ok)
+
+    async def MarkSubmitUnknown(
+        self, request: pb.MarkSubmitUnknownRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.MarkSubmitUnknownResponse:
+        self._check(request.task_id, request.attempt)
+        ok = await self.core.mark_submit_unknown(request.task_id, request.attempt)
+        return pb.MarkSubmitUnknownResponse(accepted=ok)
+
+    async def ListInFlight(
+        self, request: pb.ListInFlightRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListInFlightResponse:
+        if request.page_size < 0 or request.page_size > 1000:
+            raise InvalidArgument([FieldViolation("page_size", "must be 0-1000")])
+        rows, token = await self.core.list_in_flight(
+            from_ts(request.quiet_since) if request.HasField("quiet_since") else None,
+            request.page_size or 200,
+            request.page_token,
+        )
+        return pb.ListInFlightResponse(
+            attempts=[in_flight_proto(r) for r in rows], next_page_token=token
+        )

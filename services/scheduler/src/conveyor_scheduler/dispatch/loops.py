@@ -1,0 +1,203 @@
+"""The leader: election, the dispatch cycle, and the leader's sweeps.
+
+**Election, lease and fencing.** A replica becomes leader by taking a session-level
+``pg_try_advisory_lock`` on ONE dedicated connection (its own engine, no pool), and every dispatch
+transaction runs on that same connection. Only the leader inserts ``active_slots`` rows, so concurrent
+changes seen by a dispatch can only free capacity; a leader that lost its session lost the lock with
+it and cannot commit anything any more. Followers retry every ``leader_retry_seconds``.
+
+The lock is a lease: the leader's session is opened with ``idle_session_timeout`` and
+``idle_in_transaction_session_timeout`` at ``leader_lease_seconds``, and a live leader touches it at
+least every third of that (dispatch cycles, else a heartbeat). A leader that is frozen (SIGSTOP, a
+long GC pause, a VM stall) or cut off keeps its TCP session but goes silent, so PostgreSQL ends the
+session, the lock is free and a follower takes over within the lease plus one retry. Writes the
+leader makes on other connections (the sweeps) are fenced the same way: they check in their own
+transaction that the lock is still held by the leader's backend (``fence_any``), and every scheduler
+transaction idle for a lease is aborted by the server, so a zombie that resumes commits nothing.
+
+**Dispatch cycle** (event-driven: NOTIFY and in-process wake-ups, with a polling backstop):
+
+1. free capacity from ``active_slots`` aggregates (one GROUPING SETS query: global, per tenant, per
+   model, per kind), the provider token bucket (in memory), ``model_controls`` and
+   ``provider_controls``;
+2. one query with ``LATERAL`` per eligible tenant (has waiting tasks and free slots) takes its top-k
+   queued dispatchable tasks by rank, so a saturated or flooding tenant's backlog is never scanned;
+3. merge in memory: highest priority band first, then the lowest tenant virtual time (weighted fair
+   queueing), then rank; assign greedily within every limit, each task at its cost clamped to the
+   smallest limit over it (``Policy.effective_cost``: a task costlier than its tenant's limit runs
+   alone instead of blocking the tenant's queue forever);
+4. one transaction: ``UPDATE tasks ... WHERE id = ANY(:ids) AND status = 1 RETURNING *``, insert the
+   slots, the DISPATCHED events and the outbox records (DispatchTask + TaskStateChanged) in batches,
+   decrement the waiting counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.dispatch.cycle import Dispatcher
+from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_scheduler.metrics import SchedulerMetrics
+from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.sweeps.expiry import expire_due, rescue_dispatches
+
+logger = logging.getLogger(__name__)
+
+
+class LeaderLoops:
+    """Election, the dispatch loop and the leader's sweeps (one instance per replica)."""
+
+    def __init__(
+        self,
+        settings: SchedulerSettings,
+        policy: Policy,
+        engine: AsyncEngine,
+        leader: Leader,
+        wakeups: Wakeups,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.policy = policy
+        self.engine = engine
+        self.leader = leader
+        self.wakeups = wakeups
+        self.metrics = metrics
+        self.dispatcher = Dispatcher(settings, policy, leader, wakeups, metrics)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self.on_sweep: list[Any] = []
+
+    def start(self) -> None:
+        """Start the election/dispatch loop and the sweep loop."""
+        self._tasks = [
+            asyncio.create_task(self._dispatch_loop(), name="dispatch-loop"),
+            asyncio.create_task(self._sweep_loop(), name="sweep-loop"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the loops and release the lock."""
+        self._stopping.set()
+        self.wakeups.dispatch.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks = []
+        self.wakeups.local_leader = False
+        if self.metrics is not None:
+            self.metrics.leader.set(0)
+        await self.leader.lose()
+
+    async def _dispatch_loop(self) -> None:
+        s = self.settings
+        while not self._stopping.is_set():
+            if not self.leader.is_leader:
+                try:
+                    became = await self.leader.try_acquire()
+                except Exception:
+                    logger.warning(
+                        "election failed", extra={"action": "election_failed"}, exc_info=True
+                    )
+                    became = False
+                if not became:
+                    await asyncio.sleep(s.leader_retry_seconds)
+                    continue
+                self.wakeups.local_leader = True
+                self.wakeups.capacity_changed = True
+                if self.metrics is not None:
+                    self.metrics.leader.set(1)
+                self.wakeups.wake_local()
+            try:
+                if self.dispatcher.saturated and not self.wakeups.capacity_changed:
+                    # The global limit was full at the last read and nothing freed capacity
+                    # since (only new work arrived): a cycle could not dispatch anything.
+                    n = 0
+                else:
+                    self.wakeups.capacity_changed = False
+                    n = await self.dispatcher.cycle()
+            except Exception:
+                self.wakeups.candidates_stale = True  # the cache may have lost uncommitted picks
+                logger.warning(
+                    "dispatch cycle failed", extra={"action": "dispatch_failed"}, exc_info=True
+                )
+                if not await self.leader.check():
+                    self.wakeups.local_leader = False
+                    if self.metrics is not None:
+                        self.metrics.leader.set(0)
+                await asyncio.sleep(0.2)
+                continue
+            if n > 0:
+                continue  # more may be dispatchable right away (the next cycle tells)
+            # At least every third of the lease the leader's session is touched (the heartbeat
+            # below), or PostgreSQL takes it for a frozen leader and ends it.
+            timeout = min(s.dispatch_poll_seconds, s.leader_lease_seconds / 3)
+            if self.dispatcher.next_wake is not None:
+                timeout = min(timeout, max(0.001, self.dispatcher.next_wake - time.monotonic()))
+            try:
+                await asyncio.wait_for(self.wakeups.dispatch.wait(), timeout=timeout)
+            except TimeoutError:
+                # The polling backstop: a NOTIFY may have been lost, so re-read everything.
+                self.wakeups.candidates_stale = True
+                self.wakeups.capacity_changed = True
+                if not await self.leader.check():
+                    self.wakeups.local_leader = False
+                    if self.metrics is not None:
+                        self.metrics.leader.set(0)
+            self.wakeups.dispatch.clear()
+
+    async def _sweep_loop(self) -> None:
+        s = self.settings
+        last_slow = 0.0
+        while not self._stopping.is_set():
+            await asyncio.sleep(s.maintenance_seconds)
+            if not self.leader.is_leader:
+                continue
+            try:
+                await self.sweep()
+                if time.monotonic() - last_slow >= 10.0:
+                    last_slow = time.monotonic()
+                    await self.slow_sweep()
+            except Exception:
+                logger.warning("sweep failed", extra={"action": "sweep_failed"}, exc_info=True)
+
+    async def sweep(self) -> None:
+        """Expire overdue queued tasks and rescue unconfirmed dispatches."""
+        now = utcnow()
+        async with self.engine.begin() as conn:
+            await self.leader.fence_any(conn)
+            expired = await expire_due(conn, now)
+        async with self.engine.begin() as conn:
+            await self.leader.fence_any(conn)
+            rescued = await rescue_dispatches(
+                conn,
+                now,
+                self.settings.submit_lease_seconds,
+                self.settings.provider_name,
+                self.policy,
+            )
+        if expired.events or rescued.outbox:
+            self.wakeups.capacity_changed = True
+            self.wakeups.wake_local()
+        if self.metrics is not None:
+            self.metrics.expired.inc(len(expired.events))
+            self.metrics.rescued.inc(len(rescued.outbox))
+        for hook in self.on_sweep:
+            await hook()
+
+    async def slow_sweep(self) -> None:
+        """Gauges, retention and the counter reconcile (less often)."""
+        from conveyor_scheduler.sweeps import maintenance
+
+        await maintenance.refresh_gauges(self.engine, self.policy, self.metrics)
+        await maintenance.retention(self.engine, self.settings)
+        await maintenance.maybe_reconcile(self.engine, self.settings)

@@ -1,0 +1,271 @@
+"""Writing task events and Kafka records in the transaction of the state change (outbox).
+
+:class:`Changes` collects, within one transaction, the task rows that changed, their new events, the
+outbox records, the waiting-counter deltas and the slots to free; :meth:`Changes.flush` writes them
+with a few batched statements. Every state change of a task goes through :meth:`Changes.event`, which
+bumps the task's ``last_sequence`` (under the row lock held by the caller), so sequences have no gaps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import TextClause, text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.convert import TaskRow
+
+if TYPE_CHECKING:
+    from conveyor_scheduler.store.changes import Changes
+
+EVENT_COLUMNS = {
+    "task_id": "uuid",
+    "sequence": "bigint",
+    "event_id": "uuid",
+    "type": "smallint",
+    "generation": "int",
+    "terminal": "bool",
+    "occurred_at": "timestamptz",
+    "payload": "bytea",
+}
+OUTBOX_COLUMNS = {
+    "event_id": "uuid",
+    "topic": "text",
+    "key": "text",
+    "ce_type": "text",
+    "payload": "bytea",
+    "headers": "jsonb",
+    "created_at": "timestamptz",
+}
+SLOT_COLUMNS = {
+    "task_id": "uuid",
+    "tenant_id": "text",
+    "model": "text",
+    "kind": "smallint",
+    "cost": "smallint",
+    "provider": "text",
+    "attempt": "int",
+    "acquired_at": "timestamptz",
+}
+
+
+def _unnest_insert(table: str, columns: dict[str, str], prefix: str = "") -> str:
+    casts = ", ".join(
+        f"CAST(CAST(:{prefix}{c} AS text[]) AS jsonb[])"
+        if typ == "jsonb"
+        else f"CAST(:{prefix}{c} AS {typ}[])"
+        for c, typ in columns.items()
+    )
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({casts})"
+
+
+def _unnest_insert_sql(table: str, columns: dict[str, str]) -> Any:
+    return text(_unnest_insert(table, columns))
+
+
+def _params(
+    rows: list[dict[str, Any]], columns: dict[str, str], prefix: str = ""
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for c, typ in columns.items():
+        if typ != "jsonb":
+            out[prefix + c] = [r[c] for r in rows]
+            continue
+        dumped: dict[int, str] = {}  # rows of one transaction share their headers object
+        values = []
+        for r in rows:
+            v = r[c]
+            text_value = dumped.get(id(v))
+            if text_value is None:
+                text_value = dumped[id(v)] = json.dumps(v)
+            values.append(text_value)
+        out[prefix + c] = values
+    return out
+
+
+_EVENTS_AND_OUTBOX_SQL = text(
+    f"WITH e AS ({_unnest_insert('task_events', EVENT_COLUMNS, 'e_')}) "
+    + _unnest_insert("outbox", OUTBOX_COLUMNS, "o_")
+)
+"""Events and their outbox records in one round trip."""
+
+
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
+_RAW_SQL: dict[str, str] = {}
+
+
+async def raw_execute(
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any], *, fetch: bool = True
+) -> list[tuple[Any, ...]]:
+    """Run a ``text()`` statement straight on the psycopg connection of ``conn`` (same
+    transaction), skipping SQLAlchemy's per-statement work; for the submit hot path.
+
+    ``:name`` binds become ``%(name)s`` (the text must contain no other ``%``). With ``fetch`` the
+    rows come back as tuples; without, nothing is read, so in pipeline mode the statement travels
+    with the next synchronization (the commit) and its error, if any, is raised there.
+    """
+    sql = _RAW_SQL.get(statement.text)
+    if sql is None:
+        if "%" in statement.text:
+            raise ValueError("raw_execute: statements may not contain %")
+        sql = _BIND.sub(r"%(\1)s", statement.text)
+        _RAW_SQL[statement.text] = sql
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    cursor = await driver.execute(sql, params)
+    if not fetch:
+        return []
+    rows: list[tuple[Any, ...]] = await cursor.fetchall()
+    return rows
+
+
+def _task_column_types() -> dict[str, str]:
+    from sqlalchemy.dialects import postgresql
+
+    dialect: Any = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return {c.name: str(c.type.compile(dialect=dialect)).lower() for c in m.Task.__table__.columns}
+
+
+TASK_COLUMNS = _task_column_types()
+"""Every column of ``tasks`` with its PostgreSQL type (from the model)."""
+_NEW_TASKS_SQL: dict[tuple[Any, ...], Any] = {}
+_NEW_TASKS_SQL_MAX = 256
+
+
+def _via_text(typ: str) -> bool:
+    """jsonb and array values travel as text (unnest of a 2-D array would flatten it)."""
+    return typ == "jsonb" or typ.endswith("[]")
+
+
+def _text_value(typ: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if typ == "jsonb":
+        return json.dumps(value)
+    return "{" + ",".join(str(int(v)) for v in value) + "}"  # integer arrays only
+
+
+def _folded_params(
+    types: dict[str, str], prefix: str, columns: dict[str, list[Any]]
+) -> tuple[tuple[tuple[str, bool], ...], dict[str, Any]]:
+    """Parameters of a multi-row insert from column lists: a column whose value is the same in
+    every row is ONE scalar parameter, the others are arrays (dumping an array costs per element).
+    The first column is always an array (it sets the row count). Returns (shape, parameters)."""
+    shape: list[tuple[str, bool]] = []
+    params: dict[str, Any] = {}
+    first = True
+    for c, values in columns.items():
+        typ = types[c]
+        scalar = not first and values.count(values[0]) == len(values)
+        first = False
+        if typ == "jsonb" or typ.endswith("[]"):
+            params[prefix + c] = (
+                _text_value(typ, values[0]) if scalar else [_text_value(typ, v) for v in values]
+            )
+        else:
+            params[prefix + c] = values[0] if scalar else values
+        shape.append((c, scalar))
+    return tuple(shape), params
+
+
+def _folded_sql(table: str, types: dict[str, str], prefix: str, shape: Any) -> str:
+    """``INSERT INTO table ... SELECT ... FROM unnest(...)`` for a shape of :func:`_folded_params`."""
+    arrays = [c for c, scalar in shape if not scalar]
+    args = ", ".join(
+        f"CAST(:{prefix}{c} AS {'text' if _via_text(types[c]) else types[c]}[])" for c in arrays
+    )
+    select = []
+    for c, scalar in shape:
+        typ = types[c]
+        if scalar:
+            source = f"CAST(:{prefix}{c} AS text)" if _via_text(typ) else f":{prefix}{c}"
+        else:
+            source = f"u.{c}"
+        select.append(f"CAST({source} AS {typ})" if scalar or _via_text(typ) else source)
+    return (
+        f"INSERT INTO {table} ({', '.join(c for c, _ in shape)}) SELECT {', '.join(select)}"
+        f" FROM unnest({args}) AS u({', '.join(arrays)})"
+    )
+
+
+async def insert_new_tasks(
+    conn: AsyncConnection, rows: list[TaskRow], changes: Changes, *, queue_shard_delta: int = 0
+) -> None:
+    """New task rows, their events and outbox records in one round trip (and, when
+    ``queue_shard_delta`` is set, that many more waiting tasks on a random queue-counter shard).
+
+    ``changes`` must hold only the rows' SUBMITTED events (nothing to save, no slots, no waiting
+    deltas): the submit paths' shape. Columns that are NULL in every row are left to the default;
+    a value shared by every row travels once (:func:`_folded_insert`).
+    """
+    if changes.free_slots or any(changes.waiting.values()):
+        raise ValueError("insert_new_tasks writes new tasks and their events only")
+    task_columns: dict[str, list[Any]] = {"id": [r["id"] for r in rows]}
+    for c in TASK_COLUMNS:
+        if c != "id":
+            values = [r.get(c) for r in rows]
+            if values.count(None) != len(values):
+                task_columns[c] = values
+    tables = (
+        ("tasks", TASK_COLUMNS, "t_", task_columns),
+        (
+            "task_events",
+            EVENT_COLUMNS,
+            "e_",
+            {c: [e[c] for e in changes.events] for c in EVENT_COLUMNS},
+        ),
+        (
+            "outbox",
+            OUTBOX_COLUMNS,
+            "o_",
+            {c: [o[c] for o in changes.outbox] for c in OUTBOX_COLUMNS},
+        ),
+    )
+    params: dict[str, Any] = {}
+    shapes = []
+    for _, types, prefix, columns in tables:
+        shape, part = _folded_params(types, prefix, columns)
+        shapes.append(shape)
+        params |= part
+    counter = bool(queue_shard_delta)
+    if counter:
+        params |= {"q_d": queue_shard_delta, "q_s": random.randrange(m.QUEUE_SHARDS)}
+    key = (*shapes, counter)
+    sql = _NEW_TASKS_SQL.get(key)
+    if sql is None:
+        t, e, o = (
+            _folded_sql(table, types, prefix, shape)
+            for (table, types, prefix, _), shape in zip(tables, shapes, strict=True)
+        )
+        tail = (
+            "UPDATE queue_counters SET waiting = waiting + :q_d WHERE shard = :q_s"
+            if counter
+            else "SELECT 1"
+        )
+        sql = text(f"WITH t AS ({t}), e AS ({e}), o AS ({o}) {tail}")
+        if len(_NEW_TASKS_SQL) >= _NEW_TASKS_SQL_MAX:
+            _NEW_TASKS_SQL.clear()
+        _NEW_TASKS_SQL[key] = sql
+    await raw_execute(conn, sql, params, fetch=False)
+    changes.dirty.clear()
+    changes.events.clear()
+    changes.outbox.clear()
+
+
+_INSERT_SQL = {
+    "task_events": _unnest_insert_sql("task_events", EVENT_COLUMNS),
+    "outbox": _unnest_insert_sql("outbox", OUTBOX_COLUMNS),
+    "active_slots": _unnest_insert_sql("active_slots", SLOT_COLUMNS),
+}
+_COLUMNS = {"task_events": EVENT_COLUMNS, "outbox": OUTBOX_COLUMNS, "active_slots": SLOT_COLUMNS}
+
+
+async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, Any]]) -> None:
+    """Multi-row INSERT through ``unnest`` of column arrays (one statement, typed arrays)."""
+    if not rows:
+        return
+    await conn.execute(_INSERT_SQL[table], _params(rows, _COLUMNS[table]))
