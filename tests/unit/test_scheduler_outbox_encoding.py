@@ -73,12 +73,12 @@ def test_struct_to_dict_is_message_to_dict() -> None:
 
 def test_a_new_tasks_snapshot_is_the_task_its_row_gives() -> None:
     """The submit paths answer with the SUBMITTED event's Task: it must equal task_proto(row)."""
+    from conveyor_common.vocabulary import EV_SUBMITTED
     from conveyor_scheduler.admission.submit import NewTask, fingerprint, new_task_row
     from conveyor_scheduler.dispatch.policy import Policy
     from conveyor_scheduler.settings import SchedulerSettings
     from conveyor_scheduler.store.changes import Changes
     from conveyor_scheduler.store.convert import SNAPSHOT, task_proto
-    from conveyor_scheduler.store.reads import EV_SUBMITTED
 
     settings = SchedulerSettings(database_url="postgresql://unused@127.0.0.1/unused")  # type: ignore[arg-type]
     spec = task_pb2.TaskSpec(

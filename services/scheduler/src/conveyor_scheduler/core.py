@@ -22,6 +22,7 @@ from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common import tracing
 from conveyor_common.errors import ResourceExhausted
+from conveyor_common.vocabulary import EV_DEAD_LETTERED, EV_REDRIVEN, EV_RETRY, EV_SUBMITTED
 from conveyor_scheduler.admission.batcher import SubmitBatcher, pipelined
 from conveyor_scheduler.admission.submit import NewTask, SubmitRequest, submit
 from conveyor_scheduler.clock import utcnow
@@ -43,10 +44,6 @@ from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow, task_proto
 from conveyor_scheduler.store.reads import (
-    EV_DEAD_LETTERED,
-    EV_REDRIVEN,
-    EV_RETRY,
-    EV_SUBMITTED,
     events_after,
     list_tasks,
     load_task,
@@ -55,8 +52,6 @@ from conveyor_scheduler.store.reads import (
 )
 
 logger = logging.getLogger(__name__)
-
-TERMINAL_NAMES = {4: "succeeded", 5: "failed", 6: "canceled", 7: "dead_lettered", 8: "expired"}
 
 
 @dataclass

@@ -14,16 +14,12 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from conveyor_common.vocabulary import EV_CANCELED, EV_DEAD_LETTERED, EV_RETRY
 from conveyor_scheduler.groups.delays import retry_delay
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow
-from conveyor_scheduler.store.reads import (
-    EV_CANCELED,
-    EV_DEAD_LETTERED,
-    EV_RETRY,
-)
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 
 from conveyor_common.metrics import LATENCY_BUCKETS, WAIT_BUCKETS
+from conveyor_common.vocabulary import CANCELED, DEAD_LETTERED, KIND_NAME, STATUS_NAME, SUCCEEDED
+from conveyor_scheduler.webhooks.models import FAILED
 
-KINDS = ("1", "2", "3", "4")
+KINDS = tuple(str(number) for number in KIND_NAME)
 """The ``kind`` label as the dispatcher writes it (the TaskKind number: video, image, text, audio)."""
-TERMINAL_STATUSES = ("succeeded", "failed", "canceled", "dead_lettered")
+TERMINAL_STATUSES = tuple(STATUS_NAME[s] for s in (SUCCEEDED, FAILED, CANCELED, DEAD_LETTERED))
 ADMISSION_REASONS = ("queue", "waiting", "submit_rate", "tenant")
 """Last segment of a QuotaViolation subject: ``queue``, ``tenant:<t>/waiting``,
 ``tenant:<t>/submit_rate`` and ``tenant:<t>`` (unknown tenant, raced admission)."""

@@ -14,8 +14,8 @@ from pydantic_settings import SettingsConfigDict
 from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
 from conveyor_common.tls import InternalTlsSettings
+from conveyor_common.vocabulary import KIND_BY_NAME
 
-KIND_NAMES = ("video", "image", "text", "audio")
 """Kind names used in the limit and cost maps (TaskKind without the prefix, lower case)."""
 
 
@@ -172,9 +172,9 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     @field_validator("kind_cost", "kind_limits")
     @classmethod
     def _kinds(cls, value: dict[str, int]) -> dict[str, int]:
-        unknown = set(value) - set(KIND_NAMES)
+        unknown = set(value) - set(KIND_BY_NAME)
         if unknown:
-            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {list(KIND_NAMES)}")
+            raise ValueError(f"unknown kinds {sorted(unknown)}; known: {list(KIND_BY_NAME)}")
         if any(v < 1 for v in value.values()):
             raise ValueError("values must be >= 1")
         return value

@@ -23,6 +23,7 @@ from conveyor_common.errors import (
     ResourceExhausted,
 )
 from conveyor_common.ids import uuid7
+from conveyor_common.vocabulary import EV_SUBMITTED
 from conveyor_scheduler.admission.quota import (
     _ADMIT_SQL,
     _GROUP_ADMIT_SQL,
@@ -40,7 +41,7 @@ from conveyor_scheduler.store.convert import (
     SNAPSHOT,
     TaskRow,
 )
-from conveyor_scheduler.store.reads import EV_SUBMITTED, SubmitOutcome
+from conveyor_scheduler.store.reads import SubmitOutcome
 
 
 async def submit_group(

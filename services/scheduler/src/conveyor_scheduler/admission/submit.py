@@ -23,6 +23,7 @@ from conveyor_common.errors import (
     FailedPrecondition,
 )
 from conveyor_common.ids import uuid7
+from conveyor_common.vocabulary import EV_SUBMITTED
 from conveyor_scheduler.admission.quota import _admit
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.groups.delays import apply_spec
@@ -37,7 +38,6 @@ from conveyor_scheduler.store.convert import (
     seed_spec,
     struct_to_dict,
 )
-from conveyor_scheduler.store.reads import EV_SUBMITTED
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from conveyor_common.errors import (
     FieldViolation,
     InvalidArgument,
 )
+from conveyor_common.vocabulary import EV_CANCEL_REQUESTED, EV_CANCELED, EV_REDRIVEN, SS_DISPATCHED
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.lifecycle import finish
 from conveyor_scheduler.store import models as m
@@ -29,13 +30,7 @@ from conveyor_scheduler.store.convert import (
     TaskRow,
     TrackedRow,
 )
-from conveyor_scheduler.store.reads import (
-    EV_CANCEL_REQUESTED,
-    EV_CANCELED,
-    EV_REDRIVEN,
-    SS_DISPATCHED,
-    load_task,
-)
+from conveyor_scheduler.store.reads import load_task
 
 
 async def select_for_bulk(

@@ -46,6 +46,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
+from conveyor_common.vocabulary import EV_DISPATCHED
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.dispatch.bucket import TokenBucket
 from conveyor_scheduler.dispatch.leadership import Leader
@@ -57,7 +58,6 @@ from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.bulk import insert_rows
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow, set_ts, spec_of
-from conveyor_scheduler.store.reads import EV_DISPATCHED
 
 logger = logging.getLogger(__name__)
 

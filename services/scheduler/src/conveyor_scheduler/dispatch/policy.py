@@ -26,8 +26,8 @@ import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from conveyor_common.vocabulary import CLASS_SCORE, KIND_NAME, TIER_NAME
 from conveyor_scheduler.settings import SchedulerSettings
-from conveyor_scheduler.store.convert import CLASS_SCORE, KIND_NAME, TIER_NAME
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 """Origin of the rank's time term (keeps the numbers small; any fixed instant works)."""

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from conveyor_common.ids import uuid7
+from conveyor_common.vocabulary import EV_SUBMITTED
 from conveyor_scheduler.admission.submit import NewTask, fingerprint, new_task_row, submit
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.groups.delays import CHILDREN, ChildContext
@@ -41,7 +42,7 @@ from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store.bulk import insert_new_tasks
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import SNAPSHOT, TaskRow, set_ts
-from conveyor_scheduler.store.reads import EV_SUBMITTED, lock_tasks
+from conveyor_scheduler.store.reads import lock_tasks
 
 logger = logging.getLogger(__name__)
 

@@ -20,19 +20,19 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_scheduler.control.tenants import set_provider_throttle
-from conveyor_scheduler.lifecycle import Backoff, finish, mark_canceled, retry_or_dead_letter
-from conveyor_scheduler.store import models as m
-from conveyor_scheduler.store.changes import Changes
-from conveyor_scheduler.store.convert import TaskRow, from_ts
-from conveyor_scheduler.store.reads import (
+from conveyor_common.vocabulary import (
     EV_FAILED,
     EV_PROGRESS,
     EV_STARTED,
     EV_SUCCEEDED,
     SS_SUBMITTED,
-    lock_tasks,
 )
+from conveyor_scheduler.control.tenants import set_provider_throttle
+from conveyor_scheduler.lifecycle import Backoff, finish, mark_canceled, retry_or_dead_letter
+from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.changes import Changes
+from conveyor_scheduler.store.convert import TaskRow, from_ts
+from conveyor_scheduler.store.reads import lock_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -195,8 +195,6 @@ def apply_result(
 
 # --------------------------------------------------------------------------------------------
 # Submit protocol (reliability.md 2.5)
-
-PROCEED, STOP, ALREADY_SUBMITTED, RECONCILE = 1, 2, 3, 4
 
 
 # --------------------------------------------------------------------------------------------

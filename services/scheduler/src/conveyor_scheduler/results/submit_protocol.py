@@ -16,22 +16,23 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor_scheduler.lifecycle import finish
-from conveyor_scheduler.results.apply import ALREADY_SUBMITTED, PROCEED, RECONCILE, STOP
-from conveyor_scheduler.store import models as m
-from conveyor_scheduler.store.changes import Changes
-from conveyor_scheduler.store.convert import TaskRow
-from conveyor_scheduler.store.reads import (
+from conveyor_common.vocabulary import (
+    ALREADY_SUBMITTED,
     EV_CANCELED,
     EV_STARTED,
+    PROCEED,
+    RECONCILE,
     SS_DISPATCHED,
     SS_SUBMITTED,
     SS_SUBMITTING,
     SS_UNKNOWN,
-    decode_cursor,
-    encode_cursor,
-    load_task,
+    STOP,
 )
+from conveyor_scheduler.lifecycle import finish
+from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.changes import Changes
+from conveyor_scheduler.store.convert import TaskRow
+from conveyor_scheduler.store.reads import decode_cursor, encode_cursor, load_task
 
 
 async def begin_submit(

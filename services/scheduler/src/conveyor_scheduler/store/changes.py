@@ -24,6 +24,7 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor_common import topics
 from conveyor_common.context import current_traceparent
 from conveyor_common.ids import uuid7
+from conveyor_common.vocabulary import TERMINAL_EVENT_TYPES
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.bulk import (
     _EVENTS_AND_OUTBOX_SQL,
@@ -32,7 +33,7 @@ from conveyor_scheduler.store.bulk import (
     _params,
     insert_rows,
 )
-from conveyor_scheduler.store.convert import TERMINAL_EVENT_TYPES, TaskRow, TrackedRow, event_proto
+from conveyor_scheduler.store.convert import TaskRow, TrackedRow, event_proto
 
 DEAD_LETTER_NS = uuid.UUID("5b0c7e52-3f39-4a53-9c43-0b7d1a0f2c11")
 """Namespace of the ce_id of a dead-letter copy (uuid5 of the event id: stable across retries)."""

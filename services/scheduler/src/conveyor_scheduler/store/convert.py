@@ -36,12 +36,6 @@ class TrackedRow(dict[str, Any]):
         super().update(other)
 
 
-KIND_BY_NAME = {"video": 1, "image": 2, "text": 3, "audio": 4}
-KIND_NAME = {v: k for k, v in KIND_BY_NAME.items()}
-TIER_NAME = {1: "free", 2: "premium", 3: "pro"}
-CLASS_SCORE = {1: 3.0, 2: 2.0, 3: 1.0, 4: 0.0}
-"""Priority class -> score in class steps (urgent 3, high 2, normal 1, low 0)."""
-TERMINAL_EVENT_TYPES = frozenset({5, 6, 9, 10, 11})
 """SUCCEEDED, FAILED, CANCELED, DEAD_LETTERED, EXPIRED."""
 
 

@@ -44,8 +44,8 @@ def target_metadata() -> MetaData:
 
 def alembic_ini_path() -> Path:
     """``services/scheduler/alembic.ini`` (source tree) or the copy packaged in the wheel."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parents[1] / "alembic.ini", here / "_alembic" / "alembic.ini"):
+    package = Path(__file__).resolve().parents[1]  # conveyor_scheduler/
+    for candidate in (package.parents[1] / "alembic.ini", package / "_alembic" / "alembic.ini"):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError("alembic.ini of the scheduler not found")

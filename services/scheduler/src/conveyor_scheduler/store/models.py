@@ -37,6 +37,37 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from conveyor_common.vocabulary import (
+    ACTIVE_STATUSES,
+    CANCELED,
+    DEAD_LETTERED,
+    DISPATCHED,
+    EXPIRED,
+    FAILED,
+    KIND_NAME,
+    PRIORITY_NAME,
+    QUEUED,
+    RUNNING,
+    STATUS_NAME,
+    SUCCEEDED,
+    TERMINAL_STATUSES,
+    TIER_NAME,
+    between,
+)
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "CANCELED",
+    "DEAD_LETTERED",
+    "DISPATCHED",
+    "EXPIRED",
+    "FAILED",
+    "QUEUED",
+    "RUNNING",
+    "SUCCEEDED",
+    "TERMINAL_STATUSES",
+]
+
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -45,9 +76,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-QUEUED, DISPATCHED, RUNNING, SUCCEEDED, FAILED, CANCELED, DEAD_LETTERED, EXPIRED = range(1, 9)
-TERMINAL_STATUSES = (SUCCEEDED, FAILED, CANCELED, DEAD_LETTERED, EXPIRED)
-ACTIVE_STATUSES = (DISPATCHED, RUNNING)
 QUEUE_SHARDS = 16
 """Rows of queue_counters (see there)."""
 
@@ -68,7 +96,7 @@ class Tenant(Base):
     __tablename__ = "tenants"
     __table_args__ = (
         CheckConstraint("waiting >= 0", name="waiting_nonneg"),
-        CheckConstraint("tier IS NULL OR tier BETWEEN 1 AND 3", name="tier_range"),
+        CheckConstraint("tier IS NULL OR " + between("tier", TIER_NAME), name="tier_range"),
         CheckConstraint(
             "(max_concurrency IS NULL OR max_concurrency >= 1)"
             " AND (max_waiting IS NULL OR max_waiting >= 1)"
@@ -117,10 +145,10 @@ class Task(Base):
 
     __tablename__ = "tasks"
     __table_args__ = (
-        CheckConstraint("status BETWEEN 1 AND 8", name="status_range"),
-        CheckConstraint("kind BETWEEN 1 AND 4", name="kind_range"),
-        CheckConstraint("priority BETWEEN 1 AND 4", name="priority_range"),
-        CheckConstraint("tier BETWEEN 1 AND 3", name="tier_range"),
+        CheckConstraint(between("status", STATUS_NAME), name="status_range"),
+        CheckConstraint(between("kind", KIND_NAME), name="kind_range"),
+        CheckConstraint(between("priority", PRIORITY_NAME), name="priority_range"),
+        CheckConstraint(between("tier", TIER_NAME), name="tier_range"),
         CheckConstraint("progress BETWEEN 0 AND 100", name="progress_range"),
         CheckConstraint("progress < 100 OR status = 4", name="progress_100_only_succeeded"),
         CheckConstraint("max_attempts BETWEEN 1 AND 100", name="max_attempts_range"),

@@ -30,20 +30,6 @@ from conveyor_scheduler.store.convert import (
     TrackedRow,
 )
 
-# TaskEventType numbers.
-EV_SUBMITTED, EV_DISPATCHED, EV_STARTED, EV_PROGRESS, EV_SUCCEEDED, EV_FAILED = 1, 2, 3, 4, 5, 6
-EV_RETRY, EV_CANCEL_REQUESTED, EV_CANCELED, EV_DEAD_LETTERED, EV_EXPIRED, EV_REDRIVEN = (
-    7,
-    8,
-    9,
-    10,
-    11,
-    12,
-)
-# SubmitState numbers.
-SS_DISPATCHED, SS_SUBMITTING, SS_UNKNOWN, SS_SUBMITTED = 1, 2, 3, 4
-
-
 # --------------------------------------------------------------------------------------------
 # Reads
 

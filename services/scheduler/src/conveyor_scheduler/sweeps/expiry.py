@@ -15,15 +15,13 @@ from datetime import datetime, timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from conveyor_common.vocabulary import EV_EXPIRED
 from conveyor_scheduler.dispatch.cycle import dispatch_command
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.lifecycle import finish
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TrackedRow
-from conveyor_scheduler.store.reads import (
-    EV_EXPIRED,
-)
 
 
 async def expire_due(conn: AsyncConnection, now: datetime, limit: int = 500) -> Changes:

@@ -9,15 +9,14 @@ from datetime import timedelta
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from conveyor_common.vocabulary import KIND_NAME, PRIORITY_NAME
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
-from conveyor_scheduler.store.convert import KIND_NAME
 
 logger = logging.getLogger(__name__)
 
-PRIORITY_NAME = {1: "urgent", 2: "high", 3: "normal", 4: "low"}
 
 _last_reconcile = 0.0
 

@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.standard_webhooks import generate_secret
+from conveyor_common.vocabulary import FAILED, TERMINAL_EVENT_TYPES
 from conveyor_scheduler.webhooks.models import (
     DELIVERED,
-    FAILED,
     PENDING,
     WebhookAttempt,
     WebhookDelivery,
@@ -31,17 +31,6 @@ from conveyor_scheduler.webhooks.settings import SecretCodec
 
 CLEAR = SecretCodec(None)
 """No sealing (tests and callers without keys)."""
-
-TERMINAL_EVENT_TYPES = frozenset(
-    {
-        task_pb2.TASK_EVENT_TYPE_SUCCEEDED,
-        task_pb2.TASK_EVENT_TYPE_FAILED,
-        task_pb2.TASK_EVENT_TYPE_CANCELED,
-        task_pb2.TASK_EVENT_TYPE_DEAD_LETTERED,
-        task_pb2.TASK_EVENT_TYPE_EXPIRED,
-    }
-)
-"""What an endpoint with an empty event list receives."""
 
 
 def wants(event_types: Sequence[int], event_type: int) -> bool:
