@@ -10,6 +10,7 @@ from google.protobuf import struct_pb2
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
+from conveyor_common import limits
 from conveyor_common.errors import InvalidArgument
 from conveyor_gateway.validation import Limits, UrlPolicy, Validator, model_ref_problem
 
@@ -55,7 +56,7 @@ async def test_valid_submit_passes() -> None:
 
 
 async def test_every_bad_field_is_named() -> None:
-    s = spec(priority=42, max_attempts=11)
+    s = spec(priority=42, max_attempts=limits.MAX_ATTEMPTS_CEILING + 1)
     s.kind = 99  # type: ignore[assignment]
     s.labels["bad key!"] = "v"
     s.run_timeout.FromSeconds(0)

@@ -28,6 +28,7 @@ import grpc
 
 from conveyor.scheduler.v1 import group_service_pb2_grpc as group_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
+from conveyor_common import limits
 from conveyor_common.channels import client_options
 from conveyor_common.errors import RpcError, Unavailable
 from conveyor_common.tls import TlsFiles, open_channel
@@ -261,7 +262,7 @@ class SchedulerClient:
         tls: TlsFiles | None = None,
     ) -> None:
         options = client_options(
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+            ("grpc.max_receive_message_length", limits.MESSAGE_BYTES_CEILING),
             # Distinct channel args keep the channels on separate HTTP/2 connections.
             ("grpc.use_local_subchannel_pool", 1),
         )

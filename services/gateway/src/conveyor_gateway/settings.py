@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from conveyor_common import limits
 from conveyor_common.settings import ServiceSettings
 from conveyor_common.ssrf import AllowList
 from conveyor_common.tls import TlsFiles
@@ -49,7 +50,7 @@ class GatewaySettings(ServiceSettings):
     """HTTP/2 connections to the scheduler (calls are spread over them)."""
     submit_coalesce: bool = True
     """Send concurrent single submits to the scheduler in SubmitTaskGroup calls (each decided alone)."""
-    submit_group_max: int = Field(default=256, ge=1, le=10_000)
+    submit_group_max: int = Field(default=256, ge=1, le=limits.BATCH_ITEMS_CEILING)
     """Most single submits in one SubmitTaskGroup call."""
     submit_group_concurrency: int = Field(default=2, ge=1, le=64)
     """SubmitTaskGroup calls in flight at once; later submits ride the next call."""
@@ -102,23 +103,23 @@ class GatewaySettings(ServiceSettings):
     """Refuse clients without a certificate signed by the client CA."""
 
     # Validation limits.
-    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=limits.MESSAGE_BYTES_CEILING)
     """Largest request message accepted (grpc.max_receive_message_length)."""
-    max_input_bytes: int = Field(default=256 * 1024, ge=16, le=16 * 1024 * 1024)
+    max_input_bytes: int = Field(default=256 * 1024, ge=16, le=limits.INPUT_BYTES_CEILING)
     """Largest serialized ``spec.input`` document."""
-    max_batch_items: int = Field(default=100, ge=1, le=10_000)
+    max_batch_items: int = Field(default=100, ge=1, le=limits.BATCH_ITEMS_CEILING)
     """Most items in one BatchSubmitTasks call."""
-    max_group_children: int = Field(default=1000, ge=1, le=10_000)
+    max_group_children: int = Field(default=1000, ge=1, le=limits.GROUP_CHILDREN_CEILING)
     """Most children in one CreateGroup call (the scheduler has its own cap)."""
     max_queue_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     """Furthest ``queue_deadline`` from now."""
     max_run_timeout_seconds: int = Field(default=6 * 3600, ge=1)
     """Longest ``run_timeout``."""
-    max_labels: int = Field(default=32, ge=0, le=1000)
+    max_labels: int = Field(default=32, ge=0, le=limits.LABELS_CEILING)
     """Most labels on a task."""
-    max_label_key_length: int = Field(default=63, ge=1, le=1024)
+    max_label_key_length: int = Field(default=63, ge=1, le=limits.LABEL_KEY_LENGTH_CEILING)
     """Longest label key."""
-    max_label_value_length: int = Field(default=256, ge=0, le=4096)
+    max_label_value_length: int = Field(default=256, ge=0, le=limits.LABEL_VALUE_LENGTH_CEILING)
     """Longest label value."""
     max_input_depth: int = Field(default=20, ge=1, le=24)
     """Deepest nesting of objects and lists in ``spec.input`` (at most 24: an object level is three

@@ -465,8 +465,8 @@ async def start_stack(
     from conveyor_gateway.app import build_gateway
     from conveyor_gateway.settings import GatewaySettings
     from conveyor_scheduler.app import SchedulerApp
-    from conveyor_scheduler.store.db import migrate
     from conveyor_scheduler.settings import SchedulerSettings
+    from conveyor_scheduler.store.db import migrate
 
     await asyncio.to_thread(migrate, database_url)
     sched_values: dict[str, Any] = {

@@ -42,6 +42,7 @@ from conveyor.tasks.v1 import (
 from conveyor.tasks.v1 import (
     webhook_service_pb2 as hook_pb2,
 )
+from conveyor_common import limits
 from conveyor_common.errors import FieldViolation, InvalidArgument
 from conveyor_common.ssrf import (
     AllowList,
@@ -600,7 +601,7 @@ TASK_SPEC: Table = {
     "priority": [enum_value(task_pb2.Priority)],
     "queue_deadline": [spec_queue_deadline],
     "run_timeout": [spec_run_timeout],
-    "max_attempts": [int_range(0, 10)],
+    "max_attempts": [int_range(0, limits.MAX_ATTEMPTS_CEILING)],
     "labels": [spec_labels],
     "webhook": [nested(TASK_WEBHOOK)],
     "not_before": [spec_not_before],

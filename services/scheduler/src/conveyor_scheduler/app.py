@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor_common import lifecycle as phases
-from conveyor_common import topics
+from conveyor_common import limits, topics
 from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
 from conveyor_common.kafka import (
     ConsumerConfig,
@@ -143,6 +143,7 @@ class SchedulerApp:
                 host=s.grpc_host,
                 port=s.grpc_port,
                 metrics=RpcMetrics(self.registry, "scheduler"),
+                max_receive_message_length=limits.MESSAGE_BYTES_CEILING,
                 credentials=tls.server_credentials() if tls else None,
                 extra_interceptors=tls.interceptors() if tls else (),
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from conveyor_common import limits
 from conveyor_common.kafka.security import KafkaSecuritySettings
 from conveyor_common.settings import ServiceSettings
 from conveyor_common.tls import InternalTlsSettings
@@ -65,7 +66,7 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     while the previous flush was running are grouped; no added latency when idle)."""
     default_max_attempts: int = Field(default=3, ge=1, le=20)
     """Attempts per task when the request does not say (the seed's 3)."""
-    max_attempts_cap: int = Field(default=10, ge=1, le=100)
+    max_attempts_cap: int = Field(default=10, ge=1, le=limits.MAX_ATTEMPTS_CEILING)
     """Largest max_attempts a request may ask for."""
     group_max_children: int = Field(default=1000, ge=1, le=10_000)
     """Most children in one task group (CreateGroup)."""

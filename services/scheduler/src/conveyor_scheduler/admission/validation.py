@@ -13,26 +13,18 @@ import asyncio
 from collections.abc import Sequence
 
 from conveyor.tasks.v1 import admin_service_pb2, task_pb2
+from conveyor_common import limits
 from conveyor_common.errors import (
     FieldViolation,
     InvalidArgument,
 )
+from conveyor_common.vocabulary import KIND_NAME, PRIORITY_NAME
 from conveyor_scheduler.webhooks.rpcs import check_callback_url
 from conveyor_scheduler.webhooks.settings import WebhookPolicy
 
-MAX_ID_LEN = 128
-
-
-MAX_INPUT_BYTES = 256 * 1024
-
-
-MAX_LABELS = 32
-
-
-MAX_BULK = 10_000
-
-
-MAX_GROUP = 10_000
+MAX_ID_LEN = limits.ID_MAX_LENGTH
+MAX_BULK = limits.BULK_CEILING
+MAX_GROUP = limits.BATCH_ITEMS_CEILING
 
 
 def validate_item(
@@ -41,25 +33,27 @@ def validate_item(
     """Defensive checks of one submit item (the gateway does the full validation)."""
     v: list[FieldViolation] = []
     if not request_id or len(request_id) > MAX_ID_LEN:
-        v.append(FieldViolation(f"{prefix}request_id", "required, 1-128 characters"))
-    if spec.kind not in (1, 2, 3, 4):
+        v.append(FieldViolation(f"{prefix}request_id", f"required, 1-{MAX_ID_LEN} characters"))
+    if spec.kind not in KIND_NAME:
         v.append(FieldViolation(f"{prefix}spec.kind", "must be a known task kind"))
     target = spec.WhichOneof("target")
     ref = spec.model if target == "model" else spec.deployment if target == "deployment" else ""
-    if not ref or len(ref) > 256 or "/" not in ref:
+    if not ref or len(ref) > limits.REF_MAX_LENGTH or "/" not in ref:
         v.append(
             FieldViolation(f"{prefix}spec.target", "model or deployment 'owner/name' required")
         )
-    if spec.priority not in (0, 1, 2, 3, 4):
+    if spec.priority and spec.priority not in PRIORITY_NAME:
         v.append(FieldViolation(f"{prefix}spec.priority", "unknown priority"))
     if spec.max_attempts < 0 or spec.max_attempts > max_attempts_cap:
         v.append(FieldViolation(f"{prefix}spec.max_attempts", f"must be 0-{max_attempts_cap}"))
     if spec.HasField("run_timeout") and spec.run_timeout.ToTimedelta().total_seconds() < 1:
         v.append(FieldViolation(f"{prefix}spec.run_timeout", "must be at least 1 second"))
-    if spec.input.ByteSize() > MAX_INPUT_BYTES:
-        v.append(FieldViolation(f"{prefix}spec.input", "larger than 256 KiB"))
-    if len(spec.labels) > MAX_LABELS:
-        v.append(FieldViolation(f"{prefix}spec.labels", f"at most {MAX_LABELS} labels"))
+    if spec.input.ByteSize() > limits.INPUT_BYTES_CEILING:
+        v.append(
+            FieldViolation(f"{prefix}spec.input", f"larger than {limits.INPUT_BYTES_CEILING} bytes")
+        )
+    if len(spec.labels) > limits.LABELS_CEILING:
+        v.append(FieldViolation(f"{prefix}spec.labels", f"at most {limits.LABELS_CEILING} labels"))
     return v
 
 
