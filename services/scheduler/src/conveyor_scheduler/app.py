@@ -34,7 +34,7 @@ from conveyor_scheduler.api.servicer import SchedulerServicer
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.loops import LeaderLoops
-from conveyor_scheduler.dispatch.wakeups import Listener, Notifier, Wakeups
+from conveyor_scheduler.dispatch.wakeups import WorkListener, WorkAnnouncer, Wakeups
 from conveyor_scheduler.groups.service import binding as groups_binding
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.results.consumer import results_handler
@@ -72,11 +72,11 @@ class SchedulerApp:
             pool_metrics=self.metrics.db_pool,
         )
         self.wakeups = Wakeups()
-        self.notifier = Notifier(
+        self.announcer = WorkAnnouncer(
             self.engine, s.notify_coalesce_seconds, s.notify_work_coalesce_seconds
         )
-        self.wakeups.notifier = self.notifier
-        self.listener = Listener(url, self.wakeups)
+        self.wakeups.announcer = self.announcer
+        self.listener = WorkListener(url, self.wakeups)
         self.core = SchedulerCore(self.engine, s, wakeups=self.wakeups, metrics=self.metrics)
         self.leader = Leader(s, url, self.instance)
         self.loops = LeaderLoops(
@@ -166,7 +166,7 @@ class SchedulerApp:
                     "webhook signing secrets resealed with the current key",
                     extra={"action": "secrets_resealed", "count": resealed},
                 )
-        self.notifier.start()
+        self.announcer.start()
         self.listener.start()
         if self.producer is not None:
             await self.producer.start()
@@ -190,13 +190,13 @@ class SchedulerApp:
         lifecycle.on_shutdown("engine_dispose", self.dispose, phase=phases.STORAGE)
 
     async def stop_loops(self) -> None:
-        """Stop the leader loops, relay, listener and notifier."""
+        """Stop the leader loops, relay, work listener and work announcer."""
         await self.loops.stop()
         await self.groups.stop()
         if self.relay is not None:
             await self.relay.stop()
         await self.listener.stop()
-        await self.notifier.stop()
+        await self.announcer.stop()
 
     async def dispose(self) -> None:
         """Close the engines."""

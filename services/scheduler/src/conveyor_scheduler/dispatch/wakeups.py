@@ -2,7 +2,7 @@
 
 A commit that may let the leader do something (a submit, a freed slot, a resume, a throttle's end, a
 new outbox row) calls :meth:`Wakeups.poke`. On the leader's own replica that sets in-process events;
-on the others it asks the :class:`Notifier` to send one ``pg_notify`` after the commit, coalesced over
+on the others it asks the :class:`WorkAnnouncer` to send one ``pg_notify`` after the commit, coalesced over
 a few milliseconds and never inside the hot transaction (a pending NOTIFY takes a global lock at
 commit). NOTIFY is only a latency hint: the loops also poll, so a lost notification costs at most one
 poll interval.
@@ -32,7 +32,7 @@ class Wakeups:
         self.dispatch = asyncio.Event()
         self.relay = asyncio.Event()
         self.local_leader = False
-        self.notifier: Notifier | None = None
+        self.announcer: WorkAnnouncer | None = None
         self.candidates_stale = True
         """Set when queued tasks may have appeared (the dispatcher's candidate cache is stale)."""
         self.capacity_changed = True
@@ -57,8 +57,8 @@ class Wakeups:
             self.capacity_changed = True
         if self.local_leader:
             self.wake_local()
-        elif self.notifier is not None:
-            self.notifier.request(new_work=new_work, frees=frees)
+        elif self.announcer is not None:
+            self.announcer.request(new_work=new_work, frees=frees)
 
 
 def payload_of(*, new_work: bool, frees: bool) -> str:
@@ -71,7 +71,7 @@ def payload_of(*, new_work: bool, frees: bool) -> str:
     return "work+slot"
 
 
-class Notifier:
+class WorkAnnouncer:
     """Sends coalesced ``pg_notify`` from a pool connection, outside any hot transaction."""
 
     def __init__(
@@ -96,7 +96,7 @@ class Notifier:
 
     def start(self) -> None:
         """Start the sender task."""
-        self._task = asyncio.create_task(self._run(), name="notifier")
+        self._task = asyncio.create_task(self._run(), name="work-announcer")
 
     async def stop(self) -> None:
         """Stop the sender task."""
@@ -129,7 +129,7 @@ class Notifier:
                 await asyncio.sleep(0.5)
 
 
-class Listener:
+class WorkListener:
     """LISTENs on the channel (raw psycopg connection) and wakes the local loops."""
 
     def __init__(self, url: str, wakeups: Wakeups) -> None:
