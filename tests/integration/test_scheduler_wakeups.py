@@ -107,12 +107,12 @@ async def test_notifier_announces_new_work_lazily_and_freed_capacity_at_once(
     freed slot is announced within the short window, ahead of it."""
     import psycopg
 
-    from conveyor_scheduler.dispatch.wakeups import CHANNEL, Notifier
+    from conveyor_scheduler.dispatch.wakeups import CHANNEL, WorkAnnouncer
     from conveyor_scheduler.settings import to_libpq_url
     from conveyor_scheduler.store.db import create_engine
 
     engine = create_engine(database_url, pool_size=2)
-    notifier = Notifier(engine, 0.002, 0.3)
+    announcer = WorkAnnouncer(engine, 0.002, 0.3)
     listen = await psycopg.AsyncConnection.connect(to_libpq_url(database_url), autocommit=True)
     got: list[tuple[float, str]] = []
 
@@ -123,19 +123,19 @@ async def test_notifier_announces_new_work_lazily_and_freed_capacity_at_once(
     try:
         await listen.execute(f"LISTEN {CHANNEL}")
         collector = asyncio.create_task(collect())
-        notifier.start()
+        announcer.start()
         started = time.monotonic()
         for _ in range(50):
-            notifier.request(new_work=True, frees=False)
+            announcer.request(new_work=True, frees=False)
             await asyncio.sleep(0.002)
         await asyncio.sleep(0.5)
         assert [p for _, p in got] == ["work"]
         assert got[0][0] - started >= 0.25  # waited for more work
         got.clear()
         started = time.monotonic()
-        notifier.request(new_work=True, frees=False)
+        announcer.request(new_work=True, frees=False)
         await asyncio.sleep(0.01)
-        notifier.request(new_work=False, frees=True)
+        announcer.request(new_work=False, frees=True)
         for _ in range(100):
             if got:
                 break
@@ -144,6 +144,6 @@ async def test_notifier_announces_new_work_lazily_and_freed_capacity_at_once(
         assert got[0][0] - started < 0.2  # the freed slot did not wait for the work window
         collector.cancel()
     finally:
-        await notifier.stop()
+        await announcer.stop()
         await listen.close()
         await engine.dispose()
