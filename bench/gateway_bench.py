@@ -225,7 +225,7 @@ class Load:
         req = svc_pb2.SubmitTaskRequest(request_id=str(uuid.uuid4()), spec=spec(i))
         try:
             if self.direct:
-                wrapped = sched_pb2.SubmitTaskRequest(
+                wrapped = sched_pb2.SchedulerServiceSubmitTaskRequest(
                     principal=sched_pb2.Principal(
                         tenant_id=f"bench-{worker % len(self.tokens)}",
                         tier=task_pb2.TIER_PRO,

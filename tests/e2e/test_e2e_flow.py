@@ -286,7 +286,7 @@ async def test_internal_services_refuse_callers_without_an_allowed_certificate(e
     system = e2e.system
     assert system.client_tls is not None
     port = system.by_role("scheduler")[0].grpc_port
-    request = sched_pb2.GetQueueStatsRequest(
+    request = sched_pb2.SchedulerServiceGetQueueStatsRequest(
         principal=sched_pb2.Principal(tenant_id="intruder", role=sched_pb2.ROLE_ADMIN)
     )
 

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from conveyor.events.v1 import events_pb2
-from conveyor.scheduler.v1 import scheduler_service_pb2
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor_common.standard_webhooks import generate_secret, sign_headers
 from conveyor_devstack.topics import ensure_topics
 from conveyor_provider_adapter.app import Adapter
@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
 TOKEN = "r8_adapter_flow"
 SECRET = generate_secret()
-S = scheduler_service_pb2.SubmitState
+S = provider_pb2.SubmitState
 
 
 @dataclass

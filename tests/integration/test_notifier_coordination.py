@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.protobuf import timestamp_pb2
 
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
 from conveyor.scheduler.v1 import scheduler_service_pb2 as spb
 from conveyor.tasks.v1 import task_pb2, webhook_service_pb2
 from conveyor_common.standard_webhooks import WebhookVerifier, sign_headers
@@ -60,33 +61,35 @@ def tenant() -> str:
 
 async def enqueue(side: SchedulerSide, events: list[task_pb2.TaskEvent]) -> int:
     response = await side.coordination.EnqueueDeliveries(
-        spb.EnqueueDeliveriesRequest(events=events)
+        delivery_pb2.EnqueueDeliveriesRequest(events=events)
     )
     return response.created
 
 
 async def claim(
     side: SchedulerSide, worker: str, n: int = 100, lease: int = 60
-) -> list[spb.LeasedDelivery]:
+) -> list[delivery_pb2.LeasedDelivery]:
     response = await side.coordination.ClaimDeliveries(
-        spb.ClaimDeliveriesRequest(worker_id=worker, max_deliveries=n, lease_seconds=lease)
+        delivery_pb2.ClaimDeliveriesRequest(worker_id=worker, max_deliveries=n, lease_seconds=lease)
     )
     return list(response.deliveries)
 
 
-async def report(side: SchedulerSide, worker: str, *outcomes: spb.DeliveryOutcome) -> int:
+async def report(side: SchedulerSide, worker: str, *outcomes: delivery_pb2.DeliveryOutcome) -> int:
     response = await side.coordination.ReportDeliveries(
-        spb.ReportDeliveriesRequest(worker_id=worker, outcomes=outcomes)
+        delivery_pb2.ReportDeliveriesRequest(worker_id=worker, outcomes=outcomes)
     )
     return response.applied
 
 
-def delivered(delivery_id: str) -> spb.DeliveryOutcome:
-    return spb.DeliveryOutcome(delivery_id=delivery_id, delivered=True, status_code=200)
+def delivered(delivery_id: str) -> delivery_pb2.DeliveryOutcome:
+    return delivery_pb2.DeliveryOutcome(delivery_id=delivery_id, delivered=True, status_code=200)
 
 
-def retry_now(delivery_id: str) -> spb.DeliveryOutcome:
-    outcome = spb.DeliveryOutcome(delivery_id=delivery_id, status_code=500, error="HTTP 500")
+def retry_now(delivery_id: str) -> delivery_pb2.DeliveryOutcome:
+    outcome = delivery_pb2.DeliveryOutcome(
+        delivery_id=delivery_id, status_code=500, error="HTTP 500"
+    )
     outcome.retry_at.CopyFrom(timestamp_pb2.Timestamp())
     outcome.retry_at.GetCurrentTime()
     return outcome
@@ -188,9 +191,11 @@ async def test_disable_fails_pending_deliveries_and_gives_up_without_retry_at(
     )
     leases = await claim(side, "w")
     assert len(leases) == 3
-    give_up = spb.DeliveryOutcome(delivery_id=leases[0].delivery_id, status_code=410, error="gone")
+    give_up = delivery_pb2.DeliveryOutcome(
+        delivery_id=leases[0].delivery_id, status_code=410, error="gone"
+    )
     assert await report(side, "w", give_up) == 1
-    disable = spb.DeliveryOutcome(
+    disable = delivery_pb2.DeliveryOutcome(
         delivery_id=leases[1].delivery_id,
         status_code=500,
         disable_endpoint=True,
@@ -201,13 +206,13 @@ async def test_disable_fails_pending_deliveries_and_gives_up_without_retry_at(
     states = {d.state for d in await list_deliveries(side, t)}
     assert states == {webhook_service_pb2.DELIVERY_STATE_FAILED}
     listed = await side.scheduler.ListWebhookEndpoints(
-        spb.ListWebhookEndpointsRequest(principal=principal(t))
+        spb.SchedulerServiceListWebhookEndpointsRequest(principal=principal(t))
     )
     (endpoint,) = listed.response.endpoints
     assert endpoint.endpoint_id == created.endpoint.endpoint_id
     assert not endpoint.enabled
     assert endpoint.disabled_reason == "kept failing"
-    backlog = await side.coordination.GetDeliveryBacklog(spb.GetDeliveryBacklogRequest())
+    backlog = await side.coordination.GetDeliveryBacklog(delivery_pb2.GetDeliveryBacklogRequest())
     assert backlog.disabled_endpoints >= 1
     await enqueue(side, [make_event(t, tasks[0], 2, task_pb2.TASK_EVENT_TYPE_SUCCEEDED)])
     assert len(await list_deliveries(side, t)) == 3  # a disabled endpoint gets no new deliveries
@@ -217,7 +222,7 @@ async def test_rotation_puts_both_secrets_in_the_lease(side: SchedulerSide) -> N
     t = tenant()
     created = await create_endpoint(side, t, "http://127.0.0.1:9/f", ALL)
     rotated = await side.scheduler.RotateWebhookSecret(
-        spb.RotateWebhookSecretRequest(
+        spb.SchedulerServiceRotateWebhookSecretRequest(
             principal=principal(t),
             request=webhook_service_pb2.RotateWebhookSecretRequest(overlap_seconds=60),
         )
@@ -238,7 +243,7 @@ async def test_backlog_and_paging(side: SchedulerSide) -> None:
     await enqueue(
         side, [make_event(t, task, 1, task_pb2.TASK_EVENT_TYPE_SUBMITTED) for task in tasks]
     )
-    backlog = await side.coordination.GetDeliveryBacklog(spb.GetDeliveryBacklogRequest())
+    backlog = await side.coordination.GetDeliveryBacklog(delivery_pb2.GetDeliveryBacklogRequest())
     assert backlog.pending >= 7
     assert backlog.due >= 7
     assert backlog.HasField("oldest_due_at")
@@ -246,7 +251,7 @@ async def test_backlog_and_paging(side: SchedulerSide) -> None:
     token = ""
     while True:
         page = await side.scheduler.ListWebhookDeliveries(
-            spb.ListWebhookDeliveriesRequest(
+            spb.SchedulerServiceListWebhookDeliveriesRequest(
                 principal=principal(t),
                 request=webhook_service_pb2.ListWebhookDeliveriesRequest(
                     page_size=3, page_token=token
@@ -273,7 +278,7 @@ async def test_concurrent_endpoint_creates_keep_the_limit_and_the_idempotency_ke
     async def create(request_id: str) -> grpc.StatusCode:
         try:
             await side.scheduler.CreateWebhookEndpoint(
-                spb.CreateWebhookEndpointRequest(
+                spb.SchedulerServiceCreateWebhookEndpointRequest(
                     principal=principal(t),
                     request=webhook_service_pb2.CreateWebhookEndpointRequest(
                         request_id=request_id, url="http://127.0.0.1:9/hook"
@@ -288,7 +293,7 @@ async def test_concurrent_endpoint_creates_keep_the_limit_and_the_idempotency_ke
     assert codes.count(grpc.StatusCode.OK) == 2
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 8
     listed = await side.scheduler.ListWebhookEndpoints(
-        spb.ListWebhookEndpointsRequest(
+        spb.SchedulerServiceListWebhookEndpointsRequest(
             principal=principal(t), request=webhook_service_pb2.ListWebhookEndpointsRequest()
         )
     )
@@ -300,7 +305,7 @@ async def test_concurrent_endpoint_creates_keep_the_limit_and_the_idempotency_ke
     answers = await asyncio.gather(
         *(
             side.scheduler.CreateWebhookEndpoint(
-                spb.CreateWebhookEndpointRequest(
+                spb.SchedulerServiceCreateWebhookEndpointRequest(
                     principal=principal(fresh),
                     request=webhook_service_pb2.CreateWebhookEndpointRequest(
                         request_id=key, url="http://127.0.0.1:9/hook"

@@ -193,7 +193,7 @@ async def side(database_url: str) -> AsyncIterator[SchedulerSide]:
 
 
 async def registration_outcome(
-    side: SchedulerSide, request: spb.CreateWebhookEndpointRequest
+    side: SchedulerSide, request: spb.SchedulerServiceCreateWebhookEndpointRequest
 ) -> tuple[str, list[str]]:
     """(status code name, BadRequest fields) of a CreateWebhookEndpoint call."""
     try:
@@ -212,14 +212,14 @@ async def test_corpus_is_refused_at_registration(side: SchedulerSide, canary: Ca
     t = f"tenant-{uuid.uuid4().hex[:8]}"
     outcomes: dict[str, tuple[str, list[str]]] = {}
     for url in urls:
-        request = spb.CreateWebhookEndpointRequest(
+        request = spb.SchedulerServiceCreateWebhookEndpointRequest(
             principal=principal(t),
             request=webhook_service_pb2.CreateWebhookEndpointRequest(url=url),
         )
         outcomes[url] = await registration_outcome(side, request)
     assert {u: o for u, o in outcomes.items() if o != ("INVALID_ARGUMENT", ["url"])} == {}
     listed = await side.scheduler.ListWebhookEndpoints(
-        spb.ListWebhookEndpointsRequest(principal=principal(t))
+        spb.SchedulerServiceListWebhookEndpointsRequest(principal=principal(t))
     )
     assert list(listed.response.endpoints) == []
     assert canary.connections == 0

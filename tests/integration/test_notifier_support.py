@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from conveyor.events.v1 import events_pb2
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as delivery_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2 as spb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as spb_grpc
 from conveyor.tasks.v1 import task_pb2, webhook_service_pb2
@@ -206,9 +207,9 @@ class SchedulerSide:
         return spb_grpc.SchedulerServiceStub(self.channel)
 
     @property
-    def coordination(self) -> spb_grpc.DeliveryCoordinationServiceAsyncStub:
+    def coordination(self) -> delivery_grpc.DeliveryCoordinationServiceAsyncStub:
         """DeliveryCoordinationService client."""
-        return spb_grpc.DeliveryCoordinationServiceStub(self.channel)
+        return delivery_grpc.DeliveryCoordinationServiceStub(self.channel)
 
     async def close(self) -> None:
         """Stop the server and dispose of the engine."""
@@ -259,7 +260,7 @@ async def create_endpoint(
 ) -> webhook_service_pb2.CreateWebhookEndpointResponse:
     """Register an endpoint through the real RPC."""
     response = await side.scheduler.CreateWebhookEndpoint(
-        spb.CreateWebhookEndpointRequest(
+        spb.SchedulerServiceCreateWebhookEndpointRequest(
             principal=principal(tenant_id),
             request=webhook_service_pb2.CreateWebhookEndpointRequest(
                 request_id=str(uuid.uuid4()),
@@ -276,7 +277,7 @@ async def list_deliveries(
 ) -> list[webhook_service_pb2.WebhookDelivery]:
     """Every delivery of a tenant (one big page), newest first."""
     response = await side.scheduler.ListWebhookDeliveries(
-        spb.ListWebhookDeliveriesRequest(
+        spb.SchedulerServiceListWebhookDeliveriesRequest(
             principal=principal(tenant_id),
             request=webhook_service_pb2.ListWebhookDeliveriesRequest(
                 task_id=task_id, page_size=500

@@ -238,7 +238,7 @@ async def test_rotation_signs_with_both_secrets_during_the_overlap(
     async with receiver() as rec:
         created = await create_endpoint(side, t, rec.url + "/rot")
         old = created.signing_secret
-        request = spb.RotateWebhookSecretRequest(
+        request = spb.SchedulerServiceRotateWebhookSecretRequest(
             principal=principal(t),
             request=webhook_service_pb2.RotateWebhookSecretRequest(
                 request_id="rot-1", overlap_seconds=3600
@@ -274,7 +274,7 @@ async def test_per_task_webhook_from_the_task_spec(
     side: SchedulerSide, notifier: Notifier, producer: EventProducer, topics: dict[str, str]
 ) -> None:
     t = tenant()
-    rotate = spb.RotateWebhookSecretRequest(
+    rotate = spb.SchedulerServiceRotateWebhookSecretRequest(
         principal=principal(t), request=webhook_service_pb2.RotateWebhookSecretRequest()
     )
     secret = (await side.scheduler.RotateWebhookSecret(rotate)).response.signing_secret
@@ -317,7 +317,7 @@ async def test_an_endpoint_that_keeps_failing_is_disabled_with_a_notice(
         await eventually(disabled_notice, what="ops notice")
         assert len(rec.received) == DISABLE_AFTER
         listed = await side.scheduler.ListWebhookEndpoints(
-            spb.ListWebhookEndpointsRequest(principal=principal(t))
+            spb.SchedulerServiceListWebhookEndpointsRequest(principal=principal(t))
         )
         (endpoint,) = listed.response.endpoints
         assert not endpoint.enabled
@@ -344,13 +344,13 @@ async def test_tenancy_and_bad_input(side: SchedulerSide, notifier: Notifier) ->
         status: status_pb2.Status | None = rpc_status.from_call(info.value)
         return info.value.code(), unpack_details(status) if status is not None else {}
 
-    delete = spb.DeleteWebhookEndpointRequest(
+    delete = spb.SchedulerServiceDeleteWebhookEndpointRequest(
         principal=principal(other),
         request=webhook_service_pb2.DeleteWebhookEndpointRequest(endpoint_id=endpoint_id),
     )
     code, _ = await code_of(side.scheduler.DeleteWebhookEndpoint(delete))
     assert code == grpc.StatusCode.NOT_FOUND
-    missing = spb.DeleteWebhookEndpointRequest(
+    missing = spb.SchedulerServiceDeleteWebhookEndpointRequest(
         principal=principal(other),
         request=webhook_service_pb2.DeleteWebhookEndpointRequest(endpoint_id=str(uuid.uuid4())),
     )
@@ -358,11 +358,11 @@ async def test_tenancy_and_bad_input(side: SchedulerSide, notifier: Notifier) ->
         0
     ] == grpc.StatusCode.NOT_FOUND
     listed = await side.scheduler.ListWebhookEndpoints(
-        spb.ListWebhookEndpointsRequest(principal=principal(other))
+        spb.SchedulerServiceListWebhookEndpointsRequest(principal=principal(other))
     )
     assert list(listed.response.endpoints) == []
 
-    bad = spb.CreateWebhookEndpointRequest(
+    bad = spb.SchedulerServiceCreateWebhookEndpointRequest(
         principal=principal(owner),
         request=webhook_service_pb2.CreateWebhookEndpointRequest(url="https://10.1.2.3/hook"),
     )
@@ -371,11 +371,11 @@ async def test_tenancy_and_bad_input(side: SchedulerSide, notifier: Notifier) ->
     violations = details["BadRequest"].field_violations  # type: ignore[attr-defined]
     assert [v.field for v in violations] == ["url"]
     listed = await side.scheduler.ListWebhookEndpoints(
-        spb.ListWebhookEndpointsRequest(principal=principal(owner))
+        spb.SchedulerServiceListWebhookEndpointsRequest(principal=principal(owner))
     )
     assert [e.endpoint_id for e in listed.response.endpoints] == [endpoint_id]  # nothing written
 
-    page = spb.ListWebhookDeliveriesRequest(
+    page = spb.SchedulerServiceListWebhookDeliveriesRequest(
         principal=principal(owner),
         request=webhook_service_pb2.ListWebhookDeliveriesRequest(page_token="garbage!"),
     )
@@ -383,13 +383,13 @@ async def test_tenancy_and_bad_input(side: SchedulerSide, notifier: Notifier) ->
         0
     ] == grpc.StatusCode.INVALID_ARGUMENT
 
-    own_delete = spb.DeleteWebhookEndpointRequest(
+    own_delete = spb.SchedulerServiceDeleteWebhookEndpointRequest(
         principal=principal(owner),
         request=webhook_service_pb2.DeleteWebhookEndpointRequest(endpoint_id=endpoint_id),
     )
     await side.scheduler.DeleteWebhookEndpoint(own_delete)
     listed = await side.scheduler.ListWebhookEndpoints(
-        spb.ListWebhookEndpointsRequest(principal=principal(owner))
+        spb.SchedulerServiceListWebhookEndpointsRequest(principal=principal(owner))
     )
     assert list(listed.response.endpoints) == []
 

@@ -16,6 +16,10 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 from sqlalchemy import text
 
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as delivery_grpc
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
+from conveyor.scheduler.v1 import provider_coordination_service_pb2_grpc as provider_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
@@ -50,13 +54,15 @@ async def app(database_url: str) -> AsyncIterator[SchedulerApp]:
 @pytest.fixture(scope="module")
 async def stubs(
     app: SchedulerApp,
-) -> AsyncIterator[tuple[pb_grpc.SchedulerServiceStub, pb_grpc.ProviderCoordinationServiceStub]]:
+) -> AsyncIterator[
+    tuple[pb_grpc.SchedulerServiceStub, provider_grpc.ProviderCoordinationServiceStub]
+]:
     assert app.server is not None
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}")
     try:
         yield (
             pb_grpc.SchedulerServiceStub(channel),
-            pb_grpc.ProviderCoordinationServiceStub(channel),
+            provider_grpc.ProviderCoordinationServiceStub(channel),
         )
     finally:
         await channel.close()
@@ -68,8 +74,8 @@ def _details(err: grpc.aio.AioRpcError) -> dict[str, Any]:
     return unpack_details(status)
 
 
-def _submit(request_id: str, **kwargs: Any) -> pb.SubmitTaskRequest:
-    return pb.SubmitTaskRequest(
+def _submit(request_id: str, **kwargs: Any) -> pb.SchedulerServiceSubmitTaskRequest:
+    return pb.SchedulerServiceSubmitTaskRequest(
         principal=TENANT,
         request=task_service_pb2.SubmitTaskRequest(request_id=request_id, spec=kit.spec(**kwargs)),
     )
@@ -86,7 +92,7 @@ async def test_submit_dispatches_at_once_and_protocol(stubs: Any, app: Scheduler
     # Event-driven: the leader (this replica) dispatches within milliseconds, not a poll period.
     for _ in range(200):
         got = await sched.GetTask(
-            pb.GetTaskRequest(
+            pb.SchedulerServiceGetTaskRequest(
                 principal=TENANT, request=task_service_pb2.GetTaskRequest(task_id=task_id)
             )
         )
@@ -100,25 +106,25 @@ async def test_submit_dispatches_at_once_and_protocol(stubs: Any, app: Scheduler
     assert again.response.task.task_id == task_id
 
     begin = await coord.BeginSubmit(
-        pb.BeginSubmitRequest(task_id=task_id, attempt=1, adapter_id="a1")
+        provider_pb2.BeginSubmitRequest(task_id=task_id, attempt=1, adapter_id="a1")
     )
-    assert begin.decision == pb.SUBMIT_DECISION_PROCEED
+    assert begin.decision == provider_pb2.SUBMIT_DECISION_PROCEED
     dup = await coord.BeginSubmit(
-        pb.BeginSubmitRequest(task_id=task_id, attempt=1, adapter_id="a2")
+        provider_pb2.BeginSubmitRequest(task_id=task_id, attempt=1, adapter_id="a2")
     )
-    assert dup.decision == pb.SUBMIT_DECISION_RECONCILE
+    assert dup.decision == provider_pb2.SUBMIT_DECISION_RECONCILE
     assert dup.HasField("submit_started_at")
     done = await coord.CompleteSubmit(
-        pb.CompleteSubmitRequest(task_id=task_id, attempt=1, prediction_id="pred-x")
+        provider_pb2.CompleteSubmitRequest(task_id=task_id, attempt=1, prediction_id="pred-x")
     )
     assert done.accepted
-    flight = await coord.ListInFlight(pb.ListInFlightRequest())
+    flight = await coord.ListInFlight(provider_pb2.ListInFlightRequest())
     mine = [a for a in flight.attempts if a.task_id == task_id]
-    assert mine[0].state == pb.SUBMIT_STATE_SUBMITTED
+    assert mine[0].state == provider_pb2.SUBMIT_STATE_SUBMITTED
     assert mine[0].prediction_id == "pred-x"
     assert mine[0].HasField("run_deadline")
-    stale = await coord.BeginSubmit(pb.BeginSubmitRequest(task_id=task_id, attempt=7))
-    assert stale.decision == pb.SUBMIT_DECISION_STOP
+    stale = await coord.BeginSubmit(provider_pb2.BeginSubmitRequest(task_id=task_id, attempt=7))
+    assert stale.decision == provider_pb2.SUBMIT_DECISION_STOP
 
     events = await sched.GetTaskEvents(pb.GetTaskEventsRequest(principal=TENANT, task_id=task_id))
     assert [e.type for e in events.events] == [
@@ -130,7 +136,7 @@ async def test_submit_dispatches_at_once_and_protocol(stubs: Any, app: Scheduler
     assert events.last_sequence == 3
 
     cancel = await sched.CancelTask(
-        pb.CancelTaskRequest(
+        pb.SchedulerServiceCancelTaskRequest(
             principal=TENANT,
             request=task_service_pb2.CancelTaskRequest(task_id=task_id, reason="r"),
         )
@@ -138,7 +144,9 @@ async def test_submit_dispatches_at_once_and_protocol(stubs: Any, app: Scheduler
     assert cancel.response.task.status == task_pb2.TASK_STATUS_RUNNING
 
     stats = await sched.GetQueueStats(
-        pb.GetQueueStatsRequest(principal=TENANT, request=task_service_pb2.GetQueueStatsRequest())
+        pb.SchedulerServiceGetQueueStatsRequest(
+            principal=TENANT, request=task_service_pb2.GetQueueStatsRequest()
+        )
     )
     totals = [
         s for s in stats.response.stats if s.model == "" and s.kind == task_pb2.TASK_KIND_IMAGE
@@ -148,7 +156,7 @@ async def test_submit_dispatches_at_once_and_protocol(stubs: Any, app: Scheduler
 
 async def test_errors_have_details_and_write_nothing(stubs: Any) -> None:
     sched, coord = stubs
-    bad = pb.SubmitTaskRequest(
+    bad = pb.SchedulerServiceSubmitTaskRequest(
         principal=TENANT,
         request=task_service_pb2.SubmitTaskRequest(request_id="", spec=task_pb2.TaskSpec()),
     )
@@ -162,7 +170,7 @@ async def test_errors_have_details_and_write_nothing(stubs: Any) -> None:
     for principal, task_id in ((OTHER, own.response.task.task_id), (TENANT, str(uuid.uuid4()))):
         with pytest.raises(grpc.aio.AioRpcError) as nf:
             await sched.GetTask(
-                pb.GetTaskRequest(
+                pb.SchedulerServiceGetTaskRequest(
                     principal=principal, request=task_service_pb2.GetTaskRequest(task_id=task_id)
                 )
             )
@@ -171,21 +179,21 @@ async def test_errors_have_details_and_write_nothing(stubs: Any) -> None:
 
     with pytest.raises(grpc.aio.AioRpcError) as denied:
         await sched.PauseModel(
-            pb.PauseModelRequest(
+            pb.SchedulerServicePauseModelRequest(
                 principal=TENANT, request=admin_service_pb2.PauseModelRequest(model="acme/img")
             )
         )
     assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
     with pytest.raises(grpc.aio.AioRpcError) as proto_bad:
-        await coord.BeginSubmit(pb.BeginSubmitRequest(task_id="", attempt=0))
+        await coord.BeginSubmit(provider_pb2.BeginSubmitRequest(task_id="", attempt=0))
     assert proto_bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_admission_status_and_admin_calls(stubs: Any) -> None:
     sched, _ = stubs
     up = await sched.UpsertTenant(
-        pb.UpsertTenantRequest(
+        pb.SchedulerServiceUpsertTenantRequest(
             principal=ADMIN,
             request=admin_service_pb2.UpsertTenantRequest(
                 tenant_id="capped",
@@ -199,13 +207,13 @@ async def test_admission_status_and_admin_calls(stubs: Any) -> None:
     assert up.response.tenant.effective_limits.max_concurrency == 5  # premium default
     capped = pb.Principal(tenant_id="capped", tier=task_pb2.TIER_FREE)
     paused = await sched.PauseModel(
-        pb.PauseModelRequest(
+        pb.SchedulerServicePauseModelRequest(
             principal=ADMIN, request=admin_service_pb2.PauseModelRequest(model="acme/hold")
         )
     )
     assert paused.response.paused
     first = await sched.SubmitTask(
-        pb.SubmitTaskRequest(
+        pb.SchedulerServiceSubmitTaskRequest(
             principal=capped,
             request=task_service_pb2.SubmitTaskRequest(
                 request_id="c1", spec=kit.spec(model="acme/hold")
@@ -215,7 +223,7 @@ async def test_admission_status_and_admin_calls(stubs: Any) -> None:
     assert first.response.task.tier == task_pb2.TIER_PREMIUM  # the stored tier wins
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await sched.SubmitTask(
-            pb.SubmitTaskRequest(
+            pb.SchedulerServiceSubmitTaskRequest(
                 principal=capped,
                 request=task_service_pb2.SubmitTaskRequest(
                     request_id="c2", spec=kit.spec(model="acme/hold")
@@ -227,18 +235,20 @@ async def test_admission_status_and_admin_calls(stubs: Any) -> None:
     assert details["QuotaFailure"].violations[0].subject == "tenant:capped/waiting"
     assert details["RetryInfo"].retry_delay.seconds >= 1
     listed = await sched.ListTasks(
-        pb.ListTasksRequest(principal=capped, request=task_service_pb2.ListTasksRequest())
+        pb.SchedulerServiceListTasksRequest(
+            principal=capped, request=task_service_pb2.ListTasksRequest()
+        )
     )
     assert [t.request_id for t in listed.response.tasks] == ["c1"]
     got = await sched.GetTask(
-        pb.GetTaskRequest(
+        pb.SchedulerServiceGetTaskRequest(
             principal=capped,
             request=task_service_pb2.GetTaskRequest(task_id=first.response.task.task_id),
         )
     )
     assert got.response.task.queue_position >= 1
     bulk = await sched.BulkCancelTasks(
-        pb.BulkCancelTasksRequest(
+        pb.SchedulerServiceBulkCancelTasksRequest(
             principal=ADMIN,
             request=admin_service_pb2.BulkCancelTasksRequest(
                 selector=admin_service_pb2.BulkSelector(tenant_id="capped"), reason="cleanup"
@@ -247,13 +257,13 @@ async def test_admission_status_and_admin_calls(stubs: Any) -> None:
     )
     assert list(bulk.response.task_ids) == [first.response.task.task_id]
     tenant = await sched.GetTenant(
-        pb.GetTenantRequest(
+        pb.SchedulerServiceGetTenantRequest(
             principal=ADMIN, request=admin_service_pb2.GetTenantRequest(tenant_id="capped")
         )
     )
     assert tenant.response.tenant.tier == task_pb2.TIER_PREMIUM
     dead = await sched.ListDeadLetters(
-        pb.ListDeadLettersRequest(
+        pb.SchedulerServiceListDeadLettersRequest(
             principal=ADMIN, request=admin_service_pb2.ListDeadLettersRequest()
         )
     )
@@ -280,7 +290,7 @@ async def test_webhook_rpcs_and_delivery_service_are_mounted(stubs: Any, app: Sc
 
     sched, _ = stubs
     listed = await sched.ListWebhookEndpoints(
-        pb.ListWebhookEndpointsRequest(
+        pb.SchedulerServiceListWebhookEndpointsRequest(
             principal=TENANT, request=webhook_service_pb2.ListWebhookEndpointsRequest()
         )
     )
@@ -288,8 +298,8 @@ async def test_webhook_rpcs_and_delivery_service_are_mounted(stubs: Any, app: Sc
     assert app.server is not None
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.server.port}")
     try:
-        claimed = await pb_grpc.DeliveryCoordinationServiceStub(channel).ClaimDeliveries(
-            pb.ClaimDeliveriesRequest(worker_id="w1", max_deliveries=10, lease_seconds=30)
+        claimed = await delivery_grpc.DeliveryCoordinationServiceStub(channel).ClaimDeliveries(
+            delivery_pb2.ClaimDeliveriesRequest(worker_id="w1", max_deliveries=10, lease_seconds=30)
         )
     finally:
         await channel.close()
@@ -329,14 +339,14 @@ async def test_submit_refuses_a_webhook_url_the_ssrf_policy_refuses(
     rid = f"wh-{uuid.uuid4()}"
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await sched.SubmitTask(
-            pb.SubmitTaskRequest(principal=TENANT, request=_with_webhook(rid, url))
+            pb.SchedulerServiceSubmitTaskRequest(principal=TENANT, request=_with_webhook(rid, url))
         )
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fields = [v.field for v in _details(exc.value)["BadRequest"].field_violations]
     assert fields == ["request.spec.webhook.url"]
 
     ok = f"wh-ok-{uuid.uuid4()}"
-    batch = pb.BatchSubmitTasksRequest(
+    batch = pb.SchedulerServiceBatchSubmitTasksRequest(
         principal=TENANT,
         request=task_service_pb2.BatchSubmitTasksRequest(
             items=[
@@ -359,7 +369,7 @@ async def test_submit_accepts_public_and_allow_listed_webhook_urls(
     sched, _ = stubs
     rid = f"wh-pub-{uuid.uuid4()}"
     resp = await sched.SubmitTask(
-        pb.SubmitTaskRequest(
+        pb.SchedulerServiceSubmitTaskRequest(
             principal=TENANT, request=_with_webhook(rid, "https://93.184.216.34/h")
         )
     )
@@ -368,7 +378,7 @@ async def test_submit_accepts_public_and_allow_listed_webhook_urls(
     servicer = SchedulerServicer(app.core)
     servicer.webhook_policy = WebhookPolicy(WebhookSettings(allow_hosts=["127.0.0.1"]))
     local = f"wh-local-{uuid.uuid4()}"
-    request = pb.SubmitTaskRequest(
+    request = pb.SchedulerServiceSubmitTaskRequest(
         principal=TENANT, request=_with_webhook(local, "http://127.0.0.1:8080/hook")
     )
     got = await servicer.SubmitTask(request, None)  # type: ignore[arg-type]
@@ -381,7 +391,7 @@ async def test_submit_task_group_decides_each_item_alone(stubs: Any, app: Schedu
     get what a lone SubmitTask would; a refused item writes nothing and fails no other item."""
     sched, _ = stubs
     await sched.UpsertTenant(
-        pb.UpsertTenantRequest(
+        pb.SchedulerServiceUpsertTenantRequest(
             principal=ADMIN,
             request=admin_service_pb2.UpsertTenantRequest(
                 tenant_id="grp-capped", limits=task_pb2.TenantLimits(max_waiting=1)
@@ -396,11 +406,11 @@ async def test_submit_task_group_decides_each_item_alone(stubs: Any, app: Schedu
         _submit("grp-new-1"),
         _submit("grp-dup"),  # same body: the earlier task, deduplicated
         _submit("grp-dup", prompt="another body"),  # same key, other body: refused
-        pb.SubmitTaskRequest(
+        pb.SchedulerServiceSubmitTaskRequest(
             principal=capped,
             request=task_service_pb2.SubmitTaskRequest(request_id="cap-1", spec=kit.spec()),
         ),
-        pb.SubmitTaskRequest(
+        pb.SchedulerServiceSubmitTaskRequest(
             principal=capped,
             request=task_service_pb2.SubmitTaskRequest(request_id="cap-2", spec=kit.spec()),
         ),
@@ -476,7 +486,7 @@ async def test_a_database_outage_answers_unavailable_never_internal(
                 pb.SubmitTaskGroupRequest(items=[_submit("outage-2")]), timeout=10
             ),
             "GetTask": lambda: sched.GetTask(
-                pb.GetTaskRequest(
+                pb.SchedulerServiceGetTaskRequest(
                     principal=TENANT, request=task_service_pb2.GetTaskRequest(task_id=task_id)
                 ),
                 timeout=10,
@@ -485,7 +495,7 @@ async def test_a_database_outage_answers_unavailable_never_internal(
                 pb.GetTaskEventsRequest(principal=TENANT, task_id=task_id), timeout=10
             ),
             "CancelTask": lambda: sched.CancelTask(
-                pb.CancelTaskRequest(
+                pb.SchedulerServiceCancelTaskRequest(
                     principal=TENANT,
                     request=task_service_pb2.CancelTaskRequest(task_id=task_id),
                 ),

@@ -9,31 +9,36 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor_provider_adapter.binding import Binder, SubmitRecords
 from conveyor_provider_adapter.metrics import AdapterMetrics
 from conveyor_provider_adapter.replicate import Prediction
 from conveyor_provider_adapter.state import LocalState
 
-S = pb.SubmitState
+S = provider_pb2.SubmitState
 NOW = datetime.now(UTC)
 
 
 class StubCoordinator:
-    def __init__(self, attempts: list[pb.InFlightAttempt]) -> None:
+    def __init__(self, attempts: list[provider_pb2.InFlightAttempt]) -> None:
         self.attempts = attempts
         self.scans = 0
 
-    async def in_flight(self, **_: Any) -> AsyncIterator[pb.InFlightAttempt]:
+    async def in_flight(self, **_: Any) -> AsyncIterator[provider_pb2.InFlightAttempt]:
         self.scans += 1
         for a in self.attempts:
             yield a
 
 
 def attempt(
-    task: str, state: pb.SubmitState.ValueType, prediction_id: str = "", started: datetime = NOW
-) -> pb.InFlightAttempt:
-    a = pb.InFlightAttempt(task_id=task, attempt=1, state=state, prediction_id=prediction_id)
+    task: str,
+    state: provider_pb2.SubmitState.ValueType,
+    prediction_id: str = "",
+    started: datetime = NOW,
+) -> provider_pb2.InFlightAttempt:
+    a = provider_pb2.InFlightAttempt(
+        task_id=task, attempt=1, state=state, prediction_id=prediction_id
+    )
     a.submit_started_at.FromDatetime(started)
     return a
 
@@ -45,7 +50,7 @@ def prediction(pid: str, created: datetime = NOW, **kw: Any) -> Prediction:
 
 
 def make(
-    attempts: list[pb.InFlightAttempt],
+    attempts: list[provider_pb2.InFlightAttempt],
 ) -> tuple[Binder, StubCoordinator, LocalState, CollectorRegistry]:
     stub = StubCoordinator(attempts)
     registry = CollectorRegistry()

@@ -575,7 +575,8 @@ async def test_a_stopped_coalescer_fails_its_callers_instead_of_leaving_them_wai
 
     coalescer = SubmitCoalescer(SlowScheduler())  # type: ignore[arg-type]
     waiters = [
-        asyncio.create_task(coalescer.submit(sched_pb2.SubmitTaskRequest(), None)) for _ in range(3)
+        asyncio.create_task(coalescer.submit(sched_pb2.SchedulerServiceSubmitTaskRequest(), None))
+        for _ in range(3)
     ]
     await asyncio.sleep(0.05)
     assert coalescer.calls == 1  # all three in flight in one call

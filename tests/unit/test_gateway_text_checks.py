@@ -78,10 +78,16 @@ async def test_an_item_that_cannot_be_grouped_fails_alone() -> None:
 
     loop = asyncio.get_running_loop()
     good = _Pending(
-        s.SubmitTaskRequest(request=submit()), time.monotonic() + 5, loop.create_future()
+        s.SchedulerServiceSubmitTaskRequest(request=submit()),
+        time.monotonic() + 5,
+        loop.create_future(),
     )
     deep = svc_pb2.SubmitTaskRequest.FromString(submit(**_deep_input(32)).SerializeToString())
-    bad = _Pending(s.SubmitTaskRequest(request=deep), time.monotonic() + 5, loop.create_future())
+    bad = _Pending(
+        s.SchedulerServiceSubmitTaskRequest(request=deep),
+        time.monotonic() + 5,
+        loop.create_future(),
+    )
     group = SubmitCoalescer._group_request([good, bad])
     assert len(group.items) == 1
     assert not good.future.done()

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
 from conveyor_notifier.delivery import RetryPolicy
 from conveyor_notifier.egress import SendResult
 
@@ -23,8 +23,8 @@ def lease(
     age: timedelta = timedelta(0),
     failures: int = 0,
     failing_for: timedelta | None = None,
-) -> pb.LeasedDelivery:
-    item = pb.LeasedDelivery(
+) -> delivery_pb2.LeasedDelivery:
+    item = delivery_pb2.LeasedDelivery(
         delivery_id="d1", attempts=attempts, endpoint_consecutive_failures=failures
     )
     item.created_at.FromDatetime(NOW - age)

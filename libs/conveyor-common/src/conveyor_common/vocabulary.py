@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor.tasks.v1 import task_pb2
 
 
@@ -83,11 +83,11 @@ TERMINAL_EVENT_TYPES = frozenset(
 """Event types that end a task: exactly one per task, the last of its stream."""
 
 # The provider-submit protocol (scheduler.v1 SubmitState and SubmitDecision numbers).
-SS_DISPATCHED = sched_pb2.SUBMIT_STATE_DISPATCHED
-SS_SUBMITTING = sched_pb2.SUBMIT_STATE_SUBMITTING
-SS_UNKNOWN = sched_pb2.SUBMIT_STATE_UNKNOWN
-SS_SUBMITTED = sched_pb2.SUBMIT_STATE_SUBMITTED
-PROCEED = sched_pb2.SUBMIT_DECISION_PROCEED
-STOP = sched_pb2.SUBMIT_DECISION_STOP
-ALREADY_SUBMITTED = sched_pb2.SUBMIT_DECISION_ALREADY_SUBMITTED
-RECONCILE = sched_pb2.SUBMIT_DECISION_RECONCILE
+SS_DISPATCHED = provider_pb2.SUBMIT_STATE_DISPATCHED
+SS_SUBMITTING = provider_pb2.SUBMIT_STATE_SUBMITTING
+SS_UNKNOWN = provider_pb2.SUBMIT_STATE_UNKNOWN
+SS_SUBMITTED = provider_pb2.SUBMIT_STATE_SUBMITTED
+PROCEED = provider_pb2.SUBMIT_DECISION_PROCEED
+STOP = provider_pb2.SUBMIT_DECISION_STOP
+ALREADY_SUBMITTED = provider_pb2.SUBMIT_DECISION_ALREADY_SUBMITTED
+RECONCILE = provider_pb2.SUBMIT_DECISION_RECONCILE

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
 from conveyor.tasks.v1 import task_pb2
+from conveyor_common.vocabulary import TIER_BY_NAME
 from conveyor_common.context import tenant_id_var
 from conveyor_common.errors import (
     FieldViolation,
@@ -51,10 +52,9 @@ TENANT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 """Shape of a tenant id (from a token claim or an admin request)."""
 
 TIERS: dict[str, task_pb2.Tier.ValueType] = {
-    "free": task_pb2.TIER_FREE,
-    "premium": task_pb2.TIER_PREMIUM,
-    "pro": task_pb2.TIER_PRO,
+    name: task_pb2.Tier.ValueType(number) for name, number in TIER_BY_NAME.items()
 }
+"""Tier claim values (from conveyor_common.vocabulary, derived from the proto)."""
 ROLES: dict[str, sched_pb2.Role.ValueType] = {
     "tenant": sched_pb2.ROLE_TENANT,
     "admin": sched_pb2.ROLE_ADMIN,

@@ -52,7 +52,7 @@ def outcome_error(status_bytes: bytes) -> DownstreamError:
 
 @dataclass
 class _Pending:
-    request: s.SubmitTaskRequest
+    request: s.SchedulerServiceSubmitTaskRequest
     deadline: float
     future: asyncio.Future[svc_pb2.SubmitTaskResponse]
 
@@ -86,7 +86,9 @@ class SubmitCoalescer:
             )
 
     async def submit(
-        self, request: s.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any] | None
+        self,
+        request: s.SchedulerServiceSubmitTaskRequest,
+        context: grpc.aio.ServicerContext[Any, Any] | None,
     ) -> svc_pb2.SubmitTaskResponse:
         """Submit one wrapped request; returns its response or raises its own refusal."""
         loop = asyncio.get_running_loop()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,7 @@ from conveyor.tasks.v1 import group_service_pb2_grpc as grp_grpc
 from conveyor_common.grpc_server import ServiceBinding
 from conveyor_gateway.auth import Principal, current_principal
 from conveyor_gateway.downstream import SchedulerClient
+from conveyor_gateway.forwarding import handler
 from conveyor_gateway.validation import (
     MAX_FILTER_VALUES,
     TABLES,
@@ -241,6 +243,9 @@ class GroupWatcher:
 
 # -- servicer ----------------------------------------------------------------------------------------
 
+_forward = functools.partial(handler, gs, "TaskGroupService", groups=True)
+"""The forwarding method of one TaskGroupService RPC (see conveyor_gateway.forwarding)."""
+
 
 class GroupServicer(grp_grpc.GroupServiceServicer):
     """conveyor.tasks.v1.GroupService."""
@@ -252,50 +257,10 @@ class GroupServicer(grp_grpc.GroupServiceServicer):
         self.validator = validator
         self.watcher = watcher
 
-    async def _forward(self, request: Any, wrapper: Any, name: str, context: Any) -> Any:
-        principal = current_principal()
-        await self.validator.check(request)
-        wrapped = wrapper(principal=principal.to_proto(), request=request)
-        response: Any = await self.scheduler.call(
-            lambda s: getattr(s, name), wrapped, context, groups=True
-        )
-        return response.response
-
-    async def CreateGroup(
-        self, request: grp_pb2.CreateGroupRequest, context: Any
-    ) -> grp_pb2.CreateGroupResponse:
-        out: grp_pb2.CreateGroupResponse = await self._forward(
-            request, gs.CreateGroupRequest, "CreateGroup", context
-        )
-        return out
-
-    async def GetGroup(
-        self, request: grp_pb2.GetGroupRequest, context: Any
-    ) -> grp_pb2.GetGroupResponse:
-        out: grp_pb2.GetGroupResponse = await self._forward(
-            request, gs.GetGroupRequest, "GetGroup", context
-        )
-        return out
-
-    async def ListGroups(
-        self, request: grp_pb2.ListGroupsRequest, context: Any
-    ) -> grp_pb2.ListGroupsResponse:
-        out: grp_pb2.ListGroupsResponse = await self._forward(
-            request, gs.ListGroupsRequest, "ListGroups", context
-        )
-        return out
-
-    async def CancelGroup(
-        self, request: grp_pb2.CancelGroupRequest, context: Any
-    ) -> grp_pb2.CancelGroupResponse:
-        if not request.request_id:
-            import uuid
-
-            request.request_id = str(uuid.uuid4())
-        out: grp_pb2.CancelGroupResponse = await self._forward(
-            request, gs.CancelGroupRequest, "CancelGroup", context
-        )
-        return out
+    CreateGroup = _forward("CreateGroup")
+    GetGroup = _forward("GetGroup")
+    ListGroups = _forward("ListGroups")
+    CancelGroup = _forward("CancelGroup", mint_request_id=True)
 
     async def WatchGroup(
         self, request: grp_pb2.WatchGroupRequest, context: Any

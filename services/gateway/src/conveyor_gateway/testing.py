@@ -182,12 +182,14 @@ class FakeScheduler(sched_grpc.SchedulerServiceServicer):
         self.append_event(task.task_id, task_pb2.TASK_EVENT_TYPE_SUBMITTED)
         return task, False
 
-    async def SubmitTask(self, request: s.SubmitTaskRequest, context: Ctx) -> s.SubmitTaskResponse:
+    async def SubmitTask(
+        self, request: s.SchedulerServiceSubmitTaskRequest, context: Ctx
+    ) -> s.SchedulerServiceSubmitTaskResponse:
         self._record("SubmitTask", request, context)
         task, dedup = self._create(
             request.principal, request.request.request_id, request.request.spec
         )
-        return s.SubmitTaskResponse(
+        return s.SchedulerServiceSubmitTaskResponse(
             response=svc_pb2.SubmitTaskResponse(task=task, deduplicated=dedup)
         )
 
@@ -216,31 +218,39 @@ class FakeScheduler(sched_grpc.SchedulerServiceServicer):
         return resp
 
     async def BatchSubmitTasks(
-        self, request: s.BatchSubmitTasksRequest, context: Ctx
-    ) -> s.BatchSubmitTasksResponse:
+        self, request: s.SchedulerServiceBatchSubmitTasksRequest, context: Ctx
+    ) -> s.SchedulerServiceBatchSubmitTasksResponse:
         self._record("BatchSubmitTasks", request, context)
         resp = svc_pb2.BatchSubmitTasksResponse()
         for item in request.request.items:
             task, dedup = self._create(request.principal, item.request_id, item.spec)
             resp.tasks.append(task)
             resp.deduplicated.append(dedup)
-        return s.BatchSubmitTasksResponse(response=resp)
+        return s.SchedulerServiceBatchSubmitTasksResponse(response=resp)
 
-    async def GetTask(self, request: s.GetTaskRequest, context: Ctx) -> s.GetTaskResponse:
+    async def GetTask(
+        self, request: s.SchedulerServiceGetTaskRequest, context: Ctx
+    ) -> s.SchedulerServiceGetTaskResponse:
         self._record("GetTask", request, context)
         stored = self._owned(request.principal, request.request.task_id)
-        return s.GetTaskResponse(response=svc_pb2.GetTaskResponse(task=stored.task))
+        return s.SchedulerServiceGetTaskResponse(response=svc_pb2.GetTaskResponse(task=stored.task))
 
-    async def ListTasks(self, request: s.ListTasksRequest, context: Ctx) -> s.ListTasksResponse:
+    async def ListTasks(
+        self, request: s.SchedulerServiceListTasksRequest, context: Ctx
+    ) -> s.SchedulerServiceListTasksResponse:
         self._record("ListTasks", request, context)
         own = [
             st.task
             for st in self.tasks.values()
             if st.task.tenant_id == request.principal.tenant_id
         ]
-        return s.ListTasksResponse(response=svc_pb2.ListTasksResponse(tasks=own[::-1]))
+        return s.SchedulerServiceListTasksResponse(
+            response=svc_pb2.ListTasksResponse(tasks=own[::-1])
+        )
 
-    async def CancelTask(self, request: s.CancelTaskRequest, context: Ctx) -> s.CancelTaskResponse:
+    async def CancelTask(
+        self, request: s.SchedulerServiceCancelTaskRequest, context: Ctx
+    ) -> s.SchedulerServiceCancelTaskResponse:
         self._record("CancelTask", request, context)
         stored = self._owned(request.principal, request.request.task_id)
         self.append_event(
@@ -248,13 +258,15 @@ class FakeScheduler(sched_grpc.SchedulerServiceServicer):
             task_pb2.TASK_EVENT_TYPE_CANCELED,
             status=task_pb2.TASK_STATUS_CANCELED,
         )
-        return s.CancelTaskResponse(response=svc_pb2.CancelTaskResponse(task=stored.task))
+        return s.SchedulerServiceCancelTaskResponse(
+            response=svc_pb2.CancelTaskResponse(task=stored.task)
+        )
 
     async def GetQueueStats(
-        self, request: s.GetQueueStatsRequest, context: Ctx
-    ) -> s.GetQueueStatsResponse:
+        self, request: s.SchedulerServiceGetQueueStatsRequest, context: Ctx
+    ) -> s.SchedulerServiceGetQueueStatsResponse:
         self._record("GetQueueStats", request, context)
-        return s.GetQueueStatsResponse(
+        return s.SchedulerServiceGetQueueStatsResponse(
             response=svc_pb2.GetQueueStatsResponse(
                 stats=[task_pb2.QueueStats(kind=task_pb2.TASK_KIND_IMAGE, waiting=len(self.tasks))]
             )
@@ -280,73 +292,77 @@ class FakeScheduler(sched_grpc.SchedulerServiceServicer):
 
     # Admin and webhook calls: the fake only records them and answers an empty response.
 
-    async def GetTenant(self, request: s.GetTenantRequest, context: Ctx) -> s.GetTenantResponse:
+    async def GetTenant(
+        self, request: s.SchedulerServiceGetTenantRequest, context: Ctx
+    ) -> s.SchedulerServiceGetTenantResponse:
         self._record("GetTenant", request, context)
-        return s.GetTenantResponse()
+        return s.SchedulerServiceGetTenantResponse()
 
     async def UpsertTenant(
-        self, request: s.UpsertTenantRequest, context: Ctx
-    ) -> s.UpsertTenantResponse:
+        self, request: s.SchedulerServiceUpsertTenantRequest, context: Ctx
+    ) -> s.SchedulerServiceUpsertTenantResponse:
         self._record("UpsertTenant", request, context)
-        return s.UpsertTenantResponse()
+        return s.SchedulerServiceUpsertTenantResponse()
 
-    async def PauseModel(self, request: s.PauseModelRequest, context: Ctx) -> s.PauseModelResponse:
+    async def PauseModel(
+        self, request: s.SchedulerServicePauseModelRequest, context: Ctx
+    ) -> s.SchedulerServicePauseModelResponse:
         self._record("PauseModel", request, context)
-        return s.PauseModelResponse()
+        return s.SchedulerServicePauseModelResponse()
 
     async def ResumeModel(
-        self, request: s.ResumeModelRequest, context: Ctx
-    ) -> s.ResumeModelResponse:
+        self, request: s.SchedulerServiceResumeModelRequest, context: Ctx
+    ) -> s.SchedulerServiceResumeModelResponse:
         self._record("ResumeModel", request, context)
-        return s.ResumeModelResponse()
+        return s.SchedulerServiceResumeModelResponse()
 
     async def ListDeadLetters(
-        self, request: s.ListDeadLettersRequest, context: Ctx
-    ) -> s.ListDeadLettersResponse:
+        self, request: s.SchedulerServiceListDeadLettersRequest, context: Ctx
+    ) -> s.SchedulerServiceListDeadLettersResponse:
         self._record("ListDeadLetters", request, context)
-        return s.ListDeadLettersResponse()
+        return s.SchedulerServiceListDeadLettersResponse()
 
     async def RedriveTasks(
-        self, request: s.RedriveTasksRequest, context: Ctx
-    ) -> s.RedriveTasksResponse:
+        self, request: s.SchedulerServiceRedriveTasksRequest, context: Ctx
+    ) -> s.SchedulerServiceRedriveTasksResponse:
         self._record("RedriveTasks", request, context)
-        return s.RedriveTasksResponse()
+        return s.SchedulerServiceRedriveTasksResponse()
 
     async def BulkCancelTasks(
-        self, request: s.BulkCancelTasksRequest, context: Ctx
-    ) -> s.BulkCancelTasksResponse:
+        self, request: s.SchedulerServiceBulkCancelTasksRequest, context: Ctx
+    ) -> s.SchedulerServiceBulkCancelTasksResponse:
         self._record("BulkCancelTasks", request, context)
-        return s.BulkCancelTasksResponse()
+        return s.SchedulerServiceBulkCancelTasksResponse()
 
     async def CreateWebhookEndpoint(
-        self, request: s.CreateWebhookEndpointRequest, context: Ctx
-    ) -> s.CreateWebhookEndpointResponse:
+        self, request: s.SchedulerServiceCreateWebhookEndpointRequest, context: Ctx
+    ) -> s.SchedulerServiceCreateWebhookEndpointResponse:
         self._record("CreateWebhookEndpoint", request, context)
-        return s.CreateWebhookEndpointResponse()
+        return s.SchedulerServiceCreateWebhookEndpointResponse()
 
     async def ListWebhookEndpoints(
-        self, request: s.ListWebhookEndpointsRequest, context: Ctx
-    ) -> s.ListWebhookEndpointsResponse:
+        self, request: s.SchedulerServiceListWebhookEndpointsRequest, context: Ctx
+    ) -> s.SchedulerServiceListWebhookEndpointsResponse:
         self._record("ListWebhookEndpoints", request, context)
-        return s.ListWebhookEndpointsResponse()
+        return s.SchedulerServiceListWebhookEndpointsResponse()
 
     async def DeleteWebhookEndpoint(
-        self, request: s.DeleteWebhookEndpointRequest, context: Ctx
-    ) -> s.DeleteWebhookEndpointResponse:
+        self, request: s.SchedulerServiceDeleteWebhookEndpointRequest, context: Ctx
+    ) -> s.SchedulerServiceDeleteWebhookEndpointResponse:
         self._record("DeleteWebhookEndpoint", request, context)
-        return s.DeleteWebhookEndpointResponse()
+        return s.SchedulerServiceDeleteWebhookEndpointResponse()
 
     async def RotateWebhookSecret(
-        self, request: s.RotateWebhookSecretRequest, context: Ctx
-    ) -> s.RotateWebhookSecretResponse:
+        self, request: s.SchedulerServiceRotateWebhookSecretRequest, context: Ctx
+    ) -> s.SchedulerServiceRotateWebhookSecretResponse:
         self._record("RotateWebhookSecret", request, context)
-        return s.RotateWebhookSecretResponse()
+        return s.SchedulerServiceRotateWebhookSecretResponse()
 
     async def ListWebhookDeliveries(
-        self, request: s.ListWebhookDeliveriesRequest, context: Ctx
-    ) -> s.ListWebhookDeliveriesResponse:
+        self, request: s.SchedulerServiceListWebhookDeliveriesRequest, context: Ctx
+    ) -> s.SchedulerServiceListWebhookDeliveriesResponse:
         self._record("ListWebhookDeliveries", request, context)
-        return s.ListWebhookDeliveriesResponse()
+        return s.SchedulerServiceListWebhookDeliveriesResponse()
 
 
 class FakeNotifier(notifier_grpc.WatchFanoutServiceServicer):

@@ -17,7 +17,7 @@ import httpcore
 from prometheus_client import CollectorRegistry
 
 from conveyor.events.v1 import events_pb2
-from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as delivery_grpc
 from conveyor_common import lifecycle as phases
 from conveyor_common.channels import client_options
 from conveyor_common.grpc_server import GrpcService, create_server
@@ -105,7 +105,7 @@ class Notifier:
             s.scheduler_address, s.internal_tls, client_options(("grpc.enable_retries", 1))
         )
         life.on_shutdown("scheduler_channel_close", channel.close, phase=phases.STORAGE)
-        stub = pb_grpc.DeliveryCoordinationServiceStub(channel)
+        stub = delivery_grpc.DeliveryCoordinationServiceStub(channel)
         client = webhook_client(
             s.allow_list,
             resolver=self.resolver,

@@ -27,8 +27,8 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from google.protobuf import timestamp_pb2
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
-from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as delivery_grpc
 from conveyor_common.standard_webhooks import sign_headers
 from conveyor_notifier.alerts import OpsAlerter
 from conveyor_notifier.egress import SendResult, WebhookSender
@@ -73,13 +73,13 @@ class RetryPolicy:
 
     def outcome(
         self,
-        delivery: pb.LeasedDelivery,
+        delivery: delivery_pb2.LeasedDelivery,
         result: SendResult,
         now: datetime,
         rng: Callable[[], float] = random.random,
-    ) -> pb.DeliveryOutcome:
+    ) -> delivery_pb2.DeliveryOutcome:
         """The report of one attempt."""
-        outcome = pb.DeliveryOutcome(
+        outcome = delivery_pb2.DeliveryOutcome(
             delivery_id=delivery.delivery_id,
             delivered=result.delivered,
             status_code=result.status_code,
@@ -128,7 +128,7 @@ class DeliveryWorker:
 
     def __init__(
         self,
-        stub: pb_grpc.DeliveryCoordinationServiceAsyncStub,
+        stub: delivery_grpc.DeliveryCoordinationServiceAsyncStub,
         sender: WebhookSender,
         policy: RetryPolicy,
         metrics: NotifierMetrics,
@@ -186,7 +186,7 @@ class DeliveryWorker:
                 continue
             try:
                 response = await self.stub.ClaimDeliveries(
-                    pb.ClaimDeliveriesRequest(
+                    delivery_pb2.ClaimDeliveriesRequest(
                         worker_id=self.worker_id,
                         max_deliveries=min(free, self.claim_batch),
                         lease_seconds=self.lease_seconds,
@@ -218,7 +218,7 @@ class DeliveryWorker:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
-    async def _deliver(self, delivery: pb.LeasedDelivery) -> None:
+    async def _deliver(self, delivery: delivery_pb2.LeasedDelivery) -> None:
         body = render(delivery.event)
         headers = sign_headers(list(delivery.signing_secrets), body, msg_id=delivery.delivery_id)
         result = await self.sender.post(delivery.url, body, headers)
@@ -273,9 +273,9 @@ class DeliveryWorker:
                 f"was disabled: {outcome.disabled_reason}",
             )
 
-    async def _report(self, outcome: pb.DeliveryOutcome) -> bool:
+    async def _report(self, outcome: delivery_pb2.DeliveryOutcome) -> bool:
         """Report one outcome, retrying transient errors for a while; False when stale/undelivered."""
-        request = pb.ReportDeliveriesRequest(worker_id=self.worker_id, outcomes=[outcome])
+        request = delivery_pb2.ReportDeliveriesRequest(worker_id=self.worker_id, outcomes=[outcome])
         for attempt in range(8):
             try:
                 response = await self.stub.ReportDeliveries(
@@ -302,7 +302,7 @@ class BacklogPoller:
 
     def __init__(
         self,
-        stub: pb_grpc.DeliveryCoordinationServiceAsyncStub,
+        stub: delivery_grpc.DeliveryCoordinationServiceAsyncStub,
         metrics: NotifierMetrics,
         *,
         period_seconds: float,
@@ -321,7 +321,9 @@ class BacklogPoller:
 
     async def poll_once(self) -> None:
         """Update the gauges once."""
-        response = await self.stub.GetDeliveryBacklog(pb.GetDeliveryBacklogRequest(), timeout=10)
+        response = await self.stub.GetDeliveryBacklog(
+            delivery_pb2.GetDeliveryBacklogRequest(), timeout=10
+        )
         self.metrics.backlog.labels("pending").set(response.pending)
         self.metrics.backlog.labels("due").set(response.due)
         self.metrics.disabled_endpoints.set(response.disabled_endpoints)

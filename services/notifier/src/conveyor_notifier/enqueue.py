@@ -15,8 +15,8 @@ import logging
 import grpc
 
 from conveyor.events.v1 import events_pb2
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
-from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as delivery_grpc
 from conveyor_common.kafka import Envelope, PermanentError
 from conveyor_notifier.delivery import RETRYABLE_CODES
 from conveyor_notifier.metrics import NotifierMetrics
@@ -29,7 +29,7 @@ class DeliveryEnqueuer:
 
     def __init__(
         self,
-        stub: pb_grpc.DeliveryCoordinationServiceAsyncStub,
+        stub: delivery_grpc.DeliveryCoordinationServiceAsyncStub,
         metrics: NotifierMetrics,
         *,
         rpc_timeout_seconds: float = 10.0,
@@ -50,9 +50,9 @@ class DeliveryEnqueuer:
             event.event_id = envelope.id
         if not event.task_id or not event.tenant_id:
             raise PermanentError("task event without task or tenant id")
-        request = pb.EnqueueDeliveriesRequest(events=[event])
+        request = delivery_pb2.EnqueueDeliveriesRequest(events=[event])
         attempt = 0
-        response: pb.EnqueueDeliveriesResponse | None = None
+        response: delivery_pb2.EnqueueDeliveriesResponse | None = None
         while response is None:
             try:
                 response = await self.stub.EnqueueDeliveries(

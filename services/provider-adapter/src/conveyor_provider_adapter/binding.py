@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import matches
 from conveyor_provider_adapter.metrics import AdapterMetrics
@@ -39,7 +39,7 @@ from conveyor_provider_adapter.state import LocalState
 
 logger = logging.getLogger(__name__)
 
-S = sched_pb.SubmitState
+S = provider_pb2.SubmitState
 UNBOUND_REASONS = (
     "other_prediction",
     "recorded_elsewhere",

@@ -41,7 +41,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from conveyor.events.v1 import events_pb2
-from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor_common import tracing
 from conveyor_common.context import current_traceparent
 from conveyor_common.kafka import Envelope, PermanentError
@@ -69,7 +69,7 @@ from conveyor_provider_adapter.webhook_token import webhook_url
 
 logger = logging.getLogger(__name__)
 
-D = sched_pb.SubmitDecision
+D = provider_pb2.SubmitDecision
 CREATE = events_pb2.RESULT_SOURCE_CREATE
 POLL = events_pb2.RESULT_SOURCE_POLL
 
@@ -137,7 +137,7 @@ class CommandHandler:
         if not d.task_id or d.attempt < 1:
             raise PermanentError(f"dispatch without task id or attempt: {d.task_id!r}/{d.attempt}")
         decision = await self.coordinator.begin_submit(d.task_id, d.attempt)
-        name = sched_pb.SubmitDecision.Name(decision.decision).removeprefix("SUBMIT_DECISION_")
+        name = provider_pb2.SubmitDecision.Name(decision.decision).removeprefix("SUBMIT_DECISION_")
         self.metrics.submit_decisions.labels(name.lower()).inc()
         logger.info(
             "submit decision",

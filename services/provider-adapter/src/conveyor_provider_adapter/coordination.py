@@ -18,8 +18,8 @@ from typing import TypeVar
 import grpc
 from google.protobuf import timestamp_pb2
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
-from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
+from conveyor.scheduler.v1 import provider_coordination_service_pb2_grpc as provider_grpc
 from conveyor_common.channels import client_options
 from conveyor_common.tls import TlsFiles, open_channel
 
@@ -51,7 +51,7 @@ class Coordinator:
         self.timeout_s = timeout_s
         self.retry_s = retry_s
         self._channel = open_channel(address, tls, client_options(("grpc.enable_retries", 1)))
-        self._stub = pb_grpc.ProviderCoordinationServiceStub(self._channel)
+        self._stub = provider_grpc.ProviderCoordinationServiceStub(self._channel)
 
     async def close(self) -> None:
         """Close the channel."""
@@ -73,16 +73,18 @@ class Coordinator:
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
 
-    async def begin_submit(self, task_id: str, attempt: int) -> pb.BeginSubmitResponse:
+    async def begin_submit(self, task_id: str, attempt: int) -> provider_pb2.BeginSubmitResponse:
         """Record the intent to create (task, attempt); the answer says what to do."""
-        req = pb.BeginSubmitRequest(task_id=task_id, attempt=attempt, adapter_id=self.adapter_id)
+        req = provider_pb2.BeginSubmitRequest(
+            task_id=task_id, attempt=attempt, adapter_id=self.adapter_id
+        )
         return await self._retry(
             "BeginSubmit", lambda: self._stub.BeginSubmit(req, timeout=self.timeout_s)
         )
 
     async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:
         """Record the prediction id; False = stale attempt (cancel the prediction)."""
-        req = pb.CompleteSubmitRequest(
+        req = provider_pb2.CompleteSubmitRequest(
             task_id=task_id, attempt=attempt, prediction_id=prediction_id
         )
         resp = await self._retry(
@@ -92,7 +94,9 @@ class Coordinator:
 
     async def mark_unknown(self, task_id: str, attempt: int, reason: str) -> bool:
         """Record an ambiguous create outcome; False = stale attempt."""
-        req = pb.MarkSubmitUnknownRequest(task_id=task_id, attempt=attempt, reason=reason[:500])
+        req = provider_pb2.MarkSubmitUnknownRequest(
+            task_id=task_id, attempt=attempt, reason=reason[:500]
+        )
         resp = await self._retry(
             "MarkSubmitUnknown", lambda: self._stub.MarkSubmitUnknown(req, timeout=self.timeout_s)
         )
@@ -100,11 +104,11 @@ class Coordinator:
 
     async def in_flight(
         self, *, quiet_since: datetime | None = None, page_size: int = 500
-    ) -> AsyncIterator[pb.InFlightAttempt]:
+    ) -> AsyncIterator[provider_pb2.InFlightAttempt]:
         """Every attempt in flight (all pages)."""
         token = ""
         while True:
-            req = pb.ListInFlightRequest(page_size=page_size, page_token=token)
+            req = provider_pb2.ListInFlightRequest(page_size=page_size, page_token=token)
             if quiet_since is not None:
                 ts = timestamp_pb2.Timestamp()
                 ts.FromDatetime(quiet_since)

@@ -25,7 +25,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 
 from conveyor.events.v1 import events_pb2
-from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import find_match
 from conveyor_provider_adapter.metrics import AdapterMetrics
@@ -40,7 +40,7 @@ from conveyor_provider_adapter.state import LocalState
 
 logger = logging.getLogger(__name__)
 
-S = sched_pb.SubmitState
+S = provider_pb2.SubmitState
 POLL = events_pb2.RESULT_SOURCE_POLL
 _STATE_NAMES = {
     S.SUBMIT_STATE_DISPATCHED: "dispatched",
@@ -140,7 +140,7 @@ class Reconciler:
             self.metrics.in_flight.labels(name).set(states.get(name, 0))
         return actions
 
-    async def reconcile(self, a: sched_pb.InFlightAttempt, now: datetime) -> str | None:
+    async def reconcile(self, a: provider_pb2.InFlightAttempt, now: datetime) -> str | None:
         """Reconcile one attempt; returns the action taken, if any."""
         info = self.state.attempt(a.task_id, a.attempt, a.tenant_id)
         if a.model and not (info.model or info.deployment):
@@ -201,7 +201,7 @@ class Reconciler:
         return None
 
     async def _reconcile_unknown(
-        self, a: sched_pb.InFlightAttempt, started_at: datetime, age: float
+        self, a: provider_pb2.InFlightAttempt, started_at: datetime, age: float
     ) -> str | None:
         info = self.state.attempt(a.task_id, a.attempt, a.tenant_id)
         try:

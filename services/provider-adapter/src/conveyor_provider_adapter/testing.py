@@ -25,12 +25,12 @@ import grpc
 from aiokafka import AIOKafkaConsumer
 
 from conveyor.events.v1 import events_pb2
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
-from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
+from conveyor.scheduler.v1 import provider_coordination_service_pb2_grpc as provider_grpc
 from conveyor_common.kafka import decode, default_registry
 
-D = pb.SubmitDecision
-S = pb.SubmitState
+D = provider_pb2.SubmitDecision
+S = provider_pb2.SubmitState
 TERMINAL_OUTCOMES = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
@@ -52,7 +52,7 @@ class TaskRecord:
     applied: set[str] = field(default_factory=set)
 
 
-class InMemoryCoordination(pb_grpc.ProviderCoordinationServiceServicer):
+class InMemoryCoordination(provider_grpc.ProviderCoordinationServiceServicer):
     """ProviderCoordinationService over a dict, with the fencing rules above."""
 
     def __init__(self) -> None:
@@ -98,7 +98,7 @@ class InMemoryCoordination(pb_grpc.ProviderCoordinationServiceServicer):
     async def start(self, host: str = "127.0.0.1") -> str:
         """Serve on an ephemeral loopback port; returns ``host:port``."""
         server = grpc.aio.server()
-        pb_grpc.add_ProviderCoordinationServiceServicer_to_server(self, server)
+        provider_grpc.add_ProviderCoordinationServiceServicer_to_server(self, server)
         port = server.add_insecure_port(f"{host}:0")
         await server.start()
         self._server = server
@@ -117,10 +117,10 @@ class InMemoryCoordination(pb_grpc.ProviderCoordinationServiceServicer):
         self.calls.append((method, task_id, attempt, what))
 
     async def BeginSubmit(
-        self, request: pb.BeginSubmitRequest, context: Any
-    ) -> pb.BeginSubmitResponse:
+        self, request: provider_pb2.BeginSubmitRequest, context: Any
+    ) -> provider_pb2.BeginSubmitResponse:
         record = self.tasks.get(request.task_id)
-        resp = pb.BeginSubmitResponse(decision=D.SUBMIT_DECISION_STOP)
+        resp = provider_pb2.BeginSubmitResponse(decision=D.SUBMIT_DECISION_STOP)
         if record is not None and record.attempt == request.attempt and not record.finished:
             if record.state == S.SUBMIT_STATE_DISPATCHED:
                 record.state = S.SUBMIT_STATE_SUBMITTING
@@ -137,13 +137,13 @@ class InMemoryCoordination(pb_grpc.ProviderCoordinationServiceServicer):
             "BeginSubmit",
             request.task_id,
             request.attempt,
-            pb.SubmitDecision.Name(resp.decision).removeprefix("SUBMIT_DECISION_"),
+            provider_pb2.SubmitDecision.Name(resp.decision).removeprefix("SUBMIT_DECISION_"),
         )
         return resp
 
     async def CompleteSubmit(
-        self, request: pb.CompleteSubmitRequest, context: Any
-    ) -> pb.CompleteSubmitResponse:
+        self, request: provider_pb2.CompleteSubmitRequest, context: Any
+    ) -> provider_pb2.CompleteSubmitResponse:
         record = self.tasks.get(request.task_id)
         accepted = (
             record is not None
@@ -156,25 +156,25 @@ class InMemoryCoordination(pb_grpc.ProviderCoordinationServiceServicer):
             record.prediction_id = request.prediction_id
             record.state = S.SUBMIT_STATE_SUBMITTED
         self._log("CompleteSubmit", request.task_id, request.attempt, str(accepted))
-        return pb.CompleteSubmitResponse(accepted=accepted)
+        return provider_pb2.CompleteSubmitResponse(accepted=accepted)
 
     async def MarkSubmitUnknown(
-        self, request: pb.MarkSubmitUnknownRequest, context: Any
-    ) -> pb.MarkSubmitUnknownResponse:
+        self, request: provider_pb2.MarkSubmitUnknownRequest, context: Any
+    ) -> provider_pb2.MarkSubmitUnknownResponse:
         record = self.tasks.get(request.task_id)
         accepted = record is not None and record.attempt == request.attempt and not record.finished
         if accepted and record is not None and record.state == S.SUBMIT_STATE_SUBMITTING:
             record.state = S.SUBMIT_STATE_UNKNOWN
         self._log("MarkSubmitUnknown", request.task_id, request.attempt, str(accepted))
-        return pb.MarkSubmitUnknownResponse(accepted=accepted)
+        return provider_pb2.MarkSubmitUnknownResponse(accepted=accepted)
 
     async def ListInFlight(
-        self, request: pb.ListInFlightRequest, context: Any
-    ) -> pb.ListInFlightResponse:
+        self, request: provider_pb2.ListInFlightRequest, context: Any
+    ) -> provider_pb2.ListInFlightResponse:
         quiet = (
             request.quiet_since.ToDatetime(tzinfo=UTC) if request.HasField("quiet_since") else None
         )
-        resp = pb.ListInFlightResponse()
+        resp = provider_pb2.ListInFlightResponse()
         for r in self.tasks.values():
             if r.finished or r.state == S.SUBMIT_STATE_DISPATCHED:
                 continue

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
+from conveyor.scheduler.v1 import provider_coordination_service_pb2_grpc as provider_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor_common import lifecycle as phases
 from conveyor_common import limits, topics
@@ -34,7 +35,7 @@ from conveyor_scheduler.api.servicer import SchedulerServicer
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.loops import LeaderLoops
-from conveyor_scheduler.dispatch.wakeups import WorkListener, WorkAnnouncer, Wakeups
+from conveyor_scheduler.dispatch.wakeups import Wakeups, WorkAnnouncer, WorkListener
 from conveyor_scheduler.groups.service import binding as groups_binding
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.results.consumer import results_handler
@@ -130,7 +131,7 @@ class SchedulerApp:
                     "conveyor.scheduler.v1.SchedulerService",
                 ),
                 ServiceBinding(
-                    pb_grpc.add_ProviderCoordinationServiceServicer_to_server,
+                    provider_grpc.add_ProviderCoordinationServiceServicer_to_server,
                     ProviderCoordinationServicer(self.core),
                     "conveyor.scheduler.v1.ProviderCoordinationService",
                 ),

@@ -21,8 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, QueuePool
 
 from conveyor_common.metrics import LATENCY_BUCKETS, WAIT_BUCKETS
-from conveyor_common.vocabulary import CANCELED, DEAD_LETTERED, KIND_NAME, STATUS_NAME, SUCCEEDED
-from conveyor_scheduler.webhooks.models import FAILED
+from conveyor_common.vocabulary import (
+    CANCELED,
+    DEAD_LETTERED,
+    FAILED,
+    KIND_NAME,
+    STATUS_NAME,
+    SUCCEEDED,
+)
 
 KINDS = tuple(str(number) for number in KIND_NAME)
 """The ``kind`` label as the dispatcher writes it (the TaskKind number: video, image, text, audio)."""

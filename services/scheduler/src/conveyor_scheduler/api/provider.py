@@ -14,8 +14,8 @@ from typing import Any
 
 import grpc
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
-from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
+from conveyor.scheduler.v1 import provider_coordination_service_pb2_grpc as provider_grpc
 from conveyor_common.errors import (
     FieldViolation,
     InvalidArgument,
@@ -24,7 +24,7 @@ from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.store.convert import from_ts, in_flight_proto
 
 
-class ProviderCoordinationServicer(pb_grpc.ProviderCoordinationServiceServicer):
+class ProviderCoordinationServicer(provider_grpc.ProviderCoordinationServiceServicer):
     """ProviderCoordinationService: the submit protocol of reliability.md 2.5."""
 
     def __init__(self, core: SchedulerCore) -> None:
@@ -41,42 +41,46 @@ class ProviderCoordinationServicer(pb_grpc.ProviderCoordinationServiceServicer):
             raise InvalidArgument(v)
 
     async def BeginSubmit(
-        self, request: pb.BeginSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.BeginSubmitResponse:
+        self, request: provider_pb2.BeginSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> provider_pb2.BeginSubmitResponse:
         self._check(request.task_id, request.attempt)
         decision, row = await self.core.begin_submit(request.task_id, request.attempt)
-        out = pb.BeginSubmitResponse(decision=decision)  # type: ignore[arg-type]
-        if row is not None and decision == pb.SUBMIT_DECISION_ALREADY_SUBMITTED:
+        out = provider_pb2.BeginSubmitResponse(decision=decision)  # type: ignore[arg-type]
+        if row is not None and decision == provider_pb2.SUBMIT_DECISION_ALREADY_SUBMITTED:
             out.prediction_id = row["prediction_id"] or ""
         if (
             row is not None
-            and decision == pb.SUBMIT_DECISION_RECONCILE
+            and decision == provider_pb2.SUBMIT_DECISION_RECONCILE
             and row["submit_started_at"]
         ):
             out.submit_started_at.FromDatetime(row["submit_started_at"].astimezone(UTC))
         return out
 
     async def CompleteSubmit(
-        self, request: pb.CompleteSubmitRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CompleteSubmitResponse:
+        self,
+        request: provider_pb2.CompleteSubmitRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> provider_pb2.CompleteSubmitResponse:
         self._check(request.task_id, request.attempt)
         if not request.prediction_id:
             raise InvalidArgument([FieldViolation("prediction_id", "required")])
         ok = await self.core.complete_submit(
             request.task_id, request.attempt, request.prediction_id
         )
-        return pb.CompleteSubmitResponse(accepted=ok)
+        return provider_pb2.CompleteSubmitResponse(accepted=ok)
 
     async def MarkSubmitUnknown(
-        self, request: pb.MarkSubmitUnknownRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.MarkSubmitUnknownResponse:
+        self,
+        request: provider_pb2.MarkSubmitUnknownRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> provider_pb2.MarkSubmitUnknownResponse:
         self._check(request.task_id, request.attempt)
         ok = await self.core.mark_submit_unknown(request.task_id, request.attempt)
-        return pb.MarkSubmitUnknownResponse(accepted=ok)
+        return provider_pb2.MarkSubmitUnknownResponse(accepted=ok)
 
     async def ListInFlight(
-        self, request: pb.ListInFlightRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ListInFlightResponse:
+        self, request: provider_pb2.ListInFlightRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> provider_pb2.ListInFlightResponse:
         if request.page_size < 0 or request.page_size > 1000:
             raise InvalidArgument([FieldViolation("page_size", "must be 0-1000")])
         rows, token = await self.core.list_in_flight(
@@ -84,6 +88,6 @@ class ProviderCoordinationServicer(pb_grpc.ProviderCoordinationServiceServicer):
             request.page_size or 200,
             request.page_token,
         )
-        return pb.ListInFlightResponse(
+        return provider_pb2.ListInFlightResponse(
             attempts=[in_flight_proto(r) for r in rows], next_page_token=token
         )

@@ -111,7 +111,9 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
 
     # ---- submit
 
-    async def _submit(self, request: pb.SubmitTaskRequest) -> task_service_pb2.SubmitTaskResponse:
+    async def _submit(
+        self, request: pb.SchedulerServiceSubmitTaskRequest
+    ) -> task_service_pb2.SubmitTaskResponse:
         """One single submit (group commit with concurrent ones); raises its own refusal."""
         tenant = _tenant(request.principal)
         r = request.request
@@ -127,9 +129,11 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         return task_service_pb2.SubmitTaskResponse(task=task_proto(row), deduplicated=dedup)
 
     async def SubmitTask(
-        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.SubmitTaskResponse:
-        return pb.SubmitTaskResponse(response=await self._submit(request))
+        self,
+        request: pb.SchedulerServiceSubmitTaskRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceSubmitTaskResponse:
+        return pb.SchedulerServiceSubmitTaskResponse(response=await self._submit(request))
 
     async def SubmitTaskGroup(
         self, request: pb.SubmitTaskGroupRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -211,8 +215,10 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         return response
 
     async def BatchSubmitTasks(
-        self, request: pb.BatchSubmitTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.BatchSubmitTasksResponse:
+        self,
+        request: pb.SchedulerServiceBatchSubmitTasksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceBatchSubmitTasksResponse:
         tenant = _tenant(request.principal)
         items = request.request.items
         violations: list[FieldViolation] = []
@@ -242,7 +248,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             int(request.principal.tier),
             [NewTask(it.request_id, it.spec, fingerprint(it.spec)) for it in items],
         )
-        return pb.BatchSubmitTasksResponse(
+        return pb.SchedulerServiceBatchSubmitTasksResponse(
             response=task_service_pb2.BatchSubmitTasksResponse(
                 tasks=[task_proto(row) for row, _ in out], deduplicated=[d for _, d in out]
             )
@@ -251,15 +257,21 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
     # ---- reads
 
     async def GetTask(
-        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetTaskResponse:
+        self,
+        request: pb.SchedulerServiceGetTaskRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceGetTaskResponse:
         tenant = _tenant(request.principal)
         task = await self.core.get_task(tenant, request.request.task_id)
-        return pb.GetTaskResponse(response=task_service_pb2.GetTaskResponse(task=task))
+        return pb.SchedulerServiceGetTaskResponse(
+            response=task_service_pb2.GetTaskResponse(task=task)
+        )
 
     async def ListTasks(
-        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ListTasksResponse:
+        self,
+        request: pb.SchedulerServiceListTasksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceListTasksResponse:
         tenant = _tenant(request.principal)
         r = request.request
         if r.page_size < 0 or r.page_size > 500:
@@ -275,27 +287,31 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             page_size=r.page_size or 50,
             page_token=r.page_token,
         )
-        return pb.ListTasksResponse(
+        return pb.SchedulerServiceListTasksResponse(
             response=task_service_pb2.ListTasksResponse(
                 tasks=[task_proto(x) for x in rows], next_page_token=token
             )
         )
 
     async def CancelTask(
-        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.CancelTaskResponse:
+        self,
+        request: pb.SchedulerServiceCancelTaskRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceCancelTaskResponse:
         tenant = _tenant(request.principal)
         r = request.request
         if len(r.reason) > 1000:
             raise InvalidArgument([FieldViolation("request.reason", "at most 1000 characters")])
         row = await self.core.cancel(tenant, r.task_id, r.reason)
-        return pb.CancelTaskResponse(
+        return pb.SchedulerServiceCancelTaskResponse(
             response=task_service_pb2.CancelTaskResponse(task=task_proto(row))
         )
 
     async def GetQueueStats(
-        self, request: pb.GetQueueStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetQueueStatsResponse:
+        self,
+        request: pb.SchedulerServiceGetQueueStatsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceGetQueueStatsResponse:
         tenant = _tenant(request.principal)
         r = request.request
         if r.kind not in (0, 1, 2, 3, 4):
@@ -305,7 +321,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         stats = await self.core.queue_stats(int(r.kind), r.model, scope)
         now = timestamp_pb2.Timestamp()
         now.GetCurrentTime()
-        return pb.GetQueueStatsResponse(
+        return pb.SchedulerServiceGetQueueStatsResponse(
             response=task_service_pb2.GetQueueStatsResponse(
                 stats=[_stats_proto(s) for s in stats], computed_at=now
             )
@@ -327,19 +343,25 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
     # ---- admin
 
     async def GetTenant(
-        self, request: pb.GetTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.GetTenantResponse:
+        self,
+        request: pb.SchedulerServiceGetTenantRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceGetTenantResponse:
         _require_admin(request.principal)
         tid = request.request.tenant_id
         row = await self.core.get_tenant(tid)
         if row is None:
             raise NotFound("tenant", tid)
         tenant = tenant_proto(row, tid, self.core.policy, self.core.settings)
-        return pb.GetTenantResponse(response=admin_service_pb2.GetTenantResponse(tenant=tenant))
+        return pb.SchedulerServiceGetTenantResponse(
+            response=admin_service_pb2.GetTenantResponse(tenant=tenant)
+        )
 
     async def UpsertTenant(
-        self, request: pb.UpsertTenantRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.UpsertTenantResponse:
+        self,
+        request: pb.SchedulerServiceUpsertTenantRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceUpsertTenantResponse:
         _require_admin(request.principal)
         r = request.request
         v: list[FieldViolation] = []
@@ -359,33 +381,43 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             raise InvalidArgument(v)
         row = await self.core.upsert_tenant(r.tenant_id, int(r.tier), lim)
         tenant = tenant_proto(row, r.tenant_id, self.core.policy, self.core.settings)
-        return pb.UpsertTenantResponse(
+        return pb.SchedulerServiceUpsertTenantResponse(
             response=admin_service_pb2.UpsertTenantResponse(tenant=tenant)
         )
 
     async def PauseModel(
-        self, request: pb.PauseModelRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.PauseModelResponse:
+        self,
+        request: pb.SchedulerServicePauseModelRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServicePauseModelResponse:
         _require_admin(request.principal)
         model = request.request.model
         if not model or len(model) > 256:
             raise InvalidArgument([FieldViolation("request.model", "required")])
         paused = await self.core.set_model_paused(model, True, request.request.reason or None)
-        return pb.PauseModelResponse(response=admin_service_pb2.PauseModelResponse(paused=paused))
+        return pb.SchedulerServicePauseModelResponse(
+            response=admin_service_pb2.PauseModelResponse(paused=paused)
+        )
 
     async def ResumeModel(
-        self, request: pb.ResumeModelRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ResumeModelResponse:
+        self,
+        request: pb.SchedulerServiceResumeModelRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceResumeModelResponse:
         _require_admin(request.principal)
         model = request.request.model
         if not model or len(model) > 256:
             raise InvalidArgument([FieldViolation("request.model", "required")])
         paused = await self.core.set_model_paused(model, False, None)
-        return pb.ResumeModelResponse(response=admin_service_pb2.ResumeModelResponse(paused=paused))
+        return pb.SchedulerServiceResumeModelResponse(
+            response=admin_service_pb2.ResumeModelResponse(paused=paused)
+        )
 
     async def ListDeadLetters(
-        self, request: pb.ListDeadLettersRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.ListDeadLettersResponse:
+        self,
+        request: pb.SchedulerServiceListDeadLettersRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceListDeadLettersResponse:
         _require_admin(request.principal)
         r = request.request
         if r.page_size < 0 or r.page_size > 500:
@@ -396,15 +428,17 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             page_size=r.page_size or 50,
             page_token=r.page_token,
         )
-        return pb.ListDeadLettersResponse(
+        return pb.SchedulerServiceListDeadLettersResponse(
             response=admin_service_pb2.ListDeadLettersResponse(
                 tasks=[task_proto(x) for x in rows], next_page_token=token
             )
         )
 
     async def RedriveTasks(
-        self, request: pb.RedriveTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.RedriveTasksResponse:
+        self,
+        request: pb.SchedulerServiceRedriveTasksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceRedriveTasksResponse:
         _require_admin(request.principal)
         sel = request.request.selector
         statuses = [int(s) for s in sel.statuses] or [m.DEAD_LETTERED]
@@ -421,13 +455,15 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             created_before=from_ts(sel.created_before) if sel.HasField("created_before") else None,
             limit=_bulk_limit(sel),
         )
-        return pb.RedriveTasksResponse(
+        return pb.SchedulerServiceRedriveTasksResponse(
             response=admin_service_pb2.RedriveTasksResponse(task_ids=[str(i) for i in ids])
         )
 
     async def BulkCancelTasks(
-        self, request: pb.BulkCancelTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.BulkCancelTasksResponse:
+        self,
+        request: pb.SchedulerServiceBulkCancelTasksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.SchedulerServiceBulkCancelTasksResponse:
         _require_admin(request.principal)
         sel = request.request.selector
         statuses = [int(s) for s in sel.statuses] or [m.QUEUED, m.DISPATCHED, m.RUNNING]
@@ -443,6 +479,6 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             limit=_bulk_limit(sel),
             reason=request.request.reason,
         )
-        return pb.BulkCancelTasksResponse(
+        return pb.SchedulerServiceBulkCancelTasksResponse(
             response=admin_service_pb2.BulkCancelTasksResponse(task_ids=[str(i) for i in ids])
         )

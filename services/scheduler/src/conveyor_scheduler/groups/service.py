@@ -247,8 +247,10 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
         self.groups = groups
 
     async def CreateGroup(
-        self, request: gpb.CreateGroupRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> gpb.CreateGroupResponse:
+        self,
+        request: gpb.TaskGroupServiceCreateGroupRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> gpb.TaskGroupServiceCreateGroupResponse:
         tenant = _tenant(request.principal)
         s = self.groups.core.settings
         violations = validate_group(request.request, s.group_max_children, s.max_attempts_cap)
@@ -257,19 +259,25 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
         group, dedup = await self.groups.create(
             tenant, request.principal.tier, request.request.request_id, request.request.spec
         )
-        return gpb.CreateGroupResponse(
+        return gpb.TaskGroupServiceCreateGroupResponse(
             response=group_service_pb2.CreateGroupResponse(group=group, deduplicated=dedup)
         )
 
     async def GetGroup(
-        self, request: gpb.GetGroupRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> gpb.GetGroupResponse:
+        self,
+        request: gpb.TaskGroupServiceGetGroupRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> gpb.TaskGroupServiceGetGroupResponse:
         group = await self.groups.get(_tenant(request.principal), request.request.group_id)
-        return gpb.GetGroupResponse(response=group_service_pb2.GetGroupResponse(group=group))
+        return gpb.TaskGroupServiceGetGroupResponse(
+            response=group_service_pb2.GetGroupResponse(group=group)
+        )
 
     async def ListGroups(
-        self, request: gpb.ListGroupsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> gpb.ListGroupsResponse:
+        self,
+        request: gpb.TaskGroupServiceListGroupsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> gpb.TaskGroupServiceListGroupsResponse:
         tenant = _tenant(request.principal)
         r = request.request
         size = r.page_size or 50
@@ -284,20 +292,24 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
                 page_size=size,
                 page_token=r.page_token,
             )
-        return gpb.ListGroupsResponse(
+        return gpb.TaskGroupServiceListGroupsResponse(
             response=group_service_pb2.ListGroupsResponse(
                 groups=[store.group_proto(row) for row in rows], next_page_token=token
             )
         )
 
     async def CancelGroup(
-        self, request: gpb.CancelGroupRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> gpb.CancelGroupResponse:
+        self,
+        request: gpb.TaskGroupServiceCancelGroupRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> gpb.TaskGroupServiceCancelGroupResponse:
         tenant = _tenant(request.principal)
         if len(request.request.reason) > 1024:
             raise InvalidArgument([FieldViolation("request.reason", "at most 1024 characters")])
         group = await self.groups.cancel(tenant, request.request.group_id, request.request.reason)
-        return gpb.CancelGroupResponse(response=group_service_pb2.CancelGroupResponse(group=group))
+        return gpb.TaskGroupServiceCancelGroupResponse(
+            response=group_service_pb2.CancelGroupResponse(group=group)
+        )
 
     async def GetGroupEvents(
         self, request: gpb.GetGroupEventsRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -10,7 +10,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2, struct_pb2, timestamp_pb2
 
-from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler.groups.delays import spec_extras, task_extras
 from conveyor_scheduler.store import models as m
@@ -218,14 +218,14 @@ def event_proto(
     return event
 
 
-def in_flight_proto(row: Mapping[str, Any]) -> sched_pb2.InFlightAttempt:
+def in_flight_proto(row: Mapping[str, Any]) -> provider_pb2.InFlightAttempt:
     """An InFlightAttempt of an active task row."""
-    out = sched_pb2.InFlightAttempt(
+    out = provider_pb2.InFlightAttempt(
         task_id=str(row["id"]),
         tenant_id=row["tenant_id"],
         attempt=row["attempt"],
         prediction_id=row["prediction_id"] or "",
-        state=sched_pb2.SubmitState.ValueType(row["submit_state"] or 0),
+        state=provider_pb2.SubmitState.ValueType(row["submit_state"] or 0),
         model=row["model"],
         kind=row["kind"],
         cancel_requested=row["cancel_requested"],

@@ -17,8 +17,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
+from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as delivery_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
-from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError
 from conveyor_common.grpc_server import ServiceBinding
@@ -56,7 +57,7 @@ def _event_violations(events: list[task_pb2.TaskEvent]) -> list[FieldViolation]:
     return violations
 
 
-class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
+class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServicer):
     """Servicer over the scheduler's database."""
 
     def __init__(
@@ -69,9 +70,9 @@ class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
 
     async def EnqueueDeliveries(
         self,
-        request: pb.EnqueueDeliveriesRequest,
+        request: delivery_pb2.EnqueueDeliveriesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.EnqueueDeliveriesResponse:
+    ) -> delivery_pb2.EnqueueDeliveriesResponse:
         """Create the deliveries of each event for every endpoint that wants it."""
         events = list(request.events)
         violations = _event_violations(events)
@@ -101,7 +102,7 @@ class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
                     if endpoint.enabled and repo.wants(endpoint.event_types, event.type):
                         targets.append(endpoint.id)
                 created += await repo.insert_deliveries(session, event, targets)
-        return pb.EnqueueDeliveriesResponse(created=created)
+        return delivery_pb2.EnqueueDeliveriesResponse(created=created)
 
     async def _task_webhook_refusal(self, event: task_pb2.TaskEvent) -> str | None:
         """Why the task's own webhook URL is refused (checked once, when its endpoint is made)."""
@@ -130,9 +131,9 @@ class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
 
     async def ClaimDeliveries(
         self,
-        request: pb.ClaimDeliveriesRequest,
+        request: delivery_pb2.ClaimDeliveriesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.ClaimDeliveriesResponse:
+    ) -> delivery_pb2.ClaimDeliveriesResponse:
         """Lease due deliveries (per-task order kept)."""
         violations = []
         if not request.worker_id or len(request.worker_id) > MAX_ID_LENGTH:
@@ -153,7 +154,7 @@ class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
                 request.lease_seconds,
                 self.policy.codec,
             )
-        response = pb.ClaimDeliveriesResponse()
+        response = delivery_pb2.ClaimDeliveriesResponse()
         for lease in leases:
             event = task_pb2.TaskEvent()
             try:
@@ -182,9 +183,9 @@ class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
 
     async def ReportDeliveries(
         self,
-        request: pb.ReportDeliveriesRequest,
+        request: delivery_pb2.ReportDeliveriesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.ReportDeliveriesResponse:
+    ) -> delivery_pb2.ReportDeliveriesResponse:
         """Apply outcomes of this worker's leases; stale ones are ignored."""
         violations = []
         if not request.worker_id:
@@ -217,17 +218,17 @@ class DeliveryCoordinationServicer(pb_grpc.DeliveryCoordinationServiceServicer):
             async with self.sessionmaker() as session, session.begin():
                 if await repo.report(session, request.worker_id, outcome):
                     applied += 1
-        return pb.ReportDeliveriesResponse(applied=applied)
+        return delivery_pb2.ReportDeliveriesResponse(applied=applied)
 
     async def GetDeliveryBacklog(
         self,
-        request: pb.GetDeliveryBacklogRequest,
+        request: delivery_pb2.GetDeliveryBacklogRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.GetDeliveryBacklogResponse:
+    ) -> delivery_pb2.GetDeliveryBacklogResponse:
         """Backlog counts."""
         async with self.sessionmaker() as session:
             backlog = await repo.backlog(session)
-        response = pb.GetDeliveryBacklogResponse(
+        response = delivery_pb2.GetDeliveryBacklogResponse(
             pending=backlog.pending, due=backlog.due, disabled_endpoints=backlog.disabled_endpoints
         )
         oldest = timestamp(backlog.oldest_due_at)
@@ -241,7 +242,7 @@ def binding(
 ) -> ServiceBinding:
     """The DeliveryCoordinationService servicer, for the scheduler's gRPC server."""
     return ServiceBinding(
-        add=pb_grpc.add_DeliveryCoordinationServiceServicer_to_server,
+        add=delivery_grpc.add_DeliveryCoordinationServiceServicer_to_server,
         servicer=DeliveryCoordinationServicer(sessionmaker, policy),
         full_name=pb.DESCRIPTOR.services_by_name["DeliveryCoordinationService"].full_name,
     )

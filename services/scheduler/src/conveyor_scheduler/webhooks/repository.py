@@ -18,9 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.standard_webhooks import generate_secret
-from conveyor_common.vocabulary import FAILED, TERMINAL_EVENT_TYPES
+from conveyor_common.vocabulary import TERMINAL_EVENT_TYPES
 from conveyor_scheduler.webhooks.models import (
     DELIVERED,
+    FAILED,
     PENDING,
     WebhookAttempt,
     WebhookDelivery,

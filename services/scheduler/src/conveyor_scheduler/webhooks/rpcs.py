@@ -170,9 +170,9 @@ class WebhookRpcs:
 
     async def CreateWebhookEndpoint(
         self,
-        request: pb.CreateWebhookEndpointRequest,
+        request: pb.SchedulerServiceCreateWebhookEndpointRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.CreateWebhookEndpointResponse:
+    ) -> pb.SchedulerServiceCreateWebhookEndpointResponse:
         """Register an endpoint after the SSRF check; returns the tenant's current secret."""
         tenant = _tenant(request.principal)
         body = request.request
@@ -216,7 +216,7 @@ class WebhookRpcs:
                 event_types=events,
                 request_id=body.request_id,
             )
-            return pb.CreateWebhookEndpointResponse(
+            return pb.SchedulerServiceCreateWebhookEndpointResponse(
                 response=webhook_service_pb2.CreateWebhookEndpointResponse(
                     endpoint=endpoint_message(endpoint), signing_secret=signing_secret
                 )
@@ -229,7 +229,7 @@ class WebhookRpcs:
         events: list[int],
         tenant: str,
         current_secret: str | None = None,
-    ) -> pb.CreateWebhookEndpointResponse:
+    ) -> pb.SchedulerServiceCreateWebhookEndpointResponse:
         if existing.url != url or list(existing.event_types) != events:
             raise FailedPrecondition(
                 "request_id was already used to create a different endpoint",
@@ -238,7 +238,7 @@ class WebhookRpcs:
         if current_secret is None:
             async with self.sessionmaker() as session, session.begin():
                 current_secret = await repo.current_secret(session, tenant, self._policy().codec)
-        return pb.CreateWebhookEndpointResponse(
+        return pb.SchedulerServiceCreateWebhookEndpointResponse(
             response=webhook_service_pb2.CreateWebhookEndpointResponse(
                 endpoint=endpoint_message(existing), signing_secret=current_secret
             )
@@ -246,14 +246,14 @@ class WebhookRpcs:
 
     async def ListWebhookEndpoints(
         self,
-        request: pb.ListWebhookEndpointsRequest,
+        request: pb.SchedulerServiceListWebhookEndpointsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.ListWebhookEndpointsResponse:
+    ) -> pb.SchedulerServiceListWebhookEndpointsResponse:
         """The tenant's registered endpoints (no secrets)."""
         tenant = _tenant(request.principal)
         async with self.sessionmaker() as session:
             rows = await repo.list_endpoints(session, tenant)
-        return pb.ListWebhookEndpointsResponse(
+        return pb.SchedulerServiceListWebhookEndpointsResponse(
             response=webhook_service_pb2.ListWebhookEndpointsResponse(
                 endpoints=[endpoint_message(r) for r in rows]
             )
@@ -261,9 +261,9 @@ class WebhookRpcs:
 
     async def DeleteWebhookEndpoint(
         self,
-        request: pb.DeleteWebhookEndpointRequest,
+        request: pb.SchedulerServiceDeleteWebhookEndpointRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.DeleteWebhookEndpointResponse:
+    ) -> pb.SchedulerServiceDeleteWebhookEndpointResponse:
         """Delete an endpoint of the tenant; its pending deliveries fail ("endpoint deleted")."""
         tenant = _tenant(request.principal)
         body = request.request
@@ -275,15 +275,15 @@ class WebhookRpcs:
             found = await repo.delete_endpoint(session, tenant, endpoint_id)
         if not found:
             raise NotFound("webhook endpoint", body.endpoint_id)
-        return pb.DeleteWebhookEndpointResponse(
+        return pb.SchedulerServiceDeleteWebhookEndpointResponse(
             response=webhook_service_pb2.DeleteWebhookEndpointResponse()
         )
 
     async def RotateWebhookSecret(
         self,
-        request: pb.RotateWebhookSecretRequest,
+        request: pb.SchedulerServiceRotateWebhookSecretRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.RotateWebhookSecretResponse:
+    ) -> pb.SchedulerServiceRotateWebhookSecretResponse:
         """New secret; the previous one keeps signing for the overlap (0 = the default, 24 h)."""
         tenant = _tenant(request.principal)
         body = request.request
@@ -307,13 +307,13 @@ class WebhookRpcs:
         until = timestamp(rotation.previous_valid_until)
         if until is not None:
             response.previous_valid_until.CopyFrom(until)
-        return pb.RotateWebhookSecretResponse(response=response)
+        return pb.SchedulerServiceRotateWebhookSecretResponse(response=response)
 
     async def ListWebhookDeliveries(
         self,
-        request: pb.ListWebhookDeliveriesRequest,
+        request: pb.SchedulerServiceListWebhookDeliveriesRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> pb.ListWebhookDeliveriesResponse:
+    ) -> pb.SchedulerServiceListWebhookDeliveriesResponse:
         """The tenant's delivery log, newest first, paged."""
         tenant = _tenant(request.principal)
         body = request.request
@@ -340,7 +340,7 @@ class WebhookRpcs:
             )
         more = len(rows) > size
         rows = rows[:size]
-        return pb.ListWebhookDeliveriesResponse(
+        return pb.SchedulerServiceListWebhookDeliveriesResponse(
             response=webhook_service_pb2.ListWebhookDeliveriesResponse(
                 deliveries=[delivery_message(r) for r in rows],
                 next_page_token=encode_cursor(rows[-1]) if more and rows else "",

@@ -27,33 +27,33 @@ from conveyor.tasks.v1 import group_pb2 as conveyor_dot_tasks_dot_v1_dot_group__
 from conveyor.tasks.v1 import group_service_pb2 as conveyor_dot_tasks_dot_v1_dot_group__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)conveyor/scheduler/v1/group_service.proto\x12\x15\x63onveyor.scheduler.v1\x1a-conveyor/scheduler/v1/scheduler_service.proto\x1a\x1d\x63onveyor/tasks/v1/group.proto\x1a%conveyor/tasks/v1/group_service.proto\"\x81\x01\n\x12\x43reateGroupRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x36\n\x07request\x18\x02 \x01(\x0b\x32%.conveyor.tasks.v1.CreateGroupRequest\"O\n\x13\x43reateGroupResponse\x12\x38\n\x08response\x18\x01 \x01(\x0b\x32&.conveyor.tasks.v1.CreateGroupResponse\"{\n\x0fGetGroupRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x33\n\x07request\x18\x02 \x01(\x0b\x32\".conveyor.tasks.v1.GetGroupRequest\"I\n\x10GetGroupResponse\x12\x35\n\x08response\x18\x01 \x01(\x0b\x32#.conveyor.tasks.v1.GetGroupResponse\"\x7f\n\x11ListGroupsRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x35\n\x07request\x18\x02 \x01(\x0b\x32$.conveyor.tasks.v1.ListGroupsRequest\"M\n\x12ListGroupsResponse\x12\x37\n\x08response\x18\x01 \x01(\x0b\x32%.conveyor.tasks.v1.ListGroupsResponse\"\x81\x01\n\x12\x43\x61ncelGroupRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x36\n\x07request\x18\x02 \x01(\x0b\x32%.conveyor.tasks.v1.CancelGroupRequest\"O\n\x13\x43\x61ncelGroupResponse\x12\x38\n\x08response\x18\x01 \x01(\x0b\x32&.conveyor.tasks.v1.CancelGroupResponse\"\x85\x01\n\x15GetGroupEventsRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05\"p\n\x16GetGroupEventsResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.conveyor.tasks.v1.GroupEvent\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\x32\x8d\x04\n\x10TaskGroupService\x12\x64\n\x0b\x43reateGroup\x12).conveyor.scheduler.v1.CreateGroupRequest\x1a*.conveyor.scheduler.v1.CreateGroupResponse\x12[\n\x08GetGroup\x12&.conveyor.scheduler.v1.GetGroupRequest\x1a\'.conveyor.scheduler.v1.GetGroupResponse\x12\x61\n\nListGroups\x12(.conveyor.scheduler.v1.ListGroupsRequest\x1a).conveyor.scheduler.v1.ListGroupsResponse\x12\x64\n\x0b\x43\x61ncelGroup\x12).conveyor.scheduler.v1.CancelGroupRequest\x1a*.conveyor.scheduler.v1.CancelGroupResponse\x12m\n\x0eGetGroupEvents\x12,.conveyor.scheduler.v1.GetGroupEventsRequest\x1a-.conveyor.scheduler.v1.GetGroupEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)conveyor/scheduler/v1/group_service.proto\x12\x15\x63onveyor.scheduler.v1\x1a-conveyor/scheduler/v1/scheduler_service.proto\x1a\x1d\x63onveyor/tasks/v1/group.proto\x1a%conveyor/tasks/v1/group_service.proto\"\x91\x01\n\"TaskGroupServiceCreateGroupRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x36\n\x07request\x18\x02 \x01(\x0b\x32%.conveyor.tasks.v1.CreateGroupRequest\"_\n#TaskGroupServiceCreateGroupResponse\x12\x38\n\x08response\x18\x01 \x01(\x0b\x32&.conveyor.tasks.v1.CreateGroupResponse\"\x8b\x01\n\x1fTaskGroupServiceGetGroupRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x33\n\x07request\x18\x02 \x01(\x0b\x32\".conveyor.tasks.v1.GetGroupRequest\"Y\n TaskGroupServiceGetGroupResponse\x12\x35\n\x08response\x18\x01 \x01(\x0b\x32#.conveyor.tasks.v1.GetGroupResponse\"\x8f\x01\n!TaskGroupServiceListGroupsRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x35\n\x07request\x18\x02 \x01(\x0b\x32$.conveyor.tasks.v1.ListGroupsRequest\"]\n\"TaskGroupServiceListGroupsResponse\x12\x37\n\x08response\x18\x01 \x01(\x0b\x32%.conveyor.tasks.v1.ListGroupsResponse\"\x91\x01\n\"TaskGroupServiceCancelGroupRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x36\n\x07request\x18\x02 \x01(\x0b\x32%.conveyor.tasks.v1.CancelGroupRequest\"_\n#TaskGroupServiceCancelGroupResponse\x12\x38\n\x08response\x18\x01 \x01(\x0b\x32&.conveyor.tasks.v1.CancelGroupResponse\"\x85\x01\n\x15GetGroupEventsRequest\x12\x33\n\tprincipal\x18\x01 \x01(\x0b\x32 .conveyor.scheduler.v1.Principal\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05\"p\n\x16GetGroupEventsResponse\x12-\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1d.conveyor.tasks.v1.GroupEvent\x12\x10\n\x08\x66inished\x18\x02 \x01(\x08\x12\x15\n\rlast_sequence\x18\x03 \x01(\x03\x32\x90\x05\n\x10TaskGroupService\x12\x84\x01\n\x0b\x43reateGroup\x12\x39.conveyor.scheduler.v1.TaskGroupServiceCreateGroupRequest\x1a:.conveyor.scheduler.v1.TaskGroupServiceCreateGroupResponse\x12{\n\x08GetGroup\x12\x36.conveyor.scheduler.v1.TaskGroupServiceGetGroupRequest\x1a\x37.conveyor.scheduler.v1.TaskGroupServiceGetGroupResponse\x12\x81\x01\n\nListGroups\x12\x38.conveyor.scheduler.v1.TaskGroupServiceListGroupsRequest\x1a\x39.conveyor.scheduler.v1.TaskGroupServiceListGroupsResponse\x12\x84\x01\n\x0b\x43\x61ncelGroup\x12\x39.conveyor.scheduler.v1.TaskGroupServiceCancelGroupRequest\x1a:.conveyor.scheduler.v1.TaskGroupServiceCancelGroupResponse\x12m\n\x0eGetGroupEvents\x12,.conveyor.scheduler.v1.GetGroupEventsRequest\x1a-.conveyor.scheduler.v1.GetGroupEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.scheduler.v1.group_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREATEGROUPREQUEST']._serialized_start=186
-  _globals['_CREATEGROUPREQUEST']._serialized_end=315
-  _globals['_CREATEGROUPRESPONSE']._serialized_start=317
-  _globals['_CREATEGROUPRESPONSE']._serialized_end=396
-  _globals['_GETGROUPREQUEST']._serialized_start=398
-  _globals['_GETGROUPREQUEST']._serialized_end=521
-  _globals['_GETGROUPRESPONSE']._serialized_start=523
-  _globals['_GETGROUPRESPONSE']._serialized_end=596
-  _globals['_LISTGROUPSREQUEST']._serialized_start=598
-  _globals['_LISTGROUPSREQUEST']._serialized_end=725
-  _globals['_LISTGROUPSRESPONSE']._serialized_start=727
-  _globals['_LISTGROUPSRESPONSE']._serialized_end=804
-  _globals['_CANCELGROUPREQUEST']._serialized_start=807
-  _globals['_CANCELGROUPREQUEST']._serialized_end=936
-  _globals['_CANCELGROUPRESPONSE']._serialized_start=938
-  _globals['_CANCELGROUPRESPONSE']._serialized_end=1017
-  _globals['_GETGROUPEVENTSREQUEST']._serialized_start=1020
-  _globals['_GETGROUPEVENTSREQUEST']._serialized_end=1153
-  _globals['_GETGROUPEVENTSRESPONSE']._serialized_start=1155
-  _globals['_GETGROUPEVENTSRESPONSE']._serialized_end=1267
-  _globals['_TASKGROUPSERVICE']._serialized_start=1270
-  _globals['_TASKGROUPSERVICE']._serialized_end=1795
+  _globals['_TASKGROUPSERVICECREATEGROUPREQUEST']._serialized_start=186
+  _globals['_TASKGROUPSERVICECREATEGROUPREQUEST']._serialized_end=331
+  _globals['_TASKGROUPSERVICECREATEGROUPRESPONSE']._serialized_start=333
+  _globals['_TASKGROUPSERVICECREATEGROUPRESPONSE']._serialized_end=428
+  _globals['_TASKGROUPSERVICEGETGROUPREQUEST']._serialized_start=431
+  _globals['_TASKGROUPSERVICEGETGROUPREQUEST']._serialized_end=570
+  _globals['_TASKGROUPSERVICEGETGROUPRESPONSE']._serialized_start=572
+  _globals['_TASKGROUPSERVICEGETGROUPRESPONSE']._serialized_end=661
+  _globals['_TASKGROUPSERVICELISTGROUPSREQUEST']._serialized_start=664
+  _globals['_TASKGROUPSERVICELISTGROUPSREQUEST']._serialized_end=807
+  _globals['_TASKGROUPSERVICELISTGROUPSRESPONSE']._serialized_start=809
+  _globals['_TASKGROUPSERVICELISTGROUPSRESPONSE']._serialized_end=902
+  _globals['_TASKGROUPSERVICECANCELGROUPREQUEST']._serialized_start=905
+  _globals['_TASKGROUPSERVICECANCELGROUPREQUEST']._serialized_end=1050
+  _globals['_TASKGROUPSERVICECANCELGROUPRESPONSE']._serialized_start=1052
+  _globals['_TASKGROUPSERVICECANCELGROUPRESPONSE']._serialized_end=1147
+  _globals['_GETGROUPEVENTSREQUEST']._serialized_start=1150
+  _globals['_GETGROUPEVENTSREQUEST']._serialized_end=1283
+  _globals['_GETGROUPEVENTSRESPONSE']._serialized_start=1285
+  _globals['_GETGROUPEVENTSRESPONSE']._serialized_end=1397
+  _globals['_TASKGROUPSERVICE']._serialized_start=1400
+  _globals['_TASKGROUPSERVICE']._serialized_end=2056
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
-class CreateGroupRequest(_message.Message):
+class TaskGroupServiceCreateGroupRequest(_message.Message):
     """Request of TaskGroupService.CreateGroup."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -52,10 +52,10 @@ class CreateGroupRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateGroupRequest: _TypeAlias = CreateGroupRequest  # noqa: Y015
+Global___TaskGroupServiceCreateGroupRequest: _TypeAlias = TaskGroupServiceCreateGroupRequest  # noqa: Y015
 
 @_typing.final
-class CreateGroupResponse(_message.Message):
+class TaskGroupServiceCreateGroupResponse(_message.Message):
     """Response of TaskGroupService.CreateGroup."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -76,10 +76,10 @@ class CreateGroupResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CreateGroupResponse: _TypeAlias = CreateGroupResponse  # noqa: Y015
+Global___TaskGroupServiceCreateGroupResponse: _TypeAlias = TaskGroupServiceCreateGroupResponse  # noqa: Y015
 
 @_typing.final
-class GetGroupRequest(_message.Message):
+class TaskGroupServiceGetGroupRequest(_message.Message):
     """Request of TaskGroupService.GetGroup."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -106,10 +106,10 @@ class GetGroupRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetGroupRequest: _TypeAlias = GetGroupRequest  # noqa: Y015
+Global___TaskGroupServiceGetGroupRequest: _TypeAlias = TaskGroupServiceGetGroupRequest  # noqa: Y015
 
 @_typing.final
-class GetGroupResponse(_message.Message):
+class TaskGroupServiceGetGroupResponse(_message.Message):
     """Response of TaskGroupService.GetGroup."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -130,10 +130,10 @@ class GetGroupResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GetGroupResponse: _TypeAlias = GetGroupResponse  # noqa: Y015
+Global___TaskGroupServiceGetGroupResponse: _TypeAlias = TaskGroupServiceGetGroupResponse  # noqa: Y015
 
 @_typing.final
-class ListGroupsRequest(_message.Message):
+class TaskGroupServiceListGroupsRequest(_message.Message):
     """Request of TaskGroupService.ListGroups."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -160,10 +160,10 @@ class ListGroupsRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListGroupsRequest: _TypeAlias = ListGroupsRequest  # noqa: Y015
+Global___TaskGroupServiceListGroupsRequest: _TypeAlias = TaskGroupServiceListGroupsRequest  # noqa: Y015
 
 @_typing.final
-class ListGroupsResponse(_message.Message):
+class TaskGroupServiceListGroupsResponse(_message.Message):
     """Response of TaskGroupService.ListGroups."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -184,10 +184,10 @@ class ListGroupsResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListGroupsResponse: _TypeAlias = ListGroupsResponse  # noqa: Y015
+Global___TaskGroupServiceListGroupsResponse: _TypeAlias = TaskGroupServiceListGroupsResponse  # noqa: Y015
 
 @_typing.final
-class CancelGroupRequest(_message.Message):
+class TaskGroupServiceCancelGroupRequest(_message.Message):
     """Request of TaskGroupService.CancelGroup."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -214,10 +214,10 @@ class CancelGroupRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CancelGroupRequest: _TypeAlias = CancelGroupRequest  # noqa: Y015
+Global___TaskGroupServiceCancelGroupRequest: _TypeAlias = TaskGroupServiceCancelGroupRequest  # noqa: Y015
 
 @_typing.final
-class CancelGroupResponse(_message.Message):
+class TaskGroupServiceCancelGroupResponse(_message.Message):
     """Response of TaskGroupService.CancelGroup."""
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -238,7 +238,7 @@ class CancelGroupResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___CancelGroupResponse: _TypeAlias = CancelGroupResponse  # noqa: Y015
+Global___TaskGroupServiceCancelGroupResponse: _TypeAlias = TaskGroupServiceCancelGroupResponse  # noqa: Y015
 
 @_typing.final
 class GetGroupEventsRequest(_message.Message):

@@ -37,23 +37,23 @@ class TaskGroupServiceStub:
         """
         self.CreateGroup = channel.unary_unary(
                 '/conveyor.scheduler.v1.TaskGroupService/CreateGroup',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CreateGroupRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CreateGroupResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCreateGroupRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCreateGroupResponse.FromString,
                 _registered_method=True)
         self.GetGroup = channel.unary_unary(
                 '/conveyor.scheduler.v1.TaskGroupService/GetGroup',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.GetGroupRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.GetGroupResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceGetGroupRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceGetGroupResponse.FromString,
                 _registered_method=True)
         self.ListGroups = channel.unary_unary(
                 '/conveyor.scheduler.v1.TaskGroupService/ListGroups',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.ListGroupsRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.ListGroupsResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceListGroupsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceListGroupsResponse.FromString,
                 _registered_method=True)
         self.CancelGroup = channel.unary_unary(
                 '/conveyor.scheduler.v1.TaskGroupService/CancelGroup',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CancelGroupRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CancelGroupResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCancelGroupRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCancelGroupResponse.FromString,
                 _registered_method=True)
         self.GetGroupEvents = channel.unary_unary(
                 '/conveyor.scheduler.v1.TaskGroupService/GetGroupEvents',
@@ -106,23 +106,23 @@ def add_TaskGroupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateGroup': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateGroup,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CreateGroupRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CreateGroupResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCreateGroupRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCreateGroupResponse.SerializeToString,
             ),
             'GetGroup': grpc.unary_unary_rpc_method_handler(
                     servicer.GetGroup,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.GetGroupRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.GetGroupResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceGetGroupRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceGetGroupResponse.SerializeToString,
             ),
             'ListGroups': grpc.unary_unary_rpc_method_handler(
                     servicer.ListGroups,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.ListGroupsRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.ListGroupsResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceListGroupsRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceListGroupsResponse.SerializeToString,
             ),
             'CancelGroup': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelGroup,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CancelGroupRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CancelGroupResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCancelGroupRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCancelGroupResponse.SerializeToString,
             ),
             'GetGroupEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.GetGroupEvents,
@@ -156,8 +156,8 @@ class TaskGroupService:
             request,
             target,
             '/conveyor.scheduler.v1.TaskGroupService/CreateGroup',
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CreateGroupRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CreateGroupResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCreateGroupRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCreateGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -183,8 +183,8 @@ class TaskGroupService:
             request,
             target,
             '/conveyor.scheduler.v1.TaskGroupService/GetGroup',
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.GetGroupRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.GetGroupResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceGetGroupRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceGetGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -210,8 +210,8 @@ class TaskGroupService:
             request,
             target,
             '/conveyor.scheduler.v1.TaskGroupService/ListGroups',
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.ListGroupsRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.ListGroupsResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceListGroupsRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceListGroupsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -237,8 +237,8 @@ class TaskGroupService:
             request,
             target,
             '/conveyor.scheduler.v1.TaskGroupService/CancelGroup',
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CancelGroupRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.CancelGroupResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCancelGroupRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_group__service__pb2.TaskGroupServiceCancelGroupResponse.FromString,
             options,
             channel_credentials,
             insecure,

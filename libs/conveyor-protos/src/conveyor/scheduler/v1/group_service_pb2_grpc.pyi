@@ -36,13 +36,13 @@ class TaskGroupServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TaskGroupServiceAsyncStub: ...
-    CreateGroup: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.CreateGroupRequest, _group_service_pb2.CreateGroupResponse]
+    CreateGroup: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceCreateGroupRequest, _group_service_pb2.TaskGroupServiceCreateGroupResponse]
     """See conveyor.tasks.v1.GroupService.CreateGroup."""
-    GetGroup: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.GetGroupRequest, _group_service_pb2.GetGroupResponse]
+    GetGroup: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceGetGroupRequest, _group_service_pb2.TaskGroupServiceGetGroupResponse]
     """See conveyor.tasks.v1.GroupService.GetGroup."""
-    ListGroups: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.ListGroupsRequest, _group_service_pb2.ListGroupsResponse]
+    ListGroups: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceListGroupsRequest, _group_service_pb2.TaskGroupServiceListGroupsResponse]
     """See conveyor.tasks.v1.GroupService.ListGroups."""
-    CancelGroup: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.CancelGroupRequest, _group_service_pb2.CancelGroupResponse]
+    CancelGroup: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceCancelGroupRequest, _group_service_pb2.TaskGroupServiceCancelGroupResponse]
     """See conveyor.tasks.v1.GroupService.CancelGroup."""
     GetGroupEvents: _grpc.UnaryUnaryMultiCallable[_group_service_pb2.GetGroupEventsRequest, _group_service_pb2.GetGroupEventsResponse]
     """A group's event history after a sequence number (the history part of WatchGroup)."""
@@ -52,13 +52,13 @@ class TaskGroupServiceAsyncStub(TaskGroupServiceStub):
     """Gateway-facing group calls, each carrying the principal."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
-    CreateGroup: _aio.UnaryUnaryMultiCallable[_group_service_pb2.CreateGroupRequest, _group_service_pb2.CreateGroupResponse]  # type: ignore[assignment]
+    CreateGroup: _aio.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceCreateGroupRequest, _group_service_pb2.TaskGroupServiceCreateGroupResponse]  # type: ignore[assignment]
     """See conveyor.tasks.v1.GroupService.CreateGroup."""
-    GetGroup: _aio.UnaryUnaryMultiCallable[_group_service_pb2.GetGroupRequest, _group_service_pb2.GetGroupResponse]  # type: ignore[assignment]
+    GetGroup: _aio.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceGetGroupRequest, _group_service_pb2.TaskGroupServiceGetGroupResponse]  # type: ignore[assignment]
     """See conveyor.tasks.v1.GroupService.GetGroup."""
-    ListGroups: _aio.UnaryUnaryMultiCallable[_group_service_pb2.ListGroupsRequest, _group_service_pb2.ListGroupsResponse]  # type: ignore[assignment]
+    ListGroups: _aio.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceListGroupsRequest, _group_service_pb2.TaskGroupServiceListGroupsResponse]  # type: ignore[assignment]
     """See conveyor.tasks.v1.GroupService.ListGroups."""
-    CancelGroup: _aio.UnaryUnaryMultiCallable[_group_service_pb2.CancelGroupRequest, _group_service_pb2.CancelGroupResponse]  # type: ignore[assignment]
+    CancelGroup: _aio.UnaryUnaryMultiCallable[_group_service_pb2.TaskGroupServiceCancelGroupRequest, _group_service_pb2.TaskGroupServiceCancelGroupResponse]  # type: ignore[assignment]
     """See conveyor.tasks.v1.GroupService.CancelGroup."""
     GetGroupEvents: _aio.UnaryUnaryMultiCallable[_group_service_pb2.GetGroupEventsRequest, _group_service_pb2.GetGroupEventsResponse]  # type: ignore[assignment]
     """A group's event history after a sequence number (the history part of WatchGroup)."""
@@ -69,33 +69,33 @@ class TaskGroupServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
     def CreateGroup(
         self,
-        request: _group_service_pb2.CreateGroupRequest,
+        request: _group_service_pb2.TaskGroupServiceCreateGroupRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_group_service_pb2.CreateGroupResponse, _abc.Awaitable[_group_service_pb2.CreateGroupResponse]]:
+    ) -> _typing.Union[_group_service_pb2.TaskGroupServiceCreateGroupResponse, _abc.Awaitable[_group_service_pb2.TaskGroupServiceCreateGroupResponse]]:
         """See conveyor.tasks.v1.GroupService.CreateGroup."""
 
     @_abc_1.abstractmethod
     def GetGroup(
         self,
-        request: _group_service_pb2.GetGroupRequest,
+        request: _group_service_pb2.TaskGroupServiceGetGroupRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_group_service_pb2.GetGroupResponse, _abc.Awaitable[_group_service_pb2.GetGroupResponse]]:
+    ) -> _typing.Union[_group_service_pb2.TaskGroupServiceGetGroupResponse, _abc.Awaitable[_group_service_pb2.TaskGroupServiceGetGroupResponse]]:
         """See conveyor.tasks.v1.GroupService.GetGroup."""
 
     @_abc_1.abstractmethod
     def ListGroups(
         self,
-        request: _group_service_pb2.ListGroupsRequest,
+        request: _group_service_pb2.TaskGroupServiceListGroupsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_group_service_pb2.ListGroupsResponse, _abc.Awaitable[_group_service_pb2.ListGroupsResponse]]:
+    ) -> _typing.Union[_group_service_pb2.TaskGroupServiceListGroupsResponse, _abc.Awaitable[_group_service_pb2.TaskGroupServiceListGroupsResponse]]:
         """See conveyor.tasks.v1.GroupService.ListGroups."""
 
     @_abc_1.abstractmethod
     def CancelGroup(
         self,
-        request: _group_service_pb2.CancelGroupRequest,
+        request: _group_service_pb2.TaskGroupServiceCancelGroupRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_group_service_pb2.CancelGroupResponse, _abc.Awaitable[_group_service_pb2.CancelGroupResponse]]:
+    ) -> _typing.Union[_group_service_pb2.TaskGroupServiceCancelGroupResponse, _abc.Awaitable[_group_service_pb2.TaskGroupServiceCancelGroupResponse]]:
         """See conveyor.tasks.v1.GroupService.CancelGroup."""
 
     @_abc_1.abstractmethod

@@ -37,13 +37,13 @@ class SchedulerServiceStub:
         """
         self.SubmitTask = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/SubmitTask',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceSubmitTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceSubmitTaskResponse.FromString,
                 _registered_method=True)
         self.BatchSubmitTasks = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/BatchSubmitTasks',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBatchSubmitTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBatchSubmitTasksResponse.FromString,
                 _registered_method=True)
         self.SubmitTaskGroup = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/SubmitTaskGroup',
@@ -52,23 +52,23 @@ class SchedulerServiceStub:
                 _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/GetTask',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTaskRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTaskResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTaskResponse.FromString,
                 _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/ListTasks',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListTasksRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListTasksResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListTasksResponse.FromString,
                 _registered_method=True)
         self.CancelTask = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/CancelTask',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CancelTaskRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CancelTaskResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelTaskRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelTaskResponse.FromString,
                 _registered_method=True)
         self.GetQueueStats = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/GetQueueStats',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetQueueStatsRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetQueueStatsResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsResponse.FromString,
                 _registered_method=True)
         self.GetTaskEvents = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/GetTaskEvents',
@@ -77,63 +77,63 @@ class SchedulerServiceStub:
                 _registered_method=True)
         self.GetTenant = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/GetTenant',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTenantRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTenantResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTenantRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTenantResponse.FromString,
                 _registered_method=True)
         self.UpsertTenant = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/UpsertTenant',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpsertTenantRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpsertTenantResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceUpsertTenantRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceUpsertTenantResponse.FromString,
                 _registered_method=True)
         self.PauseModel = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/PauseModel',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PauseModelRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PauseModelResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseModelRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseModelResponse.FromString,
                 _registered_method=True)
         self.ResumeModel = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/ResumeModel',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ResumeModelRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ResumeModelResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelResponse.FromString,
                 _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/ListDeadLetters',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListDeadLettersRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListDeadLettersResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersResponse.FromString,
                 _registered_method=True)
         self.RedriveTasks = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/RedriveTasks',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RedriveTasksRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RedriveTasksResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRedriveTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRedriveTasksResponse.FromString,
                 _registered_method=True)
         self.BulkCancelTasks = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/BulkCancelTasks',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BulkCancelTasksRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BulkCancelTasksResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBulkCancelTasksRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBulkCancelTasksResponse.FromString,
                 _registered_method=True)
         self.CreateWebhookEndpoint = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/CreateWebhookEndpoint',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreateWebhookEndpointRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreateWebhookEndpointResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCreateWebhookEndpointRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCreateWebhookEndpointResponse.FromString,
                 _registered_method=True)
         self.ListWebhookEndpoints = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/ListWebhookEndpoints',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookEndpointsRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookEndpointsResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookEndpointsRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookEndpointsResponse.FromString,
                 _registered_method=True)
         self.DeleteWebhookEndpoint = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/DeleteWebhookEndpoint',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteWebhookEndpointRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteWebhookEndpointResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceDeleteWebhookEndpointRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceDeleteWebhookEndpointResponse.FromString,
                 _registered_method=True)
         self.RotateWebhookSecret = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/RotateWebhookSecret',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RotateWebhookSecretRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RotateWebhookSecretResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRotateWebhookSecretResponse.FromString,
                 _registered_method=True)
         self.ListWebhookDeliveries = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/ListWebhookDeliveries',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookDeliveriesResponse.FromString,
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookDeliveriesResponse.FromString,
                 _registered_method=True)
 
 
@@ -289,13 +289,13 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'SubmitTask': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitTask,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceSubmitTaskRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceSubmitTaskResponse.SerializeToString,
             ),
             'BatchSubmitTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.BatchSubmitTasks,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBatchSubmitTasksRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBatchSubmitTasksResponse.SerializeToString,
             ),
             'SubmitTaskGroup': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitTaskGroup,
@@ -304,23 +304,23 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTaskRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTaskResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTaskRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTaskResponse.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListTasksRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListTasksResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListTasksRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListTasksResponse.SerializeToString,
             ),
             'CancelTask': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelTask,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CancelTaskRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CancelTaskResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelTaskRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelTaskResponse.SerializeToString,
             ),
             'GetQueueStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetQueueStats,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetQueueStatsRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetQueueStatsResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsResponse.SerializeToString,
             ),
             'GetTaskEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTaskEvents,
@@ -329,63 +329,63 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
             ),
             'GetTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTenant,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTenantRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTenantResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTenantRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTenantResponse.SerializeToString,
             ),
             'UpsertTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.UpsertTenant,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpsertTenantRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpsertTenantResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceUpsertTenantRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceUpsertTenantResponse.SerializeToString,
             ),
             'PauseModel': grpc.unary_unary_rpc_method_handler(
                     servicer.PauseModel,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PauseModelRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PauseModelResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseModelRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseModelResponse.SerializeToString,
             ),
             'ResumeModel': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeModel,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ResumeModelRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ResumeModelResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelResponse.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListDeadLettersRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListDeadLettersResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersResponse.SerializeToString,
             ),
             'RedriveTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.RedriveTasks,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RedriveTasksRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RedriveTasksResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRedriveTasksRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRedriveTasksResponse.SerializeToString,
             ),
             'BulkCancelTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.BulkCancelTasks,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BulkCancelTasksRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BulkCancelTasksResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBulkCancelTasksRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBulkCancelTasksResponse.SerializeToString,
             ),
             'CreateWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateWebhookEndpoint,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreateWebhookEndpointRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreateWebhookEndpointResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCreateWebhookEndpointRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCreateWebhookEndpointResponse.SerializeToString,
             ),
             'ListWebhookEndpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWebhookEndpoints,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookEndpointsRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookEndpointsResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookEndpointsRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookEndpointsResponse.SerializeToString,
             ),
             'DeleteWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteWebhookEndpoint,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteWebhookEndpointRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteWebhookEndpointResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceDeleteWebhookEndpointRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceDeleteWebhookEndpointResponse.SerializeToString,
             ),
             'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.RotateWebhookSecret,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RotateWebhookSecretRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RotateWebhookSecretResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRotateWebhookSecretRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRotateWebhookSecretResponse.SerializeToString,
             ),
             'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
                     servicer.ListWebhookDeliveries,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookDeliveriesRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookDeliveriesRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -414,8 +414,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/SubmitTask',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SubmitTaskResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceSubmitTaskRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceSubmitTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -441,8 +441,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/BatchSubmitTasks',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BatchSubmitTasksResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBatchSubmitTasksRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBatchSubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -495,8 +495,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/GetTask',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTaskRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTaskResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTaskRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -522,8 +522,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/ListTasks',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListTasksRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListTasksResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListTasksRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -549,8 +549,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/CancelTask',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CancelTaskRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CancelTaskResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelTaskRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCancelTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -576,8 +576,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/GetQueueStats',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetQueueStatsRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetQueueStatsResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetQueueStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -630,8 +630,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/GetTenant',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTenantRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetTenantResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTenantRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceGetTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -657,8 +657,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/UpsertTenant',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpsertTenantRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.UpsertTenantResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceUpsertTenantRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceUpsertTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -684,8 +684,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/PauseModel',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PauseModelRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.PauseModelResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseModelRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -711,8 +711,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/ResumeModel',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ResumeModelRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ResumeModelResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -738,8 +738,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/ListDeadLetters',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListDeadLettersRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListDeadLettersResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -765,8 +765,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/RedriveTasks',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RedriveTasksRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RedriveTasksResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRedriveTasksRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRedriveTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -792,8 +792,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/BulkCancelTasks',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BulkCancelTasksRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BulkCancelTasksResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBulkCancelTasksRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceBulkCancelTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -819,8 +819,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/CreateWebhookEndpoint',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreateWebhookEndpointRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CreateWebhookEndpointResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCreateWebhookEndpointRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceCreateWebhookEndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -846,8 +846,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/ListWebhookEndpoints',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookEndpointsRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookEndpointsResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookEndpointsRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookEndpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -873,8 +873,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/DeleteWebhookEndpoint',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteWebhookEndpointRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.DeleteWebhookEndpointResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceDeleteWebhookEndpointRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceDeleteWebhookEndpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -900,8 +900,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/RotateWebhookSecret',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RotateWebhookSecretRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.RotateWebhookSecretResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRotateWebhookSecretRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceRotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -927,432 +927,8 @@ class SchedulerService:
             request,
             target,
             '/conveyor.scheduler.v1.SchedulerService/ListWebhookDeliveries',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookDeliveriesRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListWebhookDeliveriesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-
-class ProviderCoordinationServiceStub:
-    """Provider-adapter-facing API: the submit protocol (reliability.md 2.5). The scheduler fences every
-    call by attempt number, so a stale or duplicate dispatch is told to stop.
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.BeginSubmit = channel.unary_unary(
-                '/conveyor.scheduler.v1.ProviderCoordinationService/BeginSubmit',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BeginSubmitRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BeginSubmitResponse.FromString,
-                _registered_method=True)
-        self.CompleteSubmit = channel.unary_unary(
-                '/conveyor.scheduler.v1.ProviderCoordinationService/CompleteSubmit',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CompleteSubmitRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CompleteSubmitResponse.FromString,
-                _registered_method=True)
-        self.MarkSubmitUnknown = channel.unary_unary(
-                '/conveyor.scheduler.v1.ProviderCoordinationService/MarkSubmitUnknown',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.MarkSubmitUnknownRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.MarkSubmitUnknownResponse.FromString,
-                _registered_method=True)
-        self.ListInFlight = channel.unary_unary(
-                '/conveyor.scheduler.v1.ProviderCoordinationService/ListInFlight',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListInFlightRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListInFlightResponse.FromString,
-                _registered_method=True)
-
-
-class ProviderCoordinationServiceServicer:
-    """Provider-adapter-facing API: the submit protocol (reliability.md 2.5). The scheduler fences every
-    call by attempt number, so a stale or duplicate dispatch is told to stop.
-    """
-
-    def BeginSubmit(self, request, context):
-        """Records the intent to create the prediction of (task, attempt) before the create call.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def CompleteSubmit(self, request, context):
-        """Records the prediction id after a definite create answer.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def MarkSubmitUnknown(self, request, context):
-        """Records that the create outcome is unknown (timeout, reset, 5xx): do not resubmit blindly.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ListInFlight(self, request, context):
-        """Lists attempts in flight at the provider, for the reconciler (overdue webhooks, deadlines).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_ProviderCoordinationServiceServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'BeginSubmit': grpc.unary_unary_rpc_method_handler(
-                    servicer.BeginSubmit,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BeginSubmitRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BeginSubmitResponse.SerializeToString,
-            ),
-            'CompleteSubmit': grpc.unary_unary_rpc_method_handler(
-                    servicer.CompleteSubmit,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CompleteSubmitRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CompleteSubmitResponse.SerializeToString,
-            ),
-            'MarkSubmitUnknown': grpc.unary_unary_rpc_method_handler(
-                    servicer.MarkSubmitUnknown,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.MarkSubmitUnknownRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.MarkSubmitUnknownResponse.SerializeToString,
-            ),
-            'ListInFlight': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListInFlight,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListInFlightRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListInFlightResponse.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'conveyor.scheduler.v1.ProviderCoordinationService', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('conveyor.scheduler.v1.ProviderCoordinationService', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class ProviderCoordinationService:
-    """Provider-adapter-facing API: the submit protocol (reliability.md 2.5). The scheduler fences every
-    call by attempt number, so a stale or duplicate dispatch is told to stop.
-    """
-
-    @staticmethod
-    def BeginSubmit(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.ProviderCoordinationService/BeginSubmit',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BeginSubmitRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.BeginSubmitResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def CompleteSubmit(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.ProviderCoordinationService/CompleteSubmit',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CompleteSubmitRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.CompleteSubmitResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def MarkSubmitUnknown(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.ProviderCoordinationService/MarkSubmitUnknown',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.MarkSubmitUnknownRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.MarkSubmitUnknownResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ListInFlight(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.ProviderCoordinationService/ListInFlight',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListInFlightRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListInFlightResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-
-class DeliveryCoordinationServiceStub:
-    """Notifier-facing API: durable client webhook deliveries (the scheduler stores them; the notifier
-    leases due deliveries, sends them and reports the outcome).
-    """
-
-    def __init__(self, channel):
-        """Constructor.
-
-        Args:
-            channel: A grpc.Channel.
-        """
-        self.ClaimDeliveries = channel.unary_unary(
-                '/conveyor.scheduler.v1.DeliveryCoordinationService/ClaimDeliveries',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ClaimDeliveriesRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ClaimDeliveriesResponse.FromString,
-                _registered_method=True)
-        self.ReportDeliveries = channel.unary_unary(
-                '/conveyor.scheduler.v1.DeliveryCoordinationService/ReportDeliveries',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesResponse.FromString,
-                _registered_method=True)
-        self.EnqueueDeliveries = channel.unary_unary(
-                '/conveyor.scheduler.v1.DeliveryCoordinationService/EnqueueDeliveries',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesResponse.FromString,
-                _registered_method=True)
-        self.GetDeliveryBacklog = channel.unary_unary(
-                '/conveyor.scheduler.v1.DeliveryCoordinationService/GetDeliveryBacklog',
-                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogRequest.SerializeToString,
-                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogResponse.FromString,
-                _registered_method=True)
-
-
-class DeliveryCoordinationServiceServicer:
-    """Notifier-facing API: durable client webhook deliveries (the scheduler stores them; the notifier
-    leases due deliveries, sends them and reports the outcome).
-    """
-
-    def ClaimDeliveries(self, request, context):
-        """Leases due deliveries, at most one per (endpoint, task) at a time so per-task order holds.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def ReportDeliveries(self, request, context):
-        """Reports outcomes of leased deliveries.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def EnqueueDeliveries(self, request, context):
-        """Creates the deliveries of task events for every endpoint of the task's tenant that wants them
-        (and the task's own webhook, from TaskSpec.webhook). Idempotent: one delivery per
-        (endpoint, event id), so a redelivered Kafka record creates nothing new.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetDeliveryBacklog(self, request, context):
-        """Size of the delivery backlog and disabled endpoints (the notifier's metrics).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-
-def add_DeliveryCoordinationServiceServicer_to_server(servicer, server):
-    rpc_method_handlers = {
-            'ClaimDeliveries': grpc.unary_unary_rpc_method_handler(
-                    servicer.ClaimDeliveries,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ClaimDeliveriesRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ClaimDeliveriesResponse.SerializeToString,
-            ),
-            'ReportDeliveries': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportDeliveries,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesResponse.SerializeToString,
-            ),
-            'EnqueueDeliveries': grpc.unary_unary_rpc_method_handler(
-                    servicer.EnqueueDeliveries,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesResponse.SerializeToString,
-            ),
-            'GetDeliveryBacklog': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetDeliveryBacklog,
-                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogRequest.FromString,
-                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogResponse.SerializeToString,
-            ),
-    }
-    generic_handler = grpc.method_handlers_generic_handler(
-            'conveyor.scheduler.v1.DeliveryCoordinationService', rpc_method_handlers)
-    server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('conveyor.scheduler.v1.DeliveryCoordinationService', rpc_method_handlers)
-
-
- # This class is part of an EXPERIMENTAL API.
-class DeliveryCoordinationService:
-    """Notifier-facing API: durable client webhook deliveries (the scheduler stores them; the notifier
-    leases due deliveries, sends them and reports the outcome).
-    """
-
-    @staticmethod
-    def ClaimDeliveries(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.DeliveryCoordinationService/ClaimDeliveries',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ClaimDeliveriesRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ClaimDeliveriesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportDeliveries(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.DeliveryCoordinationService/ReportDeliveries',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ReportDeliveriesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def EnqueueDeliveries(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.DeliveryCoordinationService/EnqueueDeliveries',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.EnqueueDeliveriesResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetDeliveryBacklog(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/conveyor.scheduler.v1.DeliveryCoordinationService/GetDeliveryBacklog',
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogRequest.SerializeToString,
-            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.GetDeliveryBacklogResponse.FromString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookDeliveriesRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListWebhookDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,
