@@ -33,7 +33,6 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_common.vocabulary import TIER_BY_NAME
 from conveyor_common.context import tenant_id_var
 from conveyor_common.errors import (
     FieldViolation,
@@ -44,6 +43,7 @@ from conveyor_common.errors import (
     RpcError,
     Unauthenticated,
 )
+from conveyor_common.vocabulary import TIER_BY_NAME
 from conveyor_gateway.jwks import JwksKeys
 
 logger = logging.getLogger(__name__)
