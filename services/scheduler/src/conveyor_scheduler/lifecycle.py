@@ -1,11 +1,9 @@
-"""State transitions after dispatch: provider results, the submit protocol, cancel, redrive, expiry
-and rescue. See ``docs/task-state-machine.md``.
+"""The task state machine's shared moves: finishing a task, cancel completion, retry or dead-letter.
 
-Each function works on task rows locked by the caller's transaction and records its effects in a
-:class:`~conveyor_scheduler.store.bulk.Changes`. Transitions are forward-only and fenced by ``attempt``:
-a result or call about another attempt than the task's current one changes nothing. A slot is freed
-only when the provider side of the attempt is terminal (succeeded, failed, canceled, aborted), or when
-no create was ever attempted for it (cancel before BeginSubmit).
+Used by the results path, the submit protocol, cancellation and the sweeps. Each function works on a
+task row locked by the caller's transaction and records its effects in a
+:class:`~conveyor_scheduler.store.changes.Changes`. Retries back off exponentially with jitter and a
+cap (:class:`Backoff`), or by the task's own retry policy. See ``docs/task-state-machine.md``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
-"""The scheduler's use cases, each one unit of work (one transaction) on the engine.
+"""The submit batcher: concurrent submits share one pipelined transaction (group commit).
 
-The gRPC servicers, the results consumer, the tests and the benchmark all go through this class, so
-they exercise the same code paths. After a commit that may let the leader act (a submit, a freed
-slot, a cancel, a redrive, a resume), it pokes the leader (in process or by a coalesced NOTIFY).
+SubmitTask calls that arrive together are decided in one ``submit_group`` transaction on one
+connection, each item alone (its own admission answer), and every caller gets its own outcome. A
+failed flush hands its error to each waiting caller, never to the event loop.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Every query of the scheduler except the dispatcher's and the relay's (see those modules).
+"""One pipelined transaction for a group of submits (a gateway's coalesced SubmitTaskGroup or a batch).
 
-Functions take an ``AsyncConnection`` inside a transaction opened by the caller (the unit of work is
-opened at the servicer, consumer or loop boundary) and never commit themselves. Writers lock task rows
-first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one queue-counter shard, so they
-cannot deadlock with each other.
+A common group takes three statements: the idempotency keys with the queue total, then the tenant
+locks with admission, then tasks, events, outbox rows and the counter in one ``unnest`` INSERT, where
+a value shared by every row is sent once. Each item is decided alone and answered with the exact
+status a lone SubmitTask would get.
 """
 
 from __future__ import annotations

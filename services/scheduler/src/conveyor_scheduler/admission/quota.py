@@ -1,9 +1,9 @@
-"""Every query of the scheduler except the dispatcher's and the relay's (see those modules).
+"""Admission control: queue capacity, per-tenant caps, submit rate and fair share.
 
-Functions take an ``AsyncConnection`` inside a transaction opened by the caller (the unit of work is
-opened at the servicer, consumer or loop boundary) and never commit themselves. Writers lock task rows
-first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one queue-counter shard, so they
-cannot deadlock with each other.
+A tenant row is locked (sorted, after task rows) and its counters checked and bumped in one
+statement; a refusal names the violated quota (RESOURCE_EXHAUSTED with QuotaFailure and RetryInfo).
+Fair share: when the queue is nearly full, a tenant below its share of the room is never refused
+because another tenant flooded it. A same-tenant race is decided again inside the transaction.
 """
 
 from __future__ import annotations

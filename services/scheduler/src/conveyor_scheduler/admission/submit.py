@@ -1,9 +1,7 @@
-"""Every query of the scheduler except the dispatcher's and the relay's (see those modules).
+"""A single submit: idempotency by request id, admission, the new task row, its SUBMITTED event.
 
-Functions take an ``AsyncConnection`` inside a transaction opened by the caller (the unit of work is
-opened at the servicer, consumer or loop boundary) and never commit themselves. Writers lock task rows
-first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one queue-counter shard, so they
-cannot deadlock with each other.
+Writers lock task rows first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one
+queue-counter shard, so they cannot deadlock with each other.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
-"""gRPC servicers: SchedulerService (gateway-facing) and ProviderCoordinationService (adapter-facing).
+"""Defensive validation of submits at the scheduler (the gateway validates in full).
 
-Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
-like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is
-defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
-The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` mixin (it reads
-``self.sessionmaker``).
+The bounds are the shared ceilings of ``conveyor_common.limits``, never stricter than what the
+gateway may be configured to accept; the attempts cap is the scheduler's own policy.
 """
 
 from __future__ import annotations

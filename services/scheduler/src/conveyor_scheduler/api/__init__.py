@@ -1,0 +1,1 @@
+"""The scheduler's gRPC surface: SchedulerService (gateway-facing) and ProviderCoordinationService (adapter-facing)."""

@@ -1,10 +1,5 @@
-"""gRPC servicers: SchedulerService (gateway-facing) and ProviderCoordinationService (adapter-facing).
-
-Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
-like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is
-defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
-The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` mixin (it reads
-``self.sessionmaker``).
+"""ProviderCoordinationService: the provider adapter's calls around each prediction create, checked and
+handed to :mod:`conveyor_scheduler.results.submit_protocol`.
 """
 
 from __future__ import annotations

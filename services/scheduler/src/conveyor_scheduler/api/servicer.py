@@ -1,4 +1,4 @@
-"""gRPC servicers: SchedulerService (gateway-facing) and ProviderCoordinationService (adapter-facing).
+"""SchedulerService (gateway-facing).
 
 Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
 like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is

@@ -1,9 +1,8 @@
-"""Every query of the scheduler except the dispatcher's and the relay's (see those modules).
+"""Cancellation and redrive: a single cancel, bulk cancel and redrive over a selector.
 
-Functions take an ``AsyncConnection`` inside a transaction opened by the caller (the unit of work is
-opened at the servicer, consumer or loop boundary) and never commit themselves. Writers lock task rows
-first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one queue-counter shard, so they
-cannot deadlock with each other.
+A queued task is canceled at once and its slot freed; a dispatched or running one is marked
+cancel-requested and the cancel reaches the provider (the adapter cancels the prediction; BeginSubmit
+answers STOP if no create happened yet).
 """
 
 from __future__ import annotations

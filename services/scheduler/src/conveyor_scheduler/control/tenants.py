@@ -1,10 +1,4 @@
-"""Every query of the scheduler except the dispatcher's and the relay's (see those modules).
-
-Functions take an ``AsyncConnection`` inside a transaction opened by the caller (the unit of work is
-opened at the servicer, consumer or loop boundary) and never commit themselves. Writers lock task rows
-first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one queue-counter shard, so they
-cannot deadlock with each other.
-"""
+"""Tenants (tier, limits, weight), paused models and the provider throttle (429 back-off) rows."""
 
 from __future__ import annotations
 

@@ -1,19 +1,6 @@
-"""The leader: election, the dispatch cycle, and the leader's sweeps.
+"""The dispatch cycle: free capacity, candidates by rank, a fair merge, one dispatch transaction.
 
-**Election, lease and fencing.** A replica becomes leader by taking a session-level
-``pg_try_advisory_lock`` on ONE dedicated connection (its own engine, no pool), and every dispatch
-transaction runs on that same connection. Only the leader inserts ``active_slots`` rows, so concurrent
-changes seen by a dispatch can only free capacity; a leader that lost its session lost the lock with
-it and cannot commit anything any more. Followers retry every ``leader_retry_seconds``.
-
-The lock is a lease: the leader's session is opened with ``idle_session_timeout`` and
-``idle_in_transaction_session_timeout`` at ``leader_lease_seconds``, and a live leader touches it at
-least every third of that (dispatch cycles, else a heartbeat). A leader that is frozen (SIGSTOP, a
-long GC pause, a VM stall) or cut off keeps its TCP session but goes silent, so PostgreSQL ends the
-session, the lock is free and a follower takes over within the lease plus one retry. Writes the
-leader makes on other connections (the sweeps) are fenced the same way: they check in their own
-transaction that the lock is still held by the leader's backend (``fence_any``), and every scheduler
-transaction idle for a lease is aborted by the server, so a zombie that resumes commits nothing.
+Runs on the leader only, on the leader's own connection (see :mod:`.leadership`).
 
 **Dispatch cycle** (event-driven: NOTIFY and in-process wake-ups, with a polling backstop):
 

@@ -1,11 +1,10 @@
-"""State transitions after dispatch: provider results, the submit protocol, cancel, redrive, expiry
-and rescue. See ``docs/task-state-machine.md``.
+"""Provider results applied to tasks: started, progress, succeeded, failed, canceled, throttled.
 
 Each function works on task rows locked by the caller's transaction and records its effects in a
-:class:`~conveyor_scheduler.store.bulk.Changes`. Transitions are forward-only and fenced by ``attempt``:
-a result or call about another attempt than the task's current one changes nothing. A slot is freed
-only when the provider side of the attempt is terminal (succeeded, failed, canceled, aborted), or when
-no create was ever attempted for it (cancel before BeginSubmit).
+:class:`~conveyor_scheduler.store.changes.Changes`. Transitions are forward-only and fenced by
+``attempt``: a result about another attempt than the task's current one changes nothing. Each record
+is applied once (the inbox table). A slot is freed only when the provider side of the attempt is
+terminal (succeeded, failed, canceled, aborted). See ``docs/task-state-machine.md``.
 """
 
 from __future__ import annotations

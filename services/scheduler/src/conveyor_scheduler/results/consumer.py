@@ -1,9 +1,5 @@
-"""Wiring: one scheduler replica (gRPC server, results consumer, leader loops, relay, wake-ups).
-
-``SchedulerApp`` is used by ``python -m conveyor_scheduler`` and by tests that run several in-process
-replicas (each with its own engines and leader loops). Shutdown order (phases of
-conveyor_common.lifecycle): health off -> stop gRPC -> stop the consumer -> stop the leader loops and
-the relay -> flush the producer -> dispose the engines -> stop /metrics.
+"""The results consumer: Kafka ``provider-results`` records, applied in batches (one transaction per
+batch), committed after the transaction.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
-"""Writing task events and Kafka records in the transaction of the state change (outbox).
+"""Batched SQL: new task rows, events, outbox records and slots written in a few statements.
 
-:class:`Changes` collects, within one transaction, the task rows that changed, their new events, the
-outbox records, the waiting-counter deltas and the slots to free; :meth:`Changes.flush` writes them
-with a few batched statements. Every state change of a task goes through :meth:`Changes.event`, which
-bumps the task's ``last_sequence`` (under the row lock held by the caller), so sequences have no gaps.
+``unnest`` INSERTs with one array per column (a value shared by every row is sent once), raw psycopg
+statements in pipeline mode for the hot paths, and cached statement texts per shape.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Writing task events and Kafka records in the transaction of the state change (outbox).
+"""The unit of work of a state change: task rows, their events and outbox records in one transaction.
 
 :class:`Changes` collects, within one transaction, the task rows that changed, their new events, the
 outbox records, the waiting-counter deltas and the slots to free; :meth:`Changes.flush` writes them

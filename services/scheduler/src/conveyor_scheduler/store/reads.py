@@ -1,9 +1,7 @@
-"""Every query of the scheduler except the dispatcher's and the relay's (see those modules).
+"""Reads of tasks and their events: one task, a locked set, a tenant's list with cursors, the event
+history after a sequence, the queue position and the recent run time.
 
-Functions take an ``AsyncConnection`` inside a transaction opened by the caller (the unit of work is
-opened at the servicer, consumer or loop boundary) and never commit themselves. Writers lock task rows
-first (``FOR UPDATE``, in id order), then tenant rows (sorted), then one queue-counter shard, so they
-cannot deadlock with each other.
+Functions take an ``AsyncConnection`` inside a transaction opened by the caller and never commit.
 """
 
 from __future__ import annotations

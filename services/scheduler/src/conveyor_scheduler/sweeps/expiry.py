@@ -1,11 +1,5 @@
-"""State transitions after dispatch: provider results, the submit protocol, cancel, redrive, expiry
-and rescue. See ``docs/task-state-machine.md``.
-
-Each function works on task rows locked by the caller's transaction and records its effects in a
-:class:`~conveyor_scheduler.store.bulk.Changes`. Transitions are forward-only and fenced by ``attempt``:
-a result or call about another attempt than the task's current one changes nothing. A slot is freed
-only when the provider side of the attempt is terminal (succeeded, failed, canceled, aborted), or when
-no create was ever attempted for it (cancel before BeginSubmit).
+"""Fast sweeps: queue deadlines that passed (EXPIRED) and dispatches no adapter picked up in time
+(re-published, same attempt, so the adapter's submit protocol keeps it to one prediction).
 """
 
 from __future__ import annotations
