@@ -23,3 +23,5 @@ def pytest_configure(config: pytest.Config) -> None:
     # Plugin autoloading can be turned off (PYTEST_DISABLE_PLUGIN_AUTOLOAD=1): load it by hand.
     if not config.pluginmanager.has_plugin("conveyor_devstack"):
         config.pluginmanager.import_plugin("conveyor_devstack.pytest_plugin")
+    # Fixtures shared by the scheduler's integration test modules.
+    config.pluginmanager.import_plugin("tests.integration.scheduler_env")

@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
 from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as delivery_grpc
-from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError
 from conveyor_common.grpc_server import ServiceBinding
@@ -244,5 +243,5 @@ def binding(
     return ServiceBinding(
         add=delivery_grpc.add_DeliveryCoordinationServiceServicer_to_server,
         servicer=DeliveryCoordinationServicer(sessionmaker, policy),
-        full_name=pb.DESCRIPTOR.services_by_name["DeliveryCoordinationService"].full_name,
+        full_name=delivery_pb2.DESCRIPTOR.services_by_name["DeliveryCoordinationService"].full_name,
     )

@@ -1,4 +1,6 @@
-"""The outbox's hand-assembled TaskStateChanged bytes equal protobuf's own serialization."""
+"""conveyor_scheduler.store.changes: the outbox's hand-assembled TaskStateChanged bytes equal
+protobuf's own serialization.
+"""
 
 from __future__ import annotations
 

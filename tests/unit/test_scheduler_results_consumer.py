@@ -1,4 +1,6 @@
-"""The results micro-batcher: concurrent results share one transaction; a failing one is isolated."""
+"""conveyor_scheduler.results.consumer's micro-batcher: concurrent results share one transaction; a
+failing one is isolated.
+"""
 
 from __future__ import annotations
 

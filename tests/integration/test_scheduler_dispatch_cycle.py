@@ -1,0 +1,196 @@
+"""conveyor_scheduler.dispatch.cycle on real PostgreSQL (cycles driven by hand): limits, paused models,
+throttles, aging, fair share and slot costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+from conveyor.tasks.v1 import task_pb2
+from conveyor_scheduler import testing as kit
+from conveyor_scheduler.store import models
+from tests.integration.scheduler_env import Env, drain
+
+
+async def test_dispatch_respects_limits_and_results_free_slots(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await make_env(lead=True, global_concurrency=5)
+    for tenant in ("a", "b"):
+        await env.core.submit(tenant, 1, [kit.item() for _ in range(5)])
+    await env.core.submit("v", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO) for _ in range(3)])
+    n = await env.dispatch()
+    assert 1 <= n <= 5
+    maxima = await env.check()
+    assert maxima["global"] <= 5
+    assert maxima["tenant"] <= 3
+    assert await env.dispatch() == 0  # saturated
+    active = await env.rows("SELECT id, attempt FROM tasks WHERE status = 2 ORDER BY id")
+    # One DispatchTask and one DISPATCHED event per dispatched task, keyed by task id.
+    cmds = await env.scalar(
+        "SELECT count(*) FROM outbox WHERE topic = 'conveyor.provider.v1.commands'"
+        " AND ce_type = 'conveyor.events.v1.DispatchTask'"
+    )
+    assert cmds == len(active)
+    first = active[0]
+    await env.core.apply_results([kit.result(first.id, first.attempt, "started")])
+    dup = kit.result(first.id, first.attempt, "progress", percent=40)
+    await env.core.apply_results([dup])
+    await env.core.apply_results([dup])  # redelivery: the inbox absorbs it
+    stale = kit.result(first.id, first.attempt + 1, "succeeded")
+    await env.core.apply_results([stale])  # another attempt's: ignored
+    row = await env.task(first.id)
+    assert row["status"] == models.RUNNING
+    assert row["progress"] == 40
+    assert row["last_sequence"] == 4  # submitted, dispatched, started, progress
+    await env.core.apply_results([kit.result(first.id, first.attempt, "succeeded")])
+    row = await env.task(first.id)
+    assert row["status"] == models.SUCCEEDED
+    assert row["progress"] == 100
+    assert await env.scalar("SELECT count(*) FROM active_slots WHERE task_id = :t", t=first.id) == 0
+    assert await env.dispatch() >= 1  # the freed slot is used again
+    await env.check()
+    # Drain everything: all end succeeded, limits held throughout.
+    for _ in range(100):
+        rows = await env.rows("SELECT id, attempt FROM tasks WHERE status IN (2, 3)")
+        if not rows and await env.scalar("SELECT count(*) FROM tasks WHERE status = 1") == 0:
+            break
+        await env.core.apply_results([kit.result(r.id, r.attempt, "succeeded") for r in rows])
+        await env.dispatch()
+        await env.check()
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0
+
+
+async def test_model_pause_kind_limit_and_throttle(make_env: Callable[..., Awaitable[Env]]) -> None:
+    env = await make_env(lead=True, global_concurrency=10, kind_limits={"video": 2})
+    await env.core.submit(
+        "a", 3, [kit.item(kind=task_pb2.TASK_KIND_VIDEO, model="acme/vid") for _ in range(3)]
+    )
+    await env.core.submit("b", 3, [kit.item(model="acme/paused") for _ in range(2)])
+    await env.core.set_model_paused("acme/paused", True, "maintenance")
+    assert await env.dispatch() == 1  # one video (cost 2) fills the video limit of 2
+    assert (
+        await env.scalar("SELECT count(*) FROM tasks WHERE model = 'acme/paused' AND status = 1")
+        == 2
+    )
+    await env.core.set_model_paused("acme/paused", False, None)
+    # Throttle: the provider is paused until retry_at; dispatch resumes afterwards.
+    vid = (await env.rows("SELECT id, attempt FROM tasks WHERE status = 2"))[0]
+    until = datetime.now(UTC) + timedelta(seconds=1.0)
+    await env.core.apply_results([kit.result(vid.id, vid.attempt, "throttled", retry_at=until)])
+    assert await env.dispatch() == 0
+    assert env.dispatcher.next_wake is not None
+    await asyncio.sleep(1.1)
+    assert await env.dispatch() == 2  # the two unpaused image tasks
+    await env.check()
+
+
+async def test_aging_lets_an_old_low_task_go_first(make_env: Callable[..., Awaitable[Env]]) -> None:
+    # 60 class steps per minute = one class per second: a low task that waited 2.5 s outranks a
+    # normal task submitted now.
+    env = await make_env(lead=True, global_concurrency=1, aging_rate_per_minute=60.0)
+    [(low, _)] = await env.core.submit("a", 1, [kit.item(priority=task_pb2.PRIORITY_LOW)])
+    [(high, _)] = await env.core.submit("b", 1, [kit.item(priority=task_pb2.PRIORITY_HIGH)])
+    await asyncio.sleep(0.05)
+    assert await env.dispatch() == 1
+    assert (await env.task(high["id"]))["status"] == models.DISPATCHED  # fresh: class decides
+    await env.core.apply_results([kit.result(high["id"], 1, "succeeded")])
+    await asyncio.sleep(1.6)
+    [(normal, _)] = await env.core.submit("c", 1, [kit.item(priority=task_pb2.PRIORITY_NORMAL)])
+    assert await env.dispatch() == 1
+    assert (await env.task(low["id"]))["status"] == models.DISPATCHED
+    assert (await env.task(normal["id"]))["status"] == models.QUEUED
+
+
+async def test_fair_share_light_tenant_not_stuck_behind_flood(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await make_env(
+        lead=True,
+        global_concurrency=2,
+        tier_concurrency={"free": 2, "premium": 2, "pro": 2},
+        aging_rate_per_minute=0.0,
+    )
+    await env.core.submit("flood", 1, [kit.item() for _ in range(100)])
+    await env.core.submit("light", 1, [kit.item() for _ in range(5)])
+    order: list[str] = []
+    for _ in range(60):
+        await env.dispatch()
+        rows = await env.rows("SELECT id, attempt, tenant_id FROM tasks WHERE status = 2")
+        order += [r.tenant_id for r in rows]
+        await env.core.apply_results([kit.result(r.id, r.attempt, "succeeded") for r in rows])
+        if order.count("light") == 5:
+            break
+    # Equal weights: the light tenant's 5 tasks go out within the first ~10 dispatches, not after
+    # the flood's 100.
+    last_light = max(i for i, t in enumerate(order) if t == "light")
+    assert last_light < 12, order[:20]
+    await env.check()
+
+
+async def test_saturated_model_at_the_head_does_not_block_a_tenant(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await make_env(lead=True, global_concurrency=10, model_limits={"m/x": 1})
+    await env.core.submit(
+        "a", 1, [kit.item(model="m/x", priority=task_pb2.PRIORITY_HIGH) for _ in range(3)]
+    )
+    await env.core.submit("a", 1, [kit.item(model="m/y") for _ in range(3)])
+    assert await env.dispatch() == 1  # one m/x: the model limit
+    assert await env.dispatch() == 2  # the tenant's m/y tasks behind it go next (tenant limit 3)
+    assert await env.dispatch() == 0
+    rows = await env.rows("SELECT model, count(*) AS n FROM tasks WHERE status = 2 GROUP BY model")
+    assert {r.model: r.n for r in rows} == {"m/x": 1, "m/y": 2}
+    # The m/x slot frees: the next m/x task goes out (the cache is re-read for it).
+    [x] = await env.rows("SELECT id, attempt FROM tasks WHERE status = 2 AND model = 'm/x'")
+    await env.core.apply_results([kit.result(x.id, x.attempt, "succeeded")])
+    assert await env.dispatch() == 1
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status = 2 AND model = 'm/x'") == 1
+    await env.check()
+
+
+async def test_task_costlier_than_its_tenant_limit_runs_alone_and_blocks_nothing(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await make_env(lead=True, global_concurrency=5)
+    await env.core.upsert_tenant("a", 0, task_pb2.TenantLimits(max_concurrency=1))
+    [(video, _)] = await env.core.submit("a", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO)])
+    images = await env.core.submit("a", 1, [kit.item() for _ in range(3)])
+    assert video["slot_cost"] == 2  # the nominal cost stays; the clamp happens at dispatch
+    assert await env.dispatch() == 1
+    [slot] = await env.rows("SELECT task_id, cost FROM active_slots")
+    assert (slot.task_id, slot.cost) == (video["id"], 1)  # clamped to the tenant's limit of 1
+    assert await env.dispatch() == 0  # the tenant's limit holds
+    order = await drain(env)
+    assert [t for t, _ in order] == [video["id"]] + [r["id"] for r, _ in images]
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0
+
+
+async def test_tenant_limit_lowered_below_a_queued_cost_later(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await make_env(lead=True, global_concurrency=5)
+    [(video, _)] = await env.core.submit("b", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO)])
+    images = await env.core.submit("b", 1, [kit.item() for _ in range(2)])
+    # Lowered after submit (the free tier's 3 down to 1): the queued video still goes, alone.
+    await env.core.upsert_tenant("b", 0, task_pb2.TenantLimits(max_concurrency=1))
+    order = await drain(env)
+    assert order == [(video["id"], 1)] + [(r["id"], 1) for r, _ in images]
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0
+
+
+async def test_kind_limit_below_the_kind_cost_still_dispatches(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    # A video costs 2 but the video kind's limit is 1: videos run one at a time, images alongside.
+    env = await make_env(lead=True, global_concurrency=5, kind_limits={"video": 1})
+    await env.core.submit("k", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO) for _ in range(2)])
+    await env.core.submit("k", 1, [kit.item() for _ in range(2)])
+    assert await env.dispatch() == 2  # one video (cost 1 now) and an image (read: 3 by rank)
+    assert await env.dispatch() == 1  # the other image, past the second video (kind full)
+    assert await env.scalar("SELECT sum(cost) FROM active_slots WHERE kind = 1") == 1
+    order = await drain(env)
+    assert len(order) == 4
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0
