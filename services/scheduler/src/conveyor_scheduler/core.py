@@ -41,6 +41,7 @@ from conveyor_scheduler.results.submit_protocol import (
 )
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store import stats
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow, task_proto
 from conveyor_scheduler.store.reads import (
@@ -227,7 +228,6 @@ class SchedulerCore:
         cached = self._stats.entries.get(key)
         if cached is not None and time.monotonic() - cached[0] < self.settings.stats_cache_seconds:
             return cached[1]
-        from conveyor_scheduler.store import stats
 
         async with self.engine.connect() as conn:
             value = await stats.queue_stats(conn, kind, model, utcnow(), tenant_id)

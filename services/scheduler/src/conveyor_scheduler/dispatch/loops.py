@@ -19,6 +19,7 @@ from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.sweeps import maintenance
 from conveyor_scheduler.sweeps.expiry import expire_due, rescue_dispatches
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,6 @@ class LeaderLoops:
 
     async def slow_sweep(self) -> None:
         """Gauges, retention and the counter reconcile (less often)."""
-        from conveyor_scheduler.sweeps import maintenance
 
         await maintenance.refresh_gauges(self.engine, self.policy, self.metrics)
         await maintenance.retention(self.engine, self.settings)

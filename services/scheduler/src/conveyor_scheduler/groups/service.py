@@ -18,6 +18,7 @@ from conveyor.scheduler.v1 import group_service_pb2_grpc as gpb_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2 as spb
 from conveyor.tasks.v1 import group_pb2, group_service_pb2
 from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError
+from conveyor_scheduler.admission.validation import validate_item
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.groups import store
@@ -214,7 +215,6 @@ def validate_group(
     request: group_service_pb2.CreateGroupRequest, max_children: int, max_attempts_cap: int
 ) -> list[FieldViolation]:
     """Defensive checks of a CreateGroup (the gateway does the full validation)."""
-    from conveyor_scheduler.admission.validation import validate_item
 
     v: list[FieldViolation] = []
     rid = request.request_id

@@ -27,6 +27,7 @@ from conveyor_common.errors import FailedPrecondition, FieldViolation, InvalidAr
 from conveyor_common.ids import uuid7
 from conveyor_common.vocabulary import EV_SUBMITTED
 from conveyor_scheduler.admission.submit import NewTask, fingerprint, new_task_row, submit
+from conveyor_scheduler.control.cancel import apply_cancel
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.groups.delays import CHILDREN, ChildContext
 from conveyor_scheduler.groups.models import (
@@ -664,7 +665,6 @@ async def cancel_children(conn: AsyncConnection, gid: uuid.UUID, now: datetime) 
     own cancel (a running child's cancel reaches the provider), then clear ``cancel_pending``.
 
     Lock order: the children first (id order), then the group (by the flush's hook)."""
-    from conveyor_scheduler.control.cancel import apply_cancel
 
     ids = [
         r[0]
