@@ -100,11 +100,12 @@ def test_poke_marks_capacity_only_when_it_may_have_grown() -> None:
     assert (w.candidates_stale, w.capacity_changed) == (False, True)
 
 
-async def test_notifier_announces_new_work_lazily_and_freed_capacity_at_once(
+async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
     database_url: str,
 ) -> None:
-    """A burst of submit pokes on a non-leader makes ONE 'work' NOTIFY after the work window; a
-    freed slot is announced within the short window, ahead of it."""
+    """After a quiet period a submit poke on a non-leader is announced at once; the rest of a burst
+    makes ONE more 'work' NOTIFY after the work window; a freed slot is announced within the short
+    window, ahead of it."""
     import psycopg
 
     from conveyor_scheduler.dispatch.wakeups import CHANNEL, WorkAnnouncer
@@ -115,33 +116,44 @@ async def test_notifier_announces_new_work_lazily_and_freed_capacity_at_once(
     announcer = WorkAnnouncer(engine, 0.002, 0.3)
     listen = await psycopg.AsyncConnection.connect(to_libpq_url(database_url), autocommit=True)
     got: list[tuple[float, str]] = []
+    arrived = asyncio.Event()
 
     async def collect() -> None:
         async for note in listen.notifies():
-            got.append((time.monotonic(), note.payload))  # noqa: PERF401 (appended live)
+            got.append((time.monotonic(), note.payload))
+            arrived.set()
+
+    async def next_notify() -> None:
+        arrived.clear()
+        await asyncio.wait_for(arrived.wait(), 2.0)
 
     try:
         await listen.execute(f"LISTEN {CHANNEL}")
         collector = asyncio.create_task(collect())
         announcer.start()
         started = time.monotonic()
+        announcer.request(new_work=True, frees=False)
+        await next_notify()
+        assert [p for _, p in got] == ["work"]
+        assert got[0][0] - started < 0.2  # a lone submit does not wait for the work window
         for _ in range(50):
             announcer.request(new_work=True, frees=False)
             await asyncio.sleep(0.002)
-        await asyncio.sleep(0.5)
-        assert [p for _, p in got] == ["work"]
-        assert got[0][0] - started >= 0.25  # waited for more work
+        await next_notify()
+        assert [p for _, p in got] == ["work", "work"]  # the whole burst: one more NOTIFY
+        assert got[1][0] - got[0][0] >= 0.25  # ... after the work window
+        await asyncio.sleep(0.35)  # quiet again: the next lone submit goes at once
         got.clear()
         started = time.monotonic()
         announcer.request(new_work=True, frees=False)
+        await next_notify()
+        assert got[0][0] - started < 0.2
+        announcer.request(new_work=True, frees=False)  # inside the window: it would wait...
         await asyncio.sleep(0.01)
-        announcer.request(new_work=False, frees=True)
-        for _ in range(100):
-            if got:
-                break
-            await asyncio.sleep(0.005)
-        assert [p for _, p in got] == ["work+slot"]
-        assert got[0][0] - started < 0.2  # the freed slot did not wait for the work window
+        announcer.request(new_work=False, frees=True)  # ...but a freed slot goes at once
+        await next_notify()
+        assert [p for _, p in got] == ["work", "work+slot"]
+        assert got[1][0] - got[0][0] < 0.2  # the freed slot did not wait for the work window
         collector.cancel()
     finally:
         await announcer.stop()

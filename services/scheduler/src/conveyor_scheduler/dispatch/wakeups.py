@@ -2,8 +2,8 @@
 
 A commit that may let the leader do something (a submit, a freed slot, a resume, a throttle's end, a
 new outbox row) calls :meth:`Wakeups.poke`. On the leader's own replica that sets in-process events;
-on the others it asks the :class:`WorkAnnouncer` to send one ``pg_notify`` after the commit, coalesced over
-a few milliseconds and never inside the hot transaction (a pending NOTIFY takes a global lock at
+on the others it asks the :class:`WorkAnnouncer` to send one ``pg_notify`` after the commit (at once
+after a quiet period, else coalesced over a window) and never inside the hot transaction (a pending NOTIFY takes a global lock at
 commit). NOTIFY is only a latency hint: the loops also poll, so a lost notification costs at most one
 poll interval.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 
 import psycopg
 from sqlalchemy import text
@@ -85,6 +87,7 @@ class WorkAnnouncer:
         self._new_work = False
         self._frees = False
         self._task: asyncio.Task[None] | None = None
+        self._last_sent = -math.inf
 
     def request(self, *, new_work: bool = True, frees: bool = True) -> None:
         """Ask for one NOTIFY soon."""
@@ -108,12 +111,14 @@ class WorkAnnouncer:
     async def _run(self) -> None:
         while True:
             await self._pending.wait()
-            # Freed capacity is announced within `coalesce`; new work alone waits up to
-            # `work_coalesce`: submits to a non-leader arrive continuously, and a NOTIFY per few
-            # milliseconds would cost a transaction each (and the leader is often saturated).
-            if not self._urgent.is_set():
+            # Freed capacity is announced within `coalesce`. New work alone is announced at once
+            # after a quiet period (a lone submit reaches the leader without a fixed wait), and at
+            # most once per `work_coalesce` while submits keep coming: submits to a non-leader
+            # arrive continuously, and a NOTIFY per few milliseconds would cost a transaction each.
+            quiet = time.monotonic() - self._last_sent
+            if not self._urgent.is_set() and quiet < self.work_coalesce:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), self.work_coalesce)
+                    await asyncio.wait_for(self._urgent.wait(), self.work_coalesce - quiet)
             await asyncio.sleep(self.coalesce)
             self._pending.clear()
             self._urgent.clear()
@@ -124,6 +129,7 @@ class WorkAnnouncer:
                     await conn.execute(
                         text("SELECT pg_notify(:c, :p)"), {"c": CHANNEL, "p": payload}
                     )
+                self._last_sent = time.monotonic()
             except Exception:
                 logger.warning("notify failed", extra={"action": "notify_failed"}, exc_info=True)
                 await asyncio.sleep(0.5)
