@@ -35,6 +35,7 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
 from conveyor_client import ConveyorError
+from conveyor_common import limits
 from conveyor_gateway.testing import Stack, metadata, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -196,7 +197,16 @@ CASES: dict[str, Case] = {
     ),
     # SubmitTask: ranges
     "priority_unknown": Case(S, lambda: submit(priority=42), INVALID, "spec.priority"),
-    "max_attempts_too_many": Case(S, lambda: submit(max_attempts=11), INVALID, "spec.max_attempts"),
+    "max_attempts_over_the_ceiling": Case(
+        S,
+        lambda: submit(max_attempts=limits.MAX_ATTEMPTS_CEILING + 1),
+        INVALID,
+        "spec.max_attempts",
+    ),
+    # Over the scheduler's SCHEDULER_MAX_ATTEMPTS_CAP (10 here): refused by the scheduler, relayed.
+    "max_attempts_over_the_cap": Case(
+        S, lambda: submit(max_attempts=11), INVALID, "spec.max_attempts"
+    ),
     "max_attempts_negative": Case(S, lambda: submit(max_attempts=-1), INVALID, "spec.max_attempts"),
     "run_timeout_too_short": Case(
         S, lambda: mutate(submit(), _run_timeout(0.5)), INVALID, "spec.run_timeout"
@@ -411,7 +421,7 @@ async def test_bad_request(stack: Stack, name: str) -> None:
 
 
 async def test_many_bad_fields_are_all_named(stack: Stack) -> None:
-    req = submit(request_id="", kind=0, priority=9, max_attempts=99, model="x")
+    req = submit(request_id="", kind=0, priority=9, max_attempts=1000, model="x")
     mutate(req, _webhook("http://127.0.0.1/"))
     async with grpc.aio.insecure_channel(stack.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as exc:

@@ -73,7 +73,7 @@ async def test_submit_task_group_decides_each_item_alone(stubs: Any, app: Schedu
     assert details["RetryInfo"].retry_delay.seconds >= 1
     code, details = status(invalid)
     assert code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert [v.field for v in details["BadRequest"].field_violations] == ["request.spec.target"]
+    assert [v.field for v in details["BadRequest"].field_violations] == ["spec.target"]
     # FIFO within the tenant: the group's items are enqueued in request order.
     assert new1.response.task.created_at.ToDatetime() <= new2.response.task.created_at.ToDatetime()
     async with app.engine.connect() as conn:

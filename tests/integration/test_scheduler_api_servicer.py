@@ -112,7 +112,7 @@ async def test_errors_have_details_and_write_nothing(stubs: Any) -> None:
         await sched.SubmitTask(bad)
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     fields = {v.field for v in details(exc.value)["BadRequest"].field_violations}
-    assert {"request.request_id", "request.spec.kind", "request.spec.target"} <= fields
+    assert {"request_id", "spec.kind", "spec.target"} <= fields
 
     own = await sched.SubmitTask(submit_request(f"own-{uuid.uuid4()}"))
     for principal, task_id in ((OTHER, own.response.task.task_id), (TENANT, str(uuid.uuid4()))):

@@ -194,3 +194,41 @@ async def test_kind_limit_below_the_kind_cost_still_dispatches(
     order = await drain(env)
     assert len(order) == 4
     assert await env.scalar("SELECT count(*) FROM tasks WHERE status <> 4") == 0
+
+
+async def test_dispatch_stops_at_the_window_and_an_urgent_task_goes_next(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """At most ``dispatch_window`` commands wait for an adapter: a backlog of one tenant is not
+    dispatched ahead of an urgent task of another submitted later (#13: priority at the provider)."""
+    env = await make_env(
+        lead=True,
+        dispatch_window=3,
+        global_concurrency=100,
+        tier_concurrency={"free": 100, "premium": 100, "pro": 100},
+    )
+    await env.core.submit("bulk", 1, [kit.item(prompt=f"p{i}") for i in range(10)])
+    assert await env.dispatch() == 3
+    assert await env.dispatch() == 0  # the window is full: nothing more goes to Kafka
+    [(urgent, _)] = await env.core.submit("calm", 1, [kit.item(priority=task_pb2.PRIORITY_URGENT)])
+    assert await env.dispatch() == 0
+    first = (await env.rows("SELECT id, attempt FROM tasks WHERE status = 2 LIMIT 1"))[0]
+    decision, _ = await env.core.begin_submit(str(first.id), first.attempt)
+    assert decision == 1  # PROCEED: the command left the window
+    assert await env.dispatch() == 1
+    assert (await env.task(urgent["id"]))["status"] == models.DISPATCHED
+    assert await env.scalar("SELECT count(*) FROM tasks WHERE status = 2 AND submit_state = 1") == 3
+    await env.check()
+
+
+async def test_a_zero_window_does_not_bound_dispatch(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    env = await make_env(
+        lead=True,
+        dispatch_window=0,
+        global_concurrency=100,
+        tier_concurrency={"free": 100, "premium": 100, "pro": 100},
+    )
+    await env.core.submit("bulk", 1, [kit.item(prompt=f"p{i}") for i in range(10)])
+    assert await env.dispatch() == 10

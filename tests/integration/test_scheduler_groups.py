@@ -281,7 +281,11 @@ async def test_delayed_tasks_are_dispatched_on_time_by_the_leader_loop(sched_url
     """500 delayed tasks due over 5 s, the real leader loop (event-driven wake-ups and the
     earliest-not_before wake), capacity ample: lateness from the scheduler's dispatched_at."""
     settings = kit.make_settings(
-        sched_url, global_concurrency=1000, dispatch_poll_seconds=1.0, candidate_cache_seconds=5.0
+        sched_url,
+        global_concurrency=1000,
+        dispatch_poll_seconds=1.0,
+        candidate_cache_seconds=5.0,
+        dispatch_window=0,  # no adapter takes the commands up here
     )
     engine = db.create_engine(sched_url, pool_size=4)
     await kit.reset(engine)

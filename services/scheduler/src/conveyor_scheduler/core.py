@@ -22,7 +22,13 @@ from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common import tracing
 from conveyor_common.errors import ResourceExhausted
-from conveyor_common.vocabulary import EV_DEAD_LETTERED, EV_REDRIVEN, EV_RETRY, EV_SUBMITTED
+from conveyor_common.vocabulary import (
+    EV_DEAD_LETTERED,
+    EV_REDRIVEN,
+    EV_RETRY,
+    EV_SUBMITTED,
+    PROCEED,
+)
 from conveyor_scheduler.admission.batcher import SubmitBatcher, pipelined
 from conveyor_scheduler.admission.submit import NewTask, SubmitRequest, submit
 from conveyor_scheduler.clock import utcnow
@@ -274,6 +280,8 @@ class SchedulerCore:
             decision, row, changes = await begin_submit(conn, task_id, attempt, utcnow())
         if changes.free_slots:
             self._after(changes)
+        elif decision == PROCEED and self.settings.dispatch_window:
+            self.wakeups.poke(new_work=False, frees=True)  # a command left the dispatch window
         return decision, row
 
     async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:

@@ -135,6 +135,10 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
     dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)
     """Most tasks dispatched in one transaction."""
+    dispatch_window: int = Field(default=256, ge=0, le=100_000)
+    """Most tasks dispatched but not yet taken up by an adapter (BeginSubmit) at once; 0 = no bound.
+    Keeps the Kafka command queue short, so priority and fair share hold at the provider rather
+    than only at dispatch: size it to the creates all adapters run at once."""
     candidate_cache_seconds: float = Field(default=5.0, ge=0)
     """Longest the dispatcher reuses its per-tenant candidate cache between full reads while busy
     (new work, retries and the idle poll invalidate it sooner)."""

@@ -3,6 +3,8 @@
 Every task call is scoped to ``principal.tenant_id``; another tenant's task answers NOT_FOUND exactly
 like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise). Validation here is
 defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
+Field paths are relative to the public request (``spec.max_attempts``), so the gateway relays them
+as they are.
 The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` mixin (it reads
 ``self.sessionmaker``).
 """
@@ -117,10 +119,8 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         """One single submit (group commit with concurrent ones); raises its own refusal."""
         tenant = _tenant(request.principal)
         r = request.request
-        violations = validate_item(
-            "request.", r.request_id, r.spec, self.core.settings.max_attempts_cap
-        )
-        violations += await webhook_url_violations([("request.", r.spec)], self._policy())
+        violations = validate_item("", r.request_id, r.spec, self.core.settings.max_attempts_cap)
+        violations += await webhook_url_violations([("", r.spec)], self._policy())
         if violations:
             raise InvalidArgument(violations)
         row, dedup = await self.core.submit_one(
@@ -149,7 +149,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         hooked = [i for i, it in enumerate(items) if it.request.spec.HasField("webhook")]
         url_checks = await asyncio.gather(
             *(
-                webhook_url_violations([("request.", items[i].request.spec)], self._policy())
+                webhook_url_violations([("", items[i].request.spec)], self._policy())
                 for i in hooked
             ),
             return_exceptions=True,
@@ -161,7 +161,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
             try:
                 tenant = _tenant(item.principal)
                 r = item.request
-                violations = validate_item("request.", r.request_id, r.spec, cap)
+                violations = validate_item("", r.request_id, r.spec, cap)
                 checked = url_outcome.get(i, [])
                 if isinstance(checked, BaseException):
                     raise checked
@@ -224,22 +224,18 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         violations: list[FieldViolation] = []
         if not items or len(items) > self.core.settings.max_batch_items:
             violations.append(
-                FieldViolation(
-                    "request.items", f"1-{self.core.settings.max_batch_items} items required"
-                )
+                FieldViolation("items", f"1-{self.core.settings.max_batch_items} items required")
             )
         seen: set[str] = set()
         for i, it in enumerate(items):
             violations += validate_item(
-                f"request.items[{i}].", it.request_id, it.spec, self.core.settings.max_attempts_cap
+                f"items[{i}].", it.request_id, it.spec, self.core.settings.max_attempts_cap
             )
             if it.request_id in seen:
-                violations.append(
-                    FieldViolation(f"request.items[{i}].request_id", "duplicate in batch")
-                )
+                violations.append(FieldViolation(f"items[{i}].request_id", "duplicate in batch"))
             seen.add(it.request_id)
         violations += await webhook_url_violations(
-            [(f"request.items[{i}].", it.spec) for i, it in enumerate(items)], self._policy()
+            [(f"items[{i}].", it.spec) for i, it in enumerate(items)], self._policy()
         )
         if violations:
             raise InvalidArgument(violations)
@@ -275,7 +271,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         tenant = _tenant(request.principal)
         r = request.request
         if r.page_size < 0 or r.page_size > 500:
-            raise InvalidArgument([FieldViolation("request.page_size", "must be 0-500")])
+            raise InvalidArgument([FieldViolation("page_size", "must be 0-500")])
         f = r.filter
         rows, token = await self.core.list_tasks(
             tenant,
@@ -301,7 +297,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         tenant = _tenant(request.principal)
         r = request.request
         if len(r.reason) > 1000:
-            raise InvalidArgument([FieldViolation("request.reason", "at most 1000 characters")])
+            raise InvalidArgument([FieldViolation("reason", "at most 1000 characters")])
         row = await self.core.cancel(tenant, r.task_id, r.reason)
         return pb.SchedulerServiceCancelTaskResponse(
             response=task_service_pb2.CancelTaskResponse(task=task_proto(row))
@@ -315,7 +311,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         tenant = _tenant(request.principal)
         r = request.request
         if r.kind not in (0, 1, 2, 3, 4):
-            raise InvalidArgument([FieldViolation("request.kind", "unknown kind")])
+            raise InvalidArgument([FieldViolation("kind", "unknown kind")])
         # A tenant's statistics are its own; the admin role sees every tenant's.
         scope = None if request.principal.role == pb.ROLE_ADMIN else tenant
         stats = await self.core.queue_stats(int(r.kind), r.model, scope)
@@ -366,17 +362,17 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         r = request.request
         v: list[FieldViolation] = []
         if not r.tenant_id or len(r.tenant_id) > MAX_ID_LEN:
-            v.append(FieldViolation("request.tenant_id", "required, at most 128 characters"))
+            v.append(FieldViolation("tenant_id", "required, at most 128 characters"))
         if r.tier not in (0, 1, 2, 3):
-            v.append(FieldViolation("request.tier", "unknown tier"))
+            v.append(FieldViolation("tier", "unknown tier"))
         lim = r.limits
         v.extend(
-            FieldViolation(f"request.limits.{name}", "must be >= 0")
+            FieldViolation(f"limits.{name}", "must be >= 0")
             for name in ("max_concurrency", "max_waiting", "submit_burst", "weight")
             if getattr(lim, name) < 0
         )
         if lim.submit_rate_per_second < 0:
-            v.append(FieldViolation("request.limits.submit_rate_per_second", "must be >= 0"))
+            v.append(FieldViolation("limits.submit_rate_per_second", "must be >= 0"))
         if v:
             raise InvalidArgument(v)
         row = await self.core.upsert_tenant(r.tenant_id, int(r.tier), lim)
@@ -393,7 +389,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         _require_admin(request.principal)
         model = request.request.model
         if not model or len(model) > 256:
-            raise InvalidArgument([FieldViolation("request.model", "required")])
+            raise InvalidArgument([FieldViolation("model", "required")])
         paused = await self.core.set_model_paused(model, True, request.request.reason or None)
         return pb.SchedulerServicePauseModelResponse(
             response=admin_service_pb2.PauseModelResponse(paused=paused)
@@ -407,7 +403,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         _require_admin(request.principal)
         model = request.request.model
         if not model or len(model) > 256:
-            raise InvalidArgument([FieldViolation("request.model", "required")])
+            raise InvalidArgument([FieldViolation("model", "required")])
         paused = await self.core.set_model_paused(model, False, None)
         return pb.SchedulerServiceResumeModelResponse(
             response=admin_service_pb2.ResumeModelResponse(paused=paused)
@@ -421,7 +417,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         _require_admin(request.principal)
         r = request.request
         if r.page_size < 0 or r.page_size > 500:
-            raise InvalidArgument([FieldViolation("request.page_size", "must be 0-500")])
+            raise InvalidArgument([FieldViolation("page_size", "must be 0-500")])
         rows, token = await self.core.list_tasks(
             r.tenant_id or None,
             statuses=[m.DEAD_LETTERED],
@@ -444,7 +440,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         statuses = [int(s) for s in sel.statuses] or [m.DEAD_LETTERED]
         if any(s not in (m.DEAD_LETTERED, m.FAILED) for s in statuses):
             raise InvalidArgument(
-                [FieldViolation("request.selector.statuses", "only dead-lettered or failed tasks")]
+                [FieldViolation("selector.statuses", "only dead-lettered or failed tasks")]
             )
         ids = await self.core.bulk(
             "redrive",
@@ -468,7 +464,7 @@ class SchedulerServicer(WebhookRpcs, pb_grpc.SchedulerServiceServicer):
         sel = request.request.selector
         statuses = [int(s) for s in sel.statuses] or [m.QUEUED, m.DISPATCHED, m.RUNNING]
         if any(s not in (1, 2, 3, 4, 5, 6, 7, 8) for s in statuses):
-            raise InvalidArgument([FieldViolation("request.selector.statuses", "unknown status")])
+            raise InvalidArgument([FieldViolation("selector.statuses", "unknown status")])
         ids = await self.core.bulk(
             "cancel",
             task_ids=list(sel.task_ids),

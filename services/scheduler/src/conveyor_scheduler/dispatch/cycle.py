@@ -107,6 +107,9 @@ _CANDIDATES_SQL = text(
     """
 )
 
+_AWAITING_ADAPTER_SQL = text("SELECT count(*) FROM tasks WHERE status = 2 AND submit_state = 1")
+"""Dispatched tasks no adapter has begun to create (index ix_tasks_awaiting_adapter)."""
+
 _BACKOFF_SQL = text("SELECT min(not_before) FROM tasks WHERE status = 1 AND not_before > :now")
 
 _DISPATCH_SQL = text(
@@ -317,6 +320,11 @@ class Dispatcher:
                 total = used or 0
         self.max_observed_global = max(self.max_observed_global, total)
         global_free = self.policy.global_concurrency - total
+        if self.settings.dispatch_window:
+            # Dispatch never outruns the adapters: at most `dispatch_window` commands wait in
+            # Kafka, so an urgent task queues behind that many at most, not behind the backlog.
+            awaiting = await conn.scalar(_AWAITING_ADAPTER_SQL) or 0
+            global_free = min(global_free, self.settings.dispatch_window - awaiting)
         self.saturated = global_free <= 0
         if self.saturated:
             return None

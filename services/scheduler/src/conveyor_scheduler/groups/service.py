@@ -219,24 +219,20 @@ def validate_group(
     v: list[FieldViolation] = []
     rid = request.request_id
     if not rid or len(rid) > MAX_ID_LEN:
-        v.append(FieldViolation("request.request_id", "required, 1-128 characters"))
+        v.append(FieldViolation("request_id", "required, 1-128 characters"))
     spec = request.spec
     n = len(spec.children)
     if not 1 <= n <= max_children:
-        v.append(FieldViolation("request.spec.children", f"1 to {max_children} children"))
+        v.append(FieldViolation("spec.children", f"1 to {max_children} children"))
         return v
     if spec.policy not in (0, 1, 2):
-        v.append(FieldViolation("request.spec.policy", "unknown policy"))
+        v.append(FieldViolation("spec.policy", "unknown policy"))
     for i, child in enumerate(spec.children):
-        v += validate_item(f"request.spec.children[{i}].", rid or "x", child, max_attempts_cap)
+        v += validate_item(f"spec.children[{i}].", rid or "x", child, max_attempts_cap)
         if child.HasField("webhook"):
-            v.append(
-                FieldViolation(f"request.spec.children[{i}].spec.webhook", "not allowed on a child")
-            )
+            v.append(FieldViolation(f"spec.children[{i}].spec.webhook", "not allowed on a child"))
     if spec.HasField("follow_up"):
-        v += validate_item(
-            "request.spec.follow_up.", rid or "x", spec.follow_up.spec, max_attempts_cap
-        )
+        v += validate_item("spec.follow_up.", rid or "x", spec.follow_up.spec, max_attempts_cap)
     return v
 
 
@@ -282,7 +278,7 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
         r = request.request
         size = r.page_size or 50
         if not 1 <= size <= 500:
-            raise InvalidArgument([FieldViolation("request.page_size", "must be 0-500")])
+            raise InvalidArgument([FieldViolation("page_size", "must be 0-500")])
         async with self.groups.core.engine.connect() as conn:
             rows, token = await store.list_groups(
                 conn,
@@ -305,7 +301,7 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
     ) -> gpb.TaskGroupServiceCancelGroupResponse:
         tenant = _tenant(request.principal)
         if len(request.request.reason) > 1024:
-            raise InvalidArgument([FieldViolation("request.reason", "at most 1024 characters")])
+            raise InvalidArgument([FieldViolation("reason", "at most 1024 characters")])
         group = await self.groups.cancel(tenant, request.request.group_id, request.request.reason)
         return gpb.TaskGroupServiceCancelGroupResponse(
             response=group_service_pb2.CancelGroupResponse(group=group)

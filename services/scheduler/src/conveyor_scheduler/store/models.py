@@ -184,6 +184,11 @@ class Task(Base):
         Index("ix_tasks_tenant_created", "tenant_id", text("created_at DESC"), text("id DESC")),
         Index("ix_tasks_active", "dispatched_at", postgresql_where=text("status IN (2, 3)")),
         Index(
+            "ix_tasks_awaiting_adapter",
+            "dispatched_at",
+            postgresql_where=text("status = 2 AND submit_state = 1"),
+        ),
+        Index(
             "ix_tasks_queue_deadline",
             "queue_deadline",
             postgresql_where=text("status = 1 AND queue_deadline IS NOT NULL"),
