@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import cast
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -249,3 +250,45 @@ async def test_consumer_survives_a_failed_dead_letter_and_skips_nothing(
     assert dlq.sent == [b"k"]
     assert handled.count("after-1") == 1
     assert handled[-2:] == ["after-1", "after-2"]
+
+
+async def test_a_batch_handler_gets_whole_batches_and_a_poison_record_falls_back(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    """Good batches go to the batch handler in one call each, in per-key order; a batch with a
+    record the batch handler cannot take is handled record by record, where the bad record alone
+    is dead-lettered and the others are handled."""
+    for i in range(30):
+        await producer.send(topic, events_pb2.CancelTask(task_id=f"t{i % 3}-{i}"), key=f"k{i % 3}")
+    batches: list[list[str]] = []
+    singles: list[str] = []
+
+    async def handle_batch(envs: Sequence[Envelope]) -> None:
+        ids = [cast(events_pb2.CancelTask, e.message).task_id for e in envs]
+        if "bad" in ids:
+            raise ValueError("a record the batch cannot take")
+        batches.append(ids)
+
+    async def handle(env: Envelope) -> None:
+        task_id = cast(events_pb2.CancelTask, env.message).task_id
+        if task_id == "bad":
+            raise PermanentError("never")
+        singles.append(task_id)
+
+    consumer = consumer_for(kafka_bootstrap, topic, "g-batch", handle, producer)
+    consumer.batch_handler = handle_batch
+    await consumer.start()
+    try:
+        await wait_for(lambda: sum(map(len, batches)) == 30)
+        assert singles == []
+        assert len(batches) < 30  # whole fetches, not one call per record
+        for key in range(3):  # each key's records in the order they were sent
+            seen = [int(t.split("-")[1]) for b in batches for t in b if t.startswith(f"t{key}-")]
+            assert seen == sorted(seen)
+        await producer.send(topic, events_pb2.CancelTask(task_id="bad"), key="k0")
+        await producer.send(topic, events_pb2.CancelTask(task_id="after"), key="k0")
+        await wait_for(lambda: "after" in singles or any("after" in b for b in batches))
+    finally:
+        await consumer.stop()
+    dead = await read_all(kafka_bootstrap, topics.dlq(topic), 1)
+    assert [r.key for r in dead] == [b"k0"]  # type: ignore[attr-defined]

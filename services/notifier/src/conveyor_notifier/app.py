@@ -180,10 +180,10 @@ class Notifier:
         dead_letters = DeadLetterAlerts(alerter)
         task_events = TypeRegistry([events_pb2.TaskStateChanged])
         results = TypeRegistry([events_pb2.ProviderResult])
-        for group, topic, handler, registry in (
-            (s.webhook_group, s.events_topic, enqueuer.handle, task_events),
-            (s.dead_letter_group, s.dead_letter_topic, dead_letters.handle, task_events),
-            (s.throttle_group, s.provider_results_topic, monitor.handle, results),
+        for group, topic, handler, batch_handler, registry in (
+            (s.webhook_group, s.events_topic, enqueuer.handle, enqueuer.handle_batch, task_events),
+            (s.dead_letter_group, s.dead_letter_topic, dead_letters.handle, None, task_events),
+            (s.throttle_group, s.provider_results_topic, monitor.handle, None, results),
         ):
             consumer = EventConsumer(
                 ConsumerConfig(
@@ -197,6 +197,7 @@ class Notifier:
                 registry=registry,
                 dlq_producer=producer,
                 metrics=self.kafka_metrics,
+                batch_handler=batch_handler,
             )
             await consumer.start()
             life.on_shutdown(

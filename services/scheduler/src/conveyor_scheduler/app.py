@@ -38,7 +38,7 @@ from conveyor_scheduler.dispatch.loops import LeaderLoops
 from conveyor_scheduler.dispatch.wakeups import Wakeups, WorkAnnouncer, WorkListener
 from conveyor_scheduler.groups.service import binding as groups_binding
 from conveyor_scheduler.metrics import SchedulerMetrics
-from conveyor_scheduler.results.consumer import results_handler
+from conveyor_scheduler.results.consumer import results_batch_handler, results_handler
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store.db import check_schema, create_engine
 from conveyor_scheduler.store.relay import OutboxRelay
@@ -122,6 +122,7 @@ class SchedulerApp:
                 registry=default_registry(),
                 dlq_producer=self.producer,
                 metrics=kafka_metrics,
+                batch_handler=results_batch_handler(self.core),
             )
         if self.grpc:
             bindings = [

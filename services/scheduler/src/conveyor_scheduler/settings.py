@@ -138,7 +138,14 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     dispatch_window: int = Field(default=256, ge=0, le=100_000)
     """Most tasks dispatched but not yet taken up by an adapter (BeginSubmit) at once; 0 = no bound.
     Keeps the Kafka command queue short, so priority and fair share hold at the provider rather
-    than only at dispatch: size it to the creates all adapters run at once."""
+    than only at dispatch. Within it the window follows the adapters' measured take-up rate (see
+    ``dispatch_window_seconds``)."""
+    dispatch_window_seconds: float = Field(default=0.5, ge=0, le=60)
+    """The window holds about this many seconds of the adapters' measured take-up (BeginSubmit)
+    rate, between ``dispatch_window_min`` and ``dispatch_window``: an urgent task waits about this
+    long behind dispatched work. 0 = a fixed window of ``dispatch_window``."""
+    dispatch_window_min: int = Field(default=16, ge=1, le=100_000)
+    """Smallest window (what an idle system starts a burst with)."""
     candidate_cache_seconds: float = Field(default=5.0, ge=0)
     """Longest the dispatcher reuses its per-tenant candidate cache between full reads while busy
     (new work, retries and the idle poll invalidate it sooner)."""

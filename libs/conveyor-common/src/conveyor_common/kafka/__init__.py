@@ -2,6 +2,7 @@
 and the client security (TLS, SASL) every client uses."""
 
 from conveyor_common.kafka.consumer import (
+    BatchHandler,
     ConsumerConfig,
     Deduplicator,
     EventConsumer,
@@ -27,6 +28,7 @@ from conveyor_common.kafka.security import (
 
 __all__ = [
     "PLAINTEXT",
+    "BatchHandler",
     "ConsumerConfig",
     "DecodeError",
     "Deduplicator",

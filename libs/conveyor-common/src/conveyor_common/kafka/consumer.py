@@ -9,6 +9,11 @@ pause, rather than stopping.
 
 A record that cannot be decoded, a handler raising :class:`PermanentError`, or a handler failing
 ``max_attempts`` times goes to ``<topic>.dlq`` with ``x-original-*`` and ``x-error`` headers.
+
+With a ``batch_handler`` the whole fetched batch (every partition's records, each partition's in
+order) is handed over in one call, so a consumer can apply it in one transaction or one RPC; if that
+call fails, the batch is handled record by record with ``handler`` (isolating a bad record, which is
+retried and dead-lettered as above), so one poison record never blocks the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from conveyor_common.metrics import KafkaMetrics
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Envelope], Awaitable[None]]
+BatchHandler = Callable[[Sequence[Envelope]], Awaitable[None]]
+"""Handles a whole fetched batch at once (in partition order within each partition)."""
 
 
 class PermanentError(Exception):
@@ -104,9 +111,11 @@ class EventConsumer:
         dlq_producer: EventProducer,
         dedup: Deduplicator | None = None,
         metrics: KafkaMetrics | None = None,
+        batch_handler: BatchHandler | None = None,
     ) -> None:
         self.config = config
         self.handler = handler
+        self.batch_handler = batch_handler
         self.registry = registry
         self.dlq_producer = dlq_producer
         self.dedup = dedup
@@ -167,10 +176,13 @@ class EventConsumer:
             failed = False
             async with self._batch_lock:
                 done: dict[TopicPartition, int] = {}
-                outcomes = await asyncio.gather(
-                    *(self._handle_partition(tp, recs, done) for tp, recs in batches.items()),
-                    return_exceptions=True,
-                )
+                if self.batch_handler is not None and await self._handle_batch(batches, done):
+                    outcomes: list[Any] = []
+                else:
+                    outcomes = await asyncio.gather(
+                        *(self._handle_partition(tp, recs, done) for tp, recs in batches.items()),
+                        return_exceptions=True,
+                    )
                 for outcome in outcomes:
                     if isinstance(outcome, asyncio.CancelledError):
                         raise outcome
@@ -226,6 +238,56 @@ class EventConsumer:
                 self.metrics.lag.remove(
                     self.metrics.service, self.config.group_id, tp.topic, str(tp.partition)
                 )
+
+    async def _handle_batch(
+        self, batches: dict[TopicPartition, list[Any]], done: dict[TopicPartition, int]
+    ) -> bool:
+        """Hand the whole batch to ``batch_handler``; False (nothing marked done) if it failed."""
+        assert self.batch_handler is not None
+        envelopes: list[Envelope] = []
+        undecodable: list[Any] = []
+        for records in batches.values():
+            for record in records:
+                try:
+                    envelopes.append(decode(record, self.registry))
+                except DecodeError:
+                    undecodable.append(record)
+        if undecodable or self.dedup is not None:
+            return False  # the record-by-record path dead-letters and deduplicates
+        topic = self.config.topics[0] if len(self.config.topics) == 1 else "batch"
+        started = time.perf_counter()
+        try:
+            with tracing.span(
+                f"{topic} process",
+                tracing.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": topic,
+                    "messaging.batch.message_count": len(envelopes),
+                },
+            ):
+                await self.batch_handler(envelopes)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.warning(
+                "batch handler failed; handling the batch record by record",
+                extra={"action": "kafka_batch_fallback", "records": len(envelopes)},
+                exc_info=True,
+            )
+            return False
+        elapsed = time.perf_counter() - started
+        for tp, records in batches.items():
+            done[tp] = records[-1].offset + 1
+            self._record_lag(tp, records[-1].offset + 1)
+            if self.metrics:
+                self.metrics.consumed.labels(self.metrics.service, tp.topic, "handled").inc(
+                    len(records)
+                )
+                self.metrics.handle_seconds.labels(self.metrics.service, tp.topic).observe(
+                    elapsed / max(1, len(envelopes))
+                )
+        return True
 
     async def _handle_partition(
         self, tp: TopicPartition, records: list[Any], done: dict[TopicPartition, int]

@@ -39,6 +39,7 @@ from conveyor_scheduler.dispatch.bucket import TokenBucket
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_scheduler.dispatch.window import DispatchWindow
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
@@ -158,6 +159,9 @@ class Dispatcher:
         """(task id, attempt) of the last cycle's dispatches (benchmarks, tests)."""
         self.on_commit: list[Callable[[int], None]] = []
         """Called after each dispatch commit with the number dispatched."""
+        self.window = DispatchWindow(
+            settings.dispatch_window, settings.dispatch_window_min, settings.dispatch_window_seconds
+        )
 
     async def cycle(self) -> int:
         """One dispatch cycle; returns the number of tasks dispatched."""
@@ -188,6 +192,7 @@ class Dispatcher:
         if n and self.metrics is not None:
             self.metrics.dispatch_latency.observe(time.perf_counter() - started)
         if n:
+            self.window.dispatched(n)
             self.wakeups.relay.set()
             for hook in self.on_commit:
                 hook(n)
@@ -321,10 +326,10 @@ class Dispatcher:
         self.max_observed_global = max(self.max_observed_global, total)
         global_free = self.policy.global_concurrency - total
         if self.settings.dispatch_window:
-            # Dispatch never outruns the adapters: at most `dispatch_window` commands wait in
-            # Kafka, so an urgent task queues behind that many at most, not behind the backlog.
-            awaiting = await conn.scalar(_AWAITING_ADAPTER_SQL) or 0
-            global_free = min(global_free, self.settings.dispatch_window - awaiting)
+            # Dispatch never outruns the adapters: only a window of commands waits in Kafka, so
+            # an urgent task queues behind that many at most, not behind the backlog.
+            awaiting = int(await conn.scalar(_AWAITING_ADAPTER_SQL) or 0)
+            global_free = min(global_free, self.window.room(awaiting, time.monotonic()))
         self.saturated = global_free <= 0
         if self.saturated:
             return None

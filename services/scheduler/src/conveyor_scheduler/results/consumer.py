@@ -1,14 +1,20 @@
 """The results consumer: Kafka ``provider-results`` records, applied in batches (one transaction per
-batch), committed after the transaction.
+fetched Kafka batch), committed after the transaction.
+
+:func:`results_batch_handler` applies every record of a fetch in one transaction (a task's records
+in their partition order); if that fails, the consumer falls back to :func:`results_handler`, record
+by record, where concurrent partitions still share transactions (:class:`ResultBatcher`) and a bad
+record is isolated.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from conveyor.events.v1 import events_pb2
 from conveyor_common.kafka import (
+    BatchHandler,
     Envelope,
     PermanentError,
 )
@@ -68,11 +74,31 @@ def results_handler(core: SchedulerCore) -> Callable[[Envelope], Awaitable[None]
     batcher = ResultBatcher(core)
 
     async def handle(envelope: Envelope) -> None:
-        msg = envelope.message
-        if not isinstance(msg, events_pb2.ProviderResult):
-            raise PermanentError(f"unexpected {envelope.type} on the results topic")
-        if not msg.result_id:
-            msg.result_id = envelope.id
-        await batcher.apply(msg)
+        await batcher.apply(_result_of(envelope))
+
+    return handle
+
+
+APPLY_CHUNK = 500
+"""Most results applied in one transaction."""
+
+
+def _result_of(envelope: Envelope) -> events_pb2.ProviderResult:
+    msg = envelope.message
+    if not isinstance(msg, events_pb2.ProviderResult):
+        raise PermanentError(f"unexpected {envelope.type} on the results topic")
+    if not msg.result_id:
+        msg.result_id = envelope.id
+    return msg
+
+
+def results_batch_handler(core: SchedulerCore) -> BatchHandler:
+    """The results consumer's batch handler: a fetched Kafka batch in one transaction (chunks of
+    :data:`APPLY_CHUNK`; a chunk applied twice after a failure is deduplicated by the inbox)."""
+
+    async def handle(envelopes: Sequence[Envelope]) -> None:
+        results = [_result_of(e) for e in envelopes]
+        for start in range(0, len(results), APPLY_CHUNK):
+            await core.apply_results(results[start : start + APPLY_CHUNK])
 
     return handle

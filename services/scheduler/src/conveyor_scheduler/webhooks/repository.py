@@ -307,19 +307,23 @@ async def ensure_task_endpoint(
 # Deliveries
 
 
-async def tenant_endpoints_for_event(
-    session: AsyncSession, tenant_id: str
-) -> Sequence[WebhookEndpoint]:
-    """Enabled, live, tenant-wide endpoints of a tenant."""
+async def tenant_endpoints_by_tenant(
+    session: AsyncSession, tenant_ids: Sequence[str]
+) -> dict[str, list[WebhookEndpoint]]:
+    """Enabled, live, tenant-wide endpoints of several tenants in one query (tenants without any
+    are absent)."""
     rows = await session.scalars(
         select(WebhookEndpoint).where(
-            WebhookEndpoint.tenant_id == tenant_id,
+            WebhookEndpoint.tenant_id.in_(list(tenant_ids)),
             WebhookEndpoint.deleted_at.is_(None),
             WebhookEndpoint.task_id.is_(None),
             WebhookEndpoint.enabled.is_(True),
         )
     )
-    return rows.all()
+    out: dict[str, list[WebhookEndpoint]] = {}
+    for endpoint in rows.all():
+        out.setdefault(endpoint.tenant_id, []).append(endpoint)
+    return out
 
 
 async def insert_deliveries(
