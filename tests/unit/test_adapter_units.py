@@ -13,7 +13,6 @@ from pydantic import ValidationError
 
 from conveyor_provider_adapter.classify import classify_error, classify_status, parse_progress
 from conveyor_provider_adapter.matching import matches, normalize_input
-from conveyor_provider_adapter.ratelimit import TokenBucket
 from conveyor_provider_adapter.replicate import (
     Ambiguous,
     ClientError,
@@ -209,33 +208,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def test_token_bucket_refills_at_the_rate_and_pauses_after_a_429() -> None:
-    clock = Clock()
-    bucket = TokenBucket(600, 2, clock=clock)  # 10 per second
-    assert bucket.try_acquire() == 0
-    assert bucket.try_acquire() == 0
-    wait = bucket.try_acquire()
-    assert wait == pytest.approx(0.1)
-    clock.now += 0.1
-    assert bucket.try_acquire() == 0
-    bucket.pause_for(5)
-    clock.now += 1
-    assert bucket.try_acquire() == pytest.approx(4)
-    bucket.pause_for(1)  # a shorter pause never shortens the current one
-    assert bucket.paused_for == pytest.approx(4)
-    clock.now += 4
-    assert bucket.try_acquire() == 0
-
-
-async def test_token_bucket_acquire_spaces_creates() -> None:
-    bucket = TokenBucket(60 * 50, 1)  # 50 per second, burst 1
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    for _ in range(6):
-        await bucket.acquire()
-    assert loop.time() - start >= 0.09  # 5 refills of 20 ms
 
 
 # ---- webhook tokens --------------------------------------------------------------------------

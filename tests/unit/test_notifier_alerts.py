@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.kafka import Envelope
-from conveyor_notifier.alerts import DeadLetterAlerts, OpsAlerter, ThrottleMonitor, TokenBucket
+from conveyor_common.ratelimit import TokenBucket
+from conveyor_notifier.alerts import DeadLetterAlerts, OpsAlerter, ThrottleMonitor
 from conveyor_notifier.metrics import NotifierMetrics
 
 
@@ -47,25 +48,13 @@ async def slack() -> AsyncIterator[tuple[str, list[str]]]:
         await runner.cleanup()
 
 
-def test_token_bucket_refills() -> None:
-    clock = Clock()
-    bucket = TokenBucket(2, rate_per_second=0.5, clock=clock)
-    assert [bucket.take() for _ in range(3)] == [True, True, False]
-    clock.now += 1.0
-    assert not bucket.take()
-    clock.now += 1.0
-    assert bucket.take()
-    clock.now += 100
-    assert [bucket.take() for _ in range(3)] == [True, True, False]
-
-
 async def test_alerts_are_rate_limited_and_suppressed_ones_summarized(
     slack: tuple[str, list[str]],
 ) -> None:
     url, texts = slack
     clock = Clock()
     registry = CollectorRegistry()
-    alerter = OpsAlerter(url, TokenBucket(2, 1 / 60, clock=clock), NotifierMetrics(registry))
+    alerter = OpsAlerter(url, TokenBucket(1 / 60, 2, clock=clock), NotifierMetrics(registry))
     try:
         results = [await alerter.alert("dead_letter", f"task {i} dead") for i in range(5)]
         assert results == [True, True, False, False, False]
@@ -90,7 +79,7 @@ async def test_alerts_are_rate_limited_and_suppressed_ones_summarized(
 
 async def test_alerts_without_a_channel_only_log() -> None:
     registry = CollectorRegistry()
-    alerter = OpsAlerter(None, TokenBucket(1, 1.0), NotifierMetrics(registry))
+    alerter = OpsAlerter(None, TokenBucket(1.0, 1), NotifierMetrics(registry))
     assert await alerter.alert("dead_letter", "x")
     assert (
         registry.get_sample_value(
@@ -116,7 +105,7 @@ def envelope(message: events_pb2.TaskStateChanged | events_pb2.ProviderResult) -
 
 async def test_dead_letter_alert_once_per_event(slack: tuple[str, list[str]]) -> None:
     url, texts = slack
-    alerter = OpsAlerter(url, TokenBucket(10, 1.0), NotifierMetrics(CollectorRegistry()))
+    alerter = OpsAlerter(url, TokenBucket(1.0, 10), NotifierMetrics(CollectorRegistry()))
     handler = DeadLetterAlerts(alerter)
     event = task_pb2.TaskEvent(event_id="e9", task_id="t9", tenant_id="acme", sequence=4)
     event.task.attempt = 3
@@ -153,7 +142,7 @@ async def test_throttle_monitor_alerts_on_persistence_and_recovery(
     now = [datetime(2026, 1, 1, tzinfo=UTC)]
     registry = CollectorRegistry()
     metrics = NotifierMetrics(registry)
-    alerter = OpsAlerter(url, TokenBucket(10, 1.0), metrics)
+    alerter = OpsAlerter(url, TokenBucket(1.0, 10), metrics)
     monitor = ThrottleMonitor(
         alerter, metrics, threshold_seconds=120, quiet_seconds=30, clock=lambda: now[0]
     )

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import httpx
 
+from conveyor_common.ratelimit import TokenBucket
 from conveyor_common.standard_webhooks import new_message_id, sign_headers
 from fake_replicate.config import EVENT_KINDS, EventKind, FakeConfig, OutputKind
 from fake_replicate.files import OutputFile
@@ -258,39 +259,6 @@ def _mmss(seconds: float) -> str:
     return f"{int(seconds) // 60:02d}:{int(seconds) % 60:02d}"
 
 
-class TokenBucket:
-    def __init__(self, rate_per_min: float, burst: int) -> None:
-        self.rate = rate_per_min / 60.0
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self) -> tuple[bool, float]:
-        """(allowed, seconds until a token is available)."""
-        self._refill()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True, 0.0
-        wait = math.inf if self.rate <= 0 else (1.0 - self.tokens) / self.rate
-        return False, wait
-
-    @property
-    def remaining(self) -> int:
-        self._refill()
-        return int(self.tokens)
-
-    def reset_in(self) -> int:
-        self._refill()
-        if self.rate <= 0:
-            return 0
-        return math.ceil((self.burst - self.tokens) / self.rate)
-
-
 @dataclass(frozen=True, slots=True)
 class CreateRequest:
     model: str
@@ -348,11 +316,11 @@ class Engine:
         self.rng = random.Random(cfg.seed)
         self._index = 0
         self.create_bucket = (
-            TokenBucket(6, 1)
+            TokenBucket.per_minute(6, 1)
             if cfg.low_credit
-            else TokenBucket(cfg.create_rate_per_min, cfg.create_burst)
+            else TokenBucket.per_minute(cfg.create_rate_per_min, cfg.create_burst)
         )
-        self.other_bucket = TokenBucket(cfg.other_rate_per_min, cfg.other_burst)
+        self.other_bucket = TokenBucket.per_minute(cfg.other_rate_per_min, cfg.other_burst)
 
     async def start(self) -> None:
         self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
@@ -405,12 +373,12 @@ class Engine:
             old.low_credit,
         ):
             self.create_bucket = (
-                TokenBucket(6, 1)
+                TokenBucket.per_minute(6, 1)
                 if new.low_credit
-                else TokenBucket(new.create_rate_per_min, new.create_burst)
+                else TokenBucket.per_minute(new.create_rate_per_min, new.create_burst)
             )
         if (new.other_rate_per_min, new.other_burst) != (old.other_rate_per_min, old.other_burst):
-            self.other_bucket = TokenBucket(new.other_rate_per_min, new.other_burst)
+            self.other_bucket = TokenBucket.per_minute(new.other_rate_per_min, new.other_burst)
         if new.public_url:
             self.base_url = new.public_url
         logger.info(
@@ -435,7 +403,8 @@ class Engine:
                 return "drop"
             retry = cfg.script_429_retry_after_s if item == 429 else None
             return Rejection(int(item), "scripted", retry)
-        allowed, wait = self.create_bucket.take()
+        wait = self.create_bucket.try_take()
+        allowed = wait <= 0
         if not allowed:
             retry = 60 if math.isinf(wait) else max(1, math.ceil(wait))
             return Rejection(429, "rate_limited", retry)

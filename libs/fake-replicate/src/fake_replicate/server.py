@@ -120,7 +120,9 @@ def parse_time_us(value: str) -> int:
 
 def _rate_headers(engine: Engine, *, create: bool) -> dict[str, str]:
     bucket = engine.create_bucket if create else engine.other_bucket
-    return {"ratelimit-remaining": str(bucket.remaining), "ratelimit-reset": str(bucket.reset_in())}
+    tokens = bucket.available()
+    reset = 0 if bucket.rate <= 0 else math.ceil((bucket.burst - tokens) / bucket.rate)
+    return {"ratelimit-remaining": str(max(0, int(tokens))), "ratelimit-reset": str(reset)}
 
 
 def _throttled(retry_after: int) -> web.Response:
@@ -172,7 +174,8 @@ async def v1_middleware(request: web.Request, handler: Handler) -> web.StreamRes
         return problem(401, "Unauthenticated", "You did not pass a valid authentication token")
     is_create = request.method == "POST" and path.endswith("/predictions")
     if not is_create:
-        allowed, wait = engine.other_bucket.take()
+        wait = engine.other_bucket.try_take()
+        allowed = wait <= 0
         if not allowed:
             return _throttled(60 if math.isinf(wait) else max(1, math.ceil(wait)))
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter as Tally
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,35 +25,10 @@ import httpx
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.kafka import Envelope
+from conveyor_common.ratelimit import TokenBucket
 from conveyor_notifier.metrics import NotifierMetrics
 
 logger = logging.getLogger(__name__)
-
-
-class TokenBucket:
-    """``capacity`` tokens, refilled at ``rate_per_second``."""
-
-    def __init__(
-        self,
-        capacity: int,
-        rate_per_second: float,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.capacity = float(capacity)
-        self.rate = rate_per_second
-        self.clock = clock
-        self.tokens = float(capacity)
-        self.updated = clock()
-
-    def take(self) -> bool:
-        """Take one token if there is one."""
-        now = self.clock()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class OpsAlerter:
@@ -81,7 +55,7 @@ class OpsAlerter:
     async def alert(self, kind: str, text: str) -> bool:
         """Send ``text`` now if the bucket allows; else count it for the next summary."""
         logger.warning(text, extra={"action": "ops_alert", "alert_kind": kind})
-        if not self.bucket.take():
+        if self.bucket.try_take() > 0:
             self.suppressed[kind] += 1
             self.metrics.alerts.labels(kind, "suppressed").inc()
             return False
@@ -89,7 +63,7 @@ class OpsAlerter:
 
     async def flush(self) -> bool:
         """Send a summary of suppressed alerts when there are some and the bucket allows."""
-        if not self.suppressed or not self.bucket.take():
+        if not self.suppressed or self.bucket.try_take() > 0:
             return False
         summary = self._take_summary().strip()
         return await self._send("summary", summary)

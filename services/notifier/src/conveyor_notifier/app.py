@@ -30,6 +30,7 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, MetricsServer, RpcMetrics
+from conveyor_common.ratelimit import TokenBucket
 from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
 from conveyor_common.ssrf import Resolver, system_resolver
 from conveyor_common.tls import open_channel
@@ -39,7 +40,6 @@ from conveyor_notifier.alerts import (
     DeadLetterAlerts,
     OpsAlerter,
     ThrottleMonitor,
-    TokenBucket,
 )
 from conveyor_notifier.broadcast import EventBroadcaster
 from conveyor_notifier.delivery import BacklogPoller, DeliveryWorker, RetryPolicy
@@ -123,7 +123,7 @@ class Notifier:
             )
         alerter = OpsAlerter(
             ops_url,
-            TokenBucket(s.ops_alert_burst, s.ops_alert_per_minute / 60.0),
+            TokenBucket(s.ops_alert_per_minute / 60.0, s.ops_alert_burst),
             self.metrics,
         )
         life.on_shutdown("ops_client_close", alerter.aclose, phase=phases.STORAGE)

@@ -23,12 +23,12 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
+from conveyor_common.ratelimit import AsyncTokenBucket
 from conveyor_provider_adapter.binding import Binder, SubmitRecords
 from conveyor_provider_adapter.commands import CommandHandler
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.metrics import AdapterMetrics
 from conveyor_provider_adapter.provider_webhooks import Pipeline, SecretSource, WebhookReceiver
-from conveyor_provider_adapter.ratelimit import TokenBucket
 from conveyor_provider_adapter.reconciler import Reconciler
 from conveyor_provider_adapter.replicate import ReplicateClient
 from conveyor_provider_adapter.results import Observer, ResultPublisher
@@ -131,7 +131,7 @@ class Adapter:
             metrics=self.metrics,
             record_wait_s=settings.scheduler_timeout_s * 2,
         )
-        self.bucket = TokenBucket(settings.create_rate_per_min, settings.create_burst)
+        self.bucket = AsyncTokenBucket(settings.create_rate_per_min / 60.0, settings.create_burst)
         self.commands = CommandHandler(
             coordinator=self.coordinator,
             replicate=self.replicate,

@@ -45,11 +45,11 @@ from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_
 from conveyor_common import tracing
 from conveyor_common.context import current_traceparent
 from conveyor_common.kafka import Envelope, PermanentError
+from conveyor_common.ratelimit import AsyncTokenBucket
 from conveyor_provider_adapter.classify import classify_status
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import find_match, normalize_input
 from conveyor_provider_adapter.metrics import AdapterMetrics
-from conveyor_provider_adapter.ratelimit import TokenBucket
 from conveyor_provider_adapter.replicate import (
     CANCEL_AFTER_MIN_S,
     Ambiguous,
@@ -82,7 +82,7 @@ class CommandHandler:
         *,
         coordinator: Coordinator,
         replicate: ReplicateClient,
-        bucket: TokenBucket,
+        bucket: AsyncTokenBucket,
         observer: Observer,
         publisher: ResultPublisher,
         state: LocalState,

@@ -33,9 +33,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
+from conveyor_common.ratelimit import TokenBucket
 from conveyor_common.vocabulary import EV_DISPATCHED
 from conveyor_scheduler.clock import utcnow
-from conveyor_scheduler.dispatch.bucket import TokenBucket
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
@@ -455,7 +455,7 @@ class Dispatcher:
             changes.event(row, EV_DISPATCHED, m.QUEUED)
         await insert_rows(conn, "active_slots", slots)
         await changes.flush(conn, save=False)
-        self.bucket.take(len(rows))
+        self.bucket.spend(len(rows))
         if self.metrics is not None:
             for row in rows:
                 kind = str(row["kind"])
