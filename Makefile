@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 BUF := tools/buf/node_modules/.bin/buf
 # Our typed packages (mypy strict) and the paths ruff checks.
 PACKAGES := conveyor_common conveyor_devstack conveyor_gateway conveyor_scheduler fake_replicate \
-	conveyor_provider_adapter conveyor_notifier conveyor_client
+	conveyor_provider_adapter conveyor_notifier conveyor_client conveyor_testkit
 PYTEST_ARGS ?=
 # gRPC fork handlers misbehave in children forked by test processes (pexpect, pre-exec): off.
 export GRPC_ENABLE_FORK_SUPPORT := false

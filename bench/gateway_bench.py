@@ -118,11 +118,11 @@ def serve_scheduler() -> None:
 
 def serve_fake_scheduler(port: int) -> None:
     """An in-memory SchedulerService (internal mode): measures the gateway's own capacity."""
+    from conveyor_testkit.gateway import FakeScheduler, scheduler_binding
     from prometheus_client import CollectorRegistry
 
     from conveyor_common.grpc_server import create_server
     from conveyor_common.metrics import RpcMetrics
-    from conveyor_gateway.testing import FakeScheduler, scheduler_binding
 
     async def run() -> None:
         server = create_server(

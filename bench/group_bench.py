@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.tasks.v1 import group_pb2
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.loops import LeaderLoops

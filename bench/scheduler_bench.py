@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.cycle import Dispatcher
 from conveyor_scheduler.dispatch.leadership import Leader

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 import pytest
+from conveyor_testkit import scheduler as kit
 from grpc_status import rpc_status
 from sqlalchemy import text
 
@@ -23,7 +24,6 @@ from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from conveyor.tasks.v1 import task_pb2, task_service_pb2
 from conveyor_common.errors import unpack_details
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.cycle import Dispatcher

@@ -21,6 +21,14 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
+from conveyor_testkit.adapter import (
+    Commands,
+    InMemoryCoordination,
+    ResultCollector,
+    free_port,
+    has_terminal,
+    outcomes,
+)
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
@@ -31,14 +39,6 @@ from conveyor_devstack.topics import ensure_topics
 from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.binding import UNBOUND_REASONS
 from conveyor_provider_adapter.settings import AdapterSettings
-from conveyor_provider_adapter.testing import (
-    Commands,
-    InMemoryCoordination,
-    ResultCollector,
-    free_port,
-    has_terminal,
-    outcomes,
-)
 from conveyor_provider_adapter.webhook_token import webhook_url
 from fake_replicate import FakeConfig, FakeReplicate
 from fake_replicate.openapi import Exchange, OpenApiChecker

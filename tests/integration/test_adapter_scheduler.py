@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 import pytest
+from conveyor_testkit import scheduler as kit
+from conveyor_testkit.adapter import free_port
 from pydantic import SecretStr
 
 from conveyor.events.v1 import events_pb2
@@ -27,8 +29,6 @@ from conveyor_common.kafka import EventProducer, ProducerConfig
 from conveyor_common.standard_webhooks import generate_secret
 from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
-from conveyor_provider_adapter.testing import free_port
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.app import SchedulerApp
 from fake_replicate import FakeConfig, FakeReplicate

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
+from conveyor_testkit.stack import Stack, start_stack
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
@@ -32,7 +33,6 @@ from conveyor_client import (
     spec,
 )
 from conveyor_client.cli import main
-from conveyor_gateway.testing import Stack, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import grpc
 import pytest
+from conveyor_testkit.stack import Stack, start_stack
+from conveyor_testkit.tokens import metadata
 from google.protobuf import descriptor as d
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -36,7 +38,6 @@ from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
 from conveyor_client import ConveyorError
 from conveyor_common import limits
-from conveyor_gateway.testing import Stack, metadata, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import grpc
 import pytest
+from conveyor_testkit.stack import Stack, start_stack
+from conveyor_testkit.tokens import metadata
 from google.protobuf import descriptor as d
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -25,7 +27,6 @@ from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
 from conveyor_client import ConveyorError
 from conveyor_common.textcheck import NUL_MESSAGE
-from conveyor_gateway.testing import Stack, metadata, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
+from conveyor_testkit import scheduler as kit
 from google.protobuf import duration_pb2
 from sqlalchemy import text
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FailedPrecondition, ResourceExhausted
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.admission.batcher import SubmitBatcher
 from conveyor_scheduler.admission.submit import NewTask
 from conveyor_scheduler.core import SchedulerCore

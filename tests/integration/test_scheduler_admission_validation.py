@@ -9,11 +9,11 @@ from typing import Any
 
 import grpc
 import pytest
+from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.tasks.v1 import task_service_pb2
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.api.servicer import SchedulerServicer
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.webhooks.settings import WebhookPolicy, WebhookSettings

@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FailedPrecondition, NotFound, ResourceExhausted
 from conveyor_common.kafka import Envelope
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.results.consumer import results_handler
 

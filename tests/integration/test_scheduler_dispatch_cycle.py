@@ -8,8 +8,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+from conveyor_testkit import scheduler as kit
+
 from conveyor.tasks.v1 import task_pb2
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.store import models
 from tests.integration.scheduler_env import Env, drain
 

@@ -9,9 +9,9 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.app import SchedulerApp
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

@@ -15,11 +15,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_common.errors import FailedPrecondition, ResourceExhausted
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.cycle import Dispatcher

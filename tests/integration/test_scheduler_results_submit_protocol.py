@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from conveyor_scheduler import testing as kit
+from conveyor_testkit import scheduler as kit
+
 from conveyor_scheduler.store import models
 from tests.integration.scheduler_env import Env
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
+from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from conveyor_common.sealing import Keyring, SealingError
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.store import db
 from conveyor_scheduler.webhooks import repository as repo
 from conveyor_scheduler.webhooks.settings import SecretCodec, WebhookSettings

@@ -15,8 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
-from conveyor_gateway.testing import Stack, start_stack
+from conveyor_testkit.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -15,6 +15,14 @@ from typing import Any
 
 import grpc
 import pytest
+from conveyor_testkit.gateway import (
+    FakeNotifier,
+    FakeScheduler,
+    notifier_binding,
+    scheduler_binding,
+    serve,
+)
+from conveyor_testkit.tokens import AUDIENCE, ISSUER, Keys, metadata
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -28,17 +36,6 @@ from conveyor_common.errors import NotFound, QuotaViolation, ResourceExhausted
 from conveyor_common.grpc_server import GrpcService
 from conveyor_gateway.app import Gateway, build_gateway
 from conveyor_gateway.settings import GatewaySettings
-from conveyor_gateway.testing import (
-    AUDIENCE,
-    ISSUER,
-    FakeNotifier,
-    FakeScheduler,
-    Keys,
-    metadata,
-    notifier_binding,
-    scheduler_binding,
-    serve,
-)
 from conveyor_gateway.watch import WatchConfig
 
 E = task_pb2

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from conveyor_testkit import scheduler as kit
 
 from conveyor.tasks.v1 import task_pb2
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.dispatch.cycle import Candidate, Capacity, Dispatcher
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.policy import Policy

@@ -8,7 +8,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conveyor_scheduler import testing as kit
+from conveyor_testkit import scheduler as kit
+
 from conveyor_scheduler.admission.submit import new_task_row
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.lifecycle import Backoff

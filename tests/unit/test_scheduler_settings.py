@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conveyor_testkit import scheduler as kit
 from pydantic import ValidationError
 
-from conveyor_scheduler import testing as kit
 from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
 
 URL = "postgresql://u@127.0.0.1:1/db"

@@ -8,16 +8,12 @@ PostgreSQL. Also: key material and token minting for tests.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-import jwt
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import CollectorRegistry
 
 from conveyor.notifier.v1 import notifier_service_pb2 as notifier_pb2
@@ -31,75 +27,6 @@ from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_serv
 from conveyor_common.metrics import RpcMetrics
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-
-ISSUER = "conveyor-test"
-AUDIENCE = "conveyor-gateway-test"
-HS_SECRET = b"unit-test-secret-unit-test-secret-0123456789"
-
-
-@dataclass
-class Keys:
-    """Key material of a test: an HS256 secret and an RSA key pair."""
-
-    hs_secret: bytes
-    rsa_private_pem: bytes
-    rsa_public_pem: bytes
-
-    @classmethod
-    def generate(cls, hs_secret: bytes = HS_SECRET) -> Keys:
-        """Fresh keys (RSA 2048)."""
-        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        return cls(
-            hs_secret=hs_secret,
-            rsa_private_pem=private.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-            rsa_public_pem=private.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            ),
-        )
-
-    def token(
-        self,
-        tenant_id: str = "tenant-a",
-        *,
-        alg: str = "HS256",
-        role: str = "tenant",
-        tier: str = "free",
-        issuer: str = ISSUER,
-        audience: str = AUDIENCE,
-        ttl: float = 3600,
-        key: bytes | None = None,
-        extra: dict[str, Any] | None = None,
-        drop: tuple[str, ...] = (),
-    ) -> str:
-        """A signed token; ``key`` overrides the signing key (for bad-signature tests)."""
-        now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": issuer,
-            "aud": audience,
-            "sub": f"svc-{tenant_id}",
-            "tenant_id": tenant_id,
-            "tier": tier,
-            "role": role,
-            "iat": now,
-            "exp": now + int(ttl),
-            "jti": uuid.uuid4().hex,
-        }
-        claims.update(extra or {})
-        for name in drop:
-            claims.pop(name, None)
-        signing = (
-            key if key is not None else (self.hs_secret if alg == "HS256" else self.rsa_private_pem)
-        )
-        return jwt.encode(claims, signing, algorithm=alg)
-
-
-def metadata(token: str) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying a bearer token."""
-    return (("authorization", f"Bearer {token}"),)
 
 
 @dataclass
@@ -427,97 +354,3 @@ def notifier_binding(fake: FakeNotifier) -> ServiceBinding:
         fake,
         "conveyor.notifier.v1.WatchFanoutService",
     )
-
-
-@dataclass
-class Stack:
-    """A real scheduler (in-process, on a real PostgreSQL database) plus a gateway in front of it."""
-
-    scheduler: Any
-    gateway: Any
-    keys: Keys
-    database_url: str
-    registry: CollectorRegistry
-    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-    @property
-    def address(self) -> str:
-        """The gateway's host:port."""
-        return f"127.0.0.1:{self.gateway.port}"
-
-    async def count_tasks(self) -> int:
-        """Rows in the scheduler's ``tasks`` table (checks that rejected requests wrote nothing)."""
-        import psycopg
-
-        async with await psycopg.AsyncConnection.connect(self.database_url) as conn:
-            cur = await conn.execute("SELECT count(*) FROM tasks")
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
-    async def stop(self) -> None:
-        """Stop the gateway, then what ``on_stop`` lists (e.g. a notifier), then the scheduler."""
-        await self.gateway.stop(0.5)
-        for step in self.on_stop:
-            await step()
-        await self.scheduler.stop()
-
-
-async def start_stack(
-    database_url: str,
-    *,
-    gateway: dict[str, Any] | None = None,
-    scheduler: dict[str, Any] | None = None,
-    notifier_address: str | None = None,
-    watch_config: Any = None,
-    kafka: bool = False,
-    before_gateway: Callable[[int], Awaitable[str | None]] | None = None,
-) -> Stack:
-    """Migrate ``database_url``, start the real scheduler and a gateway on 127.0.0.1:0.
-
-    ``kafka`` runs the scheduler's outbox relay and results consumer (set
-    ``scheduler={"kafka_bootstrap_servers": ...}``). ``before_gateway`` receives the scheduler's port
-    once it serves (e.g. to start a notifier) and may return the notifier address for the gateway.
-    """
-    from conveyor_gateway.app import build_gateway
-    from conveyor_gateway.settings import GatewaySettings
-    from conveyor_scheduler.app import SchedulerApp
-    from conveyor_scheduler.settings import SchedulerSettings
-    from conveyor_scheduler.store.db import migrate
-
-    await asyncio.to_thread(migrate, database_url)
-    sched_values: dict[str, Any] = {
-        "database_url": database_url,
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_port": 0,
-        "tenant_submit_rate": 10_000.0,
-        "tenant_submit_burst": 10_000,
-        "queue_capacity": 1_000_000,
-        "tenant_max_waiting": 1_000_000,
-    }
-    sched_values.update(scheduler or {})
-    app = SchedulerApp(SchedulerSettings(**sched_values), kafka=kafka)
-    await app.start()
-    server = app.server
-    if server is None:
-        raise RuntimeError("the scheduler app has no gRPC server")
-    if before_gateway is not None:
-        notifier_address = await before_gateway(server.port) or notifier_address
-    keys = Keys.generate()
-    registry = CollectorRegistry()
-    gw_values: dict[str, Any] = {
-        "grpc_host": "127.0.0.1",
-        "grpc_port": 0,
-        "metrics_port": 0,
-        "scheduler_address": f"127.0.0.1:{server.port}",
-        "notifier_address": notifier_address,
-        "jwt_hs256_secret": keys.hs_secret.decode(),
-        "jwt_rs256_public_key": keys.rsa_public_pem.decode(),
-        "jwt_issuer": ISSUER,
-        "jwt_audience": AUDIENCE,
-        "watch_poll_interval_seconds": 0.1,
-    }
-    gw_values.update(gateway or {})
-    gw = build_gateway(GatewaySettings(**gw_values), registry, watch_config=watch_config)
-    await gw.start()
-    return Stack(app, gw, keys, database_url, registry)
