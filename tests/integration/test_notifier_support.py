@@ -33,10 +33,10 @@ from conveyor_common.metrics import RpcMetrics
 from conveyor_common.ssrf import Resolver, system_resolver
 from conveyor_common.standard_webhooks import WebhookVerificationError, WebhookVerifier
 from conveyor_devstack.topics import ensure_topics
+from conveyor_scheduler.client_webhooks import binding
+from conveyor_scheduler.client_webhooks.rpcs import WebhookRpcs
+from conveyor_scheduler.client_webhooks.settings import WebhookPolicy, WebhookSettings
 from conveyor_scheduler.store.db import create_engine, migrate
-from conveyor_scheduler.webhooks import binding
-from conveyor_scheduler.webhooks.rpcs import WebhookRpcs
-from conveyor_scheduler.webhooks.settings import WebhookPolicy, WebhookSettings
 
 TERMINAL: dict[int, int] = {
     task_pb2.TASK_EVENT_TYPE_SUCCEEDED: task_pb2.TASK_STATUS_SUCCEEDED,

@@ -16,7 +16,7 @@ from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.tasks.v1 import task_service_pb2
 from conveyor_scheduler.api.servicer import SchedulerServicer
 from conveyor_scheduler.app import SchedulerApp
-from conveyor_scheduler.webhooks.settings import WebhookPolicy, WebhookSettings
+from conveyor_scheduler.client_webhooks.settings import WebhookPolicy, WebhookSettings
 from tests.integration.scheduler_env import TENANT, details
 
 

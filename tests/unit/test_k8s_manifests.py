@@ -32,8 +32,8 @@ from conveyor_common.create_topics import TopicsSettings
 from conveyor_gateway.settings import GatewaySettings
 from conveyor_notifier.settings import NotifierSettings
 from conveyor_provider_adapter.settings import AdapterSettings
+from conveyor_scheduler.client_webhooks.settings import WebhookSettings
 from conveyor_scheduler.settings import SchedulerSettings
-from conveyor_scheduler.webhooks.settings import WebhookSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

@@ -6,7 +6,7 @@ import pytest
 
 from conveyor_common.settings import load_settings
 from conveyor_notifier.settings import NotifierSettings
-from conveyor_scheduler.webhooks.settings import WebhookSettings
+from conveyor_scheduler.client_webhooks.settings import WebhookSettings
 
 
 def test_required_settings_stop_the_service(

@@ -1,6 +1,6 @@
 """Client webhooks: per-tenant signing secrets, endpoints, deliveries and their attempts.
 
-See conveyor_scheduler.webhooks.models for why each table and constraint exists (the comments are in
+See conveyor_scheduler.client_webhooks.models for why each table and constraint exists (the comments are in
 the catalog too).
 
 Revision ID: 0002_webhooks

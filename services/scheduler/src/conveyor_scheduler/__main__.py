@@ -26,10 +26,10 @@ from conveyor_common.service import register_grpc, serve_until_stopped, start_me
 from conveyor_common.settings import load_settings
 from conveyor_common.tracing import configure_tracing
 from conveyor_scheduler.app import SchedulerApp
+from conveyor_scheduler.client_webhooks.settings import WebhookSettings
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store.db import SchemaNotAtHead, check_schema, create_engine, migrate
-from conveyor_scheduler.webhooks.settings import WebhookSettings
 
 logger = logging.getLogger("conveyor_scheduler")
 

@@ -29,9 +29,10 @@ from conveyor_common.kafka import (
 )
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, RpcMetrics
-from conveyor_scheduler import webhooks
+from conveyor_scheduler import client_webhooks
 from conveyor_scheduler.api.provider import ProviderCoordinationServicer
 from conveyor_scheduler.api.servicer import SchedulerServicer
+from conveyor_scheduler.client_webhooks.secrets import reseal_secrets
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.loops import LeaderLoops
@@ -42,7 +43,6 @@ from conveyor_scheduler.results.consumer import results_batch_handler, results_h
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store.db import check_schema, create_engine
 from conveyor_scheduler.store.relay import OutboxRelay
-from conveyor_scheduler.webhooks.repository import reseal_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class SchedulerApp:
                     "conveyor.scheduler.v1.ProviderCoordinationService",
                 ),
             ]
-            bindings.append(webhooks.binding(self.core.sessionmaker))
+            bindings.append(client_webhooks.binding(self.core.sessionmaker))
             bindings.append(self.groups_binding)
             tls = s.internal_tls
             self.server = create_server(
@@ -154,7 +154,7 @@ class SchedulerApp:
         """Check the schema, then start every component."""
         if check:
             await check_schema(self.engine)
-        codec = webhooks.WebhookPolicy().codec
+        codec = client_webhooks.WebhookPolicy().codec
         if codec.keyring is None:
             logger.warning(
                 "SCHEDULER_WEBHOOK_SECRET_KEYS is unset: webhook signing secrets are stored in clear",

@@ -16,8 +16,8 @@ from conveyor_common.errors import (
     InvalidArgument,
 )
 from conveyor_common.vocabulary import KIND_NAME, PRIORITY_NAME
-from conveyor_scheduler.webhooks.rpcs import check_callback_url
-from conveyor_scheduler.webhooks.settings import WebhookPolicy
+from conveyor_scheduler.client_webhooks.rpcs import check_callback_url
+from conveyor_scheduler.client_webhooks.settings import WebhookPolicy
 
 MAX_ID_LEN = limits.ID_MAX_LENGTH
 MAX_BULK = limits.BULK_CEILING

@@ -5,7 +5,7 @@ like a missing one. Admin calls require ROLE_ADMIN (PERMISSION_DENIED otherwise)
 defensive (the gateway validates): garbage gets INVALID_ARGUMENT naming the fields, and writes nothing.
 Field paths are relative to the public request (``spec.max_attempts``), so the gateway relays them
 as they are.
-The five webhook RPCs come from the ``conveyor_scheduler.webhooks.WebhookRpcs`` mixin (it reads
+The five webhook RPCs come from the ``conveyor_scheduler.client_webhooks.WebhookRpcs`` mixin (it reads
 ``self.sessionmaker``).
 """
 
@@ -37,11 +37,11 @@ from conveyor_scheduler.admission.validation import (
     validate_item,
     webhook_url_violations,
 )
+from conveyor_scheduler.client_webhooks.rpcs import WebhookRpcs
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.convert import duration, from_ts, task_proto
-from conveyor_scheduler.webhooks.rpcs import WebhookRpcs
 
 logger = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ QUEUE_SHARDS = 16
 
 
 class Base(DeclarativeBase):
-    """Declarative base; the webhook models of ``conveyor_scheduler.webhooks`` share its metadata."""
+    """Declarative base; the webhook models of ``conveyor_scheduler.client_webhooks`` share its metadata."""
 
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 

@@ -22,14 +22,26 @@ from conveyor.scheduler.v1 import delivery_coordination_service_pb2_grpc as deli
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError
 from conveyor_common.grpc_server import ServiceBinding
-from conveyor_scheduler.webhooks import repository as repo
-from conveyor_scheduler.webhooks.rpcs import (
+from conveyor_scheduler.client_webhooks import deliveries
+from conveyor_scheduler.client_webhooks.deliveries import (
+    Outcome,
+    claim,
+    insert_deliveries,
+    report,
+)
+from conveyor_scheduler.client_webhooks.endpoints import (
+    ensure_task_endpoint,
+    task_endpoint,
+    tenant_endpoints_by_tenant,
+    wants,
+)
+from conveyor_scheduler.client_webhooks.rpcs import (
     MAX_ID_LENGTH,
     check_callback_url,
     event_type_violations,
     timestamp,
 )
-from conveyor_scheduler.webhooks.settings import WebhookPolicy
+from conveyor_scheduler.client_webhooks.settings import WebhookPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +93,14 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
         # One read for the whole call: an event of a tenant without endpoints, whose task has no
         # webhook of its own, costs no transaction at all.
         async with self.sessionmaker() as session:
-            endpoints = await repo.tenant_endpoints_by_tenant(
+            endpoints = await tenant_endpoints_by_tenant(
                 session, sorted({e.tenant_id for e in events})
             )
         for event in events:
             hook = event.task.spec.webhook if event.task.spec.HasField("webhook") else None
             own = hook is not None and bool(hook.url) and event.task.task_id in ("", event.task_id)
             wanted = [
-                e.id
-                for e in endpoints.get(event.tenant_id, ())
-                if repo.wants(e.event_types, event.type)
+                e.id for e in endpoints.get(event.tenant_id, ()) if wants(e.event_types, event.type)
             ]
             if not own and not wanted:
                 continue
@@ -98,9 +108,9 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
             async with self.sessionmaker() as session, session.begin():
                 targets = list(wanted)
                 if hook is not None and own:
-                    endpoint = await repo.task_endpoint(session, event.tenant_id, event.task_id)
+                    endpoint = await task_endpoint(session, event.tenant_id, event.task_id)
                     if endpoint is None:
-                        endpoint = await repo.ensure_task_endpoint(
+                        endpoint = await ensure_task_endpoint(
                             session,
                             tenant_id=event.tenant_id,
                             task_id=event.task_id,
@@ -108,9 +118,9 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
                             event_types=[int(t) for t in hook.events],
                             refusal=refusal,
                         )
-                    if endpoint.enabled and repo.wants(endpoint.event_types, event.type):
+                    if endpoint.enabled and wants(endpoint.event_types, event.type):
                         targets.append(endpoint.id)
-                created += await repo.insert_deliveries(session, event, targets)
+                created += await insert_deliveries(session, event, targets)
         return delivery_pb2.EnqueueDeliveriesResponse(created=created)
 
     async def _task_webhook_refusal(self, event: task_pb2.TaskEvent) -> str | None:
@@ -119,7 +129,7 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
         if not spec.HasField("webhook") or not spec.webhook.url:
             return None
         async with self.sessionmaker() as session:
-            if await repo.task_endpoint(session, event.tenant_id, event.task_id) is not None:
+            if await task_endpoint(session, event.tenant_id, event.task_id) is not None:
                 return None
         problems = event_type_violations([int(t) for t in spec.webhook.events])
         if problems:
@@ -156,7 +166,7 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
         if violations:
             raise InvalidArgument(violations)
         async with self.sessionmaker() as session, session.begin():
-            leases = await repo.claim(
+            leases = await claim(
                 session,
                 request.worker_id,
                 request.max_deliveries,
@@ -199,7 +209,7 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
         violations = []
         if not request.worker_id:
             violations.append(FieldViolation("worker_id", "required"))
-        outcomes: list[repo.Outcome] = []
+        outcomes: list[Outcome] = []
         for i, item in enumerate(request.outcomes):
             try:
                 delivery_id = uuid.UUID(item.delivery_id)
@@ -207,7 +217,7 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
                 violations.append(FieldViolation(f"outcomes[{i}].delivery_id", "not a valid id"))
                 continue
             outcomes.append(
-                repo.Outcome(
+                Outcome(
                     delivery_id=delivery_id,
                     delivered=item.delivered,
                     status_code=item.status_code,
@@ -225,7 +235,7 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
         applied = 0
         for outcome in outcomes:
             async with self.sessionmaker() as session, session.begin():
-                if await repo.report(session, request.worker_id, outcome):
+                if await report(session, request.worker_id, outcome):
                     applied += 1
         return delivery_pb2.ReportDeliveriesResponse(applied=applied)
 
@@ -236,11 +246,11 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
     ) -> delivery_pb2.GetDeliveryBacklogResponse:
         """Backlog counts."""
         async with self.sessionmaker() as session:
-            backlog = await repo.backlog(session)
+            counts = await deliveries.backlog(session)
         response = delivery_pb2.GetDeliveryBacklogResponse(
-            pending=backlog.pending, due=backlog.due, disabled_endpoints=backlog.disabled_endpoints
+            pending=counts.pending, due=counts.due, disabled_endpoints=counts.disabled_endpoints
         )
-        oldest = timestamp(backlog.oldest_due_at)
+        oldest = timestamp(counts.oldest_due_at)
         if oldest is not None:
             response.oldest_due_at.CopyFrom(oldest)
         return response

@@ -2,7 +2,7 @@
 
 ``class SchedulerServicer(WebhookRpcs, SchedulerServiceServicer)``: the mixin has no ``__init__``;
 it reads ``self.sessionmaker`` and, optionally, ``self.webhook_policy`` (a
-:class:`~conveyor_scheduler.webhooks.settings.WebhookPolicy`; built from ``SCHEDULER_WEBHOOK_*`` on
+:class:`~conveyor_scheduler.client_webhooks.settings.WebhookPolicy`; built from ``SCHEDULER_WEBHOOK_*`` on
 first use when absent). Every call is scoped to ``request.principal.tenant_id``: another tenant's
 endpoint is NOT_FOUND, exactly like a missing one.
 """
@@ -33,9 +33,17 @@ from conveyor_common.errors import (
     Unavailable,
 )
 from conveyor_common.ssrf import RefusalReason, UrlRefused, check_url
-from conveyor_scheduler.webhooks import repository as repo
-from conveyor_scheduler.webhooks.models import WebhookDelivery, WebhookEndpoint
-from conveyor_scheduler.webhooks.settings import WebhookPolicy
+from conveyor_scheduler.client_webhooks.deliveries import list_deliveries
+from conveyor_scheduler.client_webhooks.endpoints import (
+    count_live_endpoints,
+    create_endpoint,
+    delete_endpoint,
+    endpoint_by_request,
+    list_endpoints,
+)
+from conveyor_scheduler.client_webhooks.models import WebhookDelivery, WebhookEndpoint
+from conveyor_scheduler.client_webhooks.secrets import current_secret, lock_tenant, rotate_secret
+from conveyor_scheduler.client_webhooks.settings import WebhookPolicy
 
 MAX_ID_LENGTH = 200
 DEFAULT_PAGE_SIZE = 50
@@ -184,22 +192,22 @@ class WebhookRpcs:
             raise InvalidArgument(violations)
         if body.request_id:
             async with self.sessionmaker() as session:
-                existing = await repo.endpoint_by_request(session, tenant, body.request_id)
+                existing = await endpoint_by_request(session, tenant, body.request_id)
             if existing is not None:
                 return await self._replay_create(existing, body.url, events, tenant)
         await check_callback_url(body.url, policy)
         async with self.sessionmaker() as session, session.begin():
             # Concurrent creates of one tenant queue here, so the key check and the limit hold.
-            row = await repo.lock_tenant(session, tenant, policy.codec)
+            row = await lock_tenant(session, tenant, policy.codec)
             signing_secret = policy.codec.open(tenant, row.current_secret)
             if body.request_id:
-                existing = await repo.endpoint_by_request(session, tenant, body.request_id)
+                existing = await endpoint_by_request(session, tenant, body.request_id)
                 if existing is not None:
                     return await self._replay_create(
                         existing, body.url, events, tenant, signing_secret
                     )
             limit = policy.settings.max_endpoints_per_tenant
-            if await repo.count_live_endpoints(session, tenant) >= limit:
+            if await count_live_endpoints(session, tenant) >= limit:
                 raise ResourceExhausted(
                     [
                         QuotaViolation(
@@ -209,7 +217,7 @@ class WebhookRpcs:
                     ],
                     retry_after_seconds=0,
                 )
-            endpoint = await repo.create_endpoint(
+            endpoint = await create_endpoint(
                 session,
                 tenant_id=tenant,
                 url=body.url,
@@ -228,19 +236,19 @@ class WebhookRpcs:
         url: str,
         events: list[int],
         tenant: str,
-        current_secret: str | None = None,
+        signing_secret: str | None = None,
     ) -> pb.SchedulerServiceCreateWebhookEndpointResponse:
         if existing.url != url or list(existing.event_types) != events:
             raise FailedPrecondition(
                 "request_id was already used to create a different endpoint",
                 reason="IDEMPOTENCY_KEY_REUSED",
             )
-        if current_secret is None:
+        if signing_secret is None:
             async with self.sessionmaker() as session, session.begin():
-                current_secret = await repo.current_secret(session, tenant, self._policy().codec)
+                signing_secret = await current_secret(session, tenant, self._policy().codec)
         return pb.SchedulerServiceCreateWebhookEndpointResponse(
             response=webhook_service_pb2.CreateWebhookEndpointResponse(
-                endpoint=endpoint_message(existing), signing_secret=current_secret
+                endpoint=endpoint_message(existing), signing_secret=signing_secret
             )
         )
 
@@ -252,7 +260,7 @@ class WebhookRpcs:
         """The tenant's registered endpoints (no secrets)."""
         tenant = _tenant(request.principal)
         async with self.sessionmaker() as session:
-            rows = await repo.list_endpoints(session, tenant)
+            rows = await list_endpoints(session, tenant)
         return pb.SchedulerServiceListWebhookEndpointsResponse(
             response=webhook_service_pb2.ListWebhookEndpointsResponse(
                 endpoints=[endpoint_message(r) for r in rows]
@@ -272,7 +280,7 @@ class WebhookRpcs:
             raise InvalidArgument([FieldViolation("endpoint_id", "required")])
         endpoint_id = _parse_id(body.endpoint_id, "endpoint_id")
         async with self.sessionmaker() as session, session.begin():
-            found = await repo.delete_endpoint(session, tenant, endpoint_id)
+            found = await delete_endpoint(session, tenant, endpoint_id)
         if not found:
             raise NotFound("webhook endpoint", body.endpoint_id)
         return pb.SchedulerServiceDeleteWebhookEndpointResponse(
@@ -300,7 +308,7 @@ class WebhookRpcs:
                 ]
             )
         async with self.sessionmaker() as session, session.begin():
-            rotation = await repo.rotate_secret(
+            rotation = await rotate_secret(
                 session, tenant, body.request_id, overlap, self._policy().codec
             )
         response = webhook_service_pb2.RotateWebhookSecretResponse(signing_secret=rotation.secret)
@@ -329,7 +337,7 @@ class WebhookRpcs:
         size = body.page_size or DEFAULT_PAGE_SIZE
         async with self.sessionmaker() as session:
             rows = list(
-                await repo.list_deliveries(
+                await list_deliveries(
                     session,
                     tenant_id=tenant,
                     task_id=body.task_id,

@@ -5,10 +5,10 @@
 * :mod:`.models`: the tables (revision ``0002_webhooks``), on the scheduler's metadata.
 """
 
-from conveyor_scheduler.webhooks import models
-from conveyor_scheduler.webhooks.coordination import DeliveryCoordinationServicer, binding
-from conveyor_scheduler.webhooks.rpcs import WebhookRpcs
-from conveyor_scheduler.webhooks.settings import WebhookPolicy, WebhookSettings
+from conveyor_scheduler.client_webhooks import models
+from conveyor_scheduler.client_webhooks.coordination import DeliveryCoordinationServicer, binding
+from conveyor_scheduler.client_webhooks.rpcs import WebhookRpcs
+from conveyor_scheduler.client_webhooks.settings import WebhookPolicy, WebhookSettings
 
 __all__ = [
     "DeliveryCoordinationServicer",

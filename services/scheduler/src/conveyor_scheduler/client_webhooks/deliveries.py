@@ -1,4 +1,5 @@
-"""SQL of client webhooks: secrets, endpoints, deliveries (enqueue, claim, report, log).
+"""Client webhook deliveries: created per (endpoint, event), leased by the notifier (at most one per
+endpoint and task at a time, so per-task order holds), reported, listed and purged.
 
 Every function takes an ``AsyncSession`` inside a transaction the caller opened; times come from the
 database clock (``now()``) so every scheduler and notifier replica agrees.
@@ -9,17 +10,15 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any
+from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.tasks.v1 import task_pb2
-from conveyor_common.standard_webhooks import generate_secret
-from conveyor_common.vocabulary import TERMINAL_EVENT_TYPES
-from conveyor_scheduler.webhooks.models import (
+from conveyor_scheduler.client_webhooks.endpoints import fail_pending
+from conveyor_scheduler.client_webhooks.models import (
     DELIVERED,
     FAILED,
     PENDING,
@@ -28,302 +27,19 @@ from conveyor_scheduler.webhooks.models import (
     WebhookEndpoint,
     WebhookSecret,
 )
-from conveyor_scheduler.webhooks.settings import SecretCodec
-
-CLEAR = SecretCodec(None)
-"""No sealing (tests and callers without keys)."""
-
-
-def wants(event_types: Sequence[int], event_type: int) -> bool:
-    """Whether an endpoint subscribed to ``event_types`` receives ``event_type``."""
-    if not event_types:
-        return event_type in TERMINAL_EVENT_TYPES
-    return event_type in event_types
-
+from conveyor_scheduler.client_webhooks.secrets import CLEAR, current_secret
+from conveyor_scheduler.client_webhooks.settings import SecretCodec
 
 # --------------------------------------------------------------------------------------------
 # Secrets
-
-
-async def ensure_secret(
-    session: AsyncSession, tenant_id: str, codec: SecretCodec = CLEAR
-) -> WebhookSecret:
-    """The tenant's secret row (values as stored: sealed), created with a fresh secret when
-    missing."""
-    await session.execute(
-        insert(WebhookSecret)
-        .values(tenant_id=tenant_id, current_secret=codec.seal(tenant_id, generate_secret()))
-        .on_conflict_do_nothing(index_elements=[WebhookSecret.tenant_id])
-    )
-    row = await session.scalar(select(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id))
-    assert row is not None
-    return row
-
-
-async def current_secret(session: AsyncSession, tenant_id: str, codec: SecretCodec) -> str:
-    """The tenant's current signing secret in clear (created when missing)."""
-    return codec.open(tenant_id, (await ensure_secret(session, tenant_id, codec)).current_secret)
-
-
-async def reseal_secrets(session: AsyncSession, codec: SecretCodec, limit: int = 500) -> int:
-    """Rewrite stored secrets that are in clear or sealed under an older key with the current
-    key (after keys were configured or rotated); returns how many rows changed."""
-    if codec.keyring is None:
-        return 0
-    rows = (
-        await session.scalars(
-            select(WebhookSecret)
-            .with_for_update(skip_locked=True)
-            .order_by(WebhookSecret.tenant_id)
-        )
-    ).all()
-    changed = 0
-    for row in rows:
-        if changed >= limit:
-            break
-        touched = False
-        if codec.needs_reseal(row.current_secret):
-            row.current_secret = codec.seal(
-                row.tenant_id, codec.open(row.tenant_id, row.current_secret)
-            )
-            touched = True
-        if row.previous_secret and codec.needs_reseal(row.previous_secret):
-            row.previous_secret = codec.seal(
-                row.tenant_id, codec.open(row.tenant_id, row.previous_secret)
-            )
-            touched = True
-        changed += touched
-    return changed
-
-
-async def lock_tenant(
-    session: AsyncSession, tenant_id: str, codec: SecretCodec = CLEAR
-) -> WebhookSecret:
-    """The tenant's secret row, created when missing and locked until the transaction ends: it
-    serializes a tenant's endpoint creations (idempotency-key check and endpoint limit)."""
-    await ensure_secret(session, tenant_id, codec)
-    row = await session.scalar(
-        select(WebhookSecret)
-        .where(WebhookSecret.tenant_id == tenant_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    assert row is not None
-    return row
-
-
-@dataclass(frozen=True)
-class Rotation:
-    """Result of a rotation."""
-
-    secret: str
-    previous_valid_until: datetime | None
-
-
-async def rotate_secret(
-    session: AsyncSession,
-    tenant_id: str,
-    request_id: str,
-    overlap_seconds: int,
-    codec: SecretCodec = CLEAR,
-) -> Rotation:
-    """New current secret; the old one signs alongside for ``overlap_seconds``.
-
-    A replay of the latest rotation's request id returns its result without rotating again.
-    """
-    row = await session.scalar(
-        select(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id).with_for_update()
-    )
-    if row is None:
-        created = await ensure_secret(session, tenant_id, codec)
-        created.rotate_request_id = request_id or None
-        created.rotated_at = await session.scalar(select(func.now()))
-        return Rotation(codec.open(tenant_id, created.current_secret), None)
-    if request_id and row.rotate_request_id == request_id:
-        return Rotation(codec.open(tenant_id, row.current_secret), row.previous_valid_until)
-    now = await session.scalar(select(func.now()))
-    assert now is not None
-    until = now + timedelta(seconds=overlap_seconds)
-    fresh = generate_secret()
-    row.previous_secret = row.current_secret
-    row.previous_valid_until = until
-    row.current_secret = codec.seal(tenant_id, fresh)
-    row.rotate_request_id = request_id or None
-    row.rotated_at = now
-    return Rotation(fresh, until)
 
 
 # --------------------------------------------------------------------------------------------
 # Endpoints
 
 
-async def endpoint_by_request(
-    session: AsyncSession, tenant_id: str, request_id: str
-) -> WebhookEndpoint | None:
-    """The endpoint a previous create with this idempotency key made."""
-    result: WebhookEndpoint | None = await session.scalar(
-        select(WebhookEndpoint).where(
-            WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.request_id == request_id
-        )
-    )
-    return result
-
-
-async def count_live_endpoints(session: AsyncSession, tenant_id: str) -> int:
-    """Registered (tenant-wide, not deleted) endpoints of a tenant."""
-    count = await session.scalar(
-        select(func.count())
-        .select_from(WebhookEndpoint)
-        .where(
-            WebhookEndpoint.tenant_id == tenant_id,
-            WebhookEndpoint.deleted_at.is_(None),
-            WebhookEndpoint.task_id.is_(None),
-        )
-    )
-    return int(count or 0)
-
-
-async def create_endpoint(
-    session: AsyncSession,
-    *,
-    tenant_id: str,
-    url: str,
-    event_types: Sequence[int],
-    request_id: str,
-) -> WebhookEndpoint:
-    """Insert a tenant-wide endpoint."""
-    endpoint = WebhookEndpoint(
-        id=uuid.uuid4(),
-        tenant_id=tenant_id,
-        url=url,
-        event_types=list(event_types),
-        enabled=True,
-        request_id=request_id or None,
-        consecutive_failures=0,
-    )
-    session.add(endpoint)
-    await session.flush()
-    await session.refresh(endpoint)
-    return endpoint
-
-
-async def list_endpoints(session: AsyncSession, tenant_id: str) -> Sequence[WebhookEndpoint]:
-    """Live registered endpoints of a tenant, oldest first."""
-    rows = await session.scalars(
-        select(WebhookEndpoint)
-        .where(
-            WebhookEndpoint.tenant_id == tenant_id,
-            WebhookEndpoint.deleted_at.is_(None),
-            WebhookEndpoint.task_id.is_(None),
-        )
-        .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
-    )
-    return rows.all()
-
-
-async def delete_endpoint(session: AsyncSession, tenant_id: str, endpoint_id: uuid.UUID) -> bool:
-    """Soft-delete a registered endpoint and fail its pending deliveries; False when not found."""
-    endpoint = await session.scalar(
-        select(WebhookEndpoint)
-        .where(
-            WebhookEndpoint.id == endpoint_id,
-            WebhookEndpoint.tenant_id == tenant_id,
-            WebhookEndpoint.task_id.is_(None),
-        )
-        .with_for_update()
-    )
-    if endpoint is None:
-        return False
-    if endpoint.deleted_at is None:
-        now = await session.scalar(select(func.now()))
-        assert now is not None
-        endpoint.deleted_at = now
-        endpoint.updated_at = now
-        await _fail_pending(session, endpoint_id, "endpoint deleted")
-    return True
-
-
-async def _fail_pending(session: AsyncSession, endpoint_id: uuid.UUID, reason: str) -> None:
-    await session.execute(
-        update(WebhookDelivery)
-        .where(WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.state == PENDING)
-        .values(
-            state=FAILED,
-            next_attempt_at=None,
-            lease_owner=None,
-            lease_until=None,
-            last_error=reason,
-            updated_at=func.now(),
-        )
-    )
-
-
-async def task_endpoint(
-    session: AsyncSession, tenant_id: str, task_id: str
-) -> WebhookEndpoint | None:
-    """The per-task endpoint of a task, if one was made."""
-    result: WebhookEndpoint | None = await session.scalar(
-        select(WebhookEndpoint).where(
-            WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.task_id == task_id
-        )
-    )
-    return result
-
-
-async def ensure_task_endpoint(
-    session: AsyncSession,
-    *,
-    tenant_id: str,
-    task_id: str,
-    url: str,
-    event_types: Sequence[int],
-    refusal: str | None,
-) -> WebhookEndpoint:
-    """The per-task endpoint of a task (from TaskSpec.webhook); disabled when its URL was refused."""
-    values: dict[str, Any] = {
-        "id": uuid.uuid4(),
-        "tenant_id": tenant_id,
-        "task_id": task_id,
-        "url": url,
-        "event_types": list(event_types),
-        "enabled": refusal is None,
-        "disabled_reason": None if refusal is None else f"url refused: {refusal}"[:500],
-        "disabled_at": None if refusal is None else func.now(),
-    }
-    await session.execute(
-        insert(WebhookEndpoint)
-        .values(**values)
-        .on_conflict_do_nothing(
-            index_elements=[WebhookEndpoint.tenant_id, WebhookEndpoint.task_id],
-            index_where=text("task_id IS NOT NULL"),
-        )
-    )
-    endpoint = await task_endpoint(session, tenant_id, task_id)
-    assert endpoint is not None
-    return endpoint
-
-
 # --------------------------------------------------------------------------------------------
 # Deliveries
-
-
-async def tenant_endpoints_by_tenant(
-    session: AsyncSession, tenant_ids: Sequence[str]
-) -> dict[str, list[WebhookEndpoint]]:
-    """Enabled, live, tenant-wide endpoints of several tenants in one query (tenants without any
-    are absent)."""
-    rows = await session.scalars(
-        select(WebhookEndpoint).where(
-            WebhookEndpoint.tenant_id.in_(list(tenant_ids)),
-            WebhookEndpoint.deleted_at.is_(None),
-            WebhookEndpoint.task_id.is_(None),
-            WebhookEndpoint.enabled.is_(True),
-        )
-    )
-    out: dict[str, list[WebhookEndpoint]] = {}
-    for endpoint in rows.all():
-        out.setdefault(endpoint.tenant_id, []).append(endpoint)
-    return out
 
 
 async def insert_deliveries(
@@ -551,7 +267,7 @@ async def report(session: AsyncSession, worker_id: str, outcome: Outcome) -> boo
             endpoint.disabled_at = now
             endpoint.disabled_reason = (outcome.disabled_reason or "kept failing")[:1000]
         await session.flush()
-        await _fail_pending(session, endpoint.id, "endpoint disabled")
+        await fail_pending(session, endpoint.id, "endpoint disabled")
         return True
     if outcome.retry_at is not None:
         delivery.next_attempt_at = outcome.retry_at

@@ -11,9 +11,9 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from conveyor_common.sealing import Keyring, SealingError
+from conveyor_scheduler.client_webhooks.secrets import current_secret, reseal_secrets, rotate_secret
+from conveyor_scheduler.client_webhooks.settings import SecretCodec, WebhookSettings
 from conveyor_scheduler.store import db
-from conveyor_scheduler.webhooks import repository as repo
-from conveyor_scheduler.webhooks.settings import SecretCodec, WebhookSettings
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -54,7 +54,7 @@ async def test_secrets_are_sealed_and_survive_a_key_rotation(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     async with sessions() as session, session.begin():
-        secret = await repo.current_secret(session, "acme", codec(K1))
+        secret = await current_secret(session, "acme", codec(K1))
     assert secret.startswith("whsec_")
     current, _ = await stored(sessions, "acme")
     assert current.startswith("sealed:v1:k1:")
@@ -64,19 +64,19 @@ async def test_secrets_are_sealed_and_survive_a_key_rotation(
     # Rotation of the sealing key: the new key first, the old one still opens.
     rotated = codec(K2, K1)
     async with sessions() as session, session.begin():
-        assert await repo.current_secret(session, "acme", rotated) == secret
-        assert await repo.reseal_secrets(session, rotated) == 1
-        assert await repo.reseal_secrets(session, rotated) == 0
+        assert await current_secret(session, "acme", rotated) == secret
+        assert await reseal_secrets(session, rotated) == 1
+        assert await reseal_secrets(session, rotated) == 0
     current, _ = await stored(sessions, "acme")
     assert current.startswith("sealed:v1:k2:")
     async with sessions() as session, session.begin():
-        assert await repo.current_secret(session, "acme", codec(K2)) == secret
+        assert await current_secret(session, "acme", codec(K2)) == secret
         with pytest.raises(SealingError):
-            await repo.current_secret(session, "acme", codec(K1))
+            await current_secret(session, "acme", codec(K1))
 
     # A rotation of the signing secret keeps the previous one, sealed too, for the overlap.
     async with sessions() as session, session.begin():
-        rotation = await repo.rotate_secret(session, "acme", "rot-1", 3600, codec(K2))
+        rotation = await rotate_secret(session, "acme", "rot-1", 3600, codec(K2))
     assert rotation.secret != secret
     current, previous = await stored(sessions, "acme")
     assert previous is not None
@@ -93,15 +93,15 @@ async def test_secrets_stored_in_clear_are_sealed_once_keys_are_configured(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
     async with sessions() as session, session.begin():
-        secret = await repo.current_secret(session, "legacy", SecretCodec(None))
+        secret = await current_secret(session, "legacy", SecretCodec(None))
     assert (await stored(sessions, "legacy"))[0] == secret
     async with sessions() as session, session.begin():
-        assert await repo.reseal_secrets(session, codec(K1)) == 1
+        assert await reseal_secrets(session, codec(K1)) == 1
     assert (await stored(sessions, "legacy"))[0].startswith("sealed:v1:k1:")
     async with sessions() as session, session.begin():
-        assert await repo.current_secret(session, "legacy", codec(K1)) == secret
+        assert await current_secret(session, "legacy", codec(K1)) == secret
         with pytest.raises(SealingError, match="unset"):
-            await repo.current_secret(session, "legacy", SecretCodec(None))
+            await current_secret(session, "legacy", SecretCodec(None))
 
 
 def test_bad_sealing_keys_stop_the_scheduler_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
