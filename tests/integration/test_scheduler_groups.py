@@ -26,8 +26,8 @@ from conveyor_scheduler.dispatch.cycle import Dispatcher
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.loops import LeaderLoops
 from conveyor_scheduler.dispatch.wakeups import Wakeups
-from conveyor_scheduler.groups import store
 from conveyor_scheduler.groups.service import GroupCore
+from conveyor_scheduler.groups.store import events_after, list_groups
 from conveyor_scheduler.store import db
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -53,7 +53,7 @@ class Env:
     async def events(self, group_id: str) -> list[group_pb2.GroupEvent]:
         out = []
         async with self.core.engine.connect() as conn:
-            payloads = await store.events_after(conn, uuid.UUID(group_id), 0, 1000)
+            payloads = await events_after(conn, uuid.UUID(group_id), 0, 1000)
         for payload in payloads:
             ev = group_pb2.GroupEvent()
             ev.ParseFromString(payload)
@@ -263,10 +263,10 @@ async def test_group_cursor_and_list(env: Env) -> None:
     for i in range(3):
         await env.groups.create("t1", 1, f"l{i}", group_spec(1))
     async with env.core.engine.connect() as conn:
-        page, token = await store.list_groups(
+        page, token = await list_groups(
             conn, "t1", statuses=[], created_after=None, page_size=2, page_token=""
         )
-        rest, end = await store.list_groups(
+        rest, end = await list_groups(
             conn, "t1", statuses=[], created_after=None, page_size=2, page_token=token
         )
     assert len(page) == 2

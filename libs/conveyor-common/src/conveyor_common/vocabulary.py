@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from typing import Protocol
 
 from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
-from conveyor.tasks.v1 import task_pb2
+from conveyor.tasks.v1 import group_pb2, task_pb2
 
 
 class _EnumWrapper(Protocol):
@@ -91,3 +91,20 @@ PROCEED = provider_pb2.SUBMIT_DECISION_PROCEED
 STOP = provider_pb2.SUBMIT_DECISION_STOP
 ALREADY_SUBMITTED = provider_pb2.SUBMIT_DECISION_ALREADY_SUBMITTED
 RECONCILE = provider_pb2.SUBMIT_DECISION_RECONCILE
+
+# Task groups (conveyor.tasks.v1 GroupStatus, GroupPolicy and GroupEventType numbers).
+GROUP_STATUS_NAME = names(group_pb2.GroupStatus, "GROUP_STATUS_")
+GROUP_POLICY_NAME = names(group_pb2.GroupPolicy, "GROUP_POLICY_")
+G_RUNNING = group_pb2.GROUP_STATUS_RUNNING
+G_SUCCEEDED = group_pb2.GROUP_STATUS_SUCCEEDED
+G_PARTIALLY_FAILED = group_pb2.GROUP_STATUS_PARTIALLY_FAILED
+G_FAILED = group_pb2.GROUP_STATUS_FAILED
+G_CANCELED = group_pb2.GROUP_STATUS_CANCELED
+G_TERMINAL = (G_SUCCEEDED, G_PARTIALLY_FAILED, G_FAILED, G_CANCELED)
+POLICY_ALL_SETTLED = group_pb2.GROUP_POLICY_ALL_SETTLED
+POLICY_FAIL_FAST = group_pb2.GROUP_POLICY_FAIL_FAST
+GROUP_EV_CREATED = group_pb2.GROUP_EVENT_TYPE_CREATED
+GROUP_EV_CHILD = group_pb2.GROUP_EVENT_TYPE_CHILD
+GROUP_EV_CANCEL_REQUESTED = group_pb2.GROUP_EVENT_TYPE_CANCEL_REQUESTED
+GROUP_EV_COMPLETED = group_pb2.GROUP_EVENT_TYPE_COMPLETED
+GROUP_EV_FOLLOW_UP = group_pb2.GROUP_EVENT_TYPE_FOLLOW_UP_SUBMITTED

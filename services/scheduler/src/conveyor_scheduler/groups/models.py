@@ -30,11 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
+from conveyor_common.vocabulary import GROUP_POLICY_NAME, GROUP_STATUS_NAME, between
 from conveyor_scheduler.store.models import Base
-
-G_RUNNING, G_SUCCEEDED, G_PARTIALLY_FAILED, G_FAILED, G_CANCELED = 1, 2, 3, 4, 5
-G_TERMINAL = (G_SUCCEEDED, G_PARTIALLY_FAILED, G_FAILED, G_CANCELED)
-POLICY_ALL_SETTLED, POLICY_FAIL_FAST = 1, 2
 
 
 class TaskGroup(Base):
@@ -42,8 +39,8 @@ class TaskGroup(Base):
 
     __tablename__ = "task_groups"
     __table_args__ = (
-        CheckConstraint("status BETWEEN 1 AND 5", name="status_range"),
-        CheckConstraint("policy BETWEEN 1 AND 2", name="policy_range"),
+        CheckConstraint(between("status", GROUP_STATUS_NAME), name="status_range"),
+        CheckConstraint(between("policy", GROUP_POLICY_NAME), name="policy_range"),
         CheckConstraint(
             "total >= 1 AND done >= 0 AND done <= total AND succeeded + failed + canceled = done"
             " AND running >= 0 AND queued >= 0 AND running + queued + done = total",

@@ -18,22 +18,25 @@ from conveyor.scheduler.v1 import group_service_pb2_grpc as gpb_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2 as spb
 from conveyor.tasks.v1 import group_pb2, group_service_pb2
 from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError
+from conveyor_common.vocabulary import GROUP_STATUS_NAME
 from conveyor_scheduler.admission.validation import validate_item
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.core import SchedulerCore
-from conveyor_scheduler.groups import store
-from conveyor_scheduler.groups.models import G_TERMINAL
+from conveyor_scheduler.groups.cancel import cancel_children, request_cancel
+from conveyor_scheduler.groups.events import group_proto
+from conveyor_scheduler.groups.follow_up import pending_work, submit_follow_up
+from conveyor_scheduler.groups.store import (
+    child_ids,
+    create_group,
+    events_after,
+    list_groups,
+    load_group,
+    stream_finished,
+    work_available,
+)
 from conveyor_scheduler.store.convert import from_ts
 
 logger = logging.getLogger(__name__)
-
-GROUP_STATUS_NAMES = {
-    1: "running",
-    2: "succeeded",
-    3: "partially_failed",
-    4: "failed",
-    5: "canceled",
-}
 
 
 class GroupMetrics:
@@ -79,7 +82,7 @@ class GroupCore:
         core = self.core
         try:
             async with core.engine.begin() as conn:
-                row, ids, dedup = await store.create_group(
+                row, ids, dedup = await create_group(
                     conn,
                     tenant_id=tenant_id,
                     claimed_tier=tier or 1,
@@ -100,32 +103,32 @@ class GroupCore:
             if self.metrics is not None:
                 self.metrics.created.inc()
                 self.metrics.children.inc(len(ids))
-        return store.group_proto(row, ids), dedup
+        return group_proto(row, ids), dedup
 
     async def get(self, tenant_id: str, group_id: str) -> group_pb2.Group:
         """GetGroup."""
         async with self.core.engine.connect() as conn:
-            row = await store.load_group(conn, group_id, tenant_id)
-            ids = await store.child_ids(conn, row["id"])
-        return store.group_proto(row, ids)
+            row = await load_group(conn, group_id, tenant_id)
+            ids = await child_ids(conn, row["id"])
+        return group_proto(row, ids)
 
     async def cancel(self, tenant_id: str, group_id: str, reason: str) -> group_pb2.Group:
         """CancelGroup: mark, then cancel every child in a second transaction (the worker
         finishes the second step if this replica dies between the two)."""
         async with self.core.engine.begin() as conn:
-            row = await store.request_cancel(conn, group_id, tenant_id, reason, utcnow())
+            row = await request_cancel(conn, group_id, tenant_id, reason, utcnow())
         if row["cancel_pending"]:
             await self._cancel_children(row["id"])
         return await self.get(tenant_id, group_id)
 
     async def _cancel_children(self, gid: uuid.UUID) -> None:
         async with self.core.engine.begin() as conn:
-            changes = await store.cancel_children(conn, gid, utcnow())
+            changes = await cancel_children(conn, gid, utcnow())
         self.core._after(changes, poke=bool(changes.free_slots or changes.outbox))
 
     async def _follow_up(self, gid: uuid.UUID) -> None:
         async with self.core.engine.begin() as conn:
-            row = await store.submit_follow_up(
+            row = await submit_follow_up(
                 conn, gid, policy=self.core.policy, settings=self.core.settings, now=utcnow()
             )
         if row is not None:
@@ -151,8 +154,8 @@ class GroupCore:
         interval = self.core.settings.maintenance_seconds
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(store.work_available.wait(), timeout=interval)
-            store.work_available.clear()
+                await asyncio.wait_for(work_available.wait(), timeout=interval)
+            work_available.clear()
             try:
                 await self.run_once()
             except Exception:
@@ -164,7 +167,7 @@ class GroupCore:
     async def run_once(self) -> int:
         """Cancel pending children and submit owed follow-ups; returns the groups handled."""
         async with self.core.engine.connect() as conn:
-            work = await store.pending_work(conn)
+            work = await pending_work(conn)
         for gid, what in work:
             if what == "cancel":
                 await self._cancel_children(gid)
@@ -186,12 +189,12 @@ class GroupCore:
             )
             seen = set()
             for status, n, avg in rows:
-                name = GROUP_STATUS_NAMES.get(status, str(status))
+                name = GROUP_STATUS_NAME.get(status, str(status))
                 seen.add(name)
                 self.metrics.groups.labels(name).set(n)
                 if status == 1:
                     self.metrics.running_progress.set(avg or 0.0)
-            for name in GROUP_STATUS_NAMES.values():
+            for name in GROUP_STATUS_NAME.values():
                 if name not in seen:
                     self.metrics.groups.labels(name).set(0)
             if "running" not in seen:
@@ -280,7 +283,7 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
         if not 1 <= size <= 500:
             raise InvalidArgument([FieldViolation("page_size", "must be 0-500")])
         async with self.groups.core.engine.connect() as conn:
-            rows, token = await store.list_groups(
+            rows, token = await list_groups(
                 conn,
                 tenant,
                 statuses=[int(x) for x in r.statuses],
@@ -290,7 +293,7 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
             )
         return gpb.TaskGroupServiceListGroupsResponse(
             response=group_service_pb2.ListGroupsResponse(
-                groups=[store.group_proto(row) for row in rows], next_page_token=token
+                groups=[group_proto(row) for row in rows], next_page_token=token
             )
         )
 
@@ -317,10 +320,10 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
                 [FieldViolation("limit", "1-1000 (0 = 500); after_sequence must be >= 0")]
             )
         async with self.groups.core.engine.connect() as conn:
-            row = await store.load_group(conn, request.group_id, tenant)
-            payloads = await store.events_after(conn, row["id"], request.after_sequence, limit)
+            row = await load_group(conn, request.group_id, tenant)
+            payloads = await events_after(conn, row["id"], request.after_sequence, limit)
         out = gpb.GetGroupEventsResponse(
-            finished=store.stream_finished(row), last_sequence=row["last_sequence"]
+            finished=stream_finished(row), last_sequence=row["last_sequence"]
         )
         for p in payloads:
             out.events.add().ParseFromString(p)
@@ -343,4 +346,4 @@ def binding(core: SchedulerCore, registry: CollectorRegistry | None) -> tuple[An
     )
 
 
-__all__ = ["G_TERMINAL", "GroupCore", "TaskGroupServicer", "binding"]
+__all__ = ["GroupCore", "TaskGroupServicer", "binding"]

@@ -272,7 +272,7 @@ class Changes:
             await insert_rows(conn, "task_events", self.events)
             await insert_rows(conn, "outbox", self.outbox)
         if any(r.get("group_id") is not None for r in self.dirty.values()):
-            from conveyor_scheduler.groups.store import on_flush  # task groups' aggregate
+            from conveyor_scheduler.groups.aggregate import on_flush  # task groups' aggregate
 
             await on_flush(conn, self)
 
