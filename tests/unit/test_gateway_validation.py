@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 
 import pytest
@@ -11,8 +13,9 @@ from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor_common import limits
-from conveyor_common.errors import InvalidArgument
-from conveyor_gateway.validation import Limits, UrlPolicy, Validator, model_ref_problem
+from conveyor_common.errors import InvalidArgument, Unavailable
+from conveyor_common.ssrf import UrlPolicy
+from conveyor_gateway.validation import Limits, Validator, model_ref_problem
 
 VERSION = "a" * 64
 
@@ -198,18 +201,24 @@ async def test_every_resolved_address_must_be_public() -> None:
     assert "10.0.0.7" in found
 
 
-async def test_slow_dns_is_a_violation_not_a_hang() -> None:
-    import asyncio
+async def test_slow_or_failing_dns_is_unavailable_not_a_hang() -> None:
+    """A DNS outage is no fault of the request: UNAVAILABLE with RetryInfo, as at the scheduler."""
 
     async def slow(host: str, port: int) -> list[str]:
         await asyncio.sleep(5)
         return ["93.184.216.34"]
 
-    found = await webhook_problem(
-        "https://slow.example/hook", UrlPolicy(dns_timeout=0.05, resolver=slow)
-    )
-    assert found is not None
-    assert "timed out" in found
+    async def try_again(host: str, port: int) -> list[str]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    for policy, words in (
+        (UrlPolicy(dns_timeout=0.05, resolver=slow), "timed out"),
+        (UrlPolicy(resolver=try_again), "temporarily"),
+    ):
+        with pytest.raises(Unavailable) as exc:
+            await Validator(url_policy=policy).check(webhook_request("https://slow.example/h"))
+        assert words in exc.value.message
+        assert exc.value.retry_after_seconds == pytest.approx(5.0)
 
 
 async def test_bulk_cancel_needs_a_selector() -> None:

@@ -332,3 +332,49 @@ async def check_url(
             RefusalReason.RESOLVER_UNAVAILABLE, f"{target.host}: DNS failed: {exc}"
         ) from None
     return check_addresses(target, addresses, allow)
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """The one URL policy of Conveyor: the gateway applies it at submit, the scheduler to webhook
+    endpoints and per-task webhooks, the notifier (through :func:`check_addresses`) at delivery.
+
+    https only (http only to allow-listed hosts), no userinfo or ambiguous IP spellings, and every
+    address the host resolves to must be public unless the host or address is allow-listed. DNS is
+    bounded by ``dns_timeout``; a temporary DNS failure or a timeout is
+    :attr:`RefusalReason.RESOLVER_UNAVAILABLE` (the caller answers UNAVAILABLE: retry later), any
+    other refusal is definitive (INVALID_ARGUMENT).
+    """
+
+    allow: AllowList = field(default_factory=AllowList)
+    dns_timeout: float = 2.0
+    resolver: Resolver = system_resolver
+
+    @classmethod
+    def from_entries(
+        cls,
+        entries: Sequence[str],
+        *,
+        dns_timeout: float = 2.0,
+        resolver: Resolver = system_resolver,
+    ) -> UrlPolicy:
+        """Build from allow-list entries: host names, addresses or CIDRs."""
+        return cls(AllowList.parse(list(entries)), dns_timeout, resolver)
+
+    def syntax(self, url: str) -> Target:
+        """Syntax checks without DNS; raises :class:`UrlRefused`."""
+        target = parse_url(url)
+        if target.scheme != "https" and not self.allow:
+            raise _refuse(RefusalReason.SCHEME, "url must use https")
+        return target
+
+    async def check(self, url: str) -> ResolvedTarget:
+        """Parse, resolve (within ``dns_timeout``) and check ``url``; raises :class:`UrlRefused`."""
+        try:
+            async with asyncio.timeout(self.dns_timeout):
+                return await check_url(url, self.allow, self.resolver)
+        except TimeoutError:
+            host = parse_url(url).host
+            raise _refuse(
+                RefusalReason.RESOLVER_UNAVAILABLE, f"{host}: DNS resolution timed out"
+            ) from None

@@ -20,6 +20,7 @@ from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_common.channels import client_options
 from conveyor_common.grpc_server import GrpcService, ServiceBinding, create_server
 from conveyor_common.metrics import RpcMetrics
+from conveyor_common.ssrf import UrlPolicy
 from conveyor_common.tls import open_channel
 from conveyor_gateway.auth import AuthInterceptor, RateLimiter, TokenVerifier
 from conveyor_gateway.coalesce import SubmitCoalescer
@@ -28,7 +29,7 @@ from conveyor_gateway.groups import binding as group_binding
 from conveyor_gateway.jwks import JwksKeys
 from conveyor_gateway.servicers import AdminServicer, TaskServicer, WebhookServicer
 from conveyor_gateway.settings import GatewaySettings
-from conveyor_gateway.validation import Limits, UrlPolicy, Validator
+from conveyor_gateway.validation import Limits, Validator
 from conveyor_gateway.watch import TaskWatcher, WatchConfig
 
 logger = logging.getLogger(__name__)

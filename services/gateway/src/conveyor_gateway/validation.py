@@ -43,17 +43,8 @@ from conveyor.tasks.v1 import (
     webhook_service_pb2 as hook_pb2,
 )
 from conveyor_common import limits
-from conveyor_common.errors import FieldViolation, InvalidArgument
-from conveyor_common.ssrf import (
-    AllowList,
-    RefusalReason,
-    Resolver,
-    Target,
-    UrlRefused,
-    check_addresses,
-    parse_url,
-    system_resolver,
-)
+from conveyor_common.errors import FieldViolation, InvalidArgument, Unavailable
+from conveyor_common.ssrf import RefusalReason, Target, UrlPolicy, UrlRefused
 from conveyor_common.textcheck import JsonBounds, merge_violations, text_violations
 from conveyor_gateway.auth import TENANT_ID_RE
 
@@ -80,6 +71,8 @@ MAX_WEBHOOK_EVENTS = 32
 MAX_FILTER_VALUES = 32
 MAX_BULK_TASK_IDS = 10_000
 MAX_URLS_PER_REQUEST = 64
+DNS_RETRY_SECONDS = 5.0
+"""RetryInfo of a submit whose webhook host could not be resolved for now."""
 TIMESTAMP_MIN = -62135596800  # 0001-01-01T00:00:00Z
 TIMESTAMP_MAX = 253402300799  # 9999-12-31T23:59:59Z
 
@@ -107,52 +100,6 @@ def target_ref_problem(value: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # URL policy
-
-
-@dataclass(frozen=True)
-class UrlPolicy:
-    """What URLs may point at: the shared SSRF policy (:mod:`conveyor_common.ssrf`) plus a DNS limit.
-
-    https only (http only to allow-listed hosts), no userinfo or ambiguous IP spellings, and every
-    address the host resolves to must be public unless the host or address is allow-listed.
-    """
-
-    allow: AllowList = field(default_factory=AllowList)
-    dns_timeout: float = 2.0
-    resolver: Resolver = system_resolver
-
-    @classmethod
-    def from_entries(cls, entries: list[str], *, dns_timeout: float = 2.0) -> UrlPolicy:
-        """Build from ``url_allowed_hosts`` entries: host names, addresses or CIDRs."""
-        return cls(AllowList.parse(entries), dns_timeout)
-
-    def syntax(self, url: str) -> Target:
-        """Syntax checks without DNS; raises :class:`UrlRefused`."""
-        target = parse_url(url)
-        if target.scheme != "https" and not self.allow:
-            raise UrlRefused(RefusalReason.SCHEME, "url must use https")
-        return target
-
-    async def resolve(self, target: Target) -> str | None:
-        """Resolve and check every address; None when the URL may be used, else why not."""
-        try:
-            if target.literal is not None:
-                check_addresses(target, [target.literal], self.allow)
-                return None
-            try:
-                addresses = await asyncio.wait_for(
-                    self.resolver(target.host, target.port), timeout=self.dns_timeout
-                )
-            except TimeoutError:
-                return f"{target.host}: DNS resolution timed out"
-            except OSError:
-                return f"{target.host} does not resolve"
-            check_addresses(target, addresses, self.allow)
-        except UrlRefused as exc:
-            return exc.message
-        except ValueError:
-            return f"{target.host} resolves to an unusable address"
-        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -843,12 +790,23 @@ class Validator:
         return merge_violations(text_violations(request, bounds), ctx.violations, ctx.urls)
 
     async def check(self, request: Message) -> None:
-        """Raise InvalidArgument naming every bad field of ``request``."""
+        """Raise InvalidArgument naming every bad field of ``request`` (UNAVAILABLE with RetryInfo
+        when a URL's host could not be resolved for now: DNS down or slow, retry later)."""
         violations, urls = self.violations(request)
         if urls:
-            problems = await asyncio.gather(*(self.url_policy.resolve(t) for _, t in urls))
-            for (path, _), problem in zip(urls, problems, strict=True):
-                if problem is not None:
-                    violations.append(FieldViolation(field=path, description=problem))
+            outcomes = await asyncio.gather(
+                *(self.url_policy.check(t.url) for _, t in urls), return_exceptions=True
+            )
+            unavailable: list[str] = []
+            for (path, _), outcome in zip(urls, outcomes, strict=True):
+                if isinstance(outcome, UrlRefused):
+                    if outcome.reason is RefusalReason.RESOLVER_UNAVAILABLE:
+                        unavailable.append(f"{path}: {outcome.message}")
+                    else:
+                        violations.append(FieldViolation(field=path, description=outcome.message))
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+            if unavailable and not violations:
+                raise Unavailable("; ".join(unavailable), retry_after_seconds=DNS_RETRY_SECONDS)
         if violations:
             raise InvalidArgument(violations)

@@ -9,7 +9,6 @@ endpoint is NOT_FOUND, exactly like a missing one.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -32,7 +31,7 @@ from conveyor_common.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from conveyor_common.ssrf import RefusalReason, UrlRefused, check_url
+from conveyor_common.ssrf import RefusalReason, UrlRefused
 from conveyor_scheduler.client_webhooks.deliveries import list_deliveries
 from conveyor_scheduler.client_webhooks.endpoints import (
     count_live_endpoints,
@@ -135,10 +134,7 @@ async def check_callback_url(url: str, policy: WebhookPolicy, field: str = "url"
     blocks on DNS), bounded by ``dns_timeout_seconds`` (UNAVAILABLE when it runs out).
     """
     try:
-        async with asyncio.timeout(policy.settings.dns_timeout_seconds):
-            await check_url(url, policy.allow, policy.resolver)
-    except TimeoutError:
-        raise Unavailable(f"{field}: DNS resolution timed out", retry_after_seconds=5) from None
+        await policy.url_policy.check(url)
     except UrlRefused as exc:
         if exc.reason is RefusalReason.RESOLVER_UNAVAILABLE:
             raise Unavailable(f"{field}: {exc.message}", retry_after_seconds=5) from None

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from conveyor_common.sealing import Keyring, SealingError, is_sealed
-from conveyor_common.ssrf import AllowList, Resolver, system_resolver
+from conveyor_common.ssrf import AllowList, Resolver, UrlPolicy, system_resolver
 
 
 class WebhookSettings(BaseSettings):
@@ -81,6 +81,11 @@ class WebhookPolicy:
     def allow(self) -> AllowList:
         """The parsed allow-list."""
         return AllowList.parse(self.settings.allow_hosts)
+
+    @cached_property
+    def url_policy(self) -> UrlPolicy:
+        """The shared URL policy (conveyor_common.ssrf) with this allow-list and DNS bound."""
+        return UrlPolicy(self.allow, self.settings.dns_timeout_seconds, self.resolver)
 
     @cached_property
     def codec(self) -> SecretCodec:
