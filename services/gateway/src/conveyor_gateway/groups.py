@@ -34,13 +34,11 @@ from conveyor_common.grpc_server import ServiceBinding
 from conveyor_gateway.auth import Principal, current_principal
 from conveyor_gateway.downstream import SchedulerClient
 from conveyor_gateway.forwarding import handler
-from conveyor_gateway.validation import (
+from conveyor_gateway.validation import TABLES, Validator
+from conveyor_gateway.validation.checks import (
     MAX_FILTER_VALUES,
-    TABLES,
-    TASK_SPEC,
     Ctx,
     Table,
-    Validator,
     int_range,
     nested,
     page_size,
@@ -48,10 +46,10 @@ from conveyor_gateway.validation import (
     reason,
     repeated_enum,
     request_id,
-    spec_labels,
     timestamp,
     validate,
 )
+from conveyor_gateway.validation.tasks import TASK_SPEC, spec_labels
 from conveyor_gateway.watch import WatchConfig
 
 logger = logging.getLogger(__name__)
@@ -113,7 +111,7 @@ CREATE_GROUP: Table = {
 
 def group_id(msg: Message, path: str, ctx: Ctx) -> None:
     """A UUID."""
-    from conveyor_gateway.validation import UUID_RE
+    from conveyor_gateway.validation.checks import UUID_RE
 
     value: str = getattr(msg, path.rsplit(".", 1)[-1])
     if not value:
