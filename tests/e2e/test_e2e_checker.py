@@ -11,7 +11,7 @@ from typing import Any
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_devstack.demo import DemoTask, limit_peaks, workload
-from conveyor_devstack.system import _target, metric_value
+from conveyor_devstack.system import metric_value, target_of
 from tests.e2e.checker import History, Limits, Report, TaskMeta, check, peak_slots
 
 S = task_pb2
@@ -171,8 +171,8 @@ def test_metric_parsing_and_grpc_targets() -> None:
     assert metric_value(text, "conveyor_scheduler_leader") == 1.0
     assert metric_value(text, "conveyor_scheduler_active_slots", scope="model:a/b") == 2.0
     assert metric_value(text, "conveyor_scheduler_slot_limit") is None
-    assert _target([5001]) == "127.0.0.1:5001"
-    assert _target([5001, 5002]) == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
+    assert target_of([5001]) == "127.0.0.1:5001"
+    assert target_of([5001, 5002]) == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
 
 
 def test_demo_workload_and_its_limit_summary() -> None:

@@ -38,7 +38,8 @@ from rich.text import Text
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_client import TERMINAL_EVENTS, AsyncConveyorClient, ConveyorError, build_spec
-from conveyor_devstack.system import ConveyorSystem, SystemConfig, metric_samples
+from conveyor_devstack.processes import metric_samples
+from conveyor_devstack.system import ConveyorSystem, SystemConfig
 from fake_replicate.ledger import intervals
 
 GLOBAL_LIMIT = 6
