@@ -11,7 +11,7 @@ from typing import Any
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_devstack.demo import DemoTask, limit_peaks, workload
-from conveyor_devstack.system import metric_value, target_of
+from conveyor_devstack.processes import metric_value, target_of
 from tests.e2e.checker import History, Limits, Report, TaskMeta, check, peak_slots
 
 S = task_pb2
