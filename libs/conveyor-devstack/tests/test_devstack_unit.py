@@ -13,13 +13,15 @@ from typing import Any, ClassVar
 
 import pytest
 
-from conveyor_devstack import DevstackError, LocalKafka, sqlalchemy_url
-from conveyor_devstack import kafka as kafka_module
+from conveyor_devstack import DevstackError, LocalKafka, kafka_install, sqlalchemy_url
+from conveyor_devstack import backends as backends_module
 from conveyor_devstack import stack as stack_module
 from conveyor_devstack.__main__ import _render
-from conveyor_devstack.kafka import fetch_kafka, find_java, find_mvn, kafka_version
-from conveyor_devstack.postgres import find_pg_binaries, libpq_url, redact, with_database
-from conveyor_devstack.stack import backend_mode, start_kafka, start_postgres
+from conveyor_devstack.backends import backend_mode
+from conveyor_devstack.kafka_install import fetch_kafka, find_java, find_mvn, kafka_version
+from conveyor_devstack.pg_binaries import find_pg_binaries
+from conveyor_devstack.postgres import libpq_url, redact, with_database
+from conveyor_devstack.stack import start_kafka, start_postgres
 
 
 def test_urls_convert_between_libpq_and_sqlalchemy() -> None:
@@ -149,10 +151,10 @@ def test_kafka_cluster_ids_never_start_with_a_dash(monkeypatch: pytest.MonkeyPat
     # 0xF8 as first byte encodes to "-" in url-safe base64: the id the storage tool took for a flag.
     draws = iter([uuid.UUID(bytes=b"\xf8" + bytes(15)), uuid.UUID(bytes=b"\x01" * 16)])
     monkeypatch.setattr(uuid, "uuid4", lambda: next(draws))
-    cluster_id = kafka_module._cluster_id()
+    cluster_id = kafka_install._cluster_id()
     assert cluster_id == base64.urlsafe_b64encode(b"\x01" * 16).rstrip(b"=").decode()
     monkeypatch.undo()
-    ids = [kafka_module._cluster_id() for _ in range(2000)]
+    ids = [kafka_install._cluster_id() for _ in range(2000)]
     assert not [i for i in ids if i.startswith("-")]
     assert all(len(base64.urlsafe_b64decode(i + "==")) == 16 for i in ids)
 
@@ -189,7 +191,7 @@ def docker_that_cannot_pull(monkeypatch: pytest.MonkeyPatch) -> list[_FakeContai
     _FakeContainer.instances = []
     monkeypatch.setattr(tc_postgres, "PostgresContainer", _FakeContainer)
     monkeypatch.setattr(tc_kafka, "KafkaContainer", _FakeContainer)
-    monkeypatch.setattr(stack_module, "_docker_configured", lambda: True)
+    monkeypatch.setattr(backends_module, "_docker_configured", lambda: True)
     monkeypatch.delenv("CONVEYOR_TEST_DATABASE_URL", raising=False)
     monkeypatch.delenv("CONVEYOR_TEST_KAFKA_BOOTSTRAP", raising=False)
     return _FakeContainer.instances
@@ -217,10 +219,10 @@ def test_auto_mode_falls_back_to_local_processes_when_docker_cannot_pull(
     monkeypatch.setattr(
         stack_module, "_local_postgres_server", lambda local, started: ("local-process", local)
     )
-    with caplog.at_level(logging.WARNING, logger="conveyor_devstack.stack"):
+    with caplog.at_level(logging.WARNING, logger="conveyor_devstack"):
         result: Any = start_postgres()
         backend, local = result
-        assert stack_module._kafka_from_testcontainers() is None
+        assert backends_module._kafka_from_testcontainers() is None
     assert backend == "local-process"
     assert isinstance(local, FakeLocalPostgres)
     assert started == ["postgres"]
@@ -242,7 +244,7 @@ def test_testcontainers_mode_reports_a_pull_failure(
     with pytest.raises(DevstackError, match=r"testcontainers postgres .* did not start: ImageNotF"):
         start_postgres()
     with pytest.raises(DevstackError, match=r"testcontainers kafka .* did not start"):
-        stack_module._kafka_from_testcontainers()
+        backends_module._kafka_from_testcontainers()
 
 
 def test_cli_names_the_kafka_credentials_of_a_sasl_ssl_devstack() -> None:

@@ -18,12 +18,12 @@ import atexit
 
 from conveyor_devstack import kafka as _kafka
 from conveyor_devstack import postgres as _postgres
+from conveyor_devstack.backends import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_ENV
 from conveyor_devstack.errors import DevstackError
-from conveyor_devstack.kafka import KafkaServer, LocalKafka, fetch_kafka
+from conveyor_devstack.kafka import KafkaServer, LocalKafka
+from conveyor_devstack.kafka_install import fetch_kafka
 from conveyor_devstack.postgres import LocalPostgres, PostgresServer, sqlalchemy_url
 from conveyor_devstack.stack import (
-    DATABASE_URL_ENV,
-    KAFKA_BOOTSTRAP_ENV,
     Devstack,
     start_kafka,
     start_kafka_async,

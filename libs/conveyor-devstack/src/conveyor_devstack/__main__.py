@@ -38,9 +38,11 @@ from typing import Any
 
 from conveyor_common.logging import configure_logging
 from conveyor_devstack import _process
+from conveyor_devstack.backends import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_ENV
 from conveyor_devstack.errors import DevstackError
-from conveyor_devstack.kafka import LISTENER_SECURITY, fetch_kafka
-from conveyor_devstack.stack import DATABASE_URL_ENV, KAFKA_BOOTSTRAP_ENV, Devstack
+from conveyor_devstack.kafka import LISTENER_SECURITY
+from conveyor_devstack.kafka_install import fetch_kafka
+from conveyor_devstack.stack import Devstack
 from conveyor_devstack.topics import conveyor_topics
 
 log = logging.getLogger("conveyor_devstack")

@@ -15,7 +15,7 @@ from typing import Any
 from conveyor_common import topics as _conveyor
 from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity
 from conveyor_devstack.errors import DevstackError
-from conveyor_devstack.kafka import run_coroutine_sync
+from conveyor_devstack.kafka_install import run_coroutine_sync
 
 log = logging.getLogger(__name__)
 
