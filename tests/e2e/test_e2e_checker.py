@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from conveyor.tasks.v1 import task_pb2
-from conveyor_devstack.demo import DemoTask, limit_peaks, workload
+from conveyor_devstack.demo_workload import DemoTask, limit_peaks, workload
 from conveyor_devstack.processes import metric_value, target_of
 from tests.e2e.checker import History, Limits, Report, TaskMeta, check, peak_slots
 
