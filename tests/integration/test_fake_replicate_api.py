@@ -465,7 +465,7 @@ async def test_cli_fails_without_secrets() -> None:
 
 
 def test_iso_timestamps_are_utc_z() -> None:
-    from fake_replicate.engine import iso
+    from fake_replicate.model import iso
 
     assert iso(0.5) == "1970-01-01T00:00:00.500000Z"
     assert datetime.fromisoformat(iso(time.time()) or "").tzinfo == UTC

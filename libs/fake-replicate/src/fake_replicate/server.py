@@ -38,11 +38,12 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from fake_replicate.config import EVENT_KINDS, FakeConfig
-from fake_replicate.engine import (
+from fake_replicate.engine import Engine
+from fake_replicate.ledger import summary
+from fake_replicate.model import (
     DEFAULT_EVENTS,
     EPOCH,
     CreateRequest,
-    Engine,
     KnobError,
     Prediction,
     Rejection,
@@ -50,7 +51,6 @@ from fake_replicate.engine import (
     to_us,
     version_id,
 )
-from fake_replicate.ledger import summary
 from fake_replicate.openapi import Exchange
 
 logger = logging.getLogger(__name__)
