@@ -28,94 +28,45 @@ import contextlib
 import json
 import logging
 import math
-import re
-from collections.abc import Awaitable, Callable, Mapping
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import httpx
 from aiohttp import web
-from pydantic import ValidationError
 
-from fake_replicate.config import EVENT_KINDS, FakeConfig
+from fake_replicate.admin_routes import (
+    admin_get_config,
+    admin_health,
+    admin_ledger,
+    admin_reset,
+    admin_set_config,
+    admin_summary,
+)
+from fake_replicate.catalog import (
+    account,
+    get_deployment,
+    get_model,
+    get_model_version,
+    list_model_versions,
+    serve_file,
+    webhook_secret,
+)
+from fake_replicate.config import FakeConfig
 from fake_replicate.engine import Engine
-from fake_replicate.ledger import summary
 from fake_replicate.model import (
     DEFAULT_EVENTS,
-    EPOCH,
     CreateRequest,
     KnobError,
     Prediction,
     Rejection,
     parse_script,
     to_us,
-    version_id,
 )
 from fake_replicate.openapi import Exchange
+from fake_replicate.parsing import parse_duration, parse_prefer_wait, parse_time_us, validate_create
+from fake_replicate.web import DROPPED, ENGINE, Handler, not_found, problem
 
 logger = logging.getLogger(__name__)
-
-ENGINE: web.AppKey[Engine] = web.AppKey("engine", Engine)
-DROPPED: web.RequestKey[bool] = web.RequestKey("dropped", bool)
-PROBLEM = "application/problem+json"
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
-_MODEL_RE = re.compile(rf"^({_NAME})/({_NAME})$")
-_MODEL_VERSION_RE = re.compile(rf"^({_NAME})/({_NAME}):([0-9a-f]{{64}})$")
-_VERSION_RE = re.compile(r"^[0-9a-f]{64}$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_PREFER_WAIT = re.compile(r"^wait(=([1-9]|[1-9][0-9]|60))?$")
-"""The OpenAPI document's pattern of ``Prefer`` (n is also checked to be 1..60, as its text says)."""
-COMMON_FIELDS = frozenset(
-    {"input", "webhook", "webhook_events_filter", "webhook_completed", "stream"}
-)
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def problem(status: int, title: str, detail: str, **extra: Any) -> web.Response:
-    body = {"title": title, "detail": detail, "status": status, **extra}
-    return web.json_response(body, status=status, content_type=PROBLEM)
-
-
-def parse_duration(value: str) -> float | None:
-    """Go-style duration (``1h30m``, ``500ms``, ``30s``) or bare seconds; None if invalid."""
-    text = value.strip()
-    if not text:
-        return None
-    try:
-        seconds = float(text)
-    except ValueError:
-        pos = 0
-        seconds = 0.0
-        for m in _DURATION_PART.finditer(text):
-            if m.start() != pos:
-                return None
-            seconds += float(m.group(1)) * _UNIT[m.group(2)]
-            pos = m.end()
-        if pos != len(text):
-            return None
-    if not math.isfinite(seconds) or seconds <= 0:
-        return None
-    return seconds
-
-
-def parse_prefer_wait(value: str | None) -> float | None:
-    """Seconds to hold the create open; None without the header; ValueError when Replicate refuses
-    it (``wait=0``, over 60, anything outside ``^wait(=n)?$``)."""
-    if value is None:
-        return None
-    m = _PREFER_WAIT.match(value.strip())
-    if m is None or (m.group(2) and not 1 <= int(m.group(2)) <= 60):
-        raise ValueError(value)
-    return float(m.group(2)) if m.group(2) else 60.0
-
-
-def parse_time_us(value: str) -> int:
-    """ISO-8601 (naive = UTC; a ' ' from an unencoded '+' is tolerated) -> Unix microseconds."""
-    dt = datetime.fromisoformat(value.strip().replace(" ", "+"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return (dt - EPOCH) // timedelta(microseconds=1)
 
 
 def _rate_headers(engine: Engine, *, create: bool) -> dict[str, str]:
@@ -227,102 +178,6 @@ def _best_effort(body: Any) -> tuple[str | None, Mapping[str, Any] | None]:
     return webhook, inputs
 
 
-def _validate(
-    engine: Engine,
-    body: dict[str, Any],
-    route: Literal["version", "model", "deployment"],
-    owner: str,
-    name: str,
-) -> tuple[tuple[str, str, str | None] | None, list[dict[str, str]]]:
-    """((model, version, deployment) | None, invalid_fields)."""
-    errors: list[dict[str, str]] = []
-    allowed = COMMON_FIELDS | ({"version"} if route == "version" else frozenset())
-    errors.extend(
-        {
-            "type": "additional_property_not_allowed",
-            "field": key,
-            "description": f"Additional property {key} is not allowed",
-        }
-        for key in body
-        if key not in allowed
-    )
-    target: tuple[str, str, str | None] | None = None
-    if route == "version":
-        raw = body.get("version")
-        if raw is None:
-            errors.append(
-                {"type": "required", "field": "version", "description": "version is required"}
-            )
-        elif not isinstance(raw, str):
-            errors.append(
-                {"type": "invalid_type", "field": "version", "description": "Expected: string"}
-            )
-        elif m := _MODEL_VERSION_RE.match(raw):
-            target = (f"{m.group(1)}/{m.group(2)}", m.group(3), None)
-            engine.versions[m.group(3)] = f"{m.group(1)}/{m.group(2)}"
-        elif _VERSION_RE.match(raw):
-            target = (engine.versions.get(raw, f"fake/model-{raw[:8]}"), raw, None)
-        elif m := _MODEL_RE.match(raw):
-            target = (f"{m.group(1)}/{m.group(2)}", "hidden", None)
-        else:
-            errors.append(
-                {
-                    "type": "invalid",
-                    "field": "version",
-                    "description": "Invalid version or not permitted",
-                }
-            )
-    elif route == "model":
-        target = (f"{owner}/{name}", "hidden", None)
-    else:
-        target = (f"{owner}/{name}", version_id(f"deployment:{owner}/{name}"), f"{owner}/{name}")
-    if "input" not in body:
-        errors.append({"type": "required", "field": "input", "description": "input is required"})
-    elif not isinstance(body["input"], dict):
-        errors.append({"type": "invalid_type", "field": "input", "description": "Expected: object"})
-    webhook = body.get("webhook")
-    if webhook is not None and not _valid_url(webhook):
-        errors.append(
-            {"type": "format", "field": "webhook", "description": "Does not match format 'uri'"}
-        )
-    completed = body.get("webhook_completed")
-    if completed is not None and not _valid_url(completed):
-        errors.append(
-            {
-                "type": "format",
-                "field": "webhook_completed",
-                "description": "Does not match format 'uri'",
-            }
-        )
-    filt = body.get("webhook_events_filter")
-    if filt is not None and (
-        not isinstance(filt, list) or not all(isinstance(e, str) and e in EVENT_KINDS for e in filt)
-    ):
-        errors.append(
-            {
-                "type": "enum",
-                "field": "webhook_events_filter",
-                "description": f"Each item must be one of: {', '.join(EVENT_KINDS)}",
-            }
-        )
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        errors.append(
-            {"type": "invalid_type", "field": "stream", "description": "Expected: boolean"}
-        )
-    return (None if errors else target), errors
-
-
-def _valid_url(value: Any) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        url = httpx.URL(value)
-    except (httpx.InvalidURL, ValueError):
-        return False
-    return url.scheme in ("http", "https") and bool(url.host)
-
-
 async def _create(
     request: web.Request, *, route: Literal["version", "model", "deployment"]
 ) -> web.StreamResponse:
@@ -345,7 +200,7 @@ async def _create(
     if bad_json or not isinstance(body, dict):
         engine.record_rejection(Rejection(400, "bad_json"), hint_webhook, hint_input)
         return problem(400, "Bad Request", "The request body must be a JSON object")
-    target, errors = _validate(
+    target, errors = validate_create(
         engine, body, route, request.match_info.get("owner", ""), request.match_info.get("name", "")
     )
     cancel_after: float | None = None
@@ -452,23 +307,19 @@ def _lookup(request: web.Request) -> tuple[Engine, Prediction | None]:
     return engine, engine.predictions.get(request.match_info["id"])
 
 
-def _not_found() -> web.Response:
-    return problem(404, "Not found", "The requested resource could not be found.")
-
-
 async def get_prediction(request: web.Request) -> web.StreamResponse:
     engine, p = _lookup(request)
     if engine.rng.random() < engine.config.get_500_rate:
         return problem(500, "Internal Server Error", "fake-replicate: injected GET failure")
     if p is None:
-        return _not_found()
+        return not_found()
     return _prediction_response(engine, p)
 
 
 async def cancel_prediction(request: web.Request) -> web.StreamResponse:
     engine, p = _lookup(request)
     if p is None:
-        return _not_found()
+        return not_found()
     engine.cancel(p)
     return _prediction_response(engine, p)
 
@@ -537,193 +388,6 @@ async def list_predictions(request: web.Request) -> web.StreamResponse:
             "results": [engine.to_json(p, listing=True) for p in page],
         }
     )
-
-
-# --- models, versions, deployments --------------------------------------------------------
-RELEASED_AT = "2025-01-01T00:00:00.000000Z"
-VERSION_OPENAPI_SCHEMA: dict[str, Any] = {
-    "openapi": "3.0.2",
-    "info": {"title": "Cog", "version": "0.1.0"},
-    "paths": {},
-    "components": {
-        "schemas": {
-            "Input": {
-                "type": "object",
-                "title": "Input",
-                "properties": {"prompt": {"type": "string", "title": "Prompt"}},
-            },
-            "Output": {"type": "array", "items": {"type": "string", "format": "uri"}},
-        }
-    },
-}
-
-
-def _version_json(vid: str) -> dict[str, Any]:
-    return {
-        "id": vid,
-        "created_at": RELEASED_AT,
-        "cog_version": "0.14.0",
-        "openapi_schema": VERSION_OPENAPI_SCHEMA,
-    }
-
-
-def _model_versions(engine: Engine, owner: str, name: str) -> list[str]:
-    """Versions of a model: its default one plus those seen in ``owner/name:version`` creates."""
-    model = f"{owner}/{name}"
-    seen = [v for v, m in engine.versions.items() if m == model]
-    default = version_id(f"model:{model}")
-    return [default] + [v for v in seen if v != default]
-
-
-async def get_model_version(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    vid = request.match_info["version"]
-    if not _VERSION_RE.match(vid):
-        return _not_found()
-    known = engine.versions.get(vid)
-    model = f"{request.match_info['owner']}/{request.match_info['name']}"
-    if known is not None and known != model:
-        return _not_found()
-    return web.json_response(_version_json(vid))
-
-
-async def list_model_versions(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    owner, name = request.match_info["owner"], request.match_info["name"]
-    versions = _model_versions(engine, owner, name)
-    return web.json_response(
-        {
-            "next": None,
-            "previous": None,
-            "results": [_version_json(v) for v in versions],
-        }
-    )
-
-
-async def get_model(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    owner, name = request.match_info["owner"], request.match_info["name"]
-    latest = _model_versions(engine, owner, name)[-1]
-    return web.json_response(
-        {
-            "url": f"https://replicate.com/{owner}/{name}",
-            "owner": owner,
-            "name": name,
-            "description": "A model of fake-replicate",
-            "visibility": "public",
-            "is_official": False,
-            "github_url": None,
-            "paper_url": None,
-            "license_url": None,
-            "cover_image_url": None,
-            "run_count": sum(
-                1 for p in engine.predictions.values() if p.model == f"{owner}/{name}"
-            ),
-            "default_example": None,
-            "latest_version": _version_json(latest),
-        }
-    )
-
-
-async def get_deployment(request: web.Request) -> web.StreamResponse:
-    owner, name = request.match_info["owner"], request.match_info["name"]
-    return web.json_response(
-        {
-            "owner": owner,
-            "name": name,
-            "current_release": {
-                "number": 1,
-                "model": f"{owner}/{name}",
-                "version": version_id(f"deployment:{owner}/{name}"),
-                "created_at": RELEASED_AT,
-                "created_by": {"type": "organization", "username": owner, "name": owner},
-                "configuration": {"hardware": "gpu-t4", "min_instances": 0, "max_instances": 5},
-            },
-        }
-    )
-
-
-async def webhook_secret(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"key": request.app[ENGINE].config.webhook_secret})
-
-
-async def account(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"type": "organization", "username": "fake", "name": "Fake Replicate"})
-
-
-async def serve_file(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    f = engine.file(request.match_info["id"], request.match_info["name"])
-    if f is None:
-        return web.Response(status=404, text="not found")
-    resp = web.StreamResponse(
-        headers={"Content-Type": f.content_type, "Content-Length": str(f.length)}
-    )
-    await resp.prepare(request)
-    if request.method != "HEAD":
-        for chunk in f.chunks():
-            await resp.write(chunk)
-    await resp.write_eof()
-    return resp
-
-
-# --- admin -------------------------------------------------------------------------------
-async def admin_ledger(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    q = request.query
-    try:
-        since = int(q.get("since_seq", "0"))
-    except ValueError:
-        return problem(400, "Bad Request", "since_seq must be an integer")
-    events = engine.ledger.events(kind=q.get("kind"), task=q.get("task"), since_seq=since)
-    return web.json_response({"events": events, "next_seq": len(engine.ledger)})
-
-
-async def admin_summary(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    since = request.query.get("since", "start")
-    if since not in ("start", "create"):
-        return problem(400, "Bad Request", "since must be 'start' or 'create'")
-    events = engine.ledger.events()
-    return web.json_response(
-        summary(
-            events,
-            group_by=request.query.get("group_by"),
-            since="start" if since == "start" else "create",
-        )
-    )
-
-
-async def admin_get_config(request: web.Request) -> web.StreamResponse:
-    return web.json_response(request.app[ENGINE].config.model_dump())
-
-
-async def admin_set_config(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
-    try:
-        changes = await request.json()
-    except json.JSONDecodeError:
-        return problem(400, "Bad Request", "body must be a JSON object")
-    if not isinstance(changes, dict):
-        return problem(400, "Bad Request", "body must be a JSON object")
-    try:
-        cfg = engine.update_config(changes)
-    except ValidationError as exc:
-        return problem(
-            422, "Invalid config", str(exc), errors=json.loads(exc.json(include_url=False))
-        )
-    except ValueError as exc:
-        return problem(422, "Invalid config", str(exc))
-    return web.json_response(cfg.model_dump())
-
-
-async def admin_reset(request: web.Request) -> web.StreamResponse:
-    await request.app[ENGINE].reset()
-    return web.json_response({"reset": True})
-
-
-async def admin_health(request: web.Request) -> web.StreamResponse:
-    return web.json_response({"ok": True})
 
 
 def build_app(engine: Engine) -> web.Application:
