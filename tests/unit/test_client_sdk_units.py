@@ -27,7 +27,7 @@ from conveyor_client import (
     Violation,
 )
 from conveyor_client.cli import Output, _error_line, _label, main
-from conveyor_client.client import (
+from conveyor_client.options import (
     _chunk_request_id,
     _TokenSource,
     channel_options_from_env,

@@ -4,19 +4,19 @@
 ``ConveyorClient``/``AsyncConveyorClient`` are the protobuf-level clients under them.
 """
 
-from conveyor_client.client import (
+from conveyor_client.client import AsyncConveyorClient
+from conveyor_client.errors import ConveyorError, Violation
+from conveyor_client.groups import GROUP_TERMINAL_STATUSES, delayed
+from conveyor_client.options import (
     MAX_BATCH_ITEMS,
     TERMINAL_EVENTS,
     TERMINAL_STATUSES,
-    AsyncConveyorClient,
-    ConveyorClient,
     TokenProvider,
     build_spec,
     new_request_id,
 )
-from conveyor_client.errors import ConveyorError, Violation
-from conveyor_client.groups import GROUP_TERMINAL_STATUSES, delayed
 from conveyor_client.sdk import AsyncClient, Client, spec
+from conveyor_client.sync import ConveyorClient
 from conveyor_client.token import mint_token, minting_provider
 from conveyor_client.types import (
     BatchSubmitted,

@@ -25,9 +25,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from conveyor_client.client import tls_credentials
 from conveyor_client.errors import ConveyorError
 from conveyor_client.group_cli import GroupUsageError, add_group_parser, run_group
+from conveyor_client.options import tls_credentials
 from conveyor_client.sdk import AsyncClient
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER, mint_token
 from conveyor_client.types import (

@@ -15,8 +15,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from conveyor.tasks.v1 import group_pb2, task_pb2
-from conveyor_client.client import AsyncConveyorClient, build_spec
+from conveyor_client.client import AsyncConveyorClient
 from conveyor_client.groups import delayed
+from conveyor_client.options import build_spec
 
 KINDS = ["video", "image", "text", "audio"]
 

@@ -106,7 +106,7 @@ class GroupMethods:
         rpc_timeout: float | None = None,
     ) -> group_pb2.Group:
         """Submit a group of tasks atomically; returns the group (with its child ids)."""
-        from conveyor_client.client import new_request_id
+        from conveyor_client.options import new_request_id
 
         spec = group_pb2.GroupSpec(
             children=list(children),
@@ -156,7 +156,7 @@ class GroupMethods:
         self, group_id: str, *, reason: str = "", request_id: str | None = None
     ) -> group_pb2.Group:
         """Cancel every child of a group (running ones at the provider)."""
-        from conveyor_client.client import new_request_id
+        from conveyor_client.options import new_request_id
 
         resp: grp_pb2.CancelGroupResponse = await self._unary(
             self._groups.CancelGroup,
@@ -172,8 +172,8 @@ class GroupMethods:
     ) -> AsyncIterator[group_pb2.GroupEvent]:
         """The group's events after ``after_sequence`` (every child's events, the progress, the
         completion with every child's outputs); resumes a broken stream from the last sequence."""
-        from conveyor_client.client import WATCH_RESUMABLE
         from conveyor_client.errors import ConveyorError
+        from conveyor_client.options import WATCH_RESUMABLE
 
         last = after_sequence
         failures = 0

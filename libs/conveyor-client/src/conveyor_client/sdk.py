@@ -20,7 +20,8 @@ import grpc
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import group_pb2, task_pb2
-from conveyor_client.client import AsyncConveyorClient, TokenProvider, build_spec
+from conveyor_client.client import AsyncConveyorClient
+from conveyor_client.options import TokenProvider, build_spec
 from conveyor_client.types import (
     BatchSubmitted,
     EventType,
