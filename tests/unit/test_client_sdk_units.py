@@ -26,7 +26,8 @@ from conveyor_client import (
     TaskStatus,
     Violation,
 )
-from conveyor_client.cli import Output, _error_line, _label, main
+from conveyor_client.cli import _error_line, main
+from conveyor_client.cli_output import Output, progress_label
 from conveyor_client.options import (
     _chunk_request_id,
     _TokenSource,
@@ -204,8 +205,8 @@ def test_progress_labels_tell_tasks_of_one_millisecond_apart() -> None:
     prefix = uuid.uuid4().hex[:12]
     a = f"{prefix[:8]}-{prefix[8:12]}-7000-8000-000000000001"
     b = f"{prefix[:8]}-{prefix[8:12]}-7000-8000-000000000002"
-    assert _label(a, "acme/sdxl") != _label(b, "acme/sdxl")
-    assert _label(a, "acme/sdxl").startswith("acme/sdxl")
+    assert progress_label(a, "acme/sdxl") != progress_label(b, "acme/sdxl")
+    assert progress_label(a, "acme/sdxl").startswith("acme/sdxl")
 
 
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
