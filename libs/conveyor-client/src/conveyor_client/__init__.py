@@ -15,7 +15,8 @@ from conveyor_client.options import (
     build_spec,
     new_request_id,
 )
-from conveyor_client.sdk import AsyncClient, Client, spec
+from conveyor_client.sdk import AsyncClient, spec
+from conveyor_client.sdk_sync import Client
 from conveyor_client.sync import ConveyorClient
 from conveyor_client.token import mint_token, minting_provider
 from conveyor_client.types import (
