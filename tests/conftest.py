@@ -25,3 +25,4 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.import_plugin("conveyor_devstack.pytest_plugin")
     # Fixtures shared by the scheduler's integration test modules.
     config.pluginmanager.import_plugin("tests.integration.scheduler_env")
+    config.pluginmanager.import_plugin("tests.integration.adapter_env")
