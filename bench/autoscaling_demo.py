@@ -35,28 +35,31 @@ import contextlib
 import csv
 import json
 import logging
-import math
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SCALED_OBJECTS = ROOT / "deploy" / "k8s" / "components" / "autoscaling-keda" / "scaledobjects.yaml"
-ADAPTER_RULES = ROOT / "deploy" / "k8s" / "monitoring" / "prometheus-adapter-rules.yaml"
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # bench/ helpers are imported by their package path
+    sys.path.insert(0, str(_ROOT))
+
+from bench._autoscaling_rig import (  # noqa: E402
+    AdapterPool,
+    LoadStats,
+    Prometheus,
+    drive_load,
+    load_profile,
+    offered_rate,
+)
+from bench._hpa_model import NAMESPACE, ROOT, Behavior, HpaModel, Scaler, load_scaler  # noqa: E402
+
 OUT = ROOT / "bench" / "results" / "autoscaling"
-NAMESPACE = "conveyor"
-TARGET = "provider-adapter"
 
 log = logging.getLogger("autoscaling_demo")
 
@@ -65,468 +68,20 @@ log = logging.getLogger("autoscaling_demo")
 # The HPA algorithm (kubernetes pkg/controller/podautoscaler, autoscaling/v2 with behavior)
 
 
-@dataclass(frozen=True)
-class Policy:
-    """One scaling policy: ``type`` Pods or Percent, ``value`` per ``period`` seconds."""
-
-    type: str
-    value: int
-    period: float
-
-
-@dataclass(frozen=True)
-class Rules:
-    """HPAScalingRules of one direction."""
-
-    stabilization: float
-    select: str
-    policies: tuple[Policy, ...]
-
-
-@dataclass(frozen=True)
-class Behavior:
-    """scaleUp and scaleDown rules."""
-
-    up: Rules
-    down: Rules
-
-    @staticmethod
-    def from_manifest(doc: dict[str, Any], time_scale: float = 1.0) -> Behavior:
-        """From a ``behavior`` mapping; every period and window divided by ``time_scale``."""
-
-        def rules(d: dict[str, Any]) -> Rules:
-            return Rules(
-                stabilization=float(d.get("stabilizationWindowSeconds", 0)) / time_scale,
-                select=str(d.get("selectPolicy", "Max")),
-                policies=tuple(
-                    Policy(p["type"], int(p["value"]), float(p["periodSeconds"]) / time_scale)
-                    for p in d["policies"]
-                ),
-            )
-
-        return Behavior(up=rules(doc["scaleUp"]), down=rules(doc["scaleDown"]))
-
-
-@dataclass
-class HpaModel:
-    """Desired replicas from metric values, as the HPA controller computes them."""
-
-    min_replicas: int
-    max_replicas: int
-    targets: Sequence[float]
-    """AverageValue target of each metric (per replica)."""
-    behavior: Behavior
-    tolerance: float = 0.1
-    recommendations: list[tuple[float, int]] = field(default_factory=list)
-    events: list[tuple[float, int]] = field(default_factory=list)
-    """(time, replica change) of the scale operations done."""
-
-    def proposal(self, current: int, values: Sequence[float]) -> int:
-        """Replicas the metrics ask for (max over metrics), before behaviour and bounds."""
-        best = 0
-        for value, target in zip(values, self.targets, strict=True):
-            if current > 0 and abs(value / (target * current) - 1.0) <= self.tolerance:
-                wanted = current
-            else:
-                wanted = math.ceil(value / target)
-            best = max(best, wanted)
-        return best
-
-    def _stabilize(self, now: float, current: int, desired: int) -> int:
-        up_cut = now - self.behavior.up.stabilization
-        down_cut = now - self.behavior.down.stabilization
-        up_rec, down_rec = desired, desired
-        for stamp, rec in self.recommendations:
-            if stamp > up_cut:
-                up_rec = min(up_rec, rec)
-            if stamp > down_cut:
-                down_rec = max(down_rec, rec)
-        keep = max(self.behavior.up.stabilization, self.behavior.down.stabilization)
-        self.recommendations = [(s, r) for s, r in self.recommendations if s > now - keep]
-        self.recommendations.append((now, desired))
-        recommendation = current
-        recommendation = max(recommendation, up_rec)
-        return min(recommendation, down_rec)
-
-    def _changed(self, now: float, period: float, sign: int) -> int:
-        return sum(
-            abs(c) for s, c in self.events if s > now - period and (c > 0) == (sign > 0) and c != 0
-        )
-
-    def _up_limit(self, now: float, current: int) -> int:
-        rules = self.behavior.up
-        if rules.select == "Disabled":
-            return current
-        limits = []
-        for p in rules.policies:
-            start = current - self._changed(now, p.period, +1) + self._changed(now, p.period, -1)
-            if p.type == "Pods":
-                limits.append(start + p.value)
-            else:
-                limits.append(math.ceil(start * (1 + p.value / 100)))
-        return max(limits) if rules.select == "Max" else min(limits)
-
-    def _down_limit(self, now: float, current: int) -> int:
-        rules = self.behavior.down
-        if rules.select == "Disabled":
-            return current
-        limits = []
-        for p in rules.policies:
-            start = current - self._changed(now, p.period, +1) + self._changed(now, p.period, -1)
-            if p.type == "Pods":
-                limits.append(start - p.value)
-            else:
-                limits.append(int(start * (1 - p.value / 100)))
-        # For scaling down, the policy allowing the biggest change gives the lowest count.
-        return min(limits) if rules.select == "Max" else max(limits)
-
-    def desired(self, now: float, current: int, values: Sequence[float]) -> tuple[int, int]:
-        """(proposal from the metrics, replicas after stabilization, rate limits and bounds)."""
-        proposal = self.proposal(current, values)
-        wanted = self._stabilize(now, current, proposal)
-        if wanted > current:
-            limit = max(self._up_limit(now, current), current)
-            wanted = min(wanted, limit, self.max_replicas)
-        elif wanted < current:
-            limit = min(self._down_limit(now, current), current)
-            wanted = max(wanted, limit, self.min_replicas)
-        wanted = min(max(wanted, self.min_replicas), self.max_replicas)
-        return proposal, wanted
-
-    def record(self, now: float, change: int) -> None:
-        """Remember a scale operation (rate policies count them per period)."""
-        if change:
-            self.events.append((now, change))
-            horizon = max(
-                [p.period for p in self.behavior.up.policies + self.behavior.down.policies]
-            )
-            self.events = [(s, c) for s, c in self.events if s > now - horizon]
-
-
 # --------------------------------------------------------------------------------------------------
 # The manifests: exact queries, targets, bounds and behaviour
-
-
-@dataclass(frozen=True)
-class Scaler:
-    """The provider adapter's ScaledObject, and the HPA-flavour queries for the same metrics."""
-
-    names: tuple[str, ...]
-    queries: tuple[str, ...]
-    thresholds: tuple[float, ...]
-    min_replicas: int
-    max_replicas: int
-    behavior: dict[str, Any]
-    adapter_rule_queries: tuple[str, ...]
-
-
-HPAS = ROOT / "deploy" / "k8s" / "components" / "autoscaling-hpa" / "hpas.yaml"
-
-
-def load_scaler() -> Scaler:
-    """Read the provider-adapter ScaledObject; expand the prometheus-adapter rules its HPA twin uses."""
-    docs = [d for d in yaml.safe_load_all(SCALED_OBJECTS.read_text()) if d]
-    (so,) = [d for d in docs if d["spec"]["scaleTargetRef"]["name"] == TARGET]
-    triggers = so["spec"]["triggers"]
-    hpas = [d for d in yaml.safe_load_all(HPAS.read_text()) if d]
-    (hpa,) = [d for d in hpas if d["spec"]["scaleTargetRef"]["name"] == TARGET]
-    rules = {
-        r["name"]["as"]: r for r in yaml.safe_load(ADAPTER_RULES.read_text())["rules"]["external"]
-    }
-    expanded = []
-    for metric in hpa["spec"]["metrics"]:
-        spec = metric["external"]["metric"]
-        rule = rules[spec["name"]]
-        series = rule["seriesQuery"].split("{", 1)[0]
-        labels = [f'namespace="{NAMESPACE}"'] + [
-            f'{k}="{v}"' for k, v in spec.get("selector", {}).get("matchLabels", {}).items()
-        ]
-        expanded.append(
-            rule["metricsQuery"]
-            .replace("<<.Series>>", series)
-            .replace("<<.LabelMatchers>>", ",".join(labels))
-        )
-    return Scaler(
-        names=tuple(t["name"] for t in triggers),
-        # The component's queries carry a placeholder kustomize replaces with the namespace.
-        queries=tuple(
-            t["metadata"]["query"].replace('namespace="NAMESPACE"', f'namespace="{NAMESPACE}"')
-            for t in triggers
-        ),
-        thresholds=tuple(float(t["metadata"]["threshold"]) for t in triggers),
-        min_replicas=int(so["spec"]["minReplicaCount"]),
-        max_replicas=int(so["spec"]["maxReplicaCount"]),
-        behavior=so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"],
-        adapter_rule_queries=tuple(expanded),
-    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Prometheus
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Prometheus:
-    """A real Prometheus server on loopback scraping the given targets."""
-
-    def __init__(self, workdir: Path, scrape_interval: float) -> None:
-        self.workdir = workdir
-        self.scrape_interval = scrape_interval
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def write_config(self, targets: dict[str, tuple[int, str]]) -> Path:
-        """One static target per process: namespace and pod labels as a PodMonitor gives them."""
-        interval = f"{max(1, round(self.scrape_interval * 1000))}ms"
-        config = {
-            "global": {"scrape_interval": interval, "evaluation_interval": interval},
-            "scrape_configs": [
-                {
-                    "job_name": f"{NAMESPACE}/{role}",
-                    "scrape_interval": interval,
-                    "scrape_timeout": interval,
-                    "static_configs": [
-                        {
-                            "targets": [f"127.0.0.1:{port}"],
-                            "labels": {"namespace": NAMESPACE, "pod": pod},
-                        }
-                        for pod, (port, r) in sorted(targets.items())
-                        if r == role
-                    ],
-                }
-                for role in sorted({r for _, r in targets.values()})
-            ],
-        }
-        path = self.workdir / "prometheus.yml"
-        path.write_text(yaml.safe_dump(config, sort_keys=False))
-        return path
-
-    def launch(self, targets: dict[str, tuple[int, str]]) -> None:
-        """Write the configuration and start the server process."""
-        binary = "prometheus"
-        config = self.write_config(targets)
-        log_file = open(self.workdir / "prometheus.log", "wb")  # noqa: SIM115 - closed at stop
-        self._log = log_file
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--storage.tsdb.retention.time=2h",
-                "--log.level=warn",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    async def start(self, targets: dict[str, tuple[int, str]]) -> None:
-        """Launch and wait until /-/ready answers."""
-        self.launch(targets)
-        assert self.proc is not None
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
-            for _ in range(300):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"prometheus exited; see {self.workdir / 'prometheus.log'}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await client.get(f"{self.url}/-/ready")).status_code == 200:
-                        return
-                await asyncio.sleep(0.1)
-        raise RuntimeError("prometheus did not become ready")
-
-    async def query(self, client: httpx.AsyncClient, expr: str) -> float | None:
-        """The value of an instant query returning one sample (None when the result is empty)."""
-        resp = await client.get(f"{self.url}/api/v1/query", params={"query": expr})
-        resp.raise_for_status()
-        body = resp.json()
-        if body["status"] != "success":
-            raise RuntimeError(f"query failed: {body}")
-        result = body["data"]["result"]
-        if body["data"]["resultType"] == "scalar":
-            return float(result[1])
-        if not result:
-            return None
-        if len(result) != 1:
-            raise RuntimeError(f"{expr!r} returned {len(result)} series; KEDA needs one")
-        return float(result[0]["value"][1])
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        with contextlib.suppress(AttributeError):
-            self._log.close()
-
-
 # --------------------------------------------------------------------------------------------------
 # Load
 
 
-def load_profile(quick: bool) -> list[tuple[float, float]]:
-    """(duration seconds, tasks per second) phases: rising, then falling, then idle."""
-    if quick:
-        return [(15, 0.5), (45, 4.0), (30, 0.5), (30, 0.0)]
-    return [(30, 0.5), (60, 2.5), (80, 4.5), (60, 2.0), (70, 0.5), (90, 0.0)]
-
-
-def offered_rate(profile: list[tuple[float, float]], t: float) -> float:
-    elapsed = 0.0
-    for duration, rate in profile:
-        if t < elapsed + duration:
-            return rate
-        elapsed += duration
-    return 0.0
-
-
-@dataclass
-class LoadStats:
-    submitted: int = 0
-    rejected: int = 0
-    errors: int = 0
-
-
-async def drive_load(
-    address: str, token: str, profile: list[tuple[float, float]], stats: LoadStats, t0: float
-) -> None:
-    """Open-loop submits through the gateway at the profile's rate (each submit its own task)."""
-    from conveyor_client import AsyncConveyorClient
-
-    total = sum(d for d, _ in profile)
-    pending: set[asyncio.Task[None]] = set()
-    async with AsyncConveyorClient(address, token, retries=2) as client:
-
-        async def one() -> None:
-            try:
-                await client.submit(
-                    "image",
-                    model="demo/sdxl",
-                    input={
-                        "prompt": "a lighthouse at dusk",
-                        "__fake_duration_s": 0.5,
-                        "__fake_output_kind": "text",
-                        "__fake_output_count": 1,
-                    },
-                    rpc_timeout=10.0,
-                )
-                stats.submitted += 1
-            except Exception as exc:
-                if "RESOURCE_EXHAUSTED" in repr(exc):
-                    stats.rejected += 1
-                else:
-                    stats.errors += 1
-                    log.debug("submit failed: %r", exc)
-
-        next_at = time.monotonic()
-        while (now := time.monotonic()) - t0 < total:
-            rate = offered_rate(profile, now - t0)
-            if rate <= 0:
-                await asyncio.sleep(0.2)
-                next_at = time.monotonic()
-                continue
-            if now < next_at:
-                await asyncio.sleep(next_at - now)
-            task = asyncio.create_task(one())
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            next_at += 1.0 / rate
-        if pending:
-            await asyncio.wait(pending, timeout=15)
-
-
 # --------------------------------------------------------------------------------------------------
 # The adapter replicas
-
-
-class AdapterPool:
-    """Adapter processes beyond the system's first one, started and stopped on demand.
-
-    They are spawned without a ``preexec_fn`` (so with vfork/exec: no Python runs in the child of
-    this process, which has gRPC threads busy with the load), registered with the system (its
-    webhook ingress routes Replicate's webhooks to them; its stop() stops them) and checked healthy
-    over HTTP (the receiver's /healthz and /metrics), not gRPC.
-    """
-
-    def __init__(self, system: Any, max_replicas: int) -> None:
-        from conveyor_devstack import _process
-        from conveyor_devstack.system import ManagedProcess
-
-        self.system = system
-        (first,) = system.by_role("adapter")
-        self.names = [first.name]
-        ports = iter(_process.free_ports(3 * (max_replicas - 1)))
-        for i in range(2, max_replicas + 1):
-            web, grpc_port, metrics = next(ports), next(ports), next(ports)
-            env = {
-                **first.env,
-                "ADAPTER_WEBHOOK_PORT": str(web),
-                "ADAPTER_GRPC_PORT": str(grpc_port),
-                "ADAPTER_METRICS_PORT": str(metrics),
-                "ADAPTER_ADAPTER_ID": f"adapter-{i}",
-            }
-            name = f"adapter-{i}"
-            proc = ManagedProcess(
-                name,
-                "adapter",
-                list(first.argv),
-                env,
-                system.run_dir / f"{name}.log",
-                grpc_port=grpc_port,
-                metrics_port=metrics,
-                http_port=web,
-            )
-            system.processes[name] = proc
-            system.ingress.targets.append(proc)
-            self.names.append(name)
-
-    def metrics_targets(self) -> dict[str, tuple[int, str]]:
-        return {
-            p.name: (int(p.metrics_port), p.role)
-            for p in self.system.processes.values()
-            if p.metrics_port
-        }
-
-    async def start(self, name: str) -> None:
-        """Spawn one adapter and wait until its webhook receiver and /metrics answer."""
-        p = self.system.process(name)
-        if p.running:
-            return
-        with p.log_path.open("ab") as out:
-            p.proc = await asyncio.create_subprocess_exec(
-                *p.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                env=p.env,
-                cwd=str(self.system.run_dir),
-                start_new_session=True,
-            )
-        p.starts += 1
-        p.started_at = time.monotonic()
-        async with httpx.AsyncClient(timeout=1.0, trust_env=False) as client:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and p.running:
-                with contextlib.suppress(httpx.HTTPError):
-                    hz = await client.get(f"http://127.0.0.1:{p.http_port}/healthz")
-                    mt = await client.get(f"http://127.0.0.1:{p.metrics_port}/metrics")
-                    if hz.status_code == 200 and mt.status_code == 200:
-                        return
-                await asyncio.sleep(0.2)
-        log.warning("%s did not become healthy (see %s)", name, p.log_path)
-
-    async def stop(self, name: str) -> None:
-        """SIGTERM: the adapter finishes its batch, commits and leaves the consumer group."""
-        await self.system.kill(name, signal.SIGTERM)
 
 
 # --------------------------------------------------------------------------------------------------
