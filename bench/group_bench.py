@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.tasks.v1 import group_pb2
@@ -35,6 +34,7 @@ from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.groups.service import GroupCore
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store.db import create_engine
+from conveyor_testkit import scheduler as kit
 
 RESULTS = Path(__file__).resolve().parent / "results" / "groups.json"
 TENANTS = 200
@@ -51,6 +51,7 @@ def _settings(url: str) -> SchedulerSettings:
         tenant_max_waiting=10_000_000,
         dispatch_batch_max=500,
         maintenance_seconds=3600.0,
+        dispatch_window=0,  # the dispatcher alone: no adapter takes the commands up
         dispatch_poll_seconds=1.0,
     )
 

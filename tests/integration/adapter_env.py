@@ -16,12 +16,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conveyor_testkit.adapter import (
-    Commands,
-    InMemoryCoordination,
-    ResultCollector,
-    free_port,
-)
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
@@ -30,6 +24,12 @@ from conveyor_common.standard_webhooks import generate_secret
 from conveyor_devstack.topics import ensure_topics
 from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
+from conveyor_testkit.adapter import (
+    Commands,
+    InMemoryCoordination,
+    ResultCollector,
+    free_port,
+)
 from fake_replicate import FakeConfig, FakeReplicate
 from fake_replicate.openapi import Exchange, OpenApiChecker
 

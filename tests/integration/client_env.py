@@ -9,13 +9,13 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from conveyor_testkit.stack import Stack, start_stack
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_client import (
     AsyncConveyorClient,
 )
 from conveyor_client.cli import main
+from conveyor_testkit.stack import Stack, start_stack
 
 E = task_pb2
 

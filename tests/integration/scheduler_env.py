@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit import scheduler as kit
 from grpc_status import rpc_status
 from sqlalchemy import text
 
@@ -30,6 +29,7 @@ from conveyor_scheduler.dispatch.cycle import Dispatcher
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.store import db
+from conveyor_testkit import scheduler as kit
 
 
 @pytest.fixture(scope="module")

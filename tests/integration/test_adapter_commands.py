@@ -9,12 +9,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from conveyor.events.v1 import events_pb2
 from conveyor_testkit.adapter import (
     has_terminal,
     outcomes,
 )
-
-from conveyor.events.v1 import events_pb2
 from tests.integration.adapter_env import Env, task_id, wait_until
 
 pytestmark = [

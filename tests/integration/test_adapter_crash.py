@@ -20,6 +20,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from conveyor_common.standard_webhooks import generate_secret
+from conveyor_devstack.topics import ensure_topics
 from conveyor_testkit.adapter import (
     Commands,
     InMemoryCoordination,
@@ -28,9 +31,6 @@ from conveyor_testkit.adapter import (
     has_terminal,
     outcomes,
 )
-
-from conveyor_common.standard_webhooks import generate_secret
-from conveyor_devstack.topics import ensure_topics
 from fake_replicate import FakeConfig, FakeReplicate
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.slow]

@@ -12,16 +12,16 @@ from datetime import UTC, datetime
 
 import httpx
 import pytest
-from conveyor_testkit.adapter import (
-    has_terminal,
-    outcomes,
-)
 from prometheus_client import CollectorRegistry
 
 from conveyor_common.standard_webhooks import generate_secret, sign_headers
 from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.binding import UNBOUND_REASONS
 from conveyor_provider_adapter.webhook_token import webhook_url
+from conveyor_testkit.adapter import (
+    has_terminal,
+    outcomes,
+)
 from tests.integration.adapter_env import SECRET, TOKEN, Env, S, second_replica, task_id, wait_until
 
 pytestmark = [

@@ -11,16 +11,16 @@ from typing import Any
 import httpx
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
-from conveyor_testkit.adapter import (
-    free_port,
-    has_terminal,
-    outcomes,
-)
 from prometheus_client import CollectorRegistry
 
 from conveyor_common.standard_webhooks import sign_headers
 from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.webhook_token import webhook_url
+from conveyor_testkit.adapter import (
+    free_port,
+    has_terminal,
+    outcomes,
+)
 from tests.integration.adapter_env import SECRET, Env, S, second_replica, task_id, wait_until
 
 pytestmark = [

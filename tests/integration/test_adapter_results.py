@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+
 from conveyor_testkit.adapter import (
     has_terminal,
 )
-
 from tests.integration.adapter_env import Env, task_id
 
 pytestmark = [

@@ -18,8 +18,6 @@ from typing import Any
 
 import httpx
 import pytest
-from conveyor_testkit import scheduler as kit
-from conveyor_testkit.adapter import free_port
 from pydantic import SecretStr
 
 from conveyor.events.v1 import events_pb2
@@ -31,6 +29,8 @@ from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
 from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.app import SchedulerApp
+from conveyor_testkit import scheduler as kit
+from conveyor_testkit.adapter import free_port
 from fake_replicate import FakeConfig, FakeReplicate
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.kafka]

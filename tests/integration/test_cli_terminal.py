@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from conveyor_testkit.stack import Stack, start_stack
 
 from conveyor_client import AsyncClient
+from conveyor_testkit.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 import jwt
 import pytest
-from conveyor_testkit.stack import Stack
 
 from conveyor_client import (
     AsyncConveyorClient,
     ConveyorError,
 )
+from conveyor_testkit.stack import Stack
 from tests.integration.client_env import (
     cli,
     stack_fixture,  # noqa: F401 (fixtures)

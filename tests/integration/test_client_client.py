@@ -9,7 +9,6 @@ import uuid
 
 import grpc
 import pytest
-from conveyor_testkit.stack import Stack
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
@@ -19,6 +18,7 @@ from conveyor_client import (
     ConveyorError,
     build_spec,
 )
+from conveyor_testkit.stack import Stack
 from tests.integration.client_env import E, client_fixture, stack_fixture  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

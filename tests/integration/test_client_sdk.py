@@ -9,7 +9,6 @@ import uuid
 
 import grpc
 import pytest
-from conveyor_testkit.stack import Stack
 
 from conveyor_client import (
     AsyncClient,
@@ -23,6 +22,7 @@ from conveyor_client import (
     TenantLimits,
     spec,
 )
+from conveyor_testkit.stack import Stack
 from tests.integration.client_env import stack_fixture  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

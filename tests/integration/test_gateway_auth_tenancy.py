@@ -17,8 +17,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit.stack import Stack, start_stack
-from conveyor_testkit.tokens import AUDIENCE, ISSUER, Keys, metadata
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import admin_service_pb2_grpc as admin_grpc
@@ -26,6 +24,8 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor_client import ConveyorError
+from conveyor_testkit.stack import Stack, start_stack
+from conveyor_testkit.tokens import AUDIENCE, ISSUER, Keys, metadata
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

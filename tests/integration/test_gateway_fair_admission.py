@@ -12,12 +12,12 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit.stack import Stack, start_stack
-from conveyor_testkit.tokens import metadata
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
+from conveyor_testkit.stack import Stack, start_stack
+from conveyor_testkit.tokens import metadata
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

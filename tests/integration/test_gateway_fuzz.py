@@ -12,8 +12,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit.stack import Stack, start_stack
-from conveyor_testkit.tokens import metadata
 from google.protobuf import descriptor as d
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -24,6 +22,8 @@ from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
+from conveyor_testkit.stack import Stack, start_stack
+from conveyor_testkit.tokens import metadata
 from tests.integration.gateway_requests import ADMIN, HOOKS, TASKS, spec, submit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

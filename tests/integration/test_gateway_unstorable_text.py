@@ -15,8 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit.stack import Stack, start_stack
-from conveyor_testkit.tokens import metadata
 from google.protobuf import descriptor as d
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
@@ -27,6 +25,8 @@ from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
 from conveyor_client import ConveyorError
 from conveyor_common.textcheck import NUL_MESSAGE
+from conveyor_testkit.stack import Stack, start_stack
+from conveyor_testkit.tokens import metadata
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

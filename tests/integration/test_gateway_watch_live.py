@@ -13,11 +13,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from conveyor_testkit.stack import Stack, start_stack
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_client import AsyncConveyorClient
 from conveyor_gateway.watch import WatchConfig
+from conveyor_testkit.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.kafka]
 

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import pytest
-from conveyor_testkit import scheduler as kit
 from google.protobuf import duration_pb2
 from sqlalchemy import text
 
@@ -20,6 +19,7 @@ from conveyor_scheduler.admission.submit import NewTask
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.store import db
+from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

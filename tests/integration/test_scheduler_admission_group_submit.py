@@ -8,7 +8,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit import scheduler as kit
 from google.rpc import status_pb2
 from sqlalchemy import text
 
@@ -16,6 +15,7 @@ from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
 from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
 from conveyor_common.errors import unpack_details
 from conveyor_scheduler.app import SchedulerApp
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import ADMIN, details, submit_request
 
 

@@ -8,10 +8,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conveyor_testkit import scheduler as kit
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import FailedPrecondition, ResourceExhausted
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env
 
 

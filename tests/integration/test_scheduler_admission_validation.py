@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
@@ -17,6 +16,7 @@ from conveyor.tasks.v1 import task_service_pb2
 from conveyor_scheduler.api.servicer import SchedulerServicer
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.client_webhooks.settings import WebhookPolicy, WebhookSettings
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import TENANT, details
 
 

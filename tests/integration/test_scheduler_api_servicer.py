@@ -13,7 +13,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit import scheduler as kit
 from google.rpc import status_pb2
 
 from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_pb2
@@ -24,6 +23,7 @@ from conveyor.tasks.v1 import admin_service_pb2, task_pb2, task_service_pb2
 from conveyor_common.errors import unpack_details
 from conveyor_devstack.postgres import PostgresServer
 from conveyor_scheduler.app import SchedulerApp
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import ADMIN, OTHER, TENANT, details, submit_request
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

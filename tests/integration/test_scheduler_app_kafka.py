@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.events.v1 import events_pb2
@@ -24,6 +23,7 @@ from conveyor_common import topics
 from conveyor_common.kafka import EventProducer, ProducerConfig
 from conveyor_common.kafka.envelope import header_map
 from conveyor_scheduler.app import SchedulerApp
+from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.kafka]
 

@@ -20,7 +20,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.events.v1 import events_pb2
@@ -29,6 +28,7 @@ from conveyor_common.errors import FailedPrecondition, NotFound, ResourceExhaust
 from conveyor_common.kafka import Envelope
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.results.consumer import results_handler
+from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres, pytest.mark.slow]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -14,6 +13,7 @@ from conveyor_common.sealing import Keyring, SealingError
 from conveyor_scheduler.client_webhooks.secrets import current_secret, reseal_secrets, rotate_secret
 from conveyor_scheduler.client_webhooks.settings import SecretCodec, WebhookSettings
 from conveyor_scheduler.store import db
+from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

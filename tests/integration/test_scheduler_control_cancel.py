@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from conveyor_testkit import scheduler as kit
-
 from conveyor_scheduler.store import models
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env
 
 

@@ -8,11 +8,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conveyor_testkit import scheduler as kit
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import NotFound
 from conveyor_scheduler.store import models
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

@@ -8,10 +8,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
-from conveyor_testkit import scheduler as kit
-
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler.store import models
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env, drain
 
 

@@ -9,10 +9,10 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor_scheduler.app import SchedulerApp
+from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

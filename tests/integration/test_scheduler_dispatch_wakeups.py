@@ -8,11 +8,11 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
-from conveyor_testkit import scheduler as kit
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.dispatch.wakeups import payload_of
+from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -15,7 +15,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.tasks.v1 import group_pb2, task_pb2
@@ -29,6 +28,7 @@ from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.groups.service import GroupCore
 from conveyor_scheduler.groups.store import events_after, list_groups
 from conveyor_scheduler.store import db
+from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

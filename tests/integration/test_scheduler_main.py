@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import pytest
-from conveyor_testkit import scheduler as kit
 
 from conveyor.tasks.v1 import task_pb2
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env
 
 

@@ -56,9 +56,8 @@ def test_without_pool_metrics_the_engine_exports_nothing() -> None:
 
 
 async def test_the_scheduler_app_exports_its_pool(database_url: str) -> None:
-    from conveyor_testkit import scheduler as kit
-
     from conveyor_scheduler.app import SchedulerApp
+    from conveyor_testkit import scheduler as kit
 
     await kit.migrate(database_url)
     settings = kit.make_settings(database_url, instance_id="pool-metrics", grpc_port=0)

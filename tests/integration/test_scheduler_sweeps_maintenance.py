@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-from conveyor_testkit import scheduler as kit
 from sqlalchemy import text
 
 from conveyor.tasks.v1 import task_pb2
+from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env
 
 

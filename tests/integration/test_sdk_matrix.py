@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
 from conveyor_testkit.stack import Stack, start_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]

@@ -10,14 +10,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit.gateway import (
-    FakeNotifier,
-    FakeScheduler,
-    notifier_binding,
-    scheduler_binding,
-    serve,
-)
-from conveyor_testkit.tokens import AUDIENCE, ISSUER, Keys, metadata
 from prometheus_client import CollectorRegistry
 
 from conveyor.tasks.v1 import task_pb2
@@ -27,6 +19,14 @@ from conveyor_common.grpc_server import GrpcService
 from conveyor_gateway.app import Gateway, build_gateway
 from conveyor_gateway.settings import GatewaySettings
 from conveyor_gateway.watch import WatchConfig
+from conveyor_testkit.gateway import (
+    FakeNotifier,
+    FakeScheduler,
+    notifier_binding,
+    scheduler_binding,
+    serve,
+)
+from conveyor_testkit.tokens import AUDIENCE, ISSUER, Keys, metadata
 
 E = task_pb2
 

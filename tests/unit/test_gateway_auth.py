@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conveyor_testkit.tokens import AUDIENCE, ISSUER, Keys
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as sched_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common.errors import Unauthenticated
 from conveyor_gateway.auth import RateLimiter, TokenVerifier
+from conveyor_testkit.tokens import AUDIENCE, ISSUER, Keys
 
 
 @pytest.fixture(scope="module")

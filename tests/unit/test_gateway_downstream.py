@@ -8,17 +8,17 @@ import asyncio
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+
+from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
+from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
+from conveyor_gateway.app import build_gateway
 from conveyor_testkit.gateway import (
     FakeScheduler,
     scheduler_binding,
     serve,
 )
 from conveyor_testkit.tokens import Keys, metadata
-from prometheus_client import CollectorRegistry
-
-from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
-from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
-from conveyor_gateway.app import build_gateway
 from tests.unit.gateway_env import FrozenScheduler, settings
 
 

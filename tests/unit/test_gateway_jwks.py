@@ -22,8 +22,6 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
-from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys, metadata
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
@@ -33,6 +31,8 @@ from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor_gateway.app import Gateway, build_gateway
 from conveyor_gateway.jwks import JwksKeys, parse_jwks
 from conveyor_gateway.settings import GatewaySettings
+from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
+from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys, metadata
 
 
 def _b64(data: bytes) -> str:

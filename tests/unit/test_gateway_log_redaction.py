@@ -22,12 +22,12 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
-from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
-from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor_common.logging import configure_logging
 from conveyor_common.redact import REDACTED, RedactingFilter, limit_grpc_core_logs, redact
+from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
+from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys
 
 TOKEN = Keys.generate().token("tenant-secret")
 HEADER, PAYLOAD, SIGNATURE = TOKEN.split(".")

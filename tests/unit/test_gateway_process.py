@@ -10,12 +10,12 @@ import sys
 from typing import Any
 
 import grpc
-from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
-from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys, metadata
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
+from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
+from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys, metadata
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -9,7 +9,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit.tokens import Keys, metadata
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
@@ -20,6 +19,7 @@ from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor_client import ConveyorError
 from conveyor_common.errors import NotFound, QuotaViolation, ResourceExhausted
 from conveyor_gateway.app import build_gateway
+from conveyor_testkit.tokens import Keys, metadata
 from tests.unit.gateway_env import (
     Env,
     env_fixture,  # noqa: F401 (the env fixture)

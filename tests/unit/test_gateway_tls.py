@@ -10,8 +10,6 @@ from typing import Any
 
 import grpc
 import pytest
-from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
-from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys, metadata
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -22,6 +20,8 @@ from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor_gateway.app import Gateway, build_gateway
 from conveyor_gateway.settings import GatewaySettings
+from conveyor_testkit.gateway import FakeScheduler, scheduler_binding, serve
+from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER, Keys, metadata
 
 
 @dataclass

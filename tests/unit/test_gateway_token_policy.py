@@ -13,10 +13,10 @@ from typing import Any
 
 import jwt
 import pytest
-from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER
 
 from conveyor_common.errors import Unauthenticated
 from conveyor_gateway.auth import TokenVerifier
+from conveyor_testkit.tokens import AUDIENCE, HS_SECRET, ISSUER
 
 MAX_LIFETIME = 3600
 

@@ -8,6 +8,12 @@ import asyncio
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+
+from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
+from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
+from conveyor_client import AsyncConveyorClient, ConveyorError
+from conveyor_gateway.app import build_gateway
 from conveyor_testkit.gateway import (
     FakeNotifier,
     FakeScheduler,
@@ -15,12 +21,6 @@ from conveyor_testkit.gateway import (
     serve,
 )
 from conveyor_testkit.tokens import Keys
-from prometheus_client import CollectorRegistry
-
-from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
-from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
-from conveyor_client import AsyncConveyorClient, ConveyorError
-from conveyor_gateway.app import build_gateway
 from tests.unit.gateway_env import (
     FAST_WATCH,
     E,

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from conveyor_testkit import scheduler as kit
-
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler.admission.validation import validate_item
+from conveyor_testkit import scheduler as kit
 
 
 def test_validation_names_the_bad_fields() -> None:

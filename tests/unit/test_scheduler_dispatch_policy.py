@@ -9,13 +9,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from conveyor_testkit import scheduler as kit
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler.dispatch.cycle import Candidate, Capacity, Dispatcher
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_testkit import scheduler as kit
 
 URL = "postgresql://u@127.0.0.1:1/db"
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -8,14 +8,13 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conveyor_testkit import scheduler as kit
-
 from conveyor_scheduler.admission.submit import new_task_row
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.lifecycle import Backoff
 from conveyor_scheduler.results.apply import apply_result
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.changes import Changes
+from conveyor_testkit import scheduler as kit
 
 URL = "postgresql://u@127.0.0.1:1/db"
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conveyor_testkit import scheduler as kit
 from pydantic import ValidationError
 
 from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
+from conveyor_testkit import scheduler as kit
 
 URL = "postgresql://u@127.0.0.1:1/db"
 
