@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 from pathlib import Path
 
@@ -43,3 +44,60 @@ def test_the_map_names_every_scheduler_module(package: str) -> None:
         and str(p.relative_to(src)) not in text
     ]
     assert missing == []
+
+
+PRODUCTION = {
+    "conveyor_common": ROOT / "libs/conveyor-common/src/conveyor_common",
+    "conveyor_protos": ROOT / "libs/conveyor-protos/src/conveyor",
+    "conveyor_client": ROOT / "libs/conveyor-client/src/conveyor_client",
+    "conveyor_gateway": ROOT / "services/gateway/src/conveyor_gateway",
+    "conveyor_scheduler": ROOT / "services/scheduler/src/conveyor_scheduler",
+    "conveyor_provider_adapter": ROOT / "services/provider-adapter/src/conveyor_provider_adapter",
+    "conveyor_notifier": ROOT / "services/notifier/src/conveyor_notifier",
+}
+SERVICES = {
+    "conveyor_gateway",
+    "conveyor_scheduler",
+    "conveyor_provider_adapter",
+    "conveyor_notifier",
+}
+NOT_PRODUCTION = {"conveyor_devstack", "fake_replicate", "conveyor_testkit", "tests", "bench"}
+
+
+def imported_packages(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def boundary_violations(package: str, src: Path) -> list[str]:
+    forbidden = NOT_PRODUCTION | (SERVICES - {package})
+    found = []
+    for path in src.rglob("*.py"):
+        if path.name.endswith(GENERATED):
+            continue
+        name = path.relative_to(src)
+        found.extend(f"{name} imports {i}" for i in sorted(imported_packages(path) & forbidden))
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(PRODUCTION))
+def test_no_production_package_imports_another_service_the_devstack_or_the_fake(
+    package: str,
+) -> None:
+    assert boundary_violations(package, PRODUCTION[package]) == []
+
+
+def test_the_boundary_check_sees_a_violation(tmp_path: Path) -> None:
+    bad = tmp_path / "mod.py"
+    bad.write_text("from conveyor_scheduler.store import db\nimport fake_replicate\n")
+    assert imported_packages(bad) == {"conveyor_scheduler", "fake_replicate"}
+    assert boundary_violations("conveyor_gateway", tmp_path) == [
+        "mod.py imports conveyor_scheduler",
+        "mod.py imports fake_replicate",
+    ]
