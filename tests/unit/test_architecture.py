@@ -77,7 +77,7 @@ def imported_packages(path: Path) -> set[str]:
 
 def boundary_violations(package: str, src: Path) -> list[str]:
     forbidden = NOT_PRODUCTION | (SERVICES - {package})
-    found = []
+    found: list[str] = []
     for path in src.rglob("*.py"):
         if path.name.endswith(GENERATED):
             continue
