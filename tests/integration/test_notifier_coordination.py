@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -17,25 +16,14 @@ from conveyor.scheduler.v1 import delivery_coordination_service_pb2 as delivery_
 from conveyor.scheduler.v1 import scheduler_service_pb2 as spb
 from conveyor.tasks.v1 import task_pb2, webhook_service_pb2
 from conveyor_common.standard_webhooks import WebhookVerifier, sign_headers
-
-if TYPE_CHECKING:  # mypy sees tests/ as a package; pytest imports the sibling module by name
-    from tests.integration.test_notifier_support import (
-        SchedulerSide,
-        create_endpoint,
-        list_deliveries,
-        make_event,
-        principal,
-        start_scheduler_side,
-    )
-else:
-    from test_notifier_support import (
-        SchedulerSide,
-        create_endpoint,
-        list_deliveries,
-        make_event,
-        principal,
-        start_scheduler_side,
-    )
+from tests.integration.notifier_support import (
+    SchedulerSide,
+    create_endpoint,
+    list_deliveries,
+    make_event,
+    principal,
+    start_scheduler_side,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import httpcore
@@ -28,39 +28,21 @@ from conveyor_common.ssrf import AllowList, system_resolver
 from conveyor_common.standard_webhooks import generate_secret, sign_headers
 from conveyor_notifier.app import Notifier
 from conveyor_notifier.egress import WebhookSender, webhook_client
-
-if TYPE_CHECKING:  # mypy sees tests/ as a package; pytest imports the sibling module by name
-    from tests.integration.test_notifier_support import (
-        Canary,
-        SchedulerSide,
-        create_endpoint,
-        eventually_async,
-        list_deliveries,
-        make_event,
-        make_topics,
-        notifier_settings,
-        principal,
-        publish,
-        receiver,
-        start_producer,
-        start_scheduler_side,
-    )
-else:
-    from test_notifier_support import (
-        Canary,
-        SchedulerSide,
-        create_endpoint,
-        eventually_async,
-        list_deliveries,
-        make_event,
-        make_topics,
-        notifier_settings,
-        principal,
-        publish,
-        receiver,
-        start_producer,
-        start_scheduler_side,
-    )
+from tests.integration.notifier_support import (
+    Canary,
+    SchedulerSide,
+    create_endpoint,
+    eventually_async,
+    list_deliveries,
+    make_event,
+    make_topics,
+    notifier_settings,
+    principal,
+    publish,
+    receiver,
+    start_producer,
+    start_scheduler_side,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import pytest
@@ -32,31 +32,17 @@ from conveyor_notifier.app import Notifier
 from conveyor_notifier.broadcast import EventBroadcaster
 from conveyor_notifier.fanout import WatchHub
 from conveyor_notifier.metrics import NotifierMetrics
-
-if TYPE_CHECKING:  # mypy sees tests/ as a package; pytest imports the sibling module by name
-    from tests.integration.test_notifier_support import (
-        SchedulerSide,
-        eventually,
-        free_port,
-        make_event,
-        make_topics,
-        notifier_settings,
-        publish,
-        start_producer,
-        start_scheduler_side,
-    )
-else:
-    from test_notifier_support import (
-        SchedulerSide,
-        eventually,
-        free_port,
-        make_event,
-        make_topics,
-        notifier_settings,
-        publish,
-        start_producer,
-        start_scheduler_side,
-    )
+from tests.integration.notifier_support import (
+    SchedulerSide,
+    eventually,
+    free_port,
+    make_event,
+    make_topics,
+    notifier_settings,
+    publish,
+    start_producer,
+    start_scheduler_side,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.postgres]
 

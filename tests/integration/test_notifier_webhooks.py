@@ -7,54 +7,13 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import pytest
 from aiohttp import web
 from google.rpc import status_pb2
 from grpc_status import rpc_status
-
-if TYPE_CHECKING:  # mypy sees tests/ as a package; pytest imports the sibling module by name
-    from tests.integration.test_notifier_support import (
-        LIFECYCLE,
-        Receiver,
-        SchedulerSide,
-        create_endpoint,
-        eventually,
-        eventually_async,
-        lifecycle,
-        list_deliveries,
-        make_event,
-        make_topics,
-        notifier_settings,
-        principal,
-        publish,
-        receiver,
-        settled_deliveries,
-        start_producer,
-        start_scheduler_side,
-    )
-else:
-    from test_notifier_support import (
-        LIFECYCLE,
-        Receiver,
-        SchedulerSide,
-        create_endpoint,
-        eventually,
-        eventually_async,
-        lifecycle,
-        list_deliveries,
-        make_event,
-        make_topics,
-        notifier_settings,
-        principal,
-        publish,
-        receiver,
-        settled_deliveries,
-        start_producer,
-        start_scheduler_side,
-    )
 
 from conveyor.events.v1 import events_pb2
 from conveyor.scheduler.v1 import scheduler_service_pb2 as spb
@@ -63,6 +22,25 @@ from conveyor_common.errors import unpack_details
 from conveyor_common.kafka import EventProducer
 from conveyor_common.standard_webhooks import WebhookVerifier
 from conveyor_notifier.app import Notifier
+from tests.integration.notifier_support import (
+    LIFECYCLE,
+    Receiver,
+    SchedulerSide,
+    create_endpoint,
+    eventually,
+    eventually_async,
+    lifecycle,
+    list_deliveries,
+    make_event,
+    make_topics,
+    notifier_settings,
+    principal,
+    publish,
+    receiver,
+    settled_deliveries,
+    start_producer,
+    start_scheduler_side,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka, pytest.mark.postgres]
 
