@@ -1,5 +1,4 @@
-"""The gateway benchmark's load: specs, a gRPC load generator, and its closed-loop and open-loop runs.
-"""
+"""The gateway benchmark's load: specs, a gRPC load generator, and its closed-loop and open-loop runs."""
 
 from __future__ import annotations
 

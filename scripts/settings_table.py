@@ -23,7 +23,11 @@ END = "<!-- settings:end -->"
 SERVICES = [
     ("gateway", "conveyor_gateway.settings", "GatewaySettings"),
     ("scheduler", "conveyor_scheduler.settings", "SchedulerSettings"),
-    ("scheduler (client webhooks)", "conveyor_scheduler.webhooks.settings", "WebhookSettings"),
+    (
+        "scheduler (client webhooks)",
+        "conveyor_scheduler.client_webhooks.settings",
+        "WebhookSettings",
+    ),
     ("provider-adapter", "conveyor_provider_adapter.settings", "AdapterSettings"),
     ("notifier", "conveyor_notifier.settings", "NotifierSettings"),
 ]

@@ -147,11 +147,36 @@ async def test_cli_admin_commands(stack: Stack, capsys: pytest.CaptureFixture[st
     assert "max_concurrency" in out
     with pytest.raises(json.JSONDecodeError):
         json.loads(out)
-    code, out, _ = await cli(capsys, *args, "admin", "pause", "acme/sdxl", "--reason", "x")
+    # A model no task used is refused (a typo pauses nothing), in one line, unless asked for.
+    code, out, err = await cli(capsys, *args, "admin", "pause", "nosuch/model")
+    assert code != 0
+    assert out == ""
+    assert len(err.strip().splitlines()) == 1
+    assert "not found" in err
+    assert "allow-unknown" in err or "allow_unknown" in err
+    code, out, _ = await cli(
+        capsys, *args, "admin", "pause", "acme/later", "--reason", "x", "--allow-unknown"
+    )
     assert code == 0
     assert "paused" in out
-    code, out, _ = await cli(capsys, *args, "admin", "resume", "acme/sdxl", "--json")
-    assert json.loads(out) == {"model": "acme/sdxl", "paused": False}
+    code, out, _ = await cli(capsys, *args, "admin", "pause-tenant", "cli-t", "--reason", "audit")
+    assert code == 0
+    code, out, _ = await cli(capsys, *args, "admin", "paused", "--json")
+    listed = {(e["kind"], e["name"]): e for e in json.loads(out)}
+    assert listed[("model", "acme/later")]["reason"] == "x"
+    assert listed[("tenant", "cli-t")]["reason"] == "audit"
+    code, out, _ = await cli(capsys, *args, "admin", "paused")  # a table, not JSON
+    assert code == 0
+    assert "acme/later" in out
+    assert "cli-t" in out
+    code, out, _ = await cli(capsys, *args, "admin", "resume-tenant", "cli-t", "--json")
+    assert json.loads(out) == {"tenant_id": "cli-t", "paused": False}
+    code, out, _ = await cli(capsys, *args, "admin", "resume", "acme/later", "--json")
+    assert json.loads(out) == {"model": "acme/later", "paused": False}
+    tenant_args = ["--address", stack.address, "--token", stack.keys.token("cli-t")]
+    code, out, err = await cli(capsys, *tenant_args, "admin", "paused")
+    assert code != 0
+    assert "PERMISSION_DENIED" in err or "permission" in err.lower()
     code, out, _ = await cli(capsys, *args, "admin", "dead-letters", "--json")
     assert code == 0
     code, out, _ = await cli(

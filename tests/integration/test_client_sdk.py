@@ -15,6 +15,7 @@ from conveyor_client import (
     Client,
     ConveyorError,
     EventType,
+    Paused,
     Priority,
     Task,
     TaskEvent,
@@ -153,3 +154,22 @@ async def test_group_calls_of_the_typed_sdk(stack: Stack) -> None:
     types = await asyncio.to_thread(run)
     assert types[0] == 1  # CREATED
     assert types[-1] == 4  # COMPLETED
+
+
+async def test_paused_models_and_tenants_are_typed(stack: Stack) -> None:
+    admin = {
+        "CONVEYOR_ADDRESS": stack.address,
+        "CONVEYOR_TOKEN": stack.keys.token("ops", role="admin"),
+    }
+    async with AsyncClient.from_env(admin, timeout=5) as c:
+        await c.upsert_tenant("typed-paused", tier="free")
+        assert await c.pause_tenant("typed-paused", reason="audit")
+        assert await c.pause_model("typed/model", reason="canary", allow_unknown=True)
+        paused = {(p.kind, p.name): p for p in await c.paused()}
+        assert isinstance(paused[("tenant", "typed-paused")], Paused)
+        assert paused[("tenant", "typed-paused")].reason == "audit"
+        assert paused[("model", "typed/model")].queued == 0
+        assert paused[("model", "typed/model")].since is not None
+        assert not await c.resume_tenant("typed-paused")
+        assert not await c.resume_model("typed/model")
+        assert await c.paused() == []

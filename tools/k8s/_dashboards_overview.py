@@ -1,5 +1,4 @@
-"""The overview dashboard: queue, admission, dispatch, limits, task outcomes, latency and the leader.
-"""
+"""The overview dashboard: queue, admission, dispatch, limits, task outcomes, latency and the leader."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@
 """
 
 from conveyor_client.client import AsyncConveyorClient
+from conveyor_client.enums import EventType, Priority, TaskKind, TaskStatus, Tier
 from conveyor_client.errors import ConveyorError, Violation
 from conveyor_client.groups import GROUP_TERMINAL_STATUSES, delayed
 from conveyor_client.options import (
@@ -21,20 +22,16 @@ from conveyor_client.sync import ConveyorClient
 from conveyor_client.token import mint_token, minting_provider
 from conveyor_client.types import (
     BatchSubmitted,
-    EventType,
     OutputFile,
-    Priority,
+    Paused,
     QueueStat,
     Submitted,
     Task,
     TaskError,
     TaskEvent,
-    TaskKind,
     TaskPage,
-    TaskStatus,
     Tenant,
     TenantLimits,
-    Tier,
 )
 
 __all__ = [
@@ -50,6 +47,7 @@ __all__ = [
     "ConveyorError",
     "EventType",
     "OutputFile",
+    "Paused",
     "Priority",
     "QueueStat",
     "Submitted",

@@ -54,17 +54,57 @@ class AdminCalls:
         return resp.tenant
 
     async def pause_model(
-        self, model: str, *, reason: str = "", request_id: str | None = None
+        self,
+        model: str,
+        *,
+        reason: str = "",
+        allow_unknown: bool = False,
+        request_id: str | None = None,
     ) -> bool:
-        """Pause dispatch of a model (admin); returns whether it is paused."""
+        """Pause dispatch of a model (admin); returns whether it is paused. A model no task has
+        used is NOT_FOUND unless ``allow_unknown`` (pausing ahead of first use)."""
         resp: admin_pb2.PauseModelResponse = await self._unary(
             self._admin.PauseModel,
             admin_pb2.PauseModelRequest(
-                request_id=request_id or new_request_id(), model=model, reason=reason
+                request_id=request_id or new_request_id(),
+                model=model,
+                reason=reason,
+                allow_unknown=allow_unknown,
             ),
             None,
         )
         return resp.paused
+
+    async def pause_tenant(
+        self, tenant_id: str, *, reason: str = "", request_id: str | None = None
+    ) -> bool:
+        """Pause dispatch of a tenant's tasks (admin); they are still accepted and wait."""
+        resp: admin_pb2.PauseTenantResponse = await self._unary(
+            self._admin.PauseTenant,
+            admin_pb2.PauseTenantRequest(
+                request_id=request_id or new_request_id(), tenant_id=tenant_id, reason=reason
+            ),
+            None,
+        )
+        return resp.paused
+
+    async def resume_tenant(self, tenant_id: str, *, request_id: str | None = None) -> bool:
+        """Resume dispatch of a paused tenant (admin); returns whether it is still paused."""
+        resp: admin_pb2.ResumeTenantResponse = await self._unary(
+            self._admin.ResumeTenant,
+            admin_pb2.ResumeTenantRequest(
+                request_id=request_id or new_request_id(), tenant_id=tenant_id
+            ),
+            None,
+        )
+        return resp.paused
+
+    async def list_paused(self) -> builtins.list[admin_pb2.PausedEntry]:
+        """The paused models and tenants (admin)."""
+        resp: admin_pb2.ListPausedResponse = await self._unary(
+            self._admin.ListPaused, admin_pb2.ListPausedRequest(), None
+        )
+        return list(resp.entries)
 
     async def resume_model(self, model: str, *, request_id: str | None = None) -> bool:
         """Resume dispatch of a model (admin); returns whether it is still paused."""

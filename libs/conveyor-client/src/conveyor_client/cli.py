@@ -25,18 +25,13 @@ from rich.table import Table
 
 from conveyor_client.cli_output import Output, watch_tasks
 from conveyor_client.cli_parser import build_parser
+from conveyor_client.enums import Priority, TaskKind, TaskStatus, Tier
 from conveyor_client.errors import ConveyorError
 from conveyor_client.group_cli import GroupUsageError, run_group
 from conveyor_client.options import tls_credentials
 from conveyor_client.sdk import AsyncClient
 from conveyor_client.token import mint_token
-from conveyor_client.types import (
-    Priority,
-    TaskKind,
-    TaskStatus,
-    TenantLimits,
-    Tier,
-)
+from conveyor_client.types import TenantLimits
 
 
 class UsageError(Exception):
@@ -225,13 +220,28 @@ async def _admin(client: AsyncClient, args: argparse.Namespace, out: Output) -> 
         return 0
     if sub in ("pause", "resume"):
         if sub == "pause":
-            paused = await client.pause_model(args.model, reason=args.reason or "")
+            paused = await client.pause_model(
+                args.model, reason=args.reason or "", allow_unknown=args.allow_unknown
+            )
         else:
             paused = await client.resume_model(args.model)
         if out.json:
             out.emit({"model": args.model, "paused": paused})
         else:
             out.console.print(f"{args.model}: {'paused' if paused else 'running'}")
+        return 0
+    if sub in ("pause-tenant", "resume-tenant"):
+        if sub == "pause-tenant":
+            paused = await client.pause_tenant(args.tenant_id, reason=args.reason or "")
+        else:
+            paused = await client.resume_tenant(args.tenant_id)
+        if out.json:
+            out.emit({"tenant_id": args.tenant_id, "paused": paused})
+        else:
+            out.console.print(f"{args.tenant_id}: {'paused' if paused else 'running'}")
+        return 0
+    if sub == "paused":
+        out.paused(await client.paused())
         return 0
     if sub == "dead-letters":
         page = await client.dead_letters(

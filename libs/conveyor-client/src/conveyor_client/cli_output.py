@@ -13,12 +13,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from conveyor_client.enums import TaskStatus
 from conveyor_client.sdk import AsyncClient
-from conveyor_client.types import (
-    Task,
-    TaskStatus,
-    Tenant,
-)
+from conveyor_client.types import Paused, Task, Tenant
 
 
 def when_text(value: datetime | None) -> str:
@@ -29,6 +26,8 @@ def status_text(task: Task) -> str:
     """The status as shown to people: a requested cancel is visible while the task still runs."""
     if task.cancel_requested and not task.terminal:
         return f"{task.status} (cancel requested)"
+    if task.held_reason and not task.terminal:
+        return f"{task.status} ({task.held_reason})"
     return str(task.status)
 
 
@@ -117,6 +116,16 @@ class Output:
                 error,
                 when_text(t.finished_at or t.updated_at),
             )
+        self.console.print(table)
+
+    def paused(self, entries: Sequence[Paused]) -> None:
+        """Paused models and tenants: why, since when, and how many tasks wait on each."""
+        if self.json:
+            self.emit([e.to_dict() for e in entries])
+            return
+        table = Table("paused", "name", "reason", "since", "queued")
+        for e in entries:
+            table.add_row(e.kind, e.name, e.reason, when_text(e.since), str(e.queued))
         self.console.print(table)
 
     def tenant(self, tenant: Tenant) -> None:

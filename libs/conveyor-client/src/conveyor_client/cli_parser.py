@@ -6,14 +6,9 @@ import argparse
 import os
 from typing import Any, NoReturn
 
+from conveyor_client.enums import Priority, TaskKind, TaskStatus, Tier
 from conveyor_client.group_cli import add_group_parser
 from conveyor_client.token import DEFAULT_AUDIENCE, DEFAULT_ISSUER
-from conveyor_client.types import (
-    Priority,
-    TaskKind,
-    TaskStatus,
-    Tier,
-)
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -160,8 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = asub.add_parser("pause", parents=[common], help="pause dispatch of a model")
     p.add_argument("model")
     p.add_argument("--reason")
+    p.add_argument(
+        "--allow-unknown",
+        action="store_true",
+        help="pause a model no task has used yet (ahead of first use)",
+    )
     p = asub.add_parser("resume", parents=[common], help="resume dispatch of a model")
     p.add_argument("model")
+    p = asub.add_parser("pause-tenant", parents=[common], help="pause dispatch of a tenant's tasks")
+    p.add_argument("tenant_id")
+    p.add_argument("--reason")
+    p = asub.add_parser("resume-tenant", parents=[common], help="resume a paused tenant")
+    p.add_argument("tenant_id")
+    asub.add_parser("paused", parents=[common], help="list paused models and tenants")
     p = asub.add_parser("dead-letters", parents=[common], help="list dead-lettered tasks")
     p.add_argument("--tenant")
     p.add_argument("--page-size", type=int, default=50)

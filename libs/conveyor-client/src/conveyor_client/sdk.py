@@ -19,21 +19,18 @@ import grpc
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_client.client import AsyncConveyorClient
+from conveyor_client.enums import EventType, Priority, TaskKind, TaskStatus, Tier
 from conveyor_client.options import TokenProvider, build_spec
 from conveyor_client.types import (
     BatchSubmitted,
-    EventType,
-    Priority,
+    Paused,
     QueueStat,
     Submitted,
     Task,
     TaskEvent,
-    TaskKind,
     TaskPage,
-    TaskStatus,
     Tenant,
     TenantLimits,
-    Tier,
 )
 
 T = TypeVar("T")
@@ -305,9 +302,24 @@ class AsyncClient:
         )
         return Tenant.from_proto(msg)
 
-    async def pause_model(self, model: str, *, reason: str = "") -> bool:
-        """Pause dispatch of a model (admin); returns whether it is paused."""
-        return await self.raw.pause_model(model, reason=reason)
+    async def pause_model(
+        self, model: str, *, reason: str = "", allow_unknown: bool = False
+    ) -> bool:
+        """Pause dispatch of a model (admin); returns whether it is paused. A model no task has
+        used is refused (NOT_FOUND) unless ``allow_unknown``."""
+        return await self.raw.pause_model(model, reason=reason, allow_unknown=allow_unknown)
+
+    async def pause_tenant(self, tenant_id: str, *, reason: str = "") -> bool:
+        """Pause dispatch of a tenant's tasks (admin); they are still accepted and wait."""
+        return await self.raw.pause_tenant(tenant_id, reason=reason)
+
+    async def resume_tenant(self, tenant_id: str) -> bool:
+        """Resume dispatch of a paused tenant (admin); returns whether it is still paused."""
+        return await self.raw.resume_tenant(tenant_id)
+
+    async def paused(self) -> builtins.list[Paused]:
+        """The paused models and tenants (admin)."""
+        return [Paused.from_proto(e) for e in await self.raw.list_paused()]
 
     async def resume_model(self, model: str) -> bool:
         """Resume dispatch of a model (admin); returns whether it is still paused."""

@@ -14,22 +14,19 @@ import grpc
 
 from conveyor.tasks.v1 import group_pb2
 from conveyor_client.client import AsyncConveyorClient
+from conveyor_client.enums import EventType, Priority, TaskKind, TaskStatus, Tier
 from conveyor_client.options import TokenProvider
 from conveyor_client.sdk import AsyncClient, SpecLike
 from conveyor_client.types import (
     BatchSubmitted,
-    EventType,
-    Priority,
+    Paused,
     QueueStat,
     Submitted,
     Task,
     TaskEvent,
-    TaskKind,
     TaskPage,
-    TaskStatus,
     Tenant,
     TenantLimits,
-    Tier,
 )
 
 T = TypeVar("T")
@@ -249,9 +246,23 @@ class Client:
             self._client.upsert_tenant(tenant_id, tier=tier, limits=limits, request_id=request_id)
         )
 
-    def pause_model(self, model: str, *, reason: str = "") -> bool:
+    def pause_model(self, model: str, *, reason: str = "", allow_unknown: bool = False) -> bool:
         """See :meth:`AsyncClient.pause_model`."""
-        return self._run(self._client.pause_model(model, reason=reason))
+        return self._run(
+            self._client.pause_model(model, reason=reason, allow_unknown=allow_unknown)
+        )
+
+    def pause_tenant(self, tenant_id: str, *, reason: str = "") -> bool:
+        """See :meth:`AsyncClient.pause_tenant`."""
+        return self._run(self._client.pause_tenant(tenant_id, reason=reason))
+
+    def resume_tenant(self, tenant_id: str) -> bool:
+        """See :meth:`AsyncClient.resume_tenant`."""
+        return self._run(self._client.resume_tenant(tenant_id))
+
+    def paused(self) -> builtins.list[Paused]:
+        """See :meth:`AsyncClient.paused`."""
+        return self._run(self._client.paused())
 
     def resume_model(self, model: str) -> bool:
         """See :meth:`AsyncClient.resume_model`."""

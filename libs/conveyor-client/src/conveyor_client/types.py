@@ -11,185 +11,13 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Any
 
 from google.protobuf import json_format, timestamp_pb2
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
-
-
-class _ProtoEnum(enum.StrEnum):
-    """A proto enum by its short lower-case name."""
-
-    @classmethod
-    def _prefix(cls) -> str:
-        raise NotImplementedError
-
-    @classmethod
-    def _wrapper(cls) -> Any:
-        raise NotImplementedError
-
-    @property
-    def proto(self) -> int:
-        """The wire value."""
-        return int(self._wrapper().Value(self._prefix() + self.value.upper()))
-
-    @classmethod
-    def from_proto(cls, value: int) -> Self:
-        """The member of a wire value (``unspecified`` for an unknown one)."""
-        try:
-            name = str(cls._wrapper().Name(value))
-        except ValueError:
-            return cls("unspecified")
-        return cls(name.removeprefix(cls._prefix()).lower())
-
-    @classmethod
-    def parse(cls, value: str | int | _ProtoEnum) -> Self:
-        """From a member, a wire value, or a name with or without the prefix, any case."""
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, int):
-            return cls.from_proto(value)
-        name = str(value).lower().removeprefix(cls._prefix().lower())
-        try:
-            return cls(name)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls if m.value != "unspecified")
-            raise ValueError(f"{value!r} is not one of {choices}") from None
-
-
-class TaskStatus(_ProtoEnum):
-    """Where a task is in its life."""
-
-    UNSPECIFIED = "unspecified"
-    QUEUED = "queued"
-    DISPATCHED = "dispatched"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-    DEAD_LETTERED = "dead_lettered"
-    EXPIRED = "expired"
-
-    @classmethod
-    def _prefix(cls) -> str:
-        return "TASK_STATUS_"
-
-    @classmethod
-    def _wrapper(cls) -> Any:
-        return task_pb2.TaskStatus
-
-    @property
-    def terminal(self) -> bool:
-        """The task will not change any more."""
-        return self in _TERMINAL_STATUSES
-
-
-_TERMINAL_STATUSES = frozenset(
-    {
-        TaskStatus.SUCCEEDED,
-        TaskStatus.FAILED,
-        TaskStatus.CANCELED,
-        TaskStatus.DEAD_LETTERED,
-        TaskStatus.EXPIRED,
-    }
-)
-
-
-class TaskKind(_ProtoEnum):
-    """Kind of generation."""
-
-    UNSPECIFIED = "unspecified"
-    VIDEO = "video"
-    IMAGE = "image"
-    TEXT = "text"
-    AUDIO = "audio"
-
-    @classmethod
-    def _prefix(cls) -> str:
-        return "TASK_KIND_"
-
-    @classmethod
-    def _wrapper(cls) -> Any:
-        return task_pb2.TaskKind
-
-
-class Priority(_ProtoEnum):
-    """Priority class (unspecified = the server's default, normal)."""
-
-    UNSPECIFIED = "unspecified"
-    URGENT = "urgent"
-    HIGH = "high"
-    NORMAL = "normal"
-    LOW = "low"
-
-    @classmethod
-    def _prefix(cls) -> str:
-        return "PRIORITY_"
-
-    @classmethod
-    def _wrapper(cls) -> Any:
-        return task_pb2.Priority
-
-
-class Tier(_ProtoEnum):
-    """A tenant's tier."""
-
-    UNSPECIFIED = "unspecified"
-    FREE = "free"
-    PREMIUM = "premium"
-    PRO = "pro"
-
-    @classmethod
-    def _prefix(cls) -> str:
-        return "TIER_"
-
-    @classmethod
-    def _wrapper(cls) -> Any:
-        return task_pb2.Tier
-
-
-class EventType(_ProtoEnum):
-    """What happened to a task."""
-
-    UNSPECIFIED = "unspecified"
-    SUBMITTED = "submitted"
-    DISPATCHED = "dispatched"
-    STARTED = "started"
-    PROGRESS = "progress"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    RETRY_SCHEDULED = "retry_scheduled"
-    CANCEL_REQUESTED = "cancel_requested"
-    CANCELED = "canceled"
-    DEAD_LETTERED = "dead_lettered"
-    EXPIRED = "expired"
-    REDRIVEN = "redriven"
-
-    @classmethod
-    def _prefix(cls) -> str:
-        return "TASK_EVENT_TYPE_"
-
-    @classmethod
-    def _wrapper(cls) -> Any:
-        return task_pb2.TaskEventType
-
-    @property
-    def terminal(self) -> bool:
-        """The task's last event."""
-        return self in _TERMINAL_EVENTS
-
-
-_TERMINAL_EVENTS = frozenset(
-    {
-        EventType.SUCCEEDED,
-        EventType.FAILED,
-        EventType.CANCELED,
-        EventType.DEAD_LETTERED,
-        EventType.EXPIRED,
-    }
-)
+from conveyor_client.enums import EventType, Priority, TaskKind, TaskStatus, Tier
 
 
 def _time(msg: Any, name: str) -> datetime | None:
@@ -246,7 +74,8 @@ class TaskError(_Record):
 
 @dataclass(frozen=True, slots=True)
 class Task(_Record):
-    """One task. ``cancel_requested`` is set when this client saw a cancel not yet finished."""
+    """One task. ``cancel_requested``: a cancel was asked and the task has not ended yet;
+    ``held_reason``: why a queued task is held by an operator ("model paused", "tenant paused")."""
 
     task_id: str
     tenant_id: str
@@ -277,6 +106,8 @@ class Task(_Record):
     predict_time_seconds: float | None
     error: TaskError | None
     cancel_requested: bool = False
+    cancel_reason: str = ""
+    held_reason: str = ""
     proto: task_pb2.Task = field(default_factory=task_pb2.Task, repr=False, compare=False)
 
     @property
@@ -338,7 +169,10 @@ class Task(_Record):
                 if msg.HasField("error") and msg.error.code
                 else None
             ),
-            cancel_requested=cancel_requested and not TaskStatus.from_proto(msg.status).terminal,
+            cancel_requested=(cancel_requested or msg.cancel_requested)
+            and not TaskStatus.from_proto(msg.status).terminal,
+            cancel_reason=msg.cancel_reason,
+            held_reason=msg.held_reason,
             proto=msg,
         )
 
@@ -491,3 +325,26 @@ class TaskPage(_Record):
     def from_dead_letters(cls, msg: admin_pb2.ListDeadLettersResponse) -> TaskPage:
         """Read a ListDeadLetters answer."""
         return cls([Task.from_proto(t) for t in msg.tasks], msg.next_page_token)
+
+
+@dataclass(frozen=True, slots=True)
+class Paused(_Record):
+    """A paused model or tenant (``kind`` is "model" or "tenant")."""
+
+    kind: str
+    name: str
+    reason: str
+    since: datetime | None
+    queued: int
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.PausedEntry) -> Paused:
+        """Read a PausedEntry message."""
+        kind = msg.WhichOneof("target") or "model"
+        return cls(
+            kind="model" if kind == "model" else "tenant",
+            name=msg.model if kind == "model" else msg.tenant_id,
+            reason=msg.reason,
+            since=msg.paused_since.ToDatetime(UTC) if msg.HasField("paused_since") else None,
+            queued=msg.queued,
+        )

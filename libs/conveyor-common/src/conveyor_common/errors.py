@@ -137,16 +137,20 @@ class NotFound(RpcError):
     code = grpc.StatusCode.NOT_FOUND
     reason = "NOT_FOUND"
 
-    def __init__(self, resource_type: str, resource_name: str) -> None:
+    def __init__(self, resource_type: str, resource_name: str, description: str = "") -> None:
         self.resource_type = resource_type
         self.resource_name = resource_name
-        super().__init__(f"{resource_type} {resource_name!r} not found")
+        self.description = description
+        message = f"{resource_type} {resource_name!r} not found"
+        super().__init__(f"{message}: {description}" if description else message)
 
     def details(self) -> list[any_pb2.Any]:
         detail = any_pb2.Any()
         detail.Pack(
             error_details_pb2.ResourceInfo(
-                resource_type=self.resource_type, resource_name=self.resource_name
+                resource_type=self.resource_type,
+                resource_name=self.resource_name,
+                description=self.description,
             )
         )
         return [detail]

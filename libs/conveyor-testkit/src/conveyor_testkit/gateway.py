@@ -243,6 +243,24 @@ class FakeScheduler(sched_grpc.SchedulerServiceServicer):
         self._record("ResumeModel", request, context)
         return s.SchedulerServiceResumeModelResponse()
 
+    async def PauseTenant(
+        self, request: s.SchedulerServicePauseTenantRequest, context: Ctx
+    ) -> s.SchedulerServicePauseTenantResponse:
+        self._record("PauseTenant", request, context)
+        return s.SchedulerServicePauseTenantResponse()
+
+    async def ResumeTenant(
+        self, request: s.SchedulerServiceResumeTenantRequest, context: Ctx
+    ) -> s.SchedulerServiceResumeTenantResponse:
+        self._record("ResumeTenant", request, context)
+        return s.SchedulerServiceResumeTenantResponse()
+
+    async def ListPaused(
+        self, request: s.SchedulerServiceListPausedRequest, context: Ctx
+    ) -> s.SchedulerServiceListPausedResponse:
+        self._record("ListPaused", request, context)
+        return s.SchedulerServiceListPausedResponse()
+
     async def ListDeadLetters(
         self, request: s.SchedulerServiceListDeadLettersRequest, context: Ctx
     ) -> s.SchedulerServiceListDeadLettersResponse:

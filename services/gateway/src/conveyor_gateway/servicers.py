@@ -138,6 +138,9 @@ class AdminServicer(admin_grpc.AdminServiceServicer, _Forwarder):
     ListDeadLetters = _forward("ListDeadLetters")
     RedriveTasks = _forward("RedriveTasks", mint_request_id=True)
     BulkCancelTasks = _forward("BulkCancelTasks", mint_request_id=True)
+    PauseTenant = _forward("PauseTenant", mint_request_id=True)
+    ResumeTenant = _forward("ResumeTenant", mint_request_id=True)
+    ListPaused = _forward("ListPaused")
 
 
 class WebhookServicer(hook_grpc.WebhookServiceServicer, _Forwarder):

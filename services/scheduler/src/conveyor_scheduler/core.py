@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_common import tracing
-from conveyor_common.errors import ResourceExhausted
+from conveyor_common.errors import NotFound, ResourceExhausted
 from conveyor_common.vocabulary import (
     EV_DEAD_LETTERED,
     EV_REDRIVEN,
@@ -33,7 +33,15 @@ from conveyor_scheduler.admission.batcher import SubmitBatcher, pipelined
 from conveyor_scheduler.admission.submit import NewTask, SubmitRequest, submit
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.control.cancel import bulk_cancel, cancel_task, redrive, select_for_bulk
-from conveyor_scheduler.control.tenants import get_tenant, set_model_paused, upsert_tenant
+from conveyor_scheduler.control.tenants import (
+    get_tenant,
+    held_reason,
+    list_paused,
+    model_known,
+    set_model_paused,
+    set_tenant_paused,
+    upsert_tenant,
+)
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.lifecycle import Backoff
@@ -182,6 +190,7 @@ class SchedulerCore:
             row = await load_task(conn, task_id, tenant_id)
             task = task_proto(row)
             if row["status"] == m.QUEUED:
+                task.held_reason = await held_reason(conn, row["tenant_id"], row["model"])
                 position = await queue_position(conn, row)
                 task.queue_position = position
                 p50 = await recent_run_time_p50(conn, row["kind"])
@@ -200,7 +209,7 @@ class SchedulerCore:
     async def list_tasks(
         self, tenant_id: str | None, **kwargs: object
     ) -> tuple[list[TaskRow], str]:
-        """Tasks newest first (see repository.list_tasks)."""
+        """Tasks newest first (see store.reads.list_tasks)."""
         async with self.engine.connect() as conn:
             return await list_tasks(conn, tenant_id, **kwargs)  # type: ignore[arg-type]
 
@@ -320,12 +329,34 @@ class SchedulerCore:
         self._after()
         return row
 
-    async def set_model_paused(self, model: str, paused: bool, reason: str | None) -> bool:
-        """Pause or resume a model."""
+    async def set_model_paused(
+        self, model: str, paused: bool, reason: str | None, *, allow_unknown: bool = True
+    ) -> bool:
+        """Pause or resume a model (NOT_FOUND pausing a model never seen, unless allowed)."""
         async with self.engine.begin() as conn:
+            if paused and not allow_unknown and not await model_known(conn, model):
+                raise NotFound(
+                    "model",
+                    model,
+                    "no task has used it; set allow_unknown to pause it ahead of first use",
+                )
             out = await set_model_paused(conn, model, paused, reason)
         self._after(poke=not paused)
         return out
+
+    async def set_tenant_paused(self, tenant_id: str, paused: bool, reason: str | None) -> bool:
+        """Pause or resume a tenant's dispatch (NOT_FOUND for a tenant never seen)."""
+        async with self.engine.begin() as conn:
+            out = await set_tenant_paused(conn, tenant_id, paused, reason)
+        if out is None:
+            raise NotFound("tenant", tenant_id)
+        self._after(poke=not paused)
+        return out
+
+    async def list_paused(self) -> list[dict[str, Any]]:
+        """The paused models and tenants."""
+        async with self.engine.connect() as conn:
+            return await list_paused(conn)
 
     async def bulk(
         self,

@@ -72,6 +72,22 @@ RESUME_MODEL: Table = {
 }
 
 
+PAUSE_TENANT: Table = {
+    "request_id": [request_id(required=False)],
+    "tenant_id": [tenant_id(required=True)],
+    "reason": [reason],
+}
+
+
+RESUME_TENANT: Table = {
+    "request_id": [request_id(required=False)],
+    "tenant_id": [tenant_id(required=True)],
+}
+
+
+LIST_PAUSED: Table = {}
+
+
 LIST_DEAD_LETTERS: Table = {
     "tenant_id": [tenant_id(required=False)],
     "page_size": [page_size],

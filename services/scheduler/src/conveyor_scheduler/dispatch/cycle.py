@@ -79,6 +79,8 @@ class Capacity:
     tenant_limit: dict[str, int] = field(default_factory=dict)
     blocked_models: list[str] = field(default_factory=list)
     blocked_kinds: list[int] = field(default_factory=list)
+    paused_tenants: list[str] = field(default_factory=list)
+    """Tenants an operator paused: none of their tasks is dispatched."""
 
 
 _USAGE_SQL = text(
@@ -88,7 +90,7 @@ _USAGE_SQL = text(
 
 _TENANTS_SQL = text(
     "SELECT tenant_id, COALESCE(tier, claimed_tier, 1) AS tier, max_concurrency, weight"
-    " FROM tenants WHERE waiting > 0"
+    " FROM tenants WHERE waiting > 0 AND NOT paused"
 )
 
 _CANDIDATES_SQL = text(
@@ -251,6 +253,9 @@ class Dispatcher:
                 self._cache_blocked[1] | newly_kinds,
             )
         free = self._tenant_free(cap)
+        for tenant in cap.paused_tenants:  # paused since the cache was read
+            free.pop(tenant, None)
+            self._cache.pop(tenant, None)
         probe = [t for t, f in free.items() if f > 0 and not self._cache.get(t) and t in self._more]
         if probe:
             ks = [min(free[t], self.settings.tenant_candidates_max) for t in probe]
@@ -297,15 +302,17 @@ class Dispatcher:
                 "SELECT 'p' AS k, provider AS name, throttled_until FROM provider_controls"
                 " WHERE provider = :p AND throttled_until > :now"
                 " UNION ALL SELECT 'm', model, NULL FROM model_controls WHERE paused"
+                " UNION ALL SELECT 't', tenant_id, NULL FROM tenants WHERE paused"
             ),
             {"p": provider, "now": now},
         )
         paused: list[str] = []
+        paused_tenants: list[str] = []
         for k, name, until in controls:
             if k == "p":
                 self.next_wake = time.monotonic() + (until - now).total_seconds()
                 return None
-            paused.append(name)
+            (paused_tenants if k == "t" else paused).append(name)
         tokens = int(self.bucket.available())
         if tokens < 1:
             self.next_wake = time.monotonic() + self.bucket.seconds_until(1)
@@ -354,6 +361,7 @@ class Dispatcher:
             kind_used=kind_used,
             blocked_models=blocked_models,
             blocked_kinds=blocked_kinds,
+            paused_tenants=paused_tenants,
         )
 
     def _assign(

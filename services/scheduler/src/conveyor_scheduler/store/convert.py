@@ -179,6 +179,8 @@ def task_proto(row: Mapping[str, Any]) -> task_pb2.Task:
         prediction_id=row["prediction_id"] or "",
         last_sequence=row["last_sequence"],
         tier=row["tier"],
+        cancel_requested=bool(row.get("cancel_requested")),
+        cancel_reason=(row.get("cancel_reason") or "") if row.get("cancel_requested") else "",
     )
     task.spec.ParseFromString(spec_bytes(row))
     for field, column in (

@@ -37,6 +37,7 @@ class SchemaNotAtHead(RuntimeError):
 
 def target_metadata() -> MetaData:
     """The full metadata: core models plus the webhook models (same Base)."""
+    importlib.import_module("conveyor_scheduler.store.control_models")
     importlib.import_module("conveyor_scheduler.client_webhooks.models")
     importlib.import_module("conveyor_scheduler.groups.models")
     return Base.metadata

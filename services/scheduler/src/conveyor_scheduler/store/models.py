@@ -105,6 +105,7 @@ class Tenant(Base):
             " AND (weight IS NULL OR weight >= 1)",
             name="limits_positive",
         ),
+        Index("ix_tenants_paused", "tenant_id", postgresql_where=text("paused")),
         {
             "comment": "One row per tenant seen. Holds the admin-set tier and limits (NULL = the "
             "settings' default, so changing a default reaches every tenant that never got an "
@@ -138,6 +139,13 @@ class Tenant(Base):
     tokens_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    paused: Mapped[bool] = mapped_column(
+        Boolean,
+        server_default=text("false"),
+        comment="An operator paused the tenant: its tasks are accepted but none is dispatched.",
+    )
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    paused_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Task(Base):
@@ -414,36 +422,6 @@ class InboxRow(Base):
     consumer: Mapped[str] = mapped_column(Text, primary_key=True)
     event_id: Mapped[str] = mapped_column(Text, primary_key=True)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-
-
-class ModelControl(Base):
-    """Operator pause of a model or deployment."""
-
-    __tablename__ = "model_controls"
-    __table_args__ = (
-        {"comment": "Paused models are skipped by the dispatcher; their queued tasks wait."},
-    )
-
-    model: Mapped[str] = mapped_column(Text, primary_key=True)
-    paused: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
-    reason: Mapped[str | None] = mapped_column(Text)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
-
-
-class ProviderControl(Base):
-    """A provider's throttle (429 with retry_after reported by the adapter)."""
-
-    __tablename__ = "provider_controls"
-    __table_args__ = (
-        {
-            "comment": "No dispatch to a provider before throttled_until. Tasks already "
-            "dispatched keep their slots."
-        },
-    )
-
-    provider: Mapped[str] = mapped_column(Text, primary_key=True)
-    throttled_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 
 class ActiveSlot(Base):

@@ -1215,3 +1215,165 @@ class SchedulerServiceListWebhookDeliveriesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SchedulerServiceListWebhookDeliveriesResponse: _TypeAlias = SchedulerServiceListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerServicePauseTenantRequest(_message.Message):
+    """Request of SchedulerService.PauseTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def principal(self) -> Global___Principal:
+        """Authenticated caller (admin)."""
+
+    @_builtins.property
+    def request(self) -> _admin_service_pb2.PauseTenantRequest:
+        """The public request."""
+
+    def __init__(
+        self,
+        *,
+        principal: Global___Principal | None = ...,
+        request: _admin_service_pb2.PauseTenantRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServicePauseTenantRequest: _TypeAlias = SchedulerServicePauseTenantRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServicePauseTenantResponse(_message.Message):
+    """Response of SchedulerService.PauseTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _admin_service_pb2.PauseTenantResponse:
+        """The public response."""
+
+    def __init__(
+        self,
+        *,
+        response: _admin_service_pb2.PauseTenantResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServicePauseTenantResponse: _TypeAlias = SchedulerServicePauseTenantResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceResumeTenantRequest(_message.Message):
+    """Request of SchedulerService.ResumeTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def principal(self) -> Global___Principal:
+        """Authenticated caller (admin)."""
+
+    @_builtins.property
+    def request(self) -> _admin_service_pb2.ResumeTenantRequest:
+        """The public request."""
+
+    def __init__(
+        self,
+        *,
+        principal: Global___Principal | None = ...,
+        request: _admin_service_pb2.ResumeTenantRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceResumeTenantRequest: _TypeAlias = SchedulerServiceResumeTenantRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceResumeTenantResponse(_message.Message):
+    """Response of SchedulerService.ResumeTenant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _admin_service_pb2.ResumeTenantResponse:
+        """The public response."""
+
+    def __init__(
+        self,
+        *,
+        response: _admin_service_pb2.ResumeTenantResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceResumeTenantResponse: _TypeAlias = SchedulerServiceResumeTenantResponse  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceListPausedRequest(_message.Message):
+    """Request of SchedulerService.ListPaused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRINCIPAL_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def principal(self) -> Global___Principal:
+        """Authenticated caller (admin)."""
+
+    @_builtins.property
+    def request(self) -> _admin_service_pb2.ListPausedRequest:
+        """The public request."""
+
+    def __init__(
+        self,
+        *,
+        principal: Global___Principal | None = ...,
+        request: _admin_service_pb2.ListPausedRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["principal", b"principal", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceListPausedRequest: _TypeAlias = SchedulerServiceListPausedRequest  # noqa: Y015
+
+@_typing.final
+class SchedulerServiceListPausedResponse(_message.Message):
+    """Response of SchedulerService.ListPaused."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def response(self) -> _admin_service_pb2.ListPausedResponse:
+        """The public response."""
+
+    def __init__(
+        self,
+        *,
+        response: _admin_service_pb2.ListPausedResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SchedulerServiceListPausedResponse: _TypeAlias = SchedulerServiceListPausedResponse  # noqa: Y015

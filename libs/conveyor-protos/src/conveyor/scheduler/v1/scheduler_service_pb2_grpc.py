@@ -95,6 +95,21 @@ class SchedulerServiceStub:
                 request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelRequest.SerializeToString,
                 response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelResponse.FromString,
                 _registered_method=True)
+        self.PauseTenant = channel.unary_unary(
+                '/conveyor.scheduler.v1.SchedulerService/PauseTenant',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseTenantRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseTenantResponse.FromString,
+                _registered_method=True)
+        self.ResumeTenant = channel.unary_unary(
+                '/conveyor.scheduler.v1.SchedulerService/ResumeTenant',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeTenantRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeTenantResponse.FromString,
+                _registered_method=True)
+        self.ListPaused = channel.unary_unary(
+                '/conveyor.scheduler.v1.SchedulerService/ListPaused',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListPausedRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListPausedResponse.FromString,
+                _registered_method=True)
         self.ListDeadLetters = channel.unary_unary(
                 '/conveyor.scheduler.v1.SchedulerService/ListDeadLetters',
                 request_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListDeadLettersRequest.SerializeToString,
@@ -228,6 +243,27 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseTenant(self, request, context):
+        """Admin: see conveyor.tasks.v1.AdminService.PauseTenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeTenant(self, request, context):
+        """Admin: see conveyor.tasks.v1.AdminService.ResumeTenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPaused(self, request, context):
+        """Admin: see conveyor.tasks.v1.AdminService.ListPaused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListDeadLetters(self, request, context):
         """Admin: see conveyor.tasks.v1.AdminService.ListDeadLetters.
         """
@@ -346,6 +382,21 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ResumeModel,
                     request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelRequest.FromString,
                     response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelResponse.SerializeToString,
+            ),
+            'PauseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseTenant,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseTenantRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseTenantResponse.SerializeToString,
+            ),
+            'ResumeTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTenant,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeTenantRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeTenantResponse.SerializeToString,
+            ),
+            'ListPaused': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPaused,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListPausedRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListPausedResponse.SerializeToString,
             ),
             'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDeadLetters,
@@ -713,6 +764,87 @@ class SchedulerService:
             '/conveyor.scheduler.v1.SchedulerService/ResumeModel',
             conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelRequest.SerializeToString,
             conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.SchedulerService/PauseTenant',
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseTenantRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServicePauseTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.SchedulerService/ResumeTenant',
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeTenantRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceResumeTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPaused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.SchedulerService/ListPaused',
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListPausedRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_scheduler__service__pb2.SchedulerServiceListPausedResponse.FromString,
             options,
             channel_credentials,
             insecure,

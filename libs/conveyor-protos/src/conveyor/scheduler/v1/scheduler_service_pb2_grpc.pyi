@@ -70,6 +70,12 @@ class SchedulerServiceStub:
     """Admin: see conveyor.tasks.v1.AdminService.PauseModel."""
     ResumeModel: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceResumeModelRequest, _scheduler_service_pb2.SchedulerServiceResumeModelResponse]
     """Admin: see conveyor.tasks.v1.AdminService.ResumeModel."""
+    PauseTenant: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServicePauseTenantRequest, _scheduler_service_pb2.SchedulerServicePauseTenantResponse]
+    """Admin: see conveyor.tasks.v1.AdminService.PauseTenant."""
+    ResumeTenant: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceResumeTenantRequest, _scheduler_service_pb2.SchedulerServiceResumeTenantResponse]
+    """Admin: see conveyor.tasks.v1.AdminService.ResumeTenant."""
+    ListPaused: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceListPausedRequest, _scheduler_service_pb2.SchedulerServiceListPausedResponse]
+    """Admin: see conveyor.tasks.v1.AdminService.ListPaused."""
     ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceListDeadLettersRequest, _scheduler_service_pb2.SchedulerServiceListDeadLettersResponse]
     """Admin: see conveyor.tasks.v1.AdminService.ListDeadLetters."""
     RedriveTasks: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceRedriveTasksRequest, _scheduler_service_pb2.SchedulerServiceRedriveTasksResponse]
@@ -120,6 +126,12 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Admin: see conveyor.tasks.v1.AdminService.PauseModel."""
     ResumeModel: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceResumeModelRequest, _scheduler_service_pb2.SchedulerServiceResumeModelResponse]  # type: ignore[assignment]
     """Admin: see conveyor.tasks.v1.AdminService.ResumeModel."""
+    PauseTenant: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServicePauseTenantRequest, _scheduler_service_pb2.SchedulerServicePauseTenantResponse]  # type: ignore[assignment]
+    """Admin: see conveyor.tasks.v1.AdminService.PauseTenant."""
+    ResumeTenant: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceResumeTenantRequest, _scheduler_service_pb2.SchedulerServiceResumeTenantResponse]  # type: ignore[assignment]
+    """Admin: see conveyor.tasks.v1.AdminService.ResumeTenant."""
+    ListPaused: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceListPausedRequest, _scheduler_service_pb2.SchedulerServiceListPausedResponse]  # type: ignore[assignment]
+    """Admin: see conveyor.tasks.v1.AdminService.ListPaused."""
     ListDeadLetters: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceListDeadLettersRequest, _scheduler_service_pb2.SchedulerServiceListDeadLettersResponse]  # type: ignore[assignment]
     """Admin: see conveyor.tasks.v1.AdminService.ListDeadLetters."""
     RedriveTasks: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.SchedulerServiceRedriveTasksRequest, _scheduler_service_pb2.SchedulerServiceRedriveTasksResponse]  # type: ignore[assignment]
@@ -239,6 +251,30 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.SchedulerServiceResumeModelResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServiceResumeModelResponse]]:
         """Admin: see conveyor.tasks.v1.AdminService.ResumeModel."""
+
+    @_abc_1.abstractmethod
+    def PauseTenant(
+        self,
+        request: _scheduler_service_pb2.SchedulerServicePauseTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SchedulerServicePauseTenantResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServicePauseTenantResponse]]:
+        """Admin: see conveyor.tasks.v1.AdminService.PauseTenant."""
+
+    @_abc_1.abstractmethod
+    def ResumeTenant(
+        self,
+        request: _scheduler_service_pb2.SchedulerServiceResumeTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SchedulerServiceResumeTenantResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServiceResumeTenantResponse]]:
+        """Admin: see conveyor.tasks.v1.AdminService.ResumeTenant."""
+
+    @_abc_1.abstractmethod
+    def ListPaused(
+        self,
+        request: _scheduler_service_pb2.SchedulerServiceListPausedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.SchedulerServiceListPausedResponse, _abc.Awaitable[_scheduler_service_pb2.SchedulerServiceListPausedResponse]]:
+        """Admin: see conveyor.tasks.v1.AdminService.ListPaused."""
 
     @_abc_1.abstractmethod
     def ListDeadLetters(

@@ -26,7 +26,7 @@ from conveyor.tasks.v1 import task_pb2 as conveyor_dot_tasks_dot_v1_dot_task__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%conveyor/tasks/v1/admin_service.proto\x12\x11\x63onveyor.tasks.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\">\n\x11GetTenantResponse\x12)\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.conveyor.tasks.v1.Tenant\"\x94\x01\n\x13UpsertTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.conveyor.tasks.v1.Tier\x12/\n\x06limits\x18\x04 \x01(\x0b\x32\x1f.conveyor.tasks.v1.TenantLimits\"A\n\x14UpsertTenantResponse\x12)\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.conveyor.tasks.v1.Tenant\"F\n\x11PauseModelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"$\n\x12PauseModelResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"7\n\x12ResumeModelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"%\n\x13ResumeModelResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"R\n\x16ListDeadLettersRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x17ListDeadLettersResponse\x12&\n\x05tasks\x18\x01 \x03(\x0b\x32\x17.conveyor.tasks.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\x0c\x42ulkSelector\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12/\n\x08statuses\x18\x04 \x03(\x0e\x32\x1d.conveyor.tasks.v1.TaskStatus\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x06 \x01(\x05\"\\\n\x13RedriveTasksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08selector\x18\x02 \x01(\x0b\x32\x1f.conveyor.tasks.v1.BulkSelector\"(\n\x14RedriveTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"o\n\x16\x42ulkCancelTasksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08selector\x18\x02 \x01(\x0b\x32\x1f.conveyor.tasks.v1.BulkSelector\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\x17\x42ulkCancelTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t2\xb5\x05\n\x0c\x41\x64minService\x12V\n\tGetTenant\x12#.conveyor.tasks.v1.GetTenantRequest\x1a$.conveyor.tasks.v1.GetTenantResponse\x12_\n\x0cUpsertTenant\x12&.conveyor.tasks.v1.UpsertTenantRequest\x1a\'.conveyor.tasks.v1.UpsertTenantResponse\x12Y\n\nPauseModel\x12$.conveyor.tasks.v1.PauseModelRequest\x1a%.conveyor.tasks.v1.PauseModelResponse\x12\\\n\x0bResumeModel\x12%.conveyor.tasks.v1.ResumeModelRequest\x1a&.conveyor.tasks.v1.ResumeModelResponse\x12h\n\x0fListDeadLetters\x12).conveyor.tasks.v1.ListDeadLettersRequest\x1a*.conveyor.tasks.v1.ListDeadLettersResponse\x12_\n\x0cRedriveTasks\x12&.conveyor.tasks.v1.RedriveTasksRequest\x1a\'.conveyor.tasks.v1.RedriveTasksResponse\x12h\n\x0f\x42ulkCancelTasks\x12).conveyor.tasks.v1.BulkCancelTasksRequest\x1a*.conveyor.tasks.v1.BulkCancelTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%conveyor/tasks/v1/admin_service.proto\x12\x11\x63onveyor.tasks.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x10GetTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\">\n\x11GetTenantResponse\x12)\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.conveyor.tasks.v1.Tenant\"\x94\x01\n\x13UpsertTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12%\n\x04tier\x18\x03 \x01(\x0e\x32\x17.conveyor.tasks.v1.Tier\x12/\n\x06limits\x18\x04 \x01(\x0b\x32\x1f.conveyor.tasks.v1.TenantLimits\"A\n\x14UpsertTenantResponse\x12)\n\x06tenant\x18\x01 \x01(\x0b\x32\x19.conveyor.tasks.v1.Tenant\"]\n\x11PauseModelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rallow_unknown\x18\x04 \x01(\x08\"$\n\x12PauseModelResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"7\n\x12ResumeModelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"%\n\x13ResumeModelResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"R\n\x16ListDeadLettersRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x17ListDeadLettersResponse\x12&\n\x05tasks\x18\x01 \x03(\x0b\x32\x17.conveyor.tasks.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xb6\x01\n\x0c\x42ulkSelector\x12\x10\n\x08task_ids\x18\x01 \x03(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12/\n\x08statuses\x18\x04 \x03(\x0e\x32\x1d.conveyor.tasks.v1.TaskStatus\x12\x32\n\x0e\x63reated_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05limit\x18\x06 \x01(\x05\"\\\n\x13RedriveTasksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08selector\x18\x02 \x01(\x0b\x32\x1f.conveyor.tasks.v1.BulkSelector\"(\n\x14RedriveTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"o\n\x16\x42ulkCancelTasksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x08selector\x18\x02 \x01(\x0b\x32\x1f.conveyor.tasks.v1.BulkSelector\x12\x0e\n\x06reason\x18\x03 \x01(\t\"+\n\x17\x42ulkCancelTasksResponse\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"K\n\x12PauseTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"%\n\x13PauseTenantResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"<\n\x13ResumeTenantRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\"&\n\x14ResumeTenantResponse\x12\x0e\n\x06paused\x18\x01 \x01(\x08\"\x13\n\x11ListPausedRequest\"\x8f\x01\n\x0bPausedEntry\x12\x0f\n\x05model\x18\x01 \x01(\tH\x00\x12\x13\n\ttenant_id\x18\x02 \x01(\tH\x00\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x30\n\x0cpaused_since\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06queued\x18\x05 \x01(\x03\x42\x08\n\x06target\"E\n\x12ListPausedResponse\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.conveyor.tasks.v1.PausedEntry2\xcf\x07\n\x0c\x41\x64minService\x12V\n\tGetTenant\x12#.conveyor.tasks.v1.GetTenantRequest\x1a$.conveyor.tasks.v1.GetTenantResponse\x12_\n\x0cUpsertTenant\x12&.conveyor.tasks.v1.UpsertTenantRequest\x1a\'.conveyor.tasks.v1.UpsertTenantResponse\x12Y\n\nPauseModel\x12$.conveyor.tasks.v1.PauseModelRequest\x1a%.conveyor.tasks.v1.PauseModelResponse\x12\\\n\x0bResumeModel\x12%.conveyor.tasks.v1.ResumeModelRequest\x1a&.conveyor.tasks.v1.ResumeModelResponse\x12h\n\x0fListDeadLetters\x12).conveyor.tasks.v1.ListDeadLettersRequest\x1a*.conveyor.tasks.v1.ListDeadLettersResponse\x12_\n\x0cRedriveTasks\x12&.conveyor.tasks.v1.RedriveTasksRequest\x1a\'.conveyor.tasks.v1.RedriveTasksResponse\x12h\n\x0f\x42ulkCancelTasks\x12).conveyor.tasks.v1.BulkCancelTasksRequest\x1a*.conveyor.tasks.v1.BulkCancelTasksResponse\x12\\\n\x0bPauseTenant\x12%.conveyor.tasks.v1.PauseTenantRequest\x1a&.conveyor.tasks.v1.PauseTenantResponse\x12_\n\x0cResumeTenant\x12&.conveyor.tasks.v1.ResumeTenantRequest\x1a\'.conveyor.tasks.v1.ResumeTenantResponse\x12Y\n\nListPaused\x12$.conveyor.tasks.v1.ListPausedRequest\x1a%.conveyor.tasks.v1.ListPausedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,27 +42,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPSERTTENANTRESPONSE']._serialized_start=377
   _globals['_UPSERTTENANTRESPONSE']._serialized_end=442
   _globals['_PAUSEMODELREQUEST']._serialized_start=444
-  _globals['_PAUSEMODELREQUEST']._serialized_end=514
-  _globals['_PAUSEMODELRESPONSE']._serialized_start=516
-  _globals['_PAUSEMODELRESPONSE']._serialized_end=552
-  _globals['_RESUMEMODELREQUEST']._serialized_start=554
-  _globals['_RESUMEMODELREQUEST']._serialized_end=609
-  _globals['_RESUMEMODELRESPONSE']._serialized_start=611
-  _globals['_RESUMEMODELRESPONSE']._serialized_end=648
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=650
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=732
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=734
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=824
-  _globals['_BULKSELECTOR']._serialized_start=827
-  _globals['_BULKSELECTOR']._serialized_end=1009
-  _globals['_REDRIVETASKSREQUEST']._serialized_start=1011
-  _globals['_REDRIVETASKSREQUEST']._serialized_end=1103
-  _globals['_REDRIVETASKSRESPONSE']._serialized_start=1105
-  _globals['_REDRIVETASKSRESPONSE']._serialized_end=1145
-  _globals['_BULKCANCELTASKSREQUEST']._serialized_start=1147
-  _globals['_BULKCANCELTASKSREQUEST']._serialized_end=1258
-  _globals['_BULKCANCELTASKSRESPONSE']._serialized_start=1260
-  _globals['_BULKCANCELTASKSRESPONSE']._serialized_end=1303
-  _globals['_ADMINSERVICE']._serialized_start=1306
-  _globals['_ADMINSERVICE']._serialized_end=1999
+  _globals['_PAUSEMODELREQUEST']._serialized_end=537
+  _globals['_PAUSEMODELRESPONSE']._serialized_start=539
+  _globals['_PAUSEMODELRESPONSE']._serialized_end=575
+  _globals['_RESUMEMODELREQUEST']._serialized_start=577
+  _globals['_RESUMEMODELREQUEST']._serialized_end=632
+  _globals['_RESUMEMODELRESPONSE']._serialized_start=634
+  _globals['_RESUMEMODELRESPONSE']._serialized_end=671
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=673
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=755
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=757
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=847
+  _globals['_BULKSELECTOR']._serialized_start=850
+  _globals['_BULKSELECTOR']._serialized_end=1032
+  _globals['_REDRIVETASKSREQUEST']._serialized_start=1034
+  _globals['_REDRIVETASKSREQUEST']._serialized_end=1126
+  _globals['_REDRIVETASKSRESPONSE']._serialized_start=1128
+  _globals['_REDRIVETASKSRESPONSE']._serialized_end=1168
+  _globals['_BULKCANCELTASKSREQUEST']._serialized_start=1170
+  _globals['_BULKCANCELTASKSREQUEST']._serialized_end=1281
+  _globals['_BULKCANCELTASKSRESPONSE']._serialized_start=1283
+  _globals['_BULKCANCELTASKSRESPONSE']._serialized_end=1326
+  _globals['_PAUSETENANTREQUEST']._serialized_start=1328
+  _globals['_PAUSETENANTREQUEST']._serialized_end=1403
+  _globals['_PAUSETENANTRESPONSE']._serialized_start=1405
+  _globals['_PAUSETENANTRESPONSE']._serialized_end=1442
+  _globals['_RESUMETENANTREQUEST']._serialized_start=1444
+  _globals['_RESUMETENANTREQUEST']._serialized_end=1504
+  _globals['_RESUMETENANTRESPONSE']._serialized_start=1506
+  _globals['_RESUMETENANTRESPONSE']._serialized_end=1544
+  _globals['_LISTPAUSEDREQUEST']._serialized_start=1546
+  _globals['_LISTPAUSEDREQUEST']._serialized_end=1565
+  _globals['_PAUSEDENTRY']._serialized_start=1568
+  _globals['_PAUSEDENTRY']._serialized_end=1711
+  _globals['_LISTPAUSEDRESPONSE']._serialized_start=1713
+  _globals['_LISTPAUSEDRESPONSE']._serialized_end=1782
+  _globals['_ADMINSERVICE']._serialized_start=1785
+  _globals['_ADMINSERVICE']._serialized_end=2760
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,21 @@ class AdminServiceStub:
                 request_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.BulkCancelTasksRequest.SerializeToString,
                 response_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.BulkCancelTasksResponse.FromString,
                 _registered_method=True)
+        self.PauseTenant = channel.unary_unary(
+                '/conveyor.tasks.v1.AdminService/PauseTenant',
+                request_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.PauseTenantRequest.SerializeToString,
+                response_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.PauseTenantResponse.FromString,
+                _registered_method=True)
+        self.ResumeTenant = channel.unary_unary(
+                '/conveyor.tasks.v1.AdminService/ResumeTenant',
+                request_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ResumeTenantRequest.SerializeToString,
+                response_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ResumeTenantResponse.FromString,
+                _registered_method=True)
+        self.ListPaused = channel.unary_unary(
+                '/conveyor.tasks.v1.AdminService/ListPaused',
+                request_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ListPausedRequest.SerializeToString,
+                response_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ListPausedResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -125,6 +140,27 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseTenant(self, request, context):
+        """Pauses dispatch of a tenant's tasks; they are still accepted and wait queued.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeTenant(self, request, context):
+        """Resumes dispatch of a paused tenant's tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPaused(self, request, context):
+        """Lists the paused models and tenants, with why and since when, and how many tasks wait on each.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +198,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.BulkCancelTasks,
                     request_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.BulkCancelTasksRequest.FromString,
                     response_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.BulkCancelTasksResponse.SerializeToString,
+            ),
+            'PauseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseTenant,
+                    request_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.PauseTenantRequest.FromString,
+                    response_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.PauseTenantResponse.SerializeToString,
+            ),
+            'ResumeTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTenant,
+                    request_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ResumeTenantRequest.FromString,
+                    response_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ResumeTenantResponse.SerializeToString,
+            ),
+            'ListPaused': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPaused,
+                    request_deserializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ListPausedRequest.FromString,
+                    response_serializer=conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ListPausedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +405,87 @@ class AdminService:
             '/conveyor.tasks.v1.AdminService/BulkCancelTasks',
             conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.BulkCancelTasksRequest.SerializeToString,
             conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.BulkCancelTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.tasks.v1.AdminService/PauseTenant',
+            conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.PauseTenantRequest.SerializeToString,
+            conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.PauseTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.tasks.v1.AdminService/ResumeTenant',
+            conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ResumeTenantRequest.SerializeToString,
+            conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ResumeTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPaused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.tasks.v1.AdminService/ListPaused',
+            conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ListPausedRequest.SerializeToString,
+            conveyor_dot_tasks_dot_v1_dot_admin__service__pb2.ListPausedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -47,6 +47,12 @@ class AdminServiceStub:
     """Queues dead-lettered (or failed) tasks again with fresh attempts."""
     BulkCancelTasks: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.BulkCancelTasksRequest, _admin_service_pb2.BulkCancelTasksResponse]
     """Cancels every non-terminal task matching a filter."""
+    PauseTenant: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.PauseTenantRequest, _admin_service_pb2.PauseTenantResponse]
+    """Pauses dispatch of a tenant's tasks; they are still accepted and wait queued."""
+    ResumeTenant: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeTenantRequest, _admin_service_pb2.ResumeTenantResponse]
+    """Resumes dispatch of a paused tenant's tasks."""
+    ListPaused: _grpc.UnaryUnaryMultiCallable[_admin_service_pb2.ListPausedRequest, _admin_service_pb2.ListPausedResponse]
+    """Lists the paused models and tenants, with why and since when, and how many tasks wait on each."""
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -67,6 +73,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Queues dead-lettered (or failed) tasks again with fresh attempts."""
     BulkCancelTasks: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.BulkCancelTasksRequest, _admin_service_pb2.BulkCancelTasksResponse]  # type: ignore[assignment]
     """Cancels every non-terminal task matching a filter."""
+    PauseTenant: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.PauseTenantRequest, _admin_service_pb2.PauseTenantResponse]  # type: ignore[assignment]
+    """Pauses dispatch of a tenant's tasks; they are still accepted and wait queued."""
+    ResumeTenant: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ResumeTenantRequest, _admin_service_pb2.ResumeTenantResponse]  # type: ignore[assignment]
+    """Resumes dispatch of a paused tenant's tasks."""
+    ListPaused: _aio.UnaryUnaryMultiCallable[_admin_service_pb2.ListPausedRequest, _admin_service_pb2.ListPausedResponse]  # type: ignore[assignment]
+    """Lists the paused models and tenants, with why and since when, and how many tasks wait on each."""
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenant limits, model pause, dead-letter handling and bulk operations."""
@@ -126,5 +138,29 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_service_pb2.BulkCancelTasksResponse, _abc.Awaitable[_admin_service_pb2.BulkCancelTasksResponse]]:
         """Cancels every non-terminal task matching a filter."""
+
+    @_abc_1.abstractmethod
+    def PauseTenant(
+        self,
+        request: _admin_service_pb2.PauseTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.PauseTenantResponse, _abc.Awaitable[_admin_service_pb2.PauseTenantResponse]]:
+        """Pauses dispatch of a tenant's tasks; they are still accepted and wait queued."""
+
+    @_abc_1.abstractmethod
+    def ResumeTenant(
+        self,
+        request: _admin_service_pb2.ResumeTenantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ResumeTenantResponse, _abc.Awaitable[_admin_service_pb2.ResumeTenantResponse]]:
+        """Resumes dispatch of a paused tenant's tasks."""
+
+    @_abc_1.abstractmethod
+    def ListPaused(
+        self,
+        request: _admin_service_pb2.ListPausedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_service_pb2.ListPausedResponse, _abc.Awaitable[_admin_service_pb2.ListPausedResponse]]:
+        """Lists the paused models and tenants, with why and since when, and how many tasks wait on each."""
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

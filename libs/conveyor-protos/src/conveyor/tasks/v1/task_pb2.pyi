@@ -558,6 +558,9 @@ class Task(_message.Message):
     TIER_FIELD_NUMBER: _builtins.int
     SCHEDULED_FIELD_NUMBER: _builtins.int
     GROUP_ID_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
+    CANCEL_REASON_FIELD_NUMBER: _builtins.int
+    HELD_REASON_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-assigned id (UUID)."""
     tenant_id: _builtins.str
@@ -587,6 +590,17 @@ class Task(_message.Message):
     """
     group_id: _builtins.str
     """The task group the task belongs to (see group.proto); empty for a task submitted alone."""
+    cancel_requested: _builtins.bool
+    """A cancel was requested (CancelTask, a bulk cancel or its group's cancel). While the task is
+    still dispatched or running the provider is being asked to cancel it; the status turns CANCELED
+    when the provider confirms (or stays what the prediction ended as, if it finished first).
+    """
+    cancel_reason: _builtins.str
+    """The reason given with the cancel request, when cancel_requested."""
+    held_reason: _builtins.str
+    """Why a queued task is held (GetTask only): "model paused" or "tenant paused" while an operator
+    paused its model or its tenant (see AdminService.ListPaused); empty otherwise.
+    """
     @_builtins.property
     def spec(self) -> Global___TaskSpec:
         """What to run."""
@@ -653,10 +667,13 @@ class Task(_message.Message):
         tier: Global___Tier.ValueType = ...,
         scheduled: _builtins.bool = ...,
         group_id: _builtins.str = ...,
+        cancel_requested: _builtins.bool = ...,
+        cancel_reason: _builtins.str = ...,
+        held_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "dispatched_at", b"dispatched_at", "error", b"error", "estimated_start_at", b"estimated_start_at", "finished_at", b"finished_at", "not_before", b"not_before", "result", b"result", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "dispatched_at", b"dispatched_at", "error", b"error", "estimated_start_at", b"estimated_start_at", "finished_at", b"finished_at", "group_id", b"group_id", "last_sequence", b"last_sequence", "max_attempts", b"max_attempts", "not_before", b"not_before", "prediction_id", b"prediction_id", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "scheduled", b"scheduled", "spec", b"spec", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "tenant_id", b"tenant_id", "tier", b"tier", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_reason", b"cancel_reason", "cancel_requested", b"cancel_requested", "created_at", b"created_at", "dispatched_at", b"dispatched_at", "error", b"error", "estimated_start_at", b"estimated_start_at", "finished_at", b"finished_at", "group_id", b"group_id", "held_reason", b"held_reason", "last_sequence", b"last_sequence", "max_attempts", b"max_attempts", "not_before", b"not_before", "prediction_id", b"prediction_id", "progress", b"progress", "queue_position", b"queue_position", "request_id", b"request_id", "result", b"result", "scheduled", b"scheduled", "spec", b"spec", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "tenant_id", b"tenant_id", "tier", b"tier", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
