@@ -31,13 +31,13 @@ from tests.e2e.otlp import OtlpReceiver  # noqa: E402
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The e2e tests run after every other test of the session, so the session-scoped system (started
-    lazily by the first e2e test) is alive only while they run; the kill test runs last of all: it
-    restarts processes the other e2e tests share."""
+    lazily by the first e2e test) is alive only while they run; the chaos test runs last of all: it
+    restarts processes (and the backends) the other e2e tests share."""
     e2e_dir = Path(__file__).resolve().parent
     items.sort(
         key=lambda item: (
             e2e_dir in item.path.resolve().parents,
-            item.path.name == "test_e2e_kill.py",
+            item.path.name == "test_e2e_chaos.py",
         )
     )
 

@@ -97,7 +97,10 @@ async def test_admin_calls(stack: Stack) -> None:
         )
         assert tenant.tier == E.TIER_PREMIUM
         assert (await admin.get_tenant("acme-admin-test")).limits.max_concurrency == 7
-        assert await admin.pause_model("acme/paused-model", reason="maintenance") is True
+        assert (
+            await admin.pause_model("acme/paused-model", reason="maintenance", allow_unknown=True)
+            is True
+        )
         assert await admin.resume_model("acme/paused-model") is False
         dead = await admin.list_dead_letters(page_size=10)
         assert list(dead.tasks) == []

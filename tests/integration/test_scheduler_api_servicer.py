@@ -156,7 +156,8 @@ async def test_admission_status_and_admin_calls(stubs: Any) -> None:
     capped = pb.Principal(tenant_id="capped", tier=task_pb2.TIER_FREE)
     paused = await sched.PauseModel(
         pb.SchedulerServicePauseModelRequest(
-            principal=ADMIN, request=admin_service_pb2.PauseModelRequest(model="acme/hold")
+            principal=ADMIN,
+            request=admin_service_pb2.PauseModelRequest(model="acme/hold", allow_unknown=True),
         )
     )
     assert paused.response.paused

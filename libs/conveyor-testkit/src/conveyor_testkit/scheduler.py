@@ -57,8 +57,11 @@ def make_settings(database_url: str, **overrides: Any) -> SchedulerSettings:
 
 
 async def migrate(database_url: str) -> None:
-    """Build the schema by running the migrations (in a thread: alembic's env runs its own loop)."""
-    await asyncio.to_thread(db.migrate, database_url)
+    """Build the schema by running the migrations (in a thread: alembic's env runs its own loop).
+
+    ``run_in_executor``, not ``to_thread``: the thread must not inherit the test's context variables
+    (a context left over by an earlier test on the session's loop made alembic's loop hang)."""
+    await asyncio.get_running_loop().run_in_executor(None, db.migrate, database_url)
 
 
 async def reset(engine: AsyncEngine) -> None:

@@ -115,8 +115,9 @@ class LeaderLoops:
             timeout = min(s.dispatch_poll_seconds, s.leader_lease_seconds / 3)
             if self.dispatcher.next_wake is not None:
                 timeout = min(timeout, max(0.001, self.dispatcher.next_wake - time.monotonic()))
-            try:
-                await asyncio.wait_for(self.wakeups.dispatch.wait(), timeout=timeout)
+            try:  # asyncio.timeout, not wait_for: a cancel racing a set event is not swallowed
+                async with asyncio.timeout(timeout):
+                    await self.wakeups.dispatch.wait()
             except TimeoutError:
                 # The polling backstop: a NOTIFY may have been lost, so re-read everything.
                 self.wakeups.candidates_stale = True

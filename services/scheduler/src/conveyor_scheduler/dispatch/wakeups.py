@@ -117,8 +117,9 @@ class WorkAnnouncer:
             # arrive continuously, and a NOTIFY per few milliseconds would cost a transaction each.
             quiet = time.monotonic() - self._last_sent
             if not self._urgent.is_set() and quiet < self.work_coalesce:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), self.work_coalesce - quiet)
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see GroupCore._run
+                    async with asyncio.timeout(self.work_coalesce - quiet):
+                        await self._urgent.wait()
             await asyncio.sleep(self.coalesce)
             self._pending.clear()
             self._urgent.clear()

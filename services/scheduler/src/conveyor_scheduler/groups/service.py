@@ -153,8 +153,11 @@ class GroupCore:
     async def _run(self) -> None:
         interval = self.core.settings.maintenance_seconds
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that races an
+            # already-set event, and this loop would then never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(work_available.wait(), timeout=interval)
+                async with asyncio.timeout(interval):
+                    await work_available.wait()
             work_available.clear()
             try:
                 await self.run_once()

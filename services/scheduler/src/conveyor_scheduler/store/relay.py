@@ -104,8 +104,9 @@ class OutboxRelay:
                         "relay pass failed", extra={"action": "relay_failed"}, exc_info=True
                     )
                     await asyncio.sleep(0.5)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeups.relay.wait(), timeout=self.poll_seconds)
+            with contextlib.suppress(TimeoutError):  # asyncio.timeout: see GroupCore._run
+                async with asyncio.timeout(self.poll_seconds):
+                    await self.wakeups.relay.wait()
             self.wakeups.relay.clear()
 
     async def pass_once(self) -> int:
