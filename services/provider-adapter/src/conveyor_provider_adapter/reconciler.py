@@ -108,16 +108,21 @@ class Reconciler:
             self._task = None
 
     async def _loop(self) -> None:
+        startup = True
         while not self._stop.is_set():
             try:
-                await self.run_once()
+                # The first pass polls every submitted attempt: a predecessor killed with
+                # accepted-but-unprocessed webhooks leaves tasks that no webhook will finish.
+                await self.run_once(startup=startup)
+                startup = False
             except Exception:
                 logger.exception("reconcile pass failed", extra={"action": "reconcile_failed"})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self.interval_s)
 
-    async def run_once(self, now: datetime | None = None) -> Counter[str]:
-        """One pass; returns the actions taken (also counted in metrics)."""
+    async def run_once(self, now: datetime | None = None, *, startup: bool = False) -> Counter[str]:
+        """One pass; returns the actions taken (also counted in metrics). ``startup`` polls every
+        submitted attempt at once instead of only the overdue ones."""
         current = now or datetime.now(UTC)
         actions: Counter[str] = Counter()
         states: Counter[str] = Counter()
@@ -126,7 +131,7 @@ class Reconciler:
             if self._stop.is_set():
                 break
             try:
-                action = await self.reconcile(attempt, current)
+                action = await self.reconcile(attempt, current, startup=startup)
             except Exception:
                 logger.exception(
                     "reconcile of an attempt failed",
@@ -140,7 +145,9 @@ class Reconciler:
             self.metrics.in_flight.labels(name).set(states.get(name, 0))
         return actions
 
-    async def reconcile(self, a: provider_pb2.InFlightAttempt, now: datetime) -> str | None:
+    async def reconcile(
+        self, a: provider_pb2.InFlightAttempt, now: datetime, *, startup: bool = False
+    ) -> str | None:
         """Reconcile one attempt; returns the action taken, if any."""
         info = self.state.attempt(a.task_id, a.attempt, a.tenant_id)
         if a.model and not (info.model or info.deployment):
@@ -174,7 +181,7 @@ class Reconciler:
             quiet_since = last_update or started_at
             overdue = quiet_since is None or now - quiet_since > timedelta(seconds=self.overdue_s)
             # A long run without progress stays quiet: poll it once per overdue period only.
-            if overdue and time.monotonic() - info.last_polled >= self.overdue_s:
+            if startup or (overdue and time.monotonic() - info.last_polled >= self.overdue_s):
                 info.last_polled = time.monotonic()
                 try:
                     prediction = await self.replicate.get(a.prediction_id)
