@@ -94,7 +94,7 @@ integration: setup k8s-tools ## Integration tests on the devstack (real PostgreS
 	$(VENV)/bin/pytest -m "integration" $(PYTEST_ARGS)
 
 .PHONY: e2e
-e2e: setup ## End-to-end and kill tests only (the whole system on the devstack)
+e2e: setup ## End-to-end and chaos tests only (the whole system on the devstack)
 	$(VENV)/bin/pytest -m "e2e" $(PYTEST_ARGS)
 
 .PHONY: test
