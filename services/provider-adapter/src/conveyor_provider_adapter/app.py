@@ -27,6 +27,7 @@ from conveyor_provider_adapter.binding import Binder, SubmitRecords
 from conveyor_provider_adapter.commands import CommandHandler
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.progress import ProgressCoalescer
 from conveyor_provider_adapter.provider_webhooks import Pipeline, SecretSource, WebhookReceiver
 from conveyor_provider_adapter.ratelimit import TokenBucket
 from conveyor_provider_adapter.reconciler import Reconciler
@@ -130,6 +131,10 @@ class Adapter:
             publisher=self.publisher,
             metrics=self.metrics,
             record_wait_s=settings.scheduler_timeout_s * 2,
+            progress=ProgressCoalescer(
+                settings.progress_min_interval_seconds,
+                on_coalesced=self.metrics.progress_coalesced.inc,
+            ),
         )
         self.bucket = TokenBucket(settings.create_rate_per_min, settings.create_burst)
         self.commands = CommandHandler(
