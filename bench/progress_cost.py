@@ -8,10 +8,11 @@ limit lifted, then runs two scenarios one after the other:
 * ``progress``: predictions of a few seconds printing a tqdm line per step (a real model's shape).
 
 For each it submits ``--tasks`` tasks, waits until every one is terminal and the system is quiet, and
-reports per task: the Webhook deliveries the fake sent (by event), the ``ProviderResult`` records on
-``conveyor.provider.v1.results``, the results the schedulers applied (by outcome), the task events
-written (by type), the records on ``conveyor.tasks.v1.events`` and PostgreSQL's committed transactions
-in the system's database (minus the idle rate measured just before). Counts, not timings: the figures
+reports per task: the webhook deliveries the fake sent (by event), the ``ProviderResult`` records on
+``conveyor.provider.v1.results``, the results the schedulers consumed (by outcome; every record,
+duplicates included), the task events written (by type), the records on ``conveyor.tasks.v1.events``
+and PostgreSQL's committed transactions in the system's database (minus the idle rate measured just
+before). Counts, not timings: the figures
 do not depend on the machine's load (the idle-rate correction aside).
 
 Usage: ``python bench/progress_cost.py [--tasks N] [--duration S] [--out PATH]``.
@@ -65,13 +66,12 @@ SETTLE_S = 11.0
 
 async def end_offsets(bootstrap: str, topic: str) -> int:
     """Records ever written to ``topic`` (sum of its partitions' end offsets)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap)
-    await consumer.start()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False)
+    await consumer.start()  # subscribed: the topic's metadata is fetched
     try:
         parts = consumer.partitions_for_topic(topic) or set()
         if not parts:
-            await consumer.topics()  # refresh metadata
-            parts = consumer.partitions_for_topic(topic) or set()
+            raise RuntimeError(f"no partitions known for {topic}")
         offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
         return int(sum(offsets.values()))
     finally:
@@ -200,7 +200,7 @@ async def run_scenario(
         "prediction_duration_s": duration_s,
         "webhooks_per_task": {k: per(v) for k, v in sorted(hooks.items())},
         "results_records_per_task": per(after["results_records"] - before["results_records"]),
-        "applied_results_per_task": {k: per(v) for k, v in sorted(applied.items())},
+        "results_consumed_per_task": {k: per(v) for k, v in sorted(applied.items())},
         "task_events_per_task": {k: per(v) for k, v in sorted(events.items())},
         "task_event_records_per_task": per(
             after["task_event_records"] - before["task_event_records"]
