@@ -28,6 +28,7 @@ from conveyor_provider_adapter.binding import Binder, SubmitRecords
 from conveyor_provider_adapter.commands import CommandHandler
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.progress import ProgressCoalescer
 from conveyor_provider_adapter.provider_webhooks import Pipeline, SecretSource, WebhookReceiver
 from conveyor_provider_adapter.reconciler import Reconciler
 from conveyor_provider_adapter.replicate import ReplicateClient
@@ -130,6 +131,10 @@ class Adapter:
             publisher=self.publisher,
             metrics=self.metrics,
             record_wait_s=settings.scheduler_timeout_s * 2,
+            progress=ProgressCoalescer(
+                settings.progress_min_interval_seconds,
+                on_coalesced=self.metrics.progress_coalesced.inc,
+            ),
         )
         self.bucket = AsyncTokenBucket(settings.create_rate_per_min / 60.0, settings.create_burst)
         self.commands = CommandHandler(

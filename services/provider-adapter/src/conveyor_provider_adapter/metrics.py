@@ -121,6 +121,12 @@ class AdapterMetrics:
             ["outcome", "source"],
             registry=registry,
         )
+        self.progress_coalesced = Counter(
+            "conveyor_adapter_progress_coalesced_total",
+            "Progress updates not published: within ADAPTER_PROGRESS_MIN_INTERVAL_SECONDS of the "
+            "attempt's previous progress result (superseded by the next one or the terminal result).",
+            registry=registry,
+        )
         self.publish_failures = Counter(
             "conveyor_adapter_result_publish_failures_total",
             "ProviderResults that could not be published after retries.",

@@ -37,7 +37,10 @@ logger = logging.getLogger(__name__)
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled", "aborted"})
 """Terminal statuses; anything else (``starting``, ``processing``, unknown values) is not terminal."""
 
-WEBHOOK_EVENTS = ("start", "output", "logs", "completed")
+WEBHOOK_EVENTS = ("start", "logs", "completed")
+"""The webhook events the adapter asks for (docs/adr/0005): ``start`` adopts an ambiguous create and
+reports the start, ``logs`` carries the progress percentage, ``completed`` the terminal status and
+output. ``output`` (partial outputs) is not used: the terminal result copies the final output."""
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"
 _MODEL_RE = re.compile(rf"^({_NAME})/({_NAME})$")

@@ -35,6 +35,7 @@ from conveyor_provider_adapter.classify import classify_error, parse_progress
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import matches
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.progress import ProgressCoalescer
 from conveyor_provider_adapter.replicate import Prediction, ReplicateClient, ReplicateError
 from conveyor_provider_adapter.state import AttemptInfo, LocalState
 from conveyor_provider_adapter.storage import OutputCopier
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 Source: TypeAlias = "events_pb2.ResultSource.ValueType"
 POLL_SOURCE = events_pb2.RESULT_SOURCE_POLL
 WEBHOOK_SOURCE = events_pb2.RESULT_SOURCE_WEBHOOK
+TERMINAL_OUTCOMES = frozenset({"succeeded", "failed", "canceled", "aborted"})
 
 
 def _ts(when: datetime) -> Any:
@@ -155,6 +157,7 @@ class Observer:
         publisher: ResultPublisher,
         metrics: AdapterMetrics,
         record_wait_s: float = 10.0,
+        progress: ProgressCoalescer | None = None,
     ) -> None:
         self.state = state
         self.coordinator = coordinator
@@ -163,6 +166,10 @@ class Observer:
         self.publisher = publisher
         self.metrics = metrics
         self.record_wait_s = record_wait_s
+        self.progress = progress or ProgressCoalescer(
+            0.0, on_coalesced=metrics.progress_coalesced.inc
+        )
+        """Which progress updates are published (every change unless an interval is set)."""
 
     # ---- adoption ----
 
@@ -303,12 +310,25 @@ class Observer:
         results = await self.results_for(
             info, prediction, source=source, webhook_id=webhook_id, deadline_cancel=deadline_cancel
         )
-        published = [r for r in results if await self.publisher.publish(r)]
-        kinds = {r.WhichOneof("outcome") for r in published}
-        if "started" in kinds:
-            info.started_reported = True
-        if kinds & {"succeeded", "failed", "canceled", "aborted"}:
-            info.terminal_reported = True
+        published: list[events_pb2.ProviderResult] = []
+        for r in results:
+            kind = r.WhichOneof("outcome")
+            terminal = kind in TERMINAL_OUTCOMES
+            if not terminal and (info.terminal_reported or info.terminal_publishing):
+                break  # another path is publishing the terminal result: nothing goes after it
+            info.terminal_publishing |= terminal
+            try:
+                ok = await self.publisher.publish(r)
+            finally:
+                if terminal:
+                    info.terminal_publishing = False
+            if not ok:
+                continue
+            published.append(r)
+            if kind == "started":
+                info.started_reported = True
+            elif terminal:
+                info.terminal_reported = True
         return published
 
     async def results_for(
@@ -359,9 +379,9 @@ class Observer:
             started.started.SetInParent()
             out.append(started)
             primary_used = True
-        percent = parse_progress(prediction.logs)
-        if percent is not None and percent > info.last_percent:
-            info.last_percent = percent
+        # Coalesced per attempt (progress.py): only a raised percentage, at most once per interval.
+        if self.progress.admit(info, parse_progress(prediction.logs)):
+            percent = info.last_percent
             if webhook_id:
                 rid = f"wh:{webhook_id}:progress" if primary_used else f"wh:{webhook_id}"
             else:

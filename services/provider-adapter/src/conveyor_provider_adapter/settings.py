@@ -96,6 +96,11 @@ class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetting
     throttle_max_wait_s: float = Field(default=120.0, ge=0, le=3600)
     """How long one dispatch keeps retrying a throttled create before failing it (retryable)."""
 
+    # --- progress ---
+    progress_min_interval_seconds: float = Field(default=1.0, ge=0, le=3600)
+    """Least time between two progress results of one attempt; a percentage change within it is
+    dropped (the next update or the terminal result supersedes it). 0 = every change."""
+
     # --- reconciler ---
     reconcile_interval_s: float = Field(default=30.0, gt=0)
     """Period of the reconciler."""

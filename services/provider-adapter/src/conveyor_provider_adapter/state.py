@@ -3,7 +3,7 @@
 Nothing here is needed for correctness after a restart: the scheduler holds the submit state and
 the prediction ids, and dedups results durably. This cache only saves calls (no re-adoption of a
 prediction this replica created), orders the first ``started`` before progress, keeps progress
-monotonic, remembers cancels that arrived before the prediction id, and keeps the dispatch of an
+monotonic and coalesced (progress.py), remembers cancels that arrived before the prediction id, and keeps the dispatch of an
 ambiguous create so the reconciler can match it by input.
 """
 
@@ -63,7 +63,12 @@ class AttemptInfo:
     """Prediction ids the scheduler refused for this attempt (stale or duplicates): ignored."""
     started_reported: bool = False
     last_percent: int = -1
+    """Percentage of the last progress result published (progress.py)."""
+    last_progress_at: float = float("-inf")
+    """Monotonic time of the last progress result published (progress.py coalesces within it)."""
     terminal_reported: bool = False
+    terminal_publishing: bool = False
+    """A terminal result of the attempt is being published: no non-terminal one is sent after it."""
     cancel_requested: bool = False
     cancel_reason: str = ""
     cancels_in_flight: set[str] = field(default_factory=set)
