@@ -40,15 +40,16 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor_common import topics
+from conveyor_devstack.processes import metric_samples
 from conveyor_devstack.stack import Devstack
-from conveyor_devstack.system import ConveyorSystem, SystemConfig, metric_samples
+from conveyor_devstack.system import ConveyorSystem, SystemConfig
 from conveyor_devstack.topics import conveyor_topics
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.pipeline_bench import (  # noqa: E402
+from bench._pipeline_system import (  # noqa: E402
     LIFTED_ADAPTER,
     LIFTED_FAKE,
     LIFTED_GATEWAY,

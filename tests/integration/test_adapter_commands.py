@@ -53,7 +53,7 @@ async def test_happy_path_reports_started_progress_and_copied_outputs(env: Env) 
     assert create["prediction_id"] == results[0].prediction_id
     assert create["model"] == "acme/flux"
     assert create["input"]["steps"] == 30  # integral numbers survive the protobuf Struct
-    assert set(create["events_filter"]) == {"start", "output", "logs", "completed"}
+    assert set(create["events_filter"]) == {"start", "logs", "completed"}
     assert create["params"]["attempt"] == "1"
     assert create["params"]["token"]
     assert create["deadline"] is not None  # Cancel-After was sent

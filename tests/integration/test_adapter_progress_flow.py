@@ -26,7 +26,7 @@ from conveyor_common.standard_webhooks import generate_secret
 from conveyor_devstack.topics import ensure_topics
 from conveyor_provider_adapter.app import Adapter
 from conveyor_provider_adapter.settings import AdapterSettings
-from conveyor_provider_adapter.testing import (
+from conveyor_testkit.adapter import (
     Commands,
     InMemoryCoordination,
     ResultCollector,

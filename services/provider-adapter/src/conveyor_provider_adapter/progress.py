@@ -1,4 +1,4 @@
-"""Coalescing of progress per attempt (docs/adr/0005-progress-is-durable-and-rate-bounded.md).
+"""Coalescing of progress per attempt (docs/adr/0006-progress-is-durable-and-rate-bounded.md).
 
 Every published progress result costs a scheduler transaction, a task event and its fan-out, so a
 progress result is published only when the percentage grew past the last one published for the
