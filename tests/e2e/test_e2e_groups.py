@@ -16,10 +16,12 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc
 import pytest
 
 from conveyor.tasks.v1 import group_pb2, task_pb2
-from conveyor_client import AsyncConveyorClient, build_spec, delayed
+from conveyor_client import AsyncConveyorClient, ConveyorError, build_spec, delayed
+from fake_replicate.testing import Delivery, WebhookReceiver
 from tests.e2e.harness import E2E, aclose, creates, wait_terminal
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
@@ -99,6 +101,67 @@ async def test_storyboard_group_progress_and_fan_in(e2e: E2E) -> None:
     assert got.status == G.GROUP_STATUS_SUCCEEDED
     assert got.progress.done == 10
     assert got.progress.percent == 100.0
+
+
+async def test_group_completed_webhook_carries_every_childs_output(e2e: E2E) -> None:
+    """The group's own webhook and the tenant's endpoint (defaults: terminal task events and
+    group.completed) each receive one signed group.completed with every child's outcome; bad
+    subscriptions and a private group webhook URL are refused by name."""
+    _, client = await e2e.tenant("group-hooks", tier="pro", max_concurrency=5)
+    receiver = WebhookReceiver(secrets=[])
+    url = await receiver.start()
+    try:
+        endpoint = await client.create_webhook_endpoint(f"{url}/tenant")
+        receiver.secrets.append(endpoint.signing_secret)
+        assert list(endpoint.endpoint.group_events) == []
+        children = [image(f"panel {i}", __fake_duration_s=0.3) for i in range(3)]
+        group = await client.submit_group(children, webhook_url=f"{url}/group")
+
+        def completed(deliveries: list[Delivery]) -> list[Delivery]:
+            return [
+                d
+                for d in deliveries
+                if d.payload["type"] == "group.completed"
+                and d.payload["data"]["group_id"] == group.group_id
+            ]
+
+        await receiver.wait_for(lambda ds: len(completed(ds)) >= 2, within_s=60)
+        await asyncio.sleep(0.5)  # a duplicate would show here
+        hooks = completed(receiver.deliveries)
+        assert sorted(d.path for d in hooks) == ["/group", "/tenant"]
+        assert all(d.verified for d in hooks), [d.reject_reason for d in hooks]
+        for d in hooks:
+            data = d.payload["data"]
+            assert data["group"]["status"] == "GROUP_STATUS_SUCCEEDED"
+            assert [o["task_id"] for o in data["outputs"]] == list(group.child_task_ids)
+            assert all(o["status"] == "TASK_STATUS_SUCCEEDED" for o in data["outputs"])
+            assert all(o["result"]["files"][0]["url"] for o in data["outputs"])
+        # The tenant endpoint also had each child's terminal task event, and nothing of the group
+        # but its completion.
+        tenant = [d for d in receiver.deliveries if d.path == "/tenant"]
+        assert {
+            d.payload["data"].get("task_id")
+            for d in tenant
+            if d.payload["type"] == "task.succeeded"
+        } >= set(group.child_task_ids)
+        assert not [d for d in tenant if d.payload["type"].startswith("group.") and d not in hooks]
+        log = await client.list_webhook_deliveries(endpoint_id=endpoint.endpoint.endpoint_id)
+        [row] = [r for r in log.deliveries if r.group_id == group.group_id]
+        assert row.group_event_type == G.GROUP_EVENT_TYPE_COMPLETED
+        assert row.task_id == ""
+
+        with pytest.raises(ConveyorError) as bad:
+            await client.create_webhook_endpoint(
+                f"{url}/child", group_events=[G.GROUP_EVENT_TYPE_CHILD]
+            )
+        assert bad.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in bad.value.field_violations] == ["group_events[0]"]
+        with pytest.raises(ConveyorError) as private:
+            await client.submit_group(children[:1], webhook_url="https://10.0.0.1/hook")
+        assert private.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in private.value.field_violations] == ["spec.webhook.url"]
+    finally:
+        await receiver.stop()
 
 
 async def test_fail_fast_and_all_settled(e2e: E2E) -> None:

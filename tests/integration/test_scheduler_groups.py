@@ -20,6 +20,8 @@ from sqlalchemy import text
 from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_common.errors import FailedPrecondition, ResourceExhausted
 from conveyor_scheduler.admission.submit import NewTask, fingerprint
+from conveyor_scheduler.client_webhooks.deliveries import claim
+from conveyor_scheduler.client_webhooks.endpoints import list_endpoints
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.cycle import Dispatcher
 from conveyor_scheduler.dispatch.leadership import Leader
@@ -272,6 +274,80 @@ async def test_group_cursor_and_list(env: Env) -> None:
     assert len(page) == 2
     assert len(rest) == 1
     assert end == ""
+
+
+async def test_group_events_are_delivered_to_the_endpoints_that_want_them(env: Env) -> None:
+    """A group's deliveries are written with its events: its own endpoint and the tenant's
+    endpoints subscribed to the event type (empty = COMPLETED); never another tenant's, a deleted
+    one's or CHILD events; the notifier leases them as group events with every child's outcome."""
+    ids = {name: uuid.uuid4() for name in ("default", "cancels", "deleted", "other")}
+    async with env.core.engine.begin() as conn:
+        for name, tenant, types, deleted in (
+            ("default", "t1", [], False),
+            ("cancels", "t1", [group_pb2.GROUP_EVENT_TYPE_CANCEL_REQUESTED], False),
+            ("deleted", "t1", [], True),
+            ("other", "t2", [], False),
+        ):
+            await conn.execute(
+                text(
+                    "INSERT INTO webhook_endpoints (id, tenant_id, url, group_event_types,"
+                    " deleted_at) VALUES (:id, :t, :u, CAST(:g AS smallint[]),"
+                    " CASE WHEN :d THEN now() END)"
+                ),
+                {
+                    "id": ids[name],
+                    "t": tenant,
+                    "u": f"https://{name}.example/h",
+                    "g": types,
+                    "d": deleted,
+                },
+            )
+    spec = group_spec(2)
+    spec.webhook.url = "https://own.example/group"
+    done, _ = await env.groups.create("t1", 1, "hooked", spec)
+    canceled, _ = await env.groups.create("t1", 1, "canceled", group_spec(1))
+    assert await env.dispatcher.cycle() == 3
+    await env.core.apply_results(
+        [kit.result(t, a, "succeeded") for t, a in await env.active(done.group_id)]
+    )
+    await env.groups.cancel("t1", canceled.group_id, "not needed")
+
+    rows = await env.rows(
+        "SELECT e.url, d.group_id, d.event_type, d.task_id FROM webhook_deliveries d"
+        " JOIN webhook_endpoints e ON e.id = d.endpoint_id WHERE d.group_id IS NOT NULL"
+    )
+    got = sorted((url, str(g), t) for url, g, t, _ in rows)
+    completed, cancel = (
+        group_pb2.GROUP_EVENT_TYPE_COMPLETED,
+        group_pb2.GROUP_EVENT_TYPE_CANCEL_REQUESTED,
+    )
+    assert got == sorted(
+        [
+            ("https://default.example/h", done.group_id, completed),
+            ("https://own.example/group", done.group_id, completed),
+            ("https://default.example/h", canceled.group_id, completed),
+            ("https://cancels.example/h", canceled.group_id, cancel),
+        ]
+    )
+    assert all(task_id == str(g) for _, g, _, task_id in rows)  # per-group order when leased
+    # The group's own endpoint is not one of the tenant's registered endpoints.
+    async with env.core.sessionmaker() as session:
+        listed = await list_endpoints(session, "t1")
+    assert sorted(e.url for e in listed) == [
+        "https://cancels.example/h",
+        "https://default.example/h",
+    ]
+
+    async with env.core.sessionmaker() as session, session.begin():
+        leases = await claim(session, "notifier-1", 10, 30)
+    assert len(leases) == 4
+    assert all(lease.group_event for lease in leases)
+    for lease in leases:
+        event = group_pb2.GroupEvent.FromString(lease.event)
+        if event.type == completed and event.group_id == done.group_id:
+            assert event.group.status == group_pb2.GROUP_STATUS_SUCCEEDED
+            assert [o.index for o in event.outputs] == [0, 1]
+            assert all(o.status == task_pb2.TASK_STATUS_SUCCEEDED for o in event.outputs)
 
 
 DELAYED = 500

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
-from conveyor.tasks.v1 import task_pb2
+from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor_common.standard_webhooks import WebhookVerifier, generate_secret, sign_headers
-from conveyor_notifier.payload import event_type_name, render
+from conveyor_notifier.payload import event_type_name, group_event_type_name, render, render_group
 
 
 def test_event_type_names() -> None:
@@ -45,3 +45,39 @@ def test_signatures_verify_with_each_secret_in_force() -> None:
     assert len(headers["webhook-signature"].split()) == 2
     WebhookVerifier([old]).verify(headers, body)
     WebhookVerifier([new]).verify(headers, body)
+
+
+def test_group_completed_body_carries_every_childs_outcome() -> None:
+    assert group_event_type_name(group_pb2.GROUP_EVENT_TYPE_COMPLETED) == "group.completed"
+    assert (
+        group_event_type_name(group_pb2.GROUP_EVENT_TYPE_CANCEL_REQUESTED)
+        == "group.cancel_requested"
+    )
+    event = group_pb2.GroupEvent(
+        event_id="g-e",
+        group_id="g1",
+        tenant_id="acme",
+        sequence=9,
+        type=group_pb2.GROUP_EVENT_TYPE_COMPLETED,
+        group=group_pb2.Group(group_id="g1", status=group_pb2.GROUP_STATUS_PARTIALLY_FAILED),
+    )
+    event.occurred_at.FromSeconds(1_767_225_600)
+    ok = event.outputs.add(index=0, task_id="c0", status=task_pb2.TASK_STATUS_SUCCEEDED)
+    ok.result.files.add(url="https://cdn.example/c0.png")
+    event.outputs.add(
+        index=1, task_id="c1", status=task_pb2.TASK_STATUS_FAILED
+    ).error.message = "nsfw"
+    body = render_group(event)
+    assert body == render_group(event)
+    document = json.loads(body)
+    assert document["type"] == "group.completed"
+    assert document["timestamp"] == "2026-01-01T00:00:00Z"
+    data = document["data"]
+    assert (data["group_id"], data["tenant_id"], data["sequence"]) == ("g1", "acme", 9)
+    assert data["group"]["status"] == "GROUP_STATUS_PARTIALLY_FAILED"
+    assert [o["task_id"] for o in data["outputs"]] == ["c0", "c1"]
+    assert data["outputs"][0]["result"]["files"] == [{"url": "https://cdn.example/c0.png"}]
+    assert data["outputs"][1]["error"]["message"] == "nsfw"
+    # Other group events carry the snapshot only.
+    event.type = group_pb2.GROUP_EVENT_TYPE_CANCEL_REQUESTED
+    assert "outputs" not in json.loads(render_group(event))["data"]

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
-from conveyor.tasks.v1 import task_pb2
+from conveyor.tasks.v1 import group_pb2, task_pb2
 from conveyor.tasks.v1 import webhook_service_pb2 as hook_pb2
 from conveyor_client.options import _enum, new_request_id
 
@@ -159,13 +159,20 @@ class AdminCalls:
         url: str,
         *,
         events: Iterable[task_pb2.TaskEventType.ValueType] = (),
+        group_events: Iterable[group_pb2.GroupEventType.ValueType] = (),
         request_id: str | None = None,
     ) -> hook_pb2.CreateWebhookEndpointResponse:
-        """Register a callback endpoint; the response carries the signing secret once."""
+        """Register a callback endpoint; the response carries the signing secret once.
+
+        ``events``: task event types (empty = terminal ones); ``group_events``: group event types
+        (empty = ``GROUP_EVENT_TYPE_COMPLETED``, with every child's outcome)."""
         result: hook_pb2.CreateWebhookEndpointResponse = await self._unary(
             self._hooks.CreateWebhookEndpoint,
             hook_pb2.CreateWebhookEndpointRequest(
-                request_id=request_id or new_request_id(), url=url, events=builtins.list(events)
+                request_id=request_id or new_request_id(),
+                url=url,
+                events=builtins.list(events),
+                group_events=builtins.list(group_events),
             ),
             None,
         )

@@ -66,6 +66,9 @@ def add_group_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--follow-up-input", default="{}", help="the follow-up's own input (JSON)")
     p.add_argument("--outputs-field", default="", help="follow-up input field of the outputs")
     p.add_argument("--request-id", help="idempotency key (default: a new uuid4)")
+    p.add_argument(
+        "--webhook", metavar="URL", help="https URL sent the signed group.completed event"
+    )
     p.add_argument("--watch", action="store_true", help="show live progress bars")
     for name, text in (("get", "show a group"), ("watch", "follow a group until it ends")):
         p = gsub.add_parser(name, parents=[common], help=text)
@@ -182,6 +185,7 @@ async def run_group(
             fail_fast=args.fail_fast,
             follow_up=follow_up,
             outputs_field=args.outputs_field,
+            webhook_url=args.webhook,
         )
         if args.watch:
             return await watch_group(client, group.group_id, console, as_json)

@@ -103,9 +103,14 @@ class GroupMethods:
         follow_up: task_pb2.TaskSpec | None = None,
         outputs_field: str = "",
         labels: dict[str, str] | None = None,
+        webhook_url: str | None = None,
+        webhook_events: Iterable[group_pb2.GroupEventType.ValueType] = (),
         rpc_timeout: float | None = None,
     ) -> group_pb2.Group:
-        """Submit a group of tasks atomically; returns the group (with its child ids)."""
+        """Submit a group of tasks atomically; returns the group (with its child ids).
+
+        ``webhook_url`` receives the group's signed events (``webhook_events``; empty = the
+        ``group.completed`` event, with every child's outcome)."""
         from conveyor_client.options import new_request_id
 
         spec = group_pb2.GroupSpec(
@@ -119,6 +124,9 @@ class GroupMethods:
             spec.follow_up.outputs_field = outputs_field
         if labels:
             spec.labels.update(labels)
+        if webhook_url:
+            spec.webhook.url = webhook_url
+            spec.webhook.events.extend(webhook_events)
         resp: grp_pb2.CreateGroupResponse = await self._unary(
             self._groups.CreateGroup,
             grp_pb2.CreateGroupRequest(request_id=request_id or new_request_id(), spec=spec),

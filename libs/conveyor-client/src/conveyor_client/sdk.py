@@ -370,7 +370,8 @@ class AsyncClient:
 
     async def submit_group(self, children: Iterable[SpecLike], **kwargs: Any) -> group_pb2.Group:
         """Submit a group of tasks atomically (children: :func:`spec` results or mappings of its
-        arguments); ``fail_fast``, ``follow_up``, ``outputs_field``, ``labels``, ``request_id``."""
+        arguments); ``fail_fast``, ``follow_up``, ``outputs_field``, ``labels``, ``request_id``,
+        ``webhook_url`` and ``webhook_events`` (group event types; empty = ``group.completed``)."""
         return await self.raw.submit_group([_spec(c) for c in children], **kwargs)
 
     async def get_group(self, group_id: str) -> group_pb2.Group:

@@ -32,6 +32,7 @@ TABLES = (
     "tenants",
     "model_controls",
     "provider_controls",
+    "webhook_endpoints",
 )
 
 

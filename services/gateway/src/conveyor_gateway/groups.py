@@ -39,6 +39,7 @@ from conveyor_gateway.validation.checks import (
     MAX_FILTER_VALUES,
     Ctx,
     Table,
+    group_event_types,
     int_range,
     nested,
     page_size,
@@ -49,7 +50,7 @@ from conveyor_gateway.validation.checks import (
     timestamp,
     validate,
 )
-from conveyor_gateway.validation.tasks import TASK_SPEC, spec_labels
+from conveyor_gateway.validation.tasks import TASK_SPEC, spec_labels, webhook_url
 from conveyor_gateway.watch import WatchConfig
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,17 @@ GROUP_FOLLOW_UP: Table = {
     "outputs_field": [follow_up_outputs_field],
 }
 
+GROUP_WEBHOOK: Table = {
+    "url": [webhook_url(required=True)],
+    "events": [group_event_types],
+}
+
 GROUP_SPEC: Table = {
     "children": [group_children],
     "policy": [int_range(0, 2)],
     "follow_up": [nested(GROUP_FOLLOW_UP)],
     "labels": [group_labels],
+    "webhook": [nested(GROUP_WEBHOOK)],
 }
 
 CREATE_GROUP: Table = {

@@ -33,7 +33,7 @@ from conveyor_common.standard_webhooks import sign_headers
 from conveyor_notifier.alerts import OpsAlerter
 from conveyor_notifier.egress import SendResult, WebhookSender
 from conveyor_notifier.metrics import NotifierMetrics
-from conveyor_notifier.payload import render
+from conveyor_notifier.payload import render, render_group
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,9 @@ class DeliveryWorker:
             await asyncio.wait_for(self._wake.wait(), timeout=seconds)
 
     async def _deliver(self, delivery: delivery_pb2.LeasedDelivery) -> None:
-        body = render(delivery.event)
+        group = delivery.HasField("group_event")
+        event = delivery.group_event if group else delivery.event
+        body = render_group(delivery.group_event) if group else render(delivery.event)
         headers = sign_headers(list(delivery.signing_secrets), body, msg_id=delivery.delivery_id)
         result = await self.sender.post(delivery.url, body, headers)
         now = self.clock()
@@ -231,8 +233,8 @@ class DeliveryWorker:
             return
         if result.delivered:
             label = "delivered"
-            if delivery.event.HasField("occurred_at"):
-                lag = (now - _dt(delivery.event.occurred_at)).total_seconds()
+            if event.HasField("occurred_at"):
+                lag = (now - _dt(event.occurred_at)).total_seconds()
                 self.metrics.delivery_lag_seconds.observe(max(0.0, lag))
         elif result.refused:
             label = "refused"
@@ -249,8 +251,10 @@ class DeliveryWorker:
                 "delivery_id": delivery.delivery_id,
                 "endpoint_id": delivery.endpoint_id,
                 "tenant_id": delivery.tenant_id,
-                "task_id": delivery.event.task_id,
-                "sequence": delivery.event.sequence,
+                ("group_id" if group else "task_id"): (
+                    delivery.group_event.group_id if group else delivery.event.task_id
+                ),
+                "sequence": event.sequence,
                 "attempt": delivery.attempts + 1,
                 "status_code": result.status_code,
                 "error": result.error,

@@ -21,6 +21,7 @@ from conveyor_gateway.validation.checks import (
     Table,
     enum_value,
     float_range,
+    group_event_types,
     int_range,
     nested,
     optional_string,
@@ -152,6 +153,7 @@ CREATE_ENDPOINT: Table = {
     "request_id": [request_id(required=False)],
     "url": [webhook_url(required=True)],
     "events": [repeated_enum(task_pb2.TaskEventType, MAX_WEBHOOK_EVENTS)],
+    "group_events": [group_event_types],
 }
 
 

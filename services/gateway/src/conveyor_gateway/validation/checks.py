@@ -255,6 +255,25 @@ def repeated_enum(enum: Any, max_items: int, *, allow_unspecified: bool = False)
     return check
 
 
+def group_event_types(msg: Message, path: str, ctx: Ctx) -> None:
+    """Group event types a webhook receives: defined, not CHILD (a child's events are task
+    events), no repeats."""
+    from conveyor.tasks.v1 import group_pb2
+
+    values: Any = getattr(msg, _field(path))
+    known = set(group_pb2.GroupEventType.values()) - {0}
+    if len(values) > len(known):
+        ctx.bad(path, f"at most {len(known)} values")
+        return
+    for i, value in enumerate(values):
+        if value == group_pb2.GROUP_EVENT_TYPE_CHILD:
+            ctx.bad(f"{path}[{i}]", "a child's events are task events: subscribe to them in events")
+        elif value not in known:
+            ctx.bad(f"{path}[{i}]", f"unknown value {value}")
+    if len(set(values)) != len(values):
+        ctx.bad(path, "duplicate values")
+
+
 def int_range(lo: int, hi: int) -> Check:
     """An integer in [lo, hi]."""
 

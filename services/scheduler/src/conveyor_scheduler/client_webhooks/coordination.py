@@ -175,21 +175,20 @@ class DeliveryCoordinationServicer(delivery_grpc.DeliveryCoordinationServiceServ
             )
         response = delivery_pb2.ClaimDeliveriesResponse()
         for lease in leases:
-            event = task_pb2.TaskEvent()
-            try:
-                event.ParseFromString(lease.event)
-            except DecodeError as exc:  # pragma: no cover - we wrote these bytes ourselves
-                raise RpcError(f"stored event of {lease.delivery_id} is corrupt") from exc
             item = response.deliveries.add(
                 delivery_id=str(lease.delivery_id),
                 tenant_id=lease.tenant_id,
                 endpoint_id=str(lease.endpoint_id),
                 url=lease.url,
                 signing_secrets=lease.secrets,
-                event=event,
                 attempts=lease.attempts,
                 endpoint_consecutive_failures=lease.consecutive_failures,
             )
+            target = item.group_event if lease.group_event else item.event
+            try:
+                target.ParseFromString(lease.event)
+            except DecodeError as exc:  # pragma: no cover - we wrote these bytes ourselves
+                raise RpcError(f"stored event of {lease.delivery_id} is corrupt") from exc
             for field, value in (
                 ("lease_until", lease.lease_until),
                 ("created_at", lease.created_at),

@@ -1,4 +1,5 @@
-"""Client webhook deliveries: created per (endpoint, event), leased by the notifier (at most one per
+"""Client webhook deliveries: created per (endpoint, event) (a group event's by
+:mod:`.group_deliveries`), leased by the notifier (at most one per
 endpoint and task at a time, so per-task order holds), reported, listed and purged.
 
 Every function takes an ``AsyncSession`` inside a transaction the caller opened; times come from the
@@ -108,7 +109,8 @@ _CLAIM = text(
         updated_at = now()
     FROM locked
     WHERE d.id = locked.id
-    RETURNING d.id, d.tenant_id, d.endpoint_id, d.event, d.attempts, d.lease_until, d.created_at
+    RETURNING d.id, d.tenant_id, d.endpoint_id, d.event, d.attempts, d.lease_until, d.created_at,
+              d.group_id IS NOT NULL AS group_event
     """
 )
 
@@ -128,6 +130,8 @@ class Lease:
     created_at: datetime
     consecutive_failures: int
     failing_since: datetime | None
+    group_event: bool = False
+    """True when ``event`` is a serialized GroupEvent (not a TaskEvent)."""
 
 
 async def claim(
@@ -192,6 +196,7 @@ async def claim(
                 created_at=row.created_at,
                 consecutive_failures=endpoint.consecutive_failures,
                 failing_since=endpoint.failing_since,
+                group_event=row.group_event,
             )
         )
     return leases

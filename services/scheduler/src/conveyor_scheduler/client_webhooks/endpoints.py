@@ -52,6 +52,7 @@ async def count_live_endpoints(session: AsyncSession, tenant_id: str) -> int:
             WebhookEndpoint.tenant_id == tenant_id,
             WebhookEndpoint.deleted_at.is_(None),
             WebhookEndpoint.task_id.is_(None),
+            WebhookEndpoint.group_id.is_(None),
         )
     )
     return int(count or 0)
@@ -64,6 +65,7 @@ async def create_endpoint(
     url: str,
     event_types: Sequence[int],
     request_id: str,
+    group_event_types: Sequence[int] = (),
 ) -> WebhookEndpoint:
     """Insert a tenant-wide endpoint."""
     endpoint = WebhookEndpoint(
@@ -71,6 +73,7 @@ async def create_endpoint(
         tenant_id=tenant_id,
         url=url,
         event_types=list(event_types),
+        group_event_types=list(group_event_types),
         enabled=True,
         request_id=request_id or None,
         consecutive_failures=0,
@@ -89,6 +92,7 @@ async def list_endpoints(session: AsyncSession, tenant_id: str) -> Sequence[Webh
             WebhookEndpoint.tenant_id == tenant_id,
             WebhookEndpoint.deleted_at.is_(None),
             WebhookEndpoint.task_id.is_(None),
+            WebhookEndpoint.group_id.is_(None),
         )
         .order_by(WebhookEndpoint.created_at, WebhookEndpoint.id)
     )
@@ -103,6 +107,7 @@ async def delete_endpoint(session: AsyncSession, tenant_id: str, endpoint_id: uu
             WebhookEndpoint.id == endpoint_id,
             WebhookEndpoint.tenant_id == tenant_id,
             WebhookEndpoint.task_id.is_(None),
+            WebhookEndpoint.group_id.is_(None),
         )
         .with_for_update()
     )
@@ -187,6 +192,7 @@ async def tenant_endpoints_by_tenant(
             WebhookEndpoint.tenant_id.in_(list(tenant_ids)),
             WebhookEndpoint.deleted_at.is_(None),
             WebhookEndpoint.task_id.is_(None),
+            WebhookEndpoint.group_id.is_(None),
             WebhookEndpoint.enabled.is_(True),
         )
     )

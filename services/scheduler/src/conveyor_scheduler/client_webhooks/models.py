@@ -67,7 +67,8 @@ class WebhookSecret(Base):
 
 
 class WebhookEndpoint(Base):
-    """A callback URL of a tenant (all its tasks) or of one task (TaskSpec.webhook)."""
+    """A callback URL of a tenant (all its tasks and groups), of one task (TaskSpec.webhook) or of
+    one group (GroupSpec.webhook)."""
 
     __tablename__ = "webhook_endpoints"
     __table_args__ = (
@@ -86,6 +87,13 @@ class WebhookEndpoint(Base):
             "task_id",
             unique=True,
             postgresql_where=text("task_id IS NOT NULL"),
+        ),
+        Index(
+            "uq_webhook_endpoints_group",
+            "tenant_id",
+            "group_id",
+            unique=True,
+            postgresql_where=text("group_id IS NOT NULL"),
         ),
         Index(
             "ix_webhook_endpoints_tenant_live",
@@ -109,6 +117,15 @@ class WebhookEndpoint(Base):
         ARRAY(SmallInteger),
         server_default=text("'{}'::smallint[]"),
         comment="TaskEventType numbers delivered; empty = terminal events only.",
+    )
+    group_event_types: Mapped[list[int]] = mapped_column(
+        ARRAY(SmallInteger),
+        server_default=text("'{}'::smallint[]"),
+        comment="GroupEventType numbers delivered; empty = GROUP_EVENT_TYPE_COMPLETED only.",
+    )
+    group_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid,
+        comment="Set for a group's own endpoint (GroupSpec.webhook): that group's events only.",
     )
     enabled: Mapped[bool] = mapped_column(Boolean, server_default=text("true"))
     disabled_reason: Mapped[str | None] = mapped_column(Text)
@@ -183,7 +200,14 @@ class WebhookDelivery(Base):
     event_id: Mapped[str] = mapped_column(Text)
     sequence: Mapped[int] = mapped_column(BigInteger)
     event_type: Mapped[int] = mapped_column(SmallInteger)
-    event: Mapped[bytes] = mapped_column(LargeBinary, comment="Serialized TaskEvent.")
+    event: Mapped[bytes] = mapped_column(
+        LargeBinary, comment="Serialized TaskEvent (GroupEvent when group_id is set)."
+    )
+    group_id: Mapped[uuid.UUID | None] = mapped_column(
+        Uuid,
+        comment="Set for a delivery of a group event: event is a GroupEvent, event_type a "
+        "GroupEventType number and task_id the group id (per-group order).",
+    )
     state: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_status_code: Mapped[int | None] = mapped_column(Integer)

@@ -21,7 +21,7 @@ from google.protobuf import timestamp_pb2
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from conveyor.scheduler.v1 import scheduler_service_pb2 as pb
-from conveyor.tasks.v1 import task_pb2, webhook_service_pb2
+from conveyor.tasks.v1 import group_pb2, task_pb2, webhook_service_pb2
 from conveyor_common.errors import (
     FailedPrecondition,
     FieldViolation,
@@ -64,6 +64,7 @@ def endpoint_message(row: WebhookEndpoint) -> webhook_service_pb2.WebhookEndpoin
         endpoint_id=str(row.id),
         url=row.url,
         events=list(row.event_types),  # type: ignore[arg-type]
+        group_events=list(row.group_event_types),  # type: ignore[arg-type]
         enabled=row.enabled,
         disabled_reason=row.disabled_reason or "",
     )
@@ -78,14 +79,18 @@ def delivery_message(row: WebhookDelivery) -> webhook_service_pb2.WebhookDeliver
     message = webhook_service_pb2.WebhookDelivery(
         delivery_id=str(row.id),
         endpoint_id=str(row.endpoint_id),
-        task_id=row.task_id,
         sequence=row.sequence,
-        event_type=row.event_type,  # type: ignore[arg-type]
         state=row.state,  # type: ignore[arg-type]
         attempts=row.attempts,
         last_status_code=row.last_status_code or 0,
         last_error=row.last_error or "",
     )
+    if row.group_id is not None:
+        message.group_id = str(row.group_id)
+        message.group_event_type = row.event_type  # type: ignore[assignment]
+    else:
+        message.task_id = row.task_id
+        message.event_type = row.event_type  # type: ignore[assignment]
     for field, value in (
         ("next_attempt_at", row.next_attempt_at),
         ("created_at", row.created_at),
@@ -113,6 +118,24 @@ def _parse_id(value: str, field: str) -> uuid.UUID:
 def _check_request_id(value: str) -> None:
     if len(value) > MAX_ID_LENGTH:
         raise InvalidArgument([FieldViolation("request_id", f"at most {MAX_ID_LENGTH} characters")])
+
+
+def group_event_type_violations(
+    events: list[int], field: str = "group_events"
+) -> list[FieldViolation]:
+    """Violations of a group-event-type list (unknown, UNSPECIFIED or CHILD values, duplicates)."""
+    violations = []
+    known = set(group_pb2.GroupEventType.values()) - {group_pb2.GROUP_EVENT_TYPE_UNSPECIFIED}
+    for i, value in enumerate(events):
+        if value == group_pb2.GROUP_EVENT_TYPE_CHILD:
+            violations.append(
+                FieldViolation(f"{field}[{i}]", "a child's events are task events: use events")
+            )
+        elif value not in known:
+            violations.append(FieldViolation(f"{field}[{i}]", "unknown group event type"))
+    if len(set(events)) != len(events):
+        violations.append(FieldViolation(field, "duplicate group event types"))
+    return violations
 
 
 def event_type_violations(events: list[int], field: str = "events") -> list[FieldViolation]:
@@ -183,14 +206,15 @@ class WebhookRpcs:
         policy = self._policy()
         _check_request_id(body.request_id)
         events = [int(e) for e in body.events]
-        violations = event_type_violations(events)
+        group_events = [int(e) for e in body.group_events]
+        violations = event_type_violations(events) + group_event_type_violations(group_events)
         if violations:
             raise InvalidArgument(violations)
         if body.request_id:
             async with self.sessionmaker() as session:
                 existing = await endpoint_by_request(session, tenant, body.request_id)
             if existing is not None:
-                return await self._replay_create(existing, body.url, events, tenant)
+                return await self._replay_create(existing, body.url, events, group_events, tenant)
         await check_callback_url(body.url, policy)
         async with self.sessionmaker() as session, session.begin():
             # Concurrent creates of one tenant queue here, so the key check and the limit hold.
@@ -200,7 +224,7 @@ class WebhookRpcs:
                 existing = await endpoint_by_request(session, tenant, body.request_id)
                 if existing is not None:
                     return await self._replay_create(
-                        existing, body.url, events, tenant, signing_secret
+                        existing, body.url, events, group_events, tenant, signing_secret
                     )
             limit = policy.settings.max_endpoints_per_tenant
             if await count_live_endpoints(session, tenant) >= limit:
@@ -219,6 +243,7 @@ class WebhookRpcs:
                 url=body.url,
                 event_types=events,
                 request_id=body.request_id,
+                group_event_types=group_events,
             )
             return pb.SchedulerServiceCreateWebhookEndpointResponse(
                 response=webhook_service_pb2.CreateWebhookEndpointResponse(
@@ -231,10 +256,15 @@ class WebhookRpcs:
         existing: WebhookEndpoint,
         url: str,
         events: list[int],
+        group_events: list[int],
         tenant: str,
         signing_secret: str | None = None,
     ) -> pb.SchedulerServiceCreateWebhookEndpointResponse:
-        if existing.url != url or list(existing.event_types) != events:
+        if (
+            existing.url != url
+            or list(existing.event_types) != events
+            or list(existing.group_event_types) != group_events
+        ):
             raise FailedPrecondition(
                 "request_id was already used to create a different endpoint",
                 reason="IDEMPOTENCY_KEY_REUSED",

@@ -28,6 +28,7 @@ from conveyor_common.vocabulary import (
     GROUP_EV_COMPLETED,
     POLICY_FAIL_FAST,
 )
+from conveyor_scheduler.client_webhooks.group_deliveries import deliver_group_events
 from conveyor_scheduler.groups.events import (
     INSERT_EVENTS_SQL,
     GroupRow,
@@ -213,6 +214,7 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
         keys = save_keys()
         params = {k: [g[k] for g in saved] for k in keys} | _event_params(events)
         await conn.execute(_SAVE_AND_APPEND_SQL, params)
+        await deliver_group_events(conn, events)
 
 
 def _event_params(events: list[dict[str, Any]]) -> dict[str, Any]:

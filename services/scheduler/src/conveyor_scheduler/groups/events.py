@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.tasks.v1 import group_pb2
 from conveyor_common.ids import uuid7
+from conveyor_scheduler.client_webhooks.group_deliveries import deliver_group_events
 from conveyor_scheduler.store.convert import set_ts
 
 
@@ -41,6 +42,7 @@ def group_event(
     payload = ev.SerializeToString()
     return {
         "group_id": row["id"],
+        "tenant_id": row["tenant_id"],
         "sequence": row["last_sequence"],
         "event_id": event_id,
         "type": event_type,
@@ -80,6 +82,7 @@ INSERT_EVENTS_SQL = text(
 
 
 async def insert_events(conn: AsyncConnection, events: list[dict[str, Any]]) -> None:
+    """Append ``events`` to their groups' histories and create their client webhook deliveries."""
     if not events:
         return
     await conn.execute(
@@ -95,6 +98,7 @@ async def insert_events(conn: AsyncConnection, events: list[dict[str, Any]]) -> 
             "cs": [e["child_sequence"] for e in events],
         },
     )
+    await deliver_group_events(conn, events)
 
 
 GroupRow = dict[str, Any]

@@ -20,6 +20,8 @@ from conveyor.tasks.v1 import group_pb2, group_service_pb2
 from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError
 from conveyor_common.vocabulary import GROUP_STATUS_NAME
 from conveyor_scheduler.admission.validation import validate_item
+from conveyor_scheduler.client_webhooks.rpcs import check_callback_url, group_event_type_violations
+from conveyor_scheduler.client_webhooks.settings import WebhookPolicy
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.groups.cancel import cancel_children, request_cancel
@@ -239,14 +241,21 @@ def validate_group(
             v.append(FieldViolation(f"spec.children[{i}].spec.webhook", "not allowed on a child"))
     if spec.HasField("follow_up"):
         v += validate_item("spec.follow_up.", rid or "x", spec.follow_up.spec, max_attempts_cap)
+    if spec.HasField("webhook"):
+        if not spec.webhook.url:
+            v.append(FieldViolation("spec.webhook.url", "is required"))
+        v += group_event_type_violations(
+            [int(e) for e in spec.webhook.events], "spec.webhook.events"
+        )
     return v
 
 
 class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
     """conveyor.scheduler.v1.TaskGroupService."""
 
-    def __init__(self, groups: GroupCore) -> None:
+    def __init__(self, groups: GroupCore, webhook_policy: WebhookPolicy | None = None) -> None:
         self.groups = groups
+        self.webhook_policy = webhook_policy
 
     async def CreateGroup(
         self,
@@ -258,6 +267,11 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
         violations = validate_group(request.request, s.group_max_children, s.max_attempts_cap)
         if violations:
             raise InvalidArgument(violations)
+        spec = request.request.spec
+        if spec.HasField("webhook"):  # the shared SSRF policy, as for a task's webhook
+            if self.webhook_policy is None:
+                self.webhook_policy = WebhookPolicy()
+            await check_callback_url(spec.webhook.url, self.webhook_policy, "spec.webhook.url")
         group, dedup = await self.groups.create(
             tenant, request.principal.tier, request.request.request_id, request.request.spec
         )

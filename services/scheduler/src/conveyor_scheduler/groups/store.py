@@ -33,6 +33,7 @@ from conveyor_common.vocabulary import (
     GROUP_EV_CREATED,
 )
 from conveyor_scheduler.admission.submit import NewTask, fingerprint, submit
+from conveyor_scheduler.client_webhooks.group_deliveries import create_group_endpoint
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.groups.delays import CHILDREN, ChildContext
 from conveyor_scheduler.groups.events import GroupRow, group_event, insert_events, length_delimited
@@ -135,6 +136,8 @@ async def create_group(
         )
     row = await lock_group(conn, gid)
     ids = [r["id"] for r, _ in out]
+    if spec.HasField("webhook"):
+        await create_group_endpoint(conn, tenant_id=tenant_id, group_id=gid, webhook=spec.webhook)
     await insert_events(conn, [group_event(row, GROUP_EV_CREATED, now, child_ids=ids)])
     await conn.execute(
         text("UPDATE task_groups SET last_sequence = :s WHERE id = :id"),

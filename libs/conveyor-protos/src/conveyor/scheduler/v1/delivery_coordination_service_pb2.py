@@ -22,37 +22,38 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from conveyor.tasks.v1 import group_pb2 as conveyor_dot_tasks_dot_v1_dot_group__pb2
 from conveyor.tasks.v1 import task_pb2 as conveyor_dot_tasks_dot_v1_dot_task__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n9conveyor/scheduler/v1/delivery_coordination_service.proto\x12\x15\x63onveyor.scheduler.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf6\x02\n\x0eLeasedDelivery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x17\n\x0fsigning_secrets\x18\x05 \x03(\t\x12+\n\x05\x65vent\x18\x06 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12/\n\x0blease_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x1d\x65ndpoint_consecutive_failures\x18\n \x01(\x05\x12:\n\x16\x65ndpoint_failing_since\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x16\x43laimDeliveriesRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0emax_deliveries\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"T\n\x17\x43laimDeliveriesResponse\x12\x39\n\ndeliveries\x18\x01 \x03(\x0b\x32%.conveyor.scheduler.v1.LeasedDelivery\"\xd3\x01\n\x0f\x44\x65liveryOutcome\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x11\n\tdelivered\x18\x02 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12,\n\x08retry_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x64isable_endpoint\x18\x07 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x08 \x01(\t\"f\n\x17ReportDeliveriesRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x38\n\x08outcomes\x18\x02 \x03(\x0b\x32&.conveyor.scheduler.v1.DeliveryOutcome\"+\n\x18ReportDeliveriesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x05\"H\n\x18\x45nqueueDeliveriesRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\",\n\x19\x45nqueueDeliveriesResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x05\"\x1b\n\x19GetDeliveryBacklogRequest\"\x89\x01\n\x1aGetDeliveryBacklogResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x03\x12\x0b\n\x03\x64ue\x18\x02 \x01(\x03\x12\x1a\n\x12\x64isabled_endpoints\x18\x03 \x01(\x03\x12\x31\n\roldest_due_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf7\x03\n\x1b\x44\x65liveryCoordinationService\x12p\n\x0f\x43laimDeliveries\x12-.conveyor.scheduler.v1.ClaimDeliveriesRequest\x1a..conveyor.scheduler.v1.ClaimDeliveriesResponse\x12s\n\x10ReportDeliveries\x12..conveyor.scheduler.v1.ReportDeliveriesRequest\x1a/.conveyor.scheduler.v1.ReportDeliveriesResponse\x12v\n\x11\x45nqueueDeliveries\x12/.conveyor.scheduler.v1.EnqueueDeliveriesRequest\x1a\x30.conveyor.scheduler.v1.EnqueueDeliveriesResponse\x12y\n\x12GetDeliveryBacklog\x12\x30.conveyor.scheduler.v1.GetDeliveryBacklogRequest\x1a\x31.conveyor.scheduler.v1.GetDeliveryBacklogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n9conveyor/scheduler/v1/delivery_coordination_service.proto\x12\x15\x63onveyor.scheduler.v1\x1a\x1d\x63onveyor/tasks/v1/group.proto\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaa\x03\n\x0eLeasedDelivery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x17\n\x0fsigning_secrets\x18\x05 \x03(\t\x12+\n\x05\x65vent\x18\x06 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12/\n\x0blease_until\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x1d\x65ndpoint_consecutive_failures\x18\n \x01(\x05\x12:\n\x16\x65ndpoint_failing_since\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0bgroup_event\x18\x0c \x01(\x0b\x32\x1d.conveyor.tasks.v1.GroupEvent\"Z\n\x16\x43laimDeliveriesRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x16\n\x0emax_deliveries\x18\x02 \x01(\x05\x12\x15\n\rlease_seconds\x18\x03 \x01(\x05\"T\n\x17\x43laimDeliveriesResponse\x12\x39\n\ndeliveries\x18\x01 \x03(\x0b\x32%.conveyor.scheduler.v1.LeasedDelivery\"\xd3\x01\n\x0f\x44\x65liveryOutcome\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x11\n\tdelivered\x18\x02 \x01(\x08\x12\x13\n\x0bstatus_code\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12,\n\x08retry_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\x12\x18\n\x10\x64isable_endpoint\x18\x07 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x08 \x01(\t\"f\n\x17ReportDeliveriesRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x38\n\x08outcomes\x18\x02 \x03(\x0b\x32&.conveyor.scheduler.v1.DeliveryOutcome\"+\n\x18ReportDeliveriesResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x05\"H\n\x18\x45nqueueDeliveriesRequest\x12,\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\",\n\x19\x45nqueueDeliveriesResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x05\"\x1b\n\x19GetDeliveryBacklogRequest\"\x89\x01\n\x1aGetDeliveryBacklogResponse\x12\x0f\n\x07pending\x18\x01 \x01(\x03\x12\x0b\n\x03\x64ue\x18\x02 \x01(\x03\x12\x1a\n\x12\x64isabled_endpoints\x18\x03 \x01(\x03\x12\x31\n\roldest_due_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xf7\x03\n\x1b\x44\x65liveryCoordinationService\x12p\n\x0f\x43laimDeliveries\x12-.conveyor.scheduler.v1.ClaimDeliveriesRequest\x1a..conveyor.scheduler.v1.ClaimDeliveriesResponse\x12s\n\x10ReportDeliveries\x12..conveyor.scheduler.v1.ReportDeliveriesRequest\x1a/.conveyor.scheduler.v1.ReportDeliveriesResponse\x12v\n\x11\x45nqueueDeliveries\x12/.conveyor.scheduler.v1.EnqueueDeliveriesRequest\x1a\x30.conveyor.scheduler.v1.EnqueueDeliveriesResponse\x12y\n\x12GetDeliveryBacklog\x12\x30.conveyor.scheduler.v1.GetDeliveryBacklogRequest\x1a\x31.conveyor.scheduler.v1.GetDeliveryBacklogResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.scheduler.v1.delivery_coordination_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEASEDDELIVERY']._serialized_start=148
-  _globals['_LEASEDDELIVERY']._serialized_end=522
-  _globals['_CLAIMDELIVERIESREQUEST']._serialized_start=524
-  _globals['_CLAIMDELIVERIESREQUEST']._serialized_end=614
-  _globals['_CLAIMDELIVERIESRESPONSE']._serialized_start=616
-  _globals['_CLAIMDELIVERIESRESPONSE']._serialized_end=700
-  _globals['_DELIVERYOUTCOME']._serialized_start=703
-  _globals['_DELIVERYOUTCOME']._serialized_end=914
-  _globals['_REPORTDELIVERIESREQUEST']._serialized_start=916
-  _globals['_REPORTDELIVERIESREQUEST']._serialized_end=1018
-  _globals['_REPORTDELIVERIESRESPONSE']._serialized_start=1020
-  _globals['_REPORTDELIVERIESRESPONSE']._serialized_end=1063
-  _globals['_ENQUEUEDELIVERIESREQUEST']._serialized_start=1065
-  _globals['_ENQUEUEDELIVERIESREQUEST']._serialized_end=1137
-  _globals['_ENQUEUEDELIVERIESRESPONSE']._serialized_start=1139
-  _globals['_ENQUEUEDELIVERIESRESPONSE']._serialized_end=1183
-  _globals['_GETDELIVERYBACKLOGREQUEST']._serialized_start=1185
-  _globals['_GETDELIVERYBACKLOGREQUEST']._serialized_end=1212
-  _globals['_GETDELIVERYBACKLOGRESPONSE']._serialized_start=1215
-  _globals['_GETDELIVERYBACKLOGRESPONSE']._serialized_end=1352
-  _globals['_DELIVERYCOORDINATIONSERVICE']._serialized_start=1355
-  _globals['_DELIVERYCOORDINATIONSERVICE']._serialized_end=1858
+  _globals['_LEASEDDELIVERY']._serialized_start=179
+  _globals['_LEASEDDELIVERY']._serialized_end=605
+  _globals['_CLAIMDELIVERIESREQUEST']._serialized_start=607
+  _globals['_CLAIMDELIVERIESREQUEST']._serialized_end=697
+  _globals['_CLAIMDELIVERIESRESPONSE']._serialized_start=699
+  _globals['_CLAIMDELIVERIESRESPONSE']._serialized_end=783
+  _globals['_DELIVERYOUTCOME']._serialized_start=786
+  _globals['_DELIVERYOUTCOME']._serialized_end=997
+  _globals['_REPORTDELIVERIESREQUEST']._serialized_start=999
+  _globals['_REPORTDELIVERIESREQUEST']._serialized_end=1101
+  _globals['_REPORTDELIVERIESRESPONSE']._serialized_start=1103
+  _globals['_REPORTDELIVERIESRESPONSE']._serialized_end=1146
+  _globals['_ENQUEUEDELIVERIESREQUEST']._serialized_start=1148
+  _globals['_ENQUEUEDELIVERIESREQUEST']._serialized_end=1220
+  _globals['_ENQUEUEDELIVERIESRESPONSE']._serialized_start=1222
+  _globals['_ENQUEUEDELIVERIESRESPONSE']._serialized_end=1266
+  _globals['_GETDELIVERYBACKLOGREQUEST']._serialized_start=1268
+  _globals['_GETDELIVERYBACKLOGREQUEST']._serialized_end=1295
+  _globals['_GETDELIVERYBACKLOGRESPONSE']._serialized_start=1298
+  _globals['_GETDELIVERYBACKLOGRESPONSE']._serialized_end=1435
+  _globals['_DELIVERYCOORDINATIONSERVICE']._serialized_start=1438
+  _globals['_DELIVERYCOORDINATIONSERVICE']._serialized_end=1941
 # @@protoc_insertion_point(module_scope)

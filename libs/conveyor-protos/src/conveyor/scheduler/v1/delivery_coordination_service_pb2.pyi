@@ -4,6 +4,7 @@ isort:skip_file
 Internal API the scheduler serves to the notifier: durable client webhook deliveries."""
 
 from collections import abc as _abc
+from conveyor.tasks.v1 import group_pb2 as _group_pb2
 from conveyor.tasks.v1 import task_pb2 as _task_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -37,6 +38,7 @@ class LeasedDelivery(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     ENDPOINT_CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
     ENDPOINT_FAILING_SINCE_FIELD_NUMBER: _builtins.int
+    GROUP_EVENT_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """Delivery id (the webhook-id header)."""
     tenant_id: _builtins.str
@@ -55,7 +57,7 @@ class LeasedDelivery(_message.Message):
 
     @_builtins.property
     def event(self) -> _task_pb2.TaskEvent:
-        """The event to deliver."""
+        """The task event to deliver (unset for a group event)."""
 
     @_builtins.property
     def lease_until(self) -> _timestamp_pb2.Timestamp:
@@ -68,6 +70,10 @@ class LeasedDelivery(_message.Message):
     @_builtins.property
     def endpoint_failing_since(self) -> _timestamp_pb2.Timestamp:
         """When the endpoint's current run of failures began; unset when its last attempt succeeded."""
+
+    @_builtins.property
+    def group_event(self) -> _group_pb2.GroupEvent:
+        """The group event to deliver (unset for a task event)."""
 
     def __init__(
         self,
@@ -83,10 +89,11 @@ class LeasedDelivery(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         endpoint_consecutive_failures: _builtins.int = ...,
         endpoint_failing_since: _timestamp_pb2.Timestamp | None = ...,
+        group_event: _group_pb2.GroupEvent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "endpoint_failing_since", b"endpoint_failing_since", "event", b"event", "lease_until", b"lease_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "endpoint_failing_since", b"endpoint_failing_since", "event", b"event", "group_event", b"group_event", "lease_until", b"lease_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "delivery_id", b"delivery_id", "endpoint_consecutive_failures", b"endpoint_consecutive_failures", "endpoint_failing_since", b"endpoint_failing_since", "endpoint_id", b"endpoint_id", "event", b"event", "lease_until", b"lease_until", "signing_secrets", b"signing_secrets", "tenant_id", b"tenant_id", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "created_at", b"created_at", "delivery_id", b"delivery_id", "endpoint_consecutive_failures", b"endpoint_consecutive_failures", "endpoint_failing_since", b"endpoint_failing_since", "endpoint_id", b"endpoint_id", "event", b"event", "group_event", b"group_event", "lease_until", b"lease_until", "signing_secrets", b"signing_secrets", "tenant_id", b"tenant_id", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -26,7 +26,7 @@ from conveyor.tasks.v1 import task_pb2 as conveyor_dot_tasks_dot_v1_dot_task__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63onveyor/tasks/v1/group.proto\x12\x11\x63onveyor.tasks.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\rGroupFollowUp\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.conveyor.tasks.v1.TaskSpec\x12\x15\n\routputs_field\x18\x02 \x01(\t\"\x88\x02\n\tGroupSpec\x12-\n\x08\x63hildren\x18\x01 \x03(\x0b\x32\x1b.conveyor.tasks.v1.TaskSpec\x12.\n\x06policy\x18\x02 \x01(\x0e\x32\x1e.conveyor.tasks.v1.GroupPolicy\x12\x33\n\tfollow_up\x18\x03 \x01(\x0b\x32 .conveyor.tasks.v1.GroupFollowUp\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.conveyor.tasks.v1.GroupSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\rGroupProgress\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\x11\n\tsucceeded\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x0e\n\x06queued\x18\x07 \x01(\x05\x12\x0f\n\x07percent\x18\x08 \x01(\x01\"\xbd\x01\n\x10GroupChildOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.conveyor.tasks.v1.TaskStatus\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1d.conveyor.tasks.v1.TaskResult\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskError\"\xdc\x04\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.conveyor.tasks.v1.GroupStatus\x12.\n\x06policy\x18\x05 \x01(\x0e\x32\x1e.conveyor.tasks.v1.GroupPolicy\x12\x32\n\x08progress\x18\x06 \x01(\x0b\x32 .conveyor.tasks.v1.GroupProgress\x12\x16\n\x0e\x63hild_task_ids\x18\x07 \x03(\t\x12\x19\n\x11\x66ollow_up_task_id\x18\x08 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\t \x01(\x08\x12\x15\n\rcancel_reason\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_sequence\x18\x0e \x01(\x03\x12\x34\n\x06labels\x18\x0f \x03(\x0b\x32$.conveyor.tasks.v1.Group.LabelsEntry\x12\x15\n\rhas_follow_up\x18\x10 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x02\n\nGroupEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12/\n\x04type\x18\x05 \x01(\x0e\x32!.conveyor.tasks.v1.GroupEventType\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05group\x18\x07 \x01(\x0b\x32\x18.conveyor.tasks.v1.Group\x12\x31\n\x0b\x63hild_event\x18\x08 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\x12\x34\n\x07outputs\x18\t \x03(\x0b\x32#.conveyor.tasks.v1.GroupChildOutput*\xb8\x01\n\x0bGroupStatus\x12\x1c\n\x18GROUP_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14GROUP_STATUS_RUNNING\x10\x01\x12\x1a\n\x16GROUP_STATUS_SUCCEEDED\x10\x02\x12!\n\x1dGROUP_STATUS_PARTIALLY_FAILED\x10\x03\x12\x17\n\x13GROUP_STATUS_FAILED\x10\x04\x12\x19\n\x15GROUP_STATUS_CANCELED\x10\x05*e\n\x0bGroupPolicy\x12\x1c\n\x18GROUP_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18GROUP_POLICY_ALL_SETTLED\x10\x01\x12\x1a\n\x16GROUP_POLICY_FAIL_FAST\x10\x02*\xdd\x01\n\x0eGroupEventType\x12 \n\x1cGROUP_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18GROUP_EVENT_TYPE_CREATED\x10\x01\x12\x1a\n\x16GROUP_EVENT_TYPE_CHILD\x10\x02\x12%\n!GROUP_EVENT_TYPE_CANCEL_REQUESTED\x10\x03\x12\x1e\n\x1aGROUP_EVENT_TYPE_COMPLETED\x10\x04\x12(\n$GROUP_EVENT_TYPE_FOLLOW_UP_SUBMITTED\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x63onveyor/tasks/v1/group.proto\x12\x11\x63onveyor.tasks.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\rGroupFollowUp\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.conveyor.tasks.v1.TaskSpec\x12\x15\n\routputs_field\x18\x02 \x01(\t\"N\n\x0cGroupWebhook\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x31\n\x06\x65vents\x18\x02 \x03(\x0e\x32!.conveyor.tasks.v1.GroupEventType\"\xba\x02\n\tGroupSpec\x12-\n\x08\x63hildren\x18\x01 \x03(\x0b\x32\x1b.conveyor.tasks.v1.TaskSpec\x12.\n\x06policy\x18\x02 \x01(\x0e\x32\x1e.conveyor.tasks.v1.GroupPolicy\x12\x33\n\tfollow_up\x18\x03 \x01(\x0b\x32 .conveyor.tasks.v1.GroupFollowUp\x12\x38\n\x06labels\x18\x04 \x03(\x0b\x32(.conveyor.tasks.v1.GroupSpec.LabelsEntry\x12\x30\n\x07webhook\x18\x05 \x01(\x0b\x32\x1f.conveyor.tasks.v1.GroupWebhook\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x93\x01\n\rGroupProgress\x12\r\n\x05total\x18\x01 \x01(\x05\x12\x0c\n\x04\x64one\x18\x02 \x01(\x05\x12\x11\n\tsucceeded\x18\x03 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x05\x12\x10\n\x08\x63\x61nceled\x18\x05 \x01(\x05\x12\x0f\n\x07running\x18\x06 \x01(\x05\x12\x0e\n\x06queued\x18\x07 \x01(\x05\x12\x0f\n\x07percent\x18\x08 \x01(\x01\"\xbd\x01\n\x10GroupChildOutput\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12-\n\x06status\x18\x03 \x01(\x0e\x32\x1d.conveyor.tasks.v1.TaskStatus\x12-\n\x06result\x18\x04 \x01(\x0b\x32\x1d.conveyor.tasks.v1.TaskResult\x12+\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskError\"\xdc\x04\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12.\n\x06status\x18\x04 \x01(\x0e\x32\x1e.conveyor.tasks.v1.GroupStatus\x12.\n\x06policy\x18\x05 \x01(\x0e\x32\x1e.conveyor.tasks.v1.GroupPolicy\x12\x32\n\x08progress\x18\x06 \x01(\x0b\x32 .conveyor.tasks.v1.GroupProgress\x12\x16\n\x0e\x63hild_task_ids\x18\x07 \x03(\t\x12\x19\n\x11\x66ollow_up_task_id\x18\x08 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\t \x01(\x08\x12\x15\n\rcancel_reason\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rlast_sequence\x18\x0e \x01(\x03\x12\x34\n\x06labels\x18\x0f \x03(\x0b\x32$.conveyor.tasks.v1.Group.LabelsEntry\x12\x15\n\rhas_follow_up\x18\x10 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc9\x02\n\nGroupEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08group_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12/\n\x04type\x18\x05 \x01(\x0e\x32!.conveyor.tasks.v1.GroupEventType\x12/\n\x0boccurred_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05group\x18\x07 \x01(\x0b\x32\x18.conveyor.tasks.v1.Group\x12\x31\n\x0b\x63hild_event\x18\x08 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\x12\x34\n\x07outputs\x18\t \x03(\x0b\x32#.conveyor.tasks.v1.GroupChildOutput*\xb8\x01\n\x0bGroupStatus\x12\x1c\n\x18GROUP_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14GROUP_STATUS_RUNNING\x10\x01\x12\x1a\n\x16GROUP_STATUS_SUCCEEDED\x10\x02\x12!\n\x1dGROUP_STATUS_PARTIALLY_FAILED\x10\x03\x12\x17\n\x13GROUP_STATUS_FAILED\x10\x04\x12\x19\n\x15GROUP_STATUS_CANCELED\x10\x05*e\n\x0bGroupPolicy\x12\x1c\n\x18GROUP_POLICY_UNSPECIFIED\x10\x00\x12\x1c\n\x18GROUP_POLICY_ALL_SETTLED\x10\x01\x12\x1a\n\x16GROUP_POLICY_FAIL_FAST\x10\x02*\xdd\x01\n\x0eGroupEventType\x12 \n\x1cGROUP_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18GROUP_EVENT_TYPE_CREATED\x10\x01\x12\x1a\n\x16GROUP_EVENT_TYPE_CHILD\x10\x02\x12%\n!GROUP_EVENT_TYPE_CANCEL_REQUESTED\x10\x03\x12\x1e\n\x1aGROUP_EVENT_TYPE_COMPLETED\x10\x04\x12(\n$GROUP_EVENT_TYPE_FOLLOW_UP_SUBMITTED\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,26 +37,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GROUPSPEC_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_GROUP_LABELSENTRY']._loaded_options = None
   _globals['_GROUP_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_GROUPSTATUS']._serialized_start=1747
-  _globals['_GROUPSTATUS']._serialized_end=1931
-  _globals['_GROUPPOLICY']._serialized_start=1933
-  _globals['_GROUPPOLICY']._serialized_end=2034
-  _globals['_GROUPEVENTTYPE']._serialized_start=2037
-  _globals['_GROUPEVENTTYPE']._serialized_end=2258
+  _globals['_GROUPSTATUS']._serialized_start=1877
+  _globals['_GROUPSTATUS']._serialized_end=2061
+  _globals['_GROUPPOLICY']._serialized_start=2063
+  _globals['_GROUPPOLICY']._serialized_end=2164
+  _globals['_GROUPEVENTTYPE']._serialized_start=2167
+  _globals['_GROUPEVENTTYPE']._serialized_end=2388
   _globals['_GROUPFOLLOWUP']._serialized_start=115
   _globals['_GROUPFOLLOWUP']._serialized_end=196
-  _globals['_GROUPSPEC']._serialized_start=199
-  _globals['_GROUPSPEC']._serialized_end=463
-  _globals['_GROUPSPEC_LABELSENTRY']._serialized_start=418
-  _globals['_GROUPSPEC_LABELSENTRY']._serialized_end=463
-  _globals['_GROUPPROGRESS']._serialized_start=466
-  _globals['_GROUPPROGRESS']._serialized_end=613
-  _globals['_GROUPCHILDOUTPUT']._serialized_start=616
-  _globals['_GROUPCHILDOUTPUT']._serialized_end=805
-  _globals['_GROUP']._serialized_start=808
-  _globals['_GROUP']._serialized_end=1412
-  _globals['_GROUP_LABELSENTRY']._serialized_start=418
-  _globals['_GROUP_LABELSENTRY']._serialized_end=463
-  _globals['_GROUPEVENT']._serialized_start=1415
-  _globals['_GROUPEVENT']._serialized_end=1744
+  _globals['_GROUPWEBHOOK']._serialized_start=198
+  _globals['_GROUPWEBHOOK']._serialized_end=276
+  _globals['_GROUPSPEC']._serialized_start=279
+  _globals['_GROUPSPEC']._serialized_end=593
+  _globals['_GROUPSPEC_LABELSENTRY']._serialized_start=548
+  _globals['_GROUPSPEC_LABELSENTRY']._serialized_end=593
+  _globals['_GROUPPROGRESS']._serialized_start=596
+  _globals['_GROUPPROGRESS']._serialized_end=743
+  _globals['_GROUPCHILDOUTPUT']._serialized_start=746
+  _globals['_GROUPCHILDOUTPUT']._serialized_end=935
+  _globals['_GROUP']._serialized_start=938
+  _globals['_GROUP']._serialized_end=1542
+  _globals['_GROUP_LABELSENTRY']._serialized_start=548
+  _globals['_GROUP_LABELSENTRY']._serialized_end=593
+  _globals['_GROUPEVENT']._serialized_start=1545
+  _globals['_GROUPEVENT']._serialized_end=1874
 # @@protoc_insertion_point(module_scope)

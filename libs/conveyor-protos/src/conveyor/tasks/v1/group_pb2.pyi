@@ -152,6 +152,36 @@ class GroupFollowUp(_message.Message):
 Global___GroupFollowUp: _TypeAlias = GroupFollowUp  # noqa: Y015
 
 @_typing.final
+class GroupWebhook(_message.Message):
+    """A group's own callback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """https URL that receives signed Standard Webhooks deliveries of this group's events."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedScalarFieldContainer[Global___GroupEventType.ValueType]:
+        """Group event types to deliver; empty = GROUP_EVENT_TYPE_COMPLETED only. GROUP_EVENT_TYPE_CHILD
+        is refused.
+        """
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        events: _abc.Iterable[Global___GroupEventType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GroupWebhook: _TypeAlias = GroupWebhook  # noqa: Y015
+
+@_typing.final
 class GroupSpec(_message.Message):
     """What the caller asks for."""
 
@@ -181,6 +211,7 @@ class GroupSpec(_message.Message):
     POLICY_FIELD_NUMBER: _builtins.int
     FOLLOW_UP_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    WEBHOOK_FIELD_NUMBER: _builtins.int
     policy: Global___GroupPolicy.ValueType
     """All-settled (default) or fail-fast."""
     @_builtins.property
@@ -195,6 +226,10 @@ class GroupSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Free-form labels of the group."""
 
+    @_builtins.property
+    def webhook(self) -> Global___GroupWebhook:
+        """Optional callback of the group (its children have none)."""
+
     def __init__(
         self,
         *,
@@ -202,10 +237,11 @@ class GroupSpec(_message.Message):
         policy: Global___GroupPolicy.ValueType = ...,
         follow_up: Global___GroupFollowUp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        webhook: Global___GroupWebhook | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["follow_up", b"follow_up"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["follow_up", b"follow_up", "webhook", b"webhook"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "follow_up", b"follow_up", "labels", b"labels", "policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "follow_up", b"follow_up", "labels", b"labels", "policy", b"policy", "webhook", b"webhook"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -22,43 +22,44 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from conveyor.tasks.v1 import group_pb2 as conveyor_dot_tasks_dot_v1_dot_group__pb2
 from conveyor.tasks.v1 import task_pb2 as conveyor_dot_tasks_dot_v1_dot_task__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'conveyor/tasks/v1/webhook_service.proto\x12\x11\x63onveyor.tasks.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbf\x01\n\x0fWebhookEndpoint\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x30\n\x06\x65vents\x18\x03 \x03(\x0e\x32 .conveyor.tasks.v1.TaskEventType\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x03\n\x0fWebhookDelivery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x34\n\nevent_type\x18\x05 \x01(\x0e\x32 .conveyor.tasks.v1.TaskEventType\x12/\n\x05state\x18\x06 \x01(\x0e\x32 .conveyor.tasks.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\x18\n\x10last_status_code\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x1c\x43reateWebhookEndpointRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x30\n\x06\x65vents\x18\x03 \x03(\x0e\x32 .conveyor.tasks.v1.TaskEventType\"m\n\x1d\x43reateWebhookEndpointResponse\x12\x34\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\".conveyor.tasks.v1.WebhookEndpoint\x12\x16\n\x0esigning_secret\x18\x02 \x01(\t\"\x1d\n\x1bListWebhookEndpointsRequest\"U\n\x1cListWebhookEndpointsResponse\x12\x35\n\tendpoints\x18\x01 \x03(\x0b\x32\".conveyor.tasks.v1.WebhookEndpoint\"G\n\x1c\x44\x65leteWebhookEndpointRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\"\x1f\n\x1d\x44\x65leteWebhookEndpointResponse\"I\n\x1aRotateWebhookSecretRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0foverlap_seconds\x18\x02 \x01(\x03\"o\n\x1bRotateWebhookSecretResponse\x12\x16\n\x0esigning_secret\x18\x01 \x01(\t\x12\x38\n\x14previous_valid_until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x1cListWebhookDeliveriesRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"p\n\x1dListWebhookDeliveriesResponse\x12\x36\n\ndeliveries\x18\x01 \x03(\x0b\x32\".conveyor.tasks.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xf3\x04\n\x0eWebhookService\x12z\n\x15\x43reateWebhookEndpoint\x12/.conveyor.tasks.v1.CreateWebhookEndpointRequest\x1a\x30.conveyor.tasks.v1.CreateWebhookEndpointResponse\x12w\n\x14ListWebhookEndpoints\x12..conveyor.tasks.v1.ListWebhookEndpointsRequest\x1a/.conveyor.tasks.v1.ListWebhookEndpointsResponse\x12z\n\x15\x44\x65leteWebhookEndpoint\x12/.conveyor.tasks.v1.DeleteWebhookEndpointRequest\x1a\x30.conveyor.tasks.v1.DeleteWebhookEndpointResponse\x12t\n\x13RotateWebhookSecret\x12-.conveyor.tasks.v1.RotateWebhookSecretRequest\x1a..conveyor.tasks.v1.RotateWebhookSecretResponse\x12z\n\x15ListWebhookDeliveries\x12/.conveyor.tasks.v1.ListWebhookDeliveriesRequest\x1a\x30.conveyor.tasks.v1.ListWebhookDeliveriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'conveyor/tasks/v1/webhook_service.proto\x12\x11\x63onveyor.tasks.v1\x1a\x1d\x63onveyor/tasks/v1/group.proto\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x01\n\x0fWebhookEndpoint\x12\x13\n\x0b\x65ndpoint_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x30\n\x06\x65vents\x18\x03 \x03(\x0e\x32 .conveyor.tasks.v1.TaskEventType\x12\x0f\n\x07\x65nabled\x18\x04 \x01(\x08\x12\x17\n\x0f\x64isabled_reason\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0cgroup_events\x18\x07 \x03(\x0e\x32!.conveyor.tasks.v1.GroupEventType\"\xeb\x03\n\x0fWebhookDelivery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x10\n\x08sequence\x18\x04 \x01(\x03\x12\x34\n\nevent_type\x18\x05 \x01(\x0e\x32 .conveyor.tasks.v1.TaskEventType\x12/\n\x05state\x18\x06 \x01(\x0e\x32 .conveyor.tasks.v1.DeliveryState\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12\x18\n\x10last_status_code\x18\x08 \x01(\x05\x12\x12\n\nlast_error\x18\t \x01(\t\x12\x33\n\x0fnext_attempt_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08group_id\x18\r \x01(\t\x12;\n\x10group_event_type\x18\x0e \x01(\x0e\x32!.conveyor.tasks.v1.GroupEventType\"\xaa\x01\n\x1c\x43reateWebhookEndpointRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x30\n\x06\x65vents\x18\x03 \x03(\x0e\x32 .conveyor.tasks.v1.TaskEventType\x12\x37\n\x0cgroup_events\x18\x04 \x03(\x0e\x32!.conveyor.tasks.v1.GroupEventType\"m\n\x1d\x43reateWebhookEndpointResponse\x12\x34\n\x08\x65ndpoint\x18\x01 \x01(\x0b\x32\".conveyor.tasks.v1.WebhookEndpoint\x12\x16\n\x0esigning_secret\x18\x02 \x01(\t\"\x1d\n\x1bListWebhookEndpointsRequest\"U\n\x1cListWebhookEndpointsResponse\x12\x35\n\tendpoints\x18\x01 \x03(\x0b\x32\".conveyor.tasks.v1.WebhookEndpoint\"G\n\x1c\x44\x65leteWebhookEndpointRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\"\x1f\n\x1d\x44\x65leteWebhookEndpointResponse\"I\n\x1aRotateWebhookSecretRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0foverlap_seconds\x18\x02 \x01(\x03\"o\n\x1bRotateWebhookSecretResponse\x12\x16\n\x0esigning_secret\x18\x01 \x01(\t\x12\x38\n\x14previous_valid_until\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"k\n\x1cListWebhookDeliveriesRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65ndpoint_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"p\n\x1dListWebhookDeliveriesResponse\x12\x36\n\ndeliveries\x18\x01 \x03(\x0b\x32\".conveyor.tasks.v1.WebhookDelivery\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x84\x01\n\rDeliveryState\x12\x1e\n\x1a\x44\x45LIVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATE_PENDING\x10\x01\x12\x1c\n\x18\x44\x45LIVERY_STATE_DELIVERED\x10\x02\x12\x19\n\x15\x44\x45LIVERY_STATE_FAILED\x10\x03\x32\xf3\x04\n\x0eWebhookService\x12z\n\x15\x43reateWebhookEndpoint\x12/.conveyor.tasks.v1.CreateWebhookEndpointRequest\x1a\x30.conveyor.tasks.v1.CreateWebhookEndpointResponse\x12w\n\x14ListWebhookEndpoints\x12..conveyor.tasks.v1.ListWebhookEndpointsRequest\x1a/.conveyor.tasks.v1.ListWebhookEndpointsResponse\x12z\n\x15\x44\x65leteWebhookEndpoint\x12/.conveyor.tasks.v1.DeleteWebhookEndpointRequest\x1a\x30.conveyor.tasks.v1.DeleteWebhookEndpointResponse\x12t\n\x13RotateWebhookSecret\x12-.conveyor.tasks.v1.RotateWebhookSecretRequest\x1a..conveyor.tasks.v1.RotateWebhookSecretResponse\x12z\n\x15ListWebhookDeliveries\x12/.conveyor.tasks.v1.ListWebhookDeliveriesRequest\x1a\x30.conveyor.tasks.v1.ListWebhookDeliveriesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.tasks.v1.webhook_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELIVERYSTATE']._serialized_start=1596
-  _globals['_DELIVERYSTATE']._serialized_end=1728
-  _globals['_WEBHOOKENDPOINT']._serialized_start=126
-  _globals['_WEBHOOKENDPOINT']._serialized_end=317
-  _globals['_WEBHOOKDELIVERY']._serialized_start=320
-  _globals['_WEBHOOKDELIVERY']._serialized_end=732
-  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_start=734
-  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_end=847
-  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_start=849
-  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_end=958
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=960
-  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=989
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=991
-  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=1076
-  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_start=1078
-  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_end=1149
-  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_start=1151
-  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_end=1182
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1184
-  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1257
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1259
-  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1370
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1372
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1479
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1481
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1593
-  _globals['_WEBHOOKSERVICE']._serialized_start=1731
-  _globals['_WEBHOOKSERVICE']._serialized_end=2358
+  _globals['_DELIVERYSTATE']._serialized_start=1821
+  _globals['_DELIVERYSTATE']._serialized_end=1953
+  _globals['_WEBHOOKENDPOINT']._serialized_start=157
+  _globals['_WEBHOOKENDPOINT']._serialized_end=405
+  _globals['_WEBHOOKDELIVERY']._serialized_start=408
+  _globals['_WEBHOOKDELIVERY']._serialized_end=899
+  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_start=902
+  _globals['_CREATEWEBHOOKENDPOINTREQUEST']._serialized_end=1072
+  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_start=1074
+  _globals['_CREATEWEBHOOKENDPOINTRESPONSE']._serialized_end=1183
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_start=1185
+  _globals['_LISTWEBHOOKENDPOINTSREQUEST']._serialized_end=1214
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_start=1216
+  _globals['_LISTWEBHOOKENDPOINTSRESPONSE']._serialized_end=1301
+  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_start=1303
+  _globals['_DELETEWEBHOOKENDPOINTREQUEST']._serialized_end=1374
+  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_start=1376
+  _globals['_DELETEWEBHOOKENDPOINTRESPONSE']._serialized_end=1407
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_start=1409
+  _globals['_ROTATEWEBHOOKSECRETREQUEST']._serialized_end=1482
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_start=1484
+  _globals['_ROTATEWEBHOOKSECRETRESPONSE']._serialized_end=1595
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=1597
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=1704
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1706
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1818
+  _globals['_WEBHOOKSERVICE']._serialized_start=1956
+  _globals['_WEBHOOKSERVICE']._serialized_end=2583
 # @@protoc_insertion_point(module_scope)
