@@ -8,6 +8,8 @@ idempotent CreateGroup, delayed tasks due from not_before, per-task retry delays
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from conveyor.tasks.v1 import group_pb2, task_pb2
-from conveyor_common.errors import FailedPrecondition, ResourceExhausted
+from conveyor_common.errors import FailedPrecondition, ResourceExhausted, RpcError
 from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.client_webhooks.deliveries import claim
 from conveyor_scheduler.client_webhooks.endpoints import list_endpoints
@@ -28,7 +30,7 @@ from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.loops import LeaderLoops
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.groups.service import GroupCore
-from conveyor_scheduler.groups.store import events_after, list_groups
+from conveyor_scheduler.groups.store import events_after, list_groups, load_group
 from conveyor_scheduler.store import db
 from conveyor_testkit import scheduler as kit
 
@@ -55,7 +57,8 @@ class Env:
     async def events(self, group_id: str) -> list[group_pb2.GroupEvent]:
         out = []
         async with self.core.engine.connect() as conn:
-            payloads = await events_after(conn, uuid.UUID(group_id), 0, 1000)
+            group = await load_group(conn, group_id, "t1")
+            payloads = await events_after(conn, group, 0, 1000)
         for payload in payloads:
             ev = group_pb2.GroupEvent()
             ev.ParseFromString(payload)
@@ -348,6 +351,47 @@ async def test_group_events_are_delivered_to_the_endpoints_that_want_them(env: E
             assert event.group.status == group_pb2.GROUP_STATUS_SUCCEEDED
             assert [o.index for o in event.outputs] == [0, 1]
             assert all(o.status == task_pb2.TASK_STATUS_SUCCEEDED for o in event.outputs)
+
+
+async def test_group_counters_stay_exact_under_random_concurrent_changes(env: Env) -> None:
+    """The counters are kept by differences, not recounts: after every round of random outcomes
+    (progress, retries, definitive failures, cancels, group cancels, fail-fast) applied by two
+    concurrent transactions, every group's counters equal a recount of its children."""
+    rng = random.Random(20261205)
+    groups = [
+        (await env.groups.create("t1", 1, f"r{i}", group_spec(5, policy=2 if i % 3 == 0 else 0)))[0]
+        for i in range(12)
+    ]
+    outcomes = ["started", "progress", "progress", "succeeded", "failed", "fatal", "canceled"]
+    for _ in range(40):
+        await env.dispatcher.cycle()
+        batches: list[list[Any]] = [[], []]
+        for g in groups:
+            for tid, attempt in await env.active(g.group_id):
+                outcome = rng.choice(outcomes)
+                fields: dict[str, Any] = {}
+                if outcome == "progress":
+                    fields["percent"] = rng.randrange(1, 100)
+                elif outcome == "fatal":
+                    outcome, fields["retryable"] = "failed", False
+                batches[rng.randrange(2)].append(kit.result(tid, attempt, outcome, **fields))
+        await asyncio.gather(*(env.core.apply_results(b) for b in batches if b))
+        if rng.random() < 0.15:
+            await env.groups.cancel("t1", rng.choice(groups).group_id, "random cancel")
+        if rng.random() < 0.3:
+            [(child,)] = await env.rows(
+                "SELECT id FROM tasks WHERE group_id = :g ORDER BY random() LIMIT 1",
+                g=uuid.UUID(rng.choice(groups).group_id),
+            )
+            with contextlib.suppress(RpcError):
+                await env.core.cancel("t1", str(child), "one child")
+        await env.groups.run_once()
+        async with env.core.engine.begin() as conn:  # retries are due at once
+            await conn.execute(text("UPDATE tasks SET not_before = NULL WHERE status = 1"))
+        env.core.wakeups.candidates_stale = True
+        await kit.check_invariants(env.core.engine, env.core.policy)
+    finished = [await env.groups.get("t1", g.group_id) for g in groups]
+    assert sum(g.status != group_pb2.GROUP_STATUS_RUNNING for g in finished) >= 6
 
 
 DELAYED = 500

@@ -187,6 +187,24 @@ async def check_invariants(engine: AsyncEngine, policy: Policy) -> dict[str, int
                 )
             )
         ).all()
+        inexact_groups = (
+            await conn.execute(
+                text(
+                    "SELECT g.id, g.queued, g.running, g.done, g.succeeded, g.failed, g.canceled,"
+                    " g.progress_sum, c.* FROM task_groups g CROSS JOIN LATERAL ("
+                    " SELECT count(*) FILTER (WHERE status = 1) AS cq,"
+                    " count(*) FILTER (WHERE status IN (2, 3)) AS cr,"
+                    " count(*) FILTER (WHERE status IN (4, 5, 6, 7, 8)) AS cd,"
+                    " count(*) FILTER (WHERE status = 4) AS cs,"
+                    " count(*) FILTER (WHERE status IN (5, 7, 8)) AS cf,"
+                    " count(*) FILTER (WHERE status = 6) AS cc,"
+                    " COALESCE(sum(CASE WHEN status IN (4, 5, 6, 7, 8) THEN 100 ELSE progress"
+                    " END), 0) AS cp FROM tasks t WHERE t.group_id = g.id) c"
+                    " WHERE (g.queued, g.running, g.done, g.succeeded, g.failed, g.canceled,"
+                    " g.progress_sum) IS DISTINCT FROM (c.cq, c.cr, c.cd, c.cs, c.cf, c.cc, c.cp)"
+                )
+            )
+        ).all()
         shards = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))
         queued = await conn.scalar(text("SELECT count(*) FROM tasks WHERE status = 1"))
         slots = (
@@ -226,4 +244,5 @@ async def check_invariants(engine: AsyncEngine, policy: Policy) -> dict[str, int
     for w in waiting:
         assert w.waiting == w.n, f"tenant {w.tenant_id} waiting counter {w.waiting} != {w.n}"
     assert shards == queued, f"global waiting {shards} != queued {queued}"
+    assert not inexact_groups, f"group counters differ from their children: {inexact_groups}"
     return maxima

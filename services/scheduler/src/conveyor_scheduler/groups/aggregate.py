@@ -1,13 +1,16 @@
 """A group's aggregate, kept in the transaction of its children's changes.
 
 :func:`on_flush` runs inside :meth:`~conveyor_scheduler.store.changes.Changes.flush` for every change
-that touches a child: it recomputes the counters and progress of each affected group from its
-children, appends the CHILD events, settles the group when its last child ends (and under fail-fast
-on a child's definitive failure) and records the COMPLETED event with every child's outcome.
+that touches a child: it applies each changed child's difference (its status bucket and progress,
+before and after the transaction) to its group's counters, appends the CHILD events, settles the
+group when its last child ends (and under fail-fast on a child's definitive failure; the decisive
+moment recounts the group from its children) and records the COMPLETED event with every child's
+outcome.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import datetime
 from typing import Any
@@ -15,16 +18,12 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor.tasks.v1 import group_pb2
-from conveyor_common.ids import uuid7
 from conveyor_common.vocabulary import (
     G_CANCELED,
     G_FAILED,
     G_PARTIALLY_FAILED,
-    G_RUNNING,
     G_SUCCEEDED,
     GROUP_EV_CANCEL_REQUESTED,
-    GROUP_EV_CHILD,
     GROUP_EV_COMPLETED,
     POLICY_FAIL_FAST,
 )
@@ -33,14 +32,13 @@ from conveyor_scheduler.groups.events import (
     INSERT_EVENTS_SQL,
     GroupRow,
     group_event,
-    group_proto,
-    length_delimited,
-    varint,
 )
 from conveyor_scheduler.groups.follow_up import children_outputs
 from conveyor_scheduler.groups.store import FAIL_FAST_PREFIX, work_available
 from conveyor_scheduler.store.changes import Changes
-from conveyor_scheduler.store.convert import set_ts
+from conveyor_scheduler.store.convert import TrackedRow
+
+logger = logging.getLogger(__name__)
 
 _AGGREGATE_SQL = text(
     """
@@ -100,46 +98,75 @@ _SAVE_AND_APPEND_SQL = text("WITH saved AS (" + _SAVE_MANY_SQL.text + ") " + INS
 """Save the groups and append their events in one round trip."""
 
 
-def _child_events(
-    g: GroupRow, refs: list[tuple[uuid.UUID, int]], now: datetime
-) -> list[dict[str, Any]]:
-    """CHILD events of one group: each references its child's event (task id, sequence) and
-    carries the group's snapshot, serialized once for the group."""
-    snapshot = length_delimited(7, group_proto(g).SerializeToString())
-    head = group_pb2.GroupEvent(
-        group_id=str(g["id"]),
-        tenant_id=g["tenant_id"],
-        type=GROUP_EV_CHILD,
+_APPLY_SQL = text(
+    """
+    WITH d AS (
+        SELECT * FROM unnest(CAST(:id AS uuid[]), CAST(:q AS int[]), CAST(:r AS int[]),
+            CAST(:dn AS int[]), CAST(:s AS int[]), CAST(:f AS int[]), CAST(:c AS int[]),
+            CAST(:p AS bigint[]), CAST(:n AS bigint[]))
+            AS d(id, q, r, dn, s, f, c, p, n)
+    ), locked AS MATERIALIZED (
+        SELECT g.id FROM task_groups g WHERE g.id = ANY(CAST(:id AS uuid[]))
+        ORDER BY g.id FOR UPDATE
+    ), upd AS (
+        UPDATE task_groups g SET queued = g.queued + d.q, running = g.running + d.r,
+            done = g.done + d.dn, succeeded = g.succeeded + d.s, failed = g.failed + d.f,
+            canceled = g.canceled + d.c, progress_sum = g.progress_sum + d.p,
+            last_sequence = g.last_sequence + d.n, updated_at = :now
+        FROM locked JOIN d ON d.id = locked.id
+        WHERE g.id = locked.id
+        RETURNING g.id, g.status, g.policy, g.total, g.done, g.succeeded, g.failed, g.canceled,
+            g.running, g.queued, g.progress_sum, g.cancel_requested, g.last_sequence, d.n
+    ), appended AS (
+        INSERT INTO group_events (group_id, sequence, event_id, type, occurred_at, child_task_id,
+            child_sequence, snap_status, snap_done, snap_succeeded, snap_failed, snap_canceled,
+            snap_running, snap_queued, snap_progress_sum, snap_cancel_requested)
+        SELECT u.id, u.last_sequence - u.n + c.k, gen_random_uuid(), 2, :now, c.t, c.s,
+            u.status, u.done, u.succeeded, u.failed, u.canceled, u.running, u.queued,
+            u.progress_sum, u.cancel_requested
+        FROM unnest(CAST(:cg AS uuid[]), CAST(:ct AS uuid[]), CAST(:cs AS bigint[]),
+            CAST(:ck AS bigint[])) AS c(g, t, s, k)
+        JOIN upd u ON u.id = c.g
     )
-    set_ts(head.occurred_at, now)
-    common = head.SerializeToString() + snapshot
-    out = []
-    first = g["last_sequence"] + 1
-    for i, (task_id, sequence) in enumerate(refs):
-        event_id = uuid7()
-        # event_id (field 1) and sequence (field 4, varint), encoded by hand: the hot path.
-        own = length_delimited(1, str(event_id).encode()) + b"\x20" + varint(first + i)
-        out.append(
-            {
-                "group_id": g["id"],
-                "sequence": first + i,
-                "event_id": event_id,
-                "type": GROUP_EV_CHILD,
-                "occurred_at": now,
-                "payload": own + common,
-                "child_task_id": task_id,
-                "child_sequence": sequence,
-            }
-        )
-    return out
+    SELECT u.id FROM upd u
+    WHERE u.status = 1 AND (u.done >= u.total
+        OR (u.policy = 2 AND u.failed > 0 AND NOT u.cancel_requested))
+    ORDER BY u.id
+    """
+)
+"""One statement per transaction: lock the groups in id order, apply their children's differences
+(a concurrent writer's committed change is re-read under the lock: ``x = x + d`` never loses one),
+append the CHILD events with the group's counters after them (the reader builds the GroupEvent), and
+return the groups to decide (their last child ended, or fail-fast applies)."""
+
+
+def _share(status: int, progress: int) -> tuple[int, int, int, int, int, int, int]:
+    """A child's share of its group's counters: (queued, running, done, succeeded, failed,
+    canceled, progress), status 0 = not a child yet."""
+    if status == 1:
+        return (1, 0, 0, 0, 0, 0, progress)
+    if status in (2, 3):
+        return (0, 1, 0, 0, 0, 0, progress)
+    if status == 4:
+        return (0, 0, 1, 1, 0, 0, 100)
+    if status == 6:
+        return (0, 0, 1, 0, 0, 1, 100)
+    if status in (5, 7, 8):
+        return (0, 0, 1, 0, 1, 0, 100)
+    return (0, 0, 0, 0, 0, 0, 0)
+
+
+_DELTA_KEYS = ("q", "r", "dn", "s", "f", "c", "p")
 
 
 async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
-    """Recompute the aggregate of every group a child of which this transaction changed, append
-    the children's events to the groups' histories, and settle groups whose children are done.
+    """Apply the differences of the children this transaction changed to their groups' counters,
+    append the children's events to the groups' histories, and settle groups whose children are
+    done (or fail fast).
 
-    Per transaction: one statement locks the groups, one recomputes their aggregates, one saves
-    them, one appends the events, whatever the number of groups and children involved."""
+    Per transaction: one statement locks the groups and applies the differences, one appends the
+    events; a group that settles or fails fast (once per group) is recounted from its children
+    first, so the decisive moment reads the truth, and saved with its new status."""
     members = {
         r["id"]: r["group_id"] for r in changes.dirty.values() if r.get("group_id") is not None
     }
@@ -155,51 +182,79 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
     gids = sorted(payloads)
     if not gids:
         return
+    deltas = {gid: [0, 0, 0, 0, 0, 0, 0] for gid in gids}
+    for tid, gid in members.items():
+        origin = changes.origins.get(tid)
+        if origin is None or gid not in deltas:
+            continue
+        row = changes.dirty[tid]
+        now_state = (row["status"], row["progress"])
+        if now_state != origin:
+            acc = deltas[gid]
+            for i, (new, old) in enumerate(zip(_share(*now_state), _share(*origin), strict=True)):
+                acc[i] += new - old
+            changes.origins[tid] = now_state  # a second flush of this unit counts from here
+            if isinstance(row, TrackedRow):
+                row.origin = now_state
+    refs: dict[str, list[Any]] = {"cg": [], "ct": [], "cs": [], "ck": []}
+    for gid in gids:
+        for k, (task_id, sequence) in enumerate(payloads[gid], start=1):
+            refs["cg"].append(gid)
+            refs["ct"].append(task_id)
+            refs["cs"].append(sequence)
+            refs["ck"].append(k)
+    params: dict[str, Any] = {"id": gids, "now": changes.now, "n": [len(payloads[g]) for g in gids]}
+    for i, key in enumerate(_DELTA_KEYS):
+        params[key] = [deltas[g][i] for g in gids]
+    decisive = [r[0] for r in await conn.execute(_APPLY_SQL, params | refs)]
+    if decisive:
+        await _decide(conn, decisive, changes.now)
+
+
+async def _decide(conn: AsyncConnection, gids: list[uuid.UUID], now: datetime) -> None:
+    """Settle (or fail fast) groups whose counters say so, from a recount of their children (the
+    decisive moment reads the truth, and mends a drift were there one); their lock is held."""
     rows = await conn.execute(
-        text("SELECT * FROM task_groups WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"),
-        {"ids": gids},
+        text("SELECT * FROM task_groups WHERE id = ANY(:ids) ORDER BY id"), {"ids": gids}
     )
     groups = {r["id"]: dict(r) for r in rows.mappings()}
-    aggregates = {
-        r["group_id"]: dict(r)
-        for r in (await conn.execute(_AGGREGATE_SQL, {"ids": gids})).mappings()
-    }
-    now = changes.now
+    first_failed: dict[uuid.UUID, Any] = {}
+    drifted: set[uuid.UUID] = set()
+    for agg in (await conn.execute(_AGGREGATE_SQL, {"ids": gids})).mappings():
+        g = groups[agg["group_id"]]
+        counted = {c: int(agg[c]) for c in _COUNTERS}
+        if any(g[c] != v for c, v in counted.items()):
+            drifted.add(g["id"])
+            logger.warning(
+                "group aggregate recounted",
+                extra={"group_id": str(g["id"]), "kept": {c: g[c] for c in _COUNTERS}},
+            )
+        g.update(counted)
+        first_failed[g["id"]] = agg["first_failed"]
     events: list[dict[str, Any]] = []
     saved: list[GroupRow] = []
     settled: list[GroupRow] = []
     for gid in gids:
-        g = groups.get(gid)
-        agg = aggregates.get(gid)
-        if g is None or agg is None:
-            continue
-        for c in _COUNTERS:
-            g[c] = int(agg[c])
-        g["updated_at"] = now
-        running = g["status"] == G_RUNNING
-        settles = running and g["done"] == g["total"]
+        g = groups[gid]
+        settles = g["done"] == g["total"]
         fails_fast = (
-            running
-            and g["policy"] == POLICY_FAIL_FAST
-            and g["failed"] > 0
-            and not g["cancel_requested"]
+            g["policy"] == POLICY_FAIL_FAST and g["failed"] > 0 and not g["cancel_requested"]
         )
+        if not (settles or fails_fast):
+            if gid in drifted:
+                saved.append(g)
+            continue
+        g["updated_at"] = now
         if fails_fast:
             g["cancel_requested"] = True
             g["cancel_pending"] = not settles
-            g["cancel_reason"] = f"{FAIL_FAST_PREFIX}child {agg['first_failed']} did not succeed"
+            g["cancel_reason"] = f"{FAIL_FAST_PREFIX}child {first_failed.get(gid)} did not succeed"
+            events.append(group_event(g, GROUP_EV_CANCEL_REQUESTED, now))
+            work_available.set()
         if settles:
             g["status"] = settled_status(g)
             g["finished_at"] = now
             g["cancel_pending"] = False
-        # The child events carry the snapshot after this transaction (status included).
-        child = _child_events(g, payloads.get(gid, []), now)
-        g["last_sequence"] += len(child)
-        events.extend(child)
-        if fails_fast:
-            events.append(group_event(g, GROUP_EV_CANCEL_REQUESTED, now))
-            work_available.set()
-        if settles:
             settled.append(g)
             if g["status"] == G_SUCCEEDED and g["follow_up"] is not None:
                 work_available.set()
@@ -210,7 +265,7 @@ async def on_flush(conn: AsyncConnection, changes: Changes) -> None:
             group_event(g, GROUP_EV_COMPLETED, now, outputs=outputs.get(g["id"], []))
             for g in settled
         )
-    if saved:  # the groups and their new events in one round trip
+    if saved:  # the decided groups and their events in one round trip
         keys = save_keys()
         params = {k: [g[k] for g in saved] for k in keys} | _event_params(events)
         await conn.execute(_SAVE_AND_APPEND_SQL, params)

@@ -17,7 +17,6 @@ from sqlalchemy import (
     Boolean,
     CheckConstraint,
     DateTime,
-    ForeignKey,
     Index,
     Integer,
     LargeBinary,
@@ -62,8 +61,9 @@ class TaskGroup(Base):
             ),
         ),
         {
-            "comment": "Task groups. The counters are recomputed from the children (tasks.group_id) "
-            "in the transaction of every child change, under this row's lock, so they are exact. "
+            "comment": "Task groups. Every child change applies its difference to the counters in "
+            "its transaction, under this row's lock (a group's last change recounts the children "
+            "first), so they are exact. "
             "cancel_pending marks children still to cancel (group cancel, fail-fast) and a "
             "succeeded group with follow_up and no follow_up_task_id still owes its fan-in task: "
             "the group worker finishes both (ix_task_groups_work), so a crash between the two "
@@ -112,6 +112,10 @@ class GroupEventRow(Base):
     __table_args__ = (
         CheckConstraint("sequence >= 1", name="sequence_positive"),
         CheckConstraint("type BETWEEN 1 AND 5", name="type_range"),
+        CheckConstraint(
+            "payload IS NOT NULL OR (type = 2 AND snap_status IS NOT NULL)",
+            name="payload_or_snapshot",
+        ),
         {
             "comment": "A group's history, sequence 1, 2, 3... per group without gaps (bumped on "
             "the group row under its lock in the same transaction): every child event, the "
@@ -122,19 +126,22 @@ class GroupEventRow(Base):
 
     group_id: Mapped[uuid.UUID] = mapped_column(
         Uuid,
-        ForeignKey(
-            "task_groups.id", name="fk_group_events_group_id_task_groups", ondelete="CASCADE"
-        ),
         primary_key=True,
+        comment="No foreign key (a check per child event costs more than the rest of its write): "
+        "events are appended only under the group's row lock, and a purge deletes both.",
     )
     sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     event_id: Mapped[uuid.UUID] = mapped_column(
-        Uuid, comment="UUIDv7 (no unique index: one index write less per child event)."
+        Uuid,
+        comment="UUIDv7, or v4 for a CHILD event (no unique index: one index write less per child "
+        "event).",
     )
     type: Mapped[int] = mapped_column(SmallInteger)
     occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    payload: Mapped[bytes] = mapped_column(
-        LargeBinary, comment="Serialized GroupEvent (without child_event: see child_task_id)."
+    payload: Mapped[bytes | None] = mapped_column(
+        LargeBinary,
+        comment="Serialized GroupEvent (without child_event: see child_task_id); NULL for a CHILD "
+        "event stored as columns (snap_*).",
     )
     child_task_id: Mapped[uuid.UUID | None] = mapped_column(
         Uuid,
@@ -142,3 +149,15 @@ class GroupEventRow(Base):
         "read with the group's history, never copied.",
     )
     child_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    snap_status: Mapped[int | None] = mapped_column(
+        SmallInteger,
+        comment="A CHILD event without payload: the group's status after the child's event.",
+    )
+    snap_done: Mapped[int | None] = mapped_column(Integer)
+    snap_succeeded: Mapped[int | None] = mapped_column(Integer)
+    snap_failed: Mapped[int | None] = mapped_column(Integer)
+    snap_canceled: Mapped[int | None] = mapped_column(Integer)
+    snap_running: Mapped[int | None] = mapped_column(Integer)
+    snap_queued: Mapped[int | None] = mapped_column(Integer)
+    snap_progress_sum: Mapped[int | None] = mapped_column(BigInteger)
+    snap_cancel_requested: Mapped[bool | None] = mapped_column(Boolean)

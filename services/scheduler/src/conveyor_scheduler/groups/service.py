@@ -338,7 +338,7 @@ class TaskGroupServicer(gpb_grpc.TaskGroupServiceServicer):
             )
         async with self.groups.core.engine.connect() as conn:
             row = await load_group(conn, request.group_id, tenant)
-            payloads = await events_after(conn, row["id"], request.after_sequence, limit)
+            payloads = await events_after(conn, row, request.after_sequence, limit)
         out = gpb.GetGroupEventsResponse(
             finished=stream_finished(row), last_sequence=row["last_sequence"]
         )

@@ -28,16 +28,25 @@ from conveyor.tasks.v1 import group_pb2
 from conveyor_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from conveyor_common.ids import uuid7
 from conveyor_common.vocabulary import (
+    G_RUNNING,
     G_SUCCEEDED,
     G_TERMINAL,
+    GROUP_EV_CHILD,
     GROUP_EV_CREATED,
 )
 from conveyor_scheduler.admission.submit import NewTask, fingerprint, submit
 from conveyor_scheduler.client_webhooks.group_deliveries import create_group_endpoint
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.groups.delays import CHILDREN, ChildContext
-from conveyor_scheduler.groups.events import GroupRow, group_event, insert_events, length_delimited
+from conveyor_scheduler.groups.events import (
+    GroupRow,
+    group_event,
+    group_proto,
+    insert_events,
+    length_delimited,
+)
 from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.store.convert import set_ts
 
 logger = logging.getLogger(__name__)
 
@@ -253,20 +262,65 @@ async def list_groups(
 
 
 async def events_after(
-    conn: AsyncConnection, gid: uuid.UUID, after: int, limit: int
+    conn: AsyncConnection, group: GroupRow, after: int, limit: int
 ) -> list[bytes]:
-    """Serialized GroupEvents with sequence > ``after``, in order. A CHILD event's row references
-    the child's event in ``task_events`` (written once, not copied): it is appended here as the
-    GroupEvent's ``child_event`` field, without parsing either."""
+    """Serialized GroupEvents of ``group`` (its row) with sequence > ``after``, in order.
+
+    A CHILD event's row references the child's event in ``task_events`` (written once, not copied),
+    appended as the GroupEvent's ``child_event`` field without parsing it. Its own part is stored
+    as columns (the group's status and counters after the child's event; older rows hold it
+    serialized) and built here from them and the group's fixed fields."""
     rows = await conn.execute(
         text(
-            "SELECT g.payload, t.payload FROM group_events g LEFT JOIN task_events t"
+            "SELECT g.payload, t.payload AS child, g.sequence, g.event_id, g.occurred_at,"
+            " g.snap_status, g.snap_done, g.snap_succeeded, g.snap_failed, g.snap_canceled,"
+            " g.snap_running, g.snap_queued, g.snap_progress_sum, g.snap_cancel_requested,"
+            " tg.cancel_reason, tg.finished_at"
+            " FROM group_events g JOIN task_groups tg ON tg.id = g.group_id"
+            " LEFT JOIN task_events t"
             " ON t.task_id = g.child_task_id AND t.sequence = g.child_sequence"
             " WHERE g.group_id = :g AND g.sequence > :a ORDER BY g.sequence LIMIT :l"
         ),
-        {"g": gid, "a": after, "l": limit},
+        {"g": group["id"], "a": after, "l": limit},
     )
-    return [own if child is None else own + length_delimited(8, child) for own, child in rows]
+    out = []
+    for r in rows:
+        own = r.payload if r.payload is not None else _child_event_bytes(group, r)
+        out.append(own if r.child is None else own + length_delimited(8, r.child))
+    return out
+
+
+def _child_event_bytes(group: GroupRow, r: Any) -> bytes:
+    """A CHILD event stored as columns, serialized (deterministic: a resumed read is identical)."""
+    snapshot = dict(
+        group,
+        status=r.snap_status,
+        done=r.snap_done,
+        succeeded=r.snap_succeeded,
+        failed=r.snap_failed,
+        canceled=r.snap_canceled,
+        running=r.snap_running,
+        queued=r.snap_queued,
+        progress_sum=r.snap_progress_sum,
+        cancel_requested=r.snap_cancel_requested,
+        # Set once, when the cancel was requested; the finish, once, when the group settled (read
+        # with the events, in their snapshot: never older than them).
+        cancel_reason=r.cancel_reason if r.snap_cancel_requested else None,
+        finished_at=r.finished_at if r.snap_status != G_RUNNING else None,
+        follow_up_task_id=None,  # submitted after the last child event
+        last_sequence=r.sequence,
+        updated_at=r.occurred_at,
+    )
+    ev = group_pb2.GroupEvent(
+        event_id=str(r.event_id),
+        group_id=str(group["id"]),
+        tenant_id=group["tenant_id"],
+        sequence=r.sequence,
+        type=GROUP_EV_CHILD,
+        group=group_proto(snapshot),
+    )
+    set_ts(ev.occurred_at, r.occurred_at)
+    return ev.SerializeToString()
 
 
 def stream_finished(row: GroupRow) -> bool:

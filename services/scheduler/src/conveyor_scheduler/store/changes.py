@@ -162,6 +162,9 @@ class Changes:
     waiting: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     free_slots: list[uuid.UUID] = field(default_factory=list)
     new_event_types: list[int] = field(default_factory=list)
+    origins: dict[uuid.UUID, tuple[int, int]] = field(default_factory=dict)
+    """(status, progress) of each task with an event here, before its first one (0, 0 for a new
+    task): the group aggregate applies the difference to each group's counters."""
     _headers: dict[str, Any] | None = field(default=None, repr=False)
     _task_headers: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
@@ -174,6 +177,16 @@ class Changes:
         """Append an event (and its TaskStateChanged record) with a snapshot of ``row`` now;
         returns the event."""
         self.touch(row)
+        if row["id"] not in self.origins:
+            # Before its first event: as loaded (a locked row), else new (SUBMITTED), else a queued
+            # task (dispatch; a queued task's progress is always 0).
+            self.origins[row["id"]] = (
+                row.origin
+                if isinstance(row, TrackedRow)
+                else (0, 0)
+                if previous_status == 0
+                else (previous_status, 0)
+            )
         row["last_sequence"] += 1
         event_id = uuid7()
         event = event_proto(row, event_type, event_id, self.now)

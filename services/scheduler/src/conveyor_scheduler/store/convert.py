@@ -20,11 +20,13 @@ TaskRow = dict[str, Any]
 
 
 class TrackedRow(dict[str, Any]):
-    """A task row that remembers which columns were assigned (saves write only those)."""
+    """A task row that remembers which columns were assigned (saves write only those) and its
+    (status, progress) as loaded (the group aggregate's deltas start from it)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.changed: set[str] = set()
+        self.origin: tuple[int, int] = (self.get("status", 0), self.get("progress", 0))
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.changed.add(key)
