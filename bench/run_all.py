@@ -22,6 +22,13 @@ RESULTS = ROOT / "bench" / "results"
 BENCHES: list[tuple[str, Path, Path, list[str]]] = [
     ("scheduler", ROOT / "bench" / "scheduler_bench.py", RESULTS / "scheduler.json", []),
     ("groups", ROOT / "bench" / "group_bench.py", RESULTS / "groups.json", []),
+    # The adapter's submit protocol, batch calls against item by item (issue #13).
+    (
+        "submit-protocol",
+        ROOT / "bench" / "submit_protocol_bench.py",
+        RESULTS / "submit_protocol.json",
+        [],
+    ),
     # One scheduler replica, then the deployed shape (deploy/k8s runs two) on the same 2 cores.
     ("gateway", ROOT / "bench" / "gateway_bench.py", RESULTS / "gateway.json", []),
     (

@@ -4,8 +4,14 @@ BeginSubmit/CompleteSubmit/MarkSubmitUnknown fenced by attempt.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Awaitable, Callable
 
+import pytest
+
+from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
+from conveyor_common.errors import InvalidArgument
+from conveyor_scheduler.api.provider import ProviderCoordinationServicer
 from conveyor_scheduler.store import models
 from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env
@@ -34,4 +40,63 @@ async def test_submit_protocol(make_env: Callable[..., Awaitable[Env]]) -> None:
     assert decision == 3
     assert r is not None
     assert r["prediction_id"] == "pred-1"
+    await env.check()
+
+
+async def test_batched_submit_protocol(make_env: Callable[..., Awaitable[Env]]) -> None:
+    """BeginSubmitBatch/CompleteSubmitBatch: one transaction, answers in order, a repeated attempt
+    answered as if it came second, a missing task STOP, bad items refused by index."""
+    env = await make_env(lead=True)
+    rows = [r for r, _ in await env.core.submit("a", 1, [kit.item(f"b{i}") for i in range(3)])]
+    assert await env.dispatch() == 3
+    ids = [str(r["id"]) for r in rows]
+    servicer = ProviderCoordinationServicer(env.core)
+    P = provider_pb2
+    begun = await servicer.BeginSubmitBatch(
+        P.BeginSubmitBatchRequest(
+            items=[
+                P.BeginSubmitRequest(task_id=ids[0], attempt=1),
+                P.BeginSubmitRequest(task_id=ids[1], attempt=1),
+                P.BeginSubmitRequest(task_id=ids[0], attempt=1),  # a duplicate dispatch
+                P.BeginSubmitRequest(task_id=str(uuid.uuid4()), attempt=1),
+                P.BeginSubmitRequest(task_id="not-a-uuid", attempt=1),
+            ]
+        ),
+        None,  # type: ignore[arg-type]
+    )
+    assert [r.decision for r in begun.results] == [
+        P.SUBMIT_DECISION_PROCEED,
+        P.SUBMIT_DECISION_PROCEED,
+        P.SUBMIT_DECISION_RECONCILE,
+        P.SUBMIT_DECISION_STOP,
+        P.SUBMIT_DECISION_STOP,
+    ]
+    assert begun.results[2].HasField("submit_started_at")
+    done = await servicer.CompleteSubmitBatch(
+        P.CompleteSubmitBatchRequest(
+            items=[
+                P.CompleteSubmitRequest(task_id=ids[0], attempt=1, prediction_id="p0"),
+                P.CompleteSubmitRequest(task_id=ids[1], attempt=2, prediction_id="p1"),  # stale
+                P.CompleteSubmitRequest(task_id=ids[0], attempt=1, prediction_id="other"),
+            ]
+        ),
+        None,  # type: ignore[arg-type]
+    )
+    assert [r.accepted for r in done.results] == [True, False, False]
+    t = await env.task(rows[0]["id"])
+    assert (t["status"], t["prediction_id"]) == (models.RUNNING, "p0")
+    with pytest.raises(InvalidArgument) as bad:
+        await servicer.BeginSubmitBatch(
+            P.BeginSubmitBatchRequest(
+                items=[
+                    P.BeginSubmitRequest(task_id=ids[2], attempt=1),
+                    P.BeginSubmitRequest(task_id=ids[2], attempt=0),
+                ]
+            ),
+            None,  # type: ignore[arg-type]
+        )
+    assert [v.field for v in bad.value.violations] == ["items[1].attempt"]
+    with pytest.raises(InvalidArgument):
+        await servicer.CompleteSubmitBatch(P.CompleteSubmitBatchRequest(), None)  # type: ignore[arg-type]
+    assert (await env.task(rows[2]["id"]))["submit_state"] == 1  # the refused batch wrote nothing
     await env.check()

@@ -55,9 +55,13 @@ class TaskRecord:
 class InMemoryCoordination(provider_grpc.ProviderCoordinationServiceServicer):
     """ProviderCoordinationService over a dict, with the fencing rules above."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, batches: bool = True) -> None:
         self.tasks: dict[str, TaskRecord] = {}
         self.calls: list[tuple[str, str, int, str]] = []
+        self.batches = batches
+        """False: the batch calls answer UNIMPLEMENTED (a scheduler older than them)."""
+        self.batch_sizes: list[tuple[str, int]] = []
+        """(method, items) of every batch call served."""
         self._server: grpc.aio.Server | None = None
         self.address = ""
 
@@ -157,6 +161,26 @@ class InMemoryCoordination(provider_grpc.ProviderCoordinationServiceServicer):
             record.state = S.SUBMIT_STATE_SUBMITTED
         self._log("CompleteSubmit", request.task_id, request.attempt, str(accepted))
         return provider_pb2.CompleteSubmitResponse(accepted=accepted)
+
+    async def BeginSubmitBatch(
+        self, request: provider_pb2.BeginSubmitBatchRequest, context: Any
+    ) -> provider_pb2.BeginSubmitBatchResponse:
+        if not self.batches:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no batch calls here")
+        self.batch_sizes.append(("BeginSubmitBatch", len(request.items)))
+        return provider_pb2.BeginSubmitBatchResponse(
+            results=[await self.BeginSubmit(item, context) for item in request.items]
+        )
+
+    async def CompleteSubmitBatch(
+        self, request: provider_pb2.CompleteSubmitBatchRequest, context: Any
+    ) -> provider_pb2.CompleteSubmitBatchResponse:
+        if not self.batches:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no batch calls here")
+        self.batch_sizes.append(("CompleteSubmitBatch", len(request.items)))
+        return provider_pb2.CompleteSubmitBatchResponse(
+            results=[await self.CompleteSubmit(item, context) for item in request.items]
+        )
 
     async def MarkSubmitUnknown(
         self, request: provider_pb2.MarkSubmitUnknownRequest, context: Any

@@ -48,8 +48,9 @@ from conveyor_scheduler.lifecycle import Backoff
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.results.apply import apply_results
 from conveyor_scheduler.results.submit_protocol import (
-    begin_submit,
-    complete_submit,
+    BeginOutcome,
+    begin_submits,
+    complete_submits,
     list_in_flight,
     mark_submit_unknown,
 )
@@ -283,23 +284,31 @@ class SchedulerCore:
                     self.metrics.terminal.labels(name).inc()
         return changes
 
-    async def begin_submit(self, task_id: str, attempt: int) -> tuple[int, TaskRow | None]:
-        """BeginSubmit."""
+    async def begin_submits(self, items: Sequence[tuple[str, int]]) -> list[BeginOutcome]:
+        """BeginSubmit of (task, attempt) items, in one transaction."""
         async with self.engine.begin() as conn:
-            decision, row, changes = await begin_submit(conn, task_id, attempt, utcnow())
+            outcomes, changes = await begin_submits(conn, items, utcnow())
         if changes.free_slots:
             self._after(changes)
-        elif decision == PROCEED and self.settings.dispatch_window:
-            self.wakeups.poke(new_work=False, frees=True)  # a command left the dispatch window
-        return decision, row
+        elif self.settings.dispatch_window and any(o.decision == PROCEED for o in outcomes):
+            self.wakeups.poke(new_work=False, frees=True)  # commands left the dispatch window
+        return outcomes
+
+    async def begin_submit(self, task_id: str, attempt: int) -> BeginOutcome:
+        """BeginSubmit."""
+        return (await self.begin_submits([(task_id, attempt)]))[0]
+
+    async def complete_submits(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
+        """CompleteSubmit of (task, attempt, prediction id) items, in one transaction."""
+        async with self.engine.begin() as conn:
+            accepted, changes = await complete_submits(conn, items, utcnow())
+        if changes.outbox:
+            self._after(changes)
+        return accepted
 
     async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:
         """CompleteSubmit."""
-        async with self.engine.begin() as conn:
-            ok, changes = await complete_submit(conn, task_id, attempt, prediction_id, utcnow())
-        if changes.outbox:
-            self._after(changes)
-        return ok
+        return (await self.complete_submits([(task_id, attempt, prediction_id)]))[0]
 
     async def mark_submit_unknown(self, task_id: str, attempt: int) -> bool:
         """MarkSubmitUnknown."""

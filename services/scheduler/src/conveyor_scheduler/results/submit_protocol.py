@@ -5,8 +5,10 @@ stop and each attempt gets at most one prediction (reliability.md 2.5).
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -27,58 +29,99 @@ from conveyor_scheduler.lifecycle import finish
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow
-from conveyor_scheduler.store.reads import decode_cursor, encode_cursor, load_task
+from conveyor_scheduler.store.reads import decode_cursor, encode_cursor, load_task, lock_tasks
 
 
-async def begin_submit(
-    conn: AsyncConnection, task_id: str, attempt: int, now: datetime
-) -> tuple[int, TaskRow | None, Changes]:
-    """Record the intent to create the prediction of (task, attempt); returns the decision."""
-    changes = Changes(now=now)
+class BeginOutcome(NamedTuple):
+    """BeginSubmit's answer for one attempt, as decided (a later item of a batch may change the
+    row): the decision, and the row's ``prediction_id`` and ``submit_started_at`` then (None when
+    the task does not exist)."""
+
+    decision: int
+    row: dict[str, Any] | None
+
+
+def _outcome(decision: int, row: TaskRow | None) -> BeginOutcome:
+    if row is None:
+        return BeginOutcome(decision, None)
+    return BeginOutcome(
+        decision,
+        {"prediction_id": row["prediction_id"], "submit_started_at": row["submit_started_at"]},
+    )
+
+
+def _parse(task_id: str) -> uuid.UUID | None:
     try:
-        row = await load_task(conn, task_id, None, lock=True)
-    except Exception:
-        return STOP, None, changes
-    if row["attempt"] != attempt or row["status"] not in m.ACTIVE_STATUSES:
-        return STOP, row, changes
+        return uuid.UUID(task_id)
+    except ValueError:
+        return None
+
+
+def _begin(row: TaskRow | None, attempt: int, changes: Changes) -> BeginOutcome:
+    """Record the intent to create the prediction of (task, attempt) on its locked row."""
+    if row is None or row["attempt"] != attempt or row["status"] not in m.ACTIVE_STATUSES:
+        return _outcome(STOP, row)
     state = row["submit_state"]
     if state == SS_DISPATCHED:
         if row["cancel_requested"]:
-            finish(row, m.CANCELED, now)
+            finish(row, m.CANCELED, changes.now)
             changes.free_slot(row)
             changes.event(row, EV_CANCELED, m.DISPATCHED)
-            await changes.flush(conn)
-            return STOP, row, changes
-        row.update(submit_state=SS_SUBMITTING, submit_started_at=now)
+            return _outcome(STOP, row)
+        row.update(submit_state=SS_SUBMITTING, submit_started_at=changes.now)
         changes.touch(row)
-        await changes.flush(conn)
-        return PROCEED, row, changes
+        return _outcome(PROCEED, row)
     if state in (SS_SUBMITTING, SS_UNKNOWN):
-        return RECONCILE, row, changes
-    return ALREADY_SUBMITTED, row, changes
+        return _outcome(RECONCILE, row)
+    return _outcome(ALREADY_SUBMITTED, row)
 
 
-async def complete_submit(
-    conn: AsyncConnection, task_id: str, attempt: int, prediction_id: str, now: datetime
-) -> tuple[bool, Changes]:
-    """Record the prediction id of (task, attempt); the task is running from now."""
+async def begin_submits(
+    conn: AsyncConnection, items: Sequence[tuple[str, int]], now: datetime
+) -> tuple[list[BeginOutcome], Changes]:
+    """BeginSubmit of several (task, attempt) in one transaction, decided in order (the rows are
+    locked in id order first)."""
     changes = Changes(now=now)
-    try:
-        row = await load_task(conn, task_id, None, lock=True)
-    except Exception:
-        return False, changes
-    if row["attempt"] != attempt or row["status"] not in m.ACTIVE_STATUSES:
-        return False, changes
+    rows = await lock_tasks(conn, [t for t in (_parse(i) for i, _ in items) if t is not None])
+    out = []
+    for task_id, attempt in items:
+        tid = _parse(task_id)
+        out.append(_begin(rows.get(tid) if tid is not None else None, attempt, changes))
+    if changes.dirty:
+        await changes.flush(conn)
+    return out, changes
+
+
+def _complete(row: TaskRow | None, attempt: int, prediction_id: str, changes: Changes) -> bool:
+    """Record the prediction id of (task, attempt) on its locked row; the task runs from now."""
+    if row is None or row["attempt"] != attempt or row["status"] not in m.ACTIVE_STATUSES:
+        return False
     if row["prediction_id"] and row["prediction_id"] != prediction_id:
-        return False, changes
+        return False
     row.update(prediction_id=prediction_id, submit_state=SS_SUBMITTED)
-    row["last_provider_update_at"] = now
+    row["last_provider_update_at"] = changes.now
     changes.touch(row)
     if row["status"] == m.DISPATCHED:
-        row.update(status=m.RUNNING, started_at=now)
+        row.update(status=m.RUNNING, started_at=changes.now)
         changes.event(row, EV_STARTED, m.DISPATCHED)
-    await changes.flush(conn)
-    return True, changes
+    return True
+
+
+async def complete_submits(
+    conn: AsyncConnection, items: Sequence[tuple[str, int, str]], now: datetime
+) -> tuple[list[bool], Changes]:
+    """CompleteSubmit of several (task, attempt, prediction id) in one transaction, in order."""
+    changes = Changes(now=now)
+    rows = await lock_tasks(conn, [t for t in (_parse(i) for i, _, _ in items) if t is not None])
+    out = []
+    for task_id, attempt, prediction_id in items:
+        tid = _parse(task_id)
+        out.append(
+            _complete(rows.get(tid) if tid is not None else None, attempt, prediction_id, changes)
+        )
+    if changes.dirty:
+        await changes.flush(conn)
+    return out, changes
 
 
 async def mark_submit_unknown(

@@ -380,3 +380,99 @@ class ListInFlightResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListInFlightResponse: _TypeAlias = ListInFlightResponse  # noqa: Y015
+
+@_typing.final
+class BeginSubmitBatchRequest(_message.Message):
+    """Request of BeginSubmitBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___BeginSubmitRequest]:
+        """The calls (1-500)."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___BeginSubmitRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginSubmitBatchRequest: _TypeAlias = BeginSubmitBatchRequest  # noqa: Y015
+
+@_typing.final
+class BeginSubmitBatchResponse(_message.Message):
+    """Response of BeginSubmitBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___BeginSubmitResponse]:
+        """One answer per item, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___BeginSubmitResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BeginSubmitBatchResponse: _TypeAlias = BeginSubmitBatchResponse  # noqa: Y015
+
+@_typing.final
+class CompleteSubmitBatchRequest(_message.Message):
+    """Request of CompleteSubmitBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteSubmitRequest]:
+        """The calls (1-500)."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___CompleteSubmitRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteSubmitBatchRequest: _TypeAlias = CompleteSubmitBatchRequest  # noqa: Y015
+
+@_typing.final
+class CompleteSubmitBatchResponse(_message.Message):
+    """Response of CompleteSubmitBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompleteSubmitResponse]:
+        """One answer per item, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___CompleteSubmitResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteSubmitBatchResponse: _TypeAlias = CompleteSubmitBatchResponse  # noqa: Y015

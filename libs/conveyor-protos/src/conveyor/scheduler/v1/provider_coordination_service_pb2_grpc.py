@@ -56,6 +56,16 @@ class ProviderCoordinationServiceStub:
                 request_serializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.ListInFlightRequest.SerializeToString,
                 response_deserializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.ListInFlightResponse.FromString,
                 _registered_method=True)
+        self.BeginSubmitBatch = channel.unary_unary(
+                '/conveyor.scheduler.v1.ProviderCoordinationService/BeginSubmitBatch',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.BeginSubmitBatchRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.BeginSubmitBatchResponse.FromString,
+                _registered_method=True)
+        self.CompleteSubmitBatch = channel.unary_unary(
+                '/conveyor.scheduler.v1.ProviderCoordinationService/CompleteSubmitBatch',
+                request_serializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.CompleteSubmitBatchRequest.SerializeToString,
+                response_deserializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.CompleteSubmitBatchResponse.FromString,
+                _registered_method=True)
 
 
 class ProviderCoordinationServiceServicer:
@@ -91,6 +101,22 @@ class ProviderCoordinationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BeginSubmitBatch(self, request, context):
+        """BeginSubmit of several attempts in one transaction (the adapter coalesces concurrent calls).
+        Results in request order; items are decided in order, so a repeated (task, attempt) is
+        answered as if it came after the first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteSubmitBatch(self, request, context):
+        """CompleteSubmit of several attempts in one transaction; results in request order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProviderCoordinationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +139,16 @@ def add_ProviderCoordinationServiceServicer_to_server(servicer, server):
                     servicer.ListInFlight,
                     request_deserializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.ListInFlightRequest.FromString,
                     response_serializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.ListInFlightResponse.SerializeToString,
+            ),
+            'BeginSubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.BeginSubmitBatch,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.BeginSubmitBatchRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.BeginSubmitBatchResponse.SerializeToString,
+            ),
+            'CompleteSubmitBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteSubmitBatch,
+                    request_deserializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.CompleteSubmitBatchRequest.FromString,
+                    response_serializer=conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.CompleteSubmitBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +261,60 @@ class ProviderCoordinationService:
             '/conveyor.scheduler.v1.ProviderCoordinationService/ListInFlight',
             conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.ListInFlightRequest.SerializeToString,
             conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.ListInFlightResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BeginSubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.ProviderCoordinationService/BeginSubmitBatch',
+            conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.BeginSubmitBatchRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.BeginSubmitBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteSubmitBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/conveyor.scheduler.v1.ProviderCoordinationService/CompleteSubmitBatch',
+            conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.CompleteSubmitBatchRequest.SerializeToString,
+            conveyor_dot_scheduler_dot_v1_dot_provider__coordination__service__pb2.CompleteSubmitBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

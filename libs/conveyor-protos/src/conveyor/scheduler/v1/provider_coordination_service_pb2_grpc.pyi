@@ -45,6 +45,13 @@ class ProviderCoordinationServiceStub:
     """Records that the create outcome is unknown (timeout, reset, 5xx): do not resubmit blindly."""
     ListInFlight: _grpc.UnaryUnaryMultiCallable[_provider_coordination_service_pb2.ListInFlightRequest, _provider_coordination_service_pb2.ListInFlightResponse]
     """Lists attempts in flight at the provider, for the reconciler (overdue webhooks, deadlines)."""
+    BeginSubmitBatch: _grpc.UnaryUnaryMultiCallable[_provider_coordination_service_pb2.BeginSubmitBatchRequest, _provider_coordination_service_pb2.BeginSubmitBatchResponse]
+    """BeginSubmit of several attempts in one transaction (the adapter coalesces concurrent calls).
+    Results in request order; items are decided in order, so a repeated (task, attempt) is
+    answered as if it came after the first.
+    """
+    CompleteSubmitBatch: _grpc.UnaryUnaryMultiCallable[_provider_coordination_service_pb2.CompleteSubmitBatchRequest, _provider_coordination_service_pb2.CompleteSubmitBatchResponse]
+    """CompleteSubmit of several attempts in one transaction; results in request order."""
 
 @_typing.type_check_only
 class ProviderCoordinationServiceAsyncStub(ProviderCoordinationServiceStub):
@@ -61,6 +68,13 @@ class ProviderCoordinationServiceAsyncStub(ProviderCoordinationServiceStub):
     """Records that the create outcome is unknown (timeout, reset, 5xx): do not resubmit blindly."""
     ListInFlight: _aio.UnaryUnaryMultiCallable[_provider_coordination_service_pb2.ListInFlightRequest, _provider_coordination_service_pb2.ListInFlightResponse]  # type: ignore[assignment]
     """Lists attempts in flight at the provider, for the reconciler (overdue webhooks, deadlines)."""
+    BeginSubmitBatch: _aio.UnaryUnaryMultiCallable[_provider_coordination_service_pb2.BeginSubmitBatchRequest, _provider_coordination_service_pb2.BeginSubmitBatchResponse]  # type: ignore[assignment]
+    """BeginSubmit of several attempts in one transaction (the adapter coalesces concurrent calls).
+    Results in request order; items are decided in order, so a repeated (task, attempt) is
+    answered as if it came after the first.
+    """
+    CompleteSubmitBatch: _aio.UnaryUnaryMultiCallable[_provider_coordination_service_pb2.CompleteSubmitBatchRequest, _provider_coordination_service_pb2.CompleteSubmitBatchResponse]  # type: ignore[assignment]
+    """CompleteSubmit of several attempts in one transaction; results in request order."""
 
 class ProviderCoordinationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Provider-adapter-facing API: the submit protocol (reliability.md 2.5). The scheduler fences every
@@ -98,5 +112,24 @@ class ProviderCoordinationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_provider_coordination_service_pb2.ListInFlightResponse, _abc.Awaitable[_provider_coordination_service_pb2.ListInFlightResponse]]:
         """Lists attempts in flight at the provider, for the reconciler (overdue webhooks, deadlines)."""
+
+    @_abc_1.abstractmethod
+    def BeginSubmitBatch(
+        self,
+        request: _provider_coordination_service_pb2.BeginSubmitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_coordination_service_pb2.BeginSubmitBatchResponse, _abc.Awaitable[_provider_coordination_service_pb2.BeginSubmitBatchResponse]]:
+        """BeginSubmit of several attempts in one transaction (the adapter coalesces concurrent calls).
+        Results in request order; items are decided in order, so a repeated (task, attempt) is
+        answered as if it came after the first.
+        """
+
+    @_abc_1.abstractmethod
+    def CompleteSubmitBatch(
+        self,
+        request: _provider_coordination_service_pb2.CompleteSubmitBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_provider_coordination_service_pb2.CompleteSubmitBatchResponse, _abc.Awaitable[_provider_coordination_service_pb2.CompleteSubmitBatchResponse]]:
+        """CompleteSubmit of several attempts in one transaction; results in request order."""
 
 def add_ProviderCoordinationServiceServicer_to_server(servicer: ProviderCoordinationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
