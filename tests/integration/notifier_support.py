@@ -467,6 +467,9 @@ def notifier_settings(
         "retry_max_seconds": 0.2,
         "webhook_timeout_seconds": 5.0,
         "backlog_poll_seconds": 0.5,
+        # These tests publish task events themselves (no scheduler writes them with their
+        # deliveries): the notifier creates the deliveries, as during an upgrade (ADR 0007).
+        "enqueue_deliveries": True,
     }
     values.update(overrides)
     return NotifierSettings(**values)

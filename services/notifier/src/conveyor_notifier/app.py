@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import httpcore
 from prometheus_client import CollectorRegistry
@@ -180,11 +181,21 @@ class Notifier:
         dead_letters = DeadLetterAlerts(alerter)
         task_events = TypeRegistry([events_pb2.TaskStateChanged])
         results = TypeRegistry([events_pb2.ProviderResult])
-        for group, topic, handler, batch_handler, registry in (
-            (s.webhook_group, s.events_topic, enqueuer.handle, enqueuer.handle_batch, task_events),
+        consumers: list[tuple[str, str, Any, Any, TypeRegistry]] = [
             (s.dead_letter_group, s.dead_letter_topic, dead_letters.handle, None, task_events),
             (s.throttle_group, s.provider_results_topic, monitor.handle, None, results),
-        ):
+        ]
+        if s.enqueue_deliveries:  # a rolling upgrade from schedulers before ADR 0007
+            consumers.append(
+                (
+                    s.webhook_group,
+                    s.events_topic,
+                    enqueuer.handle,
+                    enqueuer.handle_batch,
+                    task_events,
+                )
+            )
+        for group, topic, handler, batch_handler, registry in consumers:
             consumer = EventConsumer(
                 ConsumerConfig(
                     bootstrap_servers=s.kafka_bootstrap_servers,
@@ -228,6 +239,7 @@ class Notifier:
             poll_seconds=s.delivery_poll_seconds,
         )
         worker.start()
+        broadcaster.on_webhook_hint = worker.wake
 
         async def stop_worker() -> None:
             await worker.stop(grace_seconds=s.webhook_timeout_seconds + 5)

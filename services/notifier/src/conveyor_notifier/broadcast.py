@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -43,6 +44,8 @@ class EventBroadcaster:
     ) -> None:
         self.topic = topic
         self.hub = hub
+        self.on_webhook_hint: Callable[[], None] | None = None
+        """Called for an event whose record says client webhook deliveries came with it."""
         self._bootstrap = bootstrap_servers
         self._security = security
         self.kafka_metrics = kafka_metrics
@@ -165,6 +168,8 @@ class EventBroadcaster:
         message = envelope.message
         if isinstance(message, events_pb2.TaskStateChanged) and message.HasField("event"):
             self.hub.publish(message.event)
+            if message.webhook_deliveries and self.on_webhook_hint is not None:
+                self.on_webhook_hint()
 
     def _update_lag(self) -> None:
         if self.kafka_metrics is None:

@@ -159,6 +159,10 @@ class DeliveryWorker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
+    def wake(self) -> None:
+        """Claim now: deliveries may be due (an event's webhook hint)."""
+        self._wake.set()
+
     def start(self) -> None:
         """Start the claim loop."""
         self._task = asyncio.create_task(self._run(), name="webhook-delivery")

@@ -45,13 +45,18 @@ class NotifierSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSettin
 
     # --- Topics and consumer groups ----------------------------------------------------------
     events_topic: str = topics.TASK_EVENTS
-    """Task events (TaskStateChanged): watch fan-out (broadcast) and webhook deliveries (group)."""
+    """Task events (TaskStateChanged): watch fan-out (broadcast), whose webhook hint wakes the
+    delivery worker."""
     dead_letter_topic: str = topics.TASK_DEAD_LETTER
     """Dead-lettered tasks (operations alerts)."""
     provider_results_topic: str = topics.PROVIDER_RESULTS
     """Provider results (throttling alerts)."""
     webhook_group: str = "notifier-webhooks"
-    """Shared consumer group that turns task events into deliveries."""
+    """Shared consumer group that turns task events into deliveries (with enqueue_deliveries)."""
+    enqueue_deliveries: bool = False
+    """Also create deliveries from consumed task events (``EnqueueDeliveries``, one call per fetched
+    batch). The scheduler writes them with each event (ADR 0007); turn this on only while a
+    scheduler older than that may still write events (a rolling upgrade), then off."""
     dead_letter_group: str = "notifier-ops-dead-letter"
     """Consumer group of the dead-letter alerts."""
     throttle_group: str = "notifier-ops-throttle"

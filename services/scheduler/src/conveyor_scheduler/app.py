@@ -8,6 +8,8 @@ the relay -> flush the producer -> dispose the engines -> stop /metrics.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -32,6 +34,7 @@ from conveyor_common.metrics import KafkaMetrics, RpcMetrics
 from conveyor_scheduler import client_webhooks
 from conveyor_scheduler.api.provider import ProviderCoordinationServicer
 from conveyor_scheduler.api.servicer import SchedulerServicer
+from conveyor_scheduler.client_webhooks.decide import PRESENCE
 from conveyor_scheduler.client_webhooks.secrets import reseal_secrets
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.leadership import Leader
@@ -72,6 +75,7 @@ class SchedulerApp:
             idle_transaction_seconds=s.idle_transaction_seconds,
             pool_metrics=self.metrics.db_pool,
         )
+        self._presence_task: asyncio.Task[None] | None = None
         self.wakeups = Wakeups()
         self.announcer = WorkAnnouncer(
             self.engine, s.notify_coalesce_seconds, s.notify_work_coalesce_seconds
@@ -168,6 +172,8 @@ class SchedulerApp:
                     "webhook signing secrets resealed with the current key",
                     extra={"action": "secrets_resealed", "count": resealed},
                 )
+        await self._refresh_presence()
+        self._presence_task = asyncio.create_task(self._presence_loop(), name="webhook-presence")
         self.announcer.start()
         self.listener.start()
         if self.producer is not None:
@@ -191,8 +197,30 @@ class SchedulerApp:
             lifecycle.on_shutdown("producer_stop", self.producer.stop, phase=phases.PRODUCERS)
         lifecycle.on_shutdown("engine_dispose", self.dispose, phase=phases.STORAGE)
 
+    async def _refresh_presence(self) -> None:
+        async with self.engine.connect() as conn:
+            await PRESENCE.refresh(conn)
+
+    async def _presence_loop(self) -> None:
+        """Re-read the tenants with webhook endpoints (the notifier's hint, ADR 0007)."""
+        while True:
+            await asyncio.sleep(self.settings.webhook_presence_seconds)
+            try:
+                await self._refresh_presence()
+            except Exception:  # the database is away: keep the last view, try again
+                logger.warning(
+                    "webhook presence refresh failed",
+                    extra={"action": "webhook_presence_failed"},
+                    exc_info=True,
+                )
+
     async def stop_loops(self) -> None:
-        """Stop the leader loops, relay, work listener and work announcer."""
+        """Stop the presence refresh, leader loops, relay, work listener and work announcer."""
+        task, self._presence_task = self._presence_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await self.loops.stop()
         await self.groups.stop()
         if self.relay is not None:

@@ -64,6 +64,10 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     submit_group_linger_seconds: float = Field(default=0.0, ge=0, le=0.1)
     """How long a group waits for company before its flush (0: only the submits that arrived
     while the previous flush was running are grouped; no added latency when idle)."""
+    webhook_presence_seconds: float = Field(default=2.0, gt=0, le=60)
+    """How often the replica re-reads which tenants have webhook endpoints: the hint on each task
+    event's record that wakes the notifier (deliveries themselves are exact; a stale hint delays one
+    to the notifier's next poll)."""
     default_max_attempts: int = Field(default=3, ge=1, le=20)
     """Attempts per task when the request does not say (the seed's 3)."""
     max_attempts_cap: int = Field(default=10, ge=1, le=limits.MAX_ATTEMPTS_CEILING)

@@ -32,6 +32,7 @@ from conveyor_common.errors import (
     Unavailable,
 )
 from conveyor_common.ssrf import RefusalReason, UrlRefused
+from conveyor_scheduler.client_webhooks.decide import PRESENCE
 from conveyor_scheduler.client_webhooks.deliveries import list_deliveries
 from conveyor_scheduler.client_webhooks.endpoints import (
     count_live_endpoints,
@@ -237,6 +238,7 @@ class WebhookRpcs:
                     ],
                     retry_after_seconds=0,
                 )
+            PRESENCE.add(tenant)  # this replica's events hint the notifier at once
             endpoint = await create_endpoint(
                 session,
                 tenant_id=tenant,

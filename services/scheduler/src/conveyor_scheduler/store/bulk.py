@@ -14,6 +14,11 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from conveyor_scheduler.client_webhooks.decide import (
+    TASK_ENDPOINTS_SQL,
+    deliveries_sql,
+    task_endpoints_params,
+)
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.convert import TaskRow
 
@@ -86,10 +91,15 @@ def _params(
 
 
 _EVENTS_AND_OUTBOX_SQL = text(
-    f"WITH e AS ({_unnest_insert('task_events', EVENT_COLUMNS, 'e_')}) "
-    + _unnest_insert("outbox", OUTBOX_COLUMNS, "o_")
+    f"WITH e AS ({_unnest_insert('task_events', EVENT_COLUMNS, 'e_')}), "
+    f"o AS ({_unnest_insert('outbox', OUTBOX_COLUMNS, 'o_')}), "
+    "ev AS (SELECT * FROM unnest(CAST(:e_task_id AS uuid[]), CAST(:e_sequence AS bigint[]),"
+    " CAST(:e_event_id AS uuid[]), CAST(:e_type AS smallint[]), CAST(:e_terminal AS bool[]),"
+    " CAST(:e_payload AS bytea[]), CAST(:e_tenant AS text[]), CAST(:e_hook AS bool[]))"
+    " AS ev(task_id, sequence, event_id, type, terminal, payload, tenant, hook)) "
+    + deliveries_sql("ev")
 )
-"""Events and their outbox records in one round trip."""
+"""Events, their outbox records and their client webhook deliveries in one round trip."""
 
 
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
@@ -229,6 +239,9 @@ async def insert_new_tasks(
         shape, part = _folded_params(types, prefix, columns)
         shapes.append(shape)
         params |= part
+    endpoints = task_endpoints_params(rows)
+    if endpoints is not None:  # the tasks' own webhooks, before their first event
+        await raw_execute(conn, TASK_ENDPOINTS_SQL, endpoints, fetch=False)
     counter = bool(queue_shard_delta)
     if counter:
         params |= {"q_d": queue_shard_delta, "q_s": random.randrange(m.QUEUE_SHARDS)}
@@ -244,7 +257,15 @@ async def insert_new_tasks(
             if counter
             else "SELECT 1"
         )
-        sql = text(f"WITH t AS ({t}), e AS ({e}), o AS ({o}) {tail}")
+        sql = text(
+            f"WITH t AS ({t} RETURNING id, tenant_id, webhook_url),"
+            f" e AS ({e} RETURNING task_id, sequence, event_id, type, terminal, payload),"
+            f" o AS ({o}),"
+            " ev AS (SELECT e.task_id, e.sequence, e.event_id, e.type, e.terminal, e.payload,"
+            " t.tenant_id AS tenant, t.webhook_url IS NOT NULL AS hook"
+            " FROM e JOIN t ON t.id = e.task_id),"
+            f" d AS ({deliveries_sql('ev')}) {tail}"
+        )
         if len(_NEW_TASKS_SQL) >= _NEW_TASKS_SQL_MAX:
             _NEW_TASKS_SQL.clear()
         _NEW_TASKS_SQL[key] = sql

@@ -25,6 +25,7 @@ from conveyor_common import topics
 from conveyor_common.context import current_traceparent
 from conveyor_common.ids import uuid7
 from conveyor_common.vocabulary import TERMINAL_EVENT_TYPES
+from conveyor_scheduler.client_webhooks.decide import PRESENCE
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.bulk import (
     _EVENTS_AND_OUTBOX_SQL,
@@ -144,10 +145,14 @@ def _length_delimited(field_number: int, data: bytes) -> bytes:
 _STATE_CHANGED = events_pb2.TaskStateChanged.DESCRIPTOR.full_name
 
 
-def state_changed_bytes(event_payload: bytes, previous_status: int) -> bytes:
+def state_changed_bytes(event_payload: bytes, previous_status: int, hint: bool = False) -> bytes:
     """A serialized TaskStateChanged from its serialized event, without parsing or copying it
-    (``event = 1`` then ``previous_status = 2``: what SerializeToString writes)."""
-    status = events_pb2.TaskStateChanged(previous_status=previous_status)  # type: ignore[arg-type]
+    (``event = 1``, then ``previous_status = 2`` and ``webhook_deliveries = 3``: what
+    SerializeToString writes)."""
+    status = events_pb2.TaskStateChanged(
+        previous_status=previous_status,  # type: ignore[arg-type]
+        webhook_deliveries=hint,
+    )
     return _length_delimited(1, event_payload) + status.SerializeToString()
 
 
@@ -201,9 +206,11 @@ class Changes:
                 "terminal": event_type in TERMINAL_EVENT_TYPES,
                 "occurred_at": self.now,
                 "payload": payload,
+                "tenant": row["tenant_id"],
+                "hook": bool(row.get("webhook_url")),
             }
         )
-        changed = state_changed_bytes(payload, previous_status)
+        changed = state_changed_bytes(payload, previous_status, PRESENCE.hint(row))
         key = str(row["id"])
         headers = self._headers_for(row)
         for topic, ce_id in (
@@ -279,7 +286,11 @@ class Changes:
             await conn.execute(
                 _EVENTS_AND_OUTBOX_SQL,
                 _params(self.events, EVENT_COLUMNS, "e_")
-                | _params(self.outbox, OUTBOX_COLUMNS, "o_"),
+                | _params(self.outbox, OUTBOX_COLUMNS, "o_")
+                | {
+                    "e_tenant": [e["tenant"] for e in self.events],
+                    "e_hook": [e["hook"] for e in self.events],
+                },
             )
         else:
             await insert_rows(conn, "task_events", self.events)

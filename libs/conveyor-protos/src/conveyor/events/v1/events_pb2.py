@@ -28,35 +28,35 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/events/v1/events.proto\x12\x12\x63onveyor.events.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"w\n\x10TaskStateChanged\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\x12\x36\n\x0fprevious_status\x18\x02 \x01(\x0e\x32\x1d.conveyor.tasks.v1.TaskStatus\"\xda\x02\n\x0c\x44ispatchTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.conveyor.tasks.v1.TaskKind\x12\x0f\n\x05model\x18\x05 \x01(\tH\x00\x12\x14\n\ndeployment\x18\x06 \x01(\tH\x00\x12&\n\x05input\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\x0crun_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdispatched_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08provider\x18\n \x01(\t\x12\x1a\n\x12\x65\x66\x66\x65\x63tive_priority\x18\x0b \x01(\x01\x42\x08\n\x06target\"h\n\nCancelTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x15\n\rprediction_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x13\n\x11PredictionStarted\"%\n\x12PredictionProgress\x12\x0f\n\x07percent\x18\x01 \x01(\x05\"\x9c\x01\n\x13PredictionSucceeded\x12,\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1d.conveyor.tasks.v1.OutputFile\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12/\n\x0cpredict_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"D\n\x10PredictionFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"/\n\x12PredictionCanceled\x12\x19\n\x11\x64\x65\x61\x64line_exceeded\x18\x01 \x01(\x08\"$\n\x11PredictionAborted\x12\x0f\n\x07message\x18\x01 \x01(\t\"S\n\x11ProviderThrottled\x12\x10\n\x08provider\x18\x01 \x01(\t\x12,\n\x08retry_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfb\x04\n\x0eProviderResult\x12\x11\n\tresult_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x15\n\rprediction_id\x18\x05 \x01(\t\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06source\x18\x07 \x01(\x0e\x32 .conveyor.events.v1.ResultSource\x12\x38\n\x07started\x18\n \x01(\x0b\x32%.conveyor.events.v1.PredictionStartedH\x00\x12:\n\x08progress\x18\x0b \x01(\x0b\x32&.conveyor.events.v1.PredictionProgressH\x00\x12<\n\tsucceeded\x18\x0c \x01(\x0b\x32\'.conveyor.events.v1.PredictionSucceededH\x00\x12\x36\n\x06\x66\x61iled\x18\r \x01(\x0b\x32$.conveyor.events.v1.PredictionFailedH\x00\x12:\n\x08\x63\x61nceled\x18\x0e \x01(\x0b\x32&.conveyor.events.v1.PredictionCanceledH\x00\x12\x38\n\x07\x61\x62orted\x18\x0f \x01(\x0b\x32%.conveyor.events.v1.PredictionAbortedH\x00\x12:\n\tthrottled\x18\x10 \x01(\x0b\x32%.conveyor.events.v1.ProviderThrottledH\x00\x42\t\n\x07outcome*z\n\x0cResultSource\x12\x1d\n\x19RESULT_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15RESULT_SOURCE_WEBHOOK\x10\x01\x12\x16\n\x12RESULT_SOURCE_POLL\x10\x02\x12\x18\n\x14RESULT_SOURCE_CREATE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63onveyor/events/v1/events.proto\x12\x12\x63onveyor.events.v1\x1a\x1c\x63onveyor/tasks/v1/task.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x01\n\x10TaskStateChanged\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.conveyor.tasks.v1.TaskEvent\x12\x36\n\x0fprevious_status\x18\x02 \x01(\x0e\x32\x1d.conveyor.tasks.v1.TaskStatus\x12\x1a\n\x12webhook_deliveries\x18\x03 \x01(\x08\"\xda\x02\n\x0c\x44ispatchTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12)\n\x04kind\x18\x04 \x01(\x0e\x32\x1b.conveyor.tasks.v1.TaskKind\x12\x0f\n\x05model\x18\x05 \x01(\tH\x00\x12\x14\n\ndeployment\x18\x06 \x01(\tH\x00\x12&\n\x05input\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x30\n\x0crun_deadline\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rdispatched_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08provider\x18\n \x01(\t\x12\x1a\n\x12\x65\x66\x66\x65\x63tive_priority\x18\x0b \x01(\x01\x42\x08\n\x06target\"h\n\nCancelTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x15\n\rprediction_id\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x13\n\x11PredictionStarted\"%\n\x12PredictionProgress\x12\x0f\n\x07percent\x18\x01 \x01(\x05\"\x9c\x01\n\x13PredictionSucceeded\x12,\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1d.conveyor.tasks.v1.OutputFile\x12&\n\x06output\x18\x02 \x01(\x0b\x32\x16.google.protobuf.Value\x12/\n\x0cpredict_time\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"D\n\x10PredictionFailed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"/\n\x12PredictionCanceled\x12\x19\n\x11\x64\x65\x61\x64line_exceeded\x18\x01 \x01(\x08\"$\n\x11PredictionAborted\x12\x0f\n\x07message\x18\x01 \x01(\t\"S\n\x11ProviderThrottled\x12\x10\n\x08provider\x18\x01 \x01(\t\x12,\n\x08retry_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfb\x04\n\x0eProviderResult\x12\x11\n\tresult_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\x15\n\rprediction_id\x18\x05 \x01(\t\x12/\n\x0bobserved_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x06source\x18\x07 \x01(\x0e\x32 .conveyor.events.v1.ResultSource\x12\x38\n\x07started\x18\n \x01(\x0b\x32%.conveyor.events.v1.PredictionStartedH\x00\x12:\n\x08progress\x18\x0b \x01(\x0b\x32&.conveyor.events.v1.PredictionProgressH\x00\x12<\n\tsucceeded\x18\x0c \x01(\x0b\x32\'.conveyor.events.v1.PredictionSucceededH\x00\x12\x36\n\x06\x66\x61iled\x18\r \x01(\x0b\x32$.conveyor.events.v1.PredictionFailedH\x00\x12:\n\x08\x63\x61nceled\x18\x0e \x01(\x0b\x32&.conveyor.events.v1.PredictionCanceledH\x00\x12\x38\n\x07\x61\x62orted\x18\x0f \x01(\x0b\x32%.conveyor.events.v1.PredictionAbortedH\x00\x12:\n\tthrottled\x18\x10 \x01(\x0b\x32%.conveyor.events.v1.ProviderThrottledH\x00\x42\t\n\x07outcome*z\n\x0cResultSource\x12\x1d\n\x19RESULT_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15RESULT_SOURCE_WEBHOOK\x10\x01\x12\x16\n\x12RESULT_SOURCE_POLL\x10\x02\x12\x18\n\x14RESULT_SOURCE_CREATE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'conveyor.events.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RESULTSOURCE']._serialized_start=1855
-  _globals['_RESULTSOURCE']._serialized_end=1977
-  _globals['_TASKSTATECHANGED']._serialized_start=180
-  _globals['_TASKSTATECHANGED']._serialized_end=299
-  _globals['_DISPATCHTASK']._serialized_start=302
-  _globals['_DISPATCHTASK']._serialized_end=648
-  _globals['_CANCELTASK']._serialized_start=650
-  _globals['_CANCELTASK']._serialized_end=754
-  _globals['_PREDICTIONSTARTED']._serialized_start=756
-  _globals['_PREDICTIONSTARTED']._serialized_end=775
-  _globals['_PREDICTIONPROGRESS']._serialized_start=777
-  _globals['_PREDICTIONPROGRESS']._serialized_end=814
-  _globals['_PREDICTIONSUCCEEDED']._serialized_start=817
-  _globals['_PREDICTIONSUCCEEDED']._serialized_end=973
-  _globals['_PREDICTIONFAILED']._serialized_start=975
-  _globals['_PREDICTIONFAILED']._serialized_end=1043
-  _globals['_PREDICTIONCANCELED']._serialized_start=1045
-  _globals['_PREDICTIONCANCELED']._serialized_end=1092
-  _globals['_PREDICTIONABORTED']._serialized_start=1094
-  _globals['_PREDICTIONABORTED']._serialized_end=1130
-  _globals['_PROVIDERTHROTTLED']._serialized_start=1132
-  _globals['_PROVIDERTHROTTLED']._serialized_end=1215
-  _globals['_PROVIDERRESULT']._serialized_start=1218
-  _globals['_PROVIDERRESULT']._serialized_end=1853
+  _globals['_RESULTSOURCE']._serialized_start=1884
+  _globals['_RESULTSOURCE']._serialized_end=2006
+  _globals['_TASKSTATECHANGED']._serialized_start=181
+  _globals['_TASKSTATECHANGED']._serialized_end=328
+  _globals['_DISPATCHTASK']._serialized_start=331
+  _globals['_DISPATCHTASK']._serialized_end=677
+  _globals['_CANCELTASK']._serialized_start=679
+  _globals['_CANCELTASK']._serialized_end=783
+  _globals['_PREDICTIONSTARTED']._serialized_start=785
+  _globals['_PREDICTIONSTARTED']._serialized_end=804
+  _globals['_PREDICTIONPROGRESS']._serialized_start=806
+  _globals['_PREDICTIONPROGRESS']._serialized_end=843
+  _globals['_PREDICTIONSUCCEEDED']._serialized_start=846
+  _globals['_PREDICTIONSUCCEEDED']._serialized_end=1002
+  _globals['_PREDICTIONFAILED']._serialized_start=1004
+  _globals['_PREDICTIONFAILED']._serialized_end=1072
+  _globals['_PREDICTIONCANCELED']._serialized_start=1074
+  _globals['_PREDICTIONCANCELED']._serialized_end=1121
+  _globals['_PREDICTIONABORTED']._serialized_start=1123
+  _globals['_PREDICTIONABORTED']._serialized_end=1159
+  _globals['_PROVIDERTHROTTLED']._serialized_start=1161
+  _globals['_PROVIDERTHROTTLED']._serialized_end=1244
+  _globals['_PROVIDERRESULT']._serialized_start=1247
+  _globals['_PROVIDERRESULT']._serialized_end=1882
 # @@protoc_insertion_point(module_scope)

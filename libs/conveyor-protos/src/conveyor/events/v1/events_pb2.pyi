@@ -70,8 +70,15 @@ class TaskStateChanged(_message.Message):
 
     EVENT_FIELD_NUMBER: _builtins.int
     PREVIOUS_STATUS_FIELD_NUMBER: _builtins.int
+    WEBHOOK_DELIVERIES_FIELD_NUMBER: _builtins.int
     previous_status: _task_pb2.TaskStatus.ValueType
     """Status before the event."""
+    webhook_deliveries: _builtins.bool
+    """Client webhook deliveries of this event may have been written with it (its tenant had endpoints
+    when the scheduler last looked, or the task has its own webhook): the notifier leases due
+    deliveries now instead of at its next poll. A hint only: deliveries are decided in the
+    scheduler's transaction (ADR 0007).
+    """
     @_builtins.property
     def event(self) -> _task_pb2.TaskEvent:
         """The event, with a snapshot of the task after it."""
@@ -81,10 +88,11 @@ class TaskStateChanged(_message.Message):
         *,
         event: _task_pb2.TaskEvent | None = ...,
         previous_status: _task_pb2.TaskStatus.ValueType = ...,
+        webhook_deliveries: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "previous_status", b"previous_status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "previous_status", b"previous_status", "webhook_deliveries", b"webhook_deliveries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
