@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Literal
 
-import httpx
+import aiohttp
 
 from conveyor_common.ratelimit import TokenBucket
 from fake_replicate.config import FakeConfig
@@ -53,7 +53,7 @@ class Engine(WebhookSender):
         self.versions: dict[str, str] = {}  # version id -> owner/name, learned from creates
         self._order: list[Prediction] = []
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._client: httpx.AsyncClient | None = None
+        self._client: aiohttp.ClientSession | None = None
         self.recorder: Callable[[Exchange], None] | None = None
         """Called with every /v1 exchange and webhook delivery (tests check them against the
         OpenAPI document)."""
@@ -72,12 +72,14 @@ class Engine(WebhookSender):
         self.other_bucket = TokenBucket.per_minute(cfg.other_rate_per_min, cfg.other_burst)
 
     async def start(self) -> None:
-        self._client = httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self._client = aiohttp.ClientSession(
+            trust_env=False, connector=aiohttp.TCPConnector(limit=100)
+        )
 
     async def stop(self) -> None:
         await self._cancel_all()
         if self._client is not None:
-            await self._client.aclose()
+            await self._client.close()
             self._client = None
 
     async def _cancel_all(self) -> None:

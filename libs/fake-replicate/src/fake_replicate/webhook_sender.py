@@ -1,6 +1,9 @@
 """The fake's webhook sender: Replicate's webhook events for a prediction (start, output, logs,
 completed, honouring ``webhook_events_filter``), coalesced progress, signed deliveries with retries.
 
+Deliveries go out through an ``aiohttp`` session: the fake's CPU is reported apart from the system
+under test but shares the machine, and httpx's pool cost about twice as much per webhook.
+
 A mixin of :class:`~fake_replicate.engine.Engine`, which owns the state it reads.
 """
 
@@ -14,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-import httpx
+import aiohttp
 
 from conveyor_common.standard_webhooks import new_message_id, sign_headers
 from fake_replicate.config import EventKind, FakeConfig
@@ -31,7 +34,7 @@ class WebhookSender:
     config: FakeConfig
     ledger: Ledger
     recorder: Callable[[Exchange], None] | None
-    _client: httpx.AsyncClient | None
+    _client: aiohttp.ClientSession | None
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         raise NotImplementedError
@@ -147,10 +150,15 @@ class WebhookSender:
             headers["content-type"] = "application/json"
             headers["user-agent"] = "fake-replicate-webhooks/0.1"
             try:
-                resp = await client.post(
-                    url, content=body, headers=headers, timeout=cfg.webhook_timeout_s
-                )
-                status = resp.status_code
+                async with client.post(
+                    url,
+                    data=body,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=cfg.webhook_timeout_s),
+                    allow_redirects=False,
+                ) as resp:
+                    status = resp.status
+                    await resp.read()
                 if self.recorder is not None:
                     self.recorder(
                         Exchange(
@@ -166,7 +174,7 @@ class WebhookSender:
                     )
                 if 200 <= status < 300:
                     return True, attempts, status
-            except httpx.HTTPError as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 status = None
                 logger.debug(
                     "webhook attempt failed",
