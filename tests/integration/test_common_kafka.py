@@ -51,7 +51,10 @@ def consumer_for(
     group: str,
     handler: Callable[[Envelope], Awaitable[None]],
     producer: EventProducer,
+    *,
     registry: CollectorRegistry | None = None,
+    commit_interval_ms: int = 100,
+    fetch_timeout_ms: int = 500,
 ) -> EventConsumer:
     return EventConsumer(
         ConsumerConfig(
@@ -62,6 +65,8 @@ def consumer_for(
             retry_backoff_seconds=0.01,
             session_timeout_ms=6000,
             heartbeat_interval_ms=500,
+            commit_interval_ms=commit_interval_ms,
+            fetch_timeout_ms=fetch_timeout_ms,
         ),
         handler,
         registry=default_registry(),
@@ -116,7 +121,7 @@ async def test_keys_headers_and_per_key_order(
         seen[env.key].append(env.message.attempt)
 
     registry = CollectorRegistry()
-    consumer = consumer_for(kafka_bootstrap, topic, "g-order", handle, producer, registry)
+    consumer = consumer_for(kafka_bootstrap, topic, "g-order", handle, producer, registry=registry)
     await consumer.start()
     try:
         await wait_for(lambda: sum(len(v) for v in seen.values()) == 20)
@@ -163,6 +168,84 @@ async def test_restarted_consumer_resumes_at_committed_offset(
         await c2.stop()
     assert first == [str(i) for i in range(10)]
     assert second == [str(i) for i in range(10, 15)]
+
+
+async def test_coalesced_commits_are_made_when_idle(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    """With a commit interval far longer than the test, handled offsets are still committed once
+    the consumer goes idle (one fetch timeout without records)."""
+    for i in range(10):
+        await producer.send(topic, events_pb2.CancelTask(task_id=f"t{i}"), key=f"t{i}")
+    handled: list[str] = []
+
+    async def handle(env: Envelope) -> None:
+        assert isinstance(env.message, events_pb2.CancelTask)
+        handled.append(env.message.task_id)
+
+    c1 = consumer_for(
+        kafka_bootstrap,
+        topic,
+        "g-idle",
+        handle,
+        producer,
+        commit_interval_ms=600_000,
+        fetch_timeout_ms=300,
+    )
+    await c1.start()
+    try:
+        await wait_for(lambda: len(handled) == 10)
+        inner = c1._consumer
+
+        async def committed_total() -> int:
+            return sum([(await inner.committed(tp)) or 0 for tp in inner.assignment()])
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while await committed_total() < 10:
+            assert asyncio.get_running_loop().time() < deadline, "idle commit not made"
+            await asyncio.sleep(0.1)
+    finally:
+        await c1.stop()
+
+
+async def test_coalesced_commits_are_made_before_partitions_move(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    """A rebalance commits what the old owner handled: nothing is handled twice when a second
+    member joins, although neither the interval nor an idle fetch came around to commit."""
+    for i in range(12):
+        await producer.send(topic, events_pb2.CancelTask(task_id=f"t{i}"), key=f"t{i}")
+    handled: list[str] = []
+
+    async def handle(env: Envelope) -> None:
+        assert isinstance(env.message, events_pb2.CancelTask)
+        handled.append(env.message.task_id)
+
+    c1, c2 = (
+        consumer_for(
+            kafka_bootstrap,
+            topic,
+            "g-move",
+            handle,
+            producer,
+            commit_interval_ms=600_000,
+            fetch_timeout_ms=60_000,
+        )
+        for _ in "12"
+    )
+    await c1.start()
+    try:
+        await wait_for(lambda: len(handled) == 12)
+        await c2.start()
+        await wait_for(lambda: len(c2._consumer.assignment()) > 0)
+        for i in range(12, 18):
+            await producer.send(topic, events_pb2.CancelTask(task_id=f"t{i}"), key=f"t{i}")
+        await wait_for(lambda: len(handled) >= 18)
+        await asyncio.sleep(1.0)
+    finally:
+        await c2.stop()
+        await c1.stop()
+    assert sorted(handled) == sorted(f"t{i}" for i in range(18))
 
 
 async def test_undecodable_and_failing_records_go_to_the_dlq(

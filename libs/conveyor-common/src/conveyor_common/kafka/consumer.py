@@ -10,6 +10,12 @@ pause, rather than stopping.
 A record that cannot be decoded, a handler raising :class:`PermanentError`, or a handler failing
 ``max_attempts`` times goes to ``<topic>.dlq`` with ``x-original-*`` and ``x-error`` headers.
 
+Offsets are committed at most every ``commit_interval_ms`` (and whenever the consumer goes idle, loses
+partitions in a rebalance or stops), not after every batch: a commit is a round trip and a write to
+the broker's offsets log, and at a few records per fetch it cost as much as the records. A crash
+redelivers at most that interval's handled records more, which the idempotent handlers absorb as
+they absorb any redelivery. ``commit_interval_ms=0`` commits after every batch.
+
 With a ``batch_handler`` the whole fetched batch (every partition's records, each partition's in
 order) is handed over in one call, so a consumer can apply it in one transaction or one RPC; if that
 call fails, the batch is handled record by record with ``handler`` (isolating a bad record, which is
@@ -75,6 +81,8 @@ class ConsumerConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     auto_offset_reset: str = "earliest"
+    commit_interval_ms: int = 100
+    """Handled offsets are committed at most this often (0: after every batch)."""
     security: KafkaSecurity = PLAINTEXT
     """TLS and SASL of the connection (``settings.kafka_security``)."""
 
@@ -84,9 +92,9 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Let the batch in hand finish and commit before the partitions move.
+        # Let the batch in hand finish and commit what was handled before the partitions move.
         async with self.owner._batch_lock:
-            pass
+            await self.owner._commit_pending()
         self.owner._forget_lag(revoked)
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
@@ -132,6 +140,9 @@ class EventConsumer:
             **config.security.client_kwargs(),
         )
         self._batch_lock = asyncio.Lock()
+        self._pending: dict[TopicPartition, int] = {}
+        """Handled offsets not yet committed (see ``commit_interval_ms``)."""
+        self._last_commit = time.monotonic()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started = False
@@ -158,6 +169,8 @@ class EventConsumer:
                 await asyncio.wait_for(self._task, timeout=30)
             except TimeoutError:
                 self._task.cancel()
+        async with self._batch_lock:
+            await self._commit_pending()
         await self._consumer.stop()
 
     async def _run(self) -> None:
@@ -171,6 +184,8 @@ class EventConsumer:
                 await asyncio.sleep(1)
                 continue
             if not batches:
+                async with self._batch_lock:
+                    await self._commit_pending()
                 await self._update_lag()
                 continue
             failed = False
@@ -199,17 +214,29 @@ class EventConsumer:
                     for tp, recs in batches.items():
                         with contextlib.suppress(Exception):
                             self._consumer.seek(tp, done.get(tp, recs[0].offset))
-                if done:
-                    try:
-                        await self._consumer.commit(done)
-                    except Exception:
-                        # A rebalance took the partitions: the new owner re-handles (idempotently).
-                        logger.warning(
-                            "commit failed", extra={"action": "kafka_commit_failed"}, exc_info=True
-                        )
+                self._pending.update(done)
+                interval = self.config.commit_interval_ms / 1000
+                if failed or time.monotonic() - self._last_commit >= interval:
+                    await self._commit_pending()
             await self._update_lag()
             if failed:
                 await asyncio.sleep(1)
+
+    async def _commit_pending(self) -> None:
+        """Commit the handled offsets not yet committed (call under ``_batch_lock``)."""
+        self._last_commit = time.monotonic()
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        assigned = self._consumer.assignment()
+        offsets = {tp: offset for tp, offset in pending.items() if tp in assigned}
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except Exception:
+            # A rebalance took the partitions: the new owner re-handles (idempotently).
+            logger.warning("commit failed", extra={"action": "kafka_commit_failed"}, exc_info=True)
 
     async def _update_lag(self) -> None:
         """Lag = high watermark - position, per assigned partition. Called between batches, when
