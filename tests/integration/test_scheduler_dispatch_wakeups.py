@@ -82,6 +82,31 @@ async def test_saturated_leader_skips_cycles_for_submits_but_not_for_freed_slots
     assert (await app.core.get_task("acme", queued[1])).status == task_pb2.TASK_STATUS_QUEUED
 
 
+async def test_a_cycle_that_fills_the_limit_is_not_followed_by_one_reading_it_back(
+    app: SchedulerApp,
+) -> None:
+    dispatcher = app.loops.dispatcher
+    for _ in range(500):
+        if app.loops.leader.is_leader:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)  # the first cycles as leader found nothing to do
+    cycles = 0
+    real_cycle = dispatcher.cycle
+
+    async def counting_cycle() -> int:
+        nonlocal cycles
+        cycles += 1
+        return await real_cycle()
+
+    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+    row, _ = await app.core.submit_one("acme", 3, kit.item("only"))
+    await wait_status(app, str(row["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    await asyncio.sleep(0.3)
+    assert dispatcher.saturated
+    assert cycles == 1  # the dispatching cycle; no second one to find the limit full
+
+
 def test_notify_payload_names_what_changed() -> None:
     assert payload_of(new_work=True, frees=False) == "work"
     assert payload_of(new_work=False, frees=True) == "slot"

@@ -151,7 +151,7 @@ class Dispatcher:
         self.next_wake: float | None = None
         self.max_observed_global = 0
         self.saturated = False
-        """The global limit was full when capacity was last read."""
+        """The global limit was full when capacity was last read, or the last cycle filled it."""
         self._cache: dict[str, list[Candidate]] = {}
         self._more: set[str] = set()
         self._tenant_info: dict[str, tuple[int, int | None, int | None]] = {}
@@ -187,6 +187,9 @@ class Dispatcher:
                 self._wake_at_cache_expiry()
                 return 0
             n = await self._commit(conn, chosen, now)
+            # Filling the free capacity saturates it: the loop's next cycle would only read the
+            # full limit back (a round of queries per dispatch), so it waits for a freed slot.
+            self.saturated = n >= cap.global_free
             self._wake_at_cache_expiry()
             taken = {c.id for c in chosen}
             for tenant in {c.tenant_id for c in chosen}:
