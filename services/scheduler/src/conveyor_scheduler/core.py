@@ -29,7 +29,7 @@ from conveyor_common.vocabulary import (
     EV_SUBMITTED,
     PROCEED,
 )
-from conveyor_scheduler.admission.batcher import SubmitBatcher, pipelined
+from conveyor_scheduler.admission.batcher import SubmitBatcher
 from conveyor_scheduler.admission.submit import NewTask, SubmitRequest, submit
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.control.cancel import bulk_cancel, cancel_task, redrive, select_for_bulk
@@ -57,6 +57,7 @@ from conveyor_scheduler.results.submit_protocol import (
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store import stats
+from conveyor_scheduler.store.bulk import pipelined
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow, task_proto
 from conveyor_scheduler.store.reads import (

@@ -8,12 +8,11 @@ failed flush hands its error to each waiting caller, never to the event loop.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -23,6 +22,7 @@ from conveyor_common.faults import classify
 from conveyor_scheduler.admission.group_submit import submit_group
 from conveyor_scheduler.admission.submit import NewTask, SubmitRequest
 from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.store.bulk import pipelined
 from conveyor_scheduler.store.convert import TaskRow
 
 if TYPE_CHECKING:
@@ -30,40 +30,6 @@ if TYPE_CHECKING:
 
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.asynccontextmanager
-async def pipelined(conn: AsyncConnection) -> AsyncIterator[Callable[[], Awaitable[None]]]:
-    """One submit transaction on ``conn`` in psycopg's pipeline mode; yields ``leave``.
-
-    BEGIN travels with the first statement, the last statement with COMMIT and the closing Sync,
-    so the common path costs a round trip per statement whose result it needs, plus none. The
-    statements are prepared; with their array parameters PostgreSQL would plan them again at every
-    execution (a custom plan each time: about a quarter of its CPU per group, measured), so the
-    transaction asks for generic plans. A slow path awaits ``leave`` before any SQLAlchemy
-    statement (SQLAlchemy cannot read results in pipeline mode) and then commits as usual. An
-    exception rolls everything back.
-    """
-    driver: Any = (await conn.get_raw_connection()).driver_connection
-    async with contextlib.AsyncExitStack() as stack:
-        await stack.enter_async_context(driver.pipeline())
-        piped = True
-        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-
-        async def leave() -> None:
-            nonlocal piped
-            if piped:
-                piped = False
-                await stack.aclose()
-
-        yield leave
-        if piped:
-            await driver.execute("COMMIT")  # sent with the Sync when the pipeline closes
-            await stack.aclose()
-        else:
-            await driver.commit()
-    if conn.in_transaction():  # SQLAlchemy's own bookkeeping of a slow path's statements
-        await conn.commit()
 
 
 class SubmitBatcher:

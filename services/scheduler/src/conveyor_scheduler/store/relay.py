@@ -2,10 +2,10 @@
 
 Runs on the leader only (one relay, so rows go out in id order; a task's rows are ordered by id
 because each is written under the task's row lock after the previous one committed). Each pass:
-``SELECT ... WHERE published_at IS NULL ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED``, publish the batch
-pipelined through the idempotent producer with the stored CloudEvents headers (``ce_id`` = the row's
-event_id, so a republished row is the same event for consumers), then mark the rows published in the
-same transaction. A crash between publish and commit republishes: consumers dedupe on ``ce_id``.
+``SELECT ... WHERE published_at IS NULL ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`` (an index
+scan), publish the batch pipelined through the idempotent producer with the stored CloudEvents
+headers (``ce_id`` = the row's event_id, so a republished row is the same event for consumers), then
+mark the rows published in the same transaction. A crash between publish and commit republishes: consumers dedupe on ``ce_id``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor_common.kafka.envelope import CONTENT_TYPE, SPEC_VERSION, Headers
@@ -23,15 +22,22 @@ from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.metrics import SchedulerMetrics
+from conveyor_scheduler.store.bulk import pipelined
 
 logger = logging.getLogger(__name__)
 
 SOURCE = "/services/scheduler"
 
-_FETCH_SQL = text(
+_FETCH_SQL = (
     "SELECT id, event_id, topic, key, ce_type, payload, headers, created_at FROM outbox"
-    " WHERE published_at IS NULL ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED"
+    " WHERE published_at IS NULL ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED"
 )
+_MARK_SQL = "UPDATE outbox SET published_at = %(now)s WHERE id = ANY(%(ids)s)"
+_INDEX_SCAN_SQL = "SET LOCAL enable_bitmapscan = off"
+"""The fetch walks ``ix_outbox_unpublished`` in id order. Every published row leaves a dead entry
+there until vacuum; a plain index scan marks them dead once and then skips them, while the bitmap
+scan the planner prefers for a few rows visits every one of them each pass (measured: 7,285
+entries and 777 heap pages for 23 rows, 1.8 ms, between two autovacuums of a busy outbox)."""
 
 
 class Publisher(Protocol):
@@ -110,34 +116,35 @@ class OutboxRelay:
             self.wakeups.relay.clear()
 
     async def pass_once(self) -> int:
-        """Publish one batch; returns the number of rows published."""
-        async with self.engine.begin() as conn:
-            rows = (await conn.execute(_FETCH_SQL, {"n": self.batch})).all()
+        """Publish one batch; returns the number of rows published.
+
+        One pipelined transaction (``store.bulk.pipelined``): the fetch is a round trip, the mark
+        travels with the commit.
+        """
+        async with self.engine.connect() as conn, pipelined(conn):
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            await driver.execute(_INDEX_SCAN_SQL)
+            rows = await (await driver.execute(_FETCH_SQL, {"n": self.batch})).fetchall()
             if not rows:
                 if self.metrics is not None:
                     self.metrics.outbox_pending.set(0)
                     self.metrics.outbox_lag.set(0)
                 return 0
             if self.metrics is not None:
-                self.metrics.outbox_lag.set(
-                    max(0.0, (utcnow() - rows[0].created_at).total_seconds())
-                )
+                self.metrics.outbox_lag.set(max(0.0, (utcnow() - rows[0][7]).total_seconds()))
                 self.metrics.outbox_pending.set(len(rows))
             await self.publisher.send_many(
                 [
                     (
-                        r.topic,
-                        r.key.encode(),
-                        bytes(r.payload),
-                        record_headers(str(r.event_id), r.ce_type, r.key, r.headers or {}),
+                        topic,
+                        key.encode(),
+                        bytes(payload),
+                        record_headers(str(event_id), ce_type, key, headers or {}),
                     )
-                    for r in rows
+                    for _, event_id, topic, key, ce_type, payload, headers, _ in rows
                 ]
             )
-            await conn.execute(
-                text("UPDATE outbox SET published_at = :now WHERE id = ANY(:ids)"),
-                {"now": utcnow(), "ids": [r.id for r in rows]},
-            )
+            await driver.execute(_MARK_SQL, {"now": utcnow(), "ids": [r[0] for r in rows]})
         if self.metrics is not None:
             self.metrics.outbox_published.inc(len(rows))
         return len(rows)
