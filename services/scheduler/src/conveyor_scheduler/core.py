@@ -264,13 +264,14 @@ class SchedulerCore:
             tracing.SpanKind.CLIENT,
             attributes={"db.system": "postgresql", "conveyor.results": len(results)},
         ):
-            async with self.engine.begin() as conn:
+            async with self.engine.connect() as conn, pipelined(conn) as leave:
                 changes = await apply_results(
                     conn,
                     results,
                     backoff=self.backoff,
                     provider=self.settings.provider_name,
                     now=utcnow(),
+                    leave_pipeline=leave,
                 )
         poke = bool(changes.free_slots) or any(
             r.WhichOneof("outcome") == "throttled" for r in results

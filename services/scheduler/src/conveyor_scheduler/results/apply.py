@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 from sqlalchemy import text
@@ -29,6 +29,7 @@ from conveyor_common.vocabulary import (
 from conveyor_scheduler.control.tenants import set_provider_throttle
 from conveyor_scheduler.lifecycle import Backoff, finish, mark_canceled, retry_or_dead_letter
 from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.bulk import raw_execute
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow, from_ts
 from conveyor_scheduler.store.reads import lock_tasks
@@ -65,18 +66,26 @@ async def apply_results(
     provider: str,
     now: datetime,
     consumer: str = RESULTS_CONSUMER,
+    leave_pipeline: Callable[[], Awaitable[None]] | None = None,
 ) -> Changes:
-    """Apply provider results in one transaction: inbox dedup, attempt fencing, forward-only."""
+    """Apply provider results in one transaction: inbox dedup, attempt fencing, forward-only.
+
+    With ``leave_pipeline`` the caller holds ``conn`` in psycopg's pipeline mode
+    (``store.bulk.pipelined``): the inbox and the row locks are the round trips, every write goes
+    with the commit; a throttle (written with SQLAlchemy) leaves the pipeline first.
+    """
     changes = Changes(now=now)
     if not results:
         return changes
+    piped = leave_pipeline is not None
     ids = list(dict.fromkeys(r.result_id for r in results if r.result_id))
     fresh: set[str] = set()
     if ids:
-        fresh = {
-            r[0]
-            for r in await conn.execute(_INBOX_SQL, {"consumer": consumer, "ids": ids, "now": now})
-        }
+        params = {"consumer": consumer, "ids": ids, "now": now}
+        if piped:
+            fresh = {r[0] for r in await raw_execute(conn, _INBOX_SQL, params)}
+        else:
+            fresh = {r[0] for r in await conn.execute(_INBOX_SQL, params)}
     todo: list[events_pb2.ProviderResult] = []
     seen: set[str] = set()
     for r in results:
@@ -86,6 +95,9 @@ async def apply_results(
     task_ids: list[uuid.UUID] = []
     for r in todo:
         if r.WhichOneof("outcome") == "throttled":
+            if leave_pipeline is not None and piped:
+                await leave_pipeline()
+                piped = False
             until = from_ts(r.throttled.retry_at) if r.throttled.HasField("retry_at") else now
             await set_provider_throttle(conn, r.throttled.provider or provider, until)
             continue
@@ -93,7 +105,7 @@ async def apply_results(
             task_ids.append(uuid.UUID(r.task_id))
         except ValueError:
             logger.warning("result for a bad task id", extra={"action": "result_bad_task"})
-    rows = await lock_tasks(conn, task_ids)
+    rows = await lock_tasks(conn, task_ids, raw=piped)
     for r in todo:
         if r.WhichOneof("outcome") == "throttled":
             continue
@@ -105,7 +117,7 @@ async def apply_results(
             logger.warning("result for an unknown task", extra={"action": "result_unknown_task"})
             continue
         apply_result(row, r, changes, backoff)
-    await changes.flush(conn)
+    await changes.flush(conn, leave_pipeline=leave_pipeline if piped else None)
     return changes
 
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from psycopg.rows import dict_row
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -108,6 +109,28 @@ _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 _RAW_SQL: dict[str, str] = {}
 
 
+def _raw_sql(statement: TextClause) -> str:
+    sql = _RAW_SQL.get(statement.text)
+    if sql is None:
+        if "%" in statement.text:
+            raise ValueError("raw_execute: statements may not contain %")
+        sql = _BIND.sub(r"%(\1)s", statement.text)
+        _RAW_SQL[statement.text] = sql
+    return sql
+
+
+async def raw_mappings(
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """:func:`raw_execute` returning the rows as dicts (what ``result.mappings()`` gives)."""
+    raw = await conn.get_raw_connection()
+    driver: Any = raw.driver_connection
+    cursor = driver.cursor(row_factory=dict_row)
+    await cursor.execute(_raw_sql(statement), params)
+    rows: list[dict[str, Any]] = await cursor.fetchall()
+    return rows
+
+
 async def raw_execute(
     conn: AsyncConnection, statement: TextClause, params: dict[str, Any], *, fetch: bool = True
 ) -> list[tuple[Any, ...]]:
@@ -118,15 +141,9 @@ async def raw_execute(
     rows come back as tuples; without, nothing is read, so in pipeline mode the statement travels
     with the next synchronization (the commit) and its error, if any, is raised there.
     """
-    sql = _RAW_SQL.get(statement.text)
-    if sql is None:
-        if "%" in statement.text:
-            raise ValueError("raw_execute: statements may not contain %")
-        sql = _BIND.sub(r"%(\1)s", statement.text)
-        _RAW_SQL[statement.text] = sql
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
-    cursor = await driver.execute(sql, params)
+    cursor = await driver.execute(_raw_sql(statement), params)
     if not fetch:
         return []
     rows: list[tuple[Any, ...]] = await cursor.fetchall()
@@ -277,19 +294,19 @@ async def insert_new_tasks(
     changes.outbox.clear()
 
 
-_INSERT_SQL = {
+INSERT_SQL = {
     "task_events": _unnest_insert_sql("task_events", EVENT_COLUMNS),
     "outbox": _unnest_insert_sql("outbox", OUTBOX_COLUMNS),
     "active_slots": _unnest_insert_sql("active_slots", SLOT_COLUMNS),
 }
-_COLUMNS = {"task_events": EVENT_COLUMNS, "outbox": OUTBOX_COLUMNS, "active_slots": SLOT_COLUMNS}
+COLUMNS = {"task_events": EVENT_COLUMNS, "outbox": OUTBOX_COLUMNS, "active_slots": SLOT_COLUMNS}
 
 
 async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, Any]]) -> None:
     """Multi-row INSERT through ``unnest`` of column arrays (one statement, typed arrays)."""
     if not rows:
         return
-    await conn.execute(_INSERT_SQL[table], _params(rows, _COLUMNS[table]))
+    await conn.execute(INSERT_SQL[table], _params(rows, COLUMNS[table]))
 
 
 @contextlib.asynccontextmanager

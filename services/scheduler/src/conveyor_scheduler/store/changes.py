@@ -11,12 +11,13 @@ from __future__ import annotations
 import random
 import uuid
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf.message import Message
-from sqlalchemy import delete, text
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor.events.v1 import events_pb2
@@ -29,10 +30,12 @@ from conveyor_scheduler.client_webhooks.decide import PRESENCE
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.bulk import (
     _EVENTS_AND_OUTBOX_SQL,
+    COLUMNS,
     EVENT_COLUMNS,
+    INSERT_SQL,
     OUTBOX_COLUMNS,
     _params,
-    insert_rows,
+    raw_execute,
 )
 from conveyor_scheduler.store.convert import TaskRow, TrackedRow, event_proto
 
@@ -265,8 +268,28 @@ class Changes:
         """The provider side of ``row``'s attempt is terminal: release its slots."""
         self.free_slots.append(row["id"])
 
-    async def flush(self, conn: AsyncConnection, *, save: bool = True) -> None:
-        """Write everything collected (task rows unless ``save`` is False)."""
+    async def flush(
+        self,
+        conn: AsyncConnection,
+        *,
+        save: bool = True,
+        leave_pipeline: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Write everything collected (task rows unless ``save`` is False).
+
+        With ``leave_pipeline`` (the caller holds ``conn`` in psycopg's pipeline mode, see
+        ``store.bulk.pipelined``) the statements go out through ``raw_execute`` without waiting for
+        their results: they travel with the commit. The group aggregate, written with SQLAlchemy,
+        leaves the pipeline first.
+        """
+        piped = leave_pipeline is not None
+
+        async def run(statement: Any, params: dict[str, Any]) -> None:
+            if piped:
+                await raw_execute(conn, statement, params, fetch=False)
+            else:
+                await conn.execute(statement, params)
+
         if save and self.dirty:
             rows = list(self.dirty.values())
             changed: set[str] = set()
@@ -276,14 +299,13 @@ class Changes:
             params: dict[str, Any] = {"id": [r["id"] for r in rows]}
             for c in columns:
                 params[c] = [r[c] for r in rows]
-            await conn.execute(_save_sql(columns), params)
+            await run(_save_sql(columns), params)
         if self.free_slots:
-            await conn.execute(
-                delete(m.ActiveSlot).where(m.ActiveSlot.task_id.in_(self.free_slots))
-            )
-        await adjust_waiting(conn, self.waiting)
+            await run(_FREE_SLOTS_SQL, {"ids": self.free_slots})
+        for statement, params in waiting_updates(self.waiting):
+            await run(statement, params)
         if self.events and self.outbox:
-            await conn.execute(
+            await run(
                 _EVENTS_AND_OUTBOX_SQL,
                 _params(self.events, EVENT_COLUMNS, "e_")
                 | _params(self.outbox, OUTBOX_COLUMNS, "o_")
@@ -293,12 +315,32 @@ class Changes:
                 },
             )
         else:
-            await insert_rows(conn, "task_events", self.events)
-            await insert_rows(conn, "outbox", self.outbox)
+            for table, rows_ in (("task_events", self.events), ("outbox", self.outbox)):
+                if rows_:
+                    await run(INSERT_SQL[table], _params(rows_, COLUMNS[table]))
         if any(r.get("group_id") is not None for r in self.dirty.values()):
             from conveyor_scheduler.groups.aggregate import on_flush  # task groups' aggregate
 
+            if leave_pipeline is not None:
+                await leave_pipeline()
             await on_flush(conn, self)
+
+
+_FREE_SLOTS_SQL = text("DELETE FROM active_slots WHERE task_id = ANY(CAST(:ids AS uuid[]))")
+_TENANT_WAITING_SQL = text("UPDATE tenants SET waiting = waiting + :d WHERE tenant_id = :t")
+_SHARD_WAITING_SQL = text("UPDATE queue_counters SET waiting = waiting + :d WHERE shard = :s")
+
+
+def waiting_updates(deltas: dict[str, int]) -> list[tuple[Any, dict[str, Any]]]:
+    """The statements of :func:`adjust_waiting`, in their order (tenants sorted, then one shard)."""
+    items = sorted((t, d) for t, d in deltas.items() if d)
+    out: list[tuple[Any, dict[str, Any]]] = [
+        (_TENANT_WAITING_SQL, {"t": t, "d": d}) for t, d in items
+    ]
+    total = sum(d for _, d in items)
+    if total:
+        out.append((_SHARD_WAITING_SQL, {"d": total, "s": random.randrange(m.QUEUE_SHARDS)}))
+    return out
 
 
 async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:
@@ -307,16 +349,5 @@ async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:
     Tenant rows are updated in sorted order so two transactions touching several tenants cannot
     deadlock; every writer takes task rows first, then tenant rows, then one shard row.
     """
-    items = sorted((t, d) for t, d in deltas.items() if d)
-    if not items:
-        return
-    await conn.execute(
-        text("UPDATE tenants SET waiting = waiting + :d WHERE tenant_id = :t"),
-        [{"t": t, "d": d} for t, d in items],
-    )
-    total = sum(d for _, d in items)
-    if total:
-        await conn.execute(
-            text("UPDATE queue_counters SET waiting = waiting + :d WHERE shard = :s"),
-            {"d": total, "s": random.randrange(m.QUEUE_SHARDS)},
-        )
+    for statement, params in waiting_updates(deltas):
+        await conn.execute(statement, params)

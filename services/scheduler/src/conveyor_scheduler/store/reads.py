@@ -23,6 +23,7 @@ from conveyor_common.errors import (
     RpcError,
 )
 from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.bulk import raw_mappings
 from conveyor_scheduler.store.convert import (
     TaskRow,
     TrackedRow,
@@ -53,14 +54,23 @@ async def load_task(
     return TrackedRow(row)
 
 
-async def lock_tasks(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, TaskRow]:
-    """Lock tasks in id order (deadlock-free) and return them by id."""
+_LOCK_TASKS_SQL = text("SELECT * FROM tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE")
+
+
+async def lock_tasks(
+    conn: AsyncConnection, ids: Iterable[uuid.UUID], *, raw: bool = False
+) -> dict[uuid.UUID, TaskRow]:
+    """Lock tasks in id order (deadlock-free) and return them by id (``raw``: through psycopg
+    directly, for a caller holding the connection in pipeline mode)."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = await conn.execute(
-        text("SELECT * FROM tasks WHERE id = ANY(:ids) ORDER BY id FOR UPDATE"), {"ids": wanted}
-    )
+    if raw:
+        return {
+            r["id"]: TrackedRow(r)
+            for r in await raw_mappings(conn, _LOCK_TASKS_SQL, {"ids": wanted})
+        }
+    rows = await conn.execute(_LOCK_TASKS_SQL, {"ids": wanted})
     return {r["id"]: TrackedRow(r) for r in rows.mappings()}
 
 
