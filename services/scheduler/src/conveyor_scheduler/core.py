@@ -288,8 +288,8 @@ class SchedulerCore:
 
     async def begin_submits(self, items: Sequence[tuple[str, int]]) -> list[BeginOutcome]:
         """BeginSubmit of (task, attempt) items, in one transaction."""
-        async with self.engine.begin() as conn:
-            outcomes, changes = await begin_submits(conn, items, utcnow())
+        async with self.engine.connect() as conn, pipelined(conn) as leave:
+            outcomes, changes = await begin_submits(conn, items, utcnow(), leave)
         if changes.free_slots:
             self._after(changes)
         elif self.settings.dispatch_window and any(o.decision == PROCEED for o in outcomes):
@@ -302,8 +302,8 @@ class SchedulerCore:
 
     async def complete_submits(self, items: Sequence[tuple[str, int, str]]) -> list[bool]:
         """CompleteSubmit of (task, attempt, prediction id) items, in one transaction."""
-        async with self.engine.begin() as conn:
-            accepted, changes = await complete_submits(conn, items, utcnow())
+        async with self.engine.connect() as conn, pipelined(conn) as leave:
+            accepted, changes = await complete_submits(conn, items, utcnow(), leave)
         if changes.outbox:
             self._after(changes)
         return accepted

@@ -6,7 +6,7 @@ stop and each attempt gets at most one prediction (reliability.md 2.5).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -77,18 +77,25 @@ def _begin(row: TaskRow | None, attempt: int, changes: Changes) -> BeginOutcome:
 
 
 async def begin_submits(
-    conn: AsyncConnection, items: Sequence[tuple[str, int]], now: datetime
+    conn: AsyncConnection,
+    items: Sequence[tuple[str, int]],
+    now: datetime,
+    leave_pipeline: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[BeginOutcome], Changes]:
     """BeginSubmit of several (task, attempt) in one transaction, decided in order (the rows are
-    locked in id order first)."""
+    locked in id order first). ``leave_pipeline``: ``conn`` is in pipeline mode
+    (``store.bulk.pipelined``), the lock is the round trip and the writes go with the commit."""
     changes = Changes(now=now)
-    rows = await lock_tasks(conn, [t for t in (_parse(i) for i, _ in items) if t is not None])
+    piped = leave_pipeline is not None
+    rows = await lock_tasks(
+        conn, [t for t in (_parse(i) for i, _ in items) if t is not None], raw=piped
+    )
     out = []
     for task_id, attempt in items:
         tid = _parse(task_id)
         out.append(_begin(rows.get(tid) if tid is not None else None, attempt, changes))
     if changes.dirty:
-        await changes.flush(conn)
+        await changes.flush(conn, leave_pipeline=leave_pipeline)
     return out, changes
 
 
@@ -108,11 +115,18 @@ def _complete(row: TaskRow | None, attempt: int, prediction_id: str, changes: Ch
 
 
 async def complete_submits(
-    conn: AsyncConnection, items: Sequence[tuple[str, int, str]], now: datetime
+    conn: AsyncConnection,
+    items: Sequence[tuple[str, int, str]],
+    now: datetime,
+    leave_pipeline: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[bool], Changes]:
-    """CompleteSubmit of several (task, attempt, prediction id) in one transaction, in order."""
+    """CompleteSubmit of several (task, attempt, prediction id) in one transaction, in order
+    (``leave_pipeline`` as in :func:`begin_submits`)."""
     changes = Changes(now=now)
-    rows = await lock_tasks(conn, [t for t in (_parse(i) for i, _, _ in items) if t is not None])
+    piped = leave_pipeline is not None
+    rows = await lock_tasks(
+        conn, [t for t in (_parse(i) for i, _, _ in items) if t is not None], raw=piped
+    )
     out = []
     for task_id, attempt, prediction_id in items:
         tid = _parse(task_id)
@@ -120,7 +134,7 @@ async def complete_submits(
             _complete(rows.get(tid) if tid is not None else None, attempt, prediction_id, changes)
         )
     if changes.dirty:
-        await changes.flush(conn)
+        await changes.flush(conn, leave_pipeline=leave_pipeline)
     return out, changes
 
 
