@@ -25,7 +25,11 @@ class ProducerConfig:
 
     bootstrap_servers: str
     client_id: str
-    linger_ms: int = 5
+    linger_ms: int = 0
+    """0: a record goes out with the next request. Records queued while a request is in flight
+    still share the next one, and ``send_many`` queues its batch before the sender runs, so a wait
+    batches little more and costs every hop its length (pipeline at 5 tasks/s, runs one after the
+    other: 131 ms p50 added latency with 5 ms, 83 ms with 0)."""
     request_timeout_ms: int = 30_000
     security: KafkaSecurity = PLAINTEXT
     """TLS and SASL of the connection (``settings.kafka_security``)."""
