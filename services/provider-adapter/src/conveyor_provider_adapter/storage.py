@@ -65,6 +65,33 @@ def _public_url(base: str | None, key: str) -> str | None:
     return f"{base.rstrip('/')}/{quote(key)}"
 
 
+INLINE_BYTES = 1024 * 1024
+"""Outputs up to this size are buffered and written in one worker-thread call (six before)."""
+
+
+def _open_temporary(path: Path) -> tuple[int, str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(dir=str(path.parent), prefix=".part-")
+
+
+def _finish(handle: Any, tmp_name: str, path: Path) -> None:
+    handle.flush()
+    os.fsync(handle.fileno())
+    os.replace(tmp_name, path)
+
+
+def _write_atomically(path: Path, data: list[bytes]) -> None:
+    fd, tmp_name = _open_temporary(path)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.writelines(data)
+            _finish(handle, tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
 class FilesystemStorage:
     """Files under a root directory (a mounted volume)."""
 
@@ -84,24 +111,34 @@ class FilesystemStorage:
     async def put(
         self, key: str, chunks: AsyncIterator[bytes], content_type: str | None
     ) -> StoredObject:
+        """Write atomically (a temporary file, fsync, rename). An output that fits in
+        ``INLINE_BYTES`` is written in one worker-thread call; a larger one streams."""
         path = self.path_of(key)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
-        fd, tmp_name = await asyncio.to_thread(
-            tempfile.mkstemp, dir=str(path.parent), prefix=".part-"
-        )
+        head: list[bytes] = []
         size = 0
+        async for chunk in chunks:
+            head.append(chunk)
+            size += len(chunk)
+            if size > INLINE_BYTES:
+                break
+        else:
+            await asyncio.to_thread(_write_atomically, path, head)
+            return self._stored(key, path, size)
+        fd, tmp_name = await asyncio.to_thread(_open_temporary, path)
         try:
             with os.fdopen(fd, "wb") as handle:
+                await asyncio.to_thread(handle.writelines, head)
                 async for chunk in chunks:
                     await asyncio.to_thread(handle.write, chunk)
                     size += len(chunk)
-                await asyncio.to_thread(handle.flush)
-                await asyncio.to_thread(os.fsync, handle.fileno())
-            await asyncio.to_thread(os.replace, tmp_name, path)
+                await asyncio.to_thread(_finish, handle, tmp_name, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
             raise
+        return self._stored(key, path, size)
+
+    def _stored(self, key: str, path: Path, size: int) -> StoredObject:
         url = _public_url(self.public_base_url, key) or path.resolve().as_uri()
         return StoredObject(url=url, key=key, size=size)
 
