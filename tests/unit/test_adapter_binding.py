@@ -3,6 +3,7 @@ scheduler's ListInFlight."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -123,3 +124,32 @@ async def test_unknown_submit_of_this_replica_needs_the_same_input() -> None:
     assert unbound(registry, "mismatch") == 1
     mine = prediction("p2", model="acme/flux", input={"prompt": "mine"})
     assert await binder.bind("t2", 1, mine)
+
+
+async def test_a_webhook_beating_this_replicas_create_answer_waits_for_it_without_a_scan() -> None:
+    """An instant prediction's start webhook can arrive before the create call has returned: the
+    answer names the prediction, so the delivery waits for it instead of rescanning the
+    scheduler (a ListInFlight call each time, and a wait of up to ``min_refresh_s``)."""
+    binder, stub, state, _ = make([])
+    info = state.attempt("t2", 1)
+    info.creating = True  # the create call is in flight (commands.py)
+    mine = asyncio.create_task(binder.bind("t2", 1, prediction("p2")))
+    other = asyncio.create_task(binder.bind("t2", 1, prediction("p9")))
+    await asyncio.sleep(0.05)
+    assert not mine.done()  # waiting for the answer
+    assert not other.done()
+    info.prediction_id = "p2"
+    info.creating = False
+    info.create_answered.set()
+    assert await mine
+    assert not await other
+    assert stub.scans == 0
+
+
+async def test_a_create_that_never_answers_bounds_the_wait() -> None:
+    binder, stub, state, registry = make([])
+    binder.create_wait_s = 0.05
+    state.attempt("t2", 1).creating = True
+    assert not await binder.bind("t2", 1, prediction("p2"))  # then the scheduler's view decides
+    assert stub.scans == 1
+    assert unbound(registry, "not_in_flight") == 1

@@ -203,6 +203,7 @@ class Adapter:
                 records=SubmitRecords(self.coordinator),
                 metrics=self.metrics,
                 skew_s=settings.reconcile_skew_s,
+                create_wait_s=settings.replicate_create_timeout_s,
             ),
         )
         self.receiver = WebhookReceiver(

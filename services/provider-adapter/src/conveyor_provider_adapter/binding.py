@@ -25,6 +25,7 @@ scan. A per-attempt read RPC at the scheduler would make the miss O(1) (see the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -115,11 +116,13 @@ class Binder:
         records: SubmitRecords,
         metrics: AdapterMetrics,
         skew_s: float = 60.0,
+        create_wait_s: float = 10.0,
     ) -> None:
         self.state = state
         self.records = records
         self.metrics = metrics
         self.skew_s = skew_s
+        self.create_wait_s = create_wait_s
 
     def _unbound(self, reason: str, task_id: str, attempt: int, prediction: Prediction) -> bool:
         self.metrics.webhooks_unbound.labels(reason).inc()
@@ -139,6 +142,14 @@ class Binder:
         """True when ``prediction`` is (or may be adopted as) the prediction of the attempt."""
         pid = prediction.id
         info = self.state.peek(task_id, attempt)
+        if info is not None and info.creating and not info.prediction_id:
+            # This replica's create of the attempt is in flight and the prediction's first webhook
+            # beat its answer (an instant prediction): the answer names the prediction, so wait
+            # for it rather than rescan the scheduler's in-flight attempts (a ListInFlight call,
+            # at most one per ``min_refresh_s``, that every such delivery waited for).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.create_wait_s):
+                    await info.create_answered.wait()
         if info is not None:
             if pid in info.rejected:
                 return self._unbound("other_prediction", task_id, attempt, prediction)

@@ -229,6 +229,8 @@ class CommandHandler:
             waited = await self.bucket.acquire()
             self.metrics.throttle_wait_seconds.inc(waited)
             started = time.perf_counter()
+            info.creating = True
+            info.create_answered.clear()
             try:
                 prediction = await self.replicate.create(request)
             except RateLimited as exc:
@@ -273,6 +275,10 @@ class CommandHandler:
                 await self._ambiguous(d, info, str(exc))
                 return
             finally:
+                # A webhook that beat this answer waits for it (binding.py); prediction_id is set
+                # by _record before anything else runs.
+                info.creating = False
+                info.create_answered.set()
                 self.metrics.create_seconds.labels(target.form).observe(
                     time.perf_counter() - started
                 )

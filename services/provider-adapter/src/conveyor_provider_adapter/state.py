@@ -59,6 +59,10 @@ class AttemptInfo:
     """Prediction id of this attempt once known (created here, adopted, or from the scheduler)."""
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
     """Set once the scheduler answered CompleteSubmit (or it is known recorded)."""
+    creating: bool = False
+    """This replica's create call of the attempt is in flight (its answer names the prediction)."""
+    create_answered: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a create call of the attempt returned (or failed); cleared when one starts."""
     rejected: set[str] = field(default_factory=set)
     """Prediction ids the scheduler refused for this attempt (stale or duplicates): ignored."""
     started_reported: bool = False
