@@ -240,7 +240,7 @@ class EventConsumer:
 
     async def _update_lag(self) -> None:
         """Lag = high watermark - position, per assigned partition. Called between batches, when
-        the position equals the committed offset."""
+        the position is just past the last handled record."""
         if self.metrics is None:
             return
         for tp in self._consumer.assignment():

@@ -302,8 +302,14 @@ class Changes:
             await run(_save_sql(columns), params)
         if self.free_slots:
             await run(_FREE_SLOTS_SQL, {"ids": self.free_slots})
-        for statement, params in waiting_updates(self.waiting):
-            await run(statement, params)
+        if piped:
+            tenants, shard = waiting_updates(self.waiting)
+            for params in tenants:
+                await run(_TENANT_WAITING_SQL, params)
+            if shard is not None:
+                await run(_SHARD_WAITING_SQL, shard)
+        else:
+            await adjust_waiting(conn, self.waiting)
         if self.events and self.outbox:
             await run(
                 _EVENTS_AND_OUTBOX_SQL,
@@ -331,16 +337,15 @@ _TENANT_WAITING_SQL = text("UPDATE tenants SET waiting = waiting + :d WHERE tena
 _SHARD_WAITING_SQL = text("UPDATE queue_counters SET waiting = waiting + :d WHERE shard = :s")
 
 
-def waiting_updates(deltas: dict[str, int]) -> list[tuple[Any, dict[str, Any]]]:
-    """The statements of :func:`adjust_waiting`, in their order (tenants sorted, then one shard)."""
+def waiting_updates(
+    deltas: dict[str, int],
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The parameters of :func:`adjust_waiting`'s statements: the tenants' in sorted order, then
+    one shard's (None when the deltas sum to zero)."""
     items = sorted((t, d) for t, d in deltas.items() if d)
-    out: list[tuple[Any, dict[str, Any]]] = [
-        (_TENANT_WAITING_SQL, {"t": t, "d": d}) for t, d in items
-    ]
     total = sum(d for _, d in items)
-    if total:
-        out.append((_SHARD_WAITING_SQL, {"d": total, "s": random.randrange(m.QUEUE_SHARDS)}))
-    return out
+    shard = {"d": total, "s": random.randrange(m.QUEUE_SHARDS)} if total else None
+    return [{"t": t, "d": d} for t, d in items], shard
 
 
 async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:
@@ -349,5 +354,8 @@ async def adjust_waiting(conn: AsyncConnection, deltas: dict[str, int]) -> None:
     Tenant rows are updated in sorted order so two transactions touching several tenants cannot
     deadlock; every writer takes task rows first, then tenant rows, then one shard row.
     """
-    for statement, params in waiting_updates(deltas):
-        await conn.execute(statement, params)
+    tenants, shard = waiting_updates(deltas)
+    if tenants:
+        await conn.execute(_TENANT_WAITING_SQL, tenants)
+    if shard is not None:
+        await conn.execute(_SHARD_WAITING_SQL, shard)
