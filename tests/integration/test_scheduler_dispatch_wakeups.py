@@ -111,6 +111,40 @@ def test_notify_payload_names_what_changed() -> None:
     assert payload_of(new_work=True, frees=False) == "work"
     assert payload_of(new_work=False, frees=True) == "slot"
     assert payload_of(new_work=True, frees=True) == "work+slot"
+    assert payload_of(new_work=False, frees=False, relay_only=True) == "outbox"
+    assert payload_of(new_work=True, frees=False, relay_only=True) == "work"
+
+
+async def test_a_relay_notify_wakes_only_the_leaders_relay(database_url: str) -> None:
+    """'outbox' (a follower wrote events and nothing for the dispatcher) sets the relay's event and
+    leaves the dispatcher's cache and capacity alone; anything else wakes both."""
+    import psycopg
+
+    from conveyor_scheduler.dispatch.wakeups import CHANNEL, Wakeups, WorkListener
+    from conveyor_scheduler.settings import to_libpq_url
+
+    wakeups = Wakeups()
+    wakeups.local_leader = True
+    listener = WorkListener(database_url, wakeups)
+    listener.start()
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            to_libpq_url(database_url), autocommit=True
+        ) as conn:
+            for payload, dispatch in (("outbox", False), ("slot", True)):
+                wakeups.candidates_stale = wakeups.capacity_changed = False
+                wakeups.relay.clear()
+                wakeups.dispatch.clear()
+                for _ in range(100):  # until the listener is listening and the NOTIFY arrived
+                    await conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+                    await asyncio.sleep(0.02)
+                    if wakeups.relay.is_set():
+                        break
+                assert wakeups.relay.is_set()
+                assert wakeups.dispatch.is_set() == dispatch
+                assert wakeups.capacity_changed == dispatch
+    finally:
+        await listener.stop()
 
 
 def test_poke_marks_capacity_only_when_it_may_have_grown() -> None:
@@ -179,6 +213,19 @@ async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
         await next_notify()
         assert [p for _, p in got] == ["work", "work+slot"]
         assert got[1][0] - got[0][0] < 0.2  # the freed slot did not wait for the work window
+        # New outbox rows only (a STARTED event on a follower): "outbox", also at once...
+        announcer.request(new_work=True, frees=False)
+        await asyncio.sleep(0.01)
+        got.clear()
+        started = time.monotonic()
+        announcer.request(new_work=False, frees=False, relay_only=True)
+        await next_notify()
+        assert [p for _, p in got] == ["work"]  # ...merged with what was pending: not relay-only
+        assert got[0][0] - started < 0.2
+        await asyncio.sleep(0.01)
+        announcer.request(new_work=False, frees=False, relay_only=True)
+        await next_notify()
+        assert [p for _, p in got] == ["work", "outbox"]
         collector.cancel()
     finally:
         await announcer.stop()

@@ -277,6 +277,8 @@ class SchedulerCore:
             r.WhichOneof("outcome") == "throttled" for r in results
         )
         self._after(changes, poke=poke)
+        if not poke and changes.outbox:
+            self.wakeups.poke_relay()  # STARTED/PROGRESS events: nothing for the dispatcher
         if self.metrics is not None:
             for r in results:
                 self.metrics.results_applied.labels(r.WhichOneof("outcome") or "none").inc()

@@ -62,10 +62,21 @@ class Wakeups:
         elif self.announcer is not None:
             self.announcer.request(new_work=new_work, frees=frees)
 
+    def poke_relay(self) -> None:
+        """New outbox rows and nothing for the dispatcher (a STARTED or PROGRESS event): wake only
+        the leader's relay, wherever it runs, so the event is not left for its poll."""
+        if self.local_leader:
+            self.relay.set()
+        elif self.announcer is not None:
+            self.announcer.request(new_work=False, frees=False, relay_only=True)
 
-def payload_of(*, new_work: bool, frees: bool) -> str:
+
+def payload_of(*, new_work: bool, frees: bool, relay_only: bool = False) -> str:
     """The NOTIFY payload: ``work`` (queued tasks may have appeared), ``slot`` (capacity may have
-    grown) or ``work+slot``; a listener treats anything but ``work``/``slot`` as both."""
+    grown), ``work+slot``, or ``outbox`` (only new outbox rows); a listener treats anything else as
+    ``work+slot``."""
+    if relay_only and not (new_work or frees):
+        return "outbox"
     if new_work and not frees:
         return "work"
     if frees and not new_work:
@@ -86,15 +97,20 @@ class WorkAnnouncer:
         self._urgent = asyncio.Event()
         self._new_work = False
         self._frees = False
+        self._relay_only = True
+        """Every request since the last NOTIFY was relay-only (``poke_relay``)."""
         self._task: asyncio.Task[None] | None = None
         self._last_sent = -math.inf
 
-    def request(self, *, new_work: bool = True, frees: bool = True) -> None:
-        """Ask for one NOTIFY soon."""
+    def request(
+        self, *, new_work: bool = True, frees: bool = True, relay_only: bool = False
+    ) -> None:
+        """Ask for one NOTIFY soon (a freed slot or new outbox rows: within ``coalesce``)."""
         self._new_work = self._new_work or new_work
         self._frees = self._frees or frees
+        self._relay_only = self._relay_only and relay_only
         self._pending.set()
-        if frees:
+        if frees or relay_only:
             self._urgent.set()
 
     def start(self) -> None:
@@ -123,8 +139,11 @@ class WorkAnnouncer:
             await asyncio.sleep(self.coalesce)
             self._pending.clear()
             self._urgent.clear()
-            payload = payload_of(new_work=self._new_work, frees=self._frees)
+            payload = payload_of(
+                new_work=self._new_work, frees=self._frees, relay_only=self._relay_only
+            )
             self._new_work = self._frees = False
+            self._relay_only = True
             try:
                 async with self.engine.begin() as conn:
                     await conn.execute(
@@ -162,7 +181,9 @@ class WorkListener:
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     async for note in conn.notifies():
-                        if self.wakeups.local_leader:
+                        if self.wakeups.local_leader and note.payload == "outbox":
+                            self.wakeups.relay.set()
+                        elif self.wakeups.local_leader:
                             if note.payload != "slot":
                                 self.wakeups.candidates_stale = True
                             if note.payload != "work":
