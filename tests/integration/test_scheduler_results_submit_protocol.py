@@ -100,3 +100,35 @@ async def test_batched_submit_protocol(make_env: Callable[..., Awaitable[Env]]) 
         await servicer.CompleteSubmitBatch(P.CompleteSubmitBatchRequest(), None)  # type: ignore[arg-type]
     assert (await env.task(rows[2]["id"]))["submit_state"] == 1  # the refused batch wrote nothing
     await env.check()
+
+
+class Requests:
+    """Stands in for a non-leader replica's WorkAnnouncer: records what it is asked to announce."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, bool]] = []
+
+    def request(self, **kw: bool) -> None:
+        self.got.append(kw)
+
+
+async def test_events_for_the_relay_alone_wake_only_the_relay(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """On a non-leader, CompleteSubmit and a non-freeing result (STARTED, PROGRESS) ask for an
+    'outbox' NOTIFY (the leader's relay only); a terminal result, which frees a slot, still wakes
+    the dispatcher."""
+    env = await make_env(lead=True)
+    [(row, _)] = await env.core.submit("a", 1, [kit.item()])
+    await env.dispatch()
+    tid = str(row["id"])
+    assert (await env.core.begin_submit(tid, 1))[0] == 1
+    requests = Requests()
+    env.core.wakeups.local_leader = False
+    env.core.wakeups.announcer = requests  # type: ignore[assignment]
+    assert await env.core.complete_submit(tid, 1, "pred-1")
+    assert requests.got == [{"new_work": False, "frees": False, "relay_only": True}]
+    await env.core.apply_results([kit.result(row["id"], 1, "progress", percent=40)])
+    assert requests.got[1:] == [{"new_work": False, "frees": False, "relay_only": True}]
+    await env.core.apply_results([kit.result(row["id"], 1, "succeeded")])
+    assert requests.got[2:] == [{"new_work": False, "frees": True}]

@@ -307,7 +307,7 @@ class SchedulerCore:
         async with self.engine.connect() as conn, pipelined(conn) as leave:
             accepted, changes = await complete_submits(conn, items, utcnow(), leave)
         if changes.outbox:
-            self._after(changes)
+            self.wakeups.poke_relay()  # STARTED events; no capacity or work for the dispatcher
         return accepted
 
     async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:
