@@ -1,7 +1,7 @@
 """The shape every ``python -m conveyor_<service>`` follows.
 
 ``main()`` of a service: ``settings = load_settings(Settings)``, ``configure_logging(...)``, then
-``asyncio.run(run(settings))``. ``run`` builds its components by constructor injection, registers them
+``run_service(run(settings), settings)``. ``run`` builds its components by constructor injection, registers them
 with a :class:`~conveyor_common.lifecycle.Lifecycle` and calls :func:`serve_until_stopped`.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry
 
@@ -21,6 +23,27 @@ from conveyor_common.metrics import MetricsServer, start_metrics_server
 from conveyor_common.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def loop_factory(settings: ServiceSettings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a service runs on (``settings.event_loop``); ``None`` is asyncio's own."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
+def run_service(main: Coroutine[Any, Any, T], settings: ServiceSettings) -> T:
+    """Run a service's ``main`` coroutine to completion on the configured event loop.
+
+    uvloop runs the same asyncio code (gRPC aio, aiokafka, psycopg, aiohttp) with less CPU per
+    callback and I/O event than the standard library's selector loop.
+    """
+    with asyncio.Runner(loop_factory=loop_factory(settings)) as runner:
+        return runner.run(main)
 
 
 def register_grpc(lifecycle: Lifecycle, grpc: GrpcService, settings: ServiceSettings) -> None:

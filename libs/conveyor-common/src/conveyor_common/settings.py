@@ -9,7 +9,7 @@ that message and exit code 2 instead of a traceback.
 from __future__ import annotations
 
 import sys
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +36,8 @@ class ServiceSettings(BaseSettings):
     """Grace period for in-flight RPCs on SIGTERM."""
     readiness_drain_seconds: float = Field(default=0.0, ge=0, le=60)
     """How long to keep serving after health turns NOT_SERVING (the readiness probe period)."""
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
+    """The asyncio event loop: ``uvloop`` (libuv, the default) or the standard library's."""
 
 
 def env_name(cls: type[BaseSettings], field: str) -> str:

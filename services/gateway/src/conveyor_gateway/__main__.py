@@ -9,7 +9,6 @@ from conveyor_common.redact import limit_grpc_core_logs
 # lines print request headers (bearer tokens).
 limit_grpc_core_logs()
 
-import asyncio
 import logging
 
 from prometheus_client import CollectorRegistry
@@ -17,7 +16,12 @@ from prometheus_client import CollectorRegistry
 from conveyor_common import lifecycle as phases
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
-from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
+from conveyor_common.service import (
+    register_grpc,
+    run_service,
+    serve_until_stopped,
+    start_metrics,
+)
 from conveyor_common.settings import load_settings
 from conveyor_common.tracing import configure_tracing
 from conveyor_gateway.app import build_gateway
@@ -52,7 +56,7 @@ def main() -> None:
     settings = load_settings(GatewaySettings)
     configure_logging("gateway", settings.log_level)
     configure_tracing("gateway")
-    asyncio.run(run(settings))
+    run_service(run(settings), settings)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ channel -> stop metrics.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -32,7 +31,12 @@ from conveyor_common.kafka import (
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.metrics import KafkaMetrics, MetricsServer, RpcMetrics
 from conveyor_common.ratelimit import TokenBucket
-from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
+from conveyor_common.service import (
+    register_grpc,
+    run_service,
+    serve_until_stopped,
+    start_metrics,
+)
 from conveyor_common.ssrf import Resolver, system_resolver
 from conveyor_common.tls import open_channel
 from conveyor_notifier import fanout
@@ -279,5 +283,5 @@ async def run(settings: NotifierSettings) -> None:
 
 
 def main_async(settings: NotifierSettings) -> None:
-    """``asyncio.run(run(settings))``."""
-    asyncio.run(run(settings))
+    """Run the notifier on the configured event loop."""
+    run_service(run(settings), settings)

@@ -9,13 +9,12 @@ from conveyor_common.redact import limit_grpc_core_logs
 # lines print request headers (credentials).
 limit_grpc_core_logs()
 
-import asyncio
 
 from prometheus_client import CollectorRegistry
 
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
-from conveyor_common.service import serve_until_stopped, start_metrics
+from conveyor_common.service import run_service, serve_until_stopped, start_metrics
 from conveyor_common.settings import load_settings
 from conveyor_common.tracing import configure_tracing
 from conveyor_provider_adapter.app import SERVICE, Adapter
@@ -37,7 +36,7 @@ def main() -> None:
     settings = load_settings(AdapterSettings)
     configure_logging(SERVICE, settings.log_level)
     configure_tracing(SERVICE)
-    asyncio.run(run(settings))
+    run_service(run(settings), settings)
 
 
 if __name__ == "__main__":

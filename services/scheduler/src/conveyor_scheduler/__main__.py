@@ -22,7 +22,12 @@ from sqlalchemy import text
 
 from conveyor_common.lifecycle import Lifecycle
 from conveyor_common.logging import configure_logging
-from conveyor_common.service import register_grpc, serve_until_stopped, start_metrics
+from conveyor_common.service import (
+    register_grpc,
+    run_service,
+    serve_until_stopped,
+    start_metrics,
+)
 from conveyor_common.settings import load_settings
 from conveyor_common.tracing import configure_tracing
 from conveyor_scheduler.app import SchedulerApp
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     if command != "serve":
         sys.stderr.write("usage: python -m conveyor_scheduler [serve|migrate|rerank]\n")
         raise SystemExit(2)
-    asyncio.run(run(settings))
+    run_service(run(settings), settings)
 
 
 if __name__ == "__main__":
