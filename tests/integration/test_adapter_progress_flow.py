@@ -142,10 +142,10 @@ async def test_many_log_lines_give_coalesced_progress_and_one_terminal_result_in
         env, {"prompt": "a long denoise", "__fake_duration_s": RUN_S, "__fake_starting_s": 0.1}
     )
     names = outcomes(results)
-    assert names[0] == "started", names
+    assert "started" not in names, names  # the accepted CompleteSubmit started the task
     assert names[-1] == "succeeded", names
     assert sum(1 for n in names if n in TERMINAL) == 1, names
-    assert set(names[1:-1]) <= {"progress"}, names
+    assert set(names[:-1]) <= {"progress"}, names
 
     progress = [r for r in results if r.WhichOneof("outcome") == "progress"]
     percents = [r.progress.percent for r in progress]
@@ -167,7 +167,7 @@ async def test_many_log_lines_give_coalesced_progress_and_one_terminal_result_in
     # The fake sent many more logs deliveries than there were progress results: the rest were
     # coalesced (superseded by a later one or by the terminal result).
     assert len(progress) < logs, (len(progress), logs)
-    bound = int((times[-1] - times[0]) / INTERVAL_S) + 1 if times else 0
+    bound = int((times[-1] - times[0]) / (INTERVAL_S - 0.02)) + 1 if times else 0
     assert len(progress) <= bound
     assert env.metric("conveyor_adapter_progress_coalesced_total") > coalesced_before
     # Results of a delivery keep the idempotent ids of results.py (the webhook-id).
@@ -175,17 +175,17 @@ async def test_many_log_lines_give_coalesced_progress_and_one_terminal_result_in
     assert len({r.result_id for r in results}) == len(results)
 
 
-async def test_a_prediction_shorter_than_the_interval_costs_started_at_most_one_progress_and_terminal(
+async def test_a_prediction_shorter_than_the_interval_costs_at_most_one_progress_and_terminal(
     env: Env,
 ) -> None:
     _, results = await run_task(
         env, {"prompt": "quick", "__fake_duration_s": 0.3, "__fake_starting_s": 0.05}
     )
     names = outcomes(results)
-    assert names[0] == "started", names
+    assert "started" not in names, names  # the accepted CompleteSubmit started the task
     assert names[-1] == "succeeded", names
     assert names.count("progress") <= 1, names
-    assert len(names) <= 3, names
+    assert len(names) <= 2, names
 
 
 async def test_a_failure_right_after_progress_is_published_at_once_and_last(env: Env) -> None:
@@ -200,7 +200,7 @@ async def test_a_failure_right_after_progress_is_published_at_once_and_last(env:
         },
     )
     names = outcomes(results)
-    assert names[0] == "started", names
+    assert "started" not in names, names  # the accepted CompleteSubmit started the task
     assert names[-1] == "failed", names
     assert sum(1 for n in names if n in TERMINAL) == 1, names
     assert results[-1].failed.retryable

@@ -177,10 +177,9 @@ async def _running_pair(env: Env) -> tuple[str, str, str, str]:
         env.coordination.dispatched(t)
         await env.commands.dispatch(t, inputs={"prompt": f"{t} long", "__fake_duration_s": 6})
     p: dict[str, str] = {}
-    for t in (t2, t4):
-        results = await env.collector.wait_for(lambda rs: "started" in outcomes(rs), t)
-        p[t] = results[0].prediction_id
     await wait_until(lambda: all(env.coordination.tasks[t].prediction_id for t in (t2, t4)))
+    for t in (t2, t4):
+        p[t] = env.coordination.tasks[t].prediction_id
     return t2, p[t2], t4, p[t4]
 
 

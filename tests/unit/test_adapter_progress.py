@@ -3,7 +3,9 @@ coalescing of progress results, with an injected clock (no sleeps)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -27,16 +29,35 @@ from conveyor_provider_adapter.state import AttemptInfo, LocalState
 
 
 class Clock:
-    """A monotonic clock the test moves by hand."""
+    """A monotonic clock the test moves by hand, with the timers (``call_later``) it fires."""
 
     def __init__(self) -> None:
         self.now = 1000.0
+        self.timers: list[tuple[float, int, Callable[[], None], Timer]] = []
 
     def __call__(self) -> float:
         return self.now
 
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer()
+        self.timers.append((self.now + delay, len(self.timers), callback, timer))
+        return timer
+
     def advance(self, seconds: float) -> None:
         self.now += seconds
+        due = sorted(t for t in self.timers if t[0] <= self.now + 1e-9)
+        self.timers = [t for t in self.timers if t[0] > self.now + 1e-9]
+        for _, _, callback, timer in due:
+            if not timer.canceled:
+                callback()
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.canceled = False
+
+    def cancel(self) -> None:
+        self.canceled = True
 
 
 def tqdm(percent: int) -> str:
@@ -46,24 +67,40 @@ def tqdm(percent: int) -> str:
 # ---- the coalescer ----
 
 
-def test_first_change_is_published_and_changes_within_the_interval_are_coalesced() -> None:
+def test_first_change_is_published_and_later_ones_are_held_to_the_interval_end() -> None:
     clock = Clock()
     coalesced: list[int] = []
     c = ProgressCoalescer(1.0, clock=clock, on_coalesced=lambda: coalesced.append(1))
     info = AttemptInfo(task_id="t", attempt=1)
-    assert c.admit(info, 10)
+    assert c.admit(info, 10) == 0  # no hold: at once
     assert (info.last_percent, info.last_progress_at) == (10, clock.now)
     clock.advance(0.4)
-    assert not c.admit(info, 20)
+    assert c.admit(info, 20) == pytest.approx(0.6)  # held to the end of the interval
+    assert info.held_percent == 20
     clock.advance(0.5)
-    assert not c.admit(info, 30)  # 0.9 s after the last published one
-    assert len(coalesced) == 2
-    assert info.last_percent == 10  # what was coalesced away is not remembered as published
+    assert c.admit(info, 30) == pytest.approx(0.1)  # replaces the held one, keeps its time
+    assert (info.held_percent, len(coalesced)) == (30, 1)  # 20 will never be published
+    assert not c.admit(info, 25)  # below the held one
+    assert info.last_percent == 10  # a held update is not published yet
     clock.advance(0.1)
-    assert c.admit(info, 40)  # exactly the interval later: the latest percentage goes out
-    assert info.last_percent == 40
+    c.published(info, 30)  # its timer fired
+    assert (info.last_percent, info.held_percent, info.last_progress_at) == (30, -1, clock.now)
     clock.advance(5.0)
-    assert c.admit(info, 41)
+    assert c.admit(info, 41) == 0
+
+
+def test_a_hold_delays_the_first_change_and_a_terminal_result_drops_it() -> None:
+    clock = Clock()
+    coalesced: list[int] = []
+    c = ProgressCoalescer(1.0, hold_s=0.3, clock=clock, on_coalesced=lambda: coalesced.append(1))
+    info = AttemptInfo(task_id="t", attempt=1)
+    assert c.admit(info, 10) == pytest.approx(0.3)
+    clock.advance(0.1)
+    assert c.admit(info, 20) == pytest.approx(0.2)
+    c.dropped(info)  # the prediction ended within the hold
+    assert (info.held_percent, info.last_percent, len(coalesced)) == (-1, -1, 2)
+    c.dropped(info)  # nothing held: nothing counted
+    assert len(coalesced) == 2
 
 
 def test_no_change_is_never_published_and_is_not_counted_as_coalesced() -> None:
@@ -71,12 +108,12 @@ def test_no_change_is_never_published_and_is_not_counted_as_coalesced() -> None:
     coalesced: list[int] = []
     c = ProgressCoalescer(1.0, clock=clock, on_coalesced=lambda: coalesced.append(1))
     info = AttemptInfo(task_id="t", attempt=1)
-    assert not c.admit(info, None)  # logs without a percentage
-    assert c.admit(info, 50)
+    assert c.admit(info, None) is None  # logs without a percentage
+    assert c.admit(info, 50) == 0
     clock.advance(10.0)
-    assert not c.admit(info, 50)
-    assert not c.admit(info, 49)  # never backwards
-    assert not c.admit(info, None)
+    assert c.admit(info, 50) is None
+    assert c.admit(info, 49) is None  # never backwards
+    assert c.admit(info, None) is None
     assert coalesced == []
     assert info.last_progress_at == 1000.0
 
@@ -85,22 +122,24 @@ def test_zero_interval_publishes_every_change() -> None:
     clock = Clock()
     c = ProgressCoalescer(0.0, clock=clock)
     info = AttemptInfo(task_id="t", attempt=1)
-    assert [c.admit(info, p) for p in (1, 2, 2, 3, 100)] == [True, True, False, True, True]
+    assert [c.admit(info, p) for p in (1, 2, 2, 3, 100)] == [0, 0, None, 0, 0]
 
 
 def test_attempts_are_coalesced_independently() -> None:
     clock = Clock()
     c = ProgressCoalescer(1.0, clock=clock)
     a, b = AttemptInfo(task_id="t", attempt=1), AttemptInfo(task_id="t", attempt=2)
-    assert c.admit(a, 10)
-    assert c.admit(b, 10)
-    assert not c.admit(a, 20)
+    assert c.admit(a, 10) == 0
+    assert c.admit(b, 10) == 0
+    assert c.admit(a, 20) == pytest.approx(1.0)
     assert AttemptInfo(task_id="u", attempt=1).last_progress_at == float("-inf")
 
 
-def test_a_negative_interval_is_refused() -> None:
+def test_a_negative_interval_or_hold_is_refused() -> None:
     with pytest.raises(ValueError, match="min_interval_s"):
         ProgressCoalescer(-0.1)
+    with pytest.raises(ValueError, match="hold_s"):
+        ProgressCoalescer(1.0, hold_s=-0.1)
 
 
 # ---- the observer: order, terminal never held back, ids ----
@@ -123,7 +162,9 @@ class Copier:
         return []
 
 
-def make_observer(clock: Clock, interval: float) -> tuple[Observer, Publisher, CollectorRegistry]:
+def make_observer(
+    clock: Clock, interval: float, hold: float = 0.0
+) -> tuple[Observer, Publisher, CollectorRegistry]:
     """An observer of attempt ("t", 1), whose prediction "p1" this replica created and recorded."""
     registry = CollectorRegistry()
     metrics = AdapterMetrics(registry)
@@ -141,8 +182,9 @@ def make_observer(clock: Clock, interval: float) -> tuple[Observer, Publisher, C
         publisher=publisher,  # type: ignore[arg-type]
         metrics=metrics,
         progress=ProgressCoalescer(
-            interval, clock=clock, on_coalesced=metrics.progress_coalesced.inc
+            interval, hold_s=hold, clock=clock, on_coalesced=metrics.progress_coalesced.inc
         ),
+        call_later=clock.call_later,
     )
     return observer, publisher, registry
 
@@ -158,28 +200,93 @@ def summary(results: list[events_pb2.ProviderResult]) -> list[tuple[str, str, in
     return [(r.result_id, r.WhichOneof("outcome") or "", r.progress.percent) for r in results]
 
 
-async def test_many_log_lines_give_started_coalesced_progress_and_one_terminal_in_order() -> None:
+async def settle() -> None:
+    """Let released progress results (publish tasks) run."""
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_many_log_lines_give_started_progress_once_per_interval_and_one_terminal() -> None:
     clock = Clock()
     observer, publisher, registry = make_observer(clock, 1.0)
     await deliver(observer, "w-start", "starting")
     for i in range(1, 51):  # a logs delivery every 0.1 s, 2 percent each: 5 s of run
         clock.advance(0.1)
+        await settle()
         await deliver(observer, f"w-{i}", "processing", tqdm(2 * i))
+    clock.advance(0.05)
+    await settle()
     await deliver(observer, "w-done", "succeeded", tqdm(100))
+    clock.advance(5.0)  # the update held when the terminal result came never goes out
+    await settle()
     got = summary(publisher.sent)
     assert got[0] == ("wh:w-start", "started", 0)
     assert got[-1] == ("wh:w-done", "succeeded", 0)
     progress = [g for g in got if g[1] == "progress"]
     assert [g[1] for g in got[1:-1]] == ["progress"] * len(progress)
-    # The first change goes out at once, then at most one per second: 5 s of run -> 5 or 6.
-    assert 5 <= len(progress) <= 6, got
-    percents = [p for (_, _, p) in progress]
-    assert percents == sorted(set(percents))
-    assert percents[0] == 2
+    # The first change goes out at once; then, at the end of each interval, the latest one.
+    assert [p for (_, _, p) in progress] == [2, 20, 40, 60, 80], got
     # The ids of a delivery are the scheme of results.py: its webhook-id.
     assert all(rid == f"wh:w-{p // 2}" for (rid, _, p) in progress)
     coalesced = registry.get_sample_value("conveyor_adapter_progress_coalesced_total")
     assert coalesced == 50 - len(progress)
+
+
+async def test_a_prediction_ending_within_the_hold_costs_no_progress_result() -> None:
+    clock = Clock()
+    observer, publisher, registry = make_observer(clock, 1.0, hold=0.3)
+    await deliver(observer, "w-1", "processing", tqdm(40))
+    clock.advance(0.1)
+    await deliver(observer, "w-2", "processing", tqdm(90))
+    assert summary(publisher.sent) == [("wh:w-1", "started", 0)]
+    await deliver(observer, "w-3", "succeeded", tqdm(100))
+    clock.advance(1.0)
+    await settle()
+    assert summary(publisher.sent) == [("wh:w-1", "started", 0), ("wh:w-3", "succeeded", 0)]
+    assert registry.get_sample_value("conveyor_adapter_progress_coalesced_total") == 2
+
+
+async def test_a_held_update_goes_out_at_the_end_of_the_hold_with_its_delivery_id() -> None:
+    clock = Clock()
+    observer, publisher, _ = make_observer(clock, 1.0, hold=0.3)
+    await deliver(observer, "w-1", "processing", tqdm(40))
+    clock.advance(0.1)
+    await deliver(observer, "w-2", "processing", tqdm(50))
+    clock.advance(0.2)  # the hold of the first change ends: the latest percentage goes out
+    await settle()
+    assert summary(publisher.sent) == [("wh:w-1", "started", 0), ("wh:w-2", "progress", 50)]
+    clock.advance(0.3)
+    await deliver(observer, "w-3", "processing", tqdm(60))  # held to the interval's end
+    clock.advance(0.5)
+    await settle()
+    assert summary(publisher.sent)[1:] == [("wh:w-2", "progress", 50)]
+    clock.advance(0.2)
+    await settle()
+    assert summary(publisher.sent)[1:] == [("wh:w-2", "progress", 50), ("wh:w-3", "progress", 60)]
+
+
+async def test_a_held_update_is_not_released_while_a_terminal_result_is_publishing() -> None:
+    clock = Clock()
+    observer, publisher, _ = make_observer(clock, 0.0, hold=0.3)
+    await deliver(observer, "w-1", "processing", tqdm(40))
+    observer.state.attempt("t", 1).terminal_publishing = True  # e.g. the reconciler's poll
+    clock.advance(0.3)
+    await settle()
+    assert [g[1] for g in summary(publisher.sent)] == ["started"]
+
+
+async def test_held_updates_are_published_on_shutdown() -> None:
+    clock = Clock()
+    observer, publisher, _ = make_observer(clock, 1.0, hold=0.3)
+    await deliver(observer, "w-1", "processing", tqdm(40))
+    await observer.held.flush()
+    assert summary(publisher.sent) == [
+        ("wh:w-1", "started", 0),
+        ("wh:w-1:progress", "progress", 40),
+    ]
+    clock.advance(1.0)  # its timer was canceled: not published twice
+    await settle()
+    assert len(publisher.sent) == 2
 
 
 async def test_a_terminal_result_is_never_held_back_by_the_interval() -> None:
@@ -235,6 +342,32 @@ async def test_a_redelivery_after_a_restart_keeps_its_result_id() -> None:
     assert summary(pub2.sent) == [("wh:w-2", "progress", 20)]
 
 
+class AcceptingCoordinator:
+    def __init__(self) -> None:
+        self.completed: list[tuple[str, int, str]] = []
+
+    async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:
+        self.completed.append((task_id, attempt, prediction_id))
+        return True
+
+
+async def test_an_adopted_prediction_adds_no_started_result_to_its_accepted_complete_submit() -> (
+    None
+):
+    """The scheduler starts the task in CompleteSubmit's transaction: a ``started`` result after an
+    accepted adoption would be a Kafka record and a transaction that change nothing."""
+    observer, publisher, _ = make_observer(Clock(), 0.0)
+    observer.state.attempt("t", 1).prediction_id = ""  # an ambiguous create: id not known
+    coordinator = AcceptingCoordinator()
+    observer.coordinator = coordinator  # type: ignore[assignment]
+    await deliver(observer, "w-start", "starting")
+    assert coordinator.completed == [("t", 1, "p1")]
+    assert publisher.sent == []
+    await deliver(observer, "w-2", "processing", tqdm(30))
+    assert summary(publisher.sent) == [("wh:w-2", "progress", 30)]
+    assert coordinator.completed == [("t", 1, "p1")]  # adopted once
+
+
 # ---- the webhook events asked for, the setting ----
 
 
@@ -266,5 +399,12 @@ def test_progress_interval_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADAPTER_PROGRESS_MIN_INTERVAL_SECONDS", "0")
     assert AdapterSettings().progress_min_interval_seconds == 0.0  # type: ignore[call-arg]
     monkeypatch.setenv("ADAPTER_PROGRESS_MIN_INTERVAL_SECONDS", "-1")
+    with pytest.raises(ValidationError):
+        AdapterSettings()  # type: ignore[call-arg]
+    monkeypatch.setenv("ADAPTER_PROGRESS_MIN_INTERVAL_SECONDS", "1")
+    assert AdapterSettings().progress_hold_seconds == 0.3  # type: ignore[call-arg]
+    monkeypatch.setenv("ADAPTER_PROGRESS_HOLD_SECONDS", "0")
+    assert AdapterSettings().progress_hold_seconds == 0.0  # type: ignore[call-arg]
+    monkeypatch.setenv("ADAPTER_PROGRESS_HOLD_SECONDS", "-0.5")
     with pytest.raises(ValidationError):
         AdapterSettings()  # type: ignore[call-arg]

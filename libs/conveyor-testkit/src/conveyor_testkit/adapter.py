@@ -50,6 +50,9 @@ class TaskRecord:
     cancel_requested: bool = False
     finished: str = ""
     applied: set[str] = field(default_factory=set)
+    running: bool = False
+    """The task runs, as the scheduler sees it: a CompleteSubmit was accepted (which starts the
+    task) or a started or progress result was applied."""
 
 
 class InMemoryCoordination(provider_grpc.ProviderCoordinationServiceServicer):
@@ -81,6 +84,11 @@ class InMemoryCoordination(provider_grpc.ProviderCoordinationServiceServicer):
         self.tasks[task_id] = record
         return record
 
+    def running(self, task_id: str) -> bool:
+        """Whether the scheduler side sees the task running (its prediction created)."""
+        record = self.tasks.get(task_id)
+        return record is not None and record.running
+
     def decisions(self, task_id: str) -> list[str]:
         """BeginSubmit decisions given for a task, in order."""
         return [d for (m, t, _a, d) in self.calls if m == "BeginSubmit" and t == task_id]
@@ -93,6 +101,7 @@ class InMemoryCoordination(provider_grpc.ProviderCoordinationServiceServicer):
         record.applied.add(result.result_id)
         record.last_update = datetime.now(UTC)
         outcome = result.WhichOneof("outcome") or ""
+        record.running |= outcome in ("started", "progress")
         if result.prediction_id and not record.prediction_id and outcome != "throttled":
             record.prediction_id = result.prediction_id
             record.state = S.SUBMIT_STATE_SUBMITTED
@@ -159,6 +168,7 @@ class InMemoryCoordination(provider_grpc.ProviderCoordinationServiceServicer):
             assert record is not None
             record.prediction_id = request.prediction_id
             record.state = S.SUBMIT_STATE_SUBMITTED
+            record.running = True
         self._log("CompleteSubmit", request.task_id, request.attempt, str(accepted))
         return provider_pb2.CompleteSubmitResponse(accepted=accepted)
 

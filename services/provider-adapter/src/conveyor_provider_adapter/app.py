@@ -133,6 +133,7 @@ class Adapter:
             record_wait_s=settings.scheduler_timeout_s * 2,
             progress=ProgressCoalescer(
                 settings.progress_min_interval_seconds,
+                hold_s=settings.progress_hold_seconds,
                 on_coalesced=self.metrics.progress_coalesced.inc,
             ),
         )
@@ -276,6 +277,9 @@ class Adapter:
         lifecycle.on_shutdown("deadline_timers_stop", self.commands.close, phase=phases.WORKERS)
         lifecycle.on_shutdown(
             "webhook_queue_drain", self.pipeline.drain, phase=phases.WORKERS, timeout=45
+        )
+        lifecycle.on_shutdown(
+            "held_progress_flush", self.observer.held.flush, phase=phases.WORKERS, timeout=15
         )
         lifecycle.on_shutdown("producer_stop", self.producer.stop, phase=phases.PRODUCERS)
         lifecycle.on_shutdown("clients_close", self._close_clients, phase=phases.STORAGE)

@@ -344,6 +344,7 @@ class CommandHandler:
             )
             await self.observer.cancel_quietly(prediction.id)
             return
+        info.started_reported = True  # the accepted CompleteSubmit started the task
         if info.cancel_requested:
             await self._cancel_prediction(info, prediction.id)
             return

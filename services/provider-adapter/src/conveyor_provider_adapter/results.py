@@ -35,7 +35,12 @@ from conveyor_provider_adapter.classify import classify_error, parse_progress
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import matches
 from conveyor_provider_adapter.metrics import AdapterMetrics
-from conveyor_provider_adapter.progress import ProgressCoalescer
+from conveyor_provider_adapter.progress import (
+    CallLater,
+    HeldProgress,
+    ProgressCoalescer,
+    loop_call_later,
+)
 from conveyor_provider_adapter.replicate import Prediction, ReplicateClient, ReplicateError
 from conveyor_provider_adapter.state import AttemptInfo, LocalState
 from conveyor_provider_adapter.storage import OutputCopier
@@ -158,6 +163,7 @@ class Observer:
         metrics: AdapterMetrics,
         record_wait_s: float = 10.0,
         progress: ProgressCoalescer | None = None,
+        call_later: CallLater = loop_call_later,
     ) -> None:
         self.state = state
         self.coordinator = coordinator
@@ -170,6 +176,11 @@ class Observer:
             0.0, on_coalesced=metrics.progress_coalesced.inc
         )
         """Which progress updates are published (every change unless an interval is set)."""
+        self.held = HeldProgress(self.progress, self._publish_held, call_later)
+        """Progress results held back (progress.py) until their timer fires."""
+
+    async def _publish_held(self, result: events_pb2.ProviderResult) -> bool:
+        return await self.publisher.publish(result)
 
     # ---- adoption ----
 
@@ -244,6 +255,7 @@ class Observer:
         )
         info.prediction_id = prediction.id
         info.recorded.set()
+        info.started_reported = True  # the accepted CompleteSubmit started the task
         info.unknown_since = None
         if info.cancel_requested and not prediction.terminal:
             await self.cancel_once(info, prediction.id)
@@ -354,6 +366,7 @@ class Observer:
             )
 
         if prediction.terminal:
+            self.held.drop(info)  # the terminal result supersedes a held progress update
             if info.terminal_reported:
                 return []  # already published (outputs are not copied twice)
             rid = f"wh:{webhook_id}" if webhook_id else f"poll:{pid}:{prediction.status}"
@@ -379,16 +392,21 @@ class Observer:
             started.started.SetInParent()
             out.append(started)
             primary_used = True
-        # Coalesced per attempt (progress.py): only a raised percentage, at most once per interval.
-        if self.progress.admit(info, parse_progress(prediction.logs)):
-            percent = info.last_percent
+        # Coalesced per attempt (progress.py): only a raised percentage, held for a while, at most
+        # once per interval.
+        percent = parse_progress(prediction.logs)
+        delay = self.progress.admit(info, percent)
+        if delay is not None and percent is not None:
             if webhook_id:
                 rid = f"wh:{webhook_id}:progress" if primary_used else f"wh:{webhook_id}"
             else:
                 rid = f"poll:{pid}:progress:{percent}"
             progress = make(rid)
             progress.progress.percent = percent
-            out.append(progress)
+            if delay > 0 or self.held.holds(info):
+                self.held.hold(info, progress, delay)
+            else:
+                out.append(progress)
         return out
 
     async def _fill_terminal(

@@ -66,10 +66,17 @@ class AttemptInfo:
     rejected: set[str] = field(default_factory=set)
     """Prediction ids the scheduler refused for this attempt (stale or duplicates): ignored."""
     started_reported: bool = False
+    """The scheduler knows the attempt runs: a ``started`` result was published, or its
+    CompleteSubmit was accepted (which starts the task in the same transaction), so a ``start``
+    webhook has nothing to add."""
     last_percent: int = -1
     """Percentage of the last progress result published (progress.py)."""
     last_progress_at: float = float("-inf")
     """Monotonic time of the last progress result published (progress.py coalesces within it)."""
+    held_percent: int = -1
+    """Percentage of the progress update held for the attempt (progress.py), -1 when none."""
+    held_due: float = 0.0
+    """Monotonic time the held progress update is published at."""
     terminal_reported: bool = False
     terminal_publishing: bool = False
     """A terminal result of the attempt is being published: no non-terminal one is sent after it."""
