@@ -23,7 +23,7 @@ async def test_dispatch_respects_limits_and_results_free_slots(
     await env.core.submit("v", 1, [kit.item(kind=task_pb2.TASK_KIND_VIDEO) for _ in range(3)])
     n = await env.dispatch()
     assert 1 <= n <= 5
-    assert env.dispatcher.saturated == (n == 5)  # a cycle filling the limit says so itself
+    assert env.dispatcher.room.saturated == (n == 5)  # a cycle filling the limit says so itself
     maxima = await env.check()
     assert maxima["global"] <= 5
     assert maxima["tenant"] <= 3

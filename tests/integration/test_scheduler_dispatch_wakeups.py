@@ -53,10 +53,10 @@ async def test_saturated_leader_skips_cycles_for_submits_but_not_for_freed_slots
     await wait_status(app, str(first["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
     dispatcher = app.loops.dispatcher
     for _ in range(100):  # the cycle after the dispatch reads the full limit
-        if dispatcher.saturated:
+        if dispatcher.room.saturated:
             break
         await asyncio.sleep(0.01)
-    assert dispatcher.saturated
+    assert dispatcher.room.saturated
 
     cycles = 0
     real_cycle = dispatcher.cycle
@@ -103,16 +103,97 @@ async def test_a_cycle_that_fills_the_limit_is_not_followed_by_one_reading_it_ba
     row, _ = await app.core.submit_one("acme", 3, kit.item("only"))
     await wait_status(app, str(row["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
     await asyncio.sleep(0.3)
-    assert dispatcher.saturated
+    assert dispatcher.room.saturated
     assert cycles == 1  # the dispatching cycle; no second one to find the limit full
+
+
+async def test_a_leader_held_by_the_window_runs_no_cycle_for_a_finished_task_but_one_for_a_begin(
+    database_url: str,
+) -> None:
+    """With the dispatch window full (and slots to spare), a running task's end frees a slot but
+    no window room: no cycle. A BeginSubmit takes a command out of the window: the next one is
+    dispatched at once."""
+    await kit.migrate(database_url)
+    settings = kit.make_settings(
+        database_url,
+        global_concurrency=10,
+        dispatch_window=1,
+        dispatch_window_min=1,
+        dispatch_window_seconds=0.0,  # a fixed window of one command
+        dispatch_poll_seconds=30.0,
+        instance_id="window-wakeups-test",
+        grpc_port=0,
+    )
+    app = SchedulerApp(settings, kafka=False, grpc=False)
+    await kit.reset(app.engine)
+    await app.start()
+    try:
+        ids = []
+        for i in range(3):
+            row, _ = await app.core.submit_one("acme", 3, kit.item(f"win-{i}"))
+            ids.append(str(row["id"]))
+        await wait_status(app, ids[0], task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+        await app.core.begin_submits([(ids[0], 1)])  # the first leaves the window...
+        await app.core.complete_submits([(ids[0], 1, "p-0")])
+        await wait_status(app, ids[1], task_pb2.TASK_STATUS_DISPATCHED, 5.0)  # ...the second goes
+        dispatcher = app.loops.dispatcher
+        await asyncio.sleep(0.2)
+        assert dispatcher.room.full == {"window"}
+
+        cycles = 0
+        real_cycle = dispatcher.cycle
+
+        async def counting_cycle() -> int:
+            nonlocal cycles
+            cycles += 1
+            return await real_cycle()
+
+        dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+        await app.core.apply_results([kit.result(ids[0], 1, "succeeded")])
+        await asyncio.sleep(0.3)
+        assert cycles == 0  # a slot freed, but the window is what is full
+        assert (await app.core.get_task("acme", ids[2])).status == task_pb2.TASK_STATUS_QUEUED
+
+        await app.core.begin_submits([(ids[1], 1)])
+        took = await wait_status(app, ids[2], task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+        assert took < 2.0  # woken by the BeginSubmit, not by the 30 s poll
+        assert cycles >= 1
+    finally:
+        await app.stop()
 
 
 def test_notify_payload_names_what_changed() -> None:
     assert payload_of(new_work=True, frees=False) == "work"
-    assert payload_of(new_work=False, frees=True) == "slot"
-    assert payload_of(new_work=True, frees=True) == "work+slot"
+    assert payload_of(new_work=False, frees=True) == "slots+window"
+    assert payload_of(new_work=False, frees=True, window=False) == "slots"
+    assert payload_of(new_work=False, frees=False, window=True) == "window"
+    assert payload_of(new_work=True, frees=True) == "work+slots+window"
     assert payload_of(new_work=False, frees=False, relay_only=True) == "outbox"
     assert payload_of(new_work=True, frees=False, relay_only=True) == "work"
+
+
+@pytest.mark.parametrize(
+    ("payload", "stale", "slots", "window"),
+    [
+        ("work", True, False, False),
+        ("slots", False, True, False),
+        ("window", False, False, True),
+        ("work+slots", True, True, False),
+        ("slot", False, True, True),  # an older replica's freed capacity
+        ("work+slot", True, True, True),
+        ("something+new", True, True, True),  # unknown: everything
+    ],
+)
+def test_a_notify_sets_what_its_payload_names(
+    payload: str, stale: bool, slots: bool, window: bool
+) -> None:
+    from conveyor_scheduler.dispatch.wakeups import Wakeups
+
+    w = Wakeups()
+    w.candidates_stale = w.capacity_changed = w.window_changed = False
+    w.notified(payload)
+    assert (w.candidates_stale, w.capacity_changed, w.window_changed) == (stale, slots, window)
+    assert w.dispatch.is_set()
 
 
 async def test_a_relay_notify_wakes_only_the_leaders_relay(database_url: str) -> None:
@@ -151,12 +232,15 @@ def test_poke_marks_capacity_only_when_it_may_have_grown() -> None:
     from conveyor_scheduler.dispatch.wakeups import Wakeups
 
     w = Wakeups()
-    w.capacity_changed = w.candidates_stale = False
+    w.capacity_changed = w.candidates_stale = w.window_changed = False
     w.poke(new_work=True, frees=False)
-    assert (w.candidates_stale, w.capacity_changed) == (True, False)
+    assert (w.candidates_stale, w.capacity_changed, w.window_changed) == (True, False, False)
     w.candidates_stale = False
     w.poke(new_work=False)
-    assert (w.candidates_stale, w.capacity_changed) == (False, True)
+    assert (w.candidates_stale, w.capacity_changed, w.window_changed) == (False, True, True)
+    w.capacity_changed = w.window_changed = False
+    w.poke(new_work=False, frees=True, window=False)
+    assert (w.capacity_changed, w.window_changed) == (True, False)
 
 
 async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
@@ -211,7 +295,7 @@ async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
         await asyncio.sleep(0.01)
         announcer.request(new_work=False, frees=True)  # ...but a freed slot goes at once
         await next_notify()
-        assert [p for _, p in got] == ["work", "work+slot"]
+        assert [p for _, p in got] == ["work", "work+slots+window"]
         assert got[1][0] - got[0][0] < 0.2  # the freed slot did not wait for the work window
         # New outbox rows only (a STARTED event on a follower): "outbox", also at once...
         announcer.request(new_work=True, frees=False)

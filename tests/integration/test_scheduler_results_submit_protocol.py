@@ -117,7 +117,7 @@ async def test_events_for_the_relay_alone_wake_only_the_relay(
 ) -> None:
     """On a non-leader, CompleteSubmit and a non-freeing result (STARTED, PROGRESS) ask for an
     'outbox' NOTIFY (the leader's relay only); a terminal result, which frees a slot, still wakes
-    the dispatcher."""
+    the dispatcher, for the slot only: the task had left the dispatch window."""
     env = await make_env(lead=True)
     [(row, _)] = await env.core.submit("a", 1, [kit.item()])
     await env.dispatch()
@@ -131,4 +131,4 @@ async def test_events_for_the_relay_alone_wake_only_the_relay(
     await env.core.apply_results([kit.result(row["id"], 1, "progress", percent=40)])
     assert requests.got[1:] == [{"new_work": False, "frees": False, "relay_only": True}]
     await env.core.apply_results([kit.result(row["id"], 1, "succeeded")])
-    assert requests.got[2:] == [{"new_work": False, "frees": True}]
+    assert requests.got[2:] == [{"new_work": False, "frees": True, "window": False}]

@@ -110,9 +110,11 @@ class SchedulerCore:
             new_work = changes is None or any(
                 t in (EV_SUBMITTED, EV_RETRY, EV_REDRIVEN) for t in changes.new_event_types
             )
+            window = frees
             if changes is not None:
                 frees = frees and bool(changes.free_slots)
-            self.wakeups.poke(new_work=new_work, frees=frees)
+                window = frees and changes.frees_window
+            self.wakeups.poke(new_work=new_work, frees=frees, window=window)
         if changes is None or self.metrics is None:
             return
         for t in changes.new_event_types:
@@ -295,7 +297,8 @@ class SchedulerCore:
         if changes.free_slots:
             self._after(changes)
         elif self.settings.dispatch_window and any(o.decision == PROCEED for o in outcomes):
-            self.wakeups.poke(new_work=False, frees=True)  # commands left the dispatch window
+            # Commands left the dispatch window; no slot was freed.
+            self.wakeups.poke(new_work=False, frees=False, window=True)
         return outcomes
 
     async def begin_submit(self, task_id: str, attempt: int) -> BeginOutcome:

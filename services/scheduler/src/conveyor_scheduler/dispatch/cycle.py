@@ -39,7 +39,7 @@ from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
-from conveyor_scheduler.dispatch.window import DispatchWindow
+from conveyor_scheduler.dispatch.window import DispatchWindow, Room
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
@@ -110,9 +110,6 @@ _CANDIDATES_SQL = text(
     """
 )
 
-_AWAITING_ADAPTER_SQL = text("SELECT count(*) FROM tasks WHERE status = 2 AND submit_state = 1")
-"""Dispatched tasks no adapter has begun to create (index ix_tasks_awaiting_adapter)."""
-
 _BACKOFF_SQL = text("SELECT min(not_before) FROM tasks WHERE status = 1 AND not_before > :now")
 
 _DISPATCH_SQL = text(
@@ -150,8 +147,8 @@ class Dispatcher:
         self.system_vtime = 0.0
         self.next_wake: float | None = None
         self.max_observed_global = 0
-        self.saturated = False
-        """The global limit was full when capacity was last read, or the last cycle filled it."""
+        self.room = Room()
+        """What was full when capacity was last read, or what the last cycle filled."""
         self._cache: dict[str, list[Candidate]] = {}
         self._more: set[str] = set()
         self._tenant_info: dict[str, tuple[int, int | None, int | None]] = {}
@@ -187,9 +184,8 @@ class Dispatcher:
                 self._wake_at_cache_expiry()
                 return 0
             n = await self._commit(conn, chosen, now)
-            # Filling the free capacity saturates it: the loop's next cycle would only read the
-            # full limit back (a round of queries per dispatch), so it waits for a freed slot.
-            self.saturated = n >= cap.global_free
+            # Filling the room saturates it: the next cycle waits for room (loops.py).
+            self.room.filled(n)
             self._wake_at_cache_expiry()
             taken = {c.id for c in chosen}
             for tenant in {c.tenant_id for c in chosen}:
@@ -334,14 +330,15 @@ class Dispatcher:
             else:
                 total = used or 0
         self.max_observed_global = max(self.max_observed_global, total)
-        global_free = self.policy.global_concurrency - total
+        global_free = limit_room = self.policy.global_concurrency - total
+        window_room = limit_room
         if self.settings.dispatch_window:
             # Dispatch never outruns the adapters: only a window of commands waits in Kafka, so
             # an urgent task queues behind that many at most, not behind the backlog.
-            awaiting = int(await conn.scalar(_AWAITING_ADAPTER_SQL) or 0)
-            global_free = min(global_free, self.window.room(awaiting, time.monotonic()))
-        self.saturated = global_free <= 0
-        if self.saturated:
+            window_room = await self.window.read(conn)
+            global_free = min(global_free, window_room)
+        self.room.read(limit_room, window_room if self.settings.dispatch_window else None)
+        if self.room.saturated:
             return None
         min_cost = 1
         blocked_models = list(paused)

@@ -85,17 +85,18 @@ class LeaderLoops:
                     await asyncio.sleep(s.leader_retry_seconds)
                     continue
                 self.wakeups.local_leader = True
-                self.wakeups.capacity_changed = True
+                self.wakeups.capacity_changed = self.wakeups.window_changed = True
                 if self.metrics is not None:
                     self.metrics.leader.set(1)
                 self.wakeups.wake_local()
             try:
-                if self.dispatcher.saturated and not self.wakeups.capacity_changed:
-                    # The global limit was full at the last read and nothing freed capacity
-                    # since (only new work arrived): a cycle could not dispatch anything.
+                if self.dispatcher.room.saturated and not self._room_may_have_grown():
+                    # What was full at the last read (the global limit, the dispatch window, or
+                    # both) has not changed since (only new work arrived, or a slot freed while
+                    # the window is what is full): a cycle could not dispatch anything.
                     n = 0
                 else:
-                    self.wakeups.capacity_changed = False
+                    self.wakeups.capacity_changed = self.wakeups.window_changed = False
                     n = await self.dispatcher.cycle()
             except Exception:
                 self.wakeups.candidates_stale = True  # the cache may have lost uncommitted picks
@@ -121,12 +122,19 @@ class LeaderLoops:
             except TimeoutError:
                 # The polling backstop: a NOTIFY may have been lost, so re-read everything.
                 self.wakeups.candidates_stale = True
-                self.wakeups.capacity_changed = True
+                self.wakeups.capacity_changed = self.wakeups.window_changed = True
                 if not await self.leader.check():
                     self.wakeups.local_leader = False
                     if self.metrics is not None:
                         self.metrics.leader.set(0)
             self.wakeups.dispatch.clear()
+
+    def _room_may_have_grown(self) -> bool:
+        """Whether everything that was full when the dispatcher saturated changed since."""
+        full = self.dispatcher.room.full
+        return ("slots" not in full or self.wakeups.capacity_changed) and (
+            "window" not in full or self.wakeups.window_changed
+        )
 
     async def _sweep_loop(self) -> None:
         s = self.settings
@@ -159,7 +167,7 @@ class LeaderLoops:
                 self.policy,
             )
         if expired.events or rescued.outbox:
-            self.wakeups.capacity_changed = True
+            self.wakeups.capacity_changed = self.wakeups.window_changed = True
             self.wakeups.wake_local()
         if self.metrics is not None:
             self.metrics.expired.inc(len(expired.events))

@@ -39,28 +39,37 @@ class Wakeups:
         """Set when queued tasks may have appeared (the dispatcher's candidate cache is stale)."""
         self.capacity_changed = True
         """Set when capacity may have grown since the last cycle read it (a slot freed...)."""
+        self.window_changed = True
+        """Set when the dispatch window may have room again (commands taken up by an adapter)."""
 
     def wake_local(self) -> None:
         """Wake this replica's leader loops."""
         self.dispatch.set()
         self.relay.set()
 
-    def poke(self, *, new_work: bool = True, frees: bool = True) -> None:
+    def poke(
+        self, *, new_work: bool = True, frees: bool = True, window: bool | None = None
+    ) -> None:
         """Something changed: wake the leader, wherever it runs.
 
         ``new_work`` says queued tasks may have appeared (submit, retry, redrive, resume);
-        ``frees`` says capacity may have grown (a slot freed, a limit raised, a model resumed). A
-        plain submit is new work only: a leader whose global limit is full need not run a cycle
-        for it.
+        ``frees`` says capacity may have grown (a slot freed, a limit raised, a model resumed);
+        ``window`` says the dispatch window may have room (commands taken up, or ended before an
+        adapter took them; by default whenever ``frees``). A plain submit is new work only: a
+        leader whose global limit is full need not run a cycle for it; a finished running task
+        frees a slot but no window room.
         """
+        window = frees if window is None else window
         if new_work:
             self.candidates_stale = True
         if frees:
             self.capacity_changed = True
+        if window:
+            self.window_changed = True
         if self.local_leader:
             self.wake_local()
         elif self.announcer is not None:
-            self.announcer.request(new_work=new_work, frees=frees)
+            self.announcer.request(new_work=new_work, frees=frees, window=window)
 
     def poke_relay(self) -> None:
         """New outbox rows and nothing for the dispatcher (a STARTED or PROGRESS event): wake only
@@ -70,18 +79,40 @@ class Wakeups:
         elif self.announcer is not None:
             self.announcer.request(new_work=False, frees=False, relay_only=True)
 
+    def notified(self, payload: str) -> None:
+        """A NOTIFY from another replica reached the local leader: set what it says and wake."""
+        if payload == "outbox":
+            self.relay.set()
+            return
+        tokens = set(payload.split("+"))
+        if not tokens <= _TOKENS:
+            tokens = {"work", "slots", "window"}  # unknown (a newer replica): everything
+        if "slot" in tokens:  # an older replica's freed capacity: slots and window
+            tokens |= {"slots", "window"}
+        if "work" in tokens:
+            self.candidates_stale = True
+        if "slots" in tokens:
+            self.capacity_changed = True
+        if "window" in tokens:
+            self.window_changed = True
+        self.wake_local()
 
-def payload_of(*, new_work: bool, frees: bool, relay_only: bool = False) -> str:
-    """The NOTIFY payload: ``work`` (queued tasks may have appeared), ``slot`` (capacity may have
-    grown), ``work+slot``, or ``outbox`` (only new outbox rows); a listener treats anything else as
-    ``work+slot``."""
-    if relay_only and not (new_work or frees):
+
+_TOKENS = frozenset({"work", "slot", "slots", "window"})
+
+
+def payload_of(
+    *, new_work: bool, frees: bool, window: bool | None = None, relay_only: bool = False
+) -> str:
+    """The NOTIFY payload: ``outbox`` (only new outbox rows), else the ``+``-joined changes among
+    ``work`` (queued tasks may have appeared), ``slots`` (capacity may have grown) and ``window``
+    (the dispatch window may have room; by default with ``slots``). A listener treats anything it
+    does not know as every change, and ``slot`` (older replicas) as ``slots+window``."""
+    window = frees if window is None else window
+    if relay_only and not (new_work or frees or window):
         return "outbox"
-    if new_work and not frees:
-        return "work"
-    if frees and not new_work:
-        return "slot"
-    return "work+slot"
+    tokens = [name for name, on in (("work", new_work), ("slots", frees), ("window", window)) if on]
+    return "+".join(tokens) or "work+slots+window"
 
 
 class WorkAnnouncer:
@@ -97,20 +128,28 @@ class WorkAnnouncer:
         self._urgent = asyncio.Event()
         self._new_work = False
         self._frees = False
+        self._window = False
         self._relay_only = True
         """Every request since the last NOTIFY was relay-only (``poke_relay``)."""
         self._task: asyncio.Task[None] | None = None
         self._last_sent = -math.inf
 
     def request(
-        self, *, new_work: bool = True, frees: bool = True, relay_only: bool = False
+        self,
+        *,
+        new_work: bool = True,
+        frees: bool = True,
+        window: bool | None = None,
+        relay_only: bool = False,
     ) -> None:
-        """Ask for one NOTIFY soon (a freed slot or new outbox rows: within ``coalesce``)."""
+        """Ask for one NOTIFY soon (freed capacity or new outbox rows: within ``coalesce``)."""
+        window = frees if window is None else window
         self._new_work = self._new_work or new_work
         self._frees = self._frees or frees
+        self._window = self._window or window
         self._relay_only = self._relay_only and relay_only
         self._pending.set()
-        if frees or relay_only:
+        if frees or window or relay_only:
             self._urgent.set()
 
     def start(self) -> None:
@@ -140,9 +179,12 @@ class WorkAnnouncer:
             self._pending.clear()
             self._urgent.clear()
             payload = payload_of(
-                new_work=self._new_work, frees=self._frees, relay_only=self._relay_only
+                new_work=self._new_work,
+                frees=self._frees,
+                window=self._window,
+                relay_only=self._relay_only,
             )
-            self._new_work = self._frees = False
+            self._new_work = self._frees = self._window = False
             self._relay_only = True
             try:
                 async with self.engine.begin() as conn:
@@ -181,14 +223,8 @@ class WorkListener:
                 try:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     async for note in conn.notifies():
-                        if self.wakeups.local_leader and note.payload == "outbox":
-                            self.wakeups.relay.set()
-                        elif self.wakeups.local_leader:
-                            if note.payload != "slot":
-                                self.wakeups.candidates_stale = True
-                            if note.payload != "work":
-                                self.wakeups.capacity_changed = True
-                            self.wakeups.wake_local()
+                        if self.wakeups.local_leader:
+                            self.wakeups.notified(note.payload)
                 finally:
                     await conn.close()
             except asyncio.CancelledError:

@@ -8,6 +8,14 @@ without starving the adapters.
 
 from __future__ import annotations
 
+import time
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+_AWAITING_ADAPTER_SQL = text("SELECT count(*) FROM tasks WHERE status = 2 AND submit_state = 1")
+"""Dispatched tasks no adapter has begun to create (index ix_tasks_awaiting_adapter)."""
+
 
 class DispatchWindow:
     """How many more commands may be dispatched ahead of the adapters.
@@ -60,6 +68,43 @@ class DispatchWindow:
         self._since = 0
         return self.size() - awaiting
 
+    async def read(self, conn: AsyncConnection) -> int:
+        """:meth:`room` for the count of tasks awaiting an adapter, read on ``conn``."""
+        awaiting = int(await conn.scalar(_AWAITING_ADAPTER_SQL) or 0)
+        return self.room(awaiting, time.monotonic())
+
     def dispatched(self, n: int) -> None:
         """``n`` more commands were dispatched after the last :meth:`room`."""
         self._since += n
+
+
+class Room:
+    """What is full for the dispatcher: ``slots`` (the global limit) and/or ``window`` (the
+    dispatch window), as of the last capacity read minus what was dispatched since. The leader's
+    loop skips a cycle until each of them may have changed (dispatch/loops.py)."""
+
+    def __init__(self) -> None:
+        self.full: frozenset[str] = frozenset()
+        self._limit = 0
+        self._window: int | None = None
+
+    @property
+    def saturated(self) -> bool:
+        """Nothing can be dispatched until something full changes."""
+        return bool(self.full)
+
+    def read(self, limit_room: int, window_room: int | None) -> None:
+        """Room read from the database (``window_room`` None: no dispatch window)."""
+        self._limit, self._window = limit_room, window_room
+        self._update()
+
+    def filled(self, n: int) -> None:
+        """``n`` tasks were dispatched from the room last read."""
+        self._limit -= n
+        if self._window is not None:
+            self._window -= n
+        self._update()
+
+    def _update(self) -> None:
+        rooms = (("slots", self._limit), ("window", self._window))
+        self.full = frozenset(name for name, room in rooms if room is not None and room <= 0)

@@ -25,7 +25,12 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor_common import topics
 from conveyor_common.context import current_traceparent
 from conveyor_common.ids import uuid7
-from conveyor_common.vocabulary import TERMINAL_EVENT_TYPES
+from conveyor_common.vocabulary import (
+    SS_SUBMITTED,
+    SS_SUBMITTING,
+    SS_UNKNOWN,
+    TERMINAL_EVENT_TYPES,
+)
 from conveyor_scheduler.client_webhooks.decide import PRESENCE
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.bulk import (
@@ -159,6 +164,10 @@ def state_changed_bytes(event_payload: bytes, previous_status: int, hint: bool =
     return _length_delimited(1, event_payload) + status.SerializeToString()
 
 
+_PAST_BEGIN = frozenset({SS_SUBMITTING, SS_UNKNOWN, SS_SUBMITTED})
+"""Submit states of an attempt an adapter has begun to create: it left the dispatch window."""
+
+
 @dataclass
 class Changes:
     """What one transaction writes besides the task rows' own columns."""
@@ -169,6 +178,9 @@ class Changes:
     outbox: list[dict[str, Any]] = field(default_factory=list)
     waiting: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     free_slots: list[uuid.UUID] = field(default_factory=list)
+    frees_window: bool = False
+    """A freed attempt may have been awaiting an adapter (in the dispatch window): unless each
+    one is known past its BeginSubmit, the window may have room."""
     new_event_types: list[int] = field(default_factory=list)
     origins: dict[uuid.UUID, tuple[int, int]] = field(default_factory=dict)
     """(status, progress) of each task with an event here, before its first one (0, 0 for a new
@@ -267,6 +279,8 @@ class Changes:
     def free_slot(self, row: TaskRow) -> None:
         """The provider side of ``row``'s attempt is terminal: release its slots."""
         self.free_slots.append(row["id"])
+        if row["submit_state"] not in _PAST_BEGIN:
+            self.frees_window = True
 
     async def flush(
         self,
