@@ -8,6 +8,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from conveyor.tasks.v1 import task_pb2
 from conveyor_scheduler.store import models
 from conveyor_testkit import scheduler as kit
@@ -233,3 +235,25 @@ async def test_a_zero_window_does_not_bound_dispatch(
     )
     await env.core.submit("bulk", 1, [kit.item(prompt=f"p{i}") for i in range(10)])
     assert await env.dispatch() == 10
+
+
+async def test_a_cycle_on_a_session_that_lost_the_lock_writes_nothing(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """The cycle's first round trip fences it: a leader whose session no longer holds the lock
+    (released behind its back here) raises LostLeadership before it writes anything."""
+    from sqlalchemy import text
+
+    from conveyor_scheduler.dispatch.leadership import LostLeadership
+
+    env = await make_env(lead=True, global_concurrency=5)
+    [(row, _)] = await env.core.submit("a", 1, [kit.item()])
+    conn = env.leader.conn
+    assert conn is not None
+    await conn.execute(text("SELECT pg_advisory_unlock_all()"))
+    await conn.commit()
+    with pytest.raises(LostLeadership):
+        await env.dispatch()
+    assert (await env.task(row["id"]))["status"] == models.QUEUED
+    assert await env.scalar("SELECT count(*) FROM active_slots") == 0
+    assert await env.scalar("SELECT count(*) FROM outbox WHERE topic LIKE '%commands%'") == 0
