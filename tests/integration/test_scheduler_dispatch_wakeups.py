@@ -315,3 +315,41 @@ async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
         await announcer.stop()
         await listen.close()
         await engine.dispose()
+
+
+async def test_freed_capacity_goes_at_once_after_a_quiet_period_then_once_per_window(
+    database_url: str,
+) -> None:
+    """A follower's freed slot (or its new outbox rows) is announced at once when nothing was
+    announced for the short window; while they keep coming, at most once per window."""
+    import psycopg
+
+    from conveyor_scheduler.dispatch.wakeups import CHANNEL, WorkAnnouncer
+    from conveyor_scheduler.settings import to_libpq_url
+    from conveyor_scheduler.store.db import create_engine
+
+    engine = create_engine(database_url, pool_size=2)
+    announcer = WorkAnnouncer(engine, 0.4, 0.4)  # a long window, to tell "at once" apart
+    listen = await psycopg.AsyncConnection.connect(to_libpq_url(database_url), autocommit=True)
+    got: list[tuple[float, str]] = []
+    try:
+        await listen.execute(f"LISTEN {CHANNEL}")
+        announcer.start()
+        await asyncio.sleep(0.5)  # quiet
+        started = time.monotonic()
+        announcer.request(new_work=False, frees=True, window=False)
+        announcer.request(new_work=False, frees=False, relay_only=True)  # the same moment
+        async with asyncio.timeout(2.0):
+            async for note in listen.notifies():
+                got.append((time.monotonic(), note.payload))
+                if len(got) == 1:
+                    announcer.request(new_work=False, frees=True, window=False)  # right after
+                if len(got) == 2:
+                    break
+        assert [p for _, p in got] == ["slots", "slots"]
+        assert got[0][0] - started < 0.2  # at once: no window to wait after a quiet period
+        assert got[1][0] - got[0][0] >= 0.35  # the next one waits out the window
+    finally:
+        await announcer.stop()
+        await listen.close()
+        await engine.dispose()

@@ -28,24 +28,24 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor.events.v1 import events_pb2
 from conveyor_common.ratelimit import TokenBucket
 from conveyor_common.vocabulary import EV_DISPATCHED
 from conveyor_scheduler.clock import utcnow
-from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.command import dispatch_command
+from conveyor_scheduler.dispatch.leadership import Leader, LostLeadership
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
-from conveyor_scheduler.dispatch.window import DispatchWindow, Room
+from conveyor_scheduler.dispatch.window import AWAITING_ADAPTER_SQL, DispatchWindow, Room
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
-from conveyor_scheduler.store.bulk import insert_rows
+from conveyor_scheduler.store.bulk import insert_rows, pipeline_within, raw_cursor
 from conveyor_scheduler.store.changes import Changes
-from conveyor_scheduler.store.convert import TaskRow, set_ts, spec_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,13 @@ class Capacity:
     paused_tenants: list[str] = field(default_factory=list)
     """Tenants an operator paused: none of their tasks is dispatched."""
 
+
+_CONTROLS_SQL = text(
+    "SELECT 'p' AS k, provider AS name, throttled_until FROM provider_controls"
+    " WHERE provider = :p AND throttled_until > :now"
+    " UNION ALL SELECT 'm', model, NULL FROM model_controls WHERE paused"
+    " UNION ALL SELECT 't', tenant_id, NULL FROM tenants WHERE paused"
+)
 
 _USAGE_SQL = text(
     "SELECT tenant_id, model, kind, sum(cost)::int AS used FROM active_slots"
@@ -171,8 +178,7 @@ class Dispatcher:
         now = utcnow()
         self.next_wake = None
         async with conn.begin():
-            await self.leader.fence(conn)
-            cap = await self._capacity(conn, now)
+            cap = await self._capacity(conn, now)  # fenced: raises unless still the leader
             if cap is None:
                 return 0
             per_tenant = await self._candidates(conn, cap, now)
@@ -295,16 +301,21 @@ class Dispatcher:
         return free
 
     async def _capacity(self, conn: AsyncConnection, now: datetime) -> Capacity | None:
-        provider = self.settings.provider_name
-        controls = await conn.execute(
-            text(
-                "SELECT 'p' AS k, provider AS name, throttled_until FROM provider_controls"
-                " WHERE provider = :p AND throttled_until > :now"
-                " UNION ALL SELECT 'm', model, NULL FROM model_controls WHERE paused"
-                " UNION ALL SELECT 't', tenant_id, NULL FROM tenants WHERE paused"
-            ),
-            {"p": provider, "now": now},
-        )
+        """Fence the transaction and read what limits it: one pipelined round trip (the leader
+        lock, the controls, the slots in use, and the commands awaiting an adapter)."""
+        fence, fence_params = self.leader.fence_statement()
+        statements: list[tuple[TextClause, dict[str, Any]]] = [
+            (fence, fence_params),
+            (_CONTROLS_SQL, {"p": self.settings.provider_name, "now": now}),
+            (_USAGE_SQL, {}),
+        ]
+        if self.settings.dispatch_window:
+            statements.append((AWAITING_ADAPTER_SQL, {}))
+        async with pipeline_within(conn):
+            cursors = [await raw_cursor(conn, sql, params) for sql, params in statements]
+        (held,), controls, usage, *window = [await c.fetchall() for c in cursors]
+        if not held[0]:
+            raise LostLeadership("the leader lock is not held by this session")
         paused: list[str] = []
         paused_tenants: list[str] = []
         for k, name, until in controls:
@@ -320,7 +331,7 @@ class Dispatcher:
         model_used: dict[str, int] = {}
         kind_used: dict[int, int] = {}
         total = 0
-        for tenant_id, model, kind, used in await conn.execute(_USAGE_SQL):
+        for tenant_id, model, kind, used in usage:
             if tenant_id is not None:
                 tenant_used[tenant_id] = used
             elif model is not None:
@@ -332,10 +343,10 @@ class Dispatcher:
         self.max_observed_global = max(self.max_observed_global, total)
         global_free = limit_room = self.policy.global_concurrency - total
         window_room = limit_room
-        if self.settings.dispatch_window:
+        if window:
             # Dispatch never outruns the adapters: only a window of commands waits in Kafka, so
             # an urgent task queues behind that many at most, not behind the backlog.
-            window_room = await self.window.read(conn)
+            window_room = self.window.room(int(window[0][0][0] or 0), time.monotonic())
             global_free = min(global_free, window_room)
         self.room.read(limit_room, window_room if self.settings.dispatch_window else None)
         if self.room.saturated:
@@ -461,8 +472,9 @@ class Dispatcher:
             changes.command(row, dispatch_command(row, provider, self.policy, now))
             row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
             changes.event(row, EV_DISPATCHED, m.QUEUED)
-        await insert_rows(conn, "active_slots", slots)
-        await changes.flush(conn, save=False)
+        async with pipeline_within(conn) as leave:  # slots, events, outbox, counters: one trip
+            await insert_rows(conn, "active_slots", slots, raw=True)
+            await changes.flush(conn, save=False, leave_pipeline=leave)
         self.bucket.spend(len(rows))
         if self.metrics is not None:
             for row in rows:
@@ -471,27 +483,3 @@ class Dispatcher:
                 waited_from = max(row["enqueued_at"], row.get("not_before") or row["enqueued_at"])
                 self.metrics.queue_wait.labels(kind).observe((now - waited_from).total_seconds())
         return len(rows)
-
-
-def dispatch_command(
-    row: TaskRow, provider: str, policy: Policy, now: datetime
-) -> events_pb2.DispatchTask:
-    """The DispatchTask of a task's current attempt."""
-    cmd = events_pb2.DispatchTask(
-        task_id=str(row["id"]),
-        tenant_id=row["tenant_id"],
-        attempt=row["attempt"],
-        kind=row["kind"],
-        provider=provider,
-        effective_priority=policy.effective(row["rank"], now),
-    )
-    if row["is_deployment"]:
-        cmd.deployment = row["model"]
-    else:
-        cmd.model = row["model"]
-    cmd.input.CopyFrom(spec_of(row).input)
-    if row["run_deadline"] is not None:
-        set_ts(cmd.run_deadline, row["run_deadline"])
-    if row["dispatched_at"] is not None:
-        set_ts(cmd.dispatched_at, row["dispatched_at"])
-    return cmd

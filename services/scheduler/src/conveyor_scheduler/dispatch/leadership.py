@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -80,10 +80,11 @@ class Leader:
         key = self.settings.leader_lock_key & 0xFFFFFFFFFFFFFFFF
         return {"hi": key >> 32, "lo": key & 0xFFFFFFFF}
 
-    async def fence(self, conn: AsyncConnection) -> None:
-        """Raise LostLeadership unless ``conn``'s session holds the lock (call inside the tx)."""
-        if not await conn.scalar(_HOLDS_LOCK_SQL, self._key_parts):
-            raise LostLeadership("the leader lock is not held by this session")
+    def fence_statement(self) -> tuple[TextClause, dict[str, int]]:
+        """The fence of a transaction on the leader's own connection: one row, whether this session
+        holds the lock (the dispatch cycle sends it with its first reads and raises LostLeadership
+        unless it does)."""
+        return _HOLDS_LOCK_SQL, self._key_parts
 
     async def fence_any(self, conn: AsyncConnection) -> None:
         """Raise LostLeadership unless the leader's own session still holds the lock, checked from

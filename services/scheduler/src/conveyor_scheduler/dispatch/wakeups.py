@@ -166,16 +166,20 @@ class WorkAnnouncer:
     async def _run(self) -> None:
         while True:
             await self._pending.wait()
-            # Freed capacity is announced within `coalesce`. New work alone is announced at once
-            # after a quiet period (a lone submit reaches the leader without a fixed wait), and at
-            # most once per `work_coalesce` while submits keep coming: submits to a non-leader
-            # arrive continuously, and a NOTIFY per few milliseconds would cost a transaction each.
+            # Freed capacity and new outbox rows are announced at once after a quiet period, and
+            # at most once per `coalesce` while they keep coming. New work alone is announced at
+            # once after a quiet period too (a lone submit reaches the leader without a fixed
+            # wait), and at most once per `work_coalesce` while submits keep coming: submits to a
+            # non-leader arrive continuously, and a NOTIFY per few milliseconds would cost a
+            # transaction each.
             quiet = time.monotonic() - self._last_sent
             if not self._urgent.is_set() and quiet < self.work_coalesce:
                 with contextlib.suppress(TimeoutError):  # asyncio.timeout: see GroupCore._run
                     async with asyncio.timeout(self.work_coalesce - quiet):
                         await self._urgent.wait()
-            await asyncio.sleep(self.coalesce)
+            quiet = time.monotonic() - self._last_sent
+            if quiet < self.coalesce:
+                await asyncio.sleep(self.coalesce - quiet)
             self._pending.clear()
             self._urgent.clear()
             payload = payload_of(

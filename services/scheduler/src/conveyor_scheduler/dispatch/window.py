@@ -8,12 +8,9 @@ without starving the adapters.
 
 from __future__ import annotations
 
-import time
-
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-_AWAITING_ADAPTER_SQL = text("SELECT count(*) FROM tasks WHERE status = 2 AND submit_state = 1")
+AWAITING_ADAPTER_SQL = text("SELECT count(*) FROM tasks WHERE status = 2 AND submit_state = 1")
 """Dispatched tasks no adapter has begun to create (index ix_tasks_awaiting_adapter)."""
 
 
@@ -67,11 +64,6 @@ class DispatchWindow:
         self._last = (awaiting, now)
         self._since = 0
         return self.size() - awaiting
-
-    async def read(self, conn: AsyncConnection) -> int:
-        """:meth:`room` for the count of tasks awaiting an adapter, read on ``conn``."""
-        awaiting = int(await conn.scalar(_AWAITING_ADAPTER_SQL) or 0)
-        return self.room(awaiting, time.monotonic())
 
     def dispatched(self, n: int) -> None:
         """``n`` more commands were dispatched after the last :meth:`room`."""

@@ -131,6 +131,13 @@ async def raw_mappings(
     return rows
 
 
+async def raw_cursor(conn: AsyncConnection, statement: TextClause, params: dict[str, Any]) -> Any:
+    """Send a ``text()`` statement straight on the psycopg connection of ``conn``; returns its
+    cursor (in pipeline mode its rows can be fetched once the pipeline synchronized)."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    return await driver.execute(_raw_sql(statement), params)
+
+
 async def raw_execute(
     conn: AsyncConnection, statement: TextClause, params: dict[str, Any], *, fetch: bool = True
 ) -> list[tuple[Any, ...]]:
@@ -141,9 +148,7 @@ async def raw_execute(
     rows come back as tuples; without, nothing is read, so in pipeline mode the statement travels
     with the next synchronization (the commit) and its error, if any, is raised there.
     """
-    raw = await conn.get_raw_connection()
-    driver: Any = raw.driver_connection
-    cursor = await driver.execute(_raw_sql(statement), params)
+    cursor = await raw_cursor(conn, statement, params)
     if not fetch:
         return []
     rows: list[tuple[Any, ...]] = await cursor.fetchall()
@@ -302,11 +307,38 @@ INSERT_SQL = {
 COLUMNS = {"task_events": EVENT_COLUMNS, "outbox": OUTBOX_COLUMNS, "active_slots": SLOT_COLUMNS}
 
 
-async def insert_rows(conn: AsyncConnection, table: str, rows: list[dict[str, Any]]) -> None:
-    """Multi-row INSERT through ``unnest`` of column arrays (one statement, typed arrays)."""
+async def insert_rows(
+    conn: AsyncConnection, table: str, rows: list[dict[str, Any]], *, raw: bool = False
+) -> None:
+    """Multi-row INSERT through ``unnest`` of column arrays (one statement, typed arrays);
+    ``raw``: through :func:`raw_execute`, not waiting for it (pipeline mode)."""
     if not rows:
         return
-    await conn.execute(INSERT_SQL[table], _params(rows, COLUMNS[table]))
+    if raw:
+        await raw_execute(conn, INSERT_SQL[table], _params(rows, COLUMNS[table]), fetch=False)
+    else:
+        await conn.execute(INSERT_SQL[table], _params(rows, COLUMNS[table]))
+
+
+@contextlib.asynccontextmanager
+async def pipeline_within(conn: AsyncConnection) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """psycopg's pipeline mode inside the transaction open on ``conn``; yields ``leave`` (as
+    :func:`pipelined`). The statements sent through :func:`raw_execute` without ``fetch`` go out
+    together and are synchronized once on exit (their first error raised there); the caller
+    commits after it, so the tail of a transaction costs two round trips, not one per statement.
+    """
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    async with contextlib.AsyncExitStack() as stack:
+        await stack.enter_async_context(driver.pipeline())
+        piped = True
+
+        async def leave() -> None:
+            nonlocal piped
+            if piped:
+                piped = False
+                await stack.aclose()
+
+        yield leave
 
 
 @contextlib.asynccontextmanager

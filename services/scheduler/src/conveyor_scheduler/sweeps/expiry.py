@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor_common.vocabulary import EV_EXPIRED
-from conveyor_scheduler.dispatch.cycle import dispatch_command
+from conveyor_scheduler.dispatch.command import dispatch_command
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.lifecycle import finish
 from conveyor_scheduler.store import models as m
