@@ -72,6 +72,7 @@ class SchedulerApp:
         self.engine = create_engine(
             url,
             pool_size=s.db_pool_size,
+            ping_idle_seconds=s.db_ping_idle_seconds,
             idle_transaction_seconds=s.idle_transaction_seconds,
             pool_metrics=self.metrics.db_pool,
         )

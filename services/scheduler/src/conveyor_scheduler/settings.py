@@ -29,6 +29,9 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     """PostgreSQL URL (``postgresql://`` or ``postgresql+psycopg://``). Required, no default."""
     db_pool_size: int = Field(default=10, ge=1, le=200)
     """Connections kept in the engine pool (the leader holds one more, dedicated)."""
+    db_ping_idle_seconds: float = Field(default=1.0, ge=0)
+    """A pooled connection idle this long is pinged before use (0: before every use). One used
+    more recently is not: a connection the server dropped since then fails one statement."""
     kafka_bootstrap_servers: str = "127.0.0.1:9092"
     """Kafka bootstrap servers (outbox relay and results consumer)."""
     kafka_client_id: str = "conveyor-scheduler"
