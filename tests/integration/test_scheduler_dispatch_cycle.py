@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -257,3 +258,61 @@ async def test_a_cycle_on_a_session_that_lost_the_lock_writes_nothing(
     assert (await env.task(row["id"]))["status"] == models.QUEUED
     assert await env.scalar("SELECT count(*) FROM active_slots") == 0
     assert await env.scalar("SELECT count(*) FROM outbox WHERE topic LIKE '%commands%'") == 0
+
+
+async def test_a_cycle_stopped_at_the_capacity_leaves_new_work_for_the_next(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """A stale candidate cache is re-read in the capacity read's round trip. A cycle that stops
+    at the capacity (no provider token here) read the tenants without using them: the task
+    submitted before it is still found by the first cycle after, with no other wake-up."""
+    env = await make_env(
+        lead=True,
+        global_concurrency=10,
+        provider_rate_per_second=4.0,
+        provider_burst=1,
+        candidate_cache_seconds=60.0,
+    )
+    await env.core.submit("a", 1, [kit.item(prompt="first")])
+    assert await env.dispatch() == 1  # the cache is read, valid for a minute; the token spent
+    [(second, _)] = await env.core.submit("a", 1, [kit.item(prompt="second")])
+    assert env.dispatcher.wakeups.candidates_stale
+    assert await env.dispatch() == 0  # no token: stopped after the capacity read
+    assert env.dispatcher.wakeups.candidates_stale  # what it read is not taken for the cache
+    await asyncio.sleep(0.3)
+    assert await env.dispatch() == 1
+    assert (await env.task(second["id"]))["status"] == models.DISPATCHED
+
+
+async def test_a_dispatch_whose_commit_round_trip_fails_writes_nothing(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """The slots, events, outbox rows, counters and COMMIT go in one round trip: a failure in it
+    (a trigger refusing the outbox rows here) rolls the whole dispatch back, and the next cycle
+    dispatches the same tasks."""
+    env = await make_env(lead=True, global_concurrency=5)
+    rows = await env.core.submit("a", 1, [kit.item(prompt=f"p{i}") for i in range(3)])
+    refuse = (
+        "CREATE OR REPLACE FUNCTION conveyor_test_refuse() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$;"
+        " CREATE TRIGGER conveyor_test_refuse BEFORE INSERT ON outbox"
+        " FOR EACH ROW EXECUTE FUNCTION conveyor_test_refuse()"
+    )
+    async with env.core.engine.begin() as conn:
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        await driver.execute(refuse)
+    try:
+        with pytest.raises(Exception, match="refused by the test"):
+            await env.dispatch()
+    finally:
+        async with env.core.engine.begin() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            await driver.execute(
+                "DROP TRIGGER conveyor_test_refuse ON outbox; DROP FUNCTION conveyor_test_refuse()"
+            )
+    for row, _ in rows:
+        assert (await env.task(row["id"]))["status"] == models.QUEUED
+    assert await env.scalar("SELECT count(*) FROM active_slots") == 0
+    assert await env.scalar("SELECT sum(waiting) FROM tenants WHERE tenant_id = 'a'") == 3
+    assert await env.dispatch() == 3
+    await env.check()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor_common.ratelimit import TokenBucket
@@ -39,12 +39,27 @@ from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.dispatch.command import dispatch_command
 from conveyor_scheduler.dispatch.leadership import Leader, LostLeadership
 from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.dispatch.statements import (
+    BACKOFF_SQL,
+    CANDIDATES_SQL,
+    CONTROLS_SQL,
+    DISPATCH_SQL,
+    TENANTS_SQL,
+    USAGE_SQL,
+)
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.dispatch.window import AWAITING_ADAPTER_SQL, DispatchWindow, Room
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
-from conveyor_scheduler.store.bulk import insert_rows, pipeline_within, raw_cursor
+from conveyor_scheduler.store.bulk import (
+    commit_raw,
+    insert_rows,
+    pipeline_within,
+    raw_cursor,
+    raw_execute,
+    raw_mappings,
+)
 from conveyor_scheduler.store.changes import Changes
 
 logger = logging.getLogger(__name__)
@@ -83,56 +98,6 @@ class Capacity:
     """Tenants an operator paused: none of their tasks is dispatched."""
 
 
-_CONTROLS_SQL = text(
-    "SELECT 'p' AS k, provider AS name, throttled_until FROM provider_controls"
-    " WHERE provider = :p AND throttled_until > :now"
-    " UNION ALL SELECT 'm', model, NULL FROM model_controls WHERE paused"
-    " UNION ALL SELECT 't', tenant_id, NULL FROM tenants WHERE paused"
-)
-
-_USAGE_SQL = text(
-    "SELECT tenant_id, model, kind, sum(cost)::int AS used FROM active_slots"
-    " GROUP BY GROUPING SETS ((tenant_id), (model), (kind), ())"
-)
-
-_TENANTS_SQL = text(
-    "SELECT tenant_id, COALESCE(tier, claimed_tier, 1) AS tier, max_concurrency, weight"
-    " FROM tenants WHERE waiting > 0 AND NOT paused"
-)
-
-_CANDIDATES_SQL = text(
-    """
-    SELECT c.id, c.tenant_id, c.kind, c.model, c.rank, c.slot_cost, c.enqueued_at
-    FROM unnest(CAST(:tenants AS text[]), CAST(:ks AS int[])) AS e(tenant_id, k)
-    CROSS JOIN LATERAL (
-        SELECT t.id, t.tenant_id, t.kind, t.model, t.rank, t.slot_cost, t.enqueued_at
-        FROM tasks t
-        WHERE t.tenant_id = e.tenant_id AND t.status = 1
-          AND (t.not_before IS NULL OR t.not_before <= :now)
-          AND t.model <> ALL(CAST(:blocked_models AS text[]))
-          AND t.kind <> ALL(CAST(:blocked_kinds AS smallint[]))
-        ORDER BY t.rank DESC, t.enqueued_at
-        LIMIT e.k
-    ) c
-    """
-)
-
-_BACKOFF_SQL = text("SELECT min(not_before) FROM tasks WHERE status = 1 AND not_before > :now")
-
-_DISPATCH_SQL = text(
-    """
-    UPDATE tasks SET
-        status = 2, attempt = attempt + 1, submit_state = 1, submit_started_at = NULL,
-        prediction_id = NULL, progress = 0, started_at = NULL, not_before = NULL,
-        dispatched_at = :now, dispatch_emitted_at = :now, updated_at = :now,
-        run_deadline = :now + make_interval(secs => run_timeout_s),
-        last_provider_update_at = NULL, last_sequence = last_sequence + 1
-    WHERE id = ANY(:ids) AND status = 1
-    RETURNING *
-    """
-)
-
-
 class Dispatcher:
     """The dispatch cycle (runs on the leader's connection only)."""
 
@@ -161,6 +126,8 @@ class Dispatcher:
         self._tenant_info: dict[str, tuple[int, int | None, int | None]] = {}
         self._cache_until = float("-inf")
         self._cache_blocked: tuple[set[str], set[int]] = (set(), set())
+        self._prefetched: tuple[list[Any], datetime | None] | None = None
+        """The tenants and the earliest backoff, read with the capacity when the cache was stale."""
         self.last_dispatched: list[tuple[uuid.UUID, int]] = []
         """(task id, attempt) of the last cycle's dispatches (benchmarks, tests)."""
         self.on_commit: list[Callable[[int], None]] = []
@@ -177,25 +144,13 @@ class Dispatcher:
         started = time.perf_counter()
         now = utcnow()
         self.next_wake = None
-        async with conn.begin():
-            cap = await self._capacity(conn, now)  # fenced: raises unless still the leader
-            if cap is None:
-                return 0
-            per_tenant = await self._candidates(conn, cap, now)
-            if not per_tenant:
-                self._wake_at_cache_expiry()
-                return 0
-            chosen = self._assign(per_tenant, cap, now)
-            if not chosen:
-                self._wake_at_cache_expiry()
-                return 0
-            n = await self._commit(conn, chosen, now)
-            # Filling the room saturates it: the next cycle waits for room (loops.py).
-            self.room.filled(n)
-            self._wake_at_cache_expiry()
-            taken = {c.id for c in chosen}
-            for tenant in {c.tenant_id for c in chosen}:
-                self._cache[tenant] = [c for c in self._cache.get(tenant, []) if c.id not in taken]
+        try:
+            async with conn.begin():
+                n = await self._cycle(conn, now)
+        finally:
+            if self._prefetched is not None:  # read but not used: the next cycle reads again
+                self._prefetched = None
+                self.wakeups.candidates_stale = True
         if n and self.metrics is not None:
             self.metrics.dispatch_latency.observe(time.perf_counter() - started)
         if n:
@@ -203,6 +158,28 @@ class Dispatcher:
             self.wakeups.relay.set()
             for hook in self.on_commit:
                 hook(n)
+        return n
+
+    async def _cycle(self, conn: AsyncConnection, now: datetime) -> int:
+        """The transaction of :meth:`cycle` (committed by the last round trip when it dispatches)."""
+        cap = await self._capacity(conn, now)  # fenced: raises unless still the leader
+        if cap is None:
+            return 0
+        per_tenant = await self._candidates(conn, cap, now)
+        if not per_tenant:
+            self._wake_at_cache_expiry()
+            return 0
+        chosen = self._assign(per_tenant, cap, now)
+        if not chosen:
+            self._wake_at_cache_expiry()
+            return 0
+        n = await self._commit(conn, chosen, now)
+        # Filling the room saturates it: the next cycle waits for room (loops.py).
+        self.room.filled(n)
+        self._wake_at_cache_expiry()
+        taken = {c.id for c in chosen}
+        for tenant in {c.tenant_id for c in chosen}:
+            self._cache[tenant] = [c for c in self._cache.get(tenant, []) if c.id not in taken]
         return n
 
     async def _candidates(
@@ -217,23 +194,24 @@ class Dispatcher:
         ``candidate_cache_seconds``. A tenant whose cached list ran out while more of its tasks may
         wait is re-read alone, so a refill after a completion costs no scan over every tenant.
         """
-        fresh = (
-            not self.wakeups.candidates_stale
-            and time.monotonic() < self._cache_until
+        prefetched, self._prefetched = self._prefetched, None
+        fresh = prefetched is None and (
+            not self._cache_stale()
             and not (self._cache_blocked[0] - set(cap.blocked_models))
             and not (self._cache_blocked[1] - set(cap.blocked_kinds))
         )
         if not fresh:
-            self.wakeups.candidates_stale = False
-            info = {
-                t.tenant_id: (t.tier, t.max_concurrency, t.weight)
-                for t in await conn.execute(_TENANTS_SQL)
-            }
+            if prefetched is None:
+                self.wakeups.candidates_stale = False
+                tenants = (await conn.execute(TENANTS_SQL)).all()
+                backoff_end = await conn.scalar(BACKOFF_SQL, {"now": now})
+            else:  # read with the capacity (the flag was cleared before that read)
+                tenants, backoff_end = prefetched
+            info = {t[0]: (t[1], t[2], t[3]) for t in tenants}
             self._tenant_info = info
             self._cache = {}
             self._more = set(info)
             self._cache_until = time.monotonic() + self.settings.candidate_cache_seconds
-            backoff_end = await conn.scalar(_BACKOFF_SQL, {"now": now})
             if backoff_end is not None:
                 # Wake (and re-read) when the earliest retry backoff ends: retries go out on time.
                 self._cache_until = min(
@@ -264,8 +242,9 @@ class Dispatcher:
         probe = [t for t, f in free.items() if f > 0 and not self._cache.get(t) and t in self._more]
         if probe:
             ks = [min(free[t], self.settings.tenant_candidates_max) for t in probe]
-            rows = await conn.execute(
-                _CANDIDATES_SQL,
+            rows = await raw_execute(
+                conn,
+                CANDIDATES_SQL,
                 {
                     "tenants": probe,
                     "ks": ks,
@@ -275,17 +254,17 @@ class Dispatcher:
                 },
             )
             got: dict[str, list[Candidate]] = defaultdict(list)
-            for r in rows:
-                got[r.tenant_id].append(
-                    Candidate(
-                        r.id, r.tenant_id, r.kind, r.model, r.rank, r.slot_cost, r.enqueued_at
-                    )
-                )
+            for r in rows:  # id, tenant_id, kind, model, rank, slot_cost, enqueued_at
+                got[r[1]].append(Candidate(*r))
             for t, k in zip(probe, ks, strict=True):
                 self._cache[t] = got.get(t, [])
                 if len(self._cache[t]) < k:
                     self._more.discard(t)  # everything it has queued is in the cache now
         return {t: self._cache[t] for t, f in free.items() if f > 0 and self._cache.get(t)}
+
+    def _cache_stale(self) -> bool:
+        """Whether the candidate cache must be re-read whatever the capacity shows."""
+        return self.wakeups.candidates_stale or time.monotonic() >= self._cache_until
 
     def _wake_at_cache_expiry(self) -> None:
         if self._cache_until != float("-inf") and self.next_wake is None:
@@ -306,14 +285,22 @@ class Dispatcher:
         fence, fence_params = self.leader.fence_statement()
         statements: list[tuple[TextClause, dict[str, Any]]] = [
             (fence, fence_params),
-            (_CONTROLS_SQL, {"p": self.settings.provider_name, "now": now}),
-            (_USAGE_SQL, {}),
+            (CONTROLS_SQL, {"p": self.settings.provider_name, "now": now}),
+            (USAGE_SQL, {}),
         ]
         if self.settings.dispatch_window:
             statements.append((AWAITING_ADAPTER_SQL, {}))
+        prefetch = self._cache_stale()
+        if prefetch:  # the candidate cache is re-read: its first two reads go in this trip too
+            self.wakeups.candidates_stale = False  # a poke from now on marks it stale again
+            statements += [(TENANTS_SQL, {}), (BACKOFF_SQL, {"now": now})]
         async with pipeline_within(conn):
             cursors = [await raw_cursor(conn, sql, params) for sql, params in statements]
-        (held,), controls, usage, *window = [await c.fetchall() for c in cursors]
+        results = [await c.fetchall() for c in cursors]
+        if prefetch:
+            self._prefetched = (results[-2], results[-1][0][0])
+            del results[-2:]
+        (held,), controls, usage, *window = results
         if not held[0]:
             raise LostLeadership("the leader lock is not held by this session")
         paused: list[str] = []
@@ -447,8 +434,7 @@ class Dispatcher:
 
     async def _commit(self, conn: AsyncConnection, chosen: list[Candidate], now: datetime) -> int:
         provider = self.settings.provider_name
-        result = await conn.execute(_DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now})
-        rows = [dict(r) for r in result.mappings()]
+        rows = await raw_mappings(conn, DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now})
         self.last_dispatched = [(r["id"], r["attempt"]) for r in rows]
         if not rows:
             return 0
@@ -472,9 +458,11 @@ class Dispatcher:
             changes.command(row, dispatch_command(row, provider, self.policy, now))
             row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
             changes.event(row, EV_DISPATCHED, m.QUEUED)
-        async with pipeline_within(conn) as leave:  # slots, events, outbox, counters: one trip
+        # The slots, events, outbox rows, counters and the commit: one round trip.
+        async with pipeline_within(conn) as leave:
             await insert_rows(conn, "active_slots", slots, raw=True)
             await changes.flush(conn, save=False, leave_pipeline=leave)
+            await commit_raw(conn)
         self.bucket.spend(len(rows))
         if self.metrics is not None:
             for row in rows:

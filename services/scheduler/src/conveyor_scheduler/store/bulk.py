@@ -341,6 +341,14 @@ async def pipeline_within(conn: AsyncConnection) -> AsyncIterator[Callable[[], A
         yield leave
 
 
+async def commit_raw(conn: AsyncConnection) -> None:
+    """COMMIT the transaction open on ``conn`` on its psycopg connection. Inside
+    :func:`pipeline_within` it travels with the closing Sync, so the statements before it and the
+    commit cost one round trip; SQLAlchemy's own commit afterwards finds nothing left to do."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    await driver.execute("COMMIT")
+
+
 @contextlib.asynccontextmanager
 async def pipelined(conn: AsyncConnection) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """One transaction on ``conn`` in psycopg's pipeline mode (submits, the outbox relay); yields
