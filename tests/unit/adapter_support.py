@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import httpx
+from multidict import CIMultiDict
+from yarl import URL
+
+from conveyor_provider_adapter.web_client import Answer
 
 VERSION = "5c7d5dc6dd8bf75c1acaa8565735e7986bc5b66206b55cca93cb72c9bf15ccaa"
 
 
 def response_of(
-    status: int, body: Any = None, headers: dict[str, str] | None = None
-) -> httpx.Response:
-    request = httpx.Request("POST", "https://api.replicate.com/v1/predictions")
-    return httpx.Response(
+    status: int,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    *,
+    raw: bytes | None = None,
+    method: str = "POST",
+    url: str = "https://api.replicate.com/v1/predictions",
+) -> Answer:
+    """An answer of Replicate's API as the client reads it (``raw``: a body that is not JSON)."""
+    return Answer(
         status,
-        json=body,
-        headers={"content-type": "application/problem+json", **(headers or {})},
-        request=request,
+        CIMultiDict({"content-type": "application/problem+json", **(headers or {})}),
+        json.dumps(body).encode() if raw is None else raw,
+        method,
+        URL(url),
     )

@@ -8,8 +8,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import httpx
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
@@ -374,11 +374,17 @@ async def test_an_adopted_prediction_adds_no_started_result_to_its_accepted_comp
 async def test_creates_ask_only_for_start_logs_and_completed() -> None:
     bodies: list[dict[str, Any]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
-        return httpx.Response(201, json={"id": "p1", "status": "starting"})
+    async def handler(request: web.Request) -> web.Response:
+        bodies.append(json.loads(await request.read()))
+        return web.json_response({"id": "p1", "status": "starting"}, status=201)
 
-    client = ReplicateClient("https://api.example", "r8_x", transport=httpx.MockTransport(handler))
+    app = web.Application()
+    app.router.add_post("/v1/models/acme/flux/predictions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    client = ReplicateClient(f"http://127.0.0.1:{port}", "r8_x")
     try:
         await client.create(
             CreateRequest(Target("model", "acme", "flux"), {"p": 1}, webhook="https://h/x")
@@ -386,6 +392,7 @@ async def test_creates_ask_only_for_start_logs_and_completed() -> None:
         await client.create(CreateRequest(Target("model", "acme", "flux"), {"p": 1}))
     finally:
         await client.close()
+        await runner.cleanup()
     assert bodies[0]["webhook_events_filter"] == ["start", "logs", "completed"]
     assert list(WEBHOOK_EVENTS) == ["start", "logs", "completed"]
     assert "webhook_events_filter" not in bodies[1]  # no webhook, no filter

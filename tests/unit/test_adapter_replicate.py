@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-import httpx
 import pytest
 
 from conveyor_provider_adapter.replicate import (
     Ambiguous,
     ClientError,
+    CreateRequest,
     Prediction,
     RateLimited,
+    ReplicateClient,
     ServerError,
+    Target,
+    Unreachable,
     cancel_after_value,
     error_from_response,
     parse_target,
@@ -96,8 +101,8 @@ def test_5xx_is_ambiguous_on_create_and_a_server_error_elsewhere() -> None:
     r = response_of(503, {"detail": "unavailable"})
     assert isinstance(error_from_response(r, create=True, default_retry_after=5), Ambiguous)
     assert isinstance(error_from_response(r, create=False, default_retry_after=5), ServerError)
-    text = httpx.Response(
-        500, text="<html>oops</html>", request=httpx.Request("GET", "https://x/v1/predictions/1")
+    text = response_of(
+        500, raw=b"<html>oops</html>", method="GET", url="https://x/v1/predictions/1"
     )
     err = error_from_response(text, create=False, default_retry_after=5)
     assert isinstance(err, ServerError)
@@ -115,3 +120,66 @@ def test_prediction_parsing_tolerates_unknown_statuses_and_missing_fields() -> N
     assert weird.logs == ""
     with pytest.raises(ValueError, match="id"):
         Prediction.from_json({"status": "starting"})
+
+
+# ---- transport failures, against real sockets ----------------------------------------------
+
+
+async def _server(handle: Any) -> tuple[asyncio.AbstractServer, str]:
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+async def _closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")  # the request reached the server; no answer
+    writer.close()
+
+
+async def _silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    await asyncio.sleep(5)
+    writer.close()
+
+
+CREATE = CreateRequest(Target("model", "acme", "flux"), {"prompt": "x"})
+
+
+async def test_a_refused_connection_is_unreachable_nothing_was_sent() -> None:
+    server, url = await _server(_closing)
+    server.close()
+    await server.wait_closed()  # the port now refuses connections
+    client = ReplicateClient(url, "r8_x", connect_timeout=1.0)
+    try:
+        with pytest.raises(Unreachable):
+            await client.create(CREATE)
+        with pytest.raises(Unreachable):
+            await client.get("p1")
+    finally:
+        await client.close()
+
+
+async def test_a_connection_closed_after_the_request_is_ambiguous_on_create() -> None:
+    server, url = await _server(_closing)
+    client = ReplicateClient(url, "r8_x")
+    try:
+        with pytest.raises(Ambiguous):
+            await client.create(CREATE)
+        with pytest.raises(ServerError):  # not a create: a plain server error
+            await client.get("p1")
+    finally:
+        await client.close()
+        server.close()
+
+
+async def test_no_answer_within_the_create_timeout_is_ambiguous() -> None:
+    server, url = await _server(_silent)
+    client = ReplicateClient(url, "r8_x", create_timeout=0.3, request_timeout=0.3)
+    try:
+        with pytest.raises(Ambiguous, match="after sending"):
+            await client.create(CREATE)
+        with pytest.raises(ServerError):
+            await client.cancel("p1")
+    finally:
+        await client.close()
+        server.close()

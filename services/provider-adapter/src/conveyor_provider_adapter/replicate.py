@@ -28,9 +28,10 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
-import httpx
+from yarl import URL
 
 from conveyor_common import tracing
+from conveyor_provider_adapter.web_client import Answer, MaybeSent, NotSent, WebClient
 
 logger = logging.getLogger(__name__)
 
@@ -246,27 +247,27 @@ def _retry_after_header(value: str | None, now: datetime | None = None) -> float
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def _problem(response: httpx.Response) -> dict[str, Any]:
+def _problem(response: Answer) -> dict[str, Any]:
     try:
-        body = response.json()
+        body = json.loads(response.body)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         return {"detail": response.text[:500]}
     return body if isinstance(body, dict) else {"detail": str(body)[:500]}
 
 
 def error_from_response(
-    response: httpx.Response, *, create: bool, default_retry_after: float
+    response: Answer, *, create: bool, default_retry_after: float
 ) -> ReplicateError:
     """The typed exception for a non-2xx answer."""
     body = _problem(response)
-    status = response.status_code
+    status = response.status
     title = str(body.get("title") or "")
     detail = str(body.get("detail") or "")
     invalid = body.get("invalid_fields")
     fields: list[Mapping[str, Any]] = (
         [f for f in invalid if isinstance(f, dict)] if isinstance(invalid, list) else []
     )
-    message = f"replicate {response.request.method} {response.request.url.path}: {status} {detail or title}".strip()
+    message = f"replicate {response.method} {response.url.path}: {status} {detail or title}".strip()
     kw: dict[str, Any] = {
         "status": status,
         "title": title,
@@ -306,7 +307,8 @@ class CreateRequest:
 
 
 class ReplicateClient:
-    """Replicate API calls over one pooled ``httpx.AsyncClient`` (no redirects, short timeouts)."""
+    """Replicate API calls over one pooled aiohttp session (web_client.py: no redirects, short
+    timeouts, a CLIENT span per call when tracing is on)."""
 
     def __init__(
         self,
@@ -317,33 +319,20 @@ class ReplicateClient:
         create_timeout: float = 10.0,
         request_timeout: float = 10.0,
         default_retry_after: float = 5.0,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._create_timeout = httpx.Timeout(
-            create_timeout, connect=connect_timeout, pool=connect_timeout
-        )
-        self._timeout = httpx.Timeout(
-            request_timeout, connect=connect_timeout, pool=connect_timeout
-        )
+        self._create_timeout = create_timeout
         self._default_retry_after = default_retry_after
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        if tracing.enabled():  # a span per Replicate call
-            transport = tracing.TracingTransport(
-                transport or httpx.AsyncHTTPTransport(limits=limits)
-            )
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url,
+        self._http = WebClient(
+            connect_timeout=connect_timeout,
+            read_timeout=request_timeout,
             headers={"Authorization": f"Bearer {token}", "User-Agent": "conveyor-provider-adapter"},
-            follow_redirects=False,
-            timeout=self._timeout,
-            transport=transport,
-            limits=limits,
+            trace=tracing.enabled(),
         )
 
     async def close(self) -> None:
         """Close the connection pool."""
-        await self._client.aclose()
+        await self._http.close()
 
     # ---- create ----
 
@@ -368,41 +357,44 @@ class ReplicateClient:
         if cancel_after is not None:
             headers["Cancel-After"] = cancel_after
         try:
-            response = await self._client.post(
-                path, json=body, headers=headers, timeout=self._create_timeout
+            response = await self._http.request(
+                "POST",
+                self.base_url + path,
+                json=body,
+                headers=headers,
+                read_timeout=self._create_timeout,
             )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise Unreachable(f"replicate create: cannot connect: {exc!r}") from exc
-        except httpx.TimeoutException as exc:
-            raise Ambiguous(f"replicate create: timed out after sending: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            # Reset/closed connection after (part of) the request was sent.
-            raise Ambiguous(f"replicate create: transport error: {exc!r}") from exc
-        if response.status_code >= 300:
+        except NotSent as exc:
+            raise Unreachable(f"replicate create: {exc}") from exc
+        except MaybeSent as exc:
+            # A timeout, reset or closed connection after (part of) the request was sent.
+            raise Ambiguous(f"replicate create: failed after sending: {exc}") from exc
+        if response.status >= 300:
             raise error_from_response(
                 response, create=True, default_retry_after=self._default_retry_after
             )
         try:
-            return Prediction.from_json(response.json())
+            return Prediction.from_json(json.loads(response.body))
         except (ValueError, TypeError) as exc:
             # A 2xx without a readable prediction: it was probably created.
             raise Ambiguous(f"replicate create: unreadable 2xx answer: {exc}") from exc
 
     # ---- get / cancel / list ----
 
-    async def _call(self, method: str, url: str, **kw: Any) -> Any:
+    async def _call(self, method: str, url: str, params: Mapping[str, str] | None = None) -> Any:
+        target = self.base_url + url if url.startswith("/") else url
         try:
-            response = await self._client.request(method, url, **kw)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise Unreachable(f"replicate {method} {url}: cannot connect: {exc!r}") from exc
-        except httpx.TransportError as exc:
-            raise ServerError(f"replicate {method} {url}: {exc!r}") from exc
-        if response.status_code >= 300:
+            response = await self._http.request(method, target, params=params or None)
+        except NotSent as exc:
+            raise Unreachable(f"replicate {method} {url}: {exc}") from exc
+        except MaybeSent as exc:
+            raise ServerError(f"replicate {method} {url}: {exc}") from exc
+        if response.status >= 300:
             raise error_from_response(
                 response, create=False, default_retry_after=self._default_retry_after
             )
         try:
-            return response.json()
+            return json.loads(response.body)
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
             raise ServerError(f"replicate {method} {url}: unreadable answer") from exc
 
@@ -434,10 +426,10 @@ class ReplicateClient:
                 created_before.astimezone(UTC).isoformat().replace("+00:00", "Z")
             )
         url: str | None = "/v1/predictions"
-        kw: dict[str, Any] = {"params": params}
+        query: dict[str, str] | None = params
         pages = 0
         while url and pages < max_pages:
-            page = await self._call("GET", url, **kw)
+            page = await self._call("GET", url, query)
             pages += 1
             results = page.get("results") if isinstance(page, dict) else None
             for obj in results if isinstance(results, list) else []:
@@ -456,14 +448,17 @@ class ReplicateClient:
                 yield prediction
             nxt = page.get("next") if isinstance(page, dict) else None
             url = self._same_origin(nxt) if isinstance(nxt, str) and nxt else None
-            kw = {}
+            query = None
 
     def _same_origin(self, url: str) -> str | None:
         """A cursor URL, only when it points at our API (never send the token elsewhere)."""
-        base = httpx.URL(self.base_url)
-        target = httpx.URL(url)
-        if not target.is_absolute_url:
-            return url
+        base = URL(self.base_url)
+        try:
+            target = URL(url)
+        except ValueError:
+            return None
+        if not target.is_absolute():
+            return url if url.startswith("/") else None
         if (target.scheme, target.host, target.port) != (base.scheme, base.host, base.port):
             logger.warning(
                 "list cursor on another origin ignored",

@@ -25,9 +25,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import httpx
+from yarl import URL
 
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.web_client import MaybeSent, NotSent, WebClient
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +331,15 @@ def host_allowed(host: str, allowed: Sequence[str]) -> bool:
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def _basename(url: httpx.URL, index: int) -> str:
+def _host_of(source: str) -> str:
+    """The host of an output URL, for logs ("" when there is none)."""
+    try:
+        return URL(source).host or "" if "://" in source else ""
+    except ValueError:
+        return ""
+
+
+def _basename(url: URL, index: int) -> str:
     name = PurePosixPath(url.path).name or f"output-{index}"
     name = _SAFE.sub("_", name).strip("._") or f"output-{index}"
     return name[:120]
@@ -350,7 +359,6 @@ class OutputCopier:
         prefix: str = "outputs/",
         metrics: AdapterMetrics | None = None,
         attempts: int = 3,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.storage = storage
         self.allowed_hosts = list(allowed_hosts)
@@ -360,28 +368,25 @@ class OutputCopier:
         self.prefix = prefix
         self.metrics = metrics
         self.attempts = max(1, attempts)
-        self._http = httpx.AsyncClient(
-            follow_redirects=False,
-            timeout=httpx.Timeout(30.0, connect=5.0),
-            transport=transport,
-        )
+        self._http = WebClient(connect_timeout=5.0, read_timeout=30.0)
 
     async def close(self) -> None:
         """Close the download client and the storage."""
-        await self._http.aclose()
+        await self._http.close()
         await self.storage.close()
 
-    def check_url(self, raw: str) -> httpx.URL:
+    def check_url(self, raw: str) -> URL:
         """The parsed URL when policy allows downloading it; CopyError otherwise."""
         try:
-            url = httpx.URL(raw)
-        except (httpx.InvalidURL, ValueError) as exc:
+            url = URL(raw)
+            url.host  # noqa: B018 (a bad host raises here)
+        except (ValueError, TypeError) as exc:
             raise CopyError("bad_url", f"unparseable output URL: {exc}") from exc
         if url.scheme == "https" or (url.scheme == "http" and self.allow_http):
             pass
         else:
             raise CopyError("scheme_not_allowed", f"output URL scheme {url.scheme!r} not allowed")
-        if url.userinfo:
+        if url.user is not None or url.password is not None:
             raise CopyError("bad_url", "output URL carries credentials")
         if not url.host or not host_allowed(url.host, self.allowed_hosts):
             raise CopyError("host_not_allowed", f"output host {url.host!r} is not allow-listed")
@@ -414,8 +419,8 @@ class OutputCopier:
                     break
             except TimeoutError:
                 last = CopyError("timeout", f"copy took longer than {self.timeout_s}s")
-            except httpx.HTTPError as exc:
-                last = CopyError("http", f"download failed: {exc!r}")
+            except (NotSent, MaybeSent) as exc:
+                last = CopyError("http", f"download failed: {exc}")
             except Exception as exc:
                 last = CopyError("storage", f"storing failed: {exc!r}")
             else:
@@ -437,19 +442,20 @@ class OutputCopier:
             extra={
                 "action": "output_copy_failed",
                 "reason": reason,
-                "source_host": httpx.URL(source).host if "://" in source else "",
+                "source_host": _host_of(source),
                 "error": message[:300],
             },
         )
 
-    async def _download_and_store(self, url: httpx.URL, key: str) -> tuple[StoredObject, str]:
-        async with self._http.stream("GET", url) as response:
-            if response.is_redirect:
-                raise CopyError("redirect", f"output URL redirects ({response.status_code})")
-            if 400 <= response.status_code < 500:
-                raise CopyError("http_4xx", f"output download answered {response.status_code}")
-            if response.status_code != 200:
-                raise CopyError("http", f"output download answered {response.status_code}")
+    async def _download_and_store(self, url: URL, key: str) -> tuple[StoredObject, str]:
+        async with self._http.stream(url) as response:
+            status = response.status
+            if 300 <= status < 400 and "location" in response.headers:
+                raise CopyError("redirect", f"output URL redirects ({status})")
+            if 400 <= status < 500:
+                raise CopyError("http_4xx", f"output download answered {status}")
+            if status != 200:
+                raise CopyError("http", f"output download answered {status}")
             declared = response.headers.get("content-length")
             if declared and declared.isdigit() and int(declared) > self.max_bytes:
                 raise CopyError("too_large", f"output is {declared} bytes > {self.max_bytes}")
@@ -458,7 +464,7 @@ class OutputCopier:
 
             async def limited() -> AsyncIterator[bytes]:
                 seen = 0
-                async for chunk in response.aiter_bytes(64 * 1024):
+                async for chunk in response.content.iter_chunked(64 * 1024):
                     seen += len(chunk)
                     if seen > limit:
                         raise CopyError("too_large", f"output exceeds {limit} bytes")
