@@ -229,3 +229,46 @@ async def test_oversized_disallowed_and_redirected_outputs_are_not_copied(
             )
             == 1
         )
+
+
+async def test_a_storyboards_images_are_copied_side_by_side_in_order(tmp_path: Path) -> None:
+    """Six images, three at a time: the copies overlap (never more than the limit) and the
+    files come back in the output's order."""
+    in_flight = 0
+    peak = 0
+
+    async def image(request: web.Request) -> web.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.2)
+            return web.Response(
+                body=request.match_info["n"].encode() * 100, content_type="image/png"
+            )
+        finally:
+            in_flight -= 1
+
+    app = web.Application()
+    app.router.add_get("/img/{n}.png", image)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    urls = [f"http://127.0.0.1:{port}/img/{n}.png" for n in range(6)]
+    c = copier(FilesystemStorage(tmp_path), CollectorRegistry(), parallel=3)
+    try:
+        started = asyncio.get_running_loop().time()
+        files = await c.copy_all({"frames": urls}, "board", 1)
+        took = asyncio.get_running_loop().time() - started
+    finally:
+        await c.close()
+        await runner.cleanup()
+    assert [f.source_url for f in files] == urls
+    assert [f.error for f in files] == [""] * 6
+    for n, f in enumerate(files):
+        assert f.url.endswith(f"/board/1/{n:03d}-{n}.png")
+        path = tmp_path / "outputs" / "board" / "1" / f"{n:03d}-{n}.png"
+        assert await asyncio.to_thread(path.read_bytes) == str(n).encode() * 100
+    assert peak == 3
+    assert took < 1.0  # two rounds of 0.2 s, not six

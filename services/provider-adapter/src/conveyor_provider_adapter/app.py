@@ -120,6 +120,7 @@ class Adapter:
             allow_http=settings.output_allow_http,
             max_bytes=settings.output_max_bytes,
             timeout_s=settings.output_timeout_s,
+            parallel=settings.output_copy_parallel,
             prefix=settings.storage_prefix,
             metrics=self.metrics,
         )

@@ -145,6 +145,8 @@ class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetting
     """Largest output file copied."""
     output_timeout_s: float = Field(default=120.0, gt=0)
     """Time limit of one output download."""
+    output_copy_parallel: int = Field(default=4, ge=1, le=64)
+    """Output files of one prediction copied at the same time (a storyboard's images)."""
 
     @field_validator("output_allowed_hosts", mode="before")
     @classmethod

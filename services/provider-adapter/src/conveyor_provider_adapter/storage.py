@@ -359,6 +359,7 @@ class OutputCopier:
         prefix: str = "outputs/",
         metrics: AdapterMetrics | None = None,
         attempts: int = 3,
+        parallel: int = 4,
     ) -> None:
         self.storage = storage
         self.allowed_hosts = list(allowed_hosts)
@@ -368,6 +369,7 @@ class OutputCopier:
         self.prefix = prefix
         self.metrics = metrics
         self.attempts = max(1, attempts)
+        self.parallel = max(1, parallel)
         self._http = WebClient(connect_timeout=5.0, read_timeout=30.0)
 
     async def close(self) -> None:
@@ -393,11 +395,19 @@ class OutputCopier:
         return url
 
     async def copy_all(self, output: Any, task_id: str, attempt: int) -> list[CopiedFile]:
-        """Copy every output URL; a failed copy yields a file with an empty ``url`` and ``error``."""
-        files: list[CopiedFile] = []
-        for index, source in enumerate(output_urls(output)):
-            files.append(await self._copy_one(source, task_id, attempt, index))
-        return files
+        """Copy every output URL, up to ``parallel`` at a time (a storyboard's images do not wait
+        for each other), in the output's order; a failed copy yields a file with an empty ``url``
+        and ``error``."""
+        sources = output_urls(output)
+        if len(sources) == 1:
+            return [await self._copy_one(sources[0], task_id, attempt, 0)]
+        gate = asyncio.Semaphore(self.parallel)
+
+        async def one(index: int, source: str) -> CopiedFile:
+            async with gate:
+                return await self._copy_one(source, task_id, attempt, index)
+
+        return list(await asyncio.gather(*(one(i, s) for i, s in enumerate(sources))))
 
     async def _copy_one(self, source: str, task_id: str, attempt: int, index: int) -> CopiedFile:
         try:
