@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import psycopg
 import pytest
 from sqlalchemy import text
 
@@ -157,3 +159,54 @@ async def test_submit_on_a_follower_wakes_the_leader_through_notify(database_url
     finally:
         for app in apps:
             await app.stop()
+
+
+async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(database_url: str) -> None:
+    """PostgreSQL's idle timeouts are armed only at a Sync: a leader frozen after sending part of a
+    pipelined transaction keeps its session (``active``, waiting on ``ClientRead``) and the lock.
+    A follower's try ends such a session once it stalled a lease, and takes the lock next."""
+    from conveyor_scheduler.dispatch.leadership import Leader
+
+    await kit.migrate(database_url)
+    settings = kit.make_settings(database_url, leader_lease_seconds=1.0)
+    frozen = Leader(settings, database_url, "frozen")
+    follower = Leader(settings, database_url, "follower")
+    try:
+        assert await frozen.try_acquire()
+        conn = frozen.conn
+        assert conn is not None
+        driver: Any = (await conn.get_raw_connection()).driver_connection
+        pipeline = driver.pipeline()
+        await pipeline.__aenter__()
+        await driver.execute("SELECT 1")  # sent; the Sync never is (the process froze)
+        assert not await follower.try_acquire()  # not stalled for a lease yet
+        await asyncio.sleep(1.3)  # past both idle timeouts of the lease: still alive
+        started = time.monotonic()
+        while not await follower.try_acquire():
+            assert time.monotonic() - started < 5.0, "the stalled leader was never ended"
+            await asyncio.sleep(0.2)
+        assert follower.is_leader
+        with pytest.raises(psycopg.OperationalError):  # resumed, the zombie finds no session
+            await pipeline.__aexit__(None, None, None)
+    finally:
+        frozen.conn = None  # its session was ended; nothing to release
+        await follower.dispose()
+        await frozen.dispose()
+
+
+async def test_a_live_idle_leader_is_not_ended(database_url: str) -> None:
+    from conveyor_scheduler.dispatch.leadership import Leader
+
+    await kit.migrate(database_url)
+    settings = kit.make_settings(database_url, leader_lease_seconds=1.0)
+    leader = Leader(settings, database_url, "live")
+    follower = Leader(settings, database_url, "follower")
+    try:
+        assert await leader.try_acquire()
+        for _ in range(6):  # 1.8 s, the leader touching its session as a live one does
+            assert not await follower.try_acquire()
+            assert await leader.check()
+            await asyncio.sleep(0.3)
+    finally:
+        await follower.dispose()
+        await leader.dispose()

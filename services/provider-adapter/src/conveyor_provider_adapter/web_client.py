@@ -80,9 +80,11 @@ class WebClient:
     def session(self) -> aiohttp.ClientSession:
         """The session (opened on first use)."""
         if self._session is None or self._session.closed:
+            # Idle connections are dropped after 5 s (httpx's expiry): a create sent on a
+            # connection the server closed meanwhile fails as MaybeSent and costs a reconcile.
             self._session = aiohttp.ClientSession(
                 headers=self.headers,
-                connector=aiohttp.TCPConnector(limit=self.limit, keepalive_timeout=15.0),
+                connector=aiohttp.TCPConnector(limit=self.limit, keepalive_timeout=5.0),
                 timeout=self._timeout(None),
                 auto_decompress=True,
             )

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.dispatch.cycle import Dispatcher
-from conveyor_scheduler.dispatch.leadership import Leader
+from conveyor_scheduler.dispatch.leadership import Leader, end_stalled_sessions
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.metrics import SchedulerMetrics
@@ -181,3 +181,5 @@ class LeaderLoops:
         await maintenance.refresh_gauges(self.engine, self.policy, self.metrics)
         await maintenance.retention(self.engine, self.settings)
         await maintenance.maybe_reconcile(self.engine, self.settings)
+        async with self.engine.connect() as conn:  # a frozen replica's row locks held mid-pipeline
+            await end_stalled_sessions(conn, self.settings.leader_lease_seconds)
