@@ -161,10 +161,16 @@ async def test_submit_on_a_follower_wakes_the_leader_through_notify(database_url
             await app.stop()
 
 
-async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(database_url: str) -> None:
+@pytest.mark.parametrize(
+    "sent", [["SELECT 1"], ["SELECT 1", "COMMIT"]], ids=["mid-transaction", "after-its-commit"]
+)
+async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(
+    database_url: str, sent: list[str]
+) -> None:
     """PostgreSQL's idle timeouts are armed only at a Sync: a leader frozen after sending part of a
-    pipelined transaction keeps its session (``active``, waiting on ``ClientRead``) and the lock.
-    A follower's try ends such a session once it stalled a lease, and takes the lock next."""
+    pipelined transaction (or all of it, its COMMIT included, but not the Sync) keeps its session,
+    waiting on ``ClientRead``, and the lock. A follower's try ends such a session once it stalled a
+    lease, and takes the lock next."""
     from conveyor_scheduler.dispatch.leadership import Leader
 
     await kit.migrate(database_url)
@@ -178,9 +184,11 @@ async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(database_url: 
         driver: Any = (await conn.get_raw_connection()).driver_connection
         pipeline = driver.pipeline()
         await pipeline.__aenter__()
-        await driver.execute("SELECT 1")  # sent; the Sync never is (the process froze)
+        for statement in sent:
+            await driver.execute(statement)  # sent; the Sync never is (the process froze)
         assert not await follower.try_acquire()  # not stalled for a lease yet
         await asyncio.sleep(1.3)  # past both idle timeouts of the lease: still alive
+        assert await stalled_state(database_url, frozen.backend_pid) != "gone"
         started = time.monotonic()
         while not await follower.try_acquire():
             assert time.monotonic() - started < 5.0, "the stalled leader was never ended"
@@ -192,6 +200,18 @@ async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(database_url: 
         frozen.conn = None  # its session was ended; nothing to release
         await follower.dispose()
         await frozen.dispose()
+
+
+async def stalled_state(database_url: str, pid: int | None) -> str:
+    conn = await psycopg.AsyncConnection.connect(
+        database_url.replace("+psycopg", ""), autocommit=True
+    )
+    try:
+        cursor = await conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
+        row = await cursor.fetchone()
+        return str(row[0]) if row else "gone"
+    finally:
+        await conn.close()
 
 
 async def test_a_live_idle_leader_is_not_ended(database_url: str) -> None:

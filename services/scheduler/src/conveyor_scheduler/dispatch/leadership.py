@@ -15,12 +15,13 @@ leader makes on other connections (the sweeps) are fenced the same way: they che
 transaction that the lock is still held by the leader's backend (``fence_any``), and every scheduler
 transaction idle for a lease is aborted by the server, so a zombie that resumes commits nothing.
 
-Those server timeouts are armed only at a protocol synchronization point. A replica frozen in the
-middle of a pipelined transaction (its statements sent, the Sync not yet) leaves its session
-``active``, waiting on ``ClientRead``, forever: its lock and row locks stay held (measured: a
-chaos run's SIGSTOPped leader kept the lead for the whole 21 s freeze). So a follower that fails to
-take the lock, and the leader's maintenance, end every scheduler session stalled that way for a
-lease (:func:`end_stalled_sessions`); the lock is then free for the next try.
+Those server timeouts do not always fire. They are armed only at a protocol synchronization point,
+so a replica frozen in the middle of a pipelined transaction (its statements sent, the Sync not
+yet) leaves its session ``active``, waiting on ``ClientRead``, forever; and a chaos run's leader,
+frozen right after its pipelined COMMIT, sat ``idle`` on ``ClientRead`` for the whole 21 s freeze
+with its lock, its ``idle_session_timeout`` firing only after the SIGCONT. So a follower that fails
+to take the lock, and the leader's maintenance, end every scheduler session stalled for a lease
+(:func:`end_stalled_sessions`); the lock is then free for the next try.
 """
 
 from __future__ import annotations
@@ -46,13 +47,16 @@ _HOLDS_LOCK_SQL = text(
 _STALLED_SQL = text(
     "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
     " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    " AND application_name LIKE 'conveyor-scheduler%' AND state = 'active'"
+    " AND application_name LIKE 'conveyor-scheduler%'"
+    " AND (state <> 'idle' OR application_name LIKE 'conveyor-scheduler-leader:%')"
     " AND wait_event_type = 'Client' AND wait_event IN ('ClientRead', 'ClientWrite')"
     " AND state_change < now() - make_interval(secs => :seconds)"
 )
-"""Scheduler sessions inside a statement cycle that wait on their client (the next message of a
-pipeline, or room to send results) since at least ``seconds``: a frozen or wedged replica, as
-nothing of ours leaves a session there for more than milliseconds."""
+"""Scheduler sessions waiting on their client since at least ``seconds``: inside a statement
+cycle (the next message of a pipeline, or room to send results), or a lock session of the leader
+engine in any state (a live leader touches its session every third of the lease; one frozen right
+after a pipelined COMMIT shows ``idle`` with no timeout armed). An idle pool connection is never
+ended: idling in the pool is normal."""
 
 
 async def end_stalled_sessions(conn: AsyncConnection, seconds: float) -> list[int]:
