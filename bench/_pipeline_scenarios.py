@@ -8,11 +8,15 @@ import asyncio
 import time
 from typing import Any
 
-from bench import _measure, _peers
+from bench import _counts, _measure, _peers
 from bench._pipeline_client import Client, Terminals, tenant_names
 from bench._pipeline_system import SYSTEM_GROUPS, Plan, cpu_targets, fetch_ledger
 from conveyor.tasks.v1 import task_pb2
+from conveyor_common import topics
 from conveyor_devstack.system import ConveyorSystem
+
+COUNTED_TOPICS = [topics.TASK_EVENTS, topics.PROVIDER_COMMANDS, topics.PROVIDER_RESULTS]
+"""The topics a task's happy path writes to (``work_per_task``)."""
 
 
 async def work_through(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
@@ -50,11 +54,13 @@ async def work_through(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
         for i in range(plan.outstanding):
             spawn(tenants[i % len(tenants)])
         await asyncio.sleep(plan.warmup_s)
+        counts_before = await _counts.read_counts(system, COUNTED_TOPICS)
         cpu_before = probe.sample()
         window_start = time.monotonic()
         await asyncio.sleep(plan.window_s)
         cpu_after = probe.sample()
         window_end = time.monotonic()
+        counts_after = await _counts.read_counts(system, COUNTED_TOPICS)
         submitting = False
         done = sum(1 for t in completions if window_start <= t < window_end)
         elapsed = window_end - window_start
@@ -71,6 +77,8 @@ async def work_through(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
             "cpu_ms_per_task_by_process": by,
             "fake_cpu_ms_per_task": apart.get("fake"),
             "loadgen_cpu_ms_per_task": apart.get("loadgen"),
+            # Counted, not timed: comparable across runs whatever the machine's speed that day.
+            "work_per_task": _counts.per_task(counts_before, counts_after, done),
             "details": {
                 "tenants": len(tenants),
                 "outstanding": plan.outstanding,

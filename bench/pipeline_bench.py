@@ -16,6 +16,9 @@ the lifted-limit scenarios). Writes ``bench/results/pipeline.json``:
   cutime+cstime: PostgreSQL's backends) of the services, PostgreSQL (postmaster and backends) and Kafka
   over that window per completed task; ``cpu_ms_per_task_by_process`` per group; the fake's and the
   load generator's CPU reported apart (``fake_cpu_ms_per_task``, ``loadgen_cpu_ms_per_task``);
+* ``work_per_task``: over the same window, per completed task, PostgreSQL transactions, Kafka records
+  (by topic) and gRPC calls the services handled (by method): counts, which unlike the timings do
+  not move with the machine's speed that day (``bench/_counts.py``);
 * ``added_latency_p50_ms_at_5tps`` / ``added_latency_p99_ms_at_100tps``: open-loop paced submits
   (~20 s each), from the scheduled submit time to the terminal event on the watch stream, minus the
   prediction's own run time at the fake (create -> finish in its ledger);
@@ -190,6 +193,9 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"   {key:40} {result.get(key)}{extra}")
     for name, ms in (result.get("cpu_ms_per_task_by_process") or {}).items():
         print(f"   cpu_ms_per_task[{name}]{'':{max(1, 23 - len(name))}} {ms}")
+    work = result.get("work_per_task") or {}
+    for key in ("pg_transactions", "kafka_records", "grpc_calls"):
+        print(f"   work_per_task[{key}]{'':{max(1, 25 - len(key))}} {work.get(key)}")
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ from typing import Any
 import grpc
 import httpx
 import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from conveyor.tasks.v1 import task_pb2
 from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench._counts import end_offsets, xact_commit  # noqa: E402
 from bench._pipeline_system import (  # noqa: E402
     LIFTED_ADAPTER,
     LIFTED_FAKE,
@@ -63,32 +63,6 @@ QUIET_S = 3.0
 """After the last terminal: how long nothing may change before the counters are read."""
 SETTLE_S = 11.0
 """PostgreSQL's idle backends flush their statistics every 10 s: wait this long before reading them."""
-
-
-async def end_offsets(bootstrap: str, topic: str) -> int:
-    """Records ever written to ``topic`` (sum of its partitions' end offsets)."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, enable_auto_commit=False)
-    await consumer.start()  # subscribed: the topic's metadata is fetched
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            raise RuntimeError(f"no partitions known for {topic}")
-        offsets = await consumer.end_offsets([TopicPartition(topic, p) for p in parts])
-        return int(sum(offsets.values()))
-    finally:
-        await consumer.stop()
-
-
-def xact_commit(url: str, database: str) -> int:
-    """Transactions committed in ``database`` so far (pg_stat_database). Backends flush their counts
-    at most every second while busy and every 10 s when idle: callers settle first (:data:`SETTLE_S`)."""
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("SELECT pg_stat_force_next_flush()")
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = conn.execute(
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = %s", (database,)
-        ).fetchone()
-        return 0 if row is None else int(row[0])
 
 
 def task_events(url: str, task_ids: list[str]) -> Counter[str]:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conveyor_common import topics
+
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +56,19 @@ def test_pipeline_bench_quick_mode_measures_every_scenario(tmp_path: Path) -> No
     assert wt["drained"] is True
     assert list(wt["terminal_types"]) == ["TASK_EVENT_TYPE_SUCCEEDED"]
     assert wt["terminal_types"]["TASK_EVENT_TYPE_SUCCEEDED"] >= wt["completed_total"]
+    # Work counted per task in the same window: every hop of the path shows up.
+    work = result["work_per_task"]
+    assert positive(work["pg_transactions"])
+    assert set(work["kafka_records_by_topic"]) == {
+        topics.TASK_EVENTS,
+        topics.PROVIDER_COMMANDS,
+        topics.PROVIDER_RESULTS,
+    }
+    assert all(positive(v) for v in work["kafka_records_by_topic"].values())
+    calls = work["grpc_calls_by_method"]
+    assert positive(calls.get("gateway/SubmitTask"))
+    assert any(m.startswith("scheduler/BeginSubmit") for m in calls)
+    assert any(m.startswith("scheduler/CompleteSubmit") for m in calls)
 
     # Latency: every paced task seen terminal on the watch and matched to its prediction's run.
     latency = scenarios["latency"]

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import _measure, _peers  # noqa: E402
+from bench import _counts, _measure, _peers  # noqa: E402
 from bench._measure import CpuTarget, ProcStat  # noqa: E402
 
 
@@ -209,3 +209,46 @@ def test_bullmq_peer_skips_without_a_harness(
         warmup_s=0, window_s=0, outstanding=1, concurrency=1, on_window=lambda *_: None
     )
     assert result == {"skipped": reason}
+
+
+# --- work counted per task ------------------------------------------------------------------
+
+METRICS_TEXT = """# HELP conveyor_grpc_server_handled_total RPCs completed, by method and status code.
+# TYPE conveyor_grpc_server_handled_total counter
+conveyor_grpc_server_handled_total{grpc_code="OK",grpc_method="/conveyor.scheduler.v1.ProviderCoordinationService/BeginSubmitBatch",service="scheduler"} 40.0
+conveyor_grpc_server_handled_total{grpc_code="UNAVAILABLE",grpc_method="/conveyor.scheduler.v1.ProviderCoordinationService/BeginSubmitBatch",service="scheduler"} 2.0
+conveyor_grpc_server_handled_total{grpc_code="OK",grpc_method="/conveyor.scheduler.v1.SchedulerService/SubmitTask",service="scheduler"} 7.0
+conveyor_grpc_server_handling_seconds_count{grpc_method="/conveyor.scheduler.v1.SchedulerService/SubmitTask",service="scheduler"} 7.0
+"""
+
+
+def test_rpc_counts_sum_every_status_code_per_method() -> None:
+    assert _counts.rpc_counts(METRICS_TEXT) == {
+        "scheduler/BeginSubmitBatch": 42.0,
+        "scheduler/SubmitTask": 7.0,
+    }
+
+
+def test_work_per_task_divides_the_window_by_the_tasks_completed() -> None:
+    before = _counts.Counts(
+        pg_transactions=1000,
+        kafka_records={"events": 400, "commands": 100},
+        rpcs={"scheduler/SubmitTask": 10.0, "scheduler/CompleteSubmitBatch": 5.0},
+    )
+    after = _counts.Counts(
+        pg_transactions=1450,
+        kafka_records={"events": 800, "commands": 200},
+        rpcs={
+            "scheduler/SubmitTask": 110.0,
+            "scheduler/CompleteSubmitBatch": 5.0,  # no call in the window: left out
+            "gateway/SubmitTask": 100.0,  # first seen in the window
+        },
+    )
+    assert _counts.per_task(before, after, 100) == {
+        "pg_transactions": 4.5,
+        "kafka_records": 5.0,
+        "kafka_records_by_topic": {"commands": 1.0, "events": 4.0},
+        "grpc_calls": 2.0,
+        "grpc_calls_by_method": {"gateway/SubmitTask": 1.0, "scheduler/SubmitTask": 1.0},
+    }
+    assert _counts.per_task(before, after, 0) == {}
