@@ -7,11 +7,14 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 
+import psycopg
 import pytest
 
 from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor_common.errors import InvalidArgument
 from conveyor_scheduler.api.provider import ProviderCoordinationServicer
+from conveyor_scheduler.dispatch.wakeups import CHANNEL
+from conveyor_scheduler.settings import to_libpq_url
 from conveyor_scheduler.store import models
 from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env
@@ -112,23 +115,51 @@ class Requests:
         self.got.append(kw)
 
 
-async def test_events_for_the_relay_alone_wake_only_the_relay(
-    make_env: Callable[..., Awaitable[Env]],
+async def test_a_followers_hot_writes_carry_their_notify_in_their_own_transaction(
+    make_env: Callable[..., Awaitable[Env]], sched_url: str
 ) -> None:
-    """On a non-leader, CompleteSubmit and a non-freeing result (STARTED, PROGRESS) ask for an
-    'outbox' NOTIFY (the leader's relay only); a terminal result, which frees a slot, still wakes
-    the dispatcher, for the slot only: the task had left the dispatch window."""
+    """On a non-leader, BeginSubmit, CompleteSubmit and applied results send their NOTIFY inside
+    their transaction (delivered with the commit; no NOTIFY of the announcer after it): a begin
+    that takes a command out of the window says 'window', CompleteSubmit and a non-freeing result
+    (STARTED, PROGRESS) say 'outbox' (the leader's relay only), a terminal result says 'slots'
+    (the task had left the dispatch window). A result that changes nothing sends nothing, and on
+    the leader's replica nothing is sent: its loops are woken in process."""
     env = await make_env(lead=True)
     [(row, _)] = await env.core.submit("a", 1, [kit.item()])
     await env.dispatch()
     tid = str(row["id"])
-    assert (await env.core.begin_submit(tid, 1))[0] == 1
-    requests = Requests()
-    env.core.wakeups.local_leader = False
-    env.core.wakeups.announcer = requests  # type: ignore[assignment]
-    assert await env.core.complete_submit(tid, 1, "pred-1")
-    assert requests.got == [{"new_work": False, "frees": False, "relay_only": True}]
-    await env.core.apply_results([kit.result(row["id"], 1, "progress", percent=40)])
-    assert requests.got[1:] == [{"new_work": False, "frees": False, "relay_only": True}]
-    await env.core.apply_results([kit.result(row["id"], 1, "succeeded")])
-    assert requests.got[2:] == [{"new_work": False, "frees": True, "window": False}]
+    listen = await psycopg.AsyncConnection.connect(to_libpq_url(sched_url), autocommit=True)
+    try:
+        await listen.execute(f"LISTEN {CHANNEL}")
+
+        async def notified() -> list[str]:
+            """What arrived since the last call (waits 0.3 s for more)."""
+            return [note.payload async for note in listen.notifies(timeout=0.3)]
+
+        requests = Requests()
+        env.core.wakeups.local_leader = False
+        env.core.wakeups.announcer = requests  # type: ignore[assignment]
+        env.core.wakeups.relay.clear()
+        assert (await env.core.begin_submit(tid, 1))[0] == 1
+        assert await notified() == ["window"]
+        assert await env.core.complete_submit(tid, 1, "pred-1")
+        assert await notified() == ["outbox"]
+        await env.core.apply_results([kit.result(row["id"], 1, "progress", percent=40)])
+        assert await notified() == ["outbox"]
+        await env.core.apply_results([kit.result(row["id"], 1, "progress", percent=30)])
+        assert await notified() == []  # progress went nowhere: no event, no NOTIFY
+        await env.core.apply_results([kit.result(row["id"], 1, "succeeded")])
+        assert await notified() == ["slots"]
+        assert requests.got == []  # nothing left for the announcer
+        assert not env.core.wakeups.relay.is_set()
+
+        env.core.wakeups.local_leader = True  # the leader's replica: in-process events only
+        [(row2, _)] = await env.core.submit("a", 1, [kit.item("second")])
+        await env.dispatch()
+        env.core.wakeups.relay.clear()
+        assert (await env.core.begin_submit(str(row2["id"]), 1))[0] == 1
+        assert await env.core.complete_submit(str(row2["id"]), 1, "pred-2")
+        assert await notified() == []
+        assert env.core.wakeups.relay.is_set()
+    finally:
+        await listen.close()

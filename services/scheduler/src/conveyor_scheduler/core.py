@@ -14,9 +14,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
@@ -43,7 +43,7 @@ from conveyor_scheduler.control.tenants import (
     upsert_tenant,
 )
 from conveyor_scheduler.dispatch.policy import Policy
-from conveyor_scheduler.dispatch.wakeups import Wakeups
+from conveyor_scheduler.dispatch.wakeups import Wakeups, notify_within
 from conveyor_scheduler.lifecycle import Backoff
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.results.apply import apply_results
@@ -82,6 +82,31 @@ class StatsCache:
     )
 
 
+class Wake(NamedTuple):
+    """What a commit tells the leader (``Wakeups.poke`` / ``Wakeups.poke_relay``)."""
+
+    new_work: bool
+    frees: bool
+    window: bool
+    relay_only: bool
+
+
+RELAY_ONLY = Wake(new_work=False, frees=False, window=False, relay_only=True)
+"""New outbox rows and nothing for the dispatcher."""
+
+
+def _wake_of(changes: Changes | None, frees: bool = True) -> Wake:
+    """The wake-up after a commit of ``changes`` (None: anything may have changed)."""
+    new_work = changes is None or any(
+        t in (EV_SUBMITTED, EV_RETRY, EV_REDRIVEN) for t in changes.new_event_types
+    )
+    window = frees
+    if changes is not None:
+        frees = frees and bool(changes.free_slots)
+        window = frees and changes.frees_window
+    return Wake(new_work=new_work, frees=frees, window=window, relay_only=False)
+
+
 class SchedulerCore:
     """Use cases of the scheduler."""
 
@@ -106,15 +131,31 @@ class SchedulerCore:
     def _after(
         self, changes: Changes | None = None, *, poke: bool = True, frees: bool = True
     ) -> None:
-        if poke:
-            new_work = changes is None or any(
-                t in (EV_SUBMITTED, EV_RETRY, EV_REDRIVEN) for t in changes.new_event_types
+        self._woken(_wake_of(changes, frees) if poke else None, announced=False)
+        self._count(changes)
+
+    async def _announce_within(self, conn: AsyncConnection, wake: Wake | None) -> bool:
+        """On a follower, the NOTIFY of ``wake`` inside the transaction open on ``conn`` (it goes
+        out with the commit); True when sent."""
+        payload = None if wake is None else self.wakeups.to_announce(**wake._asdict())
+        if payload is None:
+            return False
+        await notify_within(conn, payload)
+        return True
+
+    def _woken(self, wake: Wake | None, *, announced: bool) -> None:
+        """After the commit: wake the local leader loops, or have the announcer NOTIFY the leader
+        (unless the transaction carried the NOTIFY)."""
+        if wake is None:
+            return
+        if wake.relay_only:
+            self.wakeups.poke_relay(announced=announced)
+        else:
+            self.wakeups.poke(
+                new_work=wake.new_work, frees=wake.frees, window=wake.window, announced=announced
             )
-            window = frees
-            if changes is not None:
-                frees = frees and bool(changes.free_slots)
-                window = frees and changes.frees_window
-            self.wakeups.poke(new_work=new_work, frees=frees, window=window)
+
+    def _count(self, changes: Changes | None) -> None:
         if changes is None or self.metrics is None:
             return
         for t in changes.new_event_types:
@@ -275,12 +316,16 @@ class SchedulerCore:
                     now=utcnow(),
                     leave_pipeline=leave,
                 )
-        poke = bool(changes.free_slots) or any(
-            r.WhichOneof("outcome") == "throttled" for r in results
-        )
-        self._after(changes, poke=poke)
-        if not poke and changes.outbox:
-            self.wakeups.poke_relay()  # STARTED/PROGRESS events: nothing for the dispatcher
+                wake: Wake | None = None
+                if changes.free_slots or any(
+                    r.WhichOneof("outcome") == "throttled" for r in results
+                ):
+                    wake = _wake_of(changes)
+                else:  # STARTED/PROGRESS events: nothing for the dispatcher
+                    wake = RELAY_ONLY if changes.outbox else None
+                announced = await self._announce_within(conn, wake)
+        self._woken(wake, announced=announced)
+        self._count(changes)
         if self.metrics is not None:
             for r in results:
                 self.metrics.results_applied.labels(r.WhichOneof("outcome") or "none").inc()
@@ -294,11 +339,15 @@ class SchedulerCore:
         """BeginSubmit of (task, attempt) items, in one transaction."""
         async with self.engine.connect() as conn, pipelined(conn) as leave:
             outcomes, changes = await begin_submits(conn, items, utcnow(), leave)
-        if changes.free_slots:
-            self._after(changes)
-        elif self.settings.dispatch_window and any(o.decision == PROCEED for o in outcomes):
-            # Commands left the dispatch window; no slot was freed.
-            self.wakeups.poke(new_work=False, frees=False, window=True)
+            wake = None
+            if changes.free_slots:
+                wake = _wake_of(changes)
+            elif self.settings.dispatch_window and any(o.decision == PROCEED for o in outcomes):
+                # Commands left the dispatch window; no slot was freed.
+                wake = Wake(new_work=False, frees=False, window=True, relay_only=False)
+            announced = await self._announce_within(conn, wake)
+        self._woken(wake, announced=announced)
+        self._count(changes)
         return outcomes
 
     async def begin_submit(self, task_id: str, attempt: int) -> BeginOutcome:
@@ -309,8 +358,10 @@ class SchedulerCore:
         """CompleteSubmit of (task, attempt, prediction id) items, in one transaction."""
         async with self.engine.connect() as conn, pipelined(conn) as leave:
             accepted, changes = await complete_submits(conn, items, utcnow(), leave)
-        if changes.outbox:
-            self.wakeups.poke_relay()  # STARTED events; no capacity or work for the dispatcher
+            # STARTED events; no capacity or work for the dispatcher
+            wake = RELAY_ONLY if changes.outbox else None
+            announced = await self._announce_within(conn, wake)
+        self._woken(wake, announced=announced)
         return accepted
 
     async def complete_submit(self, task_id: str, attempt: int, prediction_id: str) -> bool:

@@ -3,9 +3,16 @@
 A commit that may let the leader do something (a submit, a freed slot, a resume, a throttle's end, a
 new outbox row) calls :meth:`Wakeups.poke`. On the leader's own replica that sets in-process events;
 on the others it asks the :class:`WorkAnnouncer` to send one ``pg_notify`` after the commit (at once
-after a quiet period, else coalesced over a window) and never inside the hot transaction (a pending NOTIFY takes a global lock at
-commit). NOTIFY is only a latency hint: the loops also poll, so a lost notification costs at most one
-poll interval.
+after a quiet period, else coalesced over a window), in a transaction of its own.
+
+The busiest writers on a follower (provider results, BeginSubmit, CompleteSubmit) send their
+``pg_notify`` inside their own transaction instead (:meth:`Wakeups.to_announce`,
+:func:`notify_within`): it travels with the commit's round trip and reaches the leader at the commit,
+where a separate NOTIFY cost a transaction and three round trips after it (0.8 of PostgreSQL's 4.7
+transactions per task, counted). A NOTIFY takes a cluster-wide lock from its commit's start to its
+end, so the commits that carry one are serialized among themselves; the announcer's commits took the
+same lock, and the leader's own transactions never carry one. NOTIFY is only a latency hint: the
+loops also poll, so a lost notification costs at most one poll interval.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ import contextlib
 import logging
 import math
 import time
+from typing import Any
 
 import psycopg
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from conveyor_scheduler.settings import to_libpq_url
 
@@ -48,7 +56,12 @@ class Wakeups:
         self.relay.set()
 
     def poke(
-        self, *, new_work: bool = True, frees: bool = True, window: bool | None = None
+        self,
+        *,
+        new_work: bool = True,
+        frees: bool = True,
+        window: bool | None = None,
+        announced: bool = False,
     ) -> None:
         """Something changed: wake the leader, wherever it runs.
 
@@ -57,7 +70,8 @@ class Wakeups:
         ``window`` says the dispatch window may have room (commands taken up, or ended before an
         adapter took them; by default whenever ``frees``). A plain submit is new work only: a
         leader whose global limit is full need not run a cycle for it; a finished running task
-        frees a slot but no window room.
+        frees a slot but no window room. ``announced``: the committed transaction carried the
+        NOTIFY (:meth:`to_announce`), so none is sent after it.
         """
         window = frees if window is None else window
         if new_work:
@@ -68,16 +82,26 @@ class Wakeups:
             self.window_changed = True
         if self.local_leader:
             self.wake_local()
-        elif self.announcer is not None:
+        elif self.announcer is not None and not announced:
             self.announcer.request(new_work=new_work, frees=frees, window=window)
 
-    def poke_relay(self) -> None:
+    def poke_relay(self, *, announced: bool = False) -> None:
         """New outbox rows and nothing for the dispatcher (a STARTED or PROGRESS event): wake only
         the leader's relay, wherever it runs, so the event is not left for its poll."""
         if self.local_leader:
             self.relay.set()
-        elif self.announcer is not None:
+        elif self.announcer is not None and not announced:
             self.announcer.request(new_work=False, frees=False, relay_only=True)
+
+    def to_announce(
+        self, *, new_work: bool, frees: bool, window: bool, relay_only: bool = False
+    ) -> str | None:
+        """The NOTIFY payload a transaction about to commit should carry (:func:`notify_within`):
+        None on the leader's replica (its loops are woken in process after the commit) and on a
+        replica without an announcer (tests)."""
+        if self.local_leader or self.announcer is None:
+            return None
+        return payload_of(new_work=new_work, frees=frees, window=window, relay_only=relay_only)
 
     def notified(self, payload: str) -> None:
         """A NOTIFY from another replica reached the local leader: set what it says and wake."""
@@ -113,6 +137,14 @@ def payload_of(
         return "outbox"
     tokens = [name for name, on in (("work", new_work), ("slots", frees), ("window", window)) if on]
     return "+".join(tokens) or "work+slots+window"
+
+
+async def notify_within(conn: AsyncConnection, payload: str) -> None:
+    """``pg_notify`` inside the transaction open on ``conn``: delivered at its commit, never if it
+    rolls back. Sent on the psycopg connection, so in pipeline mode (``store.bulk.pipelined``) it
+    travels with the commit's round trip."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    await driver.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
 
 class WorkAnnouncer:
