@@ -175,7 +175,8 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     stats_cache_seconds: float = Field(default=1.0, ge=0)
     """GetQueueStats answers are cached this long."""
     notify_coalesce_seconds: float = Field(default=0.005, ge=0)
-    """NOTIFYs from one replica are coalesced over this window (kept out of hot transactions)."""
+    """NOTIFYs a replica's announcer sends after a commit are coalesced over this window (the
+    busiest writers carry theirs in their own transaction)."""
     notify_work_coalesce_seconds: float = Field(default=0.05, ge=0, le=1)
     """A NOTIFY announcing only new work (submits to a non-leader replica) waits up to this long
     for more; freed capacity is announced within ``notify_coalesce_seconds``."""
