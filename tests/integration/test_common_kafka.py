@@ -55,6 +55,7 @@ def consumer_for(
     registry: CollectorRegistry | None = None,
     commit_interval_ms: int = 100,
     fetch_timeout_ms: int = 500,
+    key_concurrency: int = 1,
 ) -> EventConsumer:
     return EventConsumer(
         ConsumerConfig(
@@ -67,6 +68,7 @@ def consumer_for(
             heartbeat_interval_ms=500,
             commit_interval_ms=commit_interval_ms,
             fetch_timeout_ms=fetch_timeout_ms,
+            key_concurrency=key_concurrency,
         ),
         handler,
         registry=default_registry(),
@@ -133,6 +135,64 @@ async def test_keys_headers_and_per_key_order(
         "conveyor_kafka_consumed_total", {"service": "test", "topic": topic, "outcome": "handled"}
     )
     assert handled == 20.0
+
+
+async def test_key_concurrency_handles_keys_side_by_side_each_in_order(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    """With ``key_concurrency`` a partition's records of different keys run side by side (more at
+    once than the topic's 3 partitions, never more than the bound), each key's in order; a record
+    that fails for good is dead-lettered without holding up the others, and a restarted consumer
+    re-handles nothing (the whole batch was committed)."""
+    keys = [f"task-{i}" for i in range(12)]
+    for attempt in range(1, 4):
+        for key in keys:
+            await producer.send(
+                topic, events_pb2.DispatchTask(task_id=key, attempt=attempt), key=key
+            )
+    seen: dict[str, list[int]] = {k: [] for k in keys}
+    running = 0
+    most = 0
+
+    async def handle(env: Envelope) -> None:
+        nonlocal running, most
+        assert isinstance(env.message, events_pb2.DispatchTask)
+        if env.key == "task-0" and env.message.attempt == 2:
+            raise PermanentError("bad command")
+        running += 1
+        most = max(most, running)
+        try:
+            await asyncio.sleep(0.05)
+        finally:
+            running -= 1
+        seen[env.key].append(env.message.attempt)
+
+    consumer = consumer_for(
+        kafka_bootstrap, topic, "g-keys", handle, producer, commit_interval_ms=0, key_concurrency=6
+    )
+    await consumer.start()
+    try:
+        await wait_for(lambda: sum(len(v) for v in seen.values()) == 35)
+    finally:
+        await consumer.stop()
+    assert seen.pop("task-0") == [1, 3]  # its failed record dead-lettered, the next one handled
+    assert all(v == [1, 2, 3] for v in seen.values())
+    assert 3 < most <= 6
+    dead = await read_all(kafka_bootstrap, topics.dlq(topic), 1)
+    assert len(dead) == 1
+
+    again: list[str] = []
+
+    async def handle_again(env: Envelope) -> None:
+        again.append(env.key or "")
+
+    restarted = consumer_for(kafka_bootstrap, topic, "g-keys", handle_again, producer)
+    await restarted.start()
+    try:
+        await asyncio.sleep(2.0)
+    finally:
+        await restarted.stop()
+    assert again == []
 
 
 async def test_restarted_consumer_resumes_at_committed_offset(

@@ -162,6 +162,7 @@ class Adapter:
                 heartbeat_interval_ms=max(300, settings.kafka_session_timeout_ms // 6),
                 client_id=f"{SERVICE}-{settings.adapter_id}",
                 max_batch=50,
+                key_concurrency=settings.command_concurrency,
                 security=settings.kafka_security,
             ),
             self.commands.handle,

@@ -85,6 +85,9 @@ class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetting
     ``group.min.session.timeout.ms`` (6 s by default; the devstack's broker allows 1 s)."""
     adapter_id: str = Field(default_factory=socket.gethostname)
     """Id of this replica (audit in BeginSubmit)."""
+    command_concurrency: int = Field(default=32, ge=1, le=1000)
+    """Commands of different tasks handled side by side (each its submit protocol and create);
+    a task's commands stay in order. 1: a partition's commands one after another."""
 
     # --- back-pressure ---
     create_rate_per_min: float = Field(default=600.0, gt=0)

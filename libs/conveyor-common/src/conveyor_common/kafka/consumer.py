@@ -83,6 +83,10 @@ class ConsumerConfig:
     auto_offset_reset: str = "earliest"
     commit_interval_ms: int = 100
     """Handled offsets are committed at most this often (0: after every batch)."""
+    key_concurrency: int = 1
+    """Records of different keys in a fetched batch are handled side by side, up to this many at
+    once over every partition (1: a partition's records one after another). A key's records
+    always stay in order."""
     security: KafkaSecurity = PLAINTEXT
     """TLS and SASL of the connection (``settings.kafka_security``)."""
 
@@ -140,6 +144,7 @@ class EventConsumer:
             **config.security.client_kwargs(),
         )
         self._batch_lock = asyncio.Lock()
+        self._key_slots = asyncio.Semaphore(max(1, config.key_concurrency))
         self._pending: dict[TopicPartition, int] = {}
         """Handled offsets not yet committed (see ``commit_interval_ms``)."""
         self._last_commit = time.monotonic()
@@ -319,11 +324,46 @@ class EventConsumer:
     async def _handle_partition(
         self, tp: TopicPartition, records: list[Any], done: dict[TopicPartition, int]
     ) -> None:
-        """Handle ``records`` in order; ``done[tp]`` is the offset after the last one handled."""
+        """Handle ``records`` in order, or by key side by side (``key_concurrency``); ``done[tp]``
+        is the offset after the last record of the handled prefix."""
+        if self.config.key_concurrency > 1 and len({r.key for r in records}) > 1:
+            await self._handle_by_key(tp, records, done)
+            return
         for record in records:
             await self._handle_record(record)
             done[tp] = record.offset + 1
             self._record_lag(tp, record.offset + 1)
+
+    async def _handle_by_key(
+        self, tp: TopicPartition, records: list[Any], done: dict[TopicPartition, int]
+    ) -> None:
+        """Each key's records in order, the keys side by side (at most ``key_concurrency``
+        records at once over the consumer). A failure stops only its key; ``done[tp]`` covers the
+        records handled without a gap, and the caller re-reads from the first one not handled
+        (records of other keys after it are handled again: consumers are idempotent)."""
+        chains: dict[Any, list[Any]] = {}
+        for record in records:
+            chains.setdefault(record.key, []).append(record)
+        handled: set[int] = set()
+
+        async def chain(keyed: list[Any]) -> None:
+            for record in keyed:
+                async with self._key_slots:
+                    await self._handle_record(record)
+                handled.add(record.offset)
+
+        outcomes = await asyncio.gather(
+            *(chain(c) for c in chains.values()), return_exceptions=True
+        )
+        for record in records:
+            if record.offset not in handled:
+                break
+            done[tp] = record.offset + 1
+        if tp in done:
+            self._record_lag(tp, done[tp])
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def _record_lag(self, tp: TopicPartition, next_offset: int) -> None:
         """Lag after one handled record: a long batch keeps the gauge moving (autoscaling)."""
