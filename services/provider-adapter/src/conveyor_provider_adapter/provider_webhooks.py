@@ -13,7 +13,7 @@
    redelivery to any replica, before or after a restart, is applied once;
 3. our ``token`` must be the HMAC of ``task:attempt`` (a signed delivery without our parameters is
    an unknown prediction: logged, answered 200 so Replicate stops retrying);
-4. the delivery is queued for a worker (per-task queues keep a task's deliveries in order); a full
+4. the delivery is queued (a task's deliveries in order, different tasks' side by side); a full
    queue answers 503 so Replicate redelivers later. Only then is the webhook-id remembered;
 5. the worker binds the body's prediction to the URL's attempt through the scheduler's recorded
    submit (binding.py) before anything acts on it: an unbound delivery changes nothing.
@@ -24,11 +24,11 @@ Nothing is published inline: the answer takes well under a millisecond of work.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
 import time
-import zlib
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -152,92 +152,118 @@ class SecretSource:
 
 
 class Pipeline:
-    """Bounded per-worker queues of verified deliveries (a task always lands on the same worker)."""
+    """Verified deliveries turned into results: each task's deliveries in order, different tasks'
+    side by side (at most ``workers`` at once), at most ``queue_size`` waiting or in hand.
+
+    A task's deliveries form a chain handled by one asyncio task while it has any; a delivery never
+    waits behind another task's (fixed workers by hash made the deliveries of tasks sharing a worker
+    wait for each other: a finished wave's output copies and publishes, one after another)."""
 
     def __init__(
         self,
         observer: Observer,
         metrics: AdapterMetrics,
         *,
-        workers: int = 4,
+        workers: int = 16,
         queue_size: int = 1000,
         binder: Binder | None = None,
     ) -> None:
         self.observer = observer
         self.metrics = metrics
         self.binder = binder
-        per_worker = max(1, -(-queue_size // workers))
-        self._queues: list[asyncio.Queue[WebhookJob]] = [
-            asyncio.Queue(maxsize=per_worker) for _ in range(workers)
-        ]
-        self._workers: list[asyncio.Task[None]] = []
+        self.queue_size = queue_size
+        self._slots = asyncio.Semaphore(workers)
+        self._chains: dict[str, collections.deque[WebhookJob]] = {}
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._queued = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._started = False
         self._accepting = True
 
     def start(self) -> None:
-        """Start the workers."""
+        """Start handling (deliveries offered before wait until now)."""
         self._accepting = True
-        self._workers = [
-            asyncio.create_task(self._work(q), name=f"webhook-worker-{i}")
-            for i, q in enumerate(self._queues)
-        ]
+        self._started = True
+        for task_id in list(self._chains):
+            self._run(task_id)
 
     def offer(self, job: WebhookJob) -> bool:
         """Queue a job; False when the queue is full or the pipeline is draining."""
-        if not self._accepting:
+        if not self._accepting or self._queued >= self.queue_size:
             return False
-        queue = self._queues[zlib.crc32(job.task_id.encode()) % len(self._queues)]
-        try:
-            queue.put_nowait(job)
-        except asyncio.QueueFull:
-            return False
+        self._queued += 1
+        self._idle.clear()
         self.metrics.webhook_queue.inc()
+        self._chains.setdefault(job.task_id, collections.deque()).append(job)
+        if self._started:
+            self._run(job.task_id)
         return True
 
-    async def _work(self, queue: asyncio.Queue[WebhookJob]) -> None:
-        while True:
-            job = await queue.get()
-            try:
-                if self.binder is not None and not await self.binder.bind(
-                    job.task_id, job.attempt, job.prediction
-                ):
-                    continue
-                with tracing.span(
-                    "replicate webhook process",
-                    tracing.SpanKind.CONSUMER,
-                    parent=job.traceparent or "",
-                    attributes={"conveyor.task_id": job.task_id},
-                ):
-                    await self.observer.observe(
-                        job.prediction,
-                        job.task_id,
-                        job.attempt,
-                        source=WEBHOOK,
-                        webhook_id=job.webhook_id,
-                    )
-            except Exception:
-                logger.exception(
-                    "webhook delivery not processed (the reconciler will poll it)",
-                    extra={"action": "webhook_job_failed", "task_id": job.task_id},
+    def _run(self, task_id: str) -> None:
+        if task_id not in self._runners:
+            self._runners[task_id] = asyncio.create_task(
+                self._chain(task_id), name=f"webhooks-{task_id}"
+            )
+
+    async def _chain(self, task_id: str) -> None:
+        chain = self._chains[task_id]
+        try:
+            while chain:
+                job = chain.popleft()
+                try:
+                    async with self._slots:
+                        await self._handle(job)
+                finally:
+                    self._queued -= 1
+                    self.metrics.webhook_queue.dec()
+        finally:  # no await since the chain ran dry: an offer now starts a new runner
+            del self._chains[task_id]
+            del self._runners[task_id]
+            if not self._runners:
+                self._idle.set()
+
+    async def _handle(self, job: WebhookJob) -> None:
+        try:
+            if self.binder is not None and not await self.binder.bind(
+                job.task_id, job.attempt, job.prediction
+            ):
+                return
+            with tracing.span(
+                "replicate webhook process",
+                tracing.SpanKind.CONSUMER,
+                parent=job.traceparent or "",
+                attributes={"conveyor.task_id": job.task_id},
+            ):
+                await self.observer.observe(
+                    job.prediction,
+                    job.task_id,
+                    job.attempt,
+                    source=WEBHOOK,
+                    webhook_id=job.webhook_id,
                 )
-            finally:
-                self.metrics.webhook_queue.dec()
-                queue.task_done()
+        except Exception:
+            logger.exception(
+                "webhook delivery not processed (the reconciler will poll it)",
+                extra={"action": "webhook_job_failed", "task_id": job.task_id},
+            )
 
     async def drain(self, wait_s: float = 30.0) -> None:
-        """Stop accepting, finish what is queued (up to ``wait_s``), stop the workers."""
+        """Stop accepting, finish what is queued (up to ``wait_s``), stop the rest."""
         self._accepting = False
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(q.join() for q in self._queues)), timeout=wait_s
-            )
-        except TimeoutError:
-            logger.warning("webhook queue not drained in time", extra={"action": "drain_timeout"})
-        for task in self._workers:
+        if self._started:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout=wait_s)
+            except TimeoutError:
+                logger.warning(
+                    "webhook queue not drained in time", extra={"action": "drain_timeout"}
+                )
+        runners = list(self._runners.values())
+        for task in runners:
             task.cancel()
-        for task in self._workers:
+        for task in runners:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._workers = []
 
 
 class WebhookReceiver:

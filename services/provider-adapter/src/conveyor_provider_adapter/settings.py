@@ -57,8 +57,9 @@ class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetting
     """Largest webhook body accepted."""
     webhook_queue_size: int = Field(default=1000, ge=1)
     """Verified deliveries waiting to be published; when full the receiver answers 503."""
-    webhook_workers: int = Field(default=4, ge=1, le=64)
-    """Workers turning verified deliveries into provider results (output copies run here)."""
+    webhook_workers: int = Field(default=16, ge=1, le=256)
+    """Deliveries turned into provider results at once (output copies run here); a task's
+    deliveries one after another, different tasks' side by side."""
     webhook_dedup_size: int = Field(default=100_000, ge=100)
     """Entries of the in-memory webhook-id LRU (durable dedup is the scheduler's inbox)."""
     webhook_secret_refresh_s: float = Field(default=60.0, ge=1)
