@@ -161,7 +161,7 @@ class Adapter:
                 session_timeout_ms=settings.kafka_session_timeout_ms,
                 heartbeat_interval_ms=max(300, settings.kafka_session_timeout_ms // 6),
                 client_id=f"{SERVICE}-{settings.adapter_id}",
-                max_batch=50,
+                max_batch=max(50, settings.command_concurrency),
                 key_concurrency=settings.command_concurrency,
                 security=settings.kafka_security,
             ),
