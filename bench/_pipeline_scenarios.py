@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
 from bench import _counts, _measure, _peers
@@ -103,6 +104,22 @@ async def work_through(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
             task.cancel()
         await terminals.close()
         await client.close()
+
+
+async def hung_creates(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
+    """Work-through while a share of creates hang at the provider (``_pipeline_system.hung_creates``
+    on the system's fake): one slow command must not hold up the adapter's others."""
+    run = replace(plan, window_s=plan.hung_window_s)
+    result = await work_through(system, run)
+    return {
+        "work_through_tps_with_hung_creates": result["work_through_tps"],
+        "details": {
+            "hung_create_rate": plan.hung_create_rate,
+            "hung_create_s": plan.hung_create_s,
+            "cpu_ms_per_task": result["cpu_ms_per_task"],
+            **result["details"],
+        },
+    }
 
 
 async def paced(

@@ -133,6 +133,9 @@ class Plan:
     priority_timeout_s: float = 300.0
     bullmq_warmup_s: float = 5.0
     bullmq_window_s: float = 60.0
+    hung_create_rate: float = 0.01
+    hung_create_s: float = 3.0
+    hung_window_s: float = 30.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -149,6 +152,9 @@ class Plan:
             priority_timeout_s=60.0,
             bullmq_warmup_s=0.5,
             bullmq_window_s=1.5,
+            hung_create_rate=0.05,
+            hung_create_s=1.0,
+            hung_window_s=2.0,
         )
 
 
@@ -208,10 +214,23 @@ def cpu_targets(system: ConveyorSystem) -> list[_measure.CpuTarget]:
     return targets
 
 
-def system_config(run_dir: Path, log_level: str, *, refill: Plan | None = None) -> SystemConfig:
-    """The ``make up`` shape with every limit lifted; ``refill`` sets its global limit and durations."""
+def hung_creates(plan: Plan) -> dict[str, Any]:
+    """The fake's faults of the hung-creates scenario: a share of creates take effect and then hang
+    ``hung_create_s`` before the connection drops (no answer: the adapter recovers the prediction)."""
+    return {"create_drop_rate": plan.hung_create_rate, "create_drop_delay_s": plan.hung_create_s}
+
+
+def system_config(
+    run_dir: Path,
+    log_level: str,
+    *,
+    refill: Plan | None = None,
+    faults: dict[str, Any] | None = None,
+) -> SystemConfig:
+    """The ``make up`` shape with every limit lifted; ``refill`` sets its global limit and durations,
+    ``faults`` are the fake's fault knobs."""
     scheduler = dict(LIFTED_SCHEDULER)
-    fake: dict[str, Any] = {**LIFTED_FAKE, **INSTANT}
+    fake: dict[str, Any] = {**LIFTED_FAKE, **INSTANT, **(faults or {})}
     if refill is not None:
         scheduler["SCHEDULER_GLOBAL_CONCURRENCY"] = str(refill.refill_limit)
         fake["min_duration_s"] = fake["max_duration_s"] = refill.refill_duration_s
@@ -232,10 +251,16 @@ def system_config(run_dir: Path, log_level: str, *, refill: Plan | None = None) 
 
 @contextlib.asynccontextmanager
 async def running(
-    devstack: Devstack, logs: Path, name: str, log_level: str, *, refill: Plan | None = None
+    devstack: Devstack,
+    logs: Path,
+    name: str,
+    log_level: str,
+    *,
+    refill: Plan | None = None,
+    faults: dict[str, Any] | None = None,
 ) -> AsyncIterator[ConveyorSystem]:
     """A fresh system on the shared devstack, stopped at the end."""
-    config = system_config(logs / name, log_level, refill=refill)
+    config = system_config(logs / name, log_level, refill=refill, faults=faults)
     async with ConveyorSystem.run(config, devstack=devstack) as system:
         yield system
 

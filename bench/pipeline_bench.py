@@ -24,6 +24,9 @@ the lifted-limit scenarios). Writes ``bench/results/pipeline.json``:
   prediction's own run time at the fake (create -> finish in its ledger);
 * ``refill_p99_ms``: global limit 5, 0.5 s predictions, a few hundred tasks: from a finish at the fake
   to the next create (the fake's ledger timestamps, paired in time order);
+* ``work_through_tps_with_hung_creates``: the work-through loop over a shorter window while 1% of
+  creates hang 3 s at the fake and then drop (the adapter recovers them): a hung command holds its
+  own slot only, not the adapter's other commands;
 * ``priority_under_backlog_s``: tenant A submits 2,000 tasks and they are all dispatched; then tenant B
   submits one urgent task: seconds from B's submit to its create at the fake;
 * BullMQ end to end in the same invocation (Redis AOF fsync always; a Worker from the shared harness
@@ -58,7 +61,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ helpers are imported by their package path
     sys.path.insert(0, str(ROOT))
 
-from bench._pipeline_scenarios import bullmq, latency, priority, refill, work_through  # noqa: E402
+from bench._pipeline_scenarios import (  # noqa: E402
+    bullmq,
+    hung_creates,
+    latency,
+    priority,
+    refill,
+    work_through,
+)
 from bench._pipeline_system import (  # noqa: E402
     LIFTED_ADAPTER,
     LIFTED_FAKE,
@@ -68,6 +78,7 @@ from bench._pipeline_system import (  # noqa: E402
     Plan,
     running,
 )
+from bench._pipeline_system import hung_creates as hung_create_faults  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Processes to account
@@ -111,6 +122,11 @@ async def bench(plan: Plan, quick: bool, log_level: str, note: str | None) -> di
         async with running(devstack, logs, "refill", log_level, refill=plan) as system:
             scenarios["refill"] = await refill(system, plan)
         timings["refill"] = round(time.monotonic() - started, 1)
+        print("== hung_creates", flush=True)
+        faults = hung_create_faults(plan)
+        async with running(devstack, logs, "hung", log_level, faults=faults) as system:
+            scenarios["hung_creates"] = await hung_creates(system, plan)
+        timings["hung_creates"] = round(time.monotonic() - started, 1)
         steps: list[tuple[str, Callable[[ConveyorSystem, Plan], Any]]] = [
             ("work_through", work_through),
             ("latency", latency),
@@ -183,6 +199,7 @@ async def bench(plan: Plan, quick: bool, log_level: str, note: str | None) -> di
 
 def print_summary(result: dict[str, Any]) -> None:
     keys = [*TARGETS, "fake_cpu_ms_per_task", "loadgen_cpu_ms_per_task", "refill_p50_ms"]
+    keys += ["work_through_tps_with_hung_creates"]
     keys += ["bullmq_work_through_jobs_s", "bullmq_cpu_ms_per_job"]
     keys += ["ratio_work_through_vs_bullmq", "ratio_cpu_per_task_vs_bullmq"]
     for key in keys:

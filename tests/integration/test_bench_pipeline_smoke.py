@@ -70,6 +70,13 @@ def test_pipeline_bench_quick_mode_measures_every_scenario(tmp_path: Path) -> No
     assert any(m.startswith("scheduler/BeginSubmit") for m in calls)
     assert any(m.startswith("scheduler/CompleteSubmit") for m in calls)
 
+    # Hung creates: the loop went on around the hung creates, and every task finished.
+    hung = scenarios["hung_creates"]
+    assert hung["hung_create_rate"] > 0
+    assert hung["completed_in_window"] > 0
+    assert hung["drained"] is True
+    assert positive(result["work_through_tps_with_hung_creates"])
+
     # Latency: every paced task seen terminal on the watch and matched to its prediction's run.
     latency = scenarios["latency"]
     for phase in ("at_5_per_s", "at_100_per_s"):

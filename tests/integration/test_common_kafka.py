@@ -195,6 +195,62 @@ async def test_key_concurrency_handles_keys_side_by_side_each_in_order(
     assert again == []
 
 
+async def test_key_concurrency_fetches_on_while_a_slow_record_is_in_hand(
+    kafka_bootstrap: str, topic: str, producer: EventProducer
+) -> None:
+    """Records fetched after a slow one are handled while it is still running (the consumer does
+    not wait for a whole fetched batch before fetching again); its partition's commit stops short
+    of it until it finishes, and the next record of its key waits for it."""
+    await producer.send(topic, events_pb2.CancelTask(task_id="slow", reason="1"), key="slow")
+    release = asyncio.Event()
+    handled: list[str] = []
+
+    async def handle(env: Envelope) -> None:
+        assert isinstance(env.message, events_pb2.CancelTask)
+        name = f"{env.message.task_id}-{env.message.reason}"
+        if name == "slow-1":
+            handled.append("slow-1 started")
+            await release.wait()
+        handled.append(name)
+
+    consumer = consumer_for(
+        kafka_bootstrap, topic, "g-stream", handle, producer, commit_interval_ms=0,
+        key_concurrency=8,
+    )  # fmt: skip
+    await consumer.start()
+    try:
+        await wait_for(lambda: "slow-1 started" in handled)
+        for i in range(6):  # fetched after the slow record, in later fetches
+            await producer.send(
+                topic, events_pb2.CancelTask(task_id=f"t{i}", reason="1"), key=f"t{i}"
+            )
+        await producer.send(topic, events_pb2.CancelTask(task_id="slow", reason="2"), key="slow")
+        await wait_for(lambda: all(f"t{i}-1" in handled for i in range(6)))
+        await asyncio.sleep(0.5)
+        assert not {"slow-1", "slow-2"} & set(handled)
+        (slow,) = [r for r in await read_all(kafka_bootstrap, topic, 8) if r.key == b"slow"][:1]  # type: ignore[attr-defined]
+        inner = consumer._consumer
+        tp = next(tp for tp in inner.assignment() if tp.partition == slow.partition)  # type: ignore[attr-defined]
+        assert ((await inner.committed(tp)) or 0) <= slow.offset  # type: ignore[attr-defined]
+        release.set()
+        await wait_for(lambda: "slow-2" in handled)
+    finally:
+        await consumer.stop()
+    assert handled.index("slow-1") < handled.index("slow-2")
+    again: list[str] = []
+
+    async def handle_again(env: Envelope) -> None:
+        again.append(env.key or "")
+
+    restarted = consumer_for(kafka_bootstrap, topic, "g-stream", handle_again, producer)
+    await restarted.start()
+    try:
+        await asyncio.sleep(2.0)
+    finally:
+        await restarted.stop()
+    assert again == []
+
+
 async def test_restarted_consumer_resumes_at_committed_offset(
     kafka_bootstrap: str, topic: str, producer: EventProducer
 ) -> None:
@@ -364,9 +420,12 @@ class _FlakyDlqProducer(EventProducer):
         self.sent.append(key)
 
 
+@pytest.mark.parametrize("key_concurrency", [1, 4])
 async def test_consumer_survives_a_failed_dead_letter_and_skips_nothing(
-    kafka_bootstrap: str, topic: str, producer: EventProducer
+    kafka_bootstrap: str, topic: str, producer: EventProducer, key_concurrency: int
 ) -> None:
+    """Also streamed by key: the records after the poison one wait for it (one key), are not run
+    ahead of the rewind, and are handled once, in order, after it."""
     for reason in ("before", "poison", "after-1", "after-2"):
         await producer.send(topic, events_pb2.CancelTask(task_id="k", reason=reason), key="k")
     handled: list[str] = []
@@ -381,7 +440,9 @@ async def test_consumer_survives_a_failed_dead_letter_and_skips_nothing(
         handled.append(env.message.reason)
 
     dlq = _FlakyDlqProducer(producer, fail=1)
-    consumer = consumer_for(kafka_bootstrap, topic, "g-dlq-flaky", handle, dlq)
+    consumer = consumer_for(
+        kafka_bootstrap, topic, "g-dlq-flaky", handle, dlq, key_concurrency=key_concurrency
+    )
     await consumer.start()
     try:
         await wait_for(lambda: "after-2" in handled)
@@ -393,6 +454,8 @@ async def test_consumer_survives_a_failed_dead_letter_and_skips_nothing(
     assert dlq.sent == [b"k"]
     assert handled.count("after-1") == 1
     assert handled[-2:] == ["after-1", "after-2"]
+    if key_concurrency > 1:
+        assert handled == ["before", "after-1", "after-2"]
 
 
 async def test_a_batch_handler_gets_whole_batches_and_a_poison_record_falls_back(

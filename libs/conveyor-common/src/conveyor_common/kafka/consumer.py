@@ -41,6 +41,7 @@ from conveyor_common.context import bound
 from conveyor_common.kafka.envelope import DecodeError, Envelope, TypeRegistry, decode
 from conveyor_common.kafka.producer import EventProducer
 from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity, start_client
+from conveyor_common.kafka.streaming import KeyedStream
 from conveyor_common.metrics import KafkaMetrics
 
 logger = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ class ConsumerConfig:
     commit_interval_ms: int = 100
     """Handled offsets are committed at most this often (0: after every batch)."""
     key_concurrency: int = 1
-    """Records of different keys in a fetched batch are handled side by side, up to this many at
-    once over every partition (1: a partition's records one after another). A key's records
-    always stay in order."""
+    """Records of different keys are handled side by side, up to this many in hand at once over
+    every partition, fetching again as each finishes (``kafka.streaming``; 1: a partition's records
+    one after another, a batch at a time). A key's records always stay in order."""
     security: KafkaSecurity = PLAINTEXT
     """TLS and SASL of the connection (``settings.kafka_security``)."""
 
@@ -96,7 +97,11 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Let the batch in hand finish and commit what was handled before the partitions move.
+        # Let the records in hand finish and commit what was handled before the partitions move.
+        stream = self.owner._stream
+        if stream is not None:
+            await stream.drain()
+            stream.reset(revoked)
         async with self.owner._batch_lock:
             await self.owner._commit_pending()
         self.owner._forget_lag(revoked)
@@ -143,8 +148,14 @@ class EventConsumer:
             max_poll_records=config.max_batch,
             **config.security.client_kwargs(),
         )
+        if config.key_concurrency > 1 and batch_handler is not None:
+            raise ValueError("key_concurrency > 1 streams records one by one: no batch_handler")
         self._batch_lock = asyncio.Lock()
-        self._key_slots = asyncio.Semaphore(max(1, config.key_concurrency))
+        self._stream = (
+            KeyedStream(config.key_concurrency, self._handle_record, self._handled_prefix)
+            if config.key_concurrency > 1
+            else None
+        )
         self._pending: dict[TopicPartition, int] = {}
         """Handled offsets not yet committed (see ``commit_interval_ms``)."""
         self._last_commit = time.monotonic()
@@ -169,16 +180,23 @@ class EventConsumer:
             return
         self._started = False
         self._stopping.set()
+        if self._stream is not None:
+            self._stream.close()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=30)
             except TimeoutError:
                 self._task.cancel()
+        if self._stream is not None and not await self._stream.drain(within_s=30):
+            await self._stream.cancel()
         async with self._batch_lock:
             await self._commit_pending()
         await self._consumer.stop()
 
     async def _run(self) -> None:
+        if self._stream is not None:
+            await self._run_stream(self._stream)
+            return
         while not self._stopping.is_set():
             try:
                 batches = await self._consumer.getmany(
@@ -226,6 +244,54 @@ class EventConsumer:
             await self._update_lag()
             if failed:
                 await asyncio.sleep(1)
+
+    async def _run_stream(self, stream: KeyedStream) -> None:
+        """Fetch whenever a record can be taken; commit handled prefixes as they grow."""
+        interval = self.config.commit_interval_ms / 1000
+        while not self._stopping.is_set():
+            await stream.wait_room()
+            if self._stopping.is_set():
+                break
+            if stream.failure is not None:
+                await self._rewind(stream)
+                continue
+            try:
+                batches = await self._consumer.getmany(
+                    timeout_ms=self.config.fetch_timeout_ms,
+                    max_records=min(stream.room, self.config.max_batch),
+                )
+            except Exception:
+                logger.exception("fetch failed", extra={"action": "kafka_fetch_failed"})
+                await asyncio.sleep(1)
+                continue
+            for tp, records in batches.items():
+                stream.add(tp, records)
+            if not batches or time.monotonic() - self._last_commit >= interval:
+                async with self._batch_lock:
+                    await self._commit_pending()
+            if not batches and not stream.in_hand:
+                await self._update_lag()
+
+    async def _rewind(self, stream: KeyedStream) -> None:
+        """After a failure: wait for the records in hand, commit what was handled, and rewind each
+        partition to its first record not handled (the fetch position is past it)."""
+        logger.error(
+            "record not handled; re-reading from the first unhandled record",
+            extra={"action": "kafka_batch_failed"},
+            exc_info=stream.failure,
+        )
+        await stream.drain()
+        for tp, offset in stream.rewind_points().items():
+            with contextlib.suppress(Exception):
+                self._consumer.seek(tp, offset)
+        stream.reset()
+        async with self._batch_lock:
+            await self._commit_pending()
+        await asyncio.sleep(1)
+
+    def _handled_prefix(self, tp: TopicPartition, next_offset: int) -> None:
+        self._pending[tp] = next_offset
+        self._record_lag(tp, next_offset)
 
     async def _commit_pending(self) -> None:
         """Commit the handled offsets not yet committed (call under ``_batch_lock``)."""
@@ -324,46 +390,11 @@ class EventConsumer:
     async def _handle_partition(
         self, tp: TopicPartition, records: list[Any], done: dict[TopicPartition, int]
     ) -> None:
-        """Handle ``records`` in order, or by key side by side (``key_concurrency``); ``done[tp]``
-        is the offset after the last record of the handled prefix."""
-        if self.config.key_concurrency > 1 and len({r.key for r in records}) > 1:
-            await self._handle_by_key(tp, records, done)
-            return
+        """Handle ``records`` in order; ``done[tp]`` is the offset after the last one handled."""
         for record in records:
             await self._handle_record(record)
             done[tp] = record.offset + 1
             self._record_lag(tp, record.offset + 1)
-
-    async def _handle_by_key(
-        self, tp: TopicPartition, records: list[Any], done: dict[TopicPartition, int]
-    ) -> None:
-        """Each key's records in order, the keys side by side (at most ``key_concurrency``
-        records at once over the consumer). A failure stops only its key; ``done[tp]`` covers the
-        records handled without a gap, and the caller re-reads from the first one not handled
-        (records of other keys after it are handled again: consumers are idempotent)."""
-        chains: dict[Any, list[Any]] = {}
-        for record in records:
-            chains.setdefault(record.key, []).append(record)
-        handled: set[int] = set()
-
-        async def chain(keyed: list[Any]) -> None:
-            for record in keyed:
-                async with self._key_slots:
-                    await self._handle_record(record)
-                handled.add(record.offset)
-
-        outcomes = await asyncio.gather(
-            *(chain(c) for c in chains.values()), return_exceptions=True
-        )
-        for record in records:
-            if record.offset not in handled:
-                break
-            done[tp] = record.offset + 1
-        if tp in done:
-            self._record_lag(tp, done[tp])
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
 
     def _record_lag(self, tp: TopicPartition, next_offset: int) -> None:
         """Lag after one handled record: a long batch keeps the gauge moving (autoscaling)."""
