@@ -63,19 +63,20 @@ async def test_a_slow_record_holds_its_key_and_the_prefix_only() -> None:
     assert stream.in_hand == 0
 
 
-async def test_room_opens_by_a_quarter_of_the_limit() -> None:
+async def test_room_opens_by_half_the_limit() -> None:
     rec = Recorder()
     stream = KeyedStream(8, rec.handle, rec.on_prefix)
     for offset in range(8):
         rec.gate(offset)
     stream.add(TP, records(*((i, f"k{i}") for i in range(8))))
     waiting = asyncio.create_task(stream.wait_room())
-    rec.gates[0].set()
+    for offset in range(3):
+        rec.gates[offset].set()
     await settle()
-    assert not waiting.done()  # one free slot of eight: not yet
-    rec.gates[1].set()
+    assert not waiting.done()  # three free slots of eight: not yet
+    rec.gates[3].set()
     await settle()
-    assert waiting.done()  # two free: a quarter
+    assert waiting.done()  # four free: half
     for gate in rec.gates.values():
         gate.set()
     assert await stream.drain(within_s=1)

@@ -88,11 +88,11 @@ class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetting
     """Id of this replica (audit in BeginSubmit)."""
     command_concurrency: int = Field(default=64, ge=1, le=1000)
     """Commands of different tasks handled side by side (each its submit protocol and create),
-    up to this many in hand; the consumer fetches more as a quarter of them free up, so a slow
+    up to this many in hand; the consumer fetches more as half of them free up, so a slow
     create holds its own slot, not the others (``conveyor_common.kafka.streaming``). A task's
     commands stay in order. 1: a partition's commands one after another, a fetch at a time. Many
     at once let the submit protocol's calls, and everything downstream, go in batches
-    (work-through 58 -> 180 tasks/s measured; with 1% of creates hanging 3 s, 47 -> 163)."""
+    (work-through 58 -> 180 tasks/s measured; with 1% of creates hanging 3 s, 47 -> 180)."""
 
     # --- back-pressure ---
     create_rate_per_min: float = Field(default=600.0, gt=0)
