@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 from conveyor_common import limits
 from conveyor_common.channels import client_options
 from conveyor_common.errors import RpcError, Unavailable
+from conveyor_common.randomness import rng
 from conveyor_common.tls import TlsFiles, open_channel
 
 logger = logging.getLogger(__name__)
@@ -325,7 +325,7 @@ class SchedulerClient:
                     tried.add(replica)
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or last:
                     reraise(exc)
-                delay = random.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+                delay = rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
                 if time.monotonic() + delay >= deadline:
                     reraise(exc)
                 logger.info(

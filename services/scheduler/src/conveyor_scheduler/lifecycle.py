@@ -8,10 +8,10 @@ cap (:class:`Backoff`), or by the task's own retry policy. See ``docs/task-state
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from conveyor_common.randomness import rng
 from conveyor_common.vocabulary import EV_CANCELED, EV_DEAD_LETTERED, EV_RETRY
 from conveyor_scheduler.groups.delays import retry_delay
 from conveyor_scheduler.settings import SchedulerSettings
@@ -36,7 +36,7 @@ class Backoff:
     def delay(self, attempt_in_generation: int) -> float:
         """Seconds before retry number ``attempt_in_generation`` (1 = after the first failure)."""
         raw = min(self.cap, self.base * (2 ** max(0, attempt_in_generation - 1)))
-        return float(max(0.0, raw * (1 + self.jitter * (2 * random.random() - 1))))
+        return float(max(0.0, raw * (1 + self.jitter * (2 * rng.random() - 1))))
 
 
 def finish(row: TaskRow, status: int, now: datetime) -> None:

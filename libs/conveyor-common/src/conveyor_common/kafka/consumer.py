@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from conveyor_common.kafka.producer import EventProducer
 from conveyor_common.kafka.security import PLAINTEXT, KafkaSecurity, start_client
 from conveyor_common.kafka.streaming import KeyedStream
 from conveyor_common.metrics import KafkaMetrics
+from conveyor_common.randomness import rng
 
 logger = logging.getLogger(__name__)
 
@@ -453,7 +453,7 @@ class EventConsumer:
                         return
                     self._count(topic, "retried")
                     delay = self.config.retry_backoff_seconds * (2 ** (attempt - 1))
-                    await asyncio.sleep(delay * (0.5 + random.random()))
+                    await asyncio.sleep(delay * (0.5 + rng.random()))
             if self.dedup is not None:
                 await self.dedup.mark(envelope)
         self._count(topic, "handled")

@@ -8,7 +8,6 @@ because another tenant flooded it. A same-tenant race is decided again inside th
 
 from __future__ import annotations
 
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
@@ -21,6 +20,7 @@ from conveyor_common.errors import (
     QuotaViolation,
     ResourceExhausted,
 )
+from conveyor_common.randomness import rng
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
@@ -140,7 +140,7 @@ async def _admit(
     taken = await raw_execute(
         conn,
         _GLOBAL_ADMIT_SQL,
-        {"n": n, "s": random.randrange(m.QUEUE_SHARDS), "cap": settings.queue_capacity},
+        {"n": n, "s": rng.randrange(m.QUEUE_SHARDS), "cap": settings.queue_capacity},
     )
     if not taken:
         if slow_path is not None:
@@ -150,7 +150,7 @@ async def _admit(
         if (await fair_share_room(conn, [tenant_id], policy, settings))[tenant_id] >= 0:
             await conn.execute(
                 text("UPDATE queue_counters SET waiting = waiting + :n WHERE shard = :s"),
-                {"n": n, "s": random.randrange(m.QUEUE_SHARDS)},
+                {"n": n, "s": rng.randrange(m.QUEUE_SHARDS)},
             )
             return int(row[0]) if row[0] is not None else claimed_tier
         total = await conn.scalar(text("SELECT COALESCE(sum(waiting), 0) FROM queue_counters"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ from psycopg.rows import dict_row
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from conveyor_common.randomness import rng
 from conveyor_scheduler.client_webhooks.decide import (
     TASK_ENDPOINTS_SQL,
     deliveries_sql,
@@ -268,7 +268,7 @@ async def insert_new_tasks(
         await raw_execute(conn, TASK_ENDPOINTS_SQL, endpoints, fetch=False)
     counter = bool(queue_shard_delta)
     if counter:
-        params |= {"q_d": queue_shard_delta, "q_s": random.randrange(m.QUEUE_SHARDS)}
+        params |= {"q_d": queue_shard_delta, "q_s": rng.randrange(m.QUEUE_SHARDS)}
     key = (*shapes, counter)
     sql = _NEW_TASKS_SQL.get(key)
     if sql is None:

@@ -8,7 +8,6 @@ bumps the task's ``last_sequence`` (under the row lock held by the caller), so s
 
 from __future__ import annotations
 
-import random
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from conveyor.tasks.v1 import task_pb2
 from conveyor_common import topics
 from conveyor_common.context import current_traceparent
 from conveyor_common.ids import uuid7
+from conveyor_common.randomness import rng
 from conveyor_common.vocabulary import (
     SS_SUBMITTED,
     SS_SUBMITTING,
@@ -358,7 +358,7 @@ def waiting_updates(
     one shard's (None when the deltas sum to zero)."""
     items = sorted((t, d) for t, d in deltas.items() if d)
     total = sum(d for _, d in items)
-    shard = {"d": total, "s": random.randrange(m.QUEUE_SHARDS)} if total else None
+    shard = {"d": total, "s": rng.randrange(m.QUEUE_SHARDS)} if total else None
     return [{"t": t, "d": d} for t, d in items], shard
 
 
