@@ -2,7 +2,10 @@
 
 Every ``interval_s`` it pages through the scheduler's ``ListInFlight`` and, per attempt:
 
-* SUBMITTED with a cancel requested -> cancel at Replicate, publish what the cancel answers;
+* SUBMITTED with a cancel requested -> cancel at Replicate, publish what the cancel answers. A
+  cancel this replica's commands did not bring waits one pass: the ``CancelTask`` command goes to
+  one replica, and every other replica's reconciler would otherwise cancel the same prediction
+  again while that replica's cancel is under way (the reconciler is the backstop, not the path);
 * SUBMITTED past ``run_deadline + slack`` -> cancel at Replicate, publish ``canceled``
   (deadline exceeded): Replicate's own ``Cancel-After`` should have done it, this is the backstop;
 * SUBMITTED with no provider update for ``overdue_s`` (a lost webhook) -> ``GET`` the prediction and
@@ -160,6 +163,9 @@ class Reconciler:
                 info.prediction_id = a.prediction_id
                 info.recorded.set()
             if a.cancel_requested or info.cancel_requested:
+                if not info.cancel_requested and not info.cancel_noticed:
+                    info.cancel_noticed = True  # acted on from the next pass if still pending
+                    return None
                 if a.prediction_id in info.cancels_in_flight:
                     return "cancel"
                 seen: Prediction | None

@@ -86,6 +86,9 @@ class AttemptInfo:
     """Prediction ids whose cancel call is under way (a second caller does not repeat it)."""
     canceled: set[str] = field(default_factory=set)
     """Prediction ids the provider accepted a cancel for."""
+    cancel_noticed: bool = False
+    """A reconcile pass saw the scheduler's cancel request before any CancelTask reached this
+    replica: the next pass cancels if it is still pending."""
     model: str = ""
     deployment: str = ""
     input: dict[str, Any] | None = None

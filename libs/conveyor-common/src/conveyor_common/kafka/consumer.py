@@ -20,6 +20,10 @@ With a ``batch_handler`` the whole fetched batch (every partition's records, eac
 order) is handed over in one call, so a consumer can apply it in one transaction or one RPC; if that
 call fails, the batch is handled record by record with ``handler`` (isolating a bad record, which is
 retried and dead-lettered as above), so one poison record never blocks the rest.
+
+With ``key_concurrency`` > 1 the records are streamed by key instead (``kafka.streaming``): records
+of different keys run side by side across fetches, a slow one holds only its key and its
+partition's committable prefix, never the next fetch.
 """
 
 from __future__ import annotations
@@ -86,8 +90,8 @@ class ConsumerConfig:
     """Handled offsets are committed at most this often (0: after every batch)."""
     key_concurrency: int = 1
     """Records of different keys are handled side by side, up to this many in hand at once over
-    every partition, fetching again as each finishes (``kafka.streaming``; 1: a partition's records
-    one after another, a batch at a time). A key's records always stay in order."""
+    every partition, fetching again as half of them free up (``kafka.streaming``; 1: a partition's
+    records one after another, a batch at a time). A key's records always stay in order."""
     security: KafkaSecurity = PLAINTEXT
     """TLS and SASL of the connection (``settings.kafka_security``)."""
 
