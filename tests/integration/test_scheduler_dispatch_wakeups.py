@@ -1,5 +1,6 @@
-"""Dispatch wake-ups on a real replica: a full global limit is not re-checked for every submit, and
-a freed slot still dispatches the next task at once (not at the poll backstop)."""
+"""Dispatch wake-ups on a real replica: a full global limit is not re-checked for every submit, a
+freed slot that nothing queued can take runs no cycle, and a freed slot still dispatches the next
+task at once (not at the poll backstop)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from conveyor.tasks.v1 import task_pb2
+from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.dispatch.wakeups import payload_of
 from conveyor_testkit import scheduler as kit
@@ -353,3 +355,100 @@ async def test_freed_capacity_goes_at_once_after_a_quiet_period_then_once_per_wi
         await announcer.stop()
         await listen.close()
         await engine.dispose()
+
+
+@pytest.fixture
+async def roomy_app(database_url: str) -> AsyncIterator[SchedulerApp]:
+    """A leader whose global limit is far from full (the lifted-limits shape)."""
+    await kit.migrate(database_url)
+    settings = kit.make_settings(
+        database_url,
+        global_concurrency=100,
+        dispatch_poll_seconds=30.0,  # any prompt dispatch below is event-driven
+        instance_id="roomy-wakeups-test",
+        grpc_port=0,
+    )
+    app = SchedulerApp(settings, kafka=False, grpc=False)
+    await kit.reset(app.engine)
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.stop()
+
+
+def count_cycles(app: SchedulerApp) -> list[int]:
+    """Counts the leader's dispatch cycles from now on (one-element list, updated in place)."""
+    dispatcher = app.loops.dispatcher
+    counted = [0]
+    real_cycle = dispatcher.cycle
+
+    async def counting_cycle() -> int:
+        counted[0] += 1
+        return await real_cycle()
+
+    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+    return counted
+
+
+async def test_a_leader_with_room_and_nothing_queued_runs_no_cycle_for_freed_slots(
+    roomy_app: SchedulerApp,
+) -> None:
+    """Limits far from full and every queued task dispatched: a task's end frees a slot, and a
+    BeginSubmit window room, that nothing can take, so no cycle runs for them (each was a
+    transaction reading the whole capacity). A submit still goes out at once."""
+    app = roomy_app
+    ids = []
+    for i in range(3):
+        row, _ = await app.core.submit_one("acme", 3, kit.item(f"roomy-{i}"))
+        ids.append(str(row["id"]))
+    for tid in ids:
+        await wait_status(app, tid, task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    await asyncio.sleep(0.2)
+    cycles = count_cycles(app)
+    await app.core.begin_submits([(tid, 1) for tid in ids])
+    await app.core.complete_submits([(tid, 1, f"p-{tid}") for tid in ids])
+    await app.core.apply_results([kit.result(tid, 1, "succeeded") for tid in ids])
+    await asyncio.sleep(0.3)
+    assert cycles[0] == 0
+
+    row, _ = await app.core.submit_one("acme", 3, kit.item("roomy-next"))
+    took = await wait_status(app, str(row["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    assert took < 2.0  # new work: a cycle at once, not the 30 s poll
+    assert cycles[0] >= 1
+
+
+async def test_a_slot_freed_by_a_tenant_at_its_limit_dispatches_its_next_task(
+    roomy_app: SchedulerApp,
+) -> None:
+    """A tenant at its own limit with tasks still queued (global room to spare): its freed slot
+    wakes a cycle that dispatches the next one, without any new submit."""
+    app = roomy_app
+    limit = app.core.policy.tenant_limit(1, None)  # tier 1: the free tier's slots
+    ids = []
+    for i in range(limit + 1):
+        row, _ = await app.core.submit_one("acme", 1, kit.item(f"at-limit-{i}"))
+        ids.append(str(row["id"]))
+    for tid in ids[:limit]:
+        await wait_status(app, tid, task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    await asyncio.sleep(0.2)
+    assert (await app.core.get_task("acme", ids[-1])).status == task_pb2.TASK_STATUS_QUEUED
+    assert not app.loops.dispatcher.nothing_queued()
+    await app.core.apply_results([kit.result(ids[0], 1, "succeeded")])
+    took = await wait_status(app, ids[-1], task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    assert took < 2.0
+
+
+async def test_a_delayed_task_goes_out_on_time_after_the_queue_ran_dry(
+    roomy_app: SchedulerApp,
+) -> None:
+    """A delayed task is queued but not yet dispatchable: the cycle that finds nothing else leaves
+    the dispatcher drained, and the task still goes out at its time (not at the 30 s poll)."""
+    app = roomy_app
+    spec = kit.spec(prompt="later")
+    spec.delay.FromMilliseconds(600)
+    row, _ = await app.core.submit_one("acme", 3, NewTask("delayed", spec, fingerprint(spec)))
+    await asyncio.sleep(0.2)
+    assert (await app.core.get_task("acme", str(row["id"]))).status == task_pb2.TASK_STATUS_QUEUED
+    took = await wait_status(app, str(row["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
+    assert took < 2.0

@@ -128,6 +128,10 @@ class Dispatcher:
         self._cache_blocked: tuple[set[str], set[int]] = (set(), set())
         self._prefetched: tuple[list[Any], datetime | None] | None = None
         """The tenants and the earliest backoff, read with the capacity when the cache was stale."""
+        self.drained = False
+        """The last cycle's candidate read left nothing queued anywhere: no cached candidate and no
+        tenant that may have more (one at its limit counts as one that may). Until new work is
+        announced or the cache expires, more room (a freed slot, window room) cannot be used."""
         self.last_dispatched: list[tuple[uuid.UUID, int]] = []
         """(task id, attempt) of the last cycle's dispatches (benchmarks, tests)."""
         self.on_commit: list[Callable[[int], None]] = []
@@ -144,6 +148,7 @@ class Dispatcher:
         started = time.perf_counter()
         now = utcnow()
         self.next_wake = None
+        self.drained = False
         try:
             async with conn.begin():
                 n = await self._cycle(conn, now)
@@ -167,6 +172,7 @@ class Dispatcher:
             return 0
         per_tenant = await self._candidates(conn, cap, now)
         if not per_tenant:
+            self._note_drained()
             self._wake_at_cache_expiry()
             return 0
         chosen = self._assign(per_tenant, cap, now)
@@ -180,7 +186,16 @@ class Dispatcher:
         taken = {c.id for c in chosen}
         for tenant in {c.tenant_id for c in chosen}:
             self._cache[tenant] = [c for c in self._cache.get(tenant, []) if c.id not in taken]
+        self._note_drained()
         return n
+
+    def _note_drained(self) -> None:
+        self.drained = not self._more and not any(self._cache.values())
+
+    def nothing_queued(self) -> bool:
+        """Whether a cycle now could only find what the last one left: nothing (:attr:`drained`,
+        no new work announced since, the candidate cache still valid)."""
+        return self.drained and not self._cache_stale()
 
     async def _candidates(
         self, conn: AsyncConnection, cap: Capacity, now: datetime

@@ -86,6 +86,7 @@ class LeaderLoops:
                     continue
                 self.wakeups.local_leader = True
                 self.wakeups.capacity_changed = self.wakeups.window_changed = True
+                self.wakeups.candidates_stale = True  # a cache from an earlier term is not valid
                 if self.metrics is not None:
                     self.metrics.leader.set(1)
                 self.wakeups.wake_local()
@@ -94,6 +95,10 @@ class LeaderLoops:
                     # What was full at the last read (the global limit, the dispatch window, or
                     # both) has not changed since (only new work arrived, or a slot freed while
                     # the window is what is full): a cycle could not dispatch anything.
+                    n = 0
+                elif self.dispatcher.nothing_queued():
+                    # The last cycle left no queued task anywhere and no new work was announced
+                    # since: a freed slot or window room (with limits not full) has nothing to take.
                     n = 0
                 else:
                     self.wakeups.capacity_changed = self.wakeups.window_changed = False
