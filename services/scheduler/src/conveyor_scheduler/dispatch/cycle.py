@@ -129,9 +129,10 @@ class Dispatcher:
         self._prefetched: tuple[list[Any], datetime | None] | None = None
         """The tenants and the earliest backoff, read with the capacity when the cache was stale."""
         self.drained = False
-        """The last cycle's candidate read left nothing queued anywhere: no cached candidate and no
-        tenant that may have more (one at its limit counts as one that may). Until new work is
-        announced or the cache expires, more room (a freed slot, window room) cannot be used."""
+        """The last cycle's candidate read left nothing queued anywhere: no cached candidate, no
+        tenant that may have more (one at its limit counts as one that may), no model or kind that
+        was full at the read. Until new work is announced or the cache expires, more room (a freed
+        slot, window room) cannot be used."""
         self.last_dispatched: list[tuple[uuid.UUID, int]] = []
         """(task id, attempt) of the last cycle's dispatches (benchmarks, tests)."""
         self.on_commit: list[Callable[[int], None]] = []
@@ -190,7 +191,14 @@ class Dispatcher:
         return n
 
     def _note_drained(self) -> None:
-        self.drained = not self._more and not any(self._cache.values())
+        # A model or kind full at the read hid its tasks from it: room there may dispatch them.
+        blocked_models, blocked_kinds = self._cache_blocked
+        self.drained = (
+            not blocked_models
+            and not blocked_kinds
+            and not self._more
+            and not any(self._cache.values())
+        )
 
     def nothing_queued(self) -> bool:
         """Whether a cycle now could only find what the last one left: nothing (:attr:`drained`,
