@@ -176,13 +176,24 @@ async def paced(
 
 
 async def latency(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
-    """Added latency at a light and at a heavy paced load."""
+    """Added latency at a light and at a heavy paced load, after an unmeasured warm-up run (the
+    system is fresh: its first seconds, and a broker's JIT, are not what a running service sees;
+    the warm-up's own figures are in the details)."""
     tenants = tenant_names("lat", plan.tenants)
     client = Client(system, tenants)
     terminals = Terminals(client)
     try:
         await terminals.ready(tenants)
         within_s = 60.0 + plan.fast_rate * plan.paced_s / 10.0
+        warmup = await paced(
+            system,
+            client,
+            terminals,
+            tenants,
+            plan.latency_warmup_rate,
+            plan.latency_warmup_s,
+            within_s,
+        )
         slow = await paced(
             system, client, terminals, tenants, plan.slow_rate, plan.paced_s, within_s
         )
@@ -195,6 +206,7 @@ async def latency(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
             "details": {
                 f"at_{plan.slow_rate:g}_per_s": slow,
                 f"at_{plan.fast_rate:g}_per_s": fast,
+                "warmup": warmup,
                 "client_errors": dict(client.errors),
                 **terminals.stats(),
             },
@@ -205,22 +217,33 @@ async def latency(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
 
 
 async def refill(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
-    """Global limit ``refill_limit``, ``refill_duration_s`` predictions: finish -> next create."""
+    """Global limit ``refill_limit``, ``refill_duration_s`` predictions: finish -> next create.
+
+    ``refill_warmup_tasks`` go first and are not measured (the fresh system's first seconds); the
+    measured tasks are submitted right behind them, so the slots never empty in between.
+    """
     tenants = tenant_names("refill", 1)
     client = Client(system, tenants)
     terminals = Terminals(client)
-    try:
-        await terminals.ready(tenants)
+
+    async def submit(count: int) -> list[str]:
         ids: list[str] = []
-        while len(ids) < plan.refill_tasks:
-            got = await client.batch(tenants[0], min(100, plan.refill_tasks - len(ids)))
+        while len(ids) < count:
+            got = await client.batch(tenants[0], min(100, count - len(ids)))
             if not got:
                 raise RuntimeError(f"batch submit failed: {dict(client.errors)}")
             ids += got
             for tid in got:
                 terminals.expect(tid, tenants[0])
-        expected_s = plan.refill_tasks * plan.refill_duration_s / plan.refill_limit
-        await terminals.all_seen(ids, 3 * expected_s + 120.0)
+        return ids
+
+    try:
+        await terminals.ready(tenants)
+        warm = await submit(plan.refill_warmup_tasks)
+        ids = await submit(plan.refill_tasks)
+        total = plan.refill_warmup_tasks + plan.refill_tasks
+        expected_s = total * plan.refill_duration_s / plan.refill_limit
+        await terminals.all_seen(warm + ids, 3 * expected_s + 120.0)
         mine = set(ids)
         creates = [e for e in await fetch_ledger(system, "create") if e.get("task") in mine]
         predictions = {str(e["prediction_id"]) for e in creates}
@@ -236,10 +259,12 @@ async def refill(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
                 "global_limit": plan.refill_limit,
                 "prediction_s": plan.refill_duration_s,
                 "tasks": plan.refill_tasks,
+                "warmup_tasks": len(warm),
+                "warmup_completed": sum(1 for t in warm if t in terminals.seen),
                 "completed": sum(1 for t in ids if t in terminals.seen),
                 "creates": len(creates),
                 "pairs": summary,
-                "ideal_s": round(expected_s, 1),
+                "ideal_s": round(plan.refill_tasks * plan.refill_duration_s / plan.refill_limit, 1),
                 "client_errors": dict(client.errors),
                 **terminals.stats(),
             },

@@ -126,6 +126,9 @@ class Plan:
     slow_rate: float = 5.0
     fast_rate: float = 100.0
     paced_s: float = 20.0
+    latency_warmup_rate: float = 50.0
+    latency_warmup_s: float = 10.0
+    refill_warmup_tasks: int = 100
     refill_tasks: int = 300
     refill_limit: int = 5
     refill_duration_s: float = 0.5
@@ -147,6 +150,9 @@ class Plan:
             window_s=2.0,
             drain_timeout_s=60.0,
             paced_s=0.6,
+            latency_warmup_rate=5.0,
+            latency_warmup_s=0.6,
+            refill_warmup_tasks=5,
             refill_tasks=15,
             backlog_tasks=50,
             priority_timeout_s=60.0,

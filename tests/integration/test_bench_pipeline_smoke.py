@@ -79,7 +79,7 @@ def test_pipeline_bench_quick_mode_measures_every_scenario(tmp_path: Path) -> No
 
     # Latency: every paced task seen terminal on the watch and matched to its prediction's run.
     latency = scenarios["latency"]
-    for phase in ("at_5_per_s", "at_100_per_s"):
+    for phase in ("warmup", "at_5_per_s", "at_100_per_s"):
         figures = latency[phase]
         assert figures["n"] == figures["submitted"] > 0
         assert figures["not_measured"] == 0
@@ -90,6 +90,7 @@ def test_pipeline_bench_quick_mode_measures_every_scenario(tmp_path: Path) -> No
     # Refill: every task ran once at the fake; finishes paired with later creates.
     refill = scenarios["refill"]
     assert refill["completed"] == refill["tasks"] == refill["creates"]
+    assert refill["warmup_completed"] == refill["warmup_tasks"] > 0  # not among the measured
     assert refill["pairs"]["n"] > 0
     assert result["refill_p99_ms"] >= result["refill_p50_ms"] >= 0
 
