@@ -9,7 +9,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from bench import _counts, _measure, _peers
+from bench import _counts, _measure, _peers, _stages
 from bench._pipeline_client import Client, Terminals, tenant_names
 from bench._pipeline_system import SYSTEM_GROUPS, Plan, cpu_targets, fetch_ledger
 from conveyor.tasks.v1 import task_pb2
@@ -124,9 +124,10 @@ async def hung_creates(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
 
 async def paced(
     system: ConveyorSystem, client: Client, terminals: Terminals, tenants: list[str], rate: float,
-    seconds: float, within_s: float,
+    seconds: float, within_s: float, ids: list[str] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Open loop at ``rate``/s for ``seconds``: added latency of each task (see the module doc)."""
+    """Open loop at ``rate``/s for ``seconds``: added latency of each task (see the module doc);
+    ``ids`` collects the submitted task ids."""
     total = max(1, round(rate * seconds))
     scheduled: dict[str, float] = {}
     failed = 0
@@ -142,6 +143,8 @@ async def paced(
             failed += 1
             return
         scheduled[tid] = at_wall
+        if ids is not None:
+            ids.append(tid)
         terminals.expect(tid, tenant)
 
     sends: list[asyncio.Task[None]] = []
@@ -194,9 +197,12 @@ async def latency(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
             plan.latency_warmup_s,
             within_s,
         )
+        offsets = await _stages.end_offsets(system.devstack.kafka_bootstrap)
+        slow_ids: list[str] = []
         slow = await paced(
-            system, client, terminals, tenants, plan.slow_rate, plan.paced_s, within_s
+            system, client, terminals, tenants, plan.slow_rate, plan.paced_s, within_s, slow_ids
         )
+        stages = await _stages.breakdown(system, slow_ids, terminals.seen, offsets)
         fast = await paced(
             system, client, terminals, tenants, plan.fast_rate, plan.paced_s, within_s
         )
@@ -205,6 +211,7 @@ async def latency(system: ConveyorSystem, plan: Plan) -> dict[str, Any]:
             "added_latency_p99_ms_at_100tps": fast["p99_ms"],
             "details": {
                 f"at_{plan.slow_rate:g}_per_s": slow,
+                f"at_{plan.slow_rate:g}_per_s_stages_ms": stages,
                 f"at_{plan.fast_rate:g}_per_s": fast,
                 "warmup": warmup,
                 "client_errors": dict(client.errors),

@@ -22,7 +22,8 @@ the lifted-limit scenarios). Writes ``bench/results/pipeline.json``:
 * ``added_latency_p50_ms_at_5tps`` / ``added_latency_p99_ms_at_100tps``: open-loop paced submits
   (~20 s each), from the scheduled submit time to the terminal event on the watch stream, minus the
   prediction's own run time at the fake (create -> finish in its ledger); after an unmeasured warm-up
-  run (10 s at 50/s: the fresh system's first seconds), whose figures are kept in the details;
+  run (10 s at 50/s: the fresh system's first seconds), whose figures are kept in the details, and
+  with the 5/s run's stage medians (``at_5_per_s_stages_ms``: where the time goes, ``bench/_stages.py``);
 * ``refill_p99_ms``: global limit 5, 0.5 s predictions, a few hundred tasks: from a finish at the fake
   to the next create (the fake's ledger timestamps, paired in time order); 100 unmeasured tasks go
   first. It runs after the lifted-limit scenarios, on a broker they warmed up;

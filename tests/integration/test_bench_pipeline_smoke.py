@@ -8,6 +8,7 @@ performance bound: the machine is shared and the load is tiny.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -21,6 +22,11 @@ from conveyor_common import topics
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import _stages  # noqa: E402
+
 GROUPS = {"scheduler-1", "scheduler-2", "adapter", "notifier", "gateway", "postgres", "kafka"}
 
 
@@ -84,6 +90,10 @@ def test_pipeline_bench_quick_mode_measures_every_scenario(tmp_path: Path) -> No
         assert figures["n"] == figures["submitted"] > 0
         assert figures["not_measured"] == 0
         assert figures["run_time_p50_ms"] >= 0
+    stages = latency["at_5_per_s_stages_ms"]  # every stage of the path found for these tasks
+    assert stages["n"] == latency["at_5_per_s"]["submitted"]
+    assert positive(stages["total_ms"])
+    assert all(f"{a}_to_{b}_ms" in stages for a, b in itertools.pairwise(_stages.POINTS))
     assert positive(result["added_latency_p50_ms_at_5tps"])
     assert positive(result["added_latency_p99_ms_at_100tps"])
 

@@ -1,8 +1,9 @@
 """The pure parts of bench/pipeline_bench.py: percentiles, CPU accounting from /proc-like data, the
-pairing of the fake's ledger events (refill, run times, added latency)."""
+pairing of the fake's ledger events (refill, run times, added latency), the latency's stage medians."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import _counts, _measure, _peers  # noqa: E402
+from bench import _counts, _measure, _peers, _stages  # noqa: E402
 from bench._measure import CpuTarget, ProcStat  # noqa: E402
 
 
@@ -252,3 +253,30 @@ def test_work_per_task_divides_the_window_by_the_tasks_completed() -> None:
         "grpc_calls_by_method": {"gateway/SubmitTask": 1.0, "scheduler/SubmitTask": 1.0},
     }
     assert _counts.per_task(before, after, 0) == {}
+
+
+def test_stage_medians_take_each_stage_over_the_tasks_that_have_both_ends() -> None:
+    def path(t0: float, gaps_ms: list[float]) -> dict[str, float | None]:
+        points: dict[str, float | None] = {}
+        t = t0
+        for name, gap in zip(_stages.POINTS, [0.0, *gaps_ms], strict=True):
+            t += gap / 1000.0
+            points[name] = t
+        return points
+
+    a = path(100.0, [5, 8, 4, 5, 1, 9, 3, 4, 3])  # 42 ms in all
+    b = path(200.0, [7, 8, 6, 5, 1, 7, 3, 4, 3])  # 44 ms
+    c = path(300.0, [6, 8, 5, 5, 1, 8, 3, 4, 3])  # 43 ms
+    c["command_record"] = None  # a record not found: both of its stages skip this task
+    out = _stages.stage_medians([a, b, c])
+    assert out["n"] == 3
+    assert out["created_to_dispatched_ms"] == pytest.approx(6.0)  # median of 5, 7, 6
+    assert out["dispatched_to_command_record_ms"] == pytest.approx(8.0)  # a and b only
+    assert out["command_record_to_begin_submit_ms"] == pytest.approx(5.0)  # median of 4 and 6
+    assert out["finish_to_result_record_ms"] == pytest.approx(8.0)
+    assert out["total_ms"] == pytest.approx(43.0)  # the whole path needs only its two ends
+    assert list(out)[1:-1] == [f"{x}_to_{y}_ms" for x, y in itertools.pairwise(_stages.POINTS)]
+
+
+def test_stage_medians_of_no_tasks() -> None:
+    assert _stages.stage_medians([]) == {"n": 0}
