@@ -5,8 +5,10 @@ task at once (not at the poll backstop)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -19,16 +21,12 @@ from conveyor_testkit import scheduler as kit
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
 
-@pytest.fixture
-async def app(database_url: str) -> AsyncIterator[SchedulerApp]:
+@contextlib.asynccontextmanager
+async def running_app(database_url: str, **overrides: Any) -> AsyncIterator[SchedulerApp]:
+    """A replica (no Kafka, no gRPC) on a fresh database; its poll is 30 s, so any prompt
+    dispatch below is event-driven (the leader's heartbeat still wakes it about every second)."""
     await kit.migrate(database_url)
-    settings = kit.make_settings(
-        database_url,
-        global_concurrency=1,
-        dispatch_poll_seconds=30.0,  # any prompt dispatch below is event-driven
-        instance_id="wakeups-test",
-        grpc_port=0,
-    )
+    settings = kit.make_settings(database_url, dispatch_poll_seconds=30.0, grpc_port=0, **overrides)
     app = SchedulerApp(settings, kafka=False, grpc=False)
     await kit.reset(app.engine)
     await app.start()
@@ -36,6 +34,26 @@ async def app(database_url: str) -> AsyncIterator[SchedulerApp]:
         yield app
     finally:
         await app.stop()
+
+
+def count_cycles(app: SchedulerApp) -> list[int]:
+    """Counts the leader's dispatch cycles from now on (one-element list, updated in place)."""
+    dispatcher = app.loops.dispatcher
+    counted = [0]
+    real_cycle = dispatcher.cycle
+
+    async def counting_cycle() -> int:
+        counted[0] += 1
+        return await real_cycle()
+
+    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+    return counted
+
+
+@pytest.fixture
+async def app(database_url: str) -> AsyncIterator[SchedulerApp]:
+    async with running_app(database_url, global_concurrency=1, instance_id="wakeups-test") as app:
+        yield app
 
 
 async def wait_status(app: SchedulerApp, task_id: str, status: int, within: float) -> float:
@@ -60,27 +78,19 @@ async def test_saturated_leader_skips_cycles_for_submits_but_not_for_freed_slots
         await asyncio.sleep(0.01)
     assert dispatcher.room.saturated
 
-    cycles = 0
-    real_cycle = dispatcher.cycle
-
-    async def counting_cycle() -> int:
-        nonlocal cycles
-        cycles += 1
-        return await real_cycle()
-
-    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+    cycles = count_cycles(app)
     queued = []
     for i in range(1, 6):
         row, _ = await app.core.submit_one("acme", 3, kit.item(f"w-{i}"))
         queued.append(str(row["id"]))
     await asyncio.sleep(0.3)
-    assert cycles == 0  # new work only: the full limit cannot have changed
+    assert cycles[0] == 0  # new work only: the full limit cannot have changed
 
     await app.core.apply_results([kit.result(first["id"], 1, "started")])
     await app.core.apply_results([kit.result(first["id"], 1, "succeeded")])
     took = await wait_status(app, queued[0], task_pb2.TASK_STATUS_DISPATCHED, 5.0)
     assert took < 2.0  # woken by the freed slot, not by the 30 s poll
-    assert cycles >= 1
+    assert cycles[0] >= 1
     assert (await app.core.get_task("acme", queued[1])).status == task_pb2.TASK_STATUS_QUEUED
 
 
@@ -93,20 +103,12 @@ async def test_a_cycle_that_fills_the_limit_is_not_followed_by_one_reading_it_ba
             break
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)  # the first cycles as leader found nothing to do
-    cycles = 0
-    real_cycle = dispatcher.cycle
-
-    async def counting_cycle() -> int:
-        nonlocal cycles
-        cycles += 1
-        return await real_cycle()
-
-    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+    cycles = count_cycles(app)
     row, _ = await app.core.submit_one("acme", 3, kit.item("only"))
     await wait_status(app, str(row["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
     await asyncio.sleep(0.3)
     assert dispatcher.room.saturated
-    assert cycles == 1  # the dispatching cycle; no second one to find the limit full
+    assert cycles[0] == 1  # the dispatching cycle; no second one to find the limit full
 
 
 async def test_a_leader_held_by_the_window_runs_no_cycle_for_a_finished_task_but_one_for_a_begin(
@@ -115,21 +117,14 @@ async def test_a_leader_held_by_the_window_runs_no_cycle_for_a_finished_task_but
     """With the dispatch window full (and slots to spare), a running task's end frees a slot but
     no window room: no cycle. A BeginSubmit takes a command out of the window: the next one is
     dispatched at once."""
-    await kit.migrate(database_url)
-    settings = kit.make_settings(
+    async with running_app(
         database_url,
         global_concurrency=10,
         dispatch_window=1,
         dispatch_window_min=1,
         dispatch_window_seconds=0.0,  # a fixed window of one command
-        dispatch_poll_seconds=30.0,
         instance_id="window-wakeups-test",
-        grpc_port=0,
-    )
-    app = SchedulerApp(settings, kafka=False, grpc=False)
-    await kit.reset(app.engine)
-    await app.start()
-    try:
+    ) as app:
         ids = []
         for i in range(3):
             row, _ = await app.core.submit_one("acme", 3, kit.item(f"win-{i}"))
@@ -142,26 +137,16 @@ async def test_a_leader_held_by_the_window_runs_no_cycle_for_a_finished_task_but
         await asyncio.sleep(0.2)
         assert dispatcher.room.full == {"window"}
 
-        cycles = 0
-        real_cycle = dispatcher.cycle
-
-        async def counting_cycle() -> int:
-            nonlocal cycles
-            cycles += 1
-            return await real_cycle()
-
-        dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
+        cycles = count_cycles(app)
         await app.core.apply_results([kit.result(ids[0], 1, "succeeded")])
         await asyncio.sleep(0.3)
-        assert cycles == 0  # a slot freed, but the window is what is full
+        assert cycles[0] == 0  # a slot freed, but the window is what is full
         assert (await app.core.get_task("acme", ids[2])).status == task_pb2.TASK_STATUS_QUEUED
 
         await app.core.begin_submits([(ids[1], 1)])
         took = await wait_status(app, ids[2], task_pb2.TASK_STATUS_DISPATCHED, 5.0)
         assert took < 2.0  # woken by the BeginSubmit, not by the 30 s poll
-        assert cycles >= 1
-    finally:
-        await app.stop()
+        assert cycles[0] >= 1
 
 
 def test_notify_payload_names_what_changed() -> None:
@@ -360,35 +345,10 @@ async def test_freed_capacity_goes_at_once_after_a_quiet_period_then_once_per_wi
 @pytest.fixture
 async def roomy_app(database_url: str) -> AsyncIterator[SchedulerApp]:
     """A leader whose global limit is far from full (the lifted-limits shape)."""
-    await kit.migrate(database_url)
-    settings = kit.make_settings(
-        database_url,
-        global_concurrency=100,
-        dispatch_poll_seconds=30.0,  # any prompt dispatch below is event-driven
-        instance_id="roomy-wakeups-test",
-        grpc_port=0,
-    )
-    app = SchedulerApp(settings, kafka=False, grpc=False)
-    await kit.reset(app.engine)
-    await app.start()
-    try:
+    async with running_app(
+        database_url, global_concurrency=100, instance_id="roomy-wakeups-test"
+    ) as app:
         yield app
-    finally:
-        await app.stop()
-
-
-def count_cycles(app: SchedulerApp) -> list[int]:
-    """Counts the leader's dispatch cycles from now on (one-element list, updated in place)."""
-    dispatcher = app.loops.dispatcher
-    counted = [0]
-    real_cycle = dispatcher.cycle
-
-    async def counting_cycle() -> int:
-        counted[0] += 1
-        return await real_cycle()
-
-    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
-    return counted
 
 
 async def test_a_leader_with_room_and_nothing_queued_runs_no_cycle_for_freed_slots(
@@ -458,19 +418,12 @@ async def test_a_slot_freed_in_a_full_model_dispatches_its_next_task(database_ur
     """A model at its limit hides its queued tasks from the candidate read (global and tenant room
     to spare): the read finds nothing else, yet the model's freed slot must wake a cycle that
     dispatches its next task, without any new submit."""
-    await kit.migrate(database_url)
-    settings = kit.make_settings(
+    async with running_app(
         database_url,
         global_concurrency=100,
         model_limits={"acme/img": 1},
-        dispatch_poll_seconds=30.0,
         instance_id="model-wakeups-test",
-        grpc_port=0,
-    )
-    app = SchedulerApp(settings, kafka=False, grpc=False)
-    await kit.reset(app.engine)
-    await app.start()
-    try:
+    ) as app:
         first, _ = await app.core.submit_one("acme", 3, kit.item("model-0"))
         await wait_status(app, str(first["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
         # Submitted while the model is full: the cycle it wakes reads no candidate at all.
@@ -482,5 +435,3 @@ async def test_a_slot_freed_in_a_full_model_dispatches_its_next_task(database_ur
         await app.core.apply_results([kit.result(first["id"], 1, "succeeded")])
         took = await wait_status(app, str(second["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
         assert took < 0.5  # woken by the freed model slot, not by the lease's ~1 s heartbeat
-    finally:
-        await app.stop()
