@@ -35,6 +35,15 @@ class SlowObserver:
             self.running -= 1
         self.handled.append((task_id, prediction.id))
 
+    def copy_ahead(self, task_id: str, attempt: int, prediction: Prediction) -> None:
+        pass
+
+    def drop_copy(self, task_id: str, attempt: int, prediction: Prediction) -> None:
+        pass
+
+    def drop_copies(self) -> None:
+        pass
+
 
 def job(task_id: str, n: int) -> WebhookJob:
     prediction = Prediction.from_json({"id": f"{task_id}-{n}", "status": "processing"})
@@ -91,3 +100,118 @@ async def test_queue_size_bounds_what_waits_and_drain_finishes_it() -> None:
     await p.drain(wait_s=5)
     assert observer.handled == [("a", "a-0"), ("a", "a-1"), ("a", "a-2")]
     assert not p.offer(job("a", 9))  # draining: refused (the receiver answers 503)
+
+
+class Copier:
+    """Copies take ``seconds``; records when each started."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.started: list[tuple[str, float]] = []
+        self.finished = 0
+
+    async def copy_all(self, output: Any, task_id: str, attempt: int) -> list[Any]:
+        from conveyor_provider_adapter.storage import CopiedFile
+
+        self.started.append((task_id, asyncio.get_running_loop().time()))
+        await asyncio.sleep(self.seconds)
+        self.finished += 1
+        return [CopiedFile(f"s3://ours/{task_id}/{attempt}", str(output), 3, "image/png")]
+
+
+class Publisher:
+    def __init__(self) -> None:
+        self.published: list[tuple[Any, float]] = []
+
+    async def publish(self, result: Any, *, required: bool = False) -> bool:
+        self.published.append((result, asyncio.get_running_loop().time()))
+        return True
+
+
+class NothingInFlight:
+    async def in_flight(self) -> Any:
+        return
+        yield
+
+
+def observing(copier: Copier) -> tuple[Any, Any, Publisher, Pipeline]:
+    from conveyor_provider_adapter.binding import Binder, SubmitRecords
+    from conveyor_provider_adapter.results import Observer
+    from conveyor_provider_adapter.state import LocalState
+
+    metrics = AdapterMetrics(CollectorRegistry())
+    state = LocalState()
+    publisher = Publisher()
+    stub: Any = None
+    observer = Observer(
+        state=state,
+        coordinator=stub,
+        replicate=stub,
+        copier=copier,  # type: ignore[arg-type]
+        publisher=publisher,  # type: ignore[arg-type]
+        metrics=metrics,
+    )
+    binder = Binder(state=state, records=SubmitRecords(NothingInFlight()), metrics=metrics)  # type: ignore[arg-type]
+    p = Pipeline(observer, metrics, workers=4, binder=binder)
+    p.start()
+    return state, observer, publisher, p
+
+
+def delivery(task_id: str, prediction_id: str, status: str, n: int) -> WebhookJob:
+    body = {"id": prediction_id, "status": status, "output": "http://fake/out.png"}
+    return WebhookJob(
+        webhook_id=f"msg-{n}",
+        task_id=task_id,
+        attempt=1,
+        prediction=Prediction.from_json(body),
+        received=0.0,
+    )
+
+
+async def test_own_output_is_copied_while_the_create_is_being_recorded() -> None:
+    """An instant prediction's webhooks come before its CompleteSubmit's answer: the completed one's
+    output copy starts when it is queued (behind the start delivery, which waits for that answer),
+    so the result goes out when the answer comes, not a copy's time after it."""
+    copier = Copier(seconds=0.2)
+    state, _, publisher, p = observing(copier)
+    info = state.attempt("t1", 1, "tenant")
+    info.prediction_id = "p1"  # our create answered; its CompleteSubmit is on the way
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    assert p.offer(delivery("t1", "p1", "starting", 1))
+    assert p.offer(delivery("t1", "p1", "succeeded", 2))
+    await asyncio.sleep(0.25)
+    assert len(copier.started) == 1
+    assert copier.started[0][1] - t0 < 0.05  # started at the offer
+    assert copier.finished == 1
+    assert publisher.published == []  # nothing before the scheduler recorded the prediction
+    info.recorded.set()
+    info.started_reported = True  # the accepted CompleteSubmit started the task
+    await p.drain(wait_s=5)
+    assert len(copier.started) == 1  # not copied again
+    [(result, at)] = publisher.published
+    assert result.WhichOneof("outcome") == "succeeded"
+    assert [f.url for f in result.succeeded.files] == ["s3://ours/t1/1"]
+    assert at - t0 < 0.3  # at the answer (0.25 s), not a copy later (0.45 s)
+
+
+async def test_no_copy_ahead_for_a_prediction_not_bound_to_the_attempt() -> None:
+    """A delivery whose prediction is not the attempt's own create copies nothing before it is bound
+    (a re-posted delivery of another task must not write into this task's outputs), and a copy
+    whose delivery is not processed is dropped."""
+    copier = Copier(seconds=0.05)
+    state, observer, publisher, p = observing(copier)
+    info = state.attempt("t2", 1, "tenant")
+    info.prediction_id = "p-own"
+    info.recorded.set()
+    assert p.offer(delivery("t2", "p-other", "succeeded", 1))  # another prediction: unbound
+    assert p.offer(delivery("t3", "p3", "succeeded", 2))  # an attempt this replica never created
+    await p.drain(wait_s=5)
+    assert copier.started == []
+    assert publisher.published == []
+    # A copy started ahead whose delivery is then not processed is canceled.
+    observer.copy_ahead("t2", 1, delivery("t2", "p-own", "succeeded", 3).prediction)
+    assert len(copier.started) == 0  # the task has not run yet
+    observer.drop_copy("t2", 1, delivery("t2", "p-own", "succeeded", 3).prediction)
+    await asyncio.sleep(0.1)
+    assert copier.finished == 0

@@ -30,9 +30,10 @@ from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.metrics import AdapterMetrics
 from conveyor_provider_adapter.progress import ProgressCoalescer
 from conveyor_provider_adapter.provider_webhooks import Pipeline, SecretSource, WebhookReceiver
+from conveyor_provider_adapter.publishing import ResultPublisher
 from conveyor_provider_adapter.reconciler import Reconciler
 from conveyor_provider_adapter.replicate import ReplicateClient
-from conveyor_provider_adapter.results import Observer, ResultPublisher
+from conveyor_provider_adapter.results import Observer
 from conveyor_provider_adapter.settings import AdapterSettings
 from conveyor_provider_adapter.state import LocalState
 from conveyor_provider_adapter.storage import (

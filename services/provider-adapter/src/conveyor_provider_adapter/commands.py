@@ -50,6 +50,7 @@ from conveyor_provider_adapter.classify import classify_status
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import find_match, normalize_input
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.publishing import ResultPublisher, new_result
 from conveyor_provider_adapter.replicate import (
     CANCEL_AFTER_MIN_S,
     Ambiguous,
@@ -63,7 +64,7 @@ from conveyor_provider_adapter.replicate import (
     cancel_after_seconds,
     parse_target,
 )
-from conveyor_provider_adapter.results import Observer, ResultPublisher, new_result
+from conveyor_provider_adapter.results import Observer
 from conveyor_provider_adapter.state import AttemptInfo, LocalState
 from conveyor_provider_adapter.webhook_token import webhook_url
 

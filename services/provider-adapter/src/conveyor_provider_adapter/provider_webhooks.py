@@ -14,7 +14,9 @@
 3. our ``token`` must be the HMAC of ``task:attempt`` (a signed delivery without our parameters is
    an unknown prediction: logged, answered 200 so Replicate stops retrying);
 4. the delivery is queued (a task's deliveries in order, different tasks' side by side); a full
-   queue answers 503 so Replicate redelivers later. Only then is the webhook-id remembered;
+   queue answers 503 so Replicate redelivers later. Only then is the webhook-id remembered. A
+   succeeded prediction this replica created for the attempt has its output copy started now
+   (``Observer.copy_ahead``), while it waits behind the attempt's earlier deliveries;
 5. the worker binds the body's prediction to the URL's attempt through the scheduler's recorded
    submit (binding.py) before anything acts on it: an unbound delivery changes nothing.
 
@@ -196,6 +198,8 @@ class Pipeline:
         self._idle.clear()
         self.metrics.webhook_queue.inc()
         self._chains.setdefault(job.task_id, collections.deque()).append(job)
+        if job.prediction.terminal:
+            self.observer.copy_ahead(job.task_id, job.attempt, job.prediction)
         if self._started:
             self._run(job.task_id)
         return True
@@ -247,6 +251,9 @@ class Pipeline:
                 "webhook delivery not processed (the reconciler will poll it)",
                 extra={"action": "webhook_job_failed", "task_id": job.task_id},
             )
+        finally:
+            if job.prediction.terminal:
+                self.observer.drop_copy(job.task_id, job.attempt, job.prediction)
 
     async def drain(self, wait_s: float = 30.0) -> None:
         """Stop accepting, finish what is queued (up to ``wait_s``), stop the rest."""
@@ -264,6 +271,7 @@ class Pipeline:
         for task in runners:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self.observer.drop_copies()  # of deliveries left unprocessed
 
 
 class WebhookReceiver:

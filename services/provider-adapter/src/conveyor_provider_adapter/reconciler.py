@@ -32,13 +32,14 @@ from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import find_match
 from conveyor_provider_adapter.metrics import AdapterMetrics
+from conveyor_provider_adapter.publishing import ResultPublisher, new_result
 from conveyor_provider_adapter.replicate import (
     ClientError,
     Prediction,
     ReplicateClient,
     ReplicateError,
 )
-from conveyor_provider_adapter.results import Observer, ResultPublisher, new_result
+from conveyor_provider_adapter.results import Observer
 from conveyor_provider_adapter.state import LocalState
 
 logger = logging.getLogger(__name__)

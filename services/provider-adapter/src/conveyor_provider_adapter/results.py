@@ -19,18 +19,12 @@ for the attempt) means the prediction is not the task's: it is canceled and noth
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
-
-from google.protobuf import json_format, struct_pb2
 
 from conveyor.events.v1 import events_pb2
 from conveyor.tasks.v1 import task_pb2
-from conveyor_common import topics
-from conveyor_common.kafka import EventProducer
 from conveyor_provider_adapter.classify import classify_error, parse_progress
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import matches
@@ -41,112 +35,16 @@ from conveyor_provider_adapter.progress import (
     ProgressCoalescer,
     loop_call_later,
 )
+from conveyor_provider_adapter.publishing import ResultPublisher, Source, new_result, to_value
 from conveyor_provider_adapter.replicate import Prediction, ReplicateClient, ReplicateError
 from conveyor_provider_adapter.state import AttemptInfo, LocalState
-from conveyor_provider_adapter.storage import OutputCopier
+from conveyor_provider_adapter.storage import CopiedFile, OutputCopier
 
 logger = logging.getLogger(__name__)
 
-Source: TypeAlias = "events_pb2.ResultSource.ValueType"
 POLL_SOURCE = events_pb2.RESULT_SOURCE_POLL
 WEBHOOK_SOURCE = events_pb2.RESULT_SOURCE_WEBHOOK
 TERMINAL_OUTCOMES = frozenset({"succeeded", "failed", "canceled", "aborted"})
-
-
-def _ts(when: datetime) -> Any:
-    from google.protobuf import timestamp_pb2
-
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(when.astimezone(UTC))
-    return ts
-
-
-def new_result(
-    result_id: str,
-    task_id: str,
-    attempt: int,
-    *,
-    tenant_id: str,
-    prediction_id: str,
-    source: Source,
-) -> events_pb2.ProviderResult:
-    """A ProviderResult with its identity fields set (the outcome is set by the caller)."""
-    result = events_pb2.ProviderResult(
-        result_id=result_id,
-        task_id=task_id,
-        tenant_id=tenant_id,
-        attempt=attempt,
-        prediction_id=prediction_id,
-        source=source,
-    )
-    result.observed_at.CopyFrom(_ts(datetime.now(UTC)))
-    return result
-
-
-def to_value(obj: Any) -> struct_pb2.Value:
-    """Any JSON value as a protobuf Value (non-JSON values become strings)."""
-    value = struct_pb2.Value()
-    json_format.Parse(json.dumps(obj, default=str), value)
-    return value
-
-
-def outcome_of(result: events_pb2.ProviderResult) -> str:
-    """Which outcome the result carries (for metrics and logs)."""
-    return result.WhichOneof("outcome") or "none"
-
-
-class ResultPublisher:
-    """Publishes ProviderResults keyed by task id, retrying while Kafka is away."""
-
-    def __init__(
-        self,
-        producer: EventProducer,
-        metrics: AdapterMetrics,
-        *,
-        topic: str = topics.PROVIDER_RESULTS,
-        attempts: int = 6,
-        backoff_s: float = 0.25,
-    ) -> None:
-        self.topic = topic
-        self.producer = producer
-        self.metrics = metrics
-        self.attempts = attempts
-        self.backoff_s = backoff_s
-
-    async def publish(self, result: events_pb2.ProviderResult, *, required: bool = False) -> bool:
-        """Send and wait for the ack; False (or raise, when ``required``) after the last retry."""
-        source = events_pb2.ResultSource.Name(result.source).removeprefix("RESULT_SOURCE_").lower()
-        for n in range(1, self.attempts + 1):
-            try:
-                await self.producer.send(
-                    self.topic, result, key=result.task_id, event_id=result.result_id
-                )
-            except Exception:
-                if n == self.attempts:
-                    self.metrics.publish_failures.inc()
-                    logger.exception(
-                        "provider result not published",
-                        extra={"action": "result_publish_failed", "result_id": result.result_id},
-                    )
-                    if required:
-                        raise
-                    return False
-                await asyncio.sleep(self.backoff_s * 2 ** (n - 1))
-                continue
-            self.metrics.results.labels(outcome_of(result), source).inc()
-            logger.info(
-                "provider result published",
-                extra={
-                    "action": "result_published",
-                    "task_id": result.task_id,
-                    "attempt": result.attempt,
-                    "result_id": result.result_id,
-                    "outcome": outcome_of(result),
-                    "source": source,
-                },
-            )
-            return True
-        return False
 
 
 class Observer:
@@ -178,6 +76,8 @@ class Observer:
         """Which progress updates are published (every change unless an interval is set)."""
         self.held = HeldProgress(self.progress, self._publish_held, call_later)
         """Progress results held back (progress.py) until their timer fires."""
+        self._copies: dict[tuple[str, int, str], asyncio.Task[list[CopiedFile]]] = {}
+        """Output copies started ahead (:meth:`copy_ahead`), by task, attempt and prediction."""
 
     async def _publish_held(self, result: events_pb2.ProviderResult) -> bool:
         return await self.publisher.publish(result)
@@ -317,11 +217,25 @@ class Observer:
     ) -> list[events_pb2.ProviderResult]:
         """Publish what ``prediction`` shows about (task, attempt); returns what was published."""
         info = self.state.attempt(task_id, attempt)
-        if not await self.ensure_recorded(info, prediction, source=source):
-            return []
-        results = await self.results_for(
-            info, prediction, source=source, webhook_id=webhook_id, deadline_cancel=deadline_cancel
+        copying = (
+            self._copies.pop((task_id, attempt, prediction.id), None)
+            if prediction.terminal
+            else None
         )
+        try:
+            if not await self.ensure_recorded(info, prediction, source=source):
+                return []
+            results = await self.results_for(
+                info,
+                prediction,
+                source=source,
+                webhook_id=webhook_id,
+                deadline_cancel=deadline_cancel,
+                copying=copying,
+            )
+        finally:
+            if copying is not None and not copying.done():
+                copying.cancel()  # not used (not recorded, or reported meanwhile)
         published: list[events_pb2.ProviderResult] = []
         for r in results:
             kind = r.WhichOneof("outcome")
@@ -343,6 +257,40 @@ class Observer:
                 info.terminal_reported = True
         return published
 
+    def copy_ahead(self, task_id: str, attempt: int, prediction: Prediction) -> None:
+        """Start copying the outputs of a succeeded prediction when its delivery is queued, if it is
+        this replica's own create of the attempt (bound by that alone, binding.py) and its result
+        is not reported yet. The delivery waits behind the attempt's earlier ones (which wait for
+        the create's CompleteSubmit: an instant prediction's webhooks come before its answer) and
+        then for that answer itself; the copy runs meanwhile instead of after. ``observe`` takes
+        it over; :meth:`drop_copy` ends one nobody took (the delivery was not processed)."""
+        info = self.state.peek(task_id, attempt)
+        key = (task_id, attempt, prediction.id)
+        if (
+            info is None
+            or prediction.status != "succeeded"
+            or info.prediction_id != prediction.id
+            or prediction.id in info.rejected
+            or info.terminal_reported
+            or key in self._copies
+        ):
+            return
+        self._copies[key] = asyncio.create_task(
+            self.copier.copy_all(prediction.output, task_id, attempt), name=f"copy-{task_id}"
+        )
+
+    def drop_copy(self, task_id: str, attempt: int, prediction: Prediction) -> None:
+        """Cancel a copy started by :meth:`copy_ahead` that ``observe`` did not take over."""
+        copying = self._copies.pop((task_id, attempt, prediction.id), None)
+        if copying is not None:
+            copying.cancel()
+
+    def drop_copies(self) -> None:
+        """Cancel every copy started ahead that nobody took over (shutdown)."""
+        for copying in self._copies.values():
+            copying.cancel()
+        self._copies.clear()
+
     async def results_for(
         self,
         info: AttemptInfo,
@@ -351,8 +299,10 @@ class Observer:
         source: Source,
         webhook_id: str | None,
         deadline_cancel: bool = False,
+        copying: asyncio.Task[list[CopiedFile]] | None = None,
     ) -> Sequence[events_pb2.ProviderResult]:
-        """The results an observation implies (terminal, or started and/or progress)."""
+        """The results an observation implies (terminal, or started and/or progress);
+        ``copying``: the output copy already under way (:meth:`copy_ahead`)."""
         pid = prediction.id
 
         def make(result_id: str) -> events_pb2.ProviderResult:
@@ -371,7 +321,9 @@ class Observer:
                 return []  # already published (outputs are not copied twice)
             rid = f"wh:{webhook_id}" if webhook_id else f"poll:{pid}:{prediction.status}"
             result = make(rid)
-            await self._fill_terminal(result, info, prediction, deadline_cancel=deadline_cancel)
+            await self._fill_terminal(
+                result, info, prediction, deadline_cancel=deadline_cancel, copying=copying
+            )
             return [result]
         if prediction.status not in ("starting", "processing"):
             logger.info(
@@ -416,10 +368,13 @@ class Observer:
         prediction: Prediction,
         *,
         deadline_cancel: bool,
+        copying: asyncio.Task[list[CopiedFile]] | None = None,
     ) -> None:
         status = prediction.status
         if status == "succeeded":
-            files = await self.copier.copy_all(prediction.output, info.task_id, info.attempt)
+            files = await (
+                copying or self.copier.copy_all(prediction.output, info.task_id, info.attempt)
+            )
             result.succeeded.SetInParent()
             for f in files:
                 result.succeeded.files.append(
