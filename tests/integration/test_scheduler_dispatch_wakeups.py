@@ -304,6 +304,27 @@ async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
         await engine.dispose()
 
 
+def test_an_announcer_is_quiet_for_work_only_outside_its_work_window() -> None:
+    """What a follower's submit transaction asks before carrying the NOTIFY itself: nothing pending
+    and no NOTIFY (sent, or carried by a transaction) within the work window."""
+    from conveyor_scheduler.dispatch.wakeups import Wakeups, WorkAnnouncer
+
+    announcer = WorkAnnouncer(None, 0.002, 0.3)  # type: ignore[arg-type]  # never started
+    wakeups = Wakeups()
+    wakeups.announcer = announcer
+    assert announcer.quiet_for_work()
+    assert wakeups.work_to_announce() == "work"
+    announcer.carried()  # a submit's transaction carried it
+    assert not announcer.quiet_for_work()
+    assert wakeups.work_to_announce() is None  # within the window: the announcer coalesces
+    announcer._last_sent -= 0.3
+    assert wakeups.work_to_announce() == "work"
+    announcer.request(new_work=True, frees=False)  # one is pending already
+    assert wakeups.work_to_announce() is None
+    wakeups.local_leader = True  # the leader's own submits wake it in process
+    assert wakeups.work_to_announce() is None
+
+
 async def test_freed_capacity_goes_at_once_after_a_quiet_period_then_once_per_window(
     database_url: str,
 ) -> None:

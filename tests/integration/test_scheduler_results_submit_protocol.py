@@ -163,3 +163,59 @@ async def test_a_followers_hot_writes_carry_their_notify_in_their_own_transactio
         assert env.core.wakeups.relay.is_set()
     finally:
         await listen.close()
+
+
+class Announcer:
+    """A non-leader's announcer, quiet or in a burst of submits: records what it is asked."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.got: list[dict[str, bool]] = []
+        self.carried_notifies = 0
+
+    def quiet_for_work(self) -> bool:
+        return self.quiet
+
+    def request(self, **kw: bool) -> None:
+        self.got.append(kw)
+
+    def carried(self) -> None:
+        self.carried_notifies += 1
+
+
+async def test_a_followers_lone_submit_carries_its_notify_in_its_group_commit(
+    make_env: Callable[..., Awaitable[Env]], sched_url: str
+) -> None:
+    """A submit on a non-leader whose announcer is quiet sends the leader's 'work' NOTIFY inside
+    its group commit (with the commit, not in a transaction of its own after it); during a burst
+    (the announcer coalescing) the announcer's NOTIFY stays the one sent. A group that created
+    nothing (a repeated request id) announces nothing."""
+    env = await make_env(lead=False)
+    listen = await psycopg.AsyncConnection.connect(to_libpq_url(sched_url), autocommit=True)
+    try:
+        await listen.execute(f"LISTEN {CHANNEL}")
+
+        async def notified() -> list[str]:
+            return [note.payload async for note in listen.notifies(timeout=0.3)]
+
+        quiet = Announcer(quiet=True)
+        env.core.wakeups.local_leader = False
+        env.core.wakeups.announcer = quiet  # type: ignore[assignment]
+        _, dedup = await env.core.submit_one("a", 1, kit.item("lone"))
+        assert not dedup
+        assert await notified() == ["work"]
+        assert quiet.got == []
+        assert quiet.carried_notifies == 1
+        _, dedup = await env.core.submit_one("a", 1, kit.item("lone"))  # the same request again
+        assert dedup
+        assert await notified() == []
+        assert quiet.got == []
+
+        busy = Announcer(quiet=False)
+        env.core.wakeups.announcer = busy  # type: ignore[assignment]
+        await env.core.submit_one("a", 1, kit.item("in-a-burst"))
+        assert await notified() == []  # left to the announcer's coalesced NOTIFY
+        assert busy.got == [{"new_work": True, "frees": False, "window": False}]
+        assert busy.carried_notifies == 0
+    finally:
+        await listen.close()

@@ -201,11 +201,24 @@ class SchedulerCore:
                     v.subject.rsplit("/", 1)[-1].split(":")[0]
                 ).inc()
 
-    def _submitted(self, created: int) -> None:
+    async def announce_work_within(self, conn: AsyncConnection) -> bool:
+        """A submit transaction open on ``conn`` carries the leader's new-work NOTIFY when this is
+        a follower whose announcer would send one at once (``Wakeups.work_to_announce``): it goes
+        out with the commit instead of in a transaction of its own after it. True when sent."""
+        payload = self.wakeups.work_to_announce()
+        if payload is None:
+            return False
+        await notify_within(conn, payload)
+        return True
+
+    def _submitted(self, created: int, *, announced: bool = False) -> None:
         if created:
             if self.metrics is not None:
                 self.metrics.submitted.inc(created)
-            self._after(frees=False)  # new work only: no capacity appeared
+            # New work only: no capacity appeared.
+            self._woken(_wake_of(None, frees=False), announced=announced)
+            if announced and self.wakeups.announcer is not None:
+                self.wakeups.announcer.carried()
 
     async def submit(
         self, tenant_id: str, tier: int, items: Sequence[NewTask], now: datetime | None = None

@@ -159,6 +159,9 @@ class SubmitBatcher:
                         now=now,
                         leave_pipeline=leave,
                     )
+                    announced = any(
+                        not isinstance(o, Exception) and not o[1] for o in outcomes
+                    ) and await core.announce_work_within(conn)
         except Exception as exc:
             if isinstance(classify(exc), Unavailable):
                 # The database is unreachable or contended: one by one would fail the same way,
@@ -204,5 +207,5 @@ class SubmitBatcher:
                 created += 0 if outcome[1] else 1
                 if not f.done():
                     f.set_result(outcome)
-        core._submitted(created)
+        core._submitted(created, announced=announced)
         return True

@@ -7,7 +7,9 @@ after a quiet period, else coalesced over a window), in a transaction of its own
 
 The busiest writers on a follower (provider results, BeginSubmit, CompleteSubmit) send their
 ``pg_notify`` inside their own transaction instead (:meth:`Wakeups.to_announce`,
-:func:`notify_within`): it travels with the commit's round trip and reaches the leader at the commit,
+:func:`notify_within`), and so does a submit group commit when the announcer would send its NOTIFY
+at once anyway (quiet, :meth:`Wakeups.work_to_announce`; a burst of submits stays coalesced by the
+announcer): it travels with the commit's round trip and reaches the leader at the commit,
 where a separate NOTIFY cost a transaction and three round trips after it (0.8 of PostgreSQL's 4.7
 transactions per task, counted). A NOTIFY takes a cluster-wide lock from its commit's start to its
 end, so the commits that carry one are serialized among themselves; the announcer's commits took the
@@ -103,6 +105,14 @@ class Wakeups:
             return None
         return payload_of(new_work=new_work, frees=frees, window=window, relay_only=relay_only)
 
+    def work_to_announce(self) -> str | None:
+        """The NOTIFY payload a submit transaction about to commit should carry: only on a follower
+        whose announcer would send a new-work NOTIFY at once (quiet for ``work_coalesce``, nothing
+        pending). Under a stream of submits the announcer's coalesced NOTIFY stays the one sent."""
+        if self.local_leader or self.announcer is None or not self.announcer.quiet_for_work():
+            return None
+        return payload_of(new_work=True, frees=False)
+
     def notified(self, payload: str) -> None:
         """A NOTIFY from another replica reached the local leader: set what it says and wake."""
         if payload == "outbox":
@@ -183,6 +193,18 @@ class WorkAnnouncer:
         self._pending.set()
         if frees or window or relay_only:
             self._urgent.set()
+
+    def quiet_for_work(self) -> bool:
+        """Whether a new-work request now would be sent at once (nothing pending, none sent within
+        ``work_coalesce``)."""
+        return (
+            not self._pending.is_set() and time.monotonic() - self._last_sent >= self.work_coalesce
+        )
+
+    def carried(self) -> None:
+        """A committed transaction carried a new-work NOTIFY (``Wakeups.work_to_announce``): the
+        coalescing counts from it as from one of ours."""
+        self._last_sent = time.monotonic()
 
     def start(self) -> None:
         """Start the sender task."""
