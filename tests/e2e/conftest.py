@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 
 import pytest
@@ -40,6 +40,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.path.name == "test_e2e_chaos.py",
         )
     )
+
+
+_LOG_LEVELS = ('"level": "WARNING"', '"level": "ERROR"', '"level": "CRITICAL"')
+_LOG_LINES = 40
+
+
+def _service_warnings(run_dir: Path) -> str:
+    """The last warnings and errors each process of the system logged (restart markers kept), so
+    that a failure on a machine whose tmp dir is gone (CI) still shows what the services saw."""
+    parts: list[str] = []
+    for path in sorted(run_dir.glob("*.log")):
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        kept = [
+            ln for ln in lines if ln.startswith("--- start") or any(x in ln for x in _LOG_LEVELS)
+        ]
+        if any(not ln.startswith("--- start") for ln in kept):
+            parts.append(f"== {path.name}\n" + "\n".join(ln[:2000] for ln in kept[-_LOG_LINES:]))
+    return "\n".join(parts) or "(no warnings or errors logged)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed e2e test's report carries the services' warnings and errors (see above)."""
+    report = yield
+    harness = getattr(item, "funcargs", {}).get("e2e")
+    system = harness.system if isinstance(harness, E2E) else None
+    if report.failed and call.when == "call" and system is not None:
+        report.sections.append(("service warnings and errors", _service_warnings(system.run_dir)))
+    return report
 
 
 def _unavailable(what: str, exc: BaseException) -> None:

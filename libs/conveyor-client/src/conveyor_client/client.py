@@ -29,7 +29,7 @@ from conveyor.tasks.v1 import task_service_pb2 as svc_pb2
 from conveyor.tasks.v1 import task_service_pb2_grpc as svc_grpc
 from conveyor.tasks.v1 import webhook_service_pb2_grpc as hook_grpc
 from conveyor_client.admin_calls import AdminCalls
-from conveyor_client.errors import ConveyorError
+from conveyor_client.errors import ConveyorError, call_code
 from conveyor_client.groups import GroupMethods
 from conveyor_client.options import (
     MAX_BATCH_ITEMS,
@@ -294,8 +294,9 @@ class AsyncConveyorClient(GroupMethods, AdminCalls):
             except grpc.aio.AioRpcError as exc:
                 # Without a deadline of ours, DEADLINE_EXCEEDED came from a hop behind the gateway
                 # (e.g. a slow scheduler page): resume like any other broken stream.
-                resumable = exc.code() in WATCH_RESUMABLE or (
-                    exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and rpc_timeout is None
+                code = call_code(exc)
+                resumable = code in WATCH_RESUMABLE or (
+                    code == grpc.StatusCode.DEADLINE_EXCEEDED and rpc_timeout is None
                 )
                 if not resumable or failures >= self.watch_reconnects:
                     raise ConveyorError.from_rpc_error(exc) from None

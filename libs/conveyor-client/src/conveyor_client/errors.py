@@ -10,6 +10,19 @@ from google.rpc import error_details_pb2, status_pb2
 DETAILS_KEY = "grpc-status-details-bin"
 
 
+def call_code(exc: grpc.RpcError) -> grpc.StatusCode:
+    """The status code of a failed call; grpc-core's ``UNKNOWN "Stream removed"`` (the connection
+    went away before the status arrived, e.g. a gateway replica was killed: grpc/grpc#34076) is the
+    UNAVAILABLE it means, so it is retried and resumed like any other transport failure."""
+    code_fn = getattr(exc, "code", None)
+    code: grpc.StatusCode = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    if code == grpc.StatusCode.UNKNOWN:
+        details_fn = getattr(exc, "details", None)
+        if callable(details_fn) and details_fn() == "Stream removed":
+            return grpc.StatusCode.UNAVAILABLE
+    return code
+
+
 @dataclass(frozen=True)
 class Violation:
     """One bad field (BadRequest) or exceeded quota (QuotaFailure)."""
@@ -46,8 +59,7 @@ class ConveyorError(Exception):
     @classmethod
     def from_rpc_error(cls, exc: grpc.RpcError) -> ConveyorError:
         """Decode a grpc (sync or aio) error, including grpc-status-details-bin."""
-        code_fn = getattr(exc, "code", None)
-        code = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+        code = call_code(exc)
         details_fn = getattr(exc, "details", None)
         message = (details_fn() if callable(details_fn) else None) or ""
         trailing_fn = getattr(exc, "trailing_metadata", None)

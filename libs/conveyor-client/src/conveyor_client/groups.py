@@ -180,7 +180,7 @@ class GroupMethods:
     ) -> AsyncIterator[group_pb2.GroupEvent]:
         """The group's events after ``after_sequence`` (every child's events, the progress, the
         completion with every child's outputs); resumes a broken stream from the last sequence."""
-        from conveyor_client.errors import ConveyorError
+        from conveyor_client.errors import ConveyorError, call_code
         from conveyor_client.options import WATCH_RESUMABLE
 
         last = after_sequence
@@ -201,8 +201,9 @@ class GroupMethods:
                     yield event
                 return
             except grpc.aio.AioRpcError as exc:
-                resumable = exc.code() in WATCH_RESUMABLE or (
-                    exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and rpc_timeout is None
+                code = call_code(exc)
+                resumable = code in WATCH_RESUMABLE or (
+                    code == grpc.StatusCode.DEADLINE_EXCEEDED and rpc_timeout is None
                 )
                 if not resumable or failures >= self.watch_reconnects:
                     raise ConveyorError.from_rpc_error(exc) from None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 
+import grpc
+
 Option = tuple[str, str | int]
 
 ROUND_ROBIN = json.dumps(
@@ -59,3 +61,23 @@ def client_options(*extra: Option, lb_policy: str = "round_robin") -> list[Optio
     if lb_policy == "round_robin":
         options.append(("grpc.service_config", ROUND_ROBIN))
     return options + list(extra)
+
+
+STREAM_REMOVED = "Stream removed"
+"""grpc-core's details of a call whose connection went away before its status arrived (the peer
+was killed, a proxy reset the connection): the call fails UNKNOWN with this text instead of
+UNAVAILABLE (grpc/grpc#34076)."""
+
+
+def call_code(exc: grpc.RpcError) -> grpc.StatusCode:
+    """The status code of a failed call, with a lost connection (:data:`STREAM_REMOVED`) read as
+    the UNAVAILABLE it is, so that callers retry it as any other transport failure instead of
+    reporting an internal error. Our servers never answer UNKNOWN themselves (every unexpected
+    exception becomes INTERNAL or a recognised status), so nothing else is reinterpreted."""
+    code_fn = getattr(exc, "code", None)
+    code: grpc.StatusCode = code_fn() if callable(code_fn) else grpc.StatusCode.UNKNOWN
+    if code == grpc.StatusCode.UNKNOWN:
+        details_fn = getattr(exc, "details", None)
+        if callable(details_fn) and details_fn() == STREAM_REMOVED:
+            return grpc.StatusCode.UNAVAILABLE
+    return code

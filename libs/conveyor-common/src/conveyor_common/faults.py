@@ -26,6 +26,7 @@ import asyncio
 import grpc
 from aiokafka import errors as kafka_errors
 
+from conveyor_common.channels import call_code
 from conveyor_common.errors import FieldViolation, InvalidArgument, RpcError, Unavailable
 
 RETRY_AFTER_SECONDS = 1.0
@@ -109,7 +110,7 @@ def _one(exc: BaseException) -> RpcError | None:
         or isinstance(exc, kafka_errors.KafkaTimeoutError | kafka_errors.KafkaConnectionError)
     ):
         return Unavailable("event bus unavailable; retry", RETRY_AFTER_SECONDS)
-    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in _TRANSIENT_GRPC_CODES:
+    if isinstance(exc, grpc.aio.AioRpcError) and call_code(exc) in _TRANSIENT_GRPC_CODES:
         return Unavailable("a downstream service is unavailable; retry", RETRY_AFTER_SECONDS)
     if isinstance(exc, ConnectionError | TimeoutError | asyncio.TimeoutError):
         return Unavailable("a dependency is unavailable; retry", RETRY_AFTER_SECONDS)

@@ -8,7 +8,8 @@ still gets the time it needs. UNAVAILABLE is retried with exponential backoff
 and full jitter inside the budget, an attempt's own timeout at once; this is safe because every
 mutating call is idempotent by request_id. A downstream
 error reaches the caller with its code, message and rich details (``grpc-status-details-bin``)
-unchanged, via :class:`DownstreamError`; UNKNOWN never passes (it becomes INTERNAL), and transport
+unchanged, via :class:`DownstreamError`; UNKNOWN never passes (it becomes INTERNAL, except grpc-core's
+"Stream removed", a connection lost mid-call, which is UNAVAILABLE: ``call_code``), and transport
 errors without details get a generic message that does not leak internal addresses.
 """
 
@@ -28,7 +29,7 @@ import grpc
 from conveyor.scheduler.v1 import group_service_pb2_grpc as group_grpc
 from conveyor.scheduler.v1 import scheduler_service_pb2_grpc as sched_grpc
 from conveyor_common import limits
-from conveyor_common.channels import client_options
+from conveyor_common.channels import call_code, client_options
 from conveyor_common.errors import RpcError, Unavailable
 from conveyor_common.randomness import rng
 from conveyor_common.tls import TlsFiles, open_channel
@@ -72,7 +73,7 @@ _GENERIC_MESSAGES = {
 
 def reraise(exc: grpc.aio.AioRpcError, *, what: str = "scheduler") -> NoReturn:
     """Re-raise a downstream error for the caller, keeping its rich details."""
-    code = exc.code()
+    code = call_code(exc)
     trailing: Any = exc.trailing_metadata() or ()
     details_md = tuple((k, v) for k, v in trailing if k == DETAILS_KEY)
     if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.OK) or code is None:
@@ -310,7 +311,8 @@ class SchedulerClient:
                 response: Resp = await method(target)(request, timeout=timeout)
                 return response
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < remaining:
+                code = call_code(exc)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < remaining:
                     # This attempt's own bound, not the caller's: another replica, at once.
                     self.replicas.suspect(replica)
                     tried.add(replica)
@@ -321,9 +323,9 @@ class SchedulerClient:
                         extra={"action": "scheduler_retry_timeout", "timeouts": timeouts},
                     )
                     continue
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                if code == grpc.StatusCode.UNAVAILABLE:
                     tried.add(replica)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or last:
+                if code != grpc.StatusCode.UNAVAILABLE or last:
                     reraise(exc)
                 delay = rng.uniform(0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
                 if time.monotonic() + delay >= deadline:

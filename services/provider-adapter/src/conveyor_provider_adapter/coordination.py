@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2
 
 from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor.scheduler.v1 import provider_coordination_service_pb2_grpc as provider_grpc
-from conveyor_common.channels import client_options
+from conveyor_common.channels import call_code, client_options
 from conveyor_common.tls import TlsFiles, open_channel
 
 logger = logging.getLogger(__name__)
@@ -132,11 +132,12 @@ class Coordinator:
             try:
                 return await call()
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRYABLE or time.monotonic() + delay > deadline:
+                code = call_code(exc)
+                if code not in _RETRYABLE or time.monotonic() + delay > deadline:
                     raise
                 logger.warning(
                     "scheduler call failed, retrying",
-                    extra={"action": "coordination_retry", "call": name, "code": exc.code().name},
+                    extra={"action": "coordination_retry", "call": name, "code": code.name},
                 )
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 2.0)
