@@ -5,13 +5,21 @@ throttles, aging, fair share and slot costs.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from conveyor.tasks.v1 import task_pb2
+from conveyor_scheduler.dispatch.candidates import (
+    SPECULATIVE_CANDIDATES_SQL,
+    SpeculativeRead,
+    speculative_params,
+)
+from conveyor_scheduler.dispatch.statements import CANDIDATES_SQL, TENANTS_SQL, USAGE_SQL
 from conveyor_scheduler.store import models
 from conveyor_testkit import scheduler as kit
 from tests.integration.scheduler_env import Env, drain
@@ -243,7 +251,6 @@ async def test_a_cycle_on_a_session_that_lost_the_lock_writes_nothing(
 ) -> None:
     """The cycle's first round trip fences it: a leader whose session no longer holds the lock
     (released behind its back here) raises LostLeadership before it writes anything."""
-    from sqlalchemy import text
 
     from conveyor_scheduler.dispatch.leadership import LostLeadership
 
@@ -315,4 +322,118 @@ async def test_a_dispatch_whose_commit_round_trip_fails_writes_nothing(
     assert await env.scalar("SELECT count(*) FROM active_slots") == 0
     assert await env.scalar("SELECT sum(waiting) FROM tenants WHERE tenant_id = 'a'") == 3
     assert await env.dispatch() == 3
+    await env.check()
+
+
+async def _committed(env: Env, sql: str, **params: Any) -> None:
+    async with env.core.engine.begin() as conn:
+        await conn.execute(text(sql), params)
+
+
+async def test_the_speculative_candidate_read_is_what_the_probe_reads(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """The candidates read in the capacity round trip (every tenant's k computed in SQL from its
+    explicit or tier limit and its slots) are exactly what the probe reads with the k the cycle
+    computes in Python: for a tenant with free slots under the cap, over it, at an explicit limit,
+    with only tasks of a blocked model, and with only delayed tasks."""
+    env = await make_env(
+        lead=True,
+        global_concurrency=100,
+        tenant_candidates_max=4,
+        tier_concurrency={"free": 3, "premium": 5, "pro": 10},
+        aging_rate_per_minute=0.0,
+    )
+    await env.core.submit("free", 1, [kit.item(prompt=f"f{i}") for i in range(2)])
+    await env.core.submit("pro", 3, [kit.item(prompt=f"p{i}") for i in range(3)])
+    await env.core.submit("capped", 1, [kit.item(prompt=f"c{i}") for i in range(2)])
+    await _committed(env, "UPDATE tenants SET max_concurrency = 2 WHERE tenant_id = 'capped'")
+    assert await env.dispatch() == 7  # slots in use: free 2 of 3, pro 3 of 10, capped 2 of 2
+    priorities = [task_pb2.PRIORITY_LOW, task_pb2.PRIORITY_HIGH, task_pb2.PRIORITY_NORMAL]
+    await env.core.submit("free", 1, [kit.item(priority=p) for p in priorities * 2])
+    await env.core.submit("pro", 3, [kit.item(priority=p) for p in priorities * 2])
+    await env.core.submit("capped", 1, [kit.item() for _ in range(2)])
+    await env.core.submit("blocked", 2, [kit.item(model="acme/paused") for _ in range(2)])
+    await env.core.submit("later", 2, [kit.item(prompt=f"l{i}") for i in range(2)])
+    await _committed(
+        env, "UPDATE tasks SET not_before = now() + interval '1 hour' WHERE tenant_id = 'later'"
+    )
+    await env.core.set_model_paused("acme/paused", True, "test")
+    policy = env.dispatcher.policy
+    now = datetime.now(UTC)
+    async with env.core.engine.connect() as conn:
+        spec = SpeculativeRead(
+            list(
+                await conn.execute(
+                    SPECULATIVE_CANDIDATES_SQL,
+                    speculative_params(policy.tier_concurrency, 4, now, ["acme/paused"], []),
+                )
+            ),
+            frozenset({"acme/paused"}),
+            frozenset(),
+        )
+        got, ks = spec.by_tenant()
+        used = {
+            r.tenant_id: r.used for r in await conn.execute(USAGE_SQL) if r.tenant_id is not None
+        }
+        tenants = list(await conn.execute(TENANTS_SQL))
+        expected_k = {
+            t.tenant_id: max(
+                0,
+                min(4, policy.tenant_limit(t.tier, t.max_concurrency) - used.get(t.tenant_id, 0)),
+            )
+            for t in tenants
+        }
+        probed = [t for t, k in expected_k.items() if k > 0]
+        rows = await conn.execute(
+            CANDIDATES_SQL,
+            {
+                "tenants": probed,
+                "ks": [expected_k[t] for t in probed],
+                "now": now,
+                "blocked_models": ["acme/paused"],
+                "blocked_kinds": [],
+            },
+        )
+        expected: dict[str, list[Any]] = {}
+        for r in rows:
+            expected.setdefault(r.tenant_id, []).append(r.id)
+    assert expected_k == {"free": 1, "pro": 4, "capped": 0, "blocked": 4, "later": 4}
+    assert ks == expected_k
+    assert {t: [c.id for c in cs] for t, cs in got.items()} == expected
+    assert [len(v) for v in expected.values()] == [1, 4]  # free's best and pro's top 4 only
+    assert all(c.rank >= d.rank for c, d in itertools.pairwise(got["pro"]))
+
+
+async def test_a_cycle_after_a_submit_reads_its_candidates_in_the_capacity_round_trip(
+    make_env: Callable[..., Awaitable[Env]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit makes the candidate cache stale; the next cycle takes the candidates read with the
+    capacity and sends no probe of its own. When a model filled up or was paused since the previous
+    read, the speculative read used the wrong filter: the cycle probes as before and dispatches the
+    same."""
+    from conveyor_scheduler.dispatch import cycle as cycle_module
+    from conveyor_scheduler.store.bulk import raw_execute as real
+
+    probes: list[Any] = []
+
+    async def counting(conn: Any, statement: Any, params: dict[str, Any], **kw: Any) -> Any:
+        if statement is CANDIDATES_SQL:
+            probes.append(params["tenants"])
+        return await real(conn, statement, params, **kw)
+
+    monkeypatch.setattr(cycle_module, "raw_execute", counting)
+    env = await make_env(lead=True, global_concurrency=10, candidate_cache_seconds=60.0)
+    for i in range(3):
+        [(row, _)] = await env.core.submit(f"t{i}", 1, [kit.item(prompt=f"s{i}")])
+        assert env.dispatcher.wakeups.candidates_stale
+        assert await env.dispatch() == 1
+        assert (await env.task(row["id"]))["status"] == models.DISPATCHED
+    assert probes == []
+    await env.core.set_model_paused("acme/paused", True, "test")
+    await env.core.submit("t9", 1, [kit.item(model="acme/paused"), kit.item(model="acme/ok")])
+    assert await env.dispatch() == 1
+    assert probes == [["t9"]]
+    dispatched = await env.rows("SELECT model FROM tasks WHERE tenant_id = 't9' AND status = 2")
+    assert [r.model for r in dispatched] == ["acme/ok"]
     await env.check()

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from conveyor.tasks.v1 import task_pb2
-from conveyor_scheduler.dispatch.cycle import Candidate, Capacity, Dispatcher
+from conveyor_scheduler.dispatch.candidates import Candidate, Capacity
+from conveyor_scheduler.dispatch.cycle import Dispatcher
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups

@@ -8,7 +8,8 @@ Runs on the leader only, on the leader's own connection (see :mod:`.leadership`)
    model, per kind), the provider token bucket (in memory), ``model_controls`` and
    ``provider_controls``;
 2. one query with ``LATERAL`` per eligible tenant (has waiting tasks and free slots) takes its top-k
-   queued dispatchable tasks by rank, so a saturated or flooding tenant's backlog is never scanned;
+   queued dispatchable tasks by rank, so a saturated or flooding tenant's backlog is never scanned
+   (kept in a cache; re-read after a submit in step 1's round trip: :mod:`.candidates`);
 3. merge in memory: highest priority band first, then the lowest tenant virtual time (weighted fair
    queueing), then rank; assign greedily within every limit, each task at its cost clamped to the
    smallest limit over it (``Policy.effective_cost``: a task costlier than its tenant's limit runs
@@ -26,7 +27,6 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -36,6 +36,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from conveyor_common.ratelimit import TokenBucket
 from conveyor_common.vocabulary import EV_DISPATCHED
 from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.dispatch.candidates import (
+    SPECULATIVE_CANDIDATES_SQL,
+    Candidate,
+    Capacity,
+    SpeculativeRead,
+    speculative_params,
+)
 from conveyor_scheduler.dispatch.command import dispatch_command
 from conveyor_scheduler.dispatch.leadership import Leader, LostLeadership
 from conveyor_scheduler.dispatch.policy import Policy
@@ -63,39 +70,6 @@ from conveyor_scheduler.store.bulk import (
 from conveyor_scheduler.store.changes import Changes
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Candidate:
-    """A queued task read by the candidate query."""
-
-    id: uuid.UUID
-    tenant_id: str
-    kind: int
-    model: str
-    rank: float
-    nominal_cost: int
-    """``tasks.slot_cost`` (the kind's cost at submit)."""
-    enqueued_at: datetime
-    cost: int = 0
-    """Slots it takes if dispatched now: :meth:`Policy.effective_cost` (set by the assignment)."""
-
-
-@dataclass
-class Capacity:
-    """Free capacity computed at the start of a cycle."""
-
-    global_free: int
-    tenant_free: dict[str, int]
-    tenant_weight: dict[str, int]
-    model_used: dict[str, int]
-    kind_used: dict[int, int]
-    tenant_used: dict[str, int] = field(default_factory=dict)
-    tenant_limit: dict[str, int] = field(default_factory=dict)
-    blocked_models: list[str] = field(default_factory=list)
-    blocked_kinds: list[int] = field(default_factory=list)
-    paused_tenants: list[str] = field(default_factory=list)
-    """Tenants an operator paused: none of their tasks is dispatched."""
 
 
 class Dispatcher:
@@ -126,8 +100,9 @@ class Dispatcher:
         self._tenant_info: dict[str, tuple[int, int | None, int | None]] = {}
         self._cache_until = float("-inf")
         self._cache_blocked: tuple[set[str], set[int]] = (set(), set())
-        self._prefetched: tuple[list[Any], datetime | None] | None = None
-        """The tenants and the earliest backoff, read with the capacity when the cache was stale."""
+        self._prefetched: tuple[list[Any], datetime | None, SpeculativeRead] | None = None
+        """The tenants, the earliest backoff and every tenant's candidates (speculatively), read
+        with the capacity when the cache was stale."""
         self.drained = False
         """The last cycle's candidate read left nothing queued anywhere: no cached candidate, no
         tenant that may have more (one at its limit counts as one that may), no model or kind that
@@ -218,6 +193,7 @@ class Dispatcher:
         wait is re-read alone, so a refill after a completion costs no scan over every tenant.
         """
         prefetched, self._prefetched = self._prefetched, None
+        speculative: SpeculativeRead | None = None
         fresh = prefetched is None and (
             not self._cache_stale()
             and not (self._cache_blocked[0] - set(cap.blocked_models))
@@ -229,7 +205,7 @@ class Dispatcher:
                 tenants = (await conn.execute(TENANTS_SQL)).all()
                 backoff_end = await conn.scalar(BACKOFF_SQL, {"now": now})
             else:  # read with the capacity (the flag was cleared before that read)
-                tenants, backoff_end = prefetched
+                tenants, backoff_end, speculative = prefetched
             info = {t[0]: (t[1], t[2], t[3]) for t in tenants}
             self._tenant_info = info
             self._cache = {}
@@ -262,6 +238,14 @@ class Dispatcher:
         for tenant in cap.paused_tenants:  # paused since the cache was read
             free.pop(tenant, None)
             self._cache.pop(tenant, None)
+        if speculative is not None and speculative.matches(cap):
+            # What the probe below would read, already here: it reads only what this missed.
+            read, read_ks = speculative.by_tenant()
+            for t, read_k in read_ks.items():
+                if t in free:
+                    self._cache[t] = read.get(t, [])
+                    if len(self._cache[t]) < read_k:
+                        self._more.discard(t)
         probe = [t for t, f in free.items() if f > 0 and not self._cache.get(t) and t in self._more]
         if probe:
             ks = [min(free[t], self.settings.tenant_candidates_max) for t in probe]
@@ -314,15 +298,33 @@ class Dispatcher:
         if self.settings.dispatch_window:
             statements.append((AWAITING_ADAPTER_SQL, {}))
         prefetch = self._cache_stale()
-        if prefetch:  # the candidate cache is re-read: its first two reads go in this trip too
+        if prefetch:  # the candidate cache is re-read: its reads go in this trip too
             self.wakeups.candidates_stale = False  # a poke from now on marks it stale again
-            statements += [(TENANTS_SQL, {}), (BACKOFF_SQL, {"now": now})]
+            speculative = speculative_params(
+                self.policy.tier_concurrency,
+                self.settings.tenant_candidates_max,
+                now,
+                *self._cache_blocked,
+            )
+            statements += [
+                (TENANTS_SQL, {}),
+                (BACKOFF_SQL, {"now": now}),
+                (SPECULATIVE_CANDIDATES_SQL, speculative),
+            ]
         async with pipeline_within(conn):
             cursors = [await raw_cursor(conn, sql, params) for sql, params in statements]
         results = [await c.fetchall() for c in cursors]
         if prefetch:
-            self._prefetched = (results[-2], results[-1][0][0])
-            del results[-2:]
+            self._prefetched = (
+                results[-3],
+                results[-2][0][0],
+                SpeculativeRead(
+                    results[-1],
+                    frozenset(self._cache_blocked[0]),
+                    frozenset(self._cache_blocked[1]),
+                ),
+            )
+            del results[-3:]
         (held,), controls, usage, *window = results
         if not held[0]:
             raise LostLeadership("the leader lock is not held by this session")

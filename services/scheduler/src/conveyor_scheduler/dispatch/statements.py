@@ -22,11 +22,7 @@ TENANTS_SQL = text(
     " FROM tenants WHERE waiting > 0 AND NOT paused"
 )
 
-CANDIDATES_SQL = text(
-    """
-    SELECT c.id, c.tenant_id, c.kind, c.model, c.rank, c.slot_cost, c.enqueued_at
-    FROM unnest(CAST(:tenants AS text[]), CAST(:ks AS int[])) AS e(tenant_id, k)
-    CROSS JOIN LATERAL (
+TOP_QUEUED = """
         SELECT t.id, t.tenant_id, t.kind, t.model, t.rank, t.slot_cost, t.enqueued_at
         FROM tasks t
         WHERE t.tenant_id = e.tenant_id AND t.status = 1
@@ -35,8 +31,14 @@ CANDIDATES_SQL = text(
           AND t.kind <> ALL(CAST(:blocked_kinds AS smallint[]))
         ORDER BY t.rank DESC, t.enqueued_at
         LIMIT e.k
-    ) c
-    """
+"""
+"""The top ``e.k`` dispatchable queued tasks of the tenant ``e.tenant_id`` by rank (the body of a
+``LATERAL`` join)."""
+
+CANDIDATES_SQL = text(
+    "SELECT c.id, c.tenant_id, c.kind, c.model, c.rank, c.slot_cost, c.enqueued_at"
+    " FROM unnest(CAST(:tenants AS text[]), CAST(:ks AS int[])) AS e(tenant_id, k)"
+    " CROSS JOIN LATERAL (" + TOP_QUEUED + ") c"
 )
 
 BACKOFF_SQL = text("SELECT min(not_before) FROM tasks WHERE status = 1 AND not_before > :now")
