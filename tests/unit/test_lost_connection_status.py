@@ -91,3 +91,14 @@ async def test_the_adapters_submit_protocol_retries_a_lost_connection() -> None:
     finally:
         await coordinator.close()
     assert flaky.calls == 3
+
+
+def test_a_session_the_server_ended_for_a_stalled_transaction_is_unavailable() -> None:
+    """A process starved of CPU past ``idle_in_transaction_session_timeout`` finds its session
+    ended (SQLSTATE 25P03): a transient fault, UNAVAILABLE with RetryInfo, not INTERNAL; another
+    invalid-transaction-state error (a bug) stays unrecognised."""
+    import psycopg
+
+    stalled = psycopg.errors.lookup("25P03")("terminating connection due to idle-in-transaction")
+    assert isinstance(classify(stalled), Unavailable)
+    assert classify(psycopg.errors.lookup("25001")("active sql transaction")) is None

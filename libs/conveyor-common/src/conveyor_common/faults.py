@@ -35,8 +35,10 @@ RETRY_AFTER_SECONDS = 1.0
 CONTENTION_RETRY_AFTER_SECONDS = 0.05
 """RetryInfo of a serialization failure or deadlock (retry at once, with jitter)."""
 
-_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58")
-"""Connection exception, insufficient resources, operator intervention, system error."""
+_TRANSIENT_SQLSTATE_CLASSES = ("08", "53", "57", "58", "25P03", "25P04")
+"""Connection exception, insufficient resources, operator intervention, system error; and the
+server ending a session whose transaction stalled (idle in transaction, or over PostgreSQL 17's
+transaction timeout: a process starved of CPU past ``idle_in_transaction_session_timeout``)."""
 
 _CONTENTION_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 """Serialization failure, deadlock detected, lock not available."""
