@@ -46,6 +46,11 @@ _LOG_LEVELS = ('"level": "WARNING"', '"level": "ERROR"', '"level": "CRITICAL"')
 _LOG_LINES = 40
 
 
+def _clip(line: str, limit: int = 3000) -> str:
+    """A long line's start and its end (a stack trace's last frames and its error)."""
+    return line if len(line) <= limit else f"{line[: limit // 4]} ... {line[-3 * limit // 4 :]}"
+
+
 def _service_warnings(run_dir: Path) -> str:
     """The last warnings and errors each process of the system logged (restart markers kept), so
     that a failure on a machine whose tmp dir is gone (CI) still shows what the services saw."""
@@ -59,7 +64,7 @@ def _service_warnings(run_dir: Path) -> str:
             ln for ln in lines if ln.startswith("--- start") or any(x in ln for x in _LOG_LEVELS)
         ]
         if any(not ln.startswith("--- start") for ln in kept):
-            parts.append(f"== {path.name}\n" + "\n".join(ln[:2000] for ln in kept[-_LOG_LINES:]))
+            parts.append(f"== {path.name}\n" + "\n".join(_clip(ln) for ln in kept[-_LOG_LINES:]))
     return "\n".join(parts) or "(no warnings or errors logged)"
 
 
