@@ -483,8 +483,8 @@ class Dispatcher:
             changes.command(row, dispatch_command(row, provider, self.policy, now))
             row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
             changes.event(row, EV_DISPATCHED, m.QUEUED)
-        # The slots, events, outbox rows, counters and the commit: one round trip.
-        async with pipeline_within(conn) as leave:
+        # The slots, events, outbox rows, counters and the commit: one round trip (generic plans).
+        async with pipeline_within(conn, generic_plans=True) as leave:
             await insert_rows(conn, "active_slots", slots, raw=True)
             await changes.flush(conn, save=False, leave_pipeline=leave)
             await commit_raw(conn)

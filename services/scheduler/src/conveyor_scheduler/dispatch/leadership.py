@@ -30,11 +30,11 @@ import contextlib
 import logging
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import NullPool
 
-from conveyor_scheduler.settings import SchedulerSettings, to_sqlalchemy_url
-from conveyor_scheduler.store.db import PG_OPTIONS, binary_arrays, lease_options
+from conveyor_scheduler.settings import SchedulerSettings
+from conveyor_scheduler.store.db import PG_OPTIONS, async_engine, lease_options
 
 logger = logging.getLogger(__name__)
 
@@ -96,18 +96,12 @@ class Leader:
         self.settings = settings
         self.instance_id = instance_id
         self.backend_pid: int | None = None
-        self.engine: AsyncEngine = binary_arrays(
-            create_async_engine(
-                to_sqlalchemy_url(url),
-                poolclass=NullPool,
-                connect_args={
-                    "options": PG_OPTIONS
-                    + lease_options(
-                        settings.idle_transaction_seconds, settings.leader_lease_seconds
-                    ),
-                    "application_name": f"conveyor-scheduler-leader:{instance_id}"[:63],
-                },
-            )
+        self.engine: AsyncEngine = async_engine(
+            url,
+            options=PG_OPTIONS
+            + lease_options(settings.idle_transaction_seconds, settings.leader_lease_seconds),
+            application_name=f"conveyor-scheduler-leader:{instance_id}"[:63],
+            poolclass=NullPool,
         )
         self.conn: AsyncConnection | None = None
         self._standby: AsyncConnection | None = None

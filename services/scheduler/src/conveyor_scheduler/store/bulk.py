@@ -320,17 +320,27 @@ async def insert_rows(
         await conn.execute(INSERT_SQL[table], _params(rows, COLUMNS[table]))
 
 
+GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
+"""Generic plans for the rest of the transaction (the session default is custom plans, db.py)."""
+
+
 @contextlib.asynccontextmanager
-async def pipeline_within(conn: AsyncConnection) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+async def pipeline_within(
+    conn: AsyncConnection, *, generic_plans: bool = False
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """psycopg's pipeline mode inside the transaction open on ``conn``; yields ``leave`` (as
     :func:`pipelined`). The statements sent through :func:`raw_execute` without ``fetch`` go out
     together and are synchronized once on exit (their first error raised there); the caller
     commits after it, so the tail of a transaction costs two round trips, not one per statement.
+    With ``generic_plans`` the rest of the transaction uses generic plans (as :func:`pipelined`;
+    the foreign-key checks of its inserts too, which a custom plan re-plans at every row).
     """
     driver: Any = (await conn.get_raw_connection()).driver_connection
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(driver.pipeline())
         piped = True
+        if generic_plans:
+            await driver.execute(GENERIC_PLANS)
 
         async def leave() -> None:
             nonlocal piped
@@ -366,7 +376,7 @@ async def pipelined(conn: AsyncConnection) -> AsyncIterator[Callable[[], Awaitab
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(driver.pipeline())
         piped = True
-        await driver.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await driver.execute(GENERIC_PLANS)
 
         async def leave() -> None:
             nonlocal piped

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg import pq
 from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import MetaData, event
 from sqlalchemy.engine import Connection
@@ -24,13 +26,63 @@ from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from conveyor_scheduler.metrics import DatabasePoolMetrics
-from conveyor_scheduler.settings import to_sqlalchemy_url
+from conveyor_scheduler.settings import to_libpq_url, to_sqlalchemy_url
 from conveyor_scheduler.store.models import Base
 
 PG_OPTIONS = "-c timezone=UTC -c plan_cache_mode=force_custom_plan"
-"""Session options. Custom plans always: psycopg prepares a statement after a few executions, and a
-generic plan of the dispatcher's LATERAL candidate query (array parameters, per-tenant LIMIT) was
-measured 30-100x slower than its custom plan."""
+"""Session options. Custom plans by default: psycopg prepares a statement after a few executions, and
+a generic plan of the dispatcher's LATERAL candidate query (array parameters, per-tenant LIMIT) was
+measured 30-100x slower than its custom plan. The hot writes ask for generic plans for their
+transaction (``store.bulk.GENERIC_PLANS``: the pipelined transactions, the dispatch's writes), which
+their foreign-key checks then use too instead of planning each checked row again."""
+
+
+def _keep() -> bool:
+    return False
+
+
+class KeepPreparedConnection(psycopg.AsyncConnection[Any]):
+    """A psycopg connection whose prepared statements outlive a clean rollback.
+
+    psycopg forgets every statement it prepared on the session (and sends ``DEALLOCATE ALL``) at
+    each ROLLBACK, in case the rollback undid DDL they depended on. The scheduler runs no DDL on
+    these connections (migrations have their own), and SQLAlchemy ends every transaction that did
+    not commit with a rollback: the periodic reads (group progress, presence, sweeps) wiped a pooled
+    connection's statements about twice a second, so the hot statements kept running unprepared
+    and were planned again at each execution (a third of PostgreSQL's statements planned, measured
+    at full load). A rollback after an error (or inside a pipeline) still forgets them all: a
+    statement whose preparation the error skipped must not be taken for prepared.
+    """
+
+    async def rollback(self) -> None:
+        pg = self.pgconn
+        if (
+            pg.transaction_status != pq.TransactionStatus.INTRANS
+            or pg.pipeline_status != pq.PipelineStatus.OFF
+        ):
+            await super().rollback()
+            return
+        # psycopg's prepared-statement manager (private; tests/integration/
+        # test_scheduler_prepared_statements.py fails if it stops being what this relies on).
+        manager: Any = self._prepared
+        manager.clear = _keep
+        try:
+            await super().rollback()
+        finally:
+            del manager.clear
+
+
+def async_engine(url: str, *, options: str, application_name: str, **kw: Any) -> AsyncEngine:
+    """``create_async_engine`` on :class:`KeepPreparedConnection` connections with the session
+    ``options`` and ``application_name``, list parameters sent in binary (:func:`binary_arrays`)."""
+    conninfo = to_libpq_url(url)
+
+    async def connect() -> KeepPreparedConnection:
+        return await KeepPreparedConnection.connect(
+            conninfo, options=options, application_name=application_name
+        )
+
+    return binary_arrays(create_async_engine(to_sqlalchemy_url(url), async_creator=connect, **kw))
 
 
 class SchemaNotAtHead(RuntimeError):
@@ -169,15 +221,14 @@ def create_engine(
     extra: dict[str, Any] = {}
     if pool_metrics is not None:
         extra["poolclass"] = pool_metrics.pool_class()
-    engine = binary_arrays(
-        create_async_engine(
-            to_sqlalchemy_url(url),
-            pool_size=pool_size,
-            max_overflow=pool_size,
-            pool_recycle=1800,
-            connect_args={"options": options, "application_name": "conveyor-scheduler"},
-            **extra,
-        )
+    engine = async_engine(
+        url,
+        options=options,
+        application_name="conveyor-scheduler",
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=1800,
+        **extra,
     )
     ping_when_idle(engine, ping_idle_seconds)
     return engine if pool_metrics is None else pool_metrics.watch(engine)
