@@ -56,15 +56,16 @@ class KeepPreparedConnection(psycopg.AsyncConnection[Any]):
 
     async def rollback(self) -> None:
         pg = self.pgconn
+        # psycopg's prepared-statement manager is private: without it (another psycopg) this is
+        # psycopg's own rollback, and tests/integration/test_scheduler_prepared_statements.py fails.
+        manager: Any = getattr(self, "_prepared", None)
         if (
             pg.transaction_status != pq.TransactionStatus.INTRANS
             or pg.pipeline_status != pq.PipelineStatus.OFF
+            or not callable(getattr(manager, "clear", None))
         ):
             await super().rollback()
             return
-        # psycopg's prepared-statement manager (private; tests/integration/
-        # test_scheduler_prepared_statements.py fails if it stops being what this relies on).
-        manager: Any = self._prepared
         manager.clear = _keep
         try:
             await super().rollback()
