@@ -51,7 +51,9 @@ class KeepPreparedConnection(psycopg.AsyncConnection[Any]):
     connection's statements about twice a second, so the hot statements kept running unprepared
     and were planned again at each execution (a third of PostgreSQL's statements planned, measured
     at full load). A rollback after an error (or inside a pipeline) still forgets them all: a
-    statement whose preparation the error skipped must not be taken for prepared.
+    statement whose preparation the error skipped must not be taken for prepared. So does the one
+    after a migration changed a table under a running replica: its prepared ``SELECT *`` fails once
+    ("cached plan must not change result type"), as it could before, and is prepared again after.
     """
 
     async def rollback(self) -> None:
