@@ -27,6 +27,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +324,41 @@ def check(
     if exceeded:
         fail.append("limits exceeded: " + ", ".join(exceeded))
     return report
+
+
+def stuck_by_task(
+    watches: dict[str, list[task_pb2.TaskEvent]], at: float, *, held: bool = False
+) -> dict[str, float]:
+    """For each task dispatched or running at ``at`` (wall clock) and not finished by then: seconds
+    from ``at`` to its next state change. Without ``held``, the tasks whose next change is the retry
+    of an attempt whose create outcome was unknown (a kill between its ``BeginSubmit`` and its
+    create: the adapter may not create again until ``SUBMIT_UNKNOWN_GRACE_S`` proves no prediction
+    exists, ADR 0003) are left out; with it, only those."""
+    active = {task_pb2.TASK_STATUS_DISPATCHED, task_pb2.TASK_STATUS_RUNNING}
+    out: dict[str, float] = {}
+    for task_id, events in watches.items():
+        before = [e for e in events if e.occurred_at.ToDatetime(UTC).timestamp() <= at]
+        after = [e for e in events if e.occurred_at.ToDatetime(UTC).timestamp() > at]
+        if not before or not after or before[-1].task.status not in active:
+            continue
+        unknown = (
+            after[0].type == task_pb2.TASK_EVENT_TYPE_RETRY_SCHEDULED
+            and after[0].task.error.code == "submit_unknown"
+        )
+        if unknown == held:
+            out[task_id] = after[0].occurred_at.ToDatetime(UTC).timestamp() - at
+    return out
+
+
+def stuck_seconds(
+    watches: dict[str, list[task_pb2.TaskEvent]], at: float, *, held: bool = False
+) -> list[float]:
+    """The values of :func:`stuck_by_task`."""
+    return list(stuck_by_task(watches, at, held=held).values())
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

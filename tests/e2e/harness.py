@@ -14,6 +14,10 @@ from conveyor_client import TERMINAL_EVENTS, AsyncConveyorClient
 from conveyor_devstack.system import ConveyorSystem, SystemConfig
 from fake_replicate.testing import FakeAdmin
 
+SUBMIT_UNKNOWN_GRACE_S = 20.0
+"""The adapter's wait before it fails an attempt whose create outcome is unknown and whose prediction
+it cannot find (``ADAPTER_SUBMIT_UNKNOWN_GRACE_S``; 180 s by default)."""
+
 GLOBAL_LIMIT = 5
 """Global slots of the session system (slot-cost weighted)."""
 LIMITED_MODEL = "e2e/limited-model"
@@ -47,7 +51,7 @@ def session_config(**overrides: Any) -> SystemConfig:
         },
         adapter_env={
             # A create that never reached the provider is failed (retryably) after 20 s, not 3 min.
-            "ADAPTER_SUBMIT_UNKNOWN_GRACE_S": "20",
+            "ADAPTER_SUBMIT_UNKNOWN_GRACE_S": str(SUBMIT_UNKNOWN_GRACE_S),
             "ADAPTER_THROTTLE_MAX_WAIT_S": "10",
         },
         gateway_env={"GATEWAY_WATCH_POLL_INTERVAL_SECONDS": "1.0"},

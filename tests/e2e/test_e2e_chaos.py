@@ -36,8 +36,8 @@ import pytest
 from conveyor.tasks.v1 import admin_service_pb2 as admin_pb2
 from conveyor.tasks.v1 import task_pb2
 from conveyor_client import AsyncConveyorClient, ConveyorError, build_spec, new_request_id
-from tests.e2e.checker import History, Limits, TaskMeta, check
-from tests.e2e.harness import E2E, GLOBAL_LIMIT, KIND_COST, aclose
+from tests.e2e.checker import History, Limits, TaskMeta, check, pct, stuck_by_task, stuck_seconds
+from tests.e2e.harness import E2E, GLOBAL_LIMIT, KIND_COST, SUBMIT_UNKNOWN_GRACE_S, aclose
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e, pytest.mark.slow]
 
@@ -310,32 +310,6 @@ class Run:
         return time.time()
 
 
-def stuck_by_task(watches: dict[str, list[task_pb2.TaskEvent]], at: float) -> dict[str, float]:
-    """For each task dispatched or running at ``at`` (wall clock) and not finished by then: seconds
-    from ``at`` to its next state change."""
-    active = {task_pb2.TASK_STATUS_DISPATCHED, task_pb2.TASK_STATUS_RUNNING}
-    out: dict[str, float] = {}
-    for task_id, events in watches.items():
-        before = [e for e in events if e.occurred_at.ToDatetime(UTC).timestamp() <= at]
-        after = [e for e in events if e.occurred_at.ToDatetime(UTC).timestamp() > at]
-        if not before or not after or before[-1].task.status not in active:
-            continue
-        out[task_id] = after[0].occurred_at.ToDatetime(UTC).timestamp() - at
-    return out
-
-
-def stuck_seconds(watches: dict[str, list[task_pb2.TaskEvent]], at: float) -> list[float]:
-    """The values of :func:`stuck_by_task`."""
-    return list(stuck_by_task(watches, at).values())
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def log_offsets(run_dir: Path) -> dict[Path, int]:
     """Where every service log ends now (the run is judged on what comes after)."""
     return {log: log.stat().st_size for log in run_dir.glob("*.log")}
@@ -434,6 +408,7 @@ async def _run_and_check(
     report.figures["leader_failover_s"] = run.failover_s and round(run.failover_s, 2)
     stuck = {fault: stuck_seconds(run.watches, at) for fault, at in run.faults}
     every = [s for values in stuck.values() for s in values]
+    held = [s for _, at in run.faults for s in stuck_seconds(run.watches, at, held=True)]
     frozen = [
         seconds
         for started, seconds in run.submit_latencies
@@ -446,6 +421,7 @@ async def _run_and_check(
     report.figures["leader_takeover_after_sigstop_s"] = run.takeover_after_freeze_s and round(
         run.takeover_after_freeze_s, 2
     )
+    report.figures["held_for_an_unknown_create_s"] = [round(s, 2) for s in held]
     report.figures["submit_p99_while_leader_frozen_s"] = round(pct(frozen, 0.99), 3)
     report.figures["submits_while_leader_frozen"] = len(frozen)
     resumed = stuck.get("kill-follower", [])
@@ -483,6 +459,8 @@ async def _run_and_check(
     assert report.figures["submits"].get("ok", 0) == TASKS, report.figures["submits"]
     assert pct(every, 0.99) <= 10.0, report.figures["stuck_after_fault_s"]
     assert max(every, default=0) <= 15.0, report.figures["stuck_after_fault_s"]
+    # An attempt whose create a kill left unknown moves on once the grace proved no prediction.
+    assert max(held, default=0) <= SUBMIT_UNKNOWN_GRACE_S + 5.0, held
     assert run.failover_s is not None
     assert run.failover_s <= 5.0, run.nemesis_log
     assert run.takeover_after_freeze_s is not None

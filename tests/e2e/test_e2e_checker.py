@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf import timestamp_pb2
+
 from conveyor.tasks.v1 import task_pb2
 from conveyor_devstack.demo_workload import DemoTask, limit_peaks, workload
 from conveyor_devstack.processes import metric_value, target_of
-from tests.e2e.checker import History, Limits, Report, TaskMeta, check, peak_slots
+from tests.e2e.checker import History, Limits, Report, TaskMeta, check, peak_slots, stuck_by_task
 
 S = task_pb2
 
@@ -191,3 +193,40 @@ def test_demo_workload_and_its_limit_summary() -> None:
     peaks = limit_peaks(events, [video])
     assert peaks["global"][0] == 2  # a video holds two slots
     assert peaks[f"tenant {video.tenant}"][0] == 2
+
+
+def test_stuck_after_a_fault_tells_an_unknown_create_held_for_its_grace() -> None:
+    def event(
+        kind: task_pb2.TaskEventType.ValueType,
+        status: task_pb2.TaskStatus.ValueType,
+        at: float,
+        code: str = "",
+    ) -> task_pb2.TaskEvent:
+        task = task_pb2.Task(status=status)
+        if code:
+            task.error.code = code
+        return task_pb2.TaskEvent(
+            type=kind, task=task, occurred_at=timestamp_pb2.Timestamp(seconds=int(at))
+        )
+
+    fault = 1_000.0
+    dispatched = event(S.TASK_EVENT_TYPE_DISPATCHED, S.TASK_STATUS_DISPATCHED, fault - 1)
+    watches = {
+        "ran": [dispatched, event(S.TASK_EVENT_TYPE_STARTED, S.TASK_STATUS_RUNNING, fault + 3)],
+        "held": [
+            dispatched,
+            event(
+                S.TASK_EVENT_TYPE_RETRY_SCHEDULED,
+                S.TASK_STATUS_QUEUED,
+                fault + 21,
+                "submit_unknown",
+            ),
+        ],
+        "failed_retry": [
+            dispatched,
+            event(S.TASK_EVENT_TYPE_RETRY_SCHEDULED, S.TASK_STATUS_QUEUED, fault + 12, "provider"),
+        ],
+        "queued_before": [event(S.TASK_EVENT_TYPE_SUBMITTED, S.TASK_STATUS_QUEUED, fault - 1)],
+    }
+    assert stuck_by_task(watches, fault) == {"ran": 3.0, "failed_retry": 12.0}
+    assert stuck_by_task(watches, fault, held=True) == {"held": 21.0}
