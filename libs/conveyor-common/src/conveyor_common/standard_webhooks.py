@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import os
@@ -91,8 +92,12 @@ class VerifiedWebhook:
     timestamp: int
 
 
+@functools.lru_cache(maxsize=256)
 def decode_secret(secret: str) -> bytes:
-    """Return the HMAC key of a ``whsec_<base64>`` secret (prefix optional). ValueError if invalid."""
+    """Return the HMAC key of a ``whsec_<base64>`` secret (prefix optional). ValueError if invalid.
+
+    Cached by the secret's text (a pure function of it): every signature and verification decoded
+    the same few secrets again."""
     raw = secret.strip()
     if raw.startswith(SECRET_PREFIX):
         raw = raw[len(SECRET_PREFIX) :]

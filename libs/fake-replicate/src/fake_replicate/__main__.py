@@ -3,7 +3,8 @@
 Prints one JSON line ``{"url": "http://127.0.0.1:PORT", "pid": N}`` on stdout once listening; logs go
 to stderr as JSON. Every FakeConfig field is a flag (``--create-500-rate 0.05``) and an env var
 (``FAKE_REPLICATE_CREATE_500_RATE``); list fields take JSON (``'["start"]'``) or comma-separated values.
-``--force-429-next N`` answers the next N creates with 429. SIGTERM/SIGINT stop it gracefully.
+``--force-429-next N`` answers the next N creates with 429. ``--event-loop uvloop|asyncio`` (uvloop by
+default). SIGTERM/SIGINT stop it gracefully.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -48,6 +49,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, F
     parser.add_argument("--port", type=int, default=int(os.environ.get(ENV_PREFIX + "PORT", "0")))
     parser.add_argument("--log-level", default=os.environ.get(ENV_PREFIX + "LOG_LEVEL", "INFO"))
     parser.add_argument("--force-429-next", type=int, default=0)
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default=os.environ.get(ENV_PREFIX + "EVENT_LOOP", "uvloop"),
+        help="uvloop (the default: the fake's CPU shares the machine it measures) or asyncio's own",
+    )
     for name, info in FakeConfig.model_fields.items():
         parser.add_argument(
             "--" + name.replace("_", "-"), dest=name, default=None, help=info.description
@@ -84,10 +91,20 @@ async def run(args: argparse.Namespace, config: FakeConfig) -> None:
         await fake.stop()
 
 
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """``uvloop``'s loop, or ``None`` for asyncio's own."""
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args, config = parse_args(argv)
     configure_logging("fake-replicate", args.log_level, stream=sys.stderr)
-    asyncio.run(run(args, config))
+    with asyncio.Runner(loop_factory=loop_factory(args.event_loop)) as runner:
+        runner.run(run(args, config))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import math
 import os
@@ -13,8 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
-
-import httpx
+from urllib.parse import parse_qsl, urlsplit
 
 from fake_replicate.config import EVENT_KINDS, FakeConfig, OutputKind
 from fake_replicate.files import OutputFile
@@ -76,7 +76,14 @@ def to_us(ts: float) -> int:
 def iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return (EPOCH + timedelta(microseconds=to_us(ts))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return _iso(to_us(ts))
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso(us: int) -> str:
+    """RFC 3339 in UTC with microseconds; cached, since a prediction's few timestamps are shown in
+    every answer and webhook about it (``strftime`` was ~4% of the fake's CPU, profiled)."""
+    return (EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def new_prediction_id() -> str:
@@ -288,8 +295,8 @@ def webhook_params(url: str | None) -> tuple[dict[str, str], str | None, int | s
     if not url:
         return {}, None, None
     try:
-        params = dict(httpx.URL(url).params.multi_items())
-    except (httpx.InvalidURL, ValueError, TypeError):
+        params = dict(parse_qsl(urlsplit(url).query, keep_blank_values=True))
+    except (ValueError, TypeError):
         return {}, None, None
     attempt_raw = params.get("attempt", params.get("a"))
     attempt: int | str | None = attempt_raw
