@@ -33,23 +33,11 @@ _FETCH_SQL = (
     " WHERE published_at IS NULL ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED"
 )
 _MARK_SQL = "UPDATE outbox SET published_at = %(now)s WHERE id = ANY(%(ids)s)"
-_PASS_SETTINGS_SQL = (
-    "SELECT set_config('enable_bitmapscan', 'off', true),"
-    " set_config('synchronous_commit', 'off', true)"
-)
-"""The pass's transaction settings (one statement, for this transaction only).
-
-``enable_bitmapscan = off``: the fetch walks ``ix_outbox_unpublished`` in id order. Every published
-row leaves a dead entry there until vacuum; a plain index scan marks them dead once and then skips
-them, while the bitmap scan the planner prefers for a few rows visits every one of them each pass
-(measured: 7,285 entries and 777 heap pages for 23 rows, 1.8 ms, between two autovacuums of a busy
-outbox).
-
-``synchronous_commit = off``: the pass writes nothing but the marks of rows it already published,
-so its commit need not wait for the WAL flush. A mark lost in a server crash (at most a few hundred
-milliseconds of them) means the rows go out again, which consumers dedupe on ``ce_id`` exactly as
-they do after a relay crash between publish and commit. The state changes and their outbox rows stay
-durable: the transactions that write them commit synchronously."""
+_INDEX_SCAN_SQL = "SET LOCAL enable_bitmapscan = off"
+"""The fetch walks ``ix_outbox_unpublished`` in id order. Every published row leaves a dead entry
+there until vacuum; a plain index scan marks them dead once and then skips them, while the bitmap
+scan the planner prefers for a few rows visits every one of them each pass (measured: 7,285
+entries and 777 heap pages for 23 rows, 1.8 ms, between two autovacuums of a busy outbox)."""
 
 
 class Publisher(Protocol):
@@ -135,7 +123,7 @@ class OutboxRelay:
         """
         async with self.engine.connect() as conn, pipelined(conn):
             driver: Any = (await conn.get_raw_connection()).driver_connection
-            await driver.execute(_PASS_SETTINGS_SQL)
+            await driver.execute(_INDEX_SCAN_SQL)
             rows = await (await driver.execute(_FETCH_SQL, {"n": self.batch})).fetchall()
             if not rows:
                 if self.metrics is not None:
