@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import text
 
 from conveyor_scheduler.app import SchedulerApp
+from conveyor_scheduler.dispatch.stalls import StallWatch
 from conveyor_testkit import scheduler as kit
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -169,14 +170,15 @@ async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(
 ) -> None:
     """PostgreSQL's idle timeouts are armed only at a Sync: a leader frozen after sending part of a
     pipelined transaction (or all of it, its COMMIT included, but not the Sync) keeps its session,
-    waiting on ``ClientRead``, and the lock. A follower's try ends such a session once it stalled a
-    lease, and takes the lock next."""
+    waiting on ``ClientRead``, and the lock. The stall watch ends such a session once it stalled
+    the lease (1 s here, the idle transaction bound too), and a follower takes the lock next."""
     from conveyor_scheduler.dispatch.leadership import Leader
 
     await kit.migrate(database_url)
     settings = kit.make_settings(database_url, leader_lease_seconds=1.0)
     frozen = Leader(settings, database_url, "frozen")
     follower = Leader(settings, database_url, "follower")
+    watch = StallWatch(database_url, settings, "follower")
     try:
         assert await frozen.try_acquire()
         conn = frozen.conn
@@ -186,18 +188,19 @@ async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(
         await pipeline.__aenter__()
         for statement in sent:
             await driver.execute(statement)  # sent; the Sync never is (the process froze)
-        assert not await follower.try_acquire()  # not stalled for a lease yet
+        assert not await follower.try_acquire()
+        assert await watch.check() == []  # not stalled for a lease yet
         await asyncio.sleep(1.3)  # past both idle timeouts of the lease: still alive
         assert await stalled_state(database_url, frozen.backend_pid) != "gone"
-        started = time.monotonic()
-        while not await follower.try_acquire():
-            assert time.monotonic() - started < 5.0, "the stalled leader was never ended"
-            await asyncio.sleep(0.2)
+        assert not await follower.try_acquire()
+        assert await watch.check() == [frozen.backend_pid]
+        assert await follower.try_acquire()
         assert follower.is_leader
         with pytest.raises(psycopg.OperationalError):  # resumed, the zombie finds no session
             await pipeline.__aexit__(None, None, None)
     finally:
         frozen.conn = None  # its session was ended; nothing to release
+        await watch.close()
         await follower.dispose()
         await frozen.dispose()
 

@@ -39,6 +39,7 @@ from conveyor_scheduler.client_webhooks.secrets import reseal_secrets
 from conveyor_scheduler.core import SchedulerCore
 from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.loops import LeaderLoops
+from conveyor_scheduler.dispatch.stalls import StallWatch
 from conveyor_scheduler.dispatch.wakeups import Wakeups, WorkAnnouncer, WorkListener
 from conveyor_scheduler.groups.service import binding as groups_binding
 from conveyor_scheduler.metrics import SchedulerMetrics
@@ -85,8 +86,9 @@ class SchedulerApp:
         self.listener = WorkListener(url, self.wakeups)
         self.core = SchedulerCore(self.engine, s, wakeups=self.wakeups, metrics=self.metrics)
         self.leader = Leader(s, url, self.instance)
+        self.stalls = StallWatch(url, s, self.instance)
         self.loops = LeaderLoops(
-            s, self.core.policy, self.engine, self.leader, self.wakeups, self.metrics
+            s, self.core.policy, self.engine, self.leader, self.wakeups, self.metrics, self.stalls
         )
         self.groups_binding, self.groups = groups_binding(self.core, self.registry)
         self.producer: EventProducer | None = None
@@ -231,6 +233,7 @@ class SchedulerApp:
 
     async def dispose(self) -> None:
         """Close the engines."""
+        await self.stalls.close()
         await self.leader.dispose()
         await self.engine.dispose()
 

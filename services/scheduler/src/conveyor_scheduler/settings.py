@@ -138,6 +138,12 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     """PostgreSQL aborts a scheduler transaction left idle this long between statements (a frozen
     or stalled replica): its row locks stop blocking the other replicas' submits and it commits
     nothing late. Our transactions send their statements back to back."""
+    lock_stall_seconds: float = Field(default=0.5, ge=0.05, le=60)
+    """A scheduler transaction that another session waits on (a row lock), itself waiting on its
+    client this long mid-transaction (a frozen or stalled replica), is ended: a frozen replica holds
+    a live replica's submits and dispatches about this long at most."""
+    stall_check_seconds: float = Field(default=0.25, gt=0, le=10)
+    """How often every replica looks for scheduler sessions stalled on their client."""
     dispatch_poll_seconds: float = Field(default=1.0, gt=0)
     """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
     dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)

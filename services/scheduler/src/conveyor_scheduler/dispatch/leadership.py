@@ -13,15 +13,13 @@ long GC pause, a VM stall) or cut off keeps its TCP session but goes silent, so 
 session, the lock is free and a follower takes over within the lease plus one retry. Writes the
 leader makes on other connections (the sweeps) are fenced the same way: they check in their own
 transaction that the lock is still held by the leader's backend (``fence_any``), and every scheduler
-transaction idle for a lease is aborted by the server, so a zombie that resumes commits nothing.
+transaction left idle (``idle_transaction_seconds``) is aborted by the server, so a zombie that
+resumes commits nothing.
 
-Those server timeouts do not always fire. They are armed only at a protocol synchronization point,
-so a replica frozen in the middle of a pipelined transaction (its statements sent, the Sync not
-yet) leaves its session ``active``, waiting on ``ClientRead``, forever; and a chaos run's leader,
-frozen right after its pipelined COMMIT, sat ``idle`` on ``ClientRead`` for the whole 21 s freeze
-with its lock, its ``idle_session_timeout`` firing only after the SIGCONT. So a follower that fails
-to take the lock, and the leader's maintenance, end every scheduler session stalled for a lease
-(:func:`end_stalled_sessions`); the lock is then free for the next try.
+Those server timeouts are armed only at a protocol synchronization point: a leader frozen in the
+middle of a pipelined transaction, or right after its pipelined COMMIT, keeps its session and the
+lock for as long as it is frozen. Every replica's stall watch (:mod:`.stalls`) ends such a session
+after a lease; the lock is then free for a follower's next try.
 """
 
 from __future__ import annotations
@@ -42,35 +40,6 @@ _HOLDS_LOCK_SQL = text(
     "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
     " AND pid = pg_backend_pid() AND objsubid = 1 AND classid = :hi AND objid = :lo)"
 )
-
-
-_STALLED_SQL = text(
-    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
-    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    " AND application_name LIKE 'conveyor-scheduler%'"
-    " AND (state <> 'idle' OR application_name LIKE 'conveyor-scheduler-leader:%')"
-    " AND wait_event_type = 'Client' AND wait_event IN ('ClientRead', 'ClientWrite')"
-    " AND state_change < now() - make_interval(secs => :seconds)"
-)
-"""Scheduler sessions waiting on their client since at least ``seconds``: inside a statement
-cycle (the next message of a pipeline, or room to send results), or a lock session of the leader
-engine in any state (a live leader touches its session every third of the lease; one frozen right
-after a pipelined COMMIT shows ``idle`` with no timeout armed). An idle pool connection is never
-ended: idling in the pool is normal."""
-
-
-async def end_stalled_sessions(conn: AsyncConnection, seconds: float) -> list[int]:
-    """End the scheduler sessions stalled mid-protocol for ``seconds`` (see the module docstring);
-    returns their backend pids (committed on ``conn``)."""
-    rows = (await conn.execute(_STALLED_SQL, {"seconds": seconds})).all()
-    await conn.commit()
-    ended = [int(pid) for pid, ok in rows if ok]
-    if ended:
-        logger.warning(
-            "ended scheduler sessions stalled mid-transaction",
-            extra={"action": "stalled_sessions_ended", "pids": ended, "seconds": seconds},
-        )
-    return ended
 
 
 _PID_HOLDS_LOCK_SQL = text(
@@ -157,13 +126,6 @@ class Leader:
                 raise
         if not got:
             self._standby = conn
-            # A holder frozen mid-pipeline escapes the lease's timeouts: end it (the next try wins).
-            try:
-                await end_stalled_sessions(conn, self.settings.leader_lease_seconds)
-            except Exception:
-                logger.warning(
-                    "stalled session check failed", extra={"action": "stalled_check_failed"}
-                )
             return False
         self.conn = conn
         self.backend_pid = pid

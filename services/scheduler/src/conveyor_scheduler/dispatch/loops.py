@@ -1,5 +1,6 @@
 """The leader's loops: election, the event-driven dispatch loop with its polling backstop, and the
-sweeps (fast: expiry and dispatch rescue; slow: gauges, retention, counter reconcile).
+sweeps (fast: expiry and dispatch rescue; slow: gauges, retention, counter reconcile); and on
+every replica the stall watch (:mod:`.stalls`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from conveyor_scheduler.clock import utcnow
 from conveyor_scheduler.dispatch.cycle import Dispatcher
-from conveyor_scheduler.dispatch.leadership import Leader, end_stalled_sessions
+from conveyor_scheduler.dispatch.leadership import Leader
 from conveyor_scheduler.dispatch.policy import Policy
+from conveyor_scheduler.dispatch.stalls import StallWatch
 from conveyor_scheduler.dispatch.wakeups import Wakeups
 from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
@@ -36,8 +38,10 @@ class LeaderLoops:
         leader: Leader,
         wakeups: Wakeups,
         metrics: SchedulerMetrics | None = None,
+        stalls: StallWatch | None = None,
     ) -> None:
         self.settings = settings
+        self.stalls = stalls
         self.policy = policy
         self.engine = engine
         self.leader = leader
@@ -54,6 +58,10 @@ class LeaderLoops:
             asyncio.create_task(self._dispatch_loop(), name="dispatch-loop"),
             asyncio.create_task(self._sweep_loop(), name="sweep-loop"),
         ]
+        if self.stalls is not None:
+            self._tasks.append(
+                asyncio.create_task(self.stalls.run(self._stopping), name="stall-watch")
+            )
 
     async def stop(self) -> None:
         """Stop the loops and release the lock."""
@@ -186,5 +194,3 @@ class LeaderLoops:
         await maintenance.refresh_gauges(self.engine, self.policy, self.metrics)
         await maintenance.retention(self.engine, self.settings)
         await maintenance.maybe_reconcile(self.engine, self.settings)
-        async with self.engine.connect() as conn:  # a frozen replica's row locks held mid-pipeline
-            await end_stalled_sessions(conn, self.settings.leader_lease_seconds)
