@@ -191,7 +191,7 @@ async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(
         assert not await follower.try_acquire()
         assert await watch.check() == []  # not stalled for a lease yet
         await asyncio.sleep(1.3)  # past both idle timeouts of the lease: still alive
-        assert await stalled_state(database_url, frozen.backend_pid) != "gone"
+        assert await kit.session_state(database_url, frozen.backend_pid) != "gone"
         assert not await follower.try_acquire()
         assert await watch.check() == [frozen.backend_pid]
         assert await follower.try_acquire()
@@ -203,18 +203,6 @@ async def test_a_leader_frozen_mid_pipeline_is_ended_and_replaced(
         await watch.close()
         await follower.dispose()
         await frozen.dispose()
-
-
-async def stalled_state(database_url: str, pid: int | None) -> str:
-    conn = await psycopg.AsyncConnection.connect(
-        database_url.replace("+psycopg", ""), autocommit=True
-    )
-    try:
-        cursor = await conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
-        row = await cursor.fetchone()
-        return str(row[0]) if row else "gone"
-    finally:
-        await conn.close()
 
 
 async def test_a_live_idle_leader_is_not_ended(database_url: str) -> None:

@@ -38,17 +38,6 @@ async def _freeze_holding_tenant(database_url: str, tenant: str) -> tuple[Any, A
     return conn, pipeline, pid
 
 
-async def _state(database_url: str, pid: int) -> str:
-    conn = await _connect(database_url, "test-observer")
-    try:
-        await conn.set_autocommit(True)
-        cur = await conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
-        row = await cur.fetchone()
-        return str(row[0]) if row else "gone"
-    finally:
-        await conn.close()
-
-
 async def _dispatched(app: SchedulerApp) -> bool:
     async with app.engine.connect() as conn:
         q = "SELECT count(*) FROM tasks WHERE dispatch_emitted_at IS NULL"
@@ -91,10 +80,10 @@ async def test_a_frozen_lock_holder_is_ended_soon_after_a_submit_waits_on_it(
     conn, pipeline, pid = await _freeze_holding_tenant(database_url, "t")
     try:
         await asyncio.sleep(1.0)
-        assert await _state(database_url, pid) != "gone"
+        assert await kit.session_state(database_url, pid) != "gone"
         waited = await _timed_submit(replica, "t")
         assert waited <= 0.6, waited
-        assert await _state(database_url, pid) == "gone"
+        assert await kit.session_state(database_url, pid) == "gone"
         with pytest.raises(psycopg.OperationalError):  # resumed, the zombie finds no session
             await pipeline.__aexit__(None, None, None)
     finally:
@@ -105,7 +94,7 @@ async def test_a_frozen_lock_holder_is_ended_soon_after_a_submit_waits_on_it(
         waited = await _timed_submit(replica, "t")
         print(f"\nsubmit behind a just-frozen lock holder: {waited:.3f} s")
         assert 0.4 <= waited <= 1.2, waited
-        assert await _state(database_url, pid) == "gone"
+        assert await kit.session_state(database_url, pid) == "gone"
     finally:
         await conn.close()
 
@@ -138,7 +127,9 @@ async def test_a_frozen_transaction_nobody_waits_on_is_ended_after_the_idle_boun
         await live.execute("SELECT 1")
         assert await watch.check() == [pid]  # 1.2 s; the live one is kept
         await live.execute("SELECT 1")
-        assert await _state(database_url, idle.info.backend_pid) == "idle"  # in the pool: kept
+        assert (
+            await kit.session_state(database_url, idle.info.backend_pid) == "idle"
+        )  # in the pool: kept
         with pytest.raises(psycopg.OperationalError):
             await pipeline.__aexit__(None, None, None)
         # The watch's own session ended (a database restart): that check fails, the next one

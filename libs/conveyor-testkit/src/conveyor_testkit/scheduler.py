@@ -9,6 +9,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from google.protobuf import struct_pb2
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -246,3 +247,16 @@ async def check_invariants(engine: AsyncEngine, policy: Policy) -> dict[str, int
     assert shards == queued, f"global waiting {shards} != queued {queued}"
     assert not inexact_groups, f"group counters differ from their children: {inexact_groups}"
     return maxima
+
+
+async def session_state(database_url: str, pid: int | None) -> str:
+    """A backend's ``pg_stat_activity.state``, or ``gone`` when its session has ended."""
+    conn = await psycopg.AsyncConnection.connect(
+        database_url.replace("+psycopg", ""), autocommit=True
+    )
+    try:
+        cursor = await conn.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", (pid,))
+        row = await cursor.fetchone()
+        return str(row[0]) if row else "gone"
+    finally:
+        await conn.close()
