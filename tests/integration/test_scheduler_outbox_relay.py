@@ -45,13 +45,15 @@ def add_rows(conn: psycopg.Connection[Any], n: int) -> None:
         )
 
 
-async def test_relay_publishes_in_id_order_marks_rows_and_keeps_an_index_scan(
-    database_url: str,
+@pytest.mark.parametrize("keep", [False, True], ids=["deletes", "marks"])
+async def test_relay_publishes_in_id_order_retires_rows_and_keeps_an_index_scan(
+    database_url: str, keep: bool
 ) -> None:
+    """Published rows are deleted in the pass, or marked when a retention keeps them."""
     await kit.migrate(database_url)
     engine = create_engine(database_url, pool_size=2)
     out = Collect()
-    r = relay.OutboxRelay(engine, out, leader=Any, wakeups=Any, batch=200)  # type: ignore[arg-type]
+    r = relay.OutboxRelay(engine, out, leader=Any, wakeups=Any, batch=200, keep_published=keep)  # type: ignore[arg-type]
     try:
         with psycopg.connect(to_libpq_url(database_url), autocommit=True) as conn:
             conn.execute("DELETE FROM outbox")
@@ -67,6 +69,8 @@ async def test_relay_publishes_in_id_order_marks_rows_and_keeps_an_index_scan(
             assert dict(headers)["ce_subject"] == b"task-7"
             unpublished = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
             assert unpublished.fetchone() == (0,)
+            kept = conn.execute("SELECT count(*) FROM outbox WHERE published_at IS NOT NULL")
+            assert kept.fetchone() == ((3000 if keep else 0),)
 
             # A failed publish rolls the pass back: nothing is marked, the next pass sends it.
             add_rows(conn, 5)

@@ -113,6 +113,7 @@ class SchedulerApp:
                 self.wakeups,
                 batch=s.outbox_batch,
                 poll_seconds=s.outbox_poll_seconds,
+                keep_published=s.outbox_retention_seconds > 0,
                 metrics=self.metrics,
             )
             self.consumer = EventConsumer(

@@ -168,8 +168,9 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     """Outbox rows published per relay transaction."""
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     """Polling backstop of the outbox relay."""
-    outbox_retention_seconds: float = Field(default=3600.0, ge=0)
-    """Published outbox rows are kept this long (debugging), then deleted."""
+    outbox_retention_seconds: float = Field(default=0.0, ge=0)
+    """Published outbox rows are kept this long (marked, then deleted by the sweep: debugging); 0
+    deletes them as they are published (cheaper: the events stay in task_events and Kafka)."""
     inbox_retention_seconds: float = Field(default=7 * 86_400.0, ge=60)
     """Processed result ids are kept this long (longer than any redelivery horizon)."""
     maintenance_seconds: float = Field(default=1.0, gt=0)

@@ -5,7 +5,8 @@ because each is written under the task's row lock after the previous one committ
 ``SELECT ... WHERE published_at IS NULL ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`` (an index
 scan), publish the batch pipelined through the idempotent producer with the stored CloudEvents
 headers (``ce_id`` = the row's event_id, so a republished row is the same event for consumers), then
-mark the rows published in the same transaction. A crash between publish and commit republishes: consumers dedupe on ``ce_id``.
+mark the rows published (or delete them: no ``SCHEDULER_OUTBOX_RETENTION_SECONDS``) in the same
+transaction. A crash between publish and commit republishes: consumers dedupe on ``ce_id``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ _FETCH_SQL = (
     " WHERE published_at IS NULL ORDER BY id LIMIT %(n)s FOR UPDATE SKIP LOCKED"
 )
 _MARK_SQL = "UPDATE outbox SET published_at = %(now)s WHERE id = ANY(%(ids)s)"
+_DELETE_SQL = "DELETE FROM outbox WHERE id = ANY(%(ids)s)"
+"""Without a retention, published rows are deleted in the pass: a delete writes no new row version
+and no index entries (a mark copies the row, payload included, and adds three), and the retention
+sweep has nothing to delete later. The events stay in ``task_events`` and in Kafka."""
 _INDEX_SCAN_SQL = "SET LOCAL enable_bitmapscan = off"
 """The fetch walks ``ix_outbox_unpublished`` in id order. Every published row leaves a dead entry
 there until vacuum; a plain index scan marks them dead once and then skips them, while the bitmap
@@ -74,6 +79,7 @@ class OutboxRelay:
         *,
         batch: int = 500,
         poll_seconds: float = 1.0,
+        keep_published: bool = False,
         metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.engine = engine
@@ -82,6 +88,7 @@ class OutboxRelay:
         self.wakeups = wakeups
         self.batch = batch
         self.poll_seconds = poll_seconds
+        self.keep_published = keep_published
         self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
 
@@ -144,7 +151,11 @@ class OutboxRelay:
                     for _, event_id, topic, key, ce_type, payload, headers, _ in rows
                 ]
             )
-            await driver.execute(_MARK_SQL, {"now": utcnow(), "ids": [r[0] for r in rows]})
+            ids = [r[0] for r in rows]
+            if self.keep_published:
+                await driver.execute(_MARK_SQL, {"now": utcnow(), "ids": ids})
+            else:
+                await driver.execute(_DELETE_SQL, {"ids": ids})
         if self.metrics is not None:
             self.metrics.outbox_published.inc(len(rows))
         return len(rows)
