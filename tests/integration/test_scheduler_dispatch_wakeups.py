@@ -157,22 +157,28 @@ def test_notify_payload_names_what_changed() -> None:
     assert payload_of(new_work=True, frees=True) == "work+slots+window"
     assert payload_of(new_work=False, frees=False, relay_only=True) == "outbox"
     assert payload_of(new_work=True, frees=False, relay_only=True) == "work"
+    assert payload_of(new_work=False, frees=False, window=True, outbox=False) == "window+nooutbox"
+    assert payload_of(new_work=False, frees=True, outbox=False) == "slots+window+nooutbox"
+    assert payload_of(new_work=False, frees=False, outbox=False) == "work+slots+window"
 
 
 @pytest.mark.parametrize(
-    ("payload", "stale", "slots", "window"),
+    ("payload", "stale", "slots", "window", "relay"),
     [
-        ("work", True, False, False),
-        ("slots", False, True, False),
-        ("window", False, False, True),
-        ("work+slots", True, True, False),
-        ("slot", False, True, True),  # an older replica's freed capacity
-        ("work+slot", True, True, True),
-        ("something+new", True, True, True),  # unknown: everything
+        ("work", True, False, False, True),
+        ("slots", False, True, False, True),
+        ("window", False, False, True, True),  # an older replica's begin: the relay too
+        ("window+nooutbox", False, False, True, False),
+        ("slots+window+nooutbox", False, True, True, False),
+        ("work+slots", True, True, False, True),
+        ("slot", False, True, True, True),  # an older replica's freed capacity
+        ("work+slot", True, True, True, True),
+        ("something+new", True, True, True, True),  # unknown: everything
+        ("window+nooutbox+new", True, True, True, True),  # unknown: everything, the relay too
     ],
 )
 def test_a_notify_sets_what_its_payload_names(
-    payload: str, stale: bool, slots: bool, window: bool
+    payload: str, stale: bool, slots: bool, window: bool, relay: bool
 ) -> None:
     from conveyor_scheduler.dispatch.wakeups import Wakeups
 
@@ -181,6 +187,7 @@ def test_a_notify_sets_what_its_payload_names(
     w.notified(payload)
     assert (w.candidates_stale, w.capacity_changed, w.window_changed) == (stale, slots, window)
     assert w.dispatch.is_set()
+    assert w.relay.is_set() == relay
 
 
 async def test_a_relay_notify_wakes_only_the_leaders_relay(database_url: str) -> None:
@@ -235,7 +242,8 @@ async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
 ) -> None:
     """After a quiet period a submit poke on a non-leader is announced at once; the rest of a burst
     makes ONE more 'work' NOTIFY after the work window; a freed slot is announced within the short
-    window, ahead of it."""
+    window, ahead of it; a NOTIFY says 'nooutbox' only when none of the commits it announces wrote
+    outbox rows."""
     import psycopg
 
     from conveyor_scheduler.dispatch.wakeups import CHANNEL, WorkAnnouncer
@@ -297,6 +305,17 @@ async def test_work_announcer_announces_new_work_at_once_then_coalesces_a_burst(
         announcer.request(new_work=False, frees=False, relay_only=True)
         await next_notify()
         assert [p for _, p in got] == ["work", "outbox"]
+        # Window room from commits that wrote no outbox rows (BeginSubmit): the relay stays
+        # asleep, unless a request merged into the same NOTIFY wrote some.
+        await asyncio.sleep(0.01)
+        announcer.request(new_work=False, frees=False, window=True, outbox=False)
+        await next_notify()
+        assert got[-1][1] == "window+nooutbox"
+        await asyncio.sleep(0.01)
+        announcer.request(new_work=True, frees=False)  # pending in the work window...
+        announcer.request(new_work=False, frees=False, window=True, outbox=False)
+        await next_notify()
+        assert got[-1][1] == "work+window"  # ...the submit wrote its event: the relay wakes
         collector.cancel()
     finally:
         await announcer.stop()

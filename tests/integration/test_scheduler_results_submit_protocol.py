@@ -120,10 +120,12 @@ async def test_a_followers_hot_writes_carry_their_notify_in_their_own_transactio
 ) -> None:
     """On a non-leader, BeginSubmit, CompleteSubmit and applied results send their NOTIFY inside
     their transaction (delivered with the commit; no NOTIFY of the announcer after it): a begin
-    that takes a command out of the window says 'window', CompleteSubmit and a non-freeing result
+    that takes a command out of the window says 'window+nooutbox' (it wrote no event: the leader's
+    relay stays asleep), CompleteSubmit and a non-freeing result
     (STARTED, PROGRESS) say 'outbox' (the leader's relay only), a terminal result says 'slots'
     (the task had left the dispatch window). A result that changes nothing sends nothing, and on
-    the leader's replica nothing is sent: its loops are woken in process."""
+    the leader's replica nothing is sent: its loops are woken in process, the relay only for a
+    commit that wrote events."""
     env = await make_env(lead=True)
     [(row, _)] = await env.core.submit("a", 1, [kit.item()])
     await env.dispatch()
@@ -141,7 +143,7 @@ async def test_a_followers_hot_writes_carry_their_notify_in_their_own_transactio
         env.core.wakeups.announcer = requests  # type: ignore[assignment]
         env.core.wakeups.relay.clear()
         assert (await env.core.begin_submit(tid, 1))[0] == 1
-        assert await notified() == ["window"]
+        assert await notified() == ["window+nooutbox"]
         assert await env.core.complete_submit(tid, 1, "pred-1")
         assert await notified() == ["outbox"]
         await env.core.apply_results([kit.result(row["id"], 1, "progress", percent=40)])
@@ -157,7 +159,10 @@ async def test_a_followers_hot_writes_carry_their_notify_in_their_own_transactio
         [(row2, _)] = await env.core.submit("a", 1, [kit.item("second")])
         await env.dispatch()
         env.core.wakeups.relay.clear()
+        env.core.wakeups.dispatch.clear()
         assert (await env.core.begin_submit(str(row2["id"]), 1))[0] == 1
+        assert env.core.wakeups.dispatch.is_set()  # window room
+        assert not env.core.wakeups.relay.is_set()  # nothing to publish
         assert await env.core.complete_submit(str(row2["id"]), 1, "pred-2")
         assert await notified() == []
         assert env.core.wakeups.relay.is_set()
@@ -215,7 +220,7 @@ async def test_a_followers_lone_submit_carries_its_notify_in_its_group_commit(
         env.core.wakeups.announcer = busy  # type: ignore[assignment]
         await env.core.submit_one("a", 1, kit.item("in-a-burst"))
         assert await notified() == []  # left to the announcer's coalesced NOTIFY
-        assert busy.got == [{"new_work": True, "frees": False, "window": False}]
+        assert busy.got == [{"new_work": True, "frees": False, "window": False, "outbox": True}]
         assert busy.carried_notifies == 0
     finally:
         await listen.close()

@@ -89,6 +89,8 @@ class Wake(NamedTuple):
     frees: bool
     window: bool
     relay_only: bool
+    outbox: bool = True
+    """The commit wrote outbox rows (the relay has something to publish)."""
 
 
 RELAY_ONLY = Wake(new_work=False, frees=False, window=False, relay_only=True)
@@ -104,7 +106,8 @@ def _wake_of(changes: Changes | None, frees: bool = True) -> Wake:
     if changes is not None:
         frees = frees and bool(changes.free_slots)
         window = frees and changes.frees_window
-    return Wake(new_work=new_work, frees=frees, window=window, relay_only=False)
+    outbox = changes is None or bool(changes.outbox)
+    return Wake(new_work=new_work, frees=frees, window=window, relay_only=False, outbox=outbox)
 
 
 class SchedulerCore:
@@ -152,7 +155,11 @@ class SchedulerCore:
             self.wakeups.poke_relay(announced=announced)
         else:
             self.wakeups.poke(
-                new_work=wake.new_work, frees=wake.frees, window=wake.window, announced=announced
+                new_work=wake.new_work,
+                frees=wake.frees,
+                window=wake.window,
+                outbox=wake.outbox,
+                announced=announced,
             )
 
     def _count(self, changes: Changes | None) -> None:
@@ -356,8 +363,15 @@ class SchedulerCore:
             if changes.free_slots:
                 wake = _wake_of(changes)
             elif self.settings.dispatch_window and any(o.decision == PROCEED for o in outcomes):
-                # Commands left the dispatch window; no slot was freed.
-                wake = Wake(new_work=False, frees=False, window=True, relay_only=False)
+                # Commands left the dispatch window; no slot was freed (and, as a rule, no event
+                # was written: the relay is not woken for nothing).
+                wake = Wake(
+                    new_work=False,
+                    frees=False,
+                    window=True,
+                    relay_only=False,
+                    outbox=bool(changes.outbox),
+                )
             announced = await self._announce_within(conn, wake)
         self._woken(wake, announced=announced)
         self._count(changes)

@@ -52,10 +52,11 @@ class Wakeups:
         self.window_changed = True
         """Set when the dispatch window may have room again (commands taken up by an adapter)."""
 
-    def wake_local(self) -> None:
-        """Wake this replica's leader loops."""
+    def wake_local(self, *, relay: bool = True) -> None:
+        """Wake this replica's leader loops (the relay unless ``relay`` is False: no outbox rows)."""
         self.dispatch.set()
-        self.relay.set()
+        if relay:
+            self.relay.set()
 
     def poke(
         self,
@@ -63,6 +64,7 @@ class Wakeups:
         new_work: bool = True,
         frees: bool = True,
         window: bool | None = None,
+        outbox: bool = True,
         announced: bool = False,
     ) -> None:
         """Something changed: wake the leader, wherever it runs.
@@ -72,8 +74,9 @@ class Wakeups:
         ``window`` says the dispatch window may have room (commands taken up, or ended before an
         adapter took them; by default whenever ``frees``). A plain submit is new work only: a
         leader whose global limit is full need not run a cycle for it; a finished running task
-        frees a slot but no window room. ``announced``: the committed transaction carried the
-        NOTIFY (:meth:`to_announce`), so none is sent after it.
+        frees a slot but no window room. ``outbox``: the commit wrote outbox rows; without them
+        (a BeginSubmit) the relay is not woken, so it runs no empty pass. ``announced``: the
+        committed transaction carried the NOTIFY (:meth:`to_announce`), so none is sent after it.
         """
         window = frees if window is None else window
         if new_work:
@@ -83,9 +86,9 @@ class Wakeups:
         if window:
             self.window_changed = True
         if self.local_leader:
-            self.wake_local()
+            self.wake_local(relay=outbox)
         elif self.announcer is not None and not announced:
-            self.announcer.request(new_work=new_work, frees=frees, window=window)
+            self.announcer.request(new_work=new_work, frees=frees, window=window, outbox=outbox)
 
     def poke_relay(self, *, announced: bool = False) -> None:
         """New outbox rows and nothing for the dispatcher (a STARTED or PROGRESS event): wake only
@@ -96,14 +99,22 @@ class Wakeups:
             self.announcer.request(new_work=False, frees=False, relay_only=True)
 
     def to_announce(
-        self, *, new_work: bool, frees: bool, window: bool, relay_only: bool = False
+        self,
+        *,
+        new_work: bool,
+        frees: bool,
+        window: bool,
+        relay_only: bool = False,
+        outbox: bool = True,
     ) -> str | None:
         """The NOTIFY payload a transaction about to commit should carry (:func:`notify_within`):
         None on the leader's replica (its loops are woken in process after the commit) and on a
         replica without an announcer (tests)."""
         if self.local_leader or self.announcer is None:
             return None
-        return payload_of(new_work=new_work, frees=frees, window=window, relay_only=relay_only)
+        return payload_of(
+            new_work=new_work, frees=frees, window=window, relay_only=relay_only, outbox=outbox
+        )
 
     def work_to_announce(self) -> str | None:
         """The NOTIFY payload a submit transaction about to commit should carry: only on a follower
@@ -129,24 +140,37 @@ class Wakeups:
             self.capacity_changed = True
         if "window" in tokens:
             self.window_changed = True
-        self.wake_local()
+        self.wake_local(relay=NO_OUTBOX not in tokens)
 
 
-_TOKENS = frozenset({"work", "slot", "slots", "window"})
+NO_OUTBOX = "nooutbox"
+"""The token of a payload whose commit wrote no outbox rows: the relay is not woken."""
+_TOKENS = frozenset({"work", "slot", "slots", "window", NO_OUTBOX})
 
 
 def payload_of(
-    *, new_work: bool, frees: bool, window: bool | None = None, relay_only: bool = False
+    *,
+    new_work: bool,
+    frees: bool,
+    window: bool | None = None,
+    relay_only: bool = False,
+    outbox: bool = True,
 ) -> str:
     """The NOTIFY payload: ``outbox`` (only new outbox rows), else the ``+``-joined changes among
     ``work`` (queued tasks may have appeared), ``slots`` (capacity may have grown) and ``window``
-    (the dispatch window may have room; by default with ``slots``). A listener treats anything it
-    does not know as every change, and ``slot`` (older replicas) as ``slots+window``."""
+    (the dispatch window may have room; by default with ``slots``), with ``nooutbox`` when the
+    commits it announces wrote no outbox rows (``outbox`` False; the relay stays asleep). A
+    listener treats anything it does not know as every change (an older replica wakes its relay
+    too), and ``slot`` (older replicas) as ``slots+window``."""
     window = frees if window is None else window
     if relay_only and not (new_work or frees or window):
         return "outbox"
     tokens = [name for name, on in (("work", new_work), ("slots", frees), ("window", window)) if on]
-    return "+".join(tokens) or "work+slots+window"
+    if not tokens:
+        return "work+slots+window"
+    if not outbox and not relay_only:
+        tokens.append(NO_OUTBOX)
+    return "+".join(tokens)
 
 
 async def notify_within(conn: AsyncConnection, payload: str) -> None:
@@ -173,6 +197,8 @@ class WorkAnnouncer:
         self._window = False
         self._relay_only = True
         """Every request since the last NOTIFY was relay-only (``poke_relay``)."""
+        self._outbox = False
+        """A request since the last NOTIFY came from a commit that wrote outbox rows."""
         self._task: asyncio.Task[None] | None = None
         self._last_sent = -math.inf
 
@@ -183,9 +209,11 @@ class WorkAnnouncer:
         frees: bool = True,
         window: bool | None = None,
         relay_only: bool = False,
+        outbox: bool = True,
     ) -> None:
         """Ask for one NOTIFY soon (freed capacity or new outbox rows: within ``coalesce``)."""
         window = frees if window is None else window
+        self._outbox = self._outbox or outbox or relay_only
         self._new_work = self._new_work or new_work
         self._frees = self._frees or frees
         self._window = self._window or window
@@ -241,8 +269,9 @@ class WorkAnnouncer:
                 frees=self._frees,
                 window=self._window,
                 relay_only=self._relay_only,
+                outbox=self._outbox,
             )
-            self._new_work = self._frees = self._window = False
+            self._new_work = self._frees = self._window = self._outbox = False
             self._relay_only = True
             try:
                 async with self.engine.begin() as conn:
