@@ -413,16 +413,15 @@ async def test_a_cycle_after_a_submit_reads_its_candidates_in_the_capacity_round
     read, the speculative read used the wrong filter: the cycle probes as before and dispatches the
     same."""
     from conveyor_scheduler.dispatch import cycle as cycle_module
-    from conveyor_scheduler.store.bulk import raw_execute as real
+    from conveyor_scheduler.dispatch.candidates import read_candidates as real
 
     probes: list[Any] = []
 
-    async def counting(conn: Any, statement: Any, params: dict[str, Any], **kw: Any) -> Any:
-        if statement is CANDIDATES_SQL:
-            probes.append(params["tenants"])
-        return await real(conn, statement, params, **kw)
+    async def counting(conn: Any, tenants: list[str], *args: Any) -> Any:
+        probes.append(tenants)
+        return await real(conn, tenants, *args)
 
-    monkeypatch.setattr(cycle_module, "raw_execute", counting)
+    monkeypatch.setattr(cycle_module, "read_candidates", counting)
     env = await make_env(lead=True, global_concurrency=10, candidate_cache_seconds=60.0)
     for i in range(3):
         [(row, _)] = await env.core.submit(f"t{i}", 1, [kit.item(prompt=f"s{i}")])
@@ -436,4 +435,45 @@ async def test_a_cycle_after_a_submit_reads_its_candidates_in_the_capacity_round
     assert probes == [["t9"]]
     dispatched = await env.rows("SELECT model FROM tasks WHERE tenant_id = 't9' AND status = 2")
     assert [r.model for r in dispatched] == ["acme/ok"]
+    await env.check()
+
+
+async def test_a_cycle_plans_its_small_reads_once_and_its_candidate_reads_each_time(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """The session plans every execution anew (custom plans, store/db.py) because the LATERAL
+    candidate reads need it; the cycle's other parameterized statements (the fence, the controls,
+    the earliest backoff, the dispatch UPDATE) take a generic plan once prepared instead of a
+    custom plan at every cycle, which cost PostgreSQL more than running them."""
+    env = await make_env(lead=True, global_concurrency=20, candidate_cache_seconds=60.0)
+    for i in range(10):  # psycopg prepares a statement at its sixth execution
+        await env.core.submit(f"t{i}", 1, [kit.item(prompt=f"p{i}")])
+        assert env.dispatcher.wakeups.candidates_stale  # the capacity trip reads the candidates
+        assert await env.dispatch() == 1
+    conn = env.leader.conn
+    assert conn is not None
+    plans = {
+        " ".join(r[0].split()): (r[1], r[2])
+        for r in await conn.execute(
+            text("SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements")
+        )
+    }
+    await conn.rollback()
+
+    def counts(fragment: str) -> tuple[int, int]:
+        [found] = [v for s, v in plans.items() if fragment in s]
+        return found
+
+    for fragment in (
+        "FROM pg_locks",
+        "FROM provider_controls",
+        "SELECT min(not_before) FROM tasks",
+        "UPDATE tasks SET status = 2",
+    ):
+        generic, custom = counts(fragment)
+        assert generic >= 4, fragment
+        assert custom == 0, fragment
+    generic, custom = counts("LEFT JOIN LATERAL")  # the speculative candidate read
+    assert generic == 0
+    assert custom >= 4
     await env.check()

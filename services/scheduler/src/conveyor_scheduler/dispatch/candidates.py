@@ -20,8 +20,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
-from conveyor_scheduler.dispatch.statements import TOP_QUEUED
+from conveyor_scheduler.dispatch.statements import CANDIDATES_SQL, TOP_QUEUED
+from conveyor_scheduler.store.bulk import pipeline_within, plans_within, raw_cursor
 
 SPECULATIVE_CANDIDATES_SQL = text(
     """
@@ -120,3 +122,27 @@ def speculative_params(
         "blocked_models": sorted(blocked_models),
         "blocked_kinds": sorted(blocked_kinds),
     }
+
+
+async def read_candidates(
+    conn: AsyncConnection, tenants: list[str], ks: list[int], now: datetime, cap: Capacity
+) -> dict[str, list[Candidate]]:
+    """The top ``k`` candidates of each of ``tenants`` (:data:`CANDIDATES_SQL`), in one round trip
+    with custom plans (its generic plan was measured 30-100x slower)."""
+    async with pipeline_within(conn):
+        await plans_within(conn, generic=False)
+        cursor = await raw_cursor(
+            conn,
+            CANDIDATES_SQL,
+            {
+                "tenants": tenants,
+                "ks": ks,
+                "now": now,
+                "blocked_models": cap.blocked_models,
+                "blocked_kinds": cap.blocked_kinds,
+            },
+        )
+    got: dict[str, list[Candidate]] = defaultdict(list)
+    for r in await cursor.fetchall():  # id, tenant_id, kind, model, rank, slot_cost, enqueued_at
+        got[r[1]].append(Candidate(*r))
+    return got

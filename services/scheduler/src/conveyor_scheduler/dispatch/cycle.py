@@ -25,7 +25,6 @@ import heapq
 import logging
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -41,6 +40,7 @@ from conveyor_scheduler.dispatch.candidates import (
     Candidate,
     Capacity,
     SpeculativeRead,
+    read_candidates,
     speculative_params,
 )
 from conveyor_scheduler.dispatch.command import dispatch_command
@@ -48,7 +48,6 @@ from conveyor_scheduler.dispatch.leadership import Leader, LostLeadership
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.statements import (
     BACKOFF_SQL,
-    CANDIDATES_SQL,
     CONTROLS_SQL,
     DISPATCH_SQL,
     TENANTS_SQL,
@@ -63,8 +62,8 @@ from conveyor_scheduler.store.bulk import (
     commit_raw,
     insert_rows,
     pipeline_within,
+    plans_within,
     raw_cursor,
-    raw_execute,
     raw_mappings,
 )
 from conveyor_scheduler.store.changes import Changes
@@ -249,20 +248,7 @@ class Dispatcher:
         probe = [t for t, f in free.items() if f > 0 and not self._cache.get(t) and t in self._more]
         if probe:
             ks = [min(free[t], self.settings.tenant_candidates_max) for t in probe]
-            rows = await raw_execute(
-                conn,
-                CANDIDATES_SQL,
-                {
-                    "tenants": probe,
-                    "ks": ks,
-                    "now": now,
-                    "blocked_models": cap.blocked_models,
-                    "blocked_kinds": cap.blocked_kinds,
-                },
-            )
-            got: dict[str, list[Candidate]] = defaultdict(list)
-            for r in rows:  # id, tenant_id, kind, model, rank, slot_cost, enqueued_at
-                got[r[1]].append(Candidate(*r))
+            got = await read_candidates(conn, probe, ks, now, cap)
             for t, k in zip(probe, ks, strict=True):
                 self._cache[t] = got.get(t, [])
                 if len(self._cache[t]) < k:
@@ -297,8 +283,8 @@ class Dispatcher:
         ]
         if self.settings.dispatch_window:
             statements.append((AWAITING_ADAPTER_SQL, {}))
-        prefetch = self._cache_stale()
-        if prefetch:  # the candidate cache is re-read: its reads go in this trip too
+        speculative: dict[str, Any] | None = None
+        if self._cache_stale():  # the candidate cache is re-read: its reads go in this trip too
             self.wakeups.candidates_stale = False  # a poke from now on marks it stale again
             speculative = speculative_params(
                 self.policy.tier_concurrency,
@@ -306,13 +292,15 @@ class Dispatcher:
                 now,
                 *self._cache_blocked,
             )
-            statements += [
-                (TENANTS_SQL, {}),
-                (BACKOFF_SQL, {"now": now}),
-                (SPECULATIVE_CANDIDATES_SQL, speculative),
-            ]
-        async with pipeline_within(conn):
+            statements += [(TENANTS_SQL, {}), (BACKOFF_SQL, {"now": now})]
+        prefetch = speculative is not None
+        # Generic plans for these small reads (a custom plan of each, every cycle, cost more
+        # PostgreSQL CPU than running it); custom ones for the LATERAL candidate reads.
+        async with pipeline_within(conn, generic_plans=True):
             cursors = [await raw_cursor(conn, sql, params) for sql, params in statements]
+            if speculative is not None:
+                await plans_within(conn, generic=False)
+                cursors.append(await raw_cursor(conn, SPECULATIVE_CANDIDATES_SQL, speculative))
         results = [await c.fetchall() for c in cursors]
         if prefetch:
             self._prefetched = (
@@ -459,7 +447,9 @@ class Dispatcher:
 
     async def _commit(self, conn: AsyncConnection, chosen: list[Candidate], now: datetime) -> int:
         provider = self.settings.provider_name
-        rows = await raw_mappings(conn, DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now})
+        rows = await raw_mappings(
+            conn, DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now}, generic_plans=True
+        )
         self.last_dispatched = [(r["id"], r["attempt"]) for r in rows]
         if not rows:
             return 0
@@ -483,8 +473,9 @@ class Dispatcher:
             changes.command(row, dispatch_command(row, provider, self.policy, now))
             row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
             changes.event(row, EV_DISPATCHED, m.QUEUED)
-        # The slots, events, outbox rows, counters and the commit: one round trip (generic plans).
-        async with pipeline_within(conn, generic_plans=True) as leave:
+        # The slots, events, outbox rows, counters and the commit: one round trip (generic plans,
+        # asked for with the UPDATE above).
+        async with pipeline_within(conn) as leave:
             await insert_rows(conn, "active_slots", slots, raw=True)
             await changes.flush(conn, save=False, leave_pipeline=leave)
             await commit_raw(conn)

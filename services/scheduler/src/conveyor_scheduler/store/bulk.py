@@ -120,13 +120,24 @@ def _raw_sql(statement: TextClause) -> str:
 
 
 async def raw_mappings(
-    conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
+    conn: AsyncConnection,
+    statement: TextClause,
+    params: dict[str, Any],
+    *,
+    generic_plans: bool = False,
 ) -> list[dict[str, Any]]:
-    """:func:`raw_execute` returning the rows as dicts (what ``result.mappings()`` gives)."""
+    """:func:`raw_execute` returning the rows as dicts (what ``result.mappings()`` gives). With
+    ``generic_plans`` the statement goes out after a ``SET LOCAL plan_cache_mode`` in one round trip
+    (and the rest of the transaction keeps generic plans)."""
     raw = await conn.get_raw_connection()
     driver: Any = raw.driver_connection
     cursor = driver.cursor(row_factory=dict_row)
-    await cursor.execute(_raw_sql(statement), params)
+    if generic_plans:
+        async with driver.pipeline():
+            await driver.execute(GENERIC_PLANS)
+            await cursor.execute(_raw_sql(statement), params)
+    else:
+        await cursor.execute(_raw_sql(statement), params)
     rows: list[dict[str, Any]] = await cursor.fetchall()
     return rows
 
@@ -322,6 +333,15 @@ async def insert_rows(
 
 GENERIC_PLANS = "SET LOCAL plan_cache_mode = force_generic_plan"
 """Generic plans for the rest of the transaction (the session default is custom plans, db.py)."""
+CUSTOM_PLANS = "SET LOCAL plan_cache_mode = force_custom_plan"
+"""Custom plans again for the rest of the transaction (the dispatcher's LATERAL candidate reads)."""
+
+
+async def plans_within(conn: AsyncConnection, *, generic: bool) -> None:
+    """Generic or custom plans for the statements that follow in the transaction open on ``conn``:
+    queued with them inside :func:`pipeline_within` (no round trip of its own there)."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    await driver.execute(GENERIC_PLANS if generic else CUSTOM_PLANS)
 
 
 @contextlib.asynccontextmanager
