@@ -163,6 +163,34 @@ async def test_logs_events_are_throttled(
     assert not [e for e in fake.engine.ledger.events(kind="webhook") if e["event"] != "logs"]
 
 
+async def test_progress_waits_out_the_throttle_window_of_the_start_webhook(
+    api: httpx.AsyncClient, fake: FakeReplicate, receiver: WebhookReceiver
+) -> None:
+    """One throttle window per prediction for every non-terminal update, the sent ``start``
+    included (cog's webhook caller): a prediction ending within the window after its ``start``
+    sends no ``logs`` webhook, a longer one its first a window after ``start``."""
+    events = ["start", "logs", "completed"]
+    quick, slow = [
+        await create(
+            api,
+            receiver,
+            task=task,
+            events=events,
+            inputs={"__fake_duration_s": run_s, "__fake_starting_s": 0},  # logs at once
+        )
+        for task, run_s in (("quick", 0.05), ("slow", 0.7))
+    ]
+    await asyncio.sleep(0.9)
+    await settle(fake)
+    sent = fake.engine.ledger.events(kind="webhook")
+    assert sorted(e["event"] for e in sent if e["prediction_id"] == quick) == ["completed", "start"]
+    assert "logs" in [e["event"] for e in sent if e["prediction_id"] == slow]
+    got = receiver.for_prediction(slow)
+    [start] = [d for d in got if d.status == "starting"]
+    first_logs = min(d.received_at for d in got if d.status == "processing")
+    assert first_logs - start.received_at >= 0.1  # the window is 0.2 s; at once before
+
+
 async def test_retries_on_non_2xx_keep_the_webhook_id(
     api: httpx.AsyncClient, fake: FakeReplicate, receiver: WebhookReceiver
 ) -> None:

@@ -1,6 +1,13 @@
 """The fake's webhook sender: Replicate's webhook events for a prediction (start, output, logs,
 completed, honouring ``webhook_events_filter``), coalesced progress, signed deliveries with retries.
 
+One throttle window per prediction, as in cog's webhook caller (``cog/server/webhook.py``: one
+``ResponseThrottler`` for all of a prediction's non-terminal updates, the sent ``start`` included):
+an ``output``/``logs`` event comes at the earliest ``webhook_throttle_s`` after the previous
+delivery of any non-terminal event, so a prediction that ends within the window after its ``start``
+webhook sends no progress webhook at all. Held progress goes out at the window's end with the
+latest state; ``start`` and ``completed`` are never held.
+
 Deliveries go out through an ``aiohttp`` session: the fake's CPU is reported apart from the system
 under test but shares the machine, and httpx's pool cost about twice as much per webhook.
 
@@ -69,6 +76,8 @@ class WebhookSender:
             if event == "completed":
                 p.completed_sent.set()
             return
+        if event == "start":  # opens the throttle window of the progress events
+            p.last_progress_sent = time.monotonic()
         body = json.dumps(self.to_json(p), separators=(",", ":")).encode()
         cfg = self.config
         rng = p.rng
