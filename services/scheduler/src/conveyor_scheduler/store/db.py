@@ -34,7 +34,8 @@ PG_OPTIONS = "-c timezone=UTC -c plan_cache_mode=force_custom_plan"
 a generic plan of the dispatcher's LATERAL candidate query (array parameters, per-tenant LIMIT) was
 measured 30-100x slower than its custom plan. The hot writes ask for generic plans for their
 transaction (``store.bulk.GENERIC_PLANS``: the pipelined transactions, the dispatch's writes), which
-their foreign-key checks then use too instead of planning each checked row again."""
+their foreign-key checks then use too instead of planning each checked row again; so do the dispatch
+cycle's small reads, switching back to custom plans for its candidate reads (``dispatch.cycle``)."""
 
 
 def _keep() -> bool:
