@@ -35,18 +35,21 @@ async def test_happy_path_reports_progress_and_copied_outputs(env: Env) -> None:
     )
     results = await env.collector.wait_for(has_terminal, task)
     names = outcomes(results)
-    # The accepted CompleteSubmit started the task at the scheduler: the start webhook adds no
-    # result of its own.
-    assert ("CompleteSubmit", task, 1, "True") in env.coordination.calls
-    assert "started" not in names
+    # The create is recorded by a ``started`` result naming its prediction (no CompleteSubmit
+    # round trip); the start webhook adds no result of its own.
+    assert not [c for c in env.coordination.calls if c[0] == "CompleteSubmit"]
+    assert names[0] == "started"
+    assert names.count("started") == 1
+    assert results[0].result_id == f"create:{task}:1:started"
+    assert results[0].source == events_pb2.RESULT_SOURCE_CREATE
     assert names[-1] == "succeeded"
     assert names.count("succeeded") == 1
     percents = [r.progress.percent for r in results if r.WhichOneof("outcome") == "progress"]
     assert percents, names
     assert percents == sorted(set(percents)), percents  # monotonic, no repeats
     assert all(0 <= p <= 100 for p in percents)
-    assert {r.source for r in results} == {events_pb2.RESULT_SOURCE_WEBHOOK}
-    assert all(r.result_id.startswith("wh:") for r in results)
+    assert {r.source for r in results[1:]} == {events_pb2.RESULT_SOURCE_WEBHOOK}
+    assert all(r.result_id.startswith("wh:") for r in results[1:])
     assert len({r.prediction_id for r in results}) == 1
     assert all(r.tenant_id == "tenant-a" and r.attempt == 1 for r in results)
 

@@ -131,7 +131,7 @@ async def test_a_leader_held_by_the_window_runs_no_cycle_for_a_finished_task_but
             ids.append(str(row["id"]))
         await wait_status(app, ids[0], task_pb2.TASK_STATUS_DISPATCHED, 5.0)
         await app.core.begin_submits([(ids[0], 1)])  # the first leaves the window...
-        await app.core.complete_submits([(ids[0], 1, "p-0")])
+        await app.core.complete_submits([(ids[0], 1, f"p-{ids[0]}-1")])
         await wait_status(app, ids[1], task_pb2.TASK_STATUS_DISPATCHED, 5.0)  # ...the second goes
         dispatcher = app.loops.dispatcher
         await asyncio.sleep(0.2)
@@ -407,7 +407,7 @@ async def test_a_leader_with_room_and_nothing_queued_runs_no_cycle_for_freed_slo
     await asyncio.sleep(0.2)
     cycles = count_cycles(app)
     await app.core.begin_submits([(tid, 1) for tid in ids])
-    await app.core.complete_submits([(tid, 1, f"p-{tid}") for tid in ids])
+    await app.core.complete_submits([(tid, 1, f"p-{tid}-1") for tid in ids])
     await app.core.apply_results([kit.result(tid, 1, "succeeded") for tid in ids])
     await asyncio.sleep(0.3)
     assert cycles[0] == 0

@@ -171,7 +171,7 @@ async def test_all_settled_partial_and_fail_fast(env: Env) -> None:
     f = await env.active(fast.group_id)
     for tid, attempt in f:  # running at the provider: their cancel must reach it
         await env.core.begin_submit(str(tid), attempt)
-        await env.core.complete_submit(str(tid), attempt, f"pred-{tid}")
+        await env.core.complete_submit(str(tid), attempt, f"p-{tid}-{attempt}")
     await env.core.apply_results([kit.result(f[0][0], f[0][1], "failed", retryable=False)])
     g = await env.groups.get("t1", fast.group_id)
     assert g.status == group_pb2.GROUP_STATUS_RUNNING
@@ -198,7 +198,9 @@ async def test_cancel_group_queued_and_running(env: Env) -> None:
     assert await env.dispatcher.cycle() == 1
     running = await env.active(group.group_id)
     await env.core.begin_submit(str(running[0][0]), running[0][1])
-    await env.core.complete_submit(str(running[0][0]), running[0][1], "pred-1")
+    await env.core.complete_submit(
+        str(running[0][0]), running[0][1], f"p-{running[0][0]}-{running[0][1]}"
+    )
     g = await env.groups.cancel("t1", group.group_id, "user changed their mind")
     assert g.cancel_requested
     assert g.status == group_pb2.GROUP_STATUS_RUNNING

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 import pytest
 
+from conveyor.events.v1 import events_pb2
 from conveyor.scheduler.v1 import provider_coordination_service_pb2 as provider_pb2
 from conveyor_common.errors import InvalidArgument
 from conveyor_scheduler.api.provider import ProviderCoordinationServicer
@@ -43,6 +44,54 @@ async def test_submit_protocol(make_env: Callable[..., Awaitable[Env]]) -> None:
     assert decision == 3
     assert r is not None
     assert r["prediction_id"] == "pred-1"
+    await env.check()
+
+
+def created(task_id: str, attempt: int, prediction: str) -> events_pb2.ProviderResult:
+    """The ``started`` an adapter publishes when its create of (task, attempt) answered."""
+    r = kit.result(task_id, attempt, "started", prediction_id=prediction)
+    r.source = events_pb2.RESULT_SOURCE_CREATE
+    return r
+
+
+async def test_a_create_is_recorded_by_its_results_and_a_stale_ones_prediction_canceled(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """ADR 0003: the adapter records its create with the ``started`` result (or the terminal one
+    that superseded it) instead of CompleteSubmit. The first result naming a prediction records it
+    and starts the task; a result naming another prediction for the attempt changes nothing; a
+    create's ``started`` refused (stale attempt, task ended, another prediction) gets its
+    prediction canceled by a CancelTask command, as a refused CompleteSubmit did."""
+    env = await make_env(lead=True)
+    rows = [r for r, _ in await env.core.submit("a", 1, [kit.item(f"c{i}") for i in range(3)])]
+    assert await env.dispatch() == 3
+    a, b, c = (str(r["id"]) for r in rows)
+    for tid in (a, b, c):
+        assert (await env.core.begin_submit(tid, 1))[0] == 1  # PROCEED
+    # a: the create's started records the prediction; another prediction's results change nothing.
+    await env.core.apply_results([created(a, 1, "pa")])
+    t = await env.task(rows[0]["id"])
+    assert (t["status"], t["prediction_id"], t["submit_state"]) == (models.RUNNING, "pa", 4)
+    await env.core.apply_results([kit.result(a, 1, "succeeded", prediction_id="other")])
+    assert (await env.task(rows[0]["id"]))["status"] == models.RUNNING
+    await env.core.apply_results([created(a, 1, "pa-twin")])  # a second create: canceled
+    # b: an instant prediction's terminal result came first and records it alone.
+    await env.core.apply_results([kit.result(b, 1, "succeeded", prediction_id="pb")])
+    t = await env.task(rows[1]["id"])
+    assert (t["status"], t["prediction_id"]) == (models.SUCCEEDED, "pb")
+    await env.core.apply_results([created(b, 1, "pb")])  # its held started, late: nothing
+    # c: the attempt went stale (here: the task failed) before the create's started came.
+    await env.core.apply_results([kit.result(c, 1, "failed", retryable=False, prediction_id="")])
+    await env.core.apply_results([created(c, 1, "pc")])
+    commands = await env.rows(
+        "SELECT key, payload FROM outbox WHERE ce_type = 'conveyor.events.v1.CancelTask'"
+        " ORDER BY id"
+    )
+    cancels = []
+    for key, payload in commands:
+        cancel = events_pb2.CancelTask.FromString(payload)
+        cancels.append((key, cancel.attempt, cancel.prediction_id, cancel.reason))
+    assert cancels == [(a, 1, "pa-twin", "stale_create"), (c, 1, "pc", "stale_create")]
     await env.check()
 
 
@@ -144,7 +193,7 @@ async def test_a_followers_hot_writes_carry_their_notify_in_their_own_transactio
         env.core.wakeups.relay.clear()
         assert (await env.core.begin_submit(tid, 1))[0] == 1
         assert await notified() == ["window+nooutbox"]
-        assert await env.core.complete_submit(tid, 1, "pred-1")
+        assert await env.core.complete_submit(tid, 1, f"p-{tid}-1")  # the results' prediction
         assert await notified() == ["outbox"]
         await env.core.apply_results([kit.result(row["id"], 1, "progress", percent=40)])
         assert await notified() == ["outbox"]

@@ -163,7 +163,7 @@ class Copier:
 
 
 def make_observer(
-    clock: Clock, interval: float, hold: float = 0.0
+    clock: Clock, interval: float, hold: float = 0.0, started_hold: float = 0.0
 ) -> tuple[Observer, Publisher, CollectorRegistry]:
     """An observer of attempt ("t", 1), whose prediction "p1" this replica created and recorded."""
     registry = CollectorRegistry()
@@ -172,7 +172,6 @@ def make_observer(
     state = LocalState()
     info = state.attempt("t", 1, "tenant-a")
     info.prediction_id = "p1"
-    info.recorded.set()
     stub: Any = None
     observer = Observer(
         state=state,
@@ -185,6 +184,7 @@ def make_observer(
             interval, hold_s=hold, clock=clock, on_coalesced=metrics.progress_coalesced.inc
         ),
         call_later=clock.call_later,
+        started_hold_s=started_hold,
     )
     return observer, publisher, registry
 
@@ -287,6 +287,75 @@ async def test_held_updates_are_published_on_shutdown() -> None:
     clock.advance(1.0)  # its timer was canceled: not published twice
     await settle()
     assert len(publisher.sent) == 2
+
+
+def created(observer: Observer) -> tuple[AttemptInfo, events_pb2.ProviderResult]:
+    """What the command handler reports when the create of ("t", 1) answered "p1"."""
+    info = observer.state.attempt("t", 1)
+    started = events_pb2.ProviderResult(
+        result_id="create:t:1:started", task_id="t", attempt=1, prediction_id="p1"
+    )
+    started.started.SetInParent()
+    return info, started
+
+
+async def test_a_created_prediction_ending_within_the_hold_costs_only_its_terminal_result() -> None:
+    """The ``started`` that records a create is held; the start webhook adds none, and a terminal
+    result within the hold goes out alone (it names the prediction: the scheduler records it)."""
+    clock = Clock()
+    observer, publisher, _ = make_observer(clock, 1.0, hold=0.3, started_hold=0.3)
+    await observer.report_created(*created(observer))
+    await deliver(observer, "w-1", "starting")
+    clock.advance(0.1)
+    await deliver(observer, "w-2", "succeeded", tqdm(100))
+    clock.advance(1.0)
+    await settle()
+    assert summary(publisher.sent) == [("wh:w-2", "succeeded", 0)]
+    assert publisher.sent[0].prediction_id == "p1"
+
+
+async def test_a_held_started_goes_out_at_the_end_of_the_hold_unless_progress_came_first() -> None:
+    clock = Clock()
+    observer, publisher, _ = make_observer(clock, 1.0, hold=0.3, started_hold=0.3)
+    await observer.report_created(*created(observer))
+    await deliver(observer, "w-1", "starting")
+    assert publisher.sent == []
+    clock.advance(0.3)
+    await settle()
+    assert summary(publisher.sent) == [("create:t:1:started", "started", 0)]
+    # Another attempt whose first progress comes within the hold: the progress records it alone.
+    observer2, publisher2, _ = make_observer(clock, 0.0, hold=0.0, started_hold=0.3)
+    await observer2.report_created(*created(observer2))
+    await deliver(observer2, "w-1", "processing", tqdm(30))
+    clock.advance(1.0)
+    await settle()
+    assert summary(publisher2.sent) == [("wh:w-1", "progress", 30)]
+
+
+async def test_a_held_started_is_published_on_shutdown_and_at_once_without_a_hold() -> None:
+    clock = Clock()
+    observer, publisher, _ = make_observer(clock, 1.0, started_hold=0.3)
+    await observer.report_created(*created(observer))
+    await observer.flush_started()
+    assert summary(publisher.sent) == [("create:t:1:started", "started", 0)]
+    clock.advance(1.0)  # its timer was canceled: not published twice
+    await settle()
+    assert len(publisher.sent) == 1
+    observer2, publisher2, _ = make_observer(clock, 1.0)
+    await observer2.report_created(*created(observer2))
+    assert summary(publisher2.sent) == [("create:t:1:started", "started", 0)]
+
+
+async def test_a_started_that_could_not_be_published_is_left_to_the_next_delivery() -> None:
+    clock = Clock()
+    observer, publisher, _ = make_observer(clock, 1.0)
+    publisher.fail_ids.add("create:t:1:started")
+    info, started = created(observer)
+    await observer.report_created(info, started)
+    assert publisher.sent == []
+    assert not info.started_reported
+    await deliver(observer, "w-1", "processing")
+    assert summary(publisher.sent) == [("wh:w-1", "started", 0)]
 
 
 async def test_a_terminal_result_is_never_held_back_by_the_interval() -> None:

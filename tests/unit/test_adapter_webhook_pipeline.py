@@ -168,31 +168,28 @@ def delivery(task_id: str, prediction_id: str, status: str, n: int) -> WebhookJo
     )
 
 
-async def test_own_output_is_copied_while_the_create_is_being_recorded() -> None:
-    """An instant prediction's webhooks come before its CompleteSubmit's answer: the completed one's
-    output copy starts when it is queued (behind the start delivery, which waits for that answer),
-    so the result goes out when the answer comes, not a copy's time after it."""
+async def test_own_output_is_copied_from_the_offer_and_published_without_a_started() -> None:
+    """An instant prediction of this replica's create: its webhooks come while the ``started``
+    that records it is held. The completed delivery's output copy starts when it is queued, the
+    start delivery adds no ``started`` result, and the terminal result goes out alone once copied
+    (it names the prediction: the scheduler records it from that)."""
     copier = Copier(seconds=0.2)
     state, _, publisher, p = observing(copier)
     info = state.attempt("t1", 1, "tenant")
-    info.prediction_id = "p1"  # our create answered; its CompleteSubmit is on the way
+    info.prediction_id = "p1"  # our create answered
+    info.started_reported = True  # its ``started`` is held (Observer.report_created)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
     assert p.offer(delivery("t1", "p1", "starting", 1))
     assert p.offer(delivery("t1", "p1", "succeeded", 2))
-    await asyncio.sleep(0.25)
+    await p.drain(wait_s=5)
     assert len(copier.started) == 1
     assert copier.started[0][1] - t0 < 0.05  # started at the offer
-    assert copier.finished == 1
-    assert publisher.published == []  # nothing before the scheduler recorded the prediction
-    info.recorded.set()
-    info.started_reported = True  # the accepted CompleteSubmit started the task
-    await p.drain(wait_s=5)
-    assert len(copier.started) == 1  # not copied again
     [(result, at)] = publisher.published
     assert result.WhichOneof("outcome") == "succeeded"
+    assert result.prediction_id == "p1"
     assert [f.url for f in result.succeeded.files] == ["s3://ours/t1/1"]
-    assert at - t0 < 0.3  # at the answer (0.25 s), not a copy later (0.45 s)
+    assert at - t0 < 0.35  # a copy's time after the offer, no wait for anything else
 
 
 async def test_no_copy_ahead_for_a_prediction_not_bound_to_the_attempt() -> None:
@@ -203,7 +200,6 @@ async def test_no_copy_ahead_for_a_prediction_not_bound_to_the_attempt() -> None
     state, observer, publisher, p = observing(copier)
     info = state.attempt("t2", 1, "tenant")
     info.prediction_id = "p-own"
-    info.recorded.set()
     assert p.offer(delivery("t2", "p-other", "succeeded", 1))  # another prediction: unbound
     assert p.offer(delivery("t3", "p3", "succeeded", 2))  # an attempt this replica never created
     await p.drain(wait_s=5)

@@ -132,7 +132,7 @@ class Adapter:
             copier=self.copier,
             publisher=self.publisher,
             metrics=self.metrics,
-            record_wait_s=settings.scheduler_timeout_s * 2,
+            started_hold_s=settings.progress_hold_seconds,
             progress=ProgressCoalescer(
                 settings.progress_min_interval_seconds,
                 hold_s=settings.progress_hold_seconds,
@@ -283,6 +283,9 @@ class Adapter:
         )
         lifecycle.on_shutdown(
             "held_progress_flush", self.observer.held.flush, phase=phases.WORKERS, timeout=15
+        )
+        lifecycle.on_shutdown(
+            "held_started_flush", self.observer.flush_started, phase=phases.WORKERS, timeout=15
         )
         lifecycle.on_shutdown("producer_stop", self.producer.stop, phase=phases.PRODUCERS)
         lifecycle.on_shutdown("clients_close", self._close_clients, phase=phases.STORAGE)

@@ -168,7 +168,6 @@ class Binder:
                 return self._unbound("other_prediction", task_id, attempt, prediction)
             info = self.state.attempt(task_id, attempt)
             info.prediction_id = pid
-            info.recorded.set()
             return True
         # No prediction recorded yet: only an attempt whose create was sent may adopt one.
         if record.state not in (S.SUBMIT_STATE_SUBMITTING, S.SUBMIT_STATE_UNKNOWN):

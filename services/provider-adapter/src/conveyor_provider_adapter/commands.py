@@ -7,8 +7,9 @@ For each DispatchTask (at least once, manual commit after handling):
    exists, do nothing (its webhooks and the reconciler carry the results). ``RECONCILE``: an earlier
    create of this attempt has an unknown outcome (or a replica died mid-create): look for it in the
    list endpoint, never create. ``PROCEED``: create now.
-2. Create (after a token from the bucket). A definite answer -> ``CompleteSubmit(prediction)``; if
-   refused (the attempt went stale meanwhile) the prediction is canceled. A 4xx -> a non-retryable
+2. Create (after a token from the bucket). A definite answer -> a ``started`` result naming the
+   prediction (ADR 0003: the scheduler records it from the attempt's first result; a stale
+   attempt's prediction is canceled by the CancelTask the scheduler answers with). A 4xx -> a non-retryable
    ``failed`` result. A 429 -> the bucket pauses every create until ``retry_after``, a ``throttled``
    result tells the scheduler to pause dispatch, and the create is retried (the task keeps its
    slot) for up to ``throttle_max_wait_s``. An ambiguous outcome (timeout after sending, reset, 5xx)
@@ -155,7 +156,6 @@ class CommandHandler:
         elif decision.decision == D.SUBMIT_DECISION_ALREADY_SUBMITTED:
             if decision.prediction_id and not info.prediction_id:
                 info.prediction_id = decision.prediction_id
-                info.recorded.set()
             if info.cancel_requested and info.prediction_id:
                 await self._cancel_prediction(info, info.prediction_id)
         elif decision.decision == D.SUBMIT_DECISION_RECONCILE:
@@ -313,6 +313,12 @@ class CommandHandler:
     async def _record(
         self, d: events_pb2.DispatchTask, info: AttemptInfo, prediction: Prediction
     ) -> None:
+        """The create answered: the prediction is the attempt's. The scheduler records it from
+        the ``started`` result (``Observer.report_created``, or the first result that supersedes
+        it), which the dispatch's offset commit follows; a stale attempt's prediction is canceled
+        by the CancelTask the scheduler answers it with. Lost with a kill before it went out, the
+        attempt stays SUBMITTING: its webhooks adopt the prediction, or a redelivered dispatch's
+        RECONCILE finds it (never a second create)."""
         info.prediction_id = prediction.id
         logger.info(
             "prediction created",
@@ -323,29 +329,16 @@ class CommandHandler:
                 "prediction_id": prediction.id,
             },
         )
-        try:
-            accepted = await self.coordinator.complete_submit(d.task_id, d.attempt, prediction.id)
-        except Exception:
-            # Left SUBMITTING at the scheduler: the start webhook (or a redelivery's reconcile)
-            # adopts the prediction; never create again.
-            logger.exception(
-                "CompleteSubmit failed; the prediction will be adopted by its webhook",
-                extra={"action": "complete_submit_failed", "prediction_id": prediction.id},
-            )
-            info.prediction_id = ""
-            return
-        finally:
-            info.recorded.set()
-        if not accepted:
-            info.rejected.add(prediction.id)
-            self.metrics.creates.labels("stale").inc()
-            logger.warning(
-                "attempt went stale during the create; canceling the prediction",
-                extra={"action": "stale_create_canceled", "prediction_id": prediction.id},
-            )
-            await self.observer.cancel_quietly(prediction.id)
-            return
-        info.started_reported = True  # the accepted CompleteSubmit started the task
+        started = new_result(
+            f"create:{d.task_id}:{d.attempt}:started",
+            d.task_id,
+            d.attempt,
+            tenant_id=d.tenant_id,
+            prediction_id=prediction.id,
+            source=CREATE,
+        )
+        started.started.SetInParent()
+        await self.observer.report_created(info, started)
         if info.cancel_requested:
             await self._cancel_prediction(info, prediction.id)
             return
@@ -447,7 +440,6 @@ class CommandHandler:
             return
         if not info.prediction_id:
             info.prediction_id = prediction_id
-            info.recorded.set()
         await self._cancel_prediction(info, prediction_id)
 
     async def _cancel_prediction(self, info: AttemptInfo, prediction_id: str) -> None:

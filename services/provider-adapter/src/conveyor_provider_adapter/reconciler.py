@@ -162,7 +162,6 @@ class Reconciler:
         if a.state == S.SUBMIT_STATE_SUBMITTED and a.prediction_id:
             if info.prediction_id != a.prediction_id:
                 info.prediction_id = a.prediction_id
-                info.recorded.set()
             if a.cancel_requested or info.cancel_requested:
                 if not info.cancel_requested and not info.cancel_noticed:
                     info.cancel_noticed = True  # acted on from the next pass if still pending

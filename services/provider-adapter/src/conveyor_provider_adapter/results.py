@@ -31,6 +31,7 @@ from conveyor_provider_adapter.matching import matches
 from conveyor_provider_adapter.metrics import AdapterMetrics
 from conveyor_provider_adapter.progress import (
     CallLater,
+    Cancelable,
     HeldProgress,
     ProgressCoalescer,
     loop_call_later,
@@ -59,7 +60,7 @@ class Observer:
         copier: OutputCopier,
         publisher: ResultPublisher,
         metrics: AdapterMetrics,
-        record_wait_s: float = 10.0,
+        started_hold_s: float = 0.0,
         progress: ProgressCoalescer | None = None,
         call_later: CallLater = loop_call_later,
     ) -> None:
@@ -69,18 +70,70 @@ class Observer:
         self.copier = copier
         self.publisher = publisher
         self.metrics = metrics
-        self.record_wait_s = record_wait_s
         self.progress = progress or ProgressCoalescer(
             0.0, on_coalesced=metrics.progress_coalesced.inc
         )
         """Which progress updates are published (every change unless an interval is set)."""
         self.held = HeldProgress(self.progress, self._publish_held, call_later)
         """Progress results held back (progress.py) until their timer fires."""
+        self.call_later = call_later
+        self.started_hold_s = started_hold_s
+        self._started: dict[tuple[str, int], tuple[events_pb2.ProviderResult, Cancelable]] = {}
+        """``started`` results of this replica's creates, held (:meth:`report_created`)."""
+        self._releases: set[asyncio.Task[None]] = set()
         self._copies: dict[tuple[str, int, str], asyncio.Task[list[CopiedFile]]] = {}
         """Output copies started ahead (:meth:`copy_ahead`), by task, attempt and prediction."""
 
     async def _publish_held(self, result: events_pb2.ProviderResult) -> bool:
+        self._supersede_started(result)
         return await self.publisher.publish(result)
+
+    # ---- this replica's creates ----
+
+    async def report_created(self, info: AttemptInfo, started: events_pb2.ProviderResult) -> None:
+        """Tell the scheduler the prediction this replica created for the attempt: ``started``
+        names it, and the scheduler records it (and starts the task) with the attempt's fencing,
+        or, when the attempt went stale meanwhile, has it canceled (ADR 0003). It is held
+        ``started_hold_s``: a progress or terminal result of the prediction published sooner
+        names it as well and goes alone (a prediction that ends within the hold costs one result,
+        not two). A webhook's ``start`` adds nothing to it."""
+        info.started_reported = True
+        if self.started_hold_s <= 0:
+            await self._publish_started(info, started)
+            return
+        key = (info.task_id, info.attempt)
+        handle = self.call_later(self.started_hold_s, lambda: self._release_started(key))
+        self._started[key] = (started, handle)
+
+    def _supersede_started(self, result: events_pb2.ProviderResult) -> None:
+        """Drop the held ``started`` of ``result``'s prediction: ``result`` goes out first and
+        records the prediction just as well."""
+        key = (result.task_id, result.attempt)
+        held = self._started.get(key)
+        if held is not None and held[0].prediction_id == result.prediction_id:
+            del self._started[key]
+            held[1].cancel()
+
+    def _release_started(self, key: tuple[str, int]) -> None:
+        held = self._started.pop(key, None)
+        info = self.state.peek(*key)
+        if held is None or info is None or info.terminal_reported or info.terminal_publishing:
+            return
+        task = asyncio.create_task(self._publish_started(info, held[0]))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _publish_started(self, info: AttemptInfo, started: events_pb2.ProviderResult) -> None:
+        if not await self.publisher.publish(started):
+            info.started_reported = False  # a later delivery or poll reports it
+
+    async def flush_started(self) -> None:
+        """Publish every held ``started`` now and wait for the publishes (graceful shutdown)."""
+        for key, (_, handle) in list(self._started.items()):
+            handle.cancel()
+            self._release_started(key)
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
 
     # ---- adoption ----
 
@@ -95,15 +148,8 @@ class Observer:
         if prediction.id in info.rejected:
             return False
         if info.prediction_id == prediction.id:
-            if not info.recorded.is_set():
-                # Our own create: its CompleteSubmit is on the way; publish after it.
-                try:
-                    await asyncio.wait_for(info.recorded.wait(), timeout=self.record_wait_s)
-                except TimeoutError:
-                    logger.warning(
-                        "CompleteSubmit still pending, publishing anyway",
-                        extra={"action": "record_wait_timeout", "prediction_id": prediction.id},
-                    )
+            # This replica's create (its results name it: the scheduler records it from the first
+            # one), an adoption, or the id the scheduler answered.
             return prediction.id not in info.rejected
         try:
             accepted = await self.coordinator.complete_submit(
@@ -154,7 +200,6 @@ class Observer:
             },
         )
         info.prediction_id = prediction.id
-        info.recorded.set()
         info.started_reported = True  # the accepted CompleteSubmit started the task
         info.unknown_since = None
         if info.cancel_requested and not prediction.terminal:
@@ -243,6 +288,7 @@ class Observer:
             if not terminal and (info.terminal_reported or info.terminal_publishing):
                 break  # another path is publishing the terminal result: nothing goes after it
             info.terminal_publishing |= terminal
+            self._supersede_started(r)
             try:
                 ok = await self.publisher.publish(r)
             finally:
@@ -260,10 +306,9 @@ class Observer:
     def copy_ahead(self, task_id: str, attempt: int, prediction: Prediction) -> None:
         """Start copying the outputs of a succeeded prediction when its delivery is queued, if it is
         this replica's own create of the attempt (bound by that alone, binding.py) and its result
-        is not reported yet. The delivery waits behind the attempt's earlier ones (which wait for
-        the create's CompleteSubmit: an instant prediction's webhooks come before its answer) and
-        then for that answer itself; the copy runs meanwhile instead of after. ``observe`` takes
-        it over; :meth:`drop_copy` ends one nobody took (the delivery was not processed)."""
+        is not reported yet. The delivery waits behind the attempt's earlier ones; the copy runs
+        meanwhile instead of after. ``observe`` takes it over; :meth:`drop_copy` ends one nobody
+        took (the delivery was not processed)."""
         info = self.state.peek(task_id, attempt)
         key = (task_id, attempt, prediction.id)
         if (

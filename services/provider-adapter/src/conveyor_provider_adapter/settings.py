@@ -109,8 +109,9 @@ class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetting
     """Least time between two progress results of one attempt; a percentage change within it is
     held until the interval ends (a later change or the terminal result supersedes it)."""
     progress_hold_seconds: float = Field(default=0.3, ge=0, le=60)
-    """How long a progress update is held before it is published: a prediction that ends within
-    it costs no progress result (its terminal result supersedes it). 0 = at once."""
+    """How long a progress update, and the ``started`` result that records a create, is held
+    before it is published: a prediction that ends within it costs no progress (or ``started``)
+    result (its terminal result supersedes it and records it). 0 = at once."""
 
     # --- reconciler ---
     reconcile_interval_s: float = Field(default=30.0, gt=0)

@@ -57,8 +57,6 @@ class AttemptInfo:
     tenant_id: str = ""
     prediction_id: str = ""
     """Prediction id of this attempt once known (created here, adopted, or from the scheduler)."""
-    recorded: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set once the scheduler answered CompleteSubmit (or it is known recorded)."""
     creating: bool = False
     """This replica's create call of the attempt is in flight (its answer names the prediction)."""
     create_answered: asyncio.Event = field(default_factory=asyncio.Event)
@@ -66,9 +64,10 @@ class AttemptInfo:
     rejected: set[str] = field(default_factory=set)
     """Prediction ids the scheduler refused for this attempt (stale or duplicates): ignored."""
     started_reported: bool = False
-    """The scheduler knows the attempt runs: a ``started`` result was published, or its
-    CompleteSubmit was accepted (which starts the task in the same transaction), so a ``start``
-    webhook has nothing to add."""
+    """The scheduler knows (or will know) the attempt runs: a ``started`` result was published or
+    is held (this replica's create, ``Observer.report_created``), or an adoption's CompleteSubmit
+    was accepted (which starts the task in its transaction), so a ``start`` webhook has nothing to
+    add."""
     last_percent: int = -1
     """Percentage of the last progress result published (progress.py)."""
     last_progress_at: float = float("-inf")

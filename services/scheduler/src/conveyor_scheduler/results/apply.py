@@ -126,8 +126,15 @@ def apply_result(
 ) -> None:
     """Apply one provider result to a locked task row (no effect when stale or backwards)."""
     now = changes.now
-    if result.attempt != row["attempt"] or row["status"] not in m.ACTIVE_STATUSES:
-        return  # another attempt's, or the task is terminal/queued again: a duplicate or stale
+    if (
+        result.attempt != row["attempt"]
+        or row["status"] not in m.ACTIVE_STATUSES
+        or (result.prediction_id and row["prediction_id"] not in (None, "", result.prediction_id))
+    ):
+        # Another attempt's, the task is terminal or queued again, or another prediction than the
+        # one the attempt recorded: a duplicate or stale result, which changes nothing.
+        _refuse(row, result, changes)
+        return
     outcome = result.WhichOneof("outcome")
     row["last_provider_update_at"] = now
     if result.prediction_id and not row["prediction_id"]:
@@ -210,6 +217,38 @@ def apply_result(
 
 # --------------------------------------------------------------------------------------------
 # Leader sweeps
+
+
+def _refuse(row: TaskRow, result: events_pb2.ProviderResult, changes: Changes) -> None:
+    """A refused result of an adapter's own create (``started``, or a progress before it) names a
+    prediction no attempt will record: the adapter is told to cancel it (ADR 0003), as a refused
+    CompleteSubmit was."""
+    if (
+        result.source != events_pb2.RESULT_SOURCE_CREATE
+        or result.WhichOneof("outcome") not in ("started", "progress")
+        or not result.prediction_id
+        or (result.attempt == row["attempt"] and result.prediction_id == row["prediction_id"])
+    ):
+        return
+    logger.warning(
+        "a create's prediction came for a stale attempt; canceling it",
+        extra={
+            "action": "stale_create_canceled",
+            "task_id": str(row["id"]),
+            "attempt": result.attempt,
+            "prediction_id": result.prediction_id,
+        },
+    )
+    changes.command(
+        row,
+        events_pb2.CancelTask(
+            task_id=str(row["id"]),
+            tenant_id=row["tenant_id"],
+            attempt=result.attempt,
+            prediction_id=result.prediction_id,
+            reason="stale_create",
+        ),
+    )
 
 
 def provider_result_id(result: events_pb2.ProviderResult) -> str:
