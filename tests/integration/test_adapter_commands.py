@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from conveyor.events.v1 import events_pb2
+from conveyor_common import vocabulary
 from conveyor_testkit.adapter import (
     has_terminal,
     outcomes,
@@ -189,6 +190,28 @@ async def test_cancel_reaches_the_provider(env: Env) -> None:
         e for e in await env.ledger_all("cancel") if e["prediction_id"] == results[-1].prediction_id
     ]
     assert cancel["by"] == "api"
+
+
+async def test_a_stale_creates_prediction_is_canceled_on_the_schedulers_word(env: Env) -> None:
+    """ADR 0003: the scheduler answers a create's ``started`` it refuses (the attempt went stale)
+    with a CancelTask naming the prediction, reason ``stale_create``: the adapter cancels it at the
+    provider and counts the create as stale."""
+    stale_before = env.metric("conveyor_adapter_creates_total", outcome="stale")
+    task = task_id()
+    env.coordination.dispatched(task)
+    await env.commands.dispatch(task, inputs={"prompt": "went stale", "__fake_duration_s": 30})
+    await wait_until(lambda: env.coordination.running(task))
+    (create,) = await env.ledger(task)
+    await env.commands.cancel(
+        task, prediction_id=create["prediction_id"], reason=vocabulary.STALE_CREATE
+    )
+    results = await env.collector.wait_for(has_terminal, task)
+    assert outcomes(results)[-1] == "canceled"
+    cancels = [
+        e for e in await env.ledger_all("cancel") if e["prediction_id"] == create["prediction_id"]
+    ]
+    assert len(cancels) == 1
+    assert env.metric("conveyor_adapter_creates_total", outcome="stale") == stale_before + 1
 
 
 async def test_cancel_before_the_prediction_exists_is_applied_when_it_appears(env: Env) -> None:

@@ -87,6 +87,8 @@ SS_DISPATCHED = provider_pb2.SUBMIT_STATE_DISPATCHED
 SS_SUBMITTING = provider_pb2.SUBMIT_STATE_SUBMITTING
 SS_UNKNOWN = provider_pb2.SUBMIT_STATE_UNKNOWN
 SS_SUBMITTED = provider_pb2.SUBMIT_STATE_SUBMITTED
+STALE_CREATE = "stale_create"
+"""The reason of a CancelTask the scheduler sends for a create's prediction it refused (ADR 0003)."""
 PROCEED = provider_pb2.SUBMIT_DECISION_PROCEED
 STOP = provider_pb2.SUBMIT_DECISION_STOP
 ALREADY_SUBMITTED = provider_pb2.SUBMIT_DECISION_ALREADY_SUBMITTED

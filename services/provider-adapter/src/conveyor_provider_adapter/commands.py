@@ -47,6 +47,7 @@ from conveyor_common import tracing
 from conveyor_common.context import current_traceparent
 from conveyor_common.kafka import Envelope, PermanentError
 from conveyor_common.ratelimit import AsyncTokenBucket
+from conveyor_common.vocabulary import STALE_CREATE
 from conveyor_provider_adapter.classify import classify_status
 from conveyor_provider_adapter.coordination import Coordinator
 from conveyor_provider_adapter.matching import find_match, normalize_input
@@ -430,6 +431,8 @@ class CommandHandler:
         info = self.state.attempt(c.task_id, c.attempt, c.tenant_id)
         info.cancel_requested = True
         info.cancel_reason = c.reason
+        if c.reason == STALE_CREATE:
+            self.metrics.creates.labels("stale").inc()  # the scheduler refused its prediction
         prediction_id = c.prediction_id or info.prediction_id
         if not prediction_id:
             self.metrics.cancels.labels("deferred").inc()

@@ -70,7 +70,8 @@ class AdapterMetrics:
         )
         self.creates = Counter(
             "conveyor_adapter_creates_total",
-            "Create calls by outcome (created, rate_limited, client_error, ambiguous, unreachable).",
+            "Create calls by outcome (created, rate_limited, client_error, ambiguous, unreachable;"
+            " stale: the scheduler refused the created prediction and had it canceled).",
             ["outcome"],
             registry=registry,
         )

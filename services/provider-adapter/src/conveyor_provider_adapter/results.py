@@ -78,7 +78,9 @@ class Observer:
         """Progress results held back (progress.py) until their timer fires."""
         self.call_later = call_later
         self.started_hold_s = started_hold_s
-        self._started: dict[tuple[str, int], tuple[events_pb2.ProviderResult, Cancelable]] = {}
+        self._started: dict[
+            tuple[str, int], tuple[AttemptInfo, events_pb2.ProviderResult, Cancelable]
+        ] = {}
         """``started`` results of this replica's creates, held (:meth:`report_created`)."""
         self._releases: set[asyncio.Task[None]] = set()
         self._copies: dict[tuple[str, int, str], asyncio.Task[list[CopiedFile]]] = {}
@@ -103,23 +105,25 @@ class Observer:
             return
         key = (info.task_id, info.attempt)
         handle = self.call_later(self.started_hold_s, lambda: self._release_started(key))
-        self._started[key] = (started, handle)
+        self._started[key] = (info, started, handle)
 
     def _supersede_started(self, result: events_pb2.ProviderResult) -> None:
         """Drop the held ``started`` of ``result``'s prediction: ``result`` goes out first and
         records the prediction just as well."""
         key = (result.task_id, result.attempt)
         held = self._started.get(key)
-        if held is not None and held[0].prediction_id == result.prediction_id:
+        if held is not None and held[1].prediction_id == result.prediction_id:
             del self._started[key]
-            held[1].cancel()
+            held[2].cancel()
 
     def _release_started(self, key: tuple[str, int]) -> None:
         held = self._started.pop(key, None)
-        info = self.state.peek(*key)
-        if held is None or info is None or info.terminal_reported or info.terminal_publishing:
+        if held is None:
             return
-        task = asyncio.create_task(self._publish_started(info, held[0]))
+        info, started, _ = held
+        if info.terminal_reported or info.terminal_publishing:
+            return
+        task = asyncio.create_task(self._publish_started(info, started))
         self._releases.add(task)
         task.add_done_callback(self._releases.discard)
 
@@ -129,7 +133,7 @@ class Observer:
 
     async def flush_started(self) -> None:
         """Publish every held ``started`` now and wait for the publishes (graceful shutdown)."""
-        for key, (_, handle) in list(self._started.items()):
+        for key, (_, _, handle) in list(self._started.items()):
             handle.cancel()
             self._release_started(key)
         if self._releases:

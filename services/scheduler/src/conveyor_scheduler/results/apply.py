@@ -25,6 +25,7 @@ from conveyor_common.vocabulary import (
     EV_STARTED,
     EV_SUCCEEDED,
     SS_SUBMITTED,
+    STALE_CREATE,
 )
 from conveyor_scheduler.control.tenants import set_provider_throttle
 from conveyor_scheduler.lifecycle import Backoff, finish, mark_canceled, retry_or_dead_letter
@@ -246,7 +247,7 @@ def _refuse(row: TaskRow, result: events_pb2.ProviderResult, changes: Changes) -
             tenant_id=row["tenant_id"],
             attempt=result.attempt,
             prediction_id=result.prediction_id,
-            reason="stale_create",
+            reason=STALE_CREATE,
         ),
     )
 
