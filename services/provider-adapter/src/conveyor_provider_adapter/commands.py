@@ -317,9 +317,9 @@ class CommandHandler:
         """The create answered: the prediction is the attempt's. The scheduler records it from
         the ``started`` result (``Observer.report_created``, or the first result that supersedes
         it), which the dispatch's offset commit follows; a stale attempt's prediction is canceled
-        by the CancelTask the scheduler answers it with. Lost with a kill before it went out, the
-        attempt stays SUBMITTING: its webhooks adopt the prediction, or a redelivered dispatch's
-        RECONCILE finds it (never a second create)."""
+        by the CancelTask the scheduler answers it with. Lost with a kill before it went out (the
+        dispatch's offset may be committed meanwhile), the attempt stays SUBMITTING and the
+        prediction's webhooks adopt it (ADR 0003); never a second create for the attempt."""
         info.prediction_id = prediction.id
         logger.info(
             "prediction created",
