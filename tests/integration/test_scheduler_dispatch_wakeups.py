@@ -5,10 +5,8 @@ task at once (not at the poll backstop)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 
@@ -17,53 +15,15 @@ from conveyor_scheduler.admission.submit import NewTask, fingerprint
 from conveyor_scheduler.app import SchedulerApp
 from conveyor_scheduler.dispatch.wakeups import payload_of
 from conveyor_testkit import scheduler as kit
+from tests.integration.dispatch_env import count_cycles, running_app, wait_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
-
-
-@contextlib.asynccontextmanager
-async def running_app(database_url: str, **overrides: Any) -> AsyncIterator[SchedulerApp]:
-    """A replica (no Kafka, no gRPC) on a fresh database; its poll is 30 s, so any prompt
-    dispatch below is event-driven (the leader's heartbeat still wakes it about every second)."""
-    await kit.migrate(database_url)
-    settings = kit.make_settings(database_url, dispatch_poll_seconds=30.0, grpc_port=0, **overrides)
-    app = SchedulerApp(settings, kafka=False, grpc=False)
-    await kit.reset(app.engine)
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop()
-
-
-def count_cycles(app: SchedulerApp) -> list[int]:
-    """Counts the leader's dispatch cycles from now on (one-element list, updated in place)."""
-    dispatcher = app.loops.dispatcher
-    counted = [0]
-    real_cycle = dispatcher.cycle
-
-    async def counting_cycle() -> int:
-        counted[0] += 1
-        return await real_cycle()
-
-    dispatcher.cycle = counting_cycle  # type: ignore[method-assign]
-    return counted
 
 
 @pytest.fixture
 async def app(database_url: str) -> AsyncIterator[SchedulerApp]:
     async with running_app(database_url, global_concurrency=1, instance_id="wakeups-test") as app:
         yield app
-
-
-async def wait_status(app: SchedulerApp, task_id: str, status: int, within: float) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < within:
-        task = await app.core.get_task("acme", task_id)
-        if task.status == status:
-            return time.monotonic() - started
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"task {task_id} not in status {status} after {within} s")
 
 
 async def test_saturated_leader_skips_cycles_for_submits_but_not_for_freed_slots(
@@ -98,6 +58,8 @@ async def test_a_cycle_that_fills_the_limit_is_not_followed_by_one_reading_it_ba
     app: SchedulerApp,
 ) -> None:
     dispatcher = app.loops.dispatcher
+    # A cycle's dispatch (a submit's own, dispatch/inline.py, is in test_scheduler_dispatch_inline).
+    dispatcher.settings = dispatcher.settings.model_copy(update={"submit_dispatch": False})
     for _ in range(500):
         if app.loops.leader.is_leader:
             break
@@ -396,7 +358,8 @@ async def test_a_leader_with_room_and_nothing_queued_runs_no_cycle_for_freed_slo
 ) -> None:
     """Limits far from full and every queued task dispatched: a task's end frees a slot, and a
     BeginSubmit window room, that nothing can take, so no cycle runs for them (each was a
-    transaction reading the whole capacity). A submit still goes out at once."""
+    transaction reading the whole capacity). A submit still goes out at once: it dispatches itself
+    (dispatch/inline.py), and with that turned off a cycle takes it at once."""
     app = roomy_app
     ids = []
     for i in range(3):
@@ -413,6 +376,13 @@ async def test_a_leader_with_room_and_nothing_queued_runs_no_cycle_for_freed_slo
     assert cycles[0] == 0
 
     row, _ = await app.core.submit_one("acme", 3, kit.item("roomy-next"))
+    task = await app.core.get_task("acme", str(row["id"]))
+    assert task.status == task_pb2.TASK_STATUS_DISPATCHED  # in the submit's own transaction
+    assert cycles[0] == 0
+
+    dispatcher = app.loops.dispatcher
+    dispatcher.settings = dispatcher.settings.model_copy(update={"submit_dispatch": False})
+    row, _ = await app.core.submit_one("acme", 3, kit.item("roomy-cycle"))
     took = await wait_status(app, str(row["id"]), task_pb2.TASK_STATUS_DISPATCHED, 5.0)
     assert took < 0.5  # new work: a cycle at once, not the ~1 s heartbeat wake
     assert cycles[0] >= 1

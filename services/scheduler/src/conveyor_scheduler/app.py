@@ -90,6 +90,7 @@ class SchedulerApp:
         self.loops = LeaderLoops(
             s, self.core.policy, self.engine, self.leader, self.wakeups, self.metrics, self.stalls
         )
+        self.core.dispatcher = self.loops.dispatcher
         self.groups_binding, self.groups = groups_binding(self.core, self.registry)
         self.producer: EventProducer | None = None
         self.consumer: EventConsumer | None = None

@@ -42,6 +42,7 @@ from conveyor_scheduler.control.tenants import (
     set_tenant_paused,
     upsert_tenant,
 )
+from conveyor_scheduler.dispatch.cycle import Dispatcher
 from conveyor_scheduler.dispatch.policy import Policy
 from conveyor_scheduler.dispatch.wakeups import Wakeups, notify_within
 from conveyor_scheduler.lifecycle import Backoff
@@ -130,6 +131,9 @@ class SchedulerCore:
         self.sessionmaker = async_sessionmaker(engine, expire_on_commit=False)
         self._stats = StatsCache()
         self._submits: SubmitBatcher | None = None
+        self.dispatcher: Dispatcher | None = None
+        """The leader loops' dispatcher on a replica that runs them: an idle leader's submits
+        dispatch their own tasks (:mod:`.dispatch.inline`)."""
 
     def _after(
         self, changes: Changes | None = None, *, poke: bool = True, frees: bool = True
@@ -218,10 +222,15 @@ class SchedulerCore:
         await notify_within(conn, payload)
         return True
 
-    def _submitted(self, created: int, *, announced: bool = False) -> None:
+    def _submitted(
+        self, created: int, *, announced: bool = False, dispatched: bool = False
+    ) -> None:
         if created:
             if self.metrics is not None:
                 self.metrics.submitted.inc(created)
+            if dispatched:  # the submit dispatched every task it created: nothing new is queued
+                self.wakeups.poke_relay()
+                return
             # New work only: no capacity appeared.
             self._woken(_wake_of(None, frees=False), announced=announced)
             if announced and self.wakeups.announcer is not None:

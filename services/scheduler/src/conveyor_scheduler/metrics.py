@@ -92,6 +92,11 @@ class SchedulerMetrics:
             ["kind"],
             registry=registry,
         )
+        self.submit_dispatched = Counter(
+            "conveyor_scheduler_submit_dispatched_total",
+            "Tasks an idle leader's submit dispatched in its own transaction (of the dispatched).",
+            registry=registry,
+        )
         self.retries = Counter(
             "conveyor_scheduler_retries_total", "Retries scheduled.", registry=registry
         )

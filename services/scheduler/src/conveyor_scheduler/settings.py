@@ -148,6 +148,9 @@ class SchedulerSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetti
     """Polling backstop of the dispatcher (NOTIFY and in-process wake-ups come first)."""
     dispatch_batch_max: int = Field(default=500, ge=1, le=10_000)
     """Most tasks dispatched in one transaction."""
+    submit_dispatch: bool = True
+    """On an idle leader (nothing else queued, room free), a submit taken by the leader's replica
+    dispatches its own tasks in its transaction instead of waking a dispatch cycle for them."""
     dispatch_window: int = Field(default=256, ge=0, le=100_000)
     """Most tasks dispatched but not yet taken up by an adapter (BeginSubmit) at once; 0 = no bound.
     Keeps the Kafka command queue short, so priority and fair share hold at the provider rather

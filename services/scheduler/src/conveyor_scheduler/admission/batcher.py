@@ -22,6 +22,7 @@ from conveyor_common.faults import classify
 from conveyor_scheduler.admission.group_submit import submit_group
 from conveyor_scheduler.admission.submit import NewTask, SubmitRequest
 from conveyor_scheduler.clock import utcnow
+from conveyor_scheduler.dispatch.inline import SubmitDispatch, dispatch_submitted
 from conveyor_scheduler.store.bulk import pipelined
 from conveyor_scheduler.store.convert import TaskRow
 
@@ -141,6 +142,7 @@ class SubmitBatcher:
         now = max(utcnow(), self._next_now)
         self._next_now = now + timedelta(microseconds=len(batch))
         started = time.perf_counter()
+        inline: SubmitDispatch | None = None
         try:
             # Three round trips for a common group: keys, admission, insert with COMMIT.
             with tracing.span(
@@ -159,10 +161,21 @@ class SubmitBatcher:
                         now=now,
                         leave_pipeline=leave,
                     )
-                    announced = any(
-                        not isinstance(o, Exception) and not o[1] for o in outcomes
-                    ) and await core.announce_work_within(conn)
-        except Exception as exc:
+                    created = [o[0] for o in outcomes if not isinstance(o, Exception) and not o[1]]
+                    announced = bool(created) and await core.announce_work_within(conn)
+                    if created and core.dispatcher is not None:
+                        # An idle leader's submit dispatches its own tasks (dispatch/inline.py).
+                        inline = await dispatch_submitted(
+                            core.dispatcher,
+                            conn,
+                            created,
+                            max(utcnow(), now + timedelta(microseconds=len(batch))),
+                        )
+        except BaseException as exc:
+            if inline is not None:
+                inline.abandoned()
+            if not isinstance(exc, Exception):
+                raise
             if isinstance(classify(exc), Unavailable):
                 # The database is unreachable or contended: one by one would fail the same way,
                 # slowly. Every caller gets the error (UNAVAILABLE with RetryInfo at the RPC).
@@ -192,11 +205,13 @@ class SubmitBatcher:
                     if not f.done():
                         f.set_result(out)
             return False
+        if inline is not None:
+            inline.committed()
         self.groups += 1
         if core.metrics is not None:
             core.metrics.submit_group_size.observe(len(batch))
             core.metrics.submit_group_seconds.observe(time.perf_counter() - started)
-        created = 0
+        created_n = 0
         for (_, f), outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 if isinstance(outcome, ResourceExhausted):
@@ -204,8 +219,10 @@ class SubmitBatcher:
                 if not f.done():
                     f.set_exception(outcome)
             else:
-                created += 0 if outcome[1] else 1
+                created_n += 0 if outcome[1] else 1
                 if not f.done():
                     f.set_result(outcome)
-        core._submitted(created, announced=announced)
+        core._submitted(
+            created_n, announced=announced, dispatched=inline is not None and inline.all_taken
+        )
         return True

@@ -78,6 +78,8 @@ class Capacity:
     blocked_kinds: list[int] = field(default_factory=list)
     paused_tenants: list[str] = field(default_factory=list)
     """Tenants an operator paused: none of their tasks is dispatched."""
+    tenant_info: dict[str, tuple[int, int | None, int | None]] = field(default_factory=dict)
+    """(tier, explicit limit, weight) of the tenants read with the capacity (:mod:`.inline`)."""
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,25 @@
 """The dispatch cycle: free capacity, candidates by rank, a fair merge, one dispatch transaction.
 
-Runs on the leader only, on the leader's own connection (see :mod:`.leadership`).
+Runs on the leader only, on the leader's own connection (see :mod:`.leadership`), woken by NOTIFY and
+in-process events with a polling backstop (an idle leader's submit may dispatch its own tasks
+instead: :mod:`.inline`):
 
-**Dispatch cycle** (event-driven: NOTIFY and in-process wake-ups, with a polling backstop):
-
-1. free capacity from ``active_slots`` aggregates (one GROUPING SETS query: global, per tenant, per
-   model, per kind), the provider token bucket (in memory), ``model_controls`` and
-   ``provider_controls``;
-2. one query with ``LATERAL`` per eligible tenant (has waiting tasks and free slots) takes its top-k
+1. free capacity from ``active_slots`` aggregates (global, per tenant, model and kind), the provider
+   token bucket (in memory), ``model_controls`` and ``provider_controls``;
+2. one query with ``LATERAL`` per eligible tenant (waiting tasks and free slots) takes its top-k
    queued dispatchable tasks by rank, so a saturated or flooding tenant's backlog is never scanned
    (kept in a cache; re-read after a submit in step 1's round trip: :mod:`.candidates`);
 3. merge in memory: highest priority band first, then the lowest tenant virtual time (weighted fair
    queueing), then rank; assign greedily within every limit, each task at its cost clamped to the
    smallest limit over it (``Policy.effective_cost``: a task costlier than its tenant's limit runs
    alone instead of blocking the tenant's queue forever);
-4. one transaction: ``UPDATE tasks ... WHERE id = ANY(:ids) AND status = 1 RETURNING *``, insert the
-   slots, the DISPATCHED events and the outbox records (DispatchTask + TaskStateChanged) in batches,
-   decrement the waiting counters.
+4. one transaction: ``UPDATE tasks ... WHERE id = ANY(:ids) AND status = 1 RETURNING *``, the slots,
+   DISPATCHED events, outbox records (DispatchTask + TaskStateChanged) and waiting counters.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import time
@@ -50,6 +49,7 @@ from conveyor_scheduler.dispatch.statements import (
     BACKOFF_SQL,
     CONTROLS_SQL,
     DISPATCH_SQL,
+    TENANT_INFO_SQL,
     TENANTS_SQL,
     USAGE_SQL,
 )
@@ -100,13 +100,11 @@ class Dispatcher:
         self._cache_until = float("-inf")
         self._cache_blocked: tuple[set[str], set[int]] = (set(), set())
         self._prefetched: tuple[list[Any], datetime | None, SpeculativeRead] | None = None
-        """The tenants, the earliest backoff and every tenant's candidates (speculatively), read
-        with the capacity when the cache was stale."""
+        """Tenants, earliest backoff, candidates: read with the capacity when the cache was stale."""
         self.drained = False
-        """The last cycle's candidate read left nothing queued anywhere: no cached candidate, no
-        tenant that may have more (one at its limit counts as one that may), no model or kind that
-        was full at the read. Until new work is announced or the cache expires, more room (a freed
-        slot, window room) cannot be used."""
+        """The last cycle's read left nothing queued anywhere (no cached candidate, no tenant that
+        may have more, no model or kind full at the read): until new work or the cache's expiry,
+        more room cannot be used."""
         self.last_dispatched: list[tuple[uuid.UUID, int]] = []
         """(task id, attempt) of the last cycle's dispatches (benchmarks, tests)."""
         self.on_commit: list[Callable[[int], None]] = []
@@ -114,6 +112,8 @@ class Dispatcher:
         self.window = DispatchWindow(
             settings.dispatch_window, settings.dispatch_window_min, settings.dispatch_window_seconds
         )
+        self.lock = asyncio.Lock()
+        """Held by each dispatching transaction (a cycle, a submit's: :mod:`.inline`) to its end."""
 
     async def cycle(self) -> int:
         """One dispatch cycle; returns the number of tasks dispatched."""
@@ -125,7 +125,7 @@ class Dispatcher:
         self.next_wake = None
         self.drained = False
         try:
-            async with conn.begin():
+            async with self.lock, conn.begin():
                 n = await self._cycle(conn, now)
         finally:
             if self._prefetched is not None:  # read but not used: the next cycle reads again
@@ -175,8 +175,7 @@ class Dispatcher:
         )
 
     def nothing_queued(self) -> bool:
-        """Whether a cycle now could only find what the last one left: nothing (:attr:`drained`,
-        no new work announced since, the candidate cache still valid)."""
+        """A cycle now would find nothing: :attr:`drained`, no new work since, cache valid."""
         return self.drained and not self._cache_stale()
 
     async def _candidates(
@@ -263,19 +262,23 @@ class Dispatcher:
         if self._cache_until != float("-inf") and self.next_wake is None:
             self.next_wake = self._cache_until
 
-    def _tenant_free(self, cap: Capacity) -> dict[str, int]:
+    def _tenant_free(self, cap: Capacity, info: dict[str, Any] | None = None) -> dict[str, int]:
         free: dict[str, int] = {}
-        for tenant, (tier, explicit, weight) in self._tenant_info.items():
+        info = self._tenant_info if info is None else info
+        for tenant, (tier, explicit, weight) in info.items():
             cap.tenant_limit[tenant] = self.policy.tenant_limit(tier, explicit)
             free[tenant] = cap.tenant_limit[tenant] - cap.tenant_used.get(tenant, 0)
             cap.tenant_weight[tenant] = self.policy.tenant_weight(tier, weight)
         cap.tenant_free = free
         return free
 
-    async def _capacity(self, conn: AsyncConnection, now: datetime) -> Capacity | None:
-        """Fence the transaction and read what limits it: one pipelined round trip (the leader
-        lock, the controls, the slots in use, and the commands awaiting an adapter)."""
-        fence, fence_params = self.leader.fence_statement()
+    async def _capacity(
+        self, conn: AsyncConnection, now: datetime, *, tenants: list[str] | None = None
+    ) -> Capacity | None:
+        """Fence the transaction and read what limits it in one round trip: the leader lock, the
+        controls, the slots in use, the commands awaiting an adapter. ``tenants``: from a pool
+        connection (:mod:`.inline`), with those tenants' rows, nothing speculative."""
+        fence, fence_params = self.leader.fence_statement(other=tenants is not None)
         statements: list[tuple[TextClause, dict[str, Any]]] = [
             (fence, fence_params),
             (CONTROLS_SQL, {"p": self.settings.provider_name, "now": now}),
@@ -283,8 +286,10 @@ class Dispatcher:
         ]
         if self.settings.dispatch_window:
             statements.append((AWAITING_ADAPTER_SQL, {}))
+        if tenants is not None:
+            statements.append((TENANT_INFO_SQL, {"ts": tenants}))
         speculative: dict[str, Any] | None = None
-        if self._cache_stale():  # the candidate cache is re-read: its reads go in this trip too
+        if tenants is None and self._cache_stale():  # the candidate cache is re-read: in this trip
             self.wakeups.candidates_stale = False  # a poke from now on marks it stale again
             speculative = speculative_params(
                 self.policy.tier_concurrency,
@@ -313,6 +318,7 @@ class Dispatcher:
                 ),
             )
             del results[-3:]
+        info = results.pop() if tenants is not None else []
         (held,), controls, usage, *window = results
         if not held[0]:
             raise LostLeadership("the leader lock is not held by this session")
@@ -373,6 +379,7 @@ class Dispatcher:
             blocked_models=blocked_models,
             blocked_kinds=blocked_kinds,
             paused_tenants=paused_tenants,
+            tenant_info={t[0]: (t[1], t[2], t[3]) for t in info},
         )
 
     def _assign(
@@ -445,7 +452,10 @@ class Dispatcher:
             self.vtime = {t: v for t, v in self.vtime.items() if v > self.system_vtime}
         return chosen
 
-    async def _commit(self, conn: AsyncConnection, chosen: list[Candidate], now: datetime) -> int:
+    async def _commit(
+        self, conn: AsyncConnection, chosen: list[Candidate], now: datetime, *, commit: bool = True
+    ) -> int:
+        """Dispatch ``chosen``, committing with the last round trip unless ``commit`` is False."""
         provider = self.settings.provider_name
         rows = await raw_mappings(
             conn, DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now}, generic_plans=True
@@ -478,7 +488,8 @@ class Dispatcher:
         async with pipeline_within(conn) as leave:
             await insert_rows(conn, "active_slots", slots, raw=True)
             await changes.flush(conn, save=False, leave_pipeline=leave)
-            await commit_raw(conn)
+            if commit:
+                await commit_raw(conn)
         self.bucket.spend(len(rows))
         if self.metrics is not None:
             for row in rows:

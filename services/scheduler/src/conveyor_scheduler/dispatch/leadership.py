@@ -80,10 +80,13 @@ class Leader:
         key = self.settings.leader_lock_key & 0xFFFFFFFFFFFFFFFF
         return {"hi": key >> 32, "lo": key & 0xFFFFFFFF}
 
-    def fence_statement(self) -> tuple[TextClause, dict[str, int]]:
+    def fence_statement(self, *, other: bool = False) -> tuple[TextClause, dict[str, int]]:
         """The fence of a transaction on the leader's own connection: one row, whether this session
         holds the lock (the dispatch cycle sends it with its first reads and raises LostLeadership
-        unless it does)."""
+        unless it does). With ``other``, the fence of a transaction on another connection: whether
+        the leader's session holds it (no leader session known: a pid no backend has)."""
+        if other:
+            return _PID_HOLDS_LOCK_SQL, {**self._key_parts, "pid": self.backend_pid or 0}
         return _HOLDS_LOCK_SQL, self._key_parts
 
     async def fence_any(self, conn: AsyncConnection) -> None:

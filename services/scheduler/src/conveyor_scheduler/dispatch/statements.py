@@ -22,6 +22,12 @@ TENANTS_SQL = text(
     " FROM tenants WHERE waiting > 0 AND NOT paused"
 )
 
+TENANT_INFO_SQL = text(
+    "SELECT tenant_id, COALESCE(tier, claimed_tier, 1) AS tier, max_concurrency, weight"
+    " FROM tenants WHERE tenant_id = ANY(:ts)"
+)
+"""What :data:`TENANTS_SQL` reads, of the given tenants (a submit dispatching its own tasks)."""
+
 TOP_QUEUED = """
         SELECT t.id, t.tenant_id, t.kind, t.model, t.rank, t.slot_cost, t.enqueued_at
         FROM tasks t
