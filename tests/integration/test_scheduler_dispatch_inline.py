@@ -136,3 +136,27 @@ async def test_a_submit_while_the_limit_is_full_waits_for_a_cycle(app: Scheduler
     await app.core.begin_submits([(str(rows[0]["id"]), 1)])
     await app.core.apply_results([kit.result(rows[0]["id"], 1, "failed", retryable=False)])
     await wait_status(app, str(late["id"]), DISPATCHED, 5.0)
+
+
+async def test_a_group_with_submits_waiting_behind_it_leaves_its_tasks_to_the_cycle(
+    database_url: str,
+) -> None:
+    """Groups of one: the first has a second submit waiting for the flusher, so it does not spend
+    the dispatch's round trips before that one's transaction (a cycle dispatches beside it)."""
+    async with running_app(
+        database_url, global_concurrency=3, submit_group_max=1, instance_id="inline-busy"
+    ) as app:
+        row, _ = await app.core.submit_one("acme", 3, kit.item("first"))
+        await wait_status(app, str(row["id"]), DISPATCHED, 5.0)
+        for _ in range(100):
+            if app.loops.dispatcher.nothing_queued():
+                break
+            await asyncio.sleep(0.01)
+        assert app.loops.dispatcher.nothing_queued()
+        first = asyncio.ensure_future(app.core.submit_one("acme", 3, kit.item("busy-1")))
+        second = asyncio.ensure_future(app.core.submit_one("acme", 3, kit.item("busy-2")))
+        row, _ = await first
+        assert await status(app, row) == QUEUED  # the flusher had the second waiting
+        row2, _ = await second
+        for r in (row, row2):
+            await wait_status(app, str(r["id"]), DISPATCHED, 5.0)

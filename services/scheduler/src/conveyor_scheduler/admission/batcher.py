@@ -163,8 +163,10 @@ class SubmitBatcher:
                     )
                     created = [o[0] for o in outcomes if not isinstance(o, Exception) and not o[1]]
                     announced = bool(created) and await core.announce_work_within(conn)
-                    if created and core.dispatcher is not None:
-                        # An idle leader's submit dispatches its own tasks (dispatch/inline.py).
+                    if created and core.dispatcher is not None and not self._pending:
+                        # An idle leader's submit dispatches its own tasks (dispatch/inline.py);
+                        # not while more submits wait for this flusher: the dispatch's round trips
+                        # would delay them, where a cycle dispatches beside the next group.
                         inline = await dispatch_submitted(
                             core.dispatcher,
                             conn,

@@ -9,7 +9,9 @@ the lock), the same fair assignment within every limit, the DISPATCH update, the
 DISPATCHED events and the DispatchTask commands. It saves a transaction, a wake-up and a relay
 pass per submit, and the SUBMITTED event, the DISPATCHED event and the command leave in one relay
 pass. Whatever does not fit (a limit, a paused tenant or model, a delayed task, a group's member)
-stays queued and the submit wakes the cycle as before.
+stays queued and the submit wakes the cycle as before; so does a group with more submits waiting
+for the flusher (``admission/batcher.py``): under a stream of submits the dispatch's round trips
+would delay their transaction, where a cycle dispatches beside it.
 
 A submit on another replica that commits meanwhile is seen by the next cycle, as if a cycle had
 started a moment before it. Every dispatching transaction of the leader holds
