@@ -172,6 +172,7 @@ class SubmitBatcher:
                             conn,
                             created,
                             max(utcnow(), now + timedelta(microseconds=len(batch))),
+                            leave,
                         )
         except BaseException as exc:
             if inline is not None:

@@ -59,6 +59,7 @@ from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.settings import SchedulerSettings
 from conveyor_scheduler.store import models as m
 from conveyor_scheduler.store.bulk import (
+    Outer,
     commit_raw,
     insert_rows,
     pipeline_within,
@@ -453,9 +454,9 @@ class Dispatcher:
         return chosen
 
     async def _commit(
-        self, conn: AsyncConnection, chosen: list[Candidate], now: datetime, *, commit: bool = True
+        self, conn: AsyncConnection, chosen: list[Candidate], now: datetime, *, outer: Outer = None
     ) -> int:
-        """Dispatch ``chosen``, committing with the last round trip unless ``commit`` is False."""
+        """Dispatch ``chosen``, committing with the last round trip (``outer``: see inline.py)."""
         provider = self.settings.provider_name
         rows = await raw_mappings(
             conn, DISPATCH_SQL, {"ids": [c.id for c in chosen], "now": now}, generic_plans=True
@@ -483,12 +484,11 @@ class Dispatcher:
             changes.command(row, dispatch_command(row, provider, self.policy, now))
             row["last_sequence"] -= 1  # the UPDATE bumped it; event() bumps the copy again
             changes.event(row, EV_DISPATCHED, m.QUEUED)
-        # The slots, events, outbox rows, counters and the commit: one round trip (generic plans,
-        # asked for with the UPDATE above).
-        async with pipeline_within(conn) as leave:
+        # Slots, events, outbox rows, counters, commit: one round trip (generic plans, see above).
+        async with pipeline_within(conn, outer=outer) as leave:
             await insert_rows(conn, "active_slots", slots, raw=True)
             await changes.flush(conn, save=False, leave_pipeline=leave)
-            if commit:
+            if outer is None:
                 await commit_raw(conn)
         self.bucket.spend(len(rows))
         if self.metrics is not None:

@@ -31,6 +31,7 @@ from conveyor_scheduler.dispatch.candidates import Candidate
 from conveyor_scheduler.dispatch.cycle import Dispatcher
 from conveyor_scheduler.dispatch.leadership import LostLeadership
 from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.bulk import Outer
 from conveyor_scheduler.store.convert import TaskRow
 
 
@@ -81,11 +82,17 @@ def may_dispatch(dispatcher: Dispatcher) -> bool:
 
 
 async def dispatch_submitted(
-    dispatcher: Dispatcher, conn: AsyncConnection, created: Sequence[TaskRow], now: datetime
+    dispatcher: Dispatcher,
+    conn: AsyncConnection,
+    created: Sequence[TaskRow],
+    now: datetime,
+    outer: Outer = None,
 ) -> SubmitDispatch | None:
     """Dispatch what fits of the tasks a submit just wrote on ``conn`` (its transaction is open and
     not committed), when :func:`may_dispatch`; None when nothing was dispatched (the lock is then
-    not held). The caller calls :meth:`SubmitDispatch.committed` or ``abandoned``."""
+    not held). The caller calls :meth:`SubmitDispatch.committed` or ``abandoned``. ``outer``: the
+    submit's ``pipelined`` transaction, whose commit carries the dispatch's writes (one round trip
+    fewer than a synchronization of their own)."""
     d = dispatcher
     if not created or not may_dispatch(d):
         return None
@@ -127,7 +134,7 @@ async def dispatch_submitted(
         free = d._tenant_free(cap, cap.tenant_info)
         per_tenant = {t: c for t, c in per_tenant.items() if free[t] > 0}
         chosen = d._assign(per_tenant, cap, now) if per_tenant else []
-        n = await d._commit(conn, chosen, now, commit=False) if chosen else 0
+        n = await d._commit(conn, chosen, now, outer=outer) if chosen else 0
     except BaseException:
         d.wakeups.candidates_stale = True
         d.lock.release()

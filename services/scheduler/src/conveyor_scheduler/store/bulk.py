@@ -344,9 +344,16 @@ async def plans_within(conn: AsyncConnection, *, generic: bool) -> None:
     await driver.execute(GENERIC_PLANS if generic else CUSTOM_PLANS)
 
 
+Outer = Callable[[], Awaitable[None]] | None
+"""The ``leave`` of a caller's :func:`pipelined` transaction, or None (see :func:`pipeline_within`)."""
+
+
 @contextlib.asynccontextmanager
 async def pipeline_within(
-    conn: AsyncConnection, *, generic_plans: bool = False
+    conn: AsyncConnection,
+    *,
+    generic_plans: bool = False,
+    outer: Outer = None,
 ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """psycopg's pipeline mode inside the transaction open on ``conn``; yields ``leave`` (as
     :func:`pipelined`). The statements sent through :func:`raw_execute` without ``fetch`` go out
@@ -354,7 +361,12 @@ async def pipeline_within(
     commits after it, so the tail of a transaction costs two round trips, not one per statement.
     With ``generic_plans`` the rest of the transaction uses generic plans (as :func:`pipelined`;
     the foreign-key checks of its inserts too, which a custom plan re-plans at every row).
+    ``outer``: the ``leave`` of the caller's :func:`pipelined` transaction, yielded as it is: the
+    statements are not synchronized here but travel with that transaction's commit.
     """
+    if outer is not None:
+        yield outer
+        return
     driver: Any = (await conn.get_raw_connection()).driver_connection
     async with contextlib.AsyncExitStack() as stack:
         await stack.enter_async_context(driver.pipeline())
