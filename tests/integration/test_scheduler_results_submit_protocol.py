@@ -4,6 +4,7 @@ BeginSubmit/CompleteSubmit/MarkSubmitUnknown fenced by attempt.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -154,6 +155,35 @@ async def test_batched_submit_protocol(make_env: Callable[..., Awaitable[Env]]) 
     await env.check()
 
 
+async def test_concurrent_begins_of_one_attempt_let_exactly_one_proceed(
+    make_env: Callable[..., Awaitable[Env]],
+) -> None:
+    """One prediction per attempt: of concurrent BeginSubmits of the same attempt (a redelivered
+    dispatch, two adapters) exactly one proceeds, whichever way each is decided (the common case's
+    single statement, the ordered transaction); the others reconcile, with the intent's time."""
+    env = await make_env(lead=True)
+    rows = [r for r, _ in await env.core.submit("a", 1, [kit.item(f"k{i}") for i in range(3)])]
+    assert await env.dispatch() == 3
+    ids = [str(r["id"]) for r in rows]
+    calls = [env.core.begin_submits([(tid, 1)]) for tid in ids for _ in range(3)]
+    calls += [env.core.begin_submits([(ids[0], 1), (ids[1], 1), (ids[0], 1)])]
+    answers = await asyncio.gather(*calls)
+    decisions: dict[str, list[int]] = {tid: [] for tid in ids}
+    for answer, tids in zip(
+        answers, [[tid] for tid in ids for _ in range(3)] + [[ids[0], ids[1], ids[0]]], strict=True
+    ):
+        for tid, outcome in zip(tids, answer, strict=True):
+            decisions[tid].append(outcome.decision)
+            assert outcome.row is not None
+            assert outcome.row["submit_started_at"] is not None
+    for tid in ids:
+        assert sorted(decisions[tid]).count(1) == 1, decisions[tid]  # PROCEED once
+        assert set(decisions[tid]) == {1, 4}  # the rest RECONCILE
+        t = await env.task(uuid.UUID(tid))
+        assert t["submit_state"] == 2
+    await env.check()
+
+
 class Requests:
     """Stands in for a non-leader replica's WorkAnnouncer: records what it is asked to announce."""
 
@@ -191,6 +221,8 @@ async def test_a_followers_hot_writes_carry_their_notify_in_their_own_transactio
         env.core.wakeups.local_leader = False
         env.core.wakeups.announcer = requests  # type: ignore[assignment]
         env.core.wakeups.relay.clear()
+        assert (await env.core.begin_submit(tid, 2))[0] == 2  # stale: STOP, and nothing to say
+        assert await notified() == []
         assert (await env.core.begin_submit(tid, 1))[0] == 1
         assert await notified() == ["window+nooutbox"]
         assert await env.core.complete_submit(tid, 1, f"p-{tid}-1")  # the results' prediction

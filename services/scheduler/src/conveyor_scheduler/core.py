@@ -50,6 +50,7 @@ from conveyor_scheduler.metrics import SchedulerMetrics
 from conveyor_scheduler.results.apply import apply_results
 from conveyor_scheduler.results.submit_protocol import (
     BeginOutcome,
+    begin_at_once,
     begin_submits,
     complete_submits,
     list_in_flight,
@@ -96,6 +97,8 @@ class Wake(NamedTuple):
 
 RELAY_ONLY = Wake(new_work=False, frees=False, window=False, relay_only=True)
 """New outbox rows and nothing for the dispatcher."""
+WINDOW_ROOM = Wake(new_work=False, frees=False, window=True, relay_only=False, outbox=False)
+"""Commands left the dispatch window (BeginSubmit): no event written, the relay stays asleep."""
 
 
 def _wake_of(changes: Changes | None, frees: bool = True) -> Wake:
@@ -365,22 +368,26 @@ class SchedulerCore:
         return changes
 
     async def begin_submits(self, items: Sequence[tuple[str, int]]) -> list[BeginOutcome]:
-        """BeginSubmit of (task, attempt) items, in one transaction."""
+        """BeginSubmit of (task, attempt) items: the common case in one round trip
+        (``begin_at_once``), any other item decided in order in a transaction of its own."""
+        wake = WINDOW_ROOM if self.settings.dispatch_window else None
+        payload = None if wake is None else self.wakeups.to_announce(**wake._asdict())
+        async with self.engine.connect() as conn:
+            outcomes = await begin_at_once(conn, items, utcnow(), payload)
+        if any(o is not None for o in outcomes):  # commands left the dispatch window
+            self._woken(wake, announced=payload is not None)
+        if rest := [i for i, o in enumerate(outcomes) if o is None]:
+            later = await self._begin_in_order([items[i] for i in rest])
+            for i, o in zip(rest, later, strict=True):
+                outcomes[i] = o
+        return [o for o in outcomes if o is not None]
+
+    async def _begin_in_order(self, items: Sequence[tuple[str, int]]) -> list[BeginOutcome]:
         async with self.engine.connect() as conn, pipelined(conn) as leave:
             outcomes, changes = await begin_submits(conn, items, utcnow(), leave)
-            wake = None
-            if changes.free_slots:
-                wake = _wake_of(changes)
-            elif self.settings.dispatch_window and any(o.decision == PROCEED for o in outcomes):
-                # Commands left the dispatch window; no slot was freed (and, as a rule, no event
-                # was written: the relay is not woken for nothing).
-                wake = Wake(
-                    new_work=False,
-                    frees=False,
-                    window=True,
-                    relay_only=False,
-                    outbox=bool(changes.outbox),
-                )
+            wake = _wake_of(changes) if changes.free_slots else None
+            if not changes.free_slots and any(o.decision == PROCEED for o in outcomes):
+                wake = WINDOW_ROOM if self.settings.dispatch_window else None
             announced = await self._announce_within(conn, wake)
         self._woken(wake, announced=announced)
         self._count(changes)

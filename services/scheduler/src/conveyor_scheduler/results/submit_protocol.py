@@ -15,18 +15,22 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from conveyor_common.vocabulary import (
     ALREADY_SUBMITTED,
+    DISPATCHED,
     EV_CANCELED,
     EV_STARTED,
     PROCEED,
     RECONCILE,
+    RUNNING,
     SS_DISPATCHED,
     SS_SUBMITTED,
     SS_SUBMITTING,
     SS_UNKNOWN,
     STOP,
 )
+from conveyor_scheduler.dispatch.wakeups import CHANNEL
 from conveyor_scheduler.lifecycle import finish
 from conveyor_scheduler.store import models as m
+from conveyor_scheduler.store.bulk import pipelined, raw_cursor, raw_execute
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow
 from conveyor_scheduler.store.reads import decode_cursor, encode_cursor, load_task, lock_tasks
@@ -97,6 +101,63 @@ async def begin_submits(
     if changes.dirty:
         await changes.flush(conn, leave_pipeline=leave_pipeline)
     return out, changes
+
+
+_BEGIN_AT_ONCE_SQL = text(
+    "WITH v AS (SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:attempts AS int[]))"
+    " AS v(id, attempt)),"
+    " l AS (SELECT t.id FROM tasks t JOIN v ON t.id = v.id AND t.attempt = v.attempt"
+    f" WHERE t.status IN ({DISPATCHED}, {RUNNING}) AND t.submit_state = {SS_DISPATCHED}"
+    " AND NOT t.cancel_requested ORDER BY t.id FOR UPDATE OF t)"
+    f" UPDATE tasks t SET submit_state = {SS_SUBMITTING}, submit_started_at = :now,"
+    " updated_at = :now FROM l WHERE t.id = l.id"
+    " RETURNING t.id, t.attempt, t.prediction_id, t.submit_started_at"
+)
+"""The common BeginSubmit (``_begin``'s PROCEED: the attempt current, active, dispatched and not
+being canceled) as one statement; the rows are locked in id order, as ``lock_tasks`` does."""
+_NOTIFY_IF_BEGUN_SQL = text(
+    "SELECT pg_notify(:channel, :payload) WHERE EXISTS (SELECT 1 FROM tasks"
+    f" WHERE id = ANY(CAST(:ids AS uuid[])) AND submit_state = {SS_SUBMITTING}"
+    " AND submit_started_at = :now)"
+)
+
+
+async def begin_at_once(
+    conn: AsyncConnection,
+    items: Sequence[tuple[str, int]],
+    now: datetime,
+    notify: str | None = None,
+) -> list[BeginOutcome | None]:
+    """BeginSubmit in one round trip (the update, the commit; ADR 0003): PROCEED for the first
+    item of each (task, attempt) whose attempt could begin, None for every other item, which
+    :func:`begin_submits` decides in order in a transaction of its own (a repeated attempt is then
+    answered as if it came second, as in one transaction). ``notify``: the NOTIFY payload the
+    transaction carries if anything began (a follower's window wake-up)."""
+    parsed = [(_parse(task_id), attempt) for task_id, attempt in items]
+    params = {
+        "ids": [t for t, _ in parsed if t is not None],
+        "attempts": [a for t, a in parsed if t is not None],
+        "now": now,
+    }
+    async with pipelined(conn):
+        cursor = await raw_cursor(conn, _BEGIN_AT_ONCE_SQL, params)
+        if notify is not None:
+            await raw_execute(
+                conn,
+                _NOTIFY_IF_BEGUN_SQL,
+                {"channel": CHANNEL, "payload": notify, "ids": params["ids"], "now": now},
+                fetch=False,
+            )
+    begun = {(r[0], r[1]): r for r in await cursor.fetchall()}
+    out: list[BeginOutcome | None] = []
+    for key in parsed:
+        row = begun.pop(key, None)
+        out.append(
+            None
+            if row is None
+            else BeginOutcome(PROCEED, {"prediction_id": row[2], "submit_started_at": row[3]})
+        )
+    return out
 
 
 def _complete(row: TaskRow | None, attempt: int, prediction_id: str, changes: Changes) -> bool:
