@@ -1,0 +1,135 @@
+"""Small files written atomically by one thread, in batches (a group commit).
+
+A file is written as a temporary file in its directory, its bytes, an ``fsync`` and a rename into
+place, so a reader sees the whole file or none and a stored file survives a crash. Done as one
+worker-thread call per file (``asyncio.to_thread``), the hand-offs cost more than the writes: the
+default executor runs up to six threads that contend with the event loop for the GIL at every
+syscall's return (measured: 0.94 ms of the adapter's CPU per 16 KiB output copied at 8 at a time,
+0.69 with this writer). One thread takes every file queued while it worked, writes them all, syncs
+them all (the syncs of a batch share the filesystem's journal commits), renames them all and wakes
+each waiting loop once for the batch. A lone file waits for nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import tempfile
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MAX_BATCH = 64
+"""Files written per batch (a backlog is worked through in batches of this many)."""
+
+
+@dataclass(slots=True)
+class _Job:
+    path: Path
+    data: list[bytes]
+    future: asyncio.Future[None]
+    fd: int = -1
+    tmp: str = ""
+    error: BaseException | None = field(default=None)
+
+
+def _open(job: _Job) -> None:
+    job.path.parent.mkdir(parents=True, exist_ok=True)
+    job.fd, job.tmp = tempfile.mkstemp(dir=str(job.path.parent), prefix=".part-")
+    for piece in job.data:
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(job.fd, view) :]
+
+
+def _write_batch(jobs: list[_Job]) -> None:
+    """Write, sync and rename every job's file; a job that fails records its error and leaves
+    neither its file nor its temporary part."""
+    for stage in (_open, lambda j: os.fsync(j.fd)):
+        for job in jobs:
+            if job.error is None:
+                try:
+                    stage(job)
+                except Exception as exc:  # handed to the job's waiter
+                    job.error = exc
+    for job in jobs:
+        if job.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(job.fd)
+        if job.error is None:
+            try:
+                os.replace(job.tmp, job.path)
+            except OSError as exc:
+                job.error = exc
+        if job.error is not None and job.tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(job.tmp)
+
+
+def _settle(jobs: list[_Job]) -> None:
+    for job in jobs:
+        if job.future.done():  # the waiter gave up (a copy's timeout): the file stays written
+            continue
+        if job.error is None:
+            job.future.set_result(None)
+        else:
+            job.future.set_exception(job.error)
+
+
+class BatchWriter:
+    """Atomic, durable writes of whole files by one lazily started thread."""
+
+    def __init__(self, max_batch: int = MAX_BATCH) -> None:
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.batches = 0
+        """Batches written (tests)."""
+
+    async def write(self, path: Path, data: list[bytes]) -> None:
+        """Write ``data`` to ``path`` atomically and durably (replacing it)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="output-writer", daemon=True)
+                self._thread.start()
+            self._queue.put(_Job(path, data, future))
+        await future
+
+    async def close(self) -> None:
+        """Finish the files queued, then stop the thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return
+            self._queue.put(None)
+        await asyncio.to_thread(thread.join)
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            while len(jobs) < self.max_batch:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    stopping = True
+                    break
+                jobs.append(job)
+            _write_batch(jobs)
+            self.batches += 1
+            by_loop: dict[asyncio.AbstractEventLoop, list[_Job]] = defaultdict(list)
+            for job in jobs:
+                by_loop[job.future.get_loop()].append(job)
+            for loop, settled in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(_settle, settled)
