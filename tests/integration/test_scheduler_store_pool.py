@@ -59,6 +59,33 @@ async def test_a_connection_used_moments_ago_is_not_pinged(
         await engine.dispose()
 
 
+async def test_after_a_burst_one_at_a_time_use_stays_on_the_hot_connection(
+    sched_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pool hands out its most recently used connection (LIFO): a burst opens several, and the
+    one-at-a-time use that follows keeps taking the same one, never an idle one that would need a
+    ping (first in, first out rotated through all of them, each idle past the threshold)."""
+    engine = db.create_engine(sched_url, pool_size=4, ping_idle_seconds=0.25)
+    pings = count_pings(engine, monkeypatch)
+    try:
+
+        async def hold() -> int:
+            async with engine.connect() as conn:
+                pid = int(await conn.scalar(text("SELECT pg_backend_pid()")))
+                await asyncio.sleep(0.05)
+                return pid
+
+        assert len(set(await asyncio.gather(*(hold() for _ in range(4))))) == 4
+        used = set()
+        for _ in range(12):  # 12 x 0.1 s: a rotation through 4 would idle each 0.4 s
+            used.add(await backend_pid(engine))
+            await asyncio.sleep(0.1)
+        assert len(used) == 1
+        assert pings[0] < 4  # a rotation pinged (nearly) every checkout
+    finally:
+        await engine.dispose()
+
+
 async def test_an_idle_dead_connection_is_replaced_before_use(
     sched_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

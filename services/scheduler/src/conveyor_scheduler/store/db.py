@@ -216,7 +216,10 @@ def create_engine(
     ping_idle_seconds: float = PING_IDLE_SECONDS,
 ) -> AsyncEngine:
     """Async engine (psycopg 3) with a sized pool, UTC sessions, binary arrays, and a ping of
-    connections idle ``ping_idle_seconds`` (:func:`ping_when_idle`); with
+    connections idle ``ping_idle_seconds`` (:func:`ping_when_idle`). The pool hands out its most
+    recently used connection (LIFO): first in, first out rotated through every pooled connection,
+    so at a moderate load each sat idle past the threshold and most checkouts paid a ping (1,500
+    pings in a 25 s run at 100 tasks/s, 42 with LIFO; PostgreSQL's statement log); with
     ``idle_transaction_seconds``, transactions idle that long are aborted by the server; with
     ``pool_metrics``, the pool's state and checkout waits are exported (``conveyor_db_pool_*``)."""
     options = PG_OPTIONS
@@ -232,6 +235,7 @@ def create_engine(
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=1800,
+        pool_use_lifo=True,
         **extra,
     )
     ping_when_idle(engine, ping_idle_seconds)
