@@ -103,3 +103,14 @@ async def test_close_stops_the_thread_and_a_later_write_starts_another(tmp_path:
     await writer.write(tmp_path / "2.bin", [b"2"])
     await writer.close()
     assert (tmp_path / "2.bin").read_bytes() == b"2"
+
+
+async def test_a_write_racing_close_gets_a_thread_of_its_own(tmp_path: Path) -> None:
+    writer = BatchWriter()
+    await writer.write(tmp_path / "1.bin", [b"1"])
+    closing = asyncio.create_task(writer.close())  # its stop is queued at once
+    late = asyncio.create_task(writer.write(tmp_path / "2.bin", [b"2"]))
+    await asyncio.wait_for(asyncio.gather(closing, late), timeout=10)  # neither hangs
+    assert (tmp_path / "2.bin").read_bytes() == b"2"
+    await asyncio.wait_for(writer.close(), timeout=10)
+    assert "output-writer" not in {t.name for t in threading.enumerate()}

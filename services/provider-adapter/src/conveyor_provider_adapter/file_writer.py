@@ -85,6 +85,8 @@ class BatchWriter:
     def __init__(self, max_batch: int = MAX_BATCH) -> None:
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        """The running thread's queue (each thread has its own: a write racing :meth:`close`
+        starts a new thread, and the closing one still gets its stop)."""
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.batches = 0
@@ -95,7 +97,10 @@ class BatchWriter:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="output-writer", daemon=True)
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._queue,), name="output-writer", daemon=True
+                )
                 self._thread.start()
             self._queue.put(_Job(path, data, future))
         await future
@@ -106,19 +111,19 @@ class BatchWriter:
             thread, self._thread = self._thread, None
             if thread is None:
                 return
-            self._queue.put(None)
+            self._queue.put(None)  # after every job of this thread: it finishes them first
         await asyncio.to_thread(thread.join)
 
-    def _run(self) -> None:
+    def _run(self, jobs_in: queue.SimpleQueue[_Job | None]) -> None:
         stopping = False
         while not stopping:
-            first = self._queue.get()
+            first = jobs_in.get()
             if first is None:
                 return
             jobs = [first]
             while len(jobs) < self.max_batch:
                 try:
-                    job = self._queue.get_nowait()
+                    job = jobs_in.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
