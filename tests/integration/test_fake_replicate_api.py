@@ -164,6 +164,27 @@ async def test_progress_logs_outputs_and_files(api: httpx.AsyncClient, fake: Fak
     assert (await api.get(f"{fake.url}/files/{pid}/missing.png")).status_code == 404
 
 
+@pytest.mark.parametrize("size", [16_384, 200_000])
+async def test_a_file_is_served_whole_small_or_streamed(
+    api: httpx.AsyncClient, fake: FakeReplicate, size: int
+) -> None:
+    """A file of one piece (up to 64 KiB) is answered in one response, a larger one streamed: both
+    give the same headers, the whole body, and an empty HEAD with the length."""
+    resp = await api.post(
+        "/v1/models/a/img/predictions", json={"input": {"__fake_output_bytes": size}}
+    )
+    done = await wait_terminal(api, resp.json()["id"])
+    url = done["output"][0] if isinstance(done["output"], list) else done["output"]
+    async with httpx.AsyncClient() as anon:
+        got, head = await anon.get(url), await anon.head(url)
+    assert got.status_code == head.status_code == 200
+    assert got.headers["content-length"] == head.headers["content-length"] == str(size)
+    assert got.headers["content-type"] == head.headers["content-type"] == "image/png"
+    assert len(got.content) == size
+    assert got.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert head.content == b""
+
+
 async def test_scripted_outcomes(api: httpx.AsyncClient, fake: FakeReplicate) -> None:
     async def run(inputs: dict[str, Any]) -> dict[str, Any]:
         r = await api.post("/v1/models/a/b/predictions", json={"input": inputs})
