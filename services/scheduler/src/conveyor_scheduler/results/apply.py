@@ -30,10 +30,10 @@ from conveyor_common.vocabulary import (
 from conveyor_scheduler.control.tenants import set_provider_throttle
 from conveyor_scheduler.lifecycle import Backoff, finish, mark_canceled, retry_or_dead_letter
 from conveyor_scheduler.store import models as m
-from conveyor_scheduler.store.bulk import raw_execute
+from conveyor_scheduler.store.bulk import raw_cursor, raw_execute
 from conveyor_scheduler.store.changes import Changes
 from conveyor_scheduler.store.convert import TaskRow, from_ts
-from conveyor_scheduler.store.reads import lock_tasks
+from conveyor_scheduler.store.reads import lock_tasks, queue_lock_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ async def apply_results(
     """Apply provider results in one transaction: inbox dedup, attempt fencing, forward-only.
 
     With ``leave_pipeline`` the caller holds ``conn`` in psycopg's pipeline mode
-    (``store.bulk.pipelined``): the inbox and the row locks are the round trips, every write goes
-    with the commit; a throttle (written with SQLAlchemy) leaves the pipeline first.
+    (``store.bulk.pipelined``): the inbox insert and the row locks go out together (one round trip
+    where waiting for the inbox first cost two), every write goes with the commit; a batch with a
+    throttle (written with SQLAlchemy, after leaving the pipeline) reads the inbox first.
     """
     changes = Changes(now=now)
     if not results:
@@ -81,9 +82,16 @@ async def apply_results(
     piped = leave_pipeline is not None
     ids = list(dict.fromkeys(r.result_id for r in results if r.result_id))
     fresh: set[str] = set()
+    locked: Callable[[], Awaitable[dict[uuid.UUID, TaskRow]]] | None = None
     if ids:
         params = {"consumer": consumer, "ids": ids, "now": now}
-        if piped:
+        if piped and not any(r.WhichOneof("outcome") == "throttled" for r in results):
+            # The inbox and the row locks in one round trip: every result's task is locked, a
+            # duplicate's to no effect (the lock order stays inbox, then tasks by id).
+            inbox = await raw_cursor(conn, _INBOX_SQL, params)
+            locked = await queue_lock_tasks(conn, _task_ids(results))
+            fresh = {r[0] for r in await inbox.fetchall()}
+        elif piped:
             fresh = {r[0] for r in await raw_execute(conn, _INBOX_SQL, params)}
         else:
             fresh = {r[0] for r in await conn.execute(_INBOX_SQL, params)}
@@ -106,7 +114,7 @@ async def apply_results(
             task_ids.append(uuid.UUID(r.task_id))
         except ValueError:
             logger.warning("result for a bad task id", extra={"action": "result_bad_task"})
-    rows = await lock_tasks(conn, task_ids, raw=piped)
+    rows = await locked() if locked is not None else await lock_tasks(conn, task_ids, raw=piped)
     for r in todo:
         if r.WhichOneof("outcome") == "throttled":
             continue
@@ -120,6 +128,17 @@ async def apply_results(
         apply_result(row, r, changes, backoff)
     await changes.flush(conn, leave_pipeline=leave_pipeline if piped else None)
     return changes
+
+
+def _task_ids(results: Sequence[events_pb2.ProviderResult]) -> list[uuid.UUID]:
+    """The task ids of ``results`` (a malformed one is left out: it is reported when applied)."""
+    out: list[uuid.UUID] = []
+    for r in results:
+        try:
+            out.append(uuid.UUID(r.task_id))
+        except ValueError:
+            continue
+    return out
 
 
 def apply_result(

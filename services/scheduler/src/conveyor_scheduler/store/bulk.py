@@ -142,6 +142,16 @@ async def raw_mappings(
     return rows
 
 
+async def raw_dict_cursor(
+    conn: AsyncConnection, statement: TextClause, params: dict[str, Any]
+) -> Any:
+    """:func:`raw_cursor` with rows as dicts (in pipeline mode: sent, its rows read later)."""
+    driver: Any = (await conn.get_raw_connection()).driver_connection
+    cursor = driver.cursor(row_factory=dict_row)
+    await cursor.execute(_raw_sql(statement), params)
+    return cursor
+
+
 async def raw_cursor(conn: AsyncConnection, statement: TextClause, params: dict[str, Any]) -> Any:
     """Send a ``text()`` statement straight on the psycopg connection of ``conn``; returns its
     cursor (in pipeline mode its rows can be fetched once the pipeline synchronized)."""

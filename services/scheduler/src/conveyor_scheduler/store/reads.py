@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +23,7 @@ from conveyor_common.errors import (
     RpcError,
 )
 from conveyor_scheduler.store import models as m
-from conveyor_scheduler.store.bulk import raw_mappings
+from conveyor_scheduler.store.bulk import raw_dict_cursor, raw_mappings
 from conveyor_scheduler.store.convert import (
     TaskRow,
     TrackedRow,
@@ -72,6 +72,22 @@ async def lock_tasks(
         }
     rows = await conn.execute(_LOCK_TASKS_SQL, {"ids": wanted})
     return {r["id"]: TrackedRow(r) for r in rows.mappings()}
+
+
+async def queue_lock_tasks(
+    conn: AsyncConnection, ids: Iterable[uuid.UUID]
+) -> Callable[[], Awaitable[dict[uuid.UUID, TaskRow]]]:
+    """:func:`lock_tasks` on a connection in pipeline mode, sent without waiting for its rows: the
+    returned call reads them, in the round trip of every statement queued before it."""
+    wanted = sorted(set(ids))
+    cursor = await raw_dict_cursor(conn, _LOCK_TASKS_SQL, {"ids": wanted}) if wanted else None
+
+    async def rows() -> dict[uuid.UUID, TaskRow]:
+        if cursor is None:
+            return {}
+        return {r["id"]: TrackedRow(r) for r in await cursor.fetchall()}
+
+    return rows
 
 
 async def queue_position(conn: AsyncConnection, row: TaskRow) -> int:
