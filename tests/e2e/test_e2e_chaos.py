@@ -310,6 +310,22 @@ class Run:
         return time.time()
 
 
+def failed_submits(run: Run) -> list[str]:
+    """Each submit that failed: when it was invoked and answered (seconds into the run, the
+    nemesis log's clock) and its error."""
+    wall_t0 = time.time() - run.now()
+    invoked = {
+        op["request_id"]: op["time"]
+        for op in run.history.ops
+        if op["f"] == "submit" and op["type"] == "invoke"
+    }
+    return [
+        f"{invoked[op['request_id']] - wall_t0:.2f}s..{op['time'] - wall_t0:.2f}s {op['error']}"
+        for op in run.history.ops
+        if op["f"] == "submit" and op["type"] in ("fail", "info")
+    ]
+
+
 def log_offsets(run_dir: Path) -> dict[Path, int]:
     """Where every service log ends now (the run is judged on what comes after)."""
     return {log: log.stat().st_size for log in run_dir.glob("*.log")}
@@ -454,7 +470,8 @@ async def _run_and_check(
     assert internal == [], internal[:5]
     assert "INTERNAL" not in run.submit_codes, run.submit_codes
     assert run.submit_codes == {}, (
-        f"retryable failures surfaced through the SDK: {run.submit_codes}"
+        f"retryable failures surfaced through the SDK: {run.submit_codes}; "
+        f"{failed_submits(run)}; nemesis: {run.nemesis_log}"
     )
     assert report.figures["submits"].get("ok", 0) == TASKS, report.figures["submits"]
     assert pct(every, 0.99) <= 10.0, report.figures["stuck_after_fault_s"]

@@ -47,6 +47,16 @@ from conveyor_client.options import (
 
 T = TypeVar("T")
 
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", 30_000),
+    # gRPC waits 1 s, then 1.6 times longer each time (up to 120 s), before connecting again to a
+    # server that went away: a gateway back after 6 s was reached after ~9.5, and the retries of a
+    # call, failing at once while the channel waits, ran out in between. Try at least every second.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+)
+"""The client channel's defaults (``options`` given to the client come after, and win)."""
+
 
 class AsyncConveyorClient(GroupMethods, AdminCalls):
     """Async client of the gateway (TaskService, AdminService, WebhookService)."""
@@ -67,7 +77,7 @@ class AsyncConveyorClient(GroupMethods, AdminCalls):
         max_batch_items: int = MAX_BATCH_ITEMS,
         token_refresh_margin: float = TOKEN_REFRESH_MARGIN_SECONDS,
     ) -> None:
-        opts = [("grpc.keepalive_time_ms", 30_000), *options]
+        opts = [*CHANNEL_OPTIONS, *options]
         self._channel = (
             grpc.aio.secure_channel(address, credentials, options=opts)
             if credentials is not None
