@@ -221,3 +221,37 @@ async def test_a_live_idle_leader_is_not_ended(database_url: str) -> None:
     finally:
         await follower.dispose()
         await leader.dispose()
+
+
+async def test_a_leader_woken_often_with_nothing_to_dispatch_keeps_its_session(
+    database_url: str,
+) -> None:
+    """Woken every 50 ms with nothing queued (an idle leader whose submits dispatch their own
+    tasks on pool connections, freed slots nothing can take), the dispatch loop never reaches its
+    poll's heartbeat; it touches its lock session itself at least every third of the lease, so
+    neither PostgreSQL's idle_session_timeout nor the stall watch ends the session (before, they
+    ended it every lease, and a task submitted then waited for the re-election)."""
+    from conveyor_scheduler.settings import to_libpq_url
+    from tests.integration.dispatch_env import running_app
+
+    async with running_app(database_url, leader_lease_seconds=1.0) as app:
+        leader = app.loops.leader
+        for _ in range(200):
+            if leader.is_leader and app.loops.dispatcher.nothing_queued():
+                break
+            await asyncio.sleep(0.02)
+        assert leader.is_leader
+        pid = leader.backend_pid
+        started = time.monotonic()
+        while time.monotonic() - started < 3.5:  # three and a half leases
+            app.loops.wakeups.dispatch.set()
+            await asyncio.sleep(0.05)
+        async with await psycopg.AsyncConnection.connect(
+            to_libpq_url(database_url), autocommit=True
+        ) as conn:
+            alive = await (
+                await conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+            ).fetchone()
+        assert alive == (1,), "the leader's lock session was ended"
+        assert leader.is_leader
+        assert leader.backend_pid == pid

@@ -50,6 +50,8 @@ class LeaderLoops:
         self.dispatcher = Dispatcher(settings, policy, leader, wakeups, metrics)
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        self._touched = time.monotonic()
+        """When the leader's lock session last made a round trip (a cycle, a heartbeat)."""
         self.on_sweep: list[Any] = []
 
     def start(self) -> None:
@@ -93,6 +95,7 @@ class LeaderLoops:
                     await asyncio.sleep(s.leader_retry_seconds)
                     continue
                 self.wakeups.local_leader = True
+                self._touched = time.monotonic()
                 self.wakeups.capacity_changed = self.wakeups.window_changed = True
                 self.wakeups.candidates_stale = True  # a cache from an earlier term is not valid
                 if self.metrics is not None:
@@ -111,6 +114,13 @@ class LeaderLoops:
                 else:
                     self.wakeups.capacity_changed = self.wakeups.window_changed = False
                     n = await self.dispatcher.cycle()
+                    self._touched = time.monotonic()
+                if not n and time.monotonic() - self._touched >= self._heartbeat_seconds():
+                    # Woken often with nothing to dispatch (an idle leader's submits dispatch
+                    # their own tasks, on pool connections; freed slots nothing can take), the
+                    # wait below never times out: touch the session here, or PostgreSQL
+                    # (idle_session_timeout) and the stall watch take it for a frozen leader's.
+                    await self._heartbeat()
             except Exception:
                 self.wakeups.candidates_stale = True  # the cache may have lost uncommitted picks
                 logger.warning(
@@ -125,8 +135,8 @@ class LeaderLoops:
             if n > 0:
                 continue  # more may be dispatchable right away (the next cycle tells)
             # At least every third of the lease the leader's session is touched (the heartbeat
-            # below), or PostgreSQL takes it for a frozen leader and ends it.
-            timeout = min(s.dispatch_poll_seconds, s.leader_lease_seconds / 3)
+            # above and below), or PostgreSQL takes it for a frozen leader and ends it.
+            timeout = min(s.dispatch_poll_seconds, self._heartbeat_seconds())
             if self.dispatcher.next_wake is not None:
                 timeout = min(timeout, max(0.001, self.dispatcher.next_wake - time.monotonic()))
             try:  # asyncio.timeout, not wait_for: a cancel racing a set event is not swallowed
@@ -136,11 +146,19 @@ class LeaderLoops:
                 # The polling backstop: a NOTIFY may have been lost, so re-read everything.
                 self.wakeups.candidates_stale = True
                 self.wakeups.capacity_changed = self.wakeups.window_changed = True
-                if not await self.leader.check():
-                    self.wakeups.local_leader = False
-                    if self.metrics is not None:
-                        self.metrics.leader.set(0)
+                await self._heartbeat()
             self.wakeups.dispatch.clear()
+
+    def _heartbeat_seconds(self) -> float:
+        return self.settings.leader_lease_seconds / 3
+
+    async def _heartbeat(self) -> None:
+        """A round trip on the leader's lock session; follows a lost lock."""
+        self._touched = time.monotonic()
+        if not await self.leader.check():
+            self.wakeups.local_leader = False
+            if self.metrics is not None:
+                self.metrics.leader.set(0)
 
     def _room_may_have_grown(self) -> bool:
         """Whether everything that was full when the dispatcher saturated changed since."""
