@@ -44,6 +44,12 @@ class SlowObserver:
     def drop_copies(self) -> None:
         pass
 
+    def terminal_queued(self, task_id: str, attempt: int, prediction_id: str) -> None:
+        pass
+
+    def terminal_handled(self, task_id: str, attempt: int, prediction_id: str) -> None:
+        pass
+
 
 def job(task_id: str, n: int) -> WebhookJob:
     prediction = Prediction.from_json({"id": f"{task_id}-{n}", "status": "processing"})
@@ -134,7 +140,7 @@ class NothingInFlight:
         yield
 
 
-def observing(copier: Copier) -> tuple[Any, Any, Publisher, Pipeline]:
+def observing(copier: Copier, started_hold_s: float = 0.0) -> tuple[Any, Any, Publisher, Pipeline]:
     from conveyor_provider_adapter.binding import Binder, SubmitRecords
     from conveyor_provider_adapter.results import Observer
     from conveyor_provider_adapter.state import LocalState
@@ -150,6 +156,7 @@ def observing(copier: Copier) -> tuple[Any, Any, Publisher, Pipeline]:
         copier=copier,  # type: ignore[arg-type]
         publisher=publisher,  # type: ignore[arg-type]
         metrics=metrics,
+        started_hold_s=started_hold_s,
     )
     binder = Binder(state=state, records=SubmitRecords(NothingInFlight()), metrics=metrics)  # type: ignore[arg-type]
     p = Pipeline(observer, metrics, workers=4, binder=binder)
@@ -211,3 +218,64 @@ async def test_no_copy_ahead_for_a_prediction_not_bound_to_the_attempt() -> None
     observer.drop_copy("t2", 1, delivery("t2", "p-own", "succeeded", 3).prediction)
     await asyncio.sleep(0.1)
     assert copier.finished == 0
+
+
+def created(task_id: str, prediction_id: str) -> Any:
+    """The ``started`` the command handler reports when its create answered ``prediction_id``."""
+    from conveyor.events.v1 import events_pb2
+
+    started = events_pb2.ProviderResult(
+        result_id=f"create:{task_id}:1:started",
+        task_id=task_id,
+        attempt=1,
+        prediction_id=prediction_id,
+    )
+    started.started.SetInParent()
+    return started
+
+
+async def test_a_started_whose_hold_ends_while_its_terminal_delivery_waits_is_dropped() -> None:
+    """An adapter behind on its deliveries: the prediction ended and its completed delivery waits in
+    the pipeline (here: its output copy, 0.3 s) when the 0.05 s hold of the ``started`` that
+    records the create ends. The terminal result goes out alone (it records the prediction): no
+    ``started`` result and no RUNNING event for a prediction that already ended."""
+    state, observer, publisher, p = observing(Copier(seconds=0.3), started_hold_s=0.05)
+    info = state.attempt("t1", 1, "tenant")
+    info.prediction_id = "p1"
+    await observer.report_created(info, created("t1", "p1"))
+    assert p.offer(delivery("t1", "p1", "succeeded", 1))
+    await asyncio.sleep(0.1)  # the hold ended: the delivery is still being handled
+    assert publisher.published == []
+    await p.drain(wait_s=5)
+    await asyncio.sleep(0.1)
+    assert [r.WhichOneof("outcome") for r, _ in publisher.published] == ["succeeded"]
+    assert publisher.published[0][0].prediction_id == "p1"
+    await observer.flush_started()  # nothing is left held
+    assert len(publisher.published) == 1
+
+
+class BrokenCopier(Copier):
+    async def copy_all(self, output: Any, task_id: str, attempt: int) -> list[Any]:
+        await asyncio.sleep(self.seconds)
+        raise RuntimeError("storage unreachable")
+
+
+async def test_a_started_held_for_a_terminal_delivery_goes_out_when_that_delivery_fails() -> None:
+    """The completed delivery could not be processed (its output copy failed; the reconciler polls
+    the prediction later): the ``started`` held for it goes out once the delivery was handled, so
+    the create is recorded meanwhile. A ``started`` with no terminal delivery waiting goes out
+    when its hold ends."""
+    state, observer, publisher, p = observing(BrokenCopier(seconds=0.2), started_hold_s=0.05)
+    info = state.attempt("t1", 1, "tenant")
+    info.prediction_id = "p1"
+    await observer.report_created(info, created("t1", "p1"))
+    assert p.offer(delivery("t1", "p1", "succeeded", 1))
+    other = state.attempt("t2", 1, "tenant")
+    other.prediction_id = "p2"
+    await observer.report_created(other, created("t2", "p2"))
+    await asyncio.sleep(0.1)
+    assert [r.task_id for r, _ in publisher.published] == ["t2"]  # its hold ended: published
+    await p.drain(wait_s=5)
+    await asyncio.sleep(0.05)
+    got = [(r.task_id, r.WhichOneof("outcome")) for r, _ in publisher.published]
+    assert got == [("t2", "started"), ("t1", "started")]

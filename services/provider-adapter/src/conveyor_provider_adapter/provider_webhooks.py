@@ -16,7 +16,9 @@
 4. the delivery is queued (a task's deliveries in order, different tasks' side by side); a full
    queue answers 503 so Replicate redelivers later. Only then is the webhook-id remembered. A
    succeeded prediction this replica created for the attempt has its output copy started now
-   (``Observer.copy_ahead``), while it waits behind the attempt's earlier deliveries;
+   (``Observer.copy_ahead``), while it waits behind the attempt's earlier deliveries, and a held
+   ``started`` of a prediction whose terminal delivery waits here waits for it
+   (``Observer.terminal_queued``);
 5. the worker binds the body's prediction to the URL's attempt through the scheduler's recorded
    submit (binding.py) before anything acts on it: an unbound delivery changes nothing.
 
@@ -199,6 +201,7 @@ class Pipeline:
         self.metrics.webhook_queue.inc()
         self._chains.setdefault(job.task_id, collections.deque()).append(job)
         if job.prediction.terminal:
+            self.observer.terminal_queued(job.task_id, job.attempt, job.prediction.id)
             self.observer.copy_ahead(job.task_id, job.attempt, job.prediction)
         if self._started:
             self._run(job.task_id)
@@ -254,6 +257,7 @@ class Pipeline:
         finally:
             if job.prediction.terminal:
                 self.observer.drop_copy(job.task_id, job.attempt, job.prediction)
+                self.observer.terminal_handled(job.task_id, job.attempt, job.prediction.id)
 
     async def drain(self, wait_s: float = 30.0) -> None:
         """Stop accepting, finish what is queued (up to ``wait_s``), stop the rest."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -82,6 +83,12 @@ class Observer:
             tuple[str, int], tuple[AttemptInfo, events_pb2.ProviderResult, Cancelable]
         ] = {}
         """``started`` results of this replica's creates, held (:meth:`report_created`)."""
+        self._terminal_queued: Counter[tuple[str, int, str]] = Counter()
+        """Terminal deliveries waiting in the webhook pipeline, by task, attempt and prediction
+        (:meth:`terminal_queued`)."""
+        self._started_due: set[tuple[str, int]] = set()
+        """Held ``started`` results whose hold ended while a terminal delivery of their prediction
+        waited: that delivery's result goes out instead, or they do once it was handled."""
         self._releases: set[asyncio.Task[None]] = set()
         self._copies: dict[tuple[str, int, str], asyncio.Task[list[CopiedFile]]] = {}
         """Output copies started ahead (:meth:`copy_ahead`), by task, attempt and prediction."""
@@ -114,13 +121,37 @@ class Observer:
         held = self._started.get(key)
         if held is not None and held[1].prediction_id == result.prediction_id:
             del self._started[key]
+            self._started_due.discard(key)
             held[2].cancel()
 
-    def _release_started(self, key: tuple[str, int]) -> None:
-        held = self._started.pop(key, None)
+    def terminal_queued(self, task_id: str, attempt: int, prediction_id: str) -> None:
+        """A terminal delivery of the prediction waits in the webhook pipeline: a ``started`` of it
+        held here is not published when its hold ends but waits for that delivery, whose result
+        supersedes it (an adapter behind on its deliveries costs no ``started`` result and no
+        RUNNING event for predictions that have already ended)."""
+        self._terminal_queued[(task_id, attempt, prediction_id)] += 1
+
+    def terminal_handled(self, task_id: str, attempt: int, prediction_id: str) -> None:
+        """The delivery :meth:`terminal_queued` announced was handled (published, refused or
+        failed): a ``started`` still held past its hold goes out now."""
+        k = (task_id, attempt, prediction_id)
+        self._terminal_queued[k] -= 1
+        if self._terminal_queued[k] > 0:
+            return
+        del self._terminal_queued[k]
+        if (task_id, attempt) in self._started_due:
+            self._release_started((task_id, attempt))
+
+    def _release_started(self, key: tuple[str, int], *, now: bool = False) -> None:
+        held = self._started.get(key)
         if held is None:
             return
         info, started, _ = held
+        if not now and (key[0], key[1], started.prediction_id) in self._terminal_queued:
+            self._started_due.add(key)  # terminal_handled releases it, if still held then
+            return
+        del self._started[key]
+        self._started_due.discard(key)
         if info.terminal_reported or info.terminal_publishing:
             return
         task = asyncio.create_task(self._publish_started(info, started))
@@ -135,7 +166,7 @@ class Observer:
         """Publish every held ``started`` now and wait for the publishes (graceful shutdown)."""
         for key, (_, _, handle) in list(self._started.items()):
             handle.cancel()
-            self._release_started(key)
+            self._release_started(key, now=True)
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
 

@@ -111,7 +111,9 @@ class AdapterSettings(KafkaSecuritySettings, ServiceSettings, InternalTlsSetting
     progress_hold_seconds: float = Field(default=0.3, ge=0, le=60)
     """How long a progress update, and the ``started`` result that records a create, is held
     before it is published: a prediction that ends within it costs no progress (or ``started``)
-    result (its terminal result supersedes it and records it). 0 = at once."""
+    result (its terminal result supersedes it and records it). A ``started`` whose terminal
+    delivery is already waiting in the adapter when the hold ends waits for that delivery instead.
+    0 = at once."""
 
     # --- reconciler ---
     reconcile_interval_s: float = Field(default=30.0, gt=0)
