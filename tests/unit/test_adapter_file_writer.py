@@ -1,10 +1,11 @@
 """The output writer's group commit: files queued while a batch is written go out together, each
-whole or not at all, and one file's failure is its own."""
+whole or not at all, synced side by side, and one file's failure is its own."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,12 @@ async def test_files_queued_during_a_batch_are_written_in_the_next_one(
     started, release = threading.Event(), threading.Event()
     real = file_writer._write_batch
 
-    def held(jobs: list[file_writer._Job]) -> None:
+    def held(jobs: list[file_writer._Job], syncer: ThreadPoolExecutor | None = None) -> None:
         sizes.append(len(jobs))
         if len(sizes) == 1:
             started.set()
             release.wait(10)
-        real(jobs)
+        real(jobs, syncer)
 
     monkeypatch.setattr(file_writer, "_write_batch", held)
     writer = BatchWriter()
@@ -48,6 +49,44 @@ async def test_files_queued_during_a_batch_are_written_in_the_next_one(
     assert (tmp_path / "a" / "first.bin").read_bytes() == b"1"
     for i in range(10):
         assert (tmp_path / "b" / f"{i}.bin").read_bytes() == b"x" * i + b"y"
+    assert leftovers(tmp_path) == []
+
+
+async def test_the_files_of_a_batch_are_synced_side_by_side(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One after the other, each new file's sync waited for its own journal commit."""
+    started, release = threading.Event(), threading.Event()
+    together = threading.Barrier(4, timeout=5)
+    syncing: set[str] = set()
+    real = file_writer._fsync
+
+    def fsync(job: file_writer._Job) -> None:
+        if not started.is_set():  # the lone first file: hold the writer while the rest queue
+            started.set()
+            release.wait(10)
+        else:
+            syncing.add(threading.current_thread().name)
+            together.wait()  # every file of the batch is in its sync at once
+        real(job)
+
+    monkeypatch.setattr(file_writer, "_fsync", fsync)
+    writer = BatchWriter()
+    first = asyncio.create_task(writer.write(tmp_path / "first.bin", [b"1"]))
+    assert await asyncio.to_thread(started.wait, 10)
+    rest = [
+        asyncio.create_task(writer.write(tmp_path / "t" / f"{i}.bin", [b"z" * i])) for i in range(4)
+    ]
+    await asyncio.sleep(0.05)  # queued behind the first
+    release.set()
+    await asyncio.gather(first, *rest)
+    assert writer.batches == 2
+    assert len(syncing) == 4
+    assert all(name.startswith("output-fsync") for name in syncing)
+    for i in range(4):
+        assert (tmp_path / "t" / f"{i}.bin").read_bytes() == b"z" * i
+    await writer.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("output-fsync")]
     assert leftovers(tmp_path) == []
 
 
